@@ -1,0 +1,55 @@
+/* Socket helpers: addresses ("host:port", "[v6]:port", "unix:/path"),
+ * listening, connecting with a timeout, full reads/writes. */
+#ifndef KVS_NET_H
+#define KVS_NET_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/uio.h>
+
+typedef struct kvs_addr {
+    int is_unix;
+    char host[256];   /* host name or IP (TCP) */
+    uint16_t port;    /* TCP port (0 = any, for listening) */
+    char path[108];   /* unix socket path */
+} kvs_addr;
+
+/* Parses "host:port", "[::1]:port", "unix:/path" (and "host" alone with
+ * default_port). Returns KVS_OK or KVS_ERR_CONFIG. */
+int kvs_addr_parse(const char *text, uint16_t default_port, kvs_addr *out);
+
+/* Formats an address as parse() accepts it. */
+void kvs_addr_format(const kvs_addr *a, char *out, size_t cap);
+
+/* 1 if the address is a unix socket or a loopback host (127.0.0.0/8, ::1,
+ * "localhost"), else 0. */
+int kvs_addr_is_loopback(const kvs_addr *a);
+
+/* 1 if `host` (a name or literal) is loopback. */
+int kvs_host_is_loopback(const char *host);
+
+/* Listens on `a` (SO_REUSEADDR, CLOEXEC, non-blocking, backlog 512). For
+ * TCP port 0 the chosen port is written back into a->port. A unix socket
+ * path is unlinked first. Returns the fd or a negative kvs_error. */
+int kvs_listen(kvs_addr *a);
+
+/* Connects to `a` within timeout_ms; returns a blocking CLOEXEC fd with
+ * TCP_NODELAY, or KVS_ERR_CONN / KVS_ERR_TIMEOUT. */
+int kvs_connect(const kvs_addr *a, int timeout_ms);
+
+/* Sets O_NONBLOCK. */
+int kvs_set_nonblock(int fd, int on);
+
+/* Reads/writes exactly n bytes on a blocking fd (retries EINTR).
+ * Returns KVS_OK, KVS_ERR_CONN on EOF/reset or KVS_ERR_TIMEOUT (SO_RCVTIMEO). */
+int kvs_read_full(int fd, void *buf, size_t n);
+int kvs_write_full(int fd, const void *buf, size_t n);
+int kvs_writev_full(int fd, struct iovec *iov, int iovcnt);
+
+/* Sets SO_RCVTIMEO and SO_SNDTIMEO (0 = none). */
+void kvs_set_timeouts(int fd, int timeout_ms);
+
+/* Larger socket buffers for bulk transfer. */
+void kvs_set_bulk_buffers(int fd);
+
+#endif

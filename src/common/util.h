@@ -1,0 +1,37 @@
+/* Small helpers shared by every component: clocks, host identity, random
+ * bytes, shared-secret authentication. */
+#ifndef KVS_UTIL_H
+#define KVS_UTIL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define KVS_ARRAY_LEN(a) (sizeof(a) / sizeof((a)[0]))
+#define KVS_MIN(a, b) ((a) < (b) ? (a) : (b))
+#define KVS_MAX(a, b) ((a) > (b) ? (a) : (b))
+
+/* Monotonic clock. */
+uint64_t kvs_now_ns(void);
+uint64_t kvs_now_ms(void);
+
+/* 16 bytes identifying this host (its boot id, else a hash of the hostname):
+ * equal ids mean "same host, same boot", so shared memory can be mapped. */
+void kvs_host_id(uint8_t out[16]);
+
+/* Fills `out` with n random bytes from getrandom(2). Returns KVS_OK or KVS_ERR_IO. */
+int kvs_random_bytes(void *out, size_t n);
+
+/* out = HMAC-SHA256(secret, nonce). An empty/NULL secret gives 32 zero bytes. */
+void kvs_auth_compute(const char *secret, const uint8_t nonce[16], uint8_t out[32]);
+
+/* Constant-time check of a HELLO's auth against the expected value. 1 = ok. */
+int kvs_auth_check(const char *secret, const uint8_t nonce[16], const uint8_t auth[32]);
+
+/* xxh3-64 of a byte string (stable across processes and restarts). */
+uint64_t kvs_hash64(const void *p, size_t n);
+
+/* Copies src into dst (cap bytes incl. NUL). Returns KVS_OK or
+ * KVS_ERR_TOO_LARGE if it did not fit (dst then holds a truncated copy). */
+int kvs_strlcpy(char *dst, const char *src, size_t cap);
+
+#endif

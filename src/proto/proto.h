@@ -1,0 +1,190 @@
+/* Wire protocol of kvshelf: frames, the byte codec, and the layout of every
+ * message of the master RPC and of the transfer engine. This comment is the
+ * contract: the requester and the server encode/decode each body with the
+ * kvs_wbuf/kvs_rbuf codec below, field by field in the order given here.
+ *
+ * Frame = 24-byte header + body (little-endian):
+ *   u32 magic     KVS_MAGIC ("KVS1")
+ *   u16 type      enum kvs_msg_type
+ *   u16 flags     KVS_F_RESPONSE on responses
+ *   u32 body_len  <= KVS_MAX_BODY, else the connection is closed
+ *   i32 status    responses: KVS_OK or a negative kvs_error; requests: 0
+ *   u64 req_id    chosen by the requester, echoed in the response
+ *
+ * Codec: integers little-endian; `bytes` = u32 length + that many bytes;
+ * `str` = bytes holding UTF-8 without NUL. Any read past the body, any
+ * length over its limit, or trailing bytes => KVS_ERR_PROTO and the
+ * connection is closed.
+ *
+ * Connection start (master and transfer server alike): the server sends a
+ * CHALLENGE frame at once; the client answers HELLO with
+ * auth = HMAC-SHA256(secret, nonce) (32 zero bytes when it has no secret).
+ * A server with a secret rejects a wrong auth with status KVS_ERR_AUTH and
+ * closes. No other message is accepted before a successful HELLO.
+ *
+ * Message bodies (request -> response):
+ *
+ * CHALLENGE (server->client, unsolicited, req_id 0)
+ *     u32 flags (bit0: secret required), u8[16] nonce
+ * HELLO
+ *   req:  u32 version (KVS_PROTO_VERSION), u32 role (enum kvs_role), u64 pid,
+ *         u32 uid, str hostname, u8[16] host_id, u8[32] auth
+ *   resp: u64 client_id, u32 ttl_ms, u32 lease_ms
+ * HEARTBEAT
+ *   req:  u64 client_id
+ *   resp: (empty); status KVS_ERR_NOT_FOUND when the master does not know
+ *         the client (expired or master restarted): the client says HELLO
+ *         again and re-mounts its segment.
+ * MOUNT
+ *   req:  u64 client_id, u64 size, str shm_name, str transfer_addr, u8[16] host_id
+ *   resp: u32 segment_id
+ * UNMOUNT
+ *   req:  u64 client_id, u32 segment_id
+ *   resp: (empty)
+ * PUT_START
+ *   req:  u64 client_id, u32 n, n x { bytes key, u64 size }
+ *   resp: u32 n, n x { i32 status, u32 segment_id, u64 offset, u64 obj_id }
+ * PUT_END
+ *   req:  u64 client_id, u32 n, n x { bytes key, u64 obj_id, u8 ok }
+ *   resp: u32 n, n x { i32 status }
+ * GET (locate + read lease)
+ *   req:  u64 client_id, u32 n, n x { bytes key }
+ *   resp: u32 n, n x { i32 status, u64 size, u32 segment_id, u64 offset,
+ *                      u64 obj_id, u64 lease_id }
+ * RELEASE
+ *   req:  u64 client_id, u32 n, n x { u64 lease_id }
+ *   resp: (empty)
+ * EXISTS
+ *   req:  u32 n, n x { bytes key }
+ *   resp: u32 n, ceil(n/8) bytes bitmap (bit i%8 of byte i/8 = key i stored)
+ * REMOVE
+ *   req:  u32 n, n x { bytes key }
+ *   resp: u32 n, n x { i32 status }
+ * SEGMENTS
+ *   req:  (empty)
+ *   resp: u32 n, n x { u32 segment_id, u64 size, u64 used, str shm_name,
+ *                      str transfer_addr, u8[16] host_id, u64 owner_client_id }
+ * STATS
+ *   req:  (empty)
+ *   resp: str json
+ * SHUTDOWN (stops the master; only from a client on the same host and uid,
+ *          or with the secret)
+ *   req:  (empty)
+ *   resp: (empty)
+ * T_READ (transfer server)
+ *   req:  u32 segment_id, u64 offset, u64 len    (len <= KVS_MAX_CHUNK)
+ *   resp: len raw bytes
+ * T_WRITE (transfer server)
+ *   req:  u32 segment_id, u64 offset, u64 len, then len raw bytes
+ *   resp: (empty)
+ */
+#ifndef KVS_PROTO_H
+#define KVS_PROTO_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define KVS_MAGIC 0x3153564Bu /* "KVS1" read as little-endian u32 */
+#define KVS_PROTO_VERSION 1u
+#define KVS_FRAME_HDR 24u
+#define KVS_MAX_BODY (64u << 20)  /* 64 MiB: larger frames close the connection */
+#define KVS_MAX_CHUNK (4u << 20)  /* transfer engine splits values into 4 MiB pieces */
+#define KVS_MAX_BATCH 65536u      /* entries per batch message */
+#define KVS_F_RESPONSE 0x1u
+#define KVS_NONCE_LEN 16u
+#define KVS_AUTH_LEN 32u
+#define KVS_HOST_ID_LEN 16u
+
+enum kvs_msg_type {
+    KVS_MSG_CHALLENGE = 1,
+    KVS_MSG_HELLO = 2,
+    KVS_MSG_HEARTBEAT = 3,
+    KVS_MSG_MOUNT = 4,
+    KVS_MSG_UNMOUNT = 5,
+    KVS_MSG_PUT_START = 6,
+    KVS_MSG_PUT_END = 7,
+    KVS_MSG_GET = 8,
+    KVS_MSG_RELEASE = 9,
+    KVS_MSG_EXISTS = 10,
+    KVS_MSG_REMOVE = 11,
+    KVS_MSG_SEGMENTS = 12,
+    KVS_MSG_STATS = 13,
+    KVS_MSG_SHUTDOWN = 14,
+    KVS_MSG_T_READ = 32,
+    KVS_MSG_T_WRITE = 33,
+};
+
+enum kvs_role { KVS_ROLE_CLIENT = 1, KVS_ROLE_NODE = 2, KVS_ROLE_TOOL = 3 };
+
+typedef struct kvs_frame_hdr {
+    uint32_t magic;
+    uint16_t type;
+    uint16_t flags;
+    uint32_t body_len;
+    int32_t status;
+    uint64_t req_id;
+} kvs_frame_hdr;
+
+/* Encodes `h` into 24 bytes at `out`. */
+void kvs_frame_hdr_encode(const kvs_frame_hdr *h, uint8_t out[KVS_FRAME_HDR]);
+
+/* Decodes 24 bytes into *h and validates magic, known type and body_len <=
+ * max_body. Returns KVS_OK or KVS_ERR_PROTO. */
+int kvs_frame_hdr_decode(const uint8_t in[KVS_FRAME_HDR], uint32_t max_body, kvs_frame_hdr *h);
+
+/* Name of a message type for logs ("PUT_START"); "?" if unknown. */
+const char *kvs_msg_name(uint16_t type);
+
+/* ---- Growable write buffer. On allocation failure `err` becomes
+ * KVS_ERR_NOMEM and further writes are ignored. */
+typedef struct kvs_wbuf {
+    uint8_t *data;
+    size_t len, cap;
+    int err;
+} kvs_wbuf;
+
+void kvs_wbuf_init(kvs_wbuf *w);
+void kvs_wbuf_free(kvs_wbuf *w);
+void kvs_wbuf_reset(kvs_wbuf *w);             /* len = 0, err = 0; keeps capacity */
+int kvs_wbuf_reserve(kvs_wbuf *w, size_t extra);
+void kvs_wbuf_put(kvs_wbuf *w, const void *p, size_t n);
+void kvs_wbuf_u8(kvs_wbuf *w, uint8_t v);
+void kvs_wbuf_u16(kvs_wbuf *w, uint16_t v);
+void kvs_wbuf_u32(kvs_wbuf *w, uint32_t v);
+void kvs_wbuf_i32(kvs_wbuf *w, int32_t v);
+void kvs_wbuf_u64(kvs_wbuf *w, uint64_t v);
+void kvs_wbuf_bytes(kvs_wbuf *w, const void *p, uint32_t n); /* u32 len + bytes */
+void kvs_wbuf_str(kvs_wbuf *w, const char *s);                /* bytes of strlen(s) */
+
+/* Starts a frame in `w` (reserves the header); kvs_wbuf_end_frame patches
+ * body_len once the body has been appended. */
+size_t kvs_wbuf_begin_frame(kvs_wbuf *w, uint16_t type, uint16_t flags, int32_t status,
+                            uint64_t req_id);
+void kvs_wbuf_end_frame(kvs_wbuf *w, size_t frame_start);
+
+/* ---- Bounds-checked reader over a body. After the first failure `err` is
+ * KVS_ERR_PROTO and every further read returns zero / NULL. */
+typedef struct kvs_rbuf {
+    const uint8_t *p;
+    size_t len, pos;
+    int err;
+} kvs_rbuf;
+
+void kvs_rbuf_init(kvs_rbuf *r, const void *p, size_t len);
+uint8_t kvs_rbuf_u8(kvs_rbuf *r);
+uint16_t kvs_rbuf_u16(kvs_rbuf *r);
+uint32_t kvs_rbuf_u32(kvs_rbuf *r);
+int32_t kvs_rbuf_i32(kvs_rbuf *r);
+uint64_t kvs_rbuf_u64(kvs_rbuf *r);
+/* Copies n raw bytes into out. */
+void kvs_rbuf_raw(kvs_rbuf *r, void *out, size_t n);
+/* Reads `bytes` without copying: *p points into the body. Fails if the
+ * length exceeds max_len. */
+const uint8_t *kvs_rbuf_bytes(kvs_rbuf *r, uint32_t max_len, uint32_t *len);
+/* Reads a str into out (cap bytes incl. NUL); fails if it does not fit or
+ * contains a NUL byte. */
+void kvs_rbuf_str(kvs_rbuf *r, char *out, size_t cap);
+/* KVS_OK if no error and every byte was consumed, else KVS_ERR_PROTO. */
+int kvs_rbuf_finish(kvs_rbuf *r);
+
+#endif
