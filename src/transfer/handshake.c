@@ -1,0 +1,104 @@
+/* Client half of the CHALLENGE / HELLO handshake and a MSG_NOSIGNAL writev. */
+#include <errno.h>
+#include <limits.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "common/net.h"
+#include "common/util.h"
+#include "kvshelf/errors.h"
+#include "proto/proto.h"
+#include "transfer.h"
+
+int kvs_sendv_full(int fd, struct iovec *iov, int iovcnt)
+{
+    while (iovcnt > 0 && iov->iov_len == 0) {
+        iov++;
+        iovcnt--;
+    }
+    while (iovcnt > 0) {
+        struct msghdr m;
+        memset(&m, 0, sizeof m);
+        m.msg_iov = iov;
+        m.msg_iovlen = (size_t)(iovcnt > IOV_MAX ? IOV_MAX : iovcnt);
+        ssize_t w = sendmsg(fd, &m, MSG_NOSIGNAL);
+        if (w < 0) {
+            if (errno == EINTR) continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK) return KVS_ERR_TIMEOUT;
+            return KVS_ERR_CONN;
+        }
+        size_t left = (size_t)w;
+        while (iovcnt > 0 && left >= iov->iov_len) {
+            left -= iov->iov_len;
+            iov++;
+            iovcnt--;
+        }
+        if (iovcnt > 0) {
+            iov->iov_base = (uint8_t *)iov->iov_base + left;
+            iov->iov_len -= left;
+        }
+    }
+    return KVS_OK;
+}
+
+/* Reads one whole frame whose body must fit in cap bytes. */
+static int read_frame(int fd, kvs_frame_hdr *h, uint8_t *body, size_t cap)
+{
+    uint8_t hb[KVS_FRAME_HDR];
+    int rc = kvs_read_full(fd, hb, sizeof hb);
+    if (rc) return rc;
+    if (kvs_frame_hdr_decode(hb, (uint32_t)cap, h)) return KVS_ERR_PROTO;
+    if (h->body_len) return kvs_read_full(fd, body, h->body_len);
+    return KVS_OK;
+}
+
+int kvs_hs_client(int fd, const char *secret, uint32_t role, int timeout_ms, uint8_t *resp,
+                  size_t cap, uint32_t *resp_len)
+{
+    kvs_set_timeouts(fd, timeout_ms);
+    kvs_frame_hdr h;
+    uint8_t body[512];
+    int rc = read_frame(fd, &h, body, sizeof body);
+    if (rc) return rc;
+    if (h.type != KVS_MSG_CHALLENGE) return KVS_ERR_PROTO;
+    kvs_rbuf r;
+    kvs_rbuf_init(&r, body, h.body_len);
+    (void)kvs_rbuf_u32(&r);
+    uint8_t nonce[KVS_NONCE_LEN];
+    kvs_rbuf_raw(&r, nonce, sizeof nonce);
+    if (kvs_rbuf_finish(&r)) return KVS_ERR_PROTO;
+
+    char host[256] = "";
+    gethostname(host, sizeof host - 1);
+    uint8_t hid[KVS_HOST_ID_LEN], auth[KVS_AUTH_LEN];
+    kvs_host_id(hid);
+    kvs_auth_compute(secret, nonce, auth);
+    kvs_wbuf w;
+    kvs_wbuf_init(&w);
+    size_t f = kvs_wbuf_begin_frame(&w, KVS_MSG_HELLO, 0, 0, 1);
+    kvs_wbuf_u32(&w, KVS_PROTO_VERSION);
+    kvs_wbuf_u32(&w, role);
+    kvs_wbuf_u64(&w, (uint64_t)getpid());
+    kvs_wbuf_u32(&w, (uint32_t)getuid());
+    kvs_wbuf_str(&w, host);
+    kvs_wbuf_put(&w, hid, sizeof hid);
+    kvs_wbuf_put(&w, auth, sizeof auth);
+    kvs_wbuf_end_frame(&w, f);
+    if (w.err) {
+        kvs_wbuf_free(&w);
+        return KVS_ERR_NOMEM;
+    }
+    struct iovec iov = {w.data, w.len};
+    rc = kvs_sendv_full(fd, &iov, 1);
+    kvs_wbuf_free(&w);
+    if (rc) return rc;
+    rc = read_frame(fd, &h, body, sizeof body);
+    if (rc) return rc;
+    if (h.type != KVS_MSG_HELLO || !(h.flags & KVS_F_RESPONSE)) return KVS_ERR_PROTO;
+    if (h.status == KVS_ERR_AUTH) return KVS_ERR_AUTH;
+    if (h.status) return h.status < 0 && h.status >= -64 ? h.status : KVS_ERR_PROTO;
+    if (resp_len) *resp_len = h.body_len;
+    if (resp && cap) memcpy(resp, body, KVS_MIN((size_t)h.body_len, cap));
+    return KVS_OK;
+}

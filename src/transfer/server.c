@@ -1,0 +1,487 @@
+/* Transfer server: one accept thread, one thread per connection (see
+ * transfer.h). Replies to T_READ are gathered (header + segment memory) and
+ * sent with one sendmsg per burst of pipelined requests; T_WRITE payloads
+ * are received straight into segment memory. */
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "common/log.h"
+#include "common/net.h"
+#include "common/util.h"
+#include "kvshelf/errors.h"
+#include "proto/proto.h"
+#include "transfer.h"
+
+#define MAX_SEGS 16
+#define MAX_CONNS 1024
+#define IN_BUF (64u << 10)
+#define OUT_MAX 128         /* replies gathered before a forced flush */
+#define FLUSH_BYTES (256u << 10) /* start sending once this much is gathered */
+#define REQ_BODY 20u        /* u32 segment_id, u64 offset, u64 len */
+#define HS_TIMEOUT_MS 10000 /* a peer must finish its HELLO within this */
+
+struct seg_ent {
+    uint32_t id;
+    int used;
+    uint8_t *base;
+    uint64_t size;
+};
+
+struct sconn {
+    kvs_xfer_server *srv;
+    int fd;
+    pthread_t th;
+    atomic_int done;
+    struct sconn *next;
+};
+
+struct kvs_xfer_server {
+    int lfd;
+    int wake[2]; /* pipe: stop wakes the accept thread */
+    char addr[KVS_XFER_ADDR_MAX];
+    char secret[256];
+    pthread_t accept_th;
+    pthread_mutex_t mu; /* segs and conns */
+    struct seg_ent segs[MAX_SEGS];
+    struct sconn *conns;
+    int nconns;
+    atomic_int stopping;
+    atomic_uint_fast64_t requests, bytes, bad;
+};
+
+/* ---- segment table ---- */
+
+int kvs_xfer_server_add_segment(kvs_xfer_server *s, uint32_t id, void *base, uint64_t size)
+{
+    int rc = KVS_ERR_NO_SPACE;
+    pthread_mutex_lock(&s->mu);
+    struct seg_ent *free_ent = NULL;
+    for (int i = 0; i < MAX_SEGS; i++) {
+        if (s->segs[i].used && s->segs[i].id == id) free_ent = &s->segs[i];
+        else if (!s->segs[i].used && !free_ent) free_ent = &s->segs[i];
+    }
+    if (free_ent) {
+        free_ent->used = 1;
+        free_ent->id = id;
+        free_ent->base = base;
+        free_ent->size = size;
+        rc = KVS_OK;
+    }
+    pthread_mutex_unlock(&s->mu);
+    return rc;
+}
+
+void kvs_xfer_server_remove_segment(kvs_xfer_server *s, uint32_t id)
+{
+    pthread_mutex_lock(&s->mu);
+    for (int i = 0; i < MAX_SEGS; i++)
+        if (s->segs[i].used && s->segs[i].id == id) s->segs[i].used = 0;
+    pthread_mutex_unlock(&s->mu);
+}
+
+/* Looks up segment `id`: 1 found (base/size set), 0 unknown. */
+static int seg_lookup(kvs_xfer_server *s, uint32_t id, uint8_t **base, uint64_t *size)
+{
+    int found = 0;
+    pthread_mutex_lock(&s->mu);
+    for (int i = 0; i < MAX_SEGS; i++)
+        if (s->segs[i].used && s->segs[i].id == id) {
+            *base = s->segs[i].base;
+            *size = s->segs[i].size;
+            found = 1;
+            break;
+        }
+    pthread_mutex_unlock(&s->mu);
+    return found;
+}
+
+/* ---- per-connection service ---- */
+
+static uint64_t get_le(const uint8_t *p, int n)
+{
+    uint64_t v = 0;
+    for (int i = n - 1; i >= 0; i--) v = (v << 8) | p[i];
+    return v;
+}
+
+static int server_handshake(kvs_xfer_server *s, int fd)
+{
+    kvs_set_timeouts(fd, HS_TIMEOUT_MS);
+    uint8_t nonce[KVS_NONCE_LEN];
+    if (kvs_random_bytes(nonce, sizeof nonce)) return KVS_ERR_IO;
+    kvs_wbuf w;
+    kvs_wbuf_init(&w);
+    size_t f = kvs_wbuf_begin_frame(&w, KVS_MSG_CHALLENGE, 0, 0, 0);
+    kvs_wbuf_u32(&w, s->secret[0] ? 1u : 0u);
+    kvs_wbuf_put(&w, nonce, sizeof nonce);
+    kvs_wbuf_end_frame(&w, f);
+    struct iovec iov = {w.data, w.len};
+    int rc = w.err ? w.err : kvs_sendv_full(fd, &iov, 1);
+    kvs_wbuf_free(&w);
+    if (rc) return rc;
+
+    uint8_t hb[KVS_FRAME_HDR], body[1024];
+    kvs_frame_hdr h;
+    rc = kvs_read_full(fd, hb, sizeof hb);
+    if (rc) return rc;
+    if (kvs_frame_hdr_decode(hb, sizeof body, &h) || h.type != KVS_MSG_HELLO ||
+        (h.flags & KVS_F_RESPONSE))
+        return KVS_ERR_PROTO;
+    rc = kvs_read_full(fd, body, h.body_len);
+    if (rc) return rc;
+    kvs_rbuf r;
+    kvs_rbuf_init(&r, body, h.body_len);
+    uint32_t version = kvs_rbuf_u32(&r);
+    (void)kvs_rbuf_u32(&r); /* role */
+    (void)kvs_rbuf_u64(&r); /* pid */
+    (void)kvs_rbuf_u32(&r); /* uid */
+    char host[256];
+    kvs_rbuf_str(&r, host, sizeof host);
+    uint8_t hid[KVS_HOST_ID_LEN], auth[KVS_AUTH_LEN];
+    kvs_rbuf_raw(&r, hid, sizeof hid);
+    kvs_rbuf_raw(&r, auth, sizeof auth);
+    if (kvs_rbuf_finish(&r)) return KVS_ERR_PROTO;
+    int status = KVS_OK;
+    if (version != KVS_PROTO_VERSION) status = KVS_ERR_PROTO;
+    else if (s->secret[0] && !kvs_auth_check(s->secret, nonce, auth)) status = KVS_ERR_AUTH;
+
+    kvs_wbuf_init(&w);
+    f = kvs_wbuf_begin_frame(&w, KVS_MSG_HELLO, KVS_F_RESPONSE, status, h.req_id);
+    if (status == KVS_OK) {
+        kvs_wbuf_u64(&w, 0);
+        kvs_wbuf_u32(&w, 0);
+        kvs_wbuf_u32(&w, 0);
+    }
+    kvs_wbuf_end_frame(&w, f);
+    iov.iov_base = w.data;
+    iov.iov_len = w.len;
+    rc = w.err ? w.err : kvs_sendv_full(fd, &iov, 1);
+    kvs_wbuf_free(&w);
+    if (status) {
+        KVS_LOGW("transfer: rejected peer %s: %s", host, kvs_strerror(status));
+        return status;
+    }
+    if (rc) return rc;
+    kvs_set_timeouts(fd, 0);
+    return KVS_OK;
+}
+
+/* Output gathered for one burst of replies. */
+struct outq {
+    uint8_t hdrs[OUT_MAX][KVS_FRAME_HDR];
+    struct iovec iov[2 * OUT_MAX];
+    int nhdr, niov;
+    uint64_t bytes; /* payload bytes gathered */
+};
+
+static int flush_out(int fd, struct outq *o)
+{
+    int rc = KVS_OK;
+    if (o->niov) rc = kvs_sendv_full(fd, o->iov, o->niov);
+    o->nhdr = o->niov = 0;
+    o->bytes = 0;
+    return rc;
+}
+
+static void add_reply(struct outq *o, uint16_t type, int32_t status, uint64_t req_id,
+                      const void *data, uint64_t len)
+{
+    kvs_frame_hdr h = {KVS_MAGIC, type, KVS_F_RESPONSE, (uint32_t)len, status, req_id};
+    uint8_t *hb = o->hdrs[o->nhdr++];
+    kvs_frame_hdr_encode(&h, hb);
+    o->iov[o->niov].iov_base = hb;
+    o->iov[o->niov++].iov_len = KVS_FRAME_HDR;
+    if (len) {
+        o->iov[o->niov].iov_base = (void *)data;
+        o->iov[o->niov++].iov_len = (size_t)len;
+        o->bytes += len;
+    }
+}
+
+/* Reads into the input buffer: non-blocking first; if nothing is there,
+ * flushes pending replies and blocks. Returns bytes read, 0 on EOF, <0 err. */
+static ssize_t fill_in(int fd, uint8_t *buf, size_t cap, struct outq *o)
+{
+    for (;;) {
+        ssize_t r = recv(fd, buf, cap, MSG_DONTWAIT);
+        if (r >= 0) return r;
+        if (errno == EINTR) continue;
+        if (errno != EAGAIN && errno != EWOULDBLOCK) return -1;
+        if (flush_out(fd, o)) return -1;
+        r = recv(fd, buf, cap, 0);
+        if (r >= 0) return r;
+        if (errno == EINTR) continue;
+        return -1;
+    }
+}
+
+/* Receives exactly n bytes into dst (straight into segment memory, or a
+ * scratch buffer when draining), first from the input buffer. */
+static int recv_payload(int fd, uint8_t *ib, size_t *pos, size_t *end, uint8_t *dst,
+                        uint64_t n, uint8_t *scratch, size_t scratch_len)
+{
+    size_t have = *end - *pos;
+    size_t take = (size_t)KVS_MIN((uint64_t)have, n);
+    if (dst) memcpy(dst, ib + *pos, take);
+    *pos += take;
+    n -= take;
+    if (dst) dst += take;
+    while (n) {
+        size_t want = (size_t)n;
+        uint8_t *to = dst;
+        if (!to) {
+            to = scratch;
+            want = KVS_MIN(want, scratch_len);
+        }
+        ssize_t r = recv(fd, to, want, MSG_WAITALL);
+        if (r <= 0) {
+            if (r < 0 && errno == EINTR) continue;
+            return KVS_ERR_CONN;
+        }
+        n -= (uint64_t)r;
+        if (dst) dst += r;
+    }
+    return KVS_OK;
+}
+
+static void serve(kvs_xfer_server *s, int fd)
+{
+    uint8_t *ib = malloc(IN_BUF);
+    struct outq *o = calloc(1, sizeof *o);
+    if (!ib || !o) goto out;
+    size_t pos = 0, end = 0;
+    const char *why = NULL;
+    for (;;) {
+        if (atomic_load(&s->stopping)) break;
+        if (end - pos < KVS_FRAME_HDR + REQ_BODY) {
+            /* Compact, then read more. A T_READ/T_WRITE header+body is 44
+             * bytes; a shorter remainder needs more input. */
+            if (pos) {
+                memmove(ib, ib + pos, end - pos);
+                end -= pos;
+                pos = 0;
+            }
+            ssize_t r = fill_in(fd, ib + end, IN_BUF - end, o);
+            if (r <= 0) break; /* EOF or error: peer went away */
+            end += (size_t)r;
+            continue;
+        }
+        kvs_frame_hdr h;
+        if (kvs_frame_hdr_decode(ib + pos, KVS_MAX_BODY, &h)) {
+            why = "bad frame header";
+            break;
+        }
+        if (h.flags & KVS_F_RESPONSE || (h.type != KVS_MSG_T_READ && h.type != KVS_MSG_T_WRITE) ||
+            h.body_len < REQ_BODY) {
+            why = "unexpected message";
+            break;
+        }
+        const uint8_t *b = ib + pos + KVS_FRAME_HDR;
+        uint32_t seg_id = (uint32_t)get_le(b, 4);
+        uint64_t off = get_le(b + 4, 8), len = get_le(b + 12, 8);
+        if (len > KVS_MAX_CHUNK) {
+            why = "chunk too large";
+            break;
+        }
+        if (h.type == KVS_MSG_T_READ ? h.body_len != REQ_BODY : h.body_len != REQ_BODY + len) {
+            why = "bad body length";
+            break;
+        }
+        pos += KVS_FRAME_HDR + REQ_BODY;
+        uint8_t *base = NULL;
+        uint64_t size = 0;
+        int found = seg_lookup(s, seg_id, &base, &size);
+        if (found && (off > size || len > size - off)) {
+            why = "access outside the segment";
+            break;
+        }
+        atomic_fetch_add(&s->requests, 1);
+        if (h.type == KVS_MSG_T_READ) {
+            if (found) {
+                add_reply(o, KVS_MSG_T_READ, KVS_OK, h.req_id, base + off, len);
+                atomic_fetch_add(&s->bytes, len);
+            } else {
+                add_reply(o, KVS_MSG_T_READ, KVS_ERR_UNAVAILABLE, h.req_id, NULL, 0);
+            }
+        } else {
+            uint8_t scratch[4096];
+            if (recv_payload(fd, ib, &pos, &end, found ? base + off : NULL, len, scratch,
+                             sizeof scratch))
+                break;
+            add_reply(o, KVS_MSG_T_WRITE, found ? KVS_OK : KVS_ERR_UNAVAILABLE, h.req_id, NULL,
+                      0);
+            if (found) atomic_fetch_add(&s->bytes, len);
+        }
+        if ((o->nhdr == OUT_MAX || o->bytes >= FLUSH_BYTES) && flush_out(fd, o)) break;
+    }
+    if (why) {
+        atomic_fetch_add(&s->bad, 1);
+        KVS_LOGW("transfer: closing a connection: %s", why);
+    } else if (o) {
+        flush_out(fd, o);
+    }
+out:
+    free(ib);
+    free(o);
+}
+
+static void *conn_main(void *arg)
+{
+    struct sconn *c = arg;
+    if (server_handshake(c->srv, c->fd) == KVS_OK) serve(c->srv, c->fd);
+    shutdown(c->fd, SHUT_RDWR);
+    atomic_store(&c->done, 1);
+    return NULL;
+}
+
+/* Joins and frees finished connections (all of them when `all`). */
+static void reap(kvs_xfer_server *s, int all)
+{
+    pthread_mutex_lock(&s->mu);
+    struct sconn **pp = &s->conns;
+    while (*pp) {
+        struct sconn *c = *pp;
+        if (all) shutdown(c->fd, SHUT_RDWR);
+        if (all || atomic_load(&c->done)) {
+            *pp = c->next;
+            s->nconns--;
+            pthread_mutex_unlock(&s->mu);
+            pthread_join(c->th, NULL);
+            close(c->fd);
+            free(c);
+            pthread_mutex_lock(&s->mu);
+            pp = &s->conns;
+            continue;
+        }
+        pp = &c->next;
+    }
+    pthread_mutex_unlock(&s->mu);
+}
+
+static void *accept_main(void *arg)
+{
+    kvs_xfer_server *s = arg;
+    struct pollfd p[2] = {{s->lfd, POLLIN, 0}, {s->wake[0], POLLIN, 0}};
+    while (!atomic_load(&s->stopping)) {
+        int pr = poll(p, 2, 1000);
+        reap(s, 0);
+        if (pr <= 0 || atomic_load(&s->stopping)) continue;
+        if (!(p[0].revents & POLLIN)) continue;
+        int fd = accept4(s->lfd, NULL, NULL, SOCK_CLOEXEC);
+        if (fd < 0) continue;
+        pthread_mutex_lock(&s->mu);
+        int full = s->nconns >= MAX_CONNS;
+        pthread_mutex_unlock(&s->mu);
+        if (full) {
+            KVS_LOGW("transfer: too many connections, refusing one");
+            close(fd);
+            continue;
+        }
+        int one = 1;
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        kvs_set_bulk_buffers(fd);
+        struct sconn *c = calloc(1, sizeof *c);
+        if (!c) {
+            close(fd);
+            continue;
+        }
+        c->srv = s;
+        c->fd = fd;
+        pthread_attr_t at;
+        pthread_attr_init(&at);
+        pthread_attr_setstacksize(&at, 256u << 10);
+        pthread_mutex_lock(&s->mu);
+        if (pthread_create(&c->th, &at, conn_main, c) == 0) {
+            c->next = s->conns;
+            s->conns = c;
+            s->nconns++;
+        } else {
+            close(fd);
+            free(c);
+        }
+        pthread_mutex_unlock(&s->mu);
+        pthread_attr_destroy(&at);
+    }
+    return NULL;
+}
+
+int kvs_xfer_server_start(const char *host, const char *secret, kvs_xfer_server **out)
+{
+    *out = NULL;
+    if (!host || !*host) host = "127.0.0.1";
+    if (!kvs_host_is_loopback(host) && (!secret || !*secret)) {
+        KVS_LOGE("transfer: refusing to listen on %s without a secret", host);
+        return KVS_ERR_CONFIG;
+    }
+    kvs_xfer_server *s = calloc(1, sizeof *s);
+    if (!s) return KVS_ERR_NOMEM;
+    kvs_addr a;
+    char text[KVS_XFER_ADDR_MAX];
+    snprintf(text, sizeof text, strchr(host, ':') ? "[%s]:0" : "%s:0", host);
+    int rc = kvs_addr_parse(text, 0, &a);
+    if (rc) {
+        free(s);
+        return KVS_ERR_CONFIG;
+    }
+    s->lfd = kvs_listen(&a);
+    if (s->lfd < 0) {
+        rc = s->lfd;
+        free(s);
+        return rc;
+    }
+    kvs_addr_format(&a, s->addr, sizeof s->addr);
+    if (secret) kvs_strlcpy(s->secret, secret, sizeof s->secret);
+    if (pipe2(s->wake, O_CLOEXEC) < 0) {
+        close(s->lfd);
+        free(s);
+        return KVS_ERR_IO;
+    }
+    pthread_mutex_init(&s->mu, NULL);
+    if (pthread_create(&s->accept_th, NULL, accept_main, s)) {
+        close(s->lfd);
+        close(s->wake[0]);
+        close(s->wake[1]);
+        pthread_mutex_destroy(&s->mu);
+        free(s);
+        return KVS_ERR_IO;
+    }
+    *out = s;
+    return KVS_OK;
+}
+
+const char *kvs_xfer_server_addr(const kvs_xfer_server *s) { return s->addr; }
+
+void kvs_xfer_server_counters(const kvs_xfer_server *s, uint64_t *requests, uint64_t *bytes,
+                              uint64_t *bad_frames)
+{
+    kvs_xfer_server *m = (kvs_xfer_server *)s;
+    if (requests) *requests = atomic_load(&m->requests);
+    if (bytes) *bytes = atomic_load(&m->bytes);
+    if (bad_frames) *bad_frames = atomic_load(&m->bad);
+}
+
+void kvs_xfer_server_stop(kvs_xfer_server *s)
+{
+    if (!s) return;
+    atomic_store(&s->stopping, 1);
+    ssize_t wr = write(s->wake[1], "x", 1);
+    (void)wr;
+    pthread_join(s->accept_th, NULL);
+    close(s->lfd);
+    reap(s, 1);
+    close(s->wake[0]);
+    close(s->wake[1]);
+    pthread_mutex_destroy(&s->mu);
+    free(s);
+}

@@ -1,0 +1,138 @@
+/* Transfer engine: moves object bytes between a process's memory and the
+ * segments of the pool.
+ *
+ * Server side (kvs_xfer_server): a listening thread plus one thread per
+ * connection (blocking I/O; each connection is served in order). Every
+ * connection starts with CHALLENGE / HELLO (proto.h); then T_READ replies are
+ * sent with one sendmsg straight from segment memory (headers and data
+ * gathered, several replies per system call when requests are pipelined)
+ * and T_WRITE payloads are received straight into segment memory. Each
+ * access is bounds-checked against the server's own segments: an access
+ * outside a segment, a malformed frame or an unexpected type closes that
+ * connection only. An unknown segment id (e.g. a stale id after the master
+ * restarted) is answered with KVS_ERR_UNAVAILABLE.
+ *
+ * Client side (kvs_xfer_client): one persistent connection per peer address,
+ * shared by all threads. A batch call enqueues and sends all its requests
+ * (values larger than KVS_MAX_CHUNK are split into pieces) before waiting;
+ * a reader thread per connection receives each reply straight into the
+ * caller's buffer. A failed connection fails its pending requests with
+ * KVS_ERR_UNAVAILABLE and is replaced on next use. A batch that makes no
+ * progress for timeout_ms kills the connections it waits on, so callers
+ * never hang and buffers are never written after the call returns.
+ *
+ * Same-host mappings (kvs_shm_cache): segments of other processes of this
+ * user on this host, mapped by shm name and cached, so bytes move with
+ * memcpy and no socket.
+ */
+#ifndef KVS_TRANSFER_H
+#define KVS_TRANSFER_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/uio.h>
+
+#define KVS_XFER_ADDR_MAX 280 /* "host:port" as kvs_addr_format writes it */
+
+/* ---------------- handshake (shared with the master RPC client) -------- */
+
+/* Client half of CHALLENGE / HELLO on a connected blocking socket: reads the
+ * CHALLENGE, sends HELLO(role, auth = HMAC(secret, nonce)), reads the reply.
+ * The reply body (HELLO resp) is copied into resp (cap bytes), its length in
+ * *resp_len (both may be NULL/0). Uses timeout_ms for each step. Returns
+ * KVS_OK, KVS_ERR_AUTH, KVS_ERR_PROTO, KVS_ERR_CONN or KVS_ERR_TIMEOUT. */
+int kvs_hs_client(int fd, const char *secret, uint32_t role, int timeout_ms, uint8_t *resp,
+                  size_t cap, uint32_t *resp_len);
+
+/* Sends all iovecs with sendmsg(MSG_NOSIGNAL), retrying short writes and
+ * EINTR (the iovec array is modified). KVS_OK, KVS_ERR_TIMEOUT (SO_SNDTIMEO)
+ * or KVS_ERR_CONN. */
+int kvs_sendv_full(int fd, struct iovec *iov, int iovcnt);
+
+/* ---------------- server ---------------- */
+
+typedef struct kvs_xfer_server kvs_xfer_server;
+
+/* Starts a server listening on host:0 (a free port). A host beyond loopback
+ * requires a non-empty secret (else KVS_ERR_CONFIG). Returns KVS_OK or an
+ * error; the address peers use ("host:port") is kvs_xfer_server_addr(). */
+int kvs_xfer_server_start(const char *host, const char *secret, kvs_xfer_server **out);
+
+/* "host:port" of the listening socket (valid until stop). */
+const char *kvs_xfer_server_addr(const kvs_xfer_server *s);
+
+/* Serves [base, base+size) as segment `id` (at most 16 segments). An id
+ * already present is replaced. KVS_OK or KVS_ERR_NO_SPACE. */
+int kvs_xfer_server_add_segment(kvs_xfer_server *s, uint32_t id, void *base, uint64_t size);
+
+/* Stops serving segment `id` (in-flight requests on it finish first only if
+ * they already passed the lookup: the memory itself must stay mapped until
+ * kvs_xfer_server_stop). */
+void kvs_xfer_server_remove_segment(kvs_xfer_server *s, uint32_t id);
+
+/* Closes the listener and every connection, joins all threads, frees. NULL ok. */
+void kvs_xfer_server_stop(kvs_xfer_server *s);
+
+/* Requests and bytes served so far. */
+void kvs_xfer_server_counters(const kvs_xfer_server *s, uint64_t *requests, uint64_t *bytes,
+                              uint64_t *bad_frames);
+
+/* ---------------- client ---------------- */
+
+typedef struct kvs_xfer_client kvs_xfer_client;
+
+/* One operation of a batch. */
+typedef struct kvs_xfer_op {
+    const char *peer;    /* transfer_addr of the segment's server ("host:port") */
+    uint32_t segment_id; /* segment at that server */
+    uint64_t offset;     /* byte offset in the segment */
+    void *buf;           /* read: destination; write: source (not modified) */
+    uint64_t len;        /* bytes to move (any size; split into KVS_MAX_CHUNK pieces) */
+    int write;           /* 1 = T_WRITE (buf -> segment), 0 = T_READ (segment -> buf) */
+    int status;          /* out: KVS_OK, KVS_ERR_UNAVAILABLE (peer unreachable or
+                            segment gone), KVS_ERR_AUTH, ... */
+} kvs_xfer_op;
+
+/* Creates a client that authenticates with `secret` (may be empty) and
+ * gives up on a peer after timeout_ms without progress. */
+int kvs_xfer_client_new(const char *secret, int timeout_ms, kvs_xfer_client **out);
+
+/* Closes every connection (pending requests fail), waits for the reader
+ * threads to exit, frees. Must not race with kvs_xfer_run. NULL ok. */
+void kvs_xfer_client_free(kvs_xfer_client *xc);
+
+/* Runs n operations: sends every request to its peer (pipelined, several
+ * per system call) before waiting for any reply. Thread-safe; many calls
+ * may share connections. Sets each op's status and returns the number of
+ * ops with KVS_OK. Never returns before every reply for this call was
+ * received or abandoned, so buffers are not touched after it returns. */
+int kvs_xfer_run(kvs_xfer_client *xc, kvs_xfer_op *ops, size_t n);
+
+/* Drops the connection to `peer` (if any); pending requests on it fail. */
+void kvs_xfer_client_drop_peer(kvs_xfer_client *xc, const char *peer);
+
+/* ---------------- same-host mappings ---------------- */
+
+typedef struct kvs_shm_cache kvs_shm_cache;
+
+kvs_shm_cache *kvs_shm_cache_new(void);
+
+/* Unmaps everything and frees. Pointers handed out become invalid. NULL ok. */
+void kvs_shm_cache_free(kvs_shm_cache *sc);
+
+/* Returns the base address of segment `name` mapped read-write (size bytes
+ * at least), mapping and caching it on first use; NULL if it cannot be
+ * mapped (the failure is cached too, and retried after a while). Returned
+ * pointers stay valid until kvs_shm_cache_free (see retire). */
+void *kvs_shm_cache_get(kvs_shm_cache *sc, const char *name, uint64_t size);
+
+/* Registers memory of this process as segment `name` (e.g. its own
+ * segment) so get() returns it without mapping it twice. */
+void kvs_shm_cache_add_local(kvs_shm_cache *sc, const char *name, void *base, uint64_t size);
+
+/* Releases the memory of every cached mapping whose name is not in
+ * names[0..n) (its segment left the pool), keeping the address range
+ * reserved as zero pages so stale pointers never fault. */
+void kvs_shm_cache_retire_absent(kvs_shm_cache *sc, const char *const *names, size_t n);
+
+#endif

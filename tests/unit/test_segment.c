@@ -1,0 +1,117 @@
+/* Shared-memory segments: create, map by name from another process, bounds
+ * of name validation, unlink on destroy, retire. */
+#include <fcntl.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+
+#include "kvshelf/errors.h"
+#include "segment/segment.h"
+
+static void test_create_map_destroy(void **state)
+{
+    (void)state;
+    kvs_segment s;
+    assert_int_equal(kvs_segment_create(1000, &s), KVS_OK);
+    assert_non_null(s.base);
+    assert_int_equal(s.size % kvs_page_size(), 0);
+    assert_true(s.size >= 1000);
+    assert_int_equal((uintptr_t)s.base % kvs_page_size(), 0);
+    assert_true(kvs_segment_name_valid(s.name));
+    char want[64];
+    snprintf(want, sizeof want, "kvshelf-%u-%ld-", (unsigned)getuid(), (long)getpid());
+    assert_memory_equal(s.name, want, strlen(want));
+
+    char path[128];
+    snprintf(path, sizeof path, "/dev/shm/%s", s.name);
+    struct stat st;
+    assert_int_equal(stat(path, &st), 0);
+    assert_int_equal(st.st_mode & 0777, 0600);
+
+    memcpy(s.base, "hello", 5);
+    /* another process maps it by name and writes */
+    pid_t pid = fork();
+    if (pid == 0) {
+        kvs_segment m;
+        if (kvs_segment_map(s.name, 0, &m) != KVS_OK) _exit(1);
+        if (memcmp(m.base, "hello", 5)) _exit(2);
+        memcpy((char *)m.base + 100, "world", 5);
+        kvs_segment_destroy(&m);
+        _exit(0);
+    }
+    int wst;
+    assert_int_equal(waitpid(pid, &wst, 0), pid);
+    assert_true(WIFEXITED(wst));
+    assert_int_equal(WEXITSTATUS(wst), 0);
+    assert_memory_equal((char *)s.base + 100, "world", 5);
+
+    /* a mapping by name in this process sees the same bytes; destroy of a
+     * mapping does not unlink */
+    kvs_segment m;
+    assert_int_equal(kvs_segment_map(s.name, s.size, &m), KVS_OK);
+    assert_memory_equal((char *)m.base + 100, "world", 5);
+    kvs_segment m2;
+    assert_int_equal(kvs_segment_map(s.name, s.size + 1, &m2), KVS_ERR_CORRUPT); /* too small */
+    assert_int_equal(kvs_segment_map(s.name, s.size, &m2), KVS_OK);
+    kvs_segment_destroy(&m2);
+    assert_int_equal(stat(path, &st), 0);
+
+    /* retire: memory released, range still readable (zeros) */
+    kvs_segment_retire(&m);
+    assert_int_equal(((char *)m.base)[100], 0);
+    kvs_segment_destroy(&m);
+
+    char name[KVS_SHM_NAME_MAX];
+    strcpy(name, s.name);
+    kvs_segment_destroy(&s);
+    assert_int_not_equal(stat(path, &st), 0);
+    assert_int_equal(kvs_segment_map(name, 0, &m), KVS_ERR_NOT_FOUND);
+}
+
+static void test_names(void **state)
+{
+    (void)state;
+    assert_true(kvs_segment_name_valid("kvshelf-1000-42-0"));
+    assert_false(kvs_segment_name_valid("kvshelf-1000-42"));
+    assert_false(kvs_segment_name_valid("kvshelf-1000-42-0/../x"));
+    assert_false(kvs_segment_name_valid("../kvshelf-1-2-3"));
+    assert_false(kvs_segment_name_valid("kvshelf--2-3"));
+    assert_false(kvs_segment_name_valid(""));
+    assert_false(kvs_segment_name_valid(NULL));
+    kvs_segment m;
+    assert_int_equal(kvs_segment_map("../../etc/passwd", 0, &m), KVS_ERR_INVALID);
+    assert_int_equal(kvs_segment_create(0, &m), KVS_ERR_INVALID);
+}
+
+static void test_many_and_large(void **state)
+{
+    (void)state;
+    kvs_segment s[4];
+    for (int i = 0; i < 4; i++) assert_int_equal(kvs_segment_create(1ull << 30, &s[i]), KVS_OK);
+    for (int i = 1; i < 4; i++) assert_string_not_equal(s[0].name, s[i].name);
+    /* pages are touched lazily: writing one byte at each end works */
+    for (int i = 0; i < 4; i++) {
+        ((char *)s[i].base)[0] = 1;
+        ((char *)s[i].base)[s[i].size - 1] = 2;
+    }
+    for (int i = 0; i < 4; i++) kvs_segment_destroy(&s[i]);
+    kvs_segment_destroy(NULL);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_create_map_destroy),
+        cmocka_unit_test(test_names),
+        cmocka_unit_test(test_many_and_large),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
