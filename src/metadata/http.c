@@ -50,7 +50,7 @@ static void mhd_logger(void *cls, const char *fmt, va_list ap)
     vsnprintf(line, sizeof line, fmt, ap);
     size_t n = strlen(line);
     while (n > 0 && (line[n - 1] == '\n' || line[n - 1] == '\r')) line[--n] = '\0';
-    KVS_LOGW("http: %s", line);
+    KVS_LOGI("http: %s", line); /* mostly client errors: not worth a warning */
 }
 
 static void request_completed(void *cls, struct MHD_Connection *c, void **con_cls,

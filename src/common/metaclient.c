@@ -1,0 +1,193 @@
+/* Client of the Mooncake HTTP metadata protocol: see metaclient.h. */
+#include "common/metaclient.h"
+
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <curl/curl.h>
+
+#include "common/log.h"
+#include "kvshelf/config.h"
+#include "kvshelf/errors.h"
+
+static pthread_once_t g_once = PTHREAD_ONCE_INIT;
+static int g_init_rc;
+
+static void global_init(void) { g_init_rc = curl_global_init(CURL_GLOBAL_DEFAULT) == CURLE_OK; }
+
+typedef struct sink {
+    char *buf;
+    size_t len, cap;
+    int too_large;
+} sink;
+
+static size_t on_data(char *p, size_t size, size_t n, void *ud)
+{
+    sink *s = ud;
+    size_t bytes = size * n;
+    if (s->too_large || bytes > KVS_METACLIENT_MAX_VALUE - s->len) {
+        s->too_large = 1;
+        return 0; /* aborts the transfer */
+    }
+    if (s->len + bytes + 1 > s->cap) {
+        size_t cap = s->cap ? s->cap : 1024;
+        while (cap < s->len + bytes + 1) cap *= 2;
+        char *nb = realloc(s->buf, cap);
+        if (!nb) return 0;
+        s->buf = nb;
+        s->cap = cap;
+    }
+    memcpy(s->buf + s->len, p, bytes);
+    s->len += bytes;
+    s->buf[s->len] = '\0';
+    return bytes;
+}
+
+static int build_url(CURL *c, const char *url, const char *key, char **out)
+{
+    char *ek = curl_easy_escape(c, key, (int)strlen(key));
+    if (!ek) return KVS_ERR_NOMEM;
+    const char *sep = strchr(url, '?') ? "&" : "?";
+    size_t n = strlen(url) + strlen(sep) + 4 + strlen(ek) + 1;
+    char *u = malloc(n);
+    if (!u) {
+        curl_free(ek);
+        return KVS_ERR_NOMEM;
+    }
+    strcpy(u, url);
+    strcat(u, sep);
+    strcat(u, "key=");
+    strcat(u, ek);
+    curl_free(ek);
+    *out = u;
+    return KVS_OK;
+}
+
+static int map_curl(CURLcode cc)
+{
+    switch (cc) {
+    case CURLE_OK: return KVS_OK;
+    case CURLE_OPERATION_TIMEDOUT: return KVS_ERR_TIMEOUT;
+    case CURLE_COULDNT_CONNECT:
+    case CURLE_COULDNT_RESOLVE_HOST:
+    case CURLE_SEND_ERROR:
+    case CURLE_RECV_ERROR:
+    case CURLE_GOT_NOTHING: return KVS_ERR_CONN;
+    case CURLE_OUT_OF_MEMORY: return KVS_ERR_NOMEM;
+    case CURLE_UNSUPPORTED_PROTOCOL:
+    case CURLE_URL_MALFORMAT: return KVS_ERR_INVALID;
+    default: return KVS_ERR_IO;
+    }
+}
+
+/* One request. method: "GET", "PUT", "DELETE". */
+static int request(const char *method, const char *url, const char *key, const void *body,
+                   size_t body_len, int timeout_ms, char **val, size_t *len)
+{
+    if (val) *val = NULL;
+    if (!url || !key || !*key || (body_len && !body)) return KVS_ERR_INVALID;
+    if (strncmp(url, "http://", 7) != 0 && strncmp(url, "https://", 8) != 0)
+        return KVS_ERR_INVALID;
+    pthread_once(&g_once, global_init);
+    if (!g_init_rc) return KVS_ERR_IO;
+    if (timeout_ms <= 0) timeout_ms = KVS_DEFAULT_TIMEOUT_MS;
+
+    CURL *c = curl_easy_init();
+    if (!c) return KVS_ERR_NOMEM;
+    char *full = NULL;
+    int rc = build_url(c, url, key, &full);
+    if (rc != KVS_OK) {
+        curl_easy_cleanup(c);
+        return rc;
+    }
+    struct curl_slist *hdrs = NULL;
+    sink s = {0};
+    curl_easy_setopt(c, CURLOPT_URL, full);
+    curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(c, CURLOPT_TIMEOUT_MS, (long)timeout_ms);
+    curl_easy_setopt(c, CURLOPT_CONNECTTIMEOUT_MS, (long)timeout_ms);
+    curl_easy_setopt(c, CURLOPT_PROXY, "");
+#if LIBCURL_VERSION_NUM >= 0x075500
+    curl_easy_setopt(c, CURLOPT_PROTOCOLS_STR, "http,https");
+#else
+    curl_easy_setopt(c, CURLOPT_PROTOCOLS, (long)(CURLPROTO_HTTP | CURLPROTO_HTTPS));
+#endif
+    curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, on_data);
+    curl_easy_setopt(c, CURLOPT_WRITEDATA, &s);
+    if (!strcmp(method, "PUT")) {
+        hdrs = curl_slist_append(hdrs, "Content-Type: application/json");
+        struct curl_slist *h2 = hdrs ? curl_slist_append(hdrs, "Expect:") : NULL;
+        if (!h2) {
+            curl_slist_free_all(hdrs);
+            free(full);
+            curl_easy_cleanup(c);
+            return KVS_ERR_NOMEM;
+        }
+        hdrs = h2;
+        curl_easy_setopt(c, CURLOPT_HTTPHEADER, hdrs);
+        curl_easy_setopt(c, CURLOPT_CUSTOMREQUEST, "PUT");
+        curl_easy_setopt(c, CURLOPT_POSTFIELDS, body_len ? (const char *)body : "");
+        curl_easy_setopt(c, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)body_len);
+    } else if (!strcmp(method, "DELETE")) {
+        curl_easy_setopt(c, CURLOPT_CUSTOMREQUEST, "DELETE");
+    }
+
+    CURLcode cc = curl_easy_perform(c);
+    long status = 0;
+    if (cc == CURLE_OK) curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &status);
+    if (cc == CURLE_WRITE_ERROR && s.too_large) {
+        rc = KVS_ERR_TOO_LARGE;
+    } else if (cc != CURLE_OK) {
+        rc = map_curl(cc);
+        KVS_LOGD("metadata %s %s: %s", method, full, curl_easy_strerror(cc));
+    } else if (status == 200) {
+        rc = KVS_OK;
+    } else {
+        switch (status) {
+        case 404: rc = KVS_ERR_NOT_FOUND; break;
+        case 413: rc = KVS_ERR_TOO_LARGE; break;
+        case 507: rc = KVS_ERR_NO_SPACE; break;
+        case 400: rc = !strcmp(method, "PUT") ? KVS_ERR_EXISTS : KVS_ERR_PROTO; break;
+        default: rc = KVS_ERR_PROTO; break;
+        }
+        KVS_LOGD("metadata %s %s: HTTP %ld", method, full, status);
+    }
+    if (rc == KVS_OK && val) {
+        if (!s.buf) {
+            s.buf = malloc(1);
+            if (s.buf) s.buf[0] = '\0';
+        }
+        if (!s.buf) {
+            rc = KVS_ERR_NOMEM;
+        } else {
+            *val = s.buf;
+            if (len) *len = s.len;
+            s.buf = NULL;
+        }
+    }
+    free(s.buf);
+    curl_slist_free_all(hdrs);
+    free(full);
+    curl_easy_cleanup(c);
+    return rc;
+}
+
+/* GETs `key`; see metaclient.h. */
+int kvs_meta_get(const char *url, const char *key, int timeout_ms, char **val, size_t *len)
+{
+    if (!val) return KVS_ERR_INVALID;
+    return request("GET", url, key, NULL, 0, timeout_ms, val, len);
+}
+
+/* PUTs `key`; see metaclient.h. */
+int kvs_meta_put(const char *url, const char *key, const void *val, size_t len, int timeout_ms)
+{
+    return request("PUT", url, key, val, len, timeout_ms, NULL, NULL);
+}
+
+/* DELETEs `key`; see metaclient.h. */
+int kvs_meta_delete(const char *url, const char *key, int timeout_ms)
+{
+    return request("DELETE", url, key, NULL, 0, timeout_ms, NULL, NULL);
+}
