@@ -1,0 +1,389 @@
+/* The RPC protocol of the master (proto.h): decodes each request body in
+ * full before acting on it, runs the operations, encodes the response. */
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "common/log.h"
+#include "common/util.h"
+#include "kvshelf/client.h"
+#include "kvshelf/errors.h"
+#include "master/master_int.h"
+
+void kvs_mconn_init(kvs_master *m, kvs_mconn *c, int local, int peer_uid, kvs_wbuf *out)
+{
+    memset(c, 0, sizeof *c);
+    c->local = local;
+    c->peer_uid = peer_uid;
+    if (kvs_random_bytes(c->nonce, sizeof c->nonce) != KVS_OK) {
+        uint64_t t = kvs_now_ns();
+        memcpy(c->nonce, &t, sizeof t);
+    }
+    size_t f = kvs_wbuf_begin_frame(out, KVS_MSG_CHALLENGE, 0, 0, 0);
+    kvs_wbuf_u32(out, m->secret[0] ? 1u : 0u);
+    kvs_wbuf_put(out, c->nonce, sizeof c->nonce);
+    kvs_wbuf_end_frame(out, f);
+}
+
+static size_t begin(kvs_wbuf *out, const kvs_frame_hdr *h, int status)
+{
+    return kvs_wbuf_begin_frame(out, h->type, KVS_F_RESPONSE, status, h->req_id);
+}
+
+static void reply_status(kvs_wbuf *out, const kvs_frame_hdr *h, int status)
+{
+    kvs_wbuf_end_frame(out, begin(out, h, status));
+}
+
+/* Reads a batch count and checks it against KVS_MAX_BATCH and the bytes
+ * left (each entry needs at least min_entry bytes). 0 on failure. */
+static int read_count(kvs_rbuf *r, size_t min_entry, uint32_t *n)
+{
+    *n = kvs_rbuf_u32(r);
+    if (r->err || *n > KVS_MAX_BATCH || (size_t)*n * min_entry > r->len - r->pos) {
+        r->err = KVS_ERR_PROTO;
+        return 0;
+    }
+    return 1;
+}
+
+static int on_hello(kvs_master *m, kvs_mconn *c, const kvs_frame_hdr *h, kvs_rbuf *r,
+                    kvs_wbuf *out)
+{
+    char hostname[256];
+    uint8_t host_id[16], auth[32];
+    uint32_t version = kvs_rbuf_u32(r), role = kvs_rbuf_u32(r);
+    uint64_t pid = kvs_rbuf_u64(r);
+    uint32_t uid = kvs_rbuf_u32(r);
+    kvs_rbuf_str(r, hostname, sizeof hostname);
+    kvs_rbuf_raw(r, host_id, sizeof host_id);
+    kvs_rbuf_raw(r, auth, sizeof auth);
+    if (kvs_rbuf_finish(r) != KVS_OK) return KVS_ERR_PROTO;
+    if (m->secret[0] && !kvs_auth_check(m->secret, c->nonce, auth)) {
+        m->cnt.auth_failures++;
+        KVS_LOGW("HELLO from %s pid %llu: wrong secret", hostname, (unsigned long long)pid);
+        reply_status(out, h, KVS_ERR_AUTH);
+        return KVS_ERR_AUTH;
+    }
+    if (version != KVS_PROTO_VERSION) {
+        KVS_LOGW("HELLO from %s: protocol version %u, want %u", hostname, version,
+                 KVS_PROTO_VERSION);
+        reply_status(out, h, KVS_ERR_UNSUPPORTED);
+        return KVS_ERR_UNSUPPORTED;
+    }
+    uint64_t id = 0;
+    int rc = kvs_m_hello(m, hostname, host_id, pid, uid, role, &id);
+    if (rc != KVS_OK) {
+        reply_status(out, h, rc);
+        return c->authed ? KVS_OK : rc; /* no client registered: close */
+    }
+    c->authed = 1;
+    c->client_id = id;
+    c->hello_uid = uid;
+    size_t f = begin(out, h, KVS_OK);
+    kvs_wbuf_u64(out, id);
+    kvs_wbuf_u32(out, m->o.client_ttl_ms);
+    kvs_wbuf_u32(out, m->o.lease_ms);
+    kvs_wbuf_end_frame(out, f);
+    return KVS_OK;
+}
+
+static int on_heartbeat(kvs_master *m, const kvs_frame_hdr *h, kvs_rbuf *r, kvs_wbuf *out)
+{
+    uint64_t id = kvs_rbuf_u64(r);
+    if (kvs_rbuf_finish(r) != KVS_OK) return KVS_ERR_PROTO;
+    reply_status(out, h, kvs_m_heartbeat(m, id));
+    return KVS_OK;
+}
+
+static int on_mount(kvs_master *m, const kvs_frame_hdr *h, kvs_rbuf *r, kvs_wbuf *out)
+{
+    char shm[KVS_SEG_STR_MAX], taddr[KVS_SEG_STR_MAX];
+    uint8_t host_id[16];
+    uint64_t id = kvs_rbuf_u64(r), size = kvs_rbuf_u64(r);
+    kvs_rbuf_str(r, shm, sizeof shm);
+    kvs_rbuf_str(r, taddr, sizeof taddr);
+    kvs_rbuf_raw(r, host_id, sizeof host_id);
+    if (kvs_rbuf_finish(r) != KVS_OK) return KVS_ERR_PROTO;
+    uint32_t seg = 0;
+    int rc = kvs_m_mount(m, id, size, shm, taddr, host_id, &seg);
+    size_t f = begin(out, h, rc);
+    if (rc == KVS_OK) kvs_wbuf_u32(out, seg);
+    kvs_wbuf_end_frame(out, f);
+    return KVS_OK;
+}
+
+static int on_unmount(kvs_master *m, const kvs_frame_hdr *h, kvs_rbuf *r, kvs_wbuf *out)
+{
+    uint64_t id = kvs_rbuf_u64(r);
+    uint32_t seg = kvs_rbuf_u32(r);
+    if (kvs_rbuf_finish(r) != KVS_OK) return KVS_ERR_PROTO;
+    reply_status(out, h, kvs_m_unmount(m, id, seg));
+    return KVS_OK;
+}
+
+typedef struct entry {
+    const uint8_t *key;
+    uint32_t key_len;
+    uint8_t ok;
+    uint64_t v; /* size, obj_id or lease id */
+} entry;
+
+/* Decodes n x { bytes key [, u64 v [, u8 ok]] } into a malloc'd array. */
+static entry *read_keys(kvs_rbuf *r, uint32_t *n, int with_u64, int with_u8)
+{
+    size_t min = 4 + (with_u64 ? 8 : 0) + (with_u8 ? 1 : 0);
+    if (!read_count(r, min, n)) return NULL;
+    entry *e = malloc(((size_t)*n + 1) * sizeof *e);
+    if (!e) {
+        r->err = KVS_ERR_NOMEM;
+        return NULL;
+    }
+    for (uint32_t i = 0; i < *n && !r->err; i++) {
+        e[i].key = kvs_rbuf_bytes(r, KVS_KEY_MAX, &e[i].key_len);
+        e[i].v = with_u64 ? kvs_rbuf_u64(r) : 0;
+        e[i].ok = with_u8 ? kvs_rbuf_u8(r) : 1;
+    }
+    if (kvs_rbuf_finish(r) != KVS_OK) {
+        free(e);
+        return NULL;
+    }
+    return e;
+}
+
+static int nomem_or_proto(const kvs_rbuf *r) { return r->err == KVS_ERR_NOMEM ? KVS_ERR_NOMEM : KVS_ERR_PROTO; }
+
+static int on_put_start(kvs_master *m, const kvs_frame_hdr *h, kvs_rbuf *r, kvs_wbuf *out)
+{
+    uint64_t id = kvs_rbuf_u64(r);
+    uint32_t n;
+    entry *e = read_keys(r, &n, 1, 0);
+    if (!e) return nomem_or_proto(r);
+    if (!kvs_clients_find(&m->clients, id)) {
+        free(e);
+        reply_status(out, h, KVS_ERR_NOT_FOUND);
+        return KVS_OK;
+    }
+    size_t f = begin(out, h, KVS_OK);
+    kvs_wbuf_u32(out, n);
+    for (uint32_t i = 0; i < n; i++) {
+        uint32_t seg = 0;
+        uint64_t off = 0, obj = 0;
+        int rc = kvs_m_put_start(m, id, e[i].key, e[i].key_len, e[i].v, &seg, &off, &obj);
+        kvs_wbuf_i32(out, rc);
+        kvs_wbuf_u32(out, seg);
+        kvs_wbuf_u64(out, off);
+        kvs_wbuf_u64(out, obj);
+    }
+    kvs_wbuf_end_frame(out, f);
+    free(e);
+    return KVS_OK;
+}
+
+static int on_put_end(kvs_master *m, const kvs_frame_hdr *h, kvs_rbuf *r, kvs_wbuf *out)
+{
+    uint64_t id = kvs_rbuf_u64(r);
+    uint32_t n;
+    entry *e = read_keys(r, &n, 1, 1);
+    if (!e) return nomem_or_proto(r);
+    size_t f = begin(out, h, KVS_OK);
+    kvs_wbuf_u32(out, n);
+    for (uint32_t i = 0; i < n; i++)
+        kvs_wbuf_i32(out, kvs_m_put_end(m, id, e[i].key, e[i].key_len, e[i].v, e[i].ok));
+    kvs_wbuf_end_frame(out, f);
+    free(e);
+    return KVS_OK;
+}
+
+static int on_get(kvs_master *m, const kvs_frame_hdr *h, kvs_rbuf *r, kvs_wbuf *out)
+{
+    uint64_t id = kvs_rbuf_u64(r);
+    uint32_t n;
+    entry *e = read_keys(r, &n, 0, 0);
+    if (!e) return nomem_or_proto(r);
+    size_t f = begin(out, h, KVS_OK);
+    kvs_wbuf_u32(out, n);
+    for (uint32_t i = 0; i < n; i++) {
+        kvs_m_loc loc;
+        memset(&loc, 0, sizeof loc);
+        int rc = kvs_m_get(m, id, e[i].key, e[i].key_len, &loc);
+        kvs_wbuf_i32(out, rc);
+        kvs_wbuf_u64(out, loc.size);
+        kvs_wbuf_u32(out, loc.segment_id);
+        kvs_wbuf_u64(out, loc.offset);
+        kvs_wbuf_u64(out, loc.obj_id);
+        kvs_wbuf_u64(out, loc.lease_id);
+    }
+    kvs_wbuf_end_frame(out, f);
+    free(e);
+    return KVS_OK;
+}
+
+static int on_release(kvs_master *m, const kvs_frame_hdr *h, kvs_rbuf *r, kvs_wbuf *out)
+{
+    (void)kvs_rbuf_u64(r); /* client id: leases are found by their own id */
+    uint32_t n;
+    if (!read_count(r, 8, &n)) return KVS_ERR_PROTO;
+    if ((size_t)n * 8 != r->len - r->pos) return KVS_ERR_PROTO;
+    for (uint32_t i = 0; i < n; i++) kvs_m_release(m, kvs_rbuf_u64(r));
+    if (kvs_rbuf_finish(r) != KVS_OK) return KVS_ERR_PROTO;
+    reply_status(out, h, KVS_OK);
+    return KVS_OK;
+}
+
+static int on_exists(kvs_master *m, const kvs_frame_hdr *h, kvs_rbuf *r, kvs_wbuf *out)
+{
+    uint32_t n;
+    entry *e = read_keys(r, &n, 0, 0);
+    if (!e) return nomem_or_proto(r);
+    size_t f = begin(out, h, KVS_OK);
+    kvs_wbuf_u32(out, n);
+    uint8_t byte = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        if (kvs_m_exists(m, e[i].key, e[i].key_len)) byte |= (uint8_t)(1u << (i % 8));
+        if (i % 8 == 7 || i + 1 == n) {
+            kvs_wbuf_u8(out, byte);
+            byte = 0;
+        }
+    }
+    kvs_wbuf_end_frame(out, f);
+    free(e);
+    return KVS_OK;
+}
+
+static int on_remove(kvs_master *m, const kvs_frame_hdr *h, kvs_rbuf *r, kvs_wbuf *out)
+{
+    uint32_t n;
+    entry *e = read_keys(r, &n, 0, 0);
+    if (!e) return nomem_or_proto(r);
+    size_t f = begin(out, h, KVS_OK);
+    kvs_wbuf_u32(out, n);
+    for (uint32_t i = 0; i < n; i++) kvs_wbuf_i32(out, kvs_m_remove(m, e[i].key, e[i].key_len));
+    kvs_wbuf_end_frame(out, f);
+    free(e);
+    return KVS_OK;
+}
+
+static int on_segments(kvs_master *m, const kvs_frame_hdr *h, kvs_rbuf *r, kvs_wbuf *out)
+{
+    if (kvs_rbuf_finish(r) != KVS_OK) return KVS_ERR_PROTO;
+    size_t f = begin(out, h, KVS_OK);
+    kvs_wbuf_u32(out, (uint32_t)m->segs.n);
+    for (size_t i = 0; i < m->segs.n; i++) {
+        const kvs_seg *s = m->segs.v[i];
+        kvs_wbuf_u32(out, s->id);
+        kvs_wbuf_u64(out, s->size);
+        kvs_wbuf_u64(out, kvs_seg_used(s));
+        kvs_wbuf_str(out, s->shm_name);
+        kvs_wbuf_str(out, s->transfer_addr);
+        kvs_wbuf_put(out, s->host_id, 16);
+        kvs_wbuf_u64(out, s->owner);
+    }
+    kvs_wbuf_end_frame(out, f);
+    return KVS_OK;
+}
+
+static int on_stats(kvs_master *m, const kvs_frame_hdr *h, kvs_rbuf *r, kvs_wbuf *out)
+{
+    if (kvs_rbuf_finish(r) != KVS_OK) return KVS_ERR_PROTO;
+    char *json = kvs_master_stats_json(m);
+    if (!json) {
+        reply_status(out, h, KVS_ERR_NOMEM);
+        return KVS_OK;
+    }
+    size_t f = begin(out, h, KVS_OK);
+    kvs_wbuf_str(out, json);
+    kvs_wbuf_end_frame(out, f);
+    free(json);
+    return KVS_OK;
+}
+
+static int on_shutdown(kvs_master *m, kvs_mconn *c, const kvs_frame_hdr *h, kvs_rbuf *r,
+                       kvs_wbuf *out)
+{
+    if (kvs_rbuf_finish(r) != KVS_OK) return KVS_ERR_PROTO;
+    uint32_t me = (uint32_t)getuid();
+    int same_uid = c->peer_uid >= 0 ? (uint32_t)c->peer_uid == me : c->hello_uid == me;
+    if (!((c->local && same_uid) || m->secret[0])) {
+        KVS_LOGW("SHUTDOWN refused (client %llu not local with the same uid)",
+                 (unsigned long long)c->client_id);
+        reply_status(out, h, KVS_ERR_AUTH);
+        return KVS_OK;
+    }
+    KVS_LOGI("SHUTDOWN requested by client %llu", (unsigned long long)c->client_id);
+    m->shutdown = 1;
+    reply_status(out, h, KVS_OK);
+    return KVS_OK;
+}
+
+int kvs_master_handle(kvs_master *m, kvs_mconn *c, const kvs_frame_hdr *h, const uint8_t *body,
+                      size_t len, kvs_wbuf *out)
+{
+    kvs_rbuf r;
+    kvs_rbuf_init(&r, body, len);
+    if (h->flags & KVS_F_RESPONSE) return KVS_ERR_PROTO;
+    if (!c->authed && h->type != KVS_MSG_HELLO) {
+        m->cnt.auth_failures++;
+        KVS_LOGW("%s before HELLO: refused", kvs_msg_name(h->type));
+        reply_status(out, h, KVS_ERR_AUTH);
+        return KVS_ERR_AUTH;
+    }
+    if (c->authed && c->client_id) {
+        kvs_mclient *cl = kvs_clients_find(&m->clients, c->client_id);
+        if (cl) cl->last_seen_ms = kvs_master_now(m);
+    }
+    int rc;
+    switch (h->type) {
+    case KVS_MSG_HELLO: rc = on_hello(m, c, h, &r, out); break;
+    case KVS_MSG_HEARTBEAT: rc = on_heartbeat(m, h, &r, out); break;
+    case KVS_MSG_MOUNT: rc = on_mount(m, h, &r, out); break;
+    case KVS_MSG_UNMOUNT: rc = on_unmount(m, h, &r, out); break;
+    case KVS_MSG_PUT_START: rc = on_put_start(m, h, &r, out); break;
+    case KVS_MSG_PUT_END: rc = on_put_end(m, h, &r, out); break;
+    case KVS_MSG_GET: rc = on_get(m, h, &r, out); break;
+    case KVS_MSG_RELEASE: rc = on_release(m, h, &r, out); break;
+    case KVS_MSG_EXISTS: rc = on_exists(m, h, &r, out); break;
+    case KVS_MSG_REMOVE: rc = on_remove(m, h, &r, out); break;
+    case KVS_MSG_SEGMENTS: rc = on_segments(m, h, &r, out); break;
+    case KVS_MSG_STATS: rc = on_stats(m, h, &r, out); break;
+    case KVS_MSG_SHUTDOWN: rc = on_shutdown(m, c, h, &r, out); break;
+    default: rc = KVS_ERR_PROTO; break;
+    }
+    if (rc == KVS_ERR_PROTO) {
+        m->cnt.bad_frames++;
+        KVS_LOGW("malformed %s request (type %u, %u bytes): closing the connection",
+                 kvs_msg_name(h->type), h->type, h->body_len);
+    }
+    if (rc == KVS_OK && out->err) rc = out->err;
+    return rc;
+}
+
+size_t kvs_master_frame_need(const uint8_t *data, size_t len)
+{
+    if (len < KVS_FRAME_HDR) return KVS_FRAME_HDR;
+    kvs_frame_hdr h;
+    if (kvs_frame_hdr_decode(data, KVS_MAX_BODY, &h) != KVS_OK) return KVS_FRAME_HDR;
+    return KVS_FRAME_HDR + (size_t)h.body_len;
+}
+
+int kvs_master_feed(kvs_master *m, kvs_mconn *c, const uint8_t *data, size_t len,
+                    kvs_wbuf *out, size_t *consumed)
+{
+    size_t pos = 0;
+    int rc = KVS_OK;
+    while (len - pos >= KVS_FRAME_HDR) {
+        kvs_frame_hdr h;
+        if (kvs_frame_hdr_decode(data + pos, KVS_MAX_BODY, &h) != KVS_OK) {
+            m->cnt.bad_frames++;
+            KVS_LOGW("bad frame header (magic/type/flags/length): closing the connection");
+            rc = KVS_ERR_PROTO;
+            break;
+        }
+        if (len - pos - KVS_FRAME_HDR < h.body_len) break;
+        rc = kvs_master_handle(m, c, &h, data + pos + KVS_FRAME_HDR, h.body_len, out);
+        pos += KVS_FRAME_HDR + h.body_len;
+        if (rc != KVS_OK) break;
+    }
+    *consumed = pos;
+    return rc;
+}

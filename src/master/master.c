@@ -1,0 +1,147 @@
+/* Master lifecycle, clock, periodic work and object lifecycle helpers. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/log.h"
+#include "common/util.h"
+#include "kvshelf/errors.h"
+#include "master/master_int.h"
+
+void kvs_master_opts_init(kvs_master_opts *o)
+{
+    memset(o, 0, sizeof *o);
+    o->client_ttl_ms = 10000;
+    o->lease_ms = 5000;
+    o->put_timeout_ms = 30000;
+    o->evict_high = 0.95;
+    o->evict_low = 0.90;
+    o->max_clients = 65536;
+    o->max_segments = 4096;
+    o->max_leases = 4u << 20;
+    o->max_objects = 64u << 20;
+}
+
+static uint64_t random_base(void)
+{
+    uint64_t r = 0;
+    if (kvs_random_bytes(&r, sizeof r) != KVS_OK) r = kvs_now_ns();
+    /* leave room below 2^63 so ids never wrap in practice */
+    return (r & 0x00ffffffffffffffull) | 1;
+}
+
+int kvs_master_new(const kvs_master_opts *o, kvs_master **out)
+{
+    *out = NULL;
+    if (!o || o->client_ttl_ms == 0 || o->lease_ms == 0 || o->put_timeout_ms == 0 ||
+        !(o->evict_low > 0 && o->evict_low <= o->evict_high && o->evict_high <= 1.0) ||
+        !o->max_clients || !o->max_segments || !o->max_leases || !o->max_objects)
+        return KVS_ERR_INVALID;
+    if (o->secret && strlen(o->secret) >= 256) return KVS_ERR_INVALID;
+    kvs_master *m = calloc(1, sizeof *m);
+    if (!m) return KVS_ERR_NOMEM;
+    m->o = *o;
+    if (o->secret) kvs_strlcpy(m->secret, o->secret, sizeof m->secret);
+    m->o.secret = m->secret;
+    pthread_mutex_init(&m->lock, NULL);
+    kvs_list_init(&m->writing);
+    kvs_segs_init(&m->segs, o->max_segments);
+    m->next_obj_id = random_base();
+    if (kvs_index_init(&m->ix) || kvs_clients_init(&m->clients, o->max_clients, random_base()) ||
+        kvs_leases_init(&m->leases, (size_t)o->max_leases, random_base())) {
+        kvs_master_free(m);
+        return KVS_ERR_NOMEM;
+    }
+    m->start_ms = kvs_now_ms();
+    *out = m;
+    return KVS_OK;
+}
+
+static void free_obj_cb(kvs_obj *o, void *ud)
+{
+    (void)ud;
+    free(o);
+}
+
+void kvs_master_free(kvs_master *m)
+{
+    if (!m) return;
+    if (m->leases.buckets) {
+        kvs_obj *o;
+        while ((o = kvs_leases_reap_one(&m->leases, UINT64_MAX)) != NULL)
+            kvs_m_obj_lease_ended(m, o);
+    }
+    while (m->segs.n) kvs_m_segment_drop(m, m->segs.v[m->segs.n - 1]);
+    if (m->ix.buckets) kvs_index_foreach(&m->ix, free_obj_cb, NULL);
+    kvs_index_destroy(&m->ix);
+    kvs_segs_destroy(&m->segs);
+    kvs_clients_destroy(&m->clients);
+    if (m->leases.buckets) kvs_leases_destroy(&m->leases);
+    pthread_mutex_destroy(&m->lock);
+    free(m);
+}
+
+void kvs_master_lock(kvs_master *m) { pthread_mutex_lock(&m->lock); }
+void kvs_master_unlock(kvs_master *m) { pthread_mutex_unlock(&m->lock); }
+
+uint64_t kvs_master_now(const kvs_master *m) { return m->fake_now ? m->fake_now : kvs_now_ms(); }
+void kvs_master_set_time(kvs_master *m, uint64_t now_ms) { m->fake_now = now_ms; }
+
+int kvs_master_shutdown_requested(const kvs_master *m) { return m->shutdown; }
+
+void kvs_master_get_counters(const kvs_master *m, kvs_master_counters *out) { *out = m->cnt; }
+
+/* Frees o's space and record. o must be unlinked, unleased, off the LRU. */
+static void obj_destroy(kvs_master *m, kvs_obj *o)
+{
+    if (o->seg) {
+        int rc = kvs_alloc_release(o->seg->alloc, o->offset, o->size);
+        if (rc != KVS_OK)
+            KVS_LOGE("internal: releasing object %llu in segment %u: %s",
+                     (unsigned long long)o->obj_id, o->seg->id, kvs_strerror(rc));
+        kvs_list_remove(&o->seg_link);
+        o->seg->nobjs--;
+    }
+    m->n_objs--;
+    free(o);
+}
+
+void kvs_m_obj_drop(kvs_master *m, kvs_obj *o)
+{
+    if (o->linked) {
+        kvs_index_remove(&m->ix, o);
+        if (o->state == KVS_OBJ_COMPLETE) m->n_complete--;
+    }
+    kvs_list_remove(&o->lru);
+    if (o->leases == 0) obj_destroy(m, o);
+}
+
+void kvs_m_obj_lease_ended(kvs_master *m, kvs_obj *o)
+{
+    if (o->leases == 0 && !o->linked) obj_destroy(m, o);
+}
+
+void kvs_master_tick(kvs_master *m)
+{
+    uint64_t now = kvs_master_now(m);
+    kvs_obj *o;
+    while ((o = kvs_leases_reap_one(&m->leases, now)) != NULL) {
+        m->cnt.expired_leases++;
+        kvs_m_obj_lease_ended(m, o);
+    }
+    while (!kvs_list_empty(&m->writing)) {
+        o = KVS_CONTAINER_OF(m->writing.next, kvs_obj, lru);
+        if (o->put_deadline_ms > now) break;
+        KVS_LOGI("revoking put of object %llu (deadline passed)", (unsigned long long)o->obj_id);
+        m->cnt.revoked_puts++;
+        kvs_m_obj_drop(m, o);
+    }
+    if (now > m->o.client_ttl_ms) {
+        kvs_mclient *c;
+        while ((c = kvs_clients_find_stale(&m->clients, now - m->o.client_ttl_ms)) != NULL) {
+            KVS_LOGI("client %llu (%s pid %llu) expired", (unsigned long long)c->id, c->hostname,
+                     (unsigned long long)c->pid);
+            kvs_m_client_expire(m, c);
+        }
+    }
+    for (size_t i = 0; i < m->segs.n; i++) kvs_m_evict_watermark(m, m->segs.v[i]);
+}

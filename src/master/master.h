@@ -1,0 +1,114 @@
+/* The master's state machine, independent of sockets: object index,
+ * segments, clients, leases, eviction, and the RPC protocol handler that
+ * turns request frames into response frames (kvs_master_feed /
+ * kvs_master_handle). The epoll server (server.h), the HTTP endpoints
+ * (web.h) and the fuzzer drive it.
+ *
+ * Threads: callers hold kvs_master_lock() around every call below except
+ * kvs_master_new/free (the event loop holds it per batch of frames, HTTP
+ * handlers while reading state). */
+#ifndef KVS_MASTER_MASTER_H
+#define KVS_MASTER_MASTER_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "proto/proto.h"
+
+typedef struct kvs_master kvs_master;
+
+typedef struct kvs_master_opts {
+    const char *secret;        /* shared secret (copied); NULL/"" = none */
+    uint32_t client_ttl_ms;    /* default 10000 */
+    uint32_t lease_ms;         /* default 5000 */
+    uint32_t put_timeout_ms;   /* default 30000 */
+    double evict_high;         /* default 0.95 (fraction of a segment) */
+    double evict_low;          /* default 0.90 */
+    uint32_t max_clients;      /* default 65536 */
+    uint32_t max_segments;     /* default 4096 */
+    uint64_t max_leases;       /* default 4194304 */
+    uint64_t max_objects;      /* default 67108864 */
+} kvs_master_opts;
+
+typedef struct kvs_master_counters {
+    uint64_t puts, gets, hits, misses, evictions, removes, expired_clients, revoked_puts,
+        bad_frames, auth_failures, expired_leases;
+} kvs_master_counters;
+
+/* Fills *o with the defaults above. */
+void kvs_master_opts_init(kvs_master_opts *o);
+
+/* Creates a master with options *o (copied). KVS_OK and *out, or
+ * KVS_ERR_INVALID (bad options: low > high, zero ttl...) / KVS_ERR_NOMEM. */
+int kvs_master_new(const kvs_master_opts *o, kvs_master **out);
+
+/* Frees the master and everything it holds. Safe with NULL. */
+void kvs_master_free(kvs_master *m);
+
+/* The master mutex (see the threads note above). */
+void kvs_master_lock(kvs_master *m);
+void kvs_master_unlock(kvs_master *m);
+
+/* Milliseconds on the master's clock: the monotonic clock, or the value
+ * set with kvs_master_set_time (tests; 0 returns to the real clock). */
+uint64_t kvs_master_now(const kvs_master *m);
+void kvs_master_set_time(kvs_master *m, uint64_t now_ms);
+
+/* Periodic work (call every ~100 ms): reaps expired leases, revokes puts
+ * past their deadline, expires silent clients, enforces watermarks. */
+void kvs_master_tick(kvs_master *m);
+
+/* 1 once a SHUTDOWN request was accepted. */
+int kvs_master_shutdown_requested(const kvs_master *m);
+
+/* Copies the counters. */
+void kvs_master_get_counters(const kvs_master *m, kvs_master_counters *out);
+
+/* ---- protocol handling for one connection ---- */
+
+/* Per-connection protocol state (owned by the caller, no heap memory). */
+typedef struct kvs_mconn {
+    uint8_t nonce[KVS_NONCE_LEN];
+    uint64_t client_id; /* client registered by this connection's HELLO; 0 before */
+    int authed;         /* a HELLO succeeded */
+    int local;          /* unix socket or loopback TCP peer */
+    int peer_uid;       /* kernel-reported uid (unix sockets), -1 if unknown */
+    uint32_t hello_uid; /* uid claimed in HELLO */
+} kvs_mconn;
+
+/* Starts a connection: picks a random nonce and appends the CHALLENGE frame
+ * to `out`. `local`/`peer_uid` describe the peer (see kvs_mconn). */
+void kvs_mconn_init(kvs_master *m, kvs_mconn *c, int local, int peer_uid, kvs_wbuf *out);
+
+/* Handles one request frame (header already validated by
+ * kvs_frame_hdr_decode) and appends its response to `out`. Returns KVS_OK
+ * to keep the connection, or a negative error meaning "flush `out`, then
+ * close": KVS_ERR_PROTO (malformed/unexpected frame; nothing appended),
+ * KVS_ERR_AUTH / KVS_ERR_UNSUPPORTED (refused HELLO; a reply was appended),
+ * KVS_ERR_NOMEM. */
+int kvs_master_handle(kvs_master *m, kvs_mconn *c, const kvs_frame_hdr *h, const uint8_t *body,
+                      size_t len, kvs_wbuf *out);
+
+/* Parses and handles every complete frame in data[0..len) (pipelining),
+ * appending responses to `out`; *consumed gets the bytes used (a trailing
+ * partial frame is left for the next call). Returns KVS_OK or, as
+ * kvs_master_handle, a negative error meaning "flush, then close". */
+int kvs_master_feed(kvs_master *m, kvs_mconn *c, const uint8_t *data, size_t len,
+                    kvs_wbuf *out, size_t *consumed);
+
+/* Bytes a connection must buffer before kvs_master_feed can make progress:
+ * at least the next frame's header + body, given the bytes buffered now. */
+size_t kvs_master_frame_need(const uint8_t *data, size_t len);
+
+/* ---- reports ---- */
+
+/* STATS document (see docs): malloc'd NUL-terminated JSON, or NULL on out
+ * of memory. The caller frees it. */
+char *kvs_master_stats_json(kvs_master *m);
+
+/* Prometheus text exposition (format 0.0.4) of gauges and counters;
+ * `extra_metadata_keys` < 0 omits the metadata gauge. malloc'd, NUL-
+ * terminated, length in *len; NULL on out of memory. */
+char *kvs_master_metrics_text(kvs_master *m, long extra_metadata_keys, size_t *len);
+
+#endif

@@ -1,0 +1,85 @@
+/* Client and segment operations: HELLO, HEARTBEAT, MOUNT, UNMOUNT, expiry. */
+#include <string.h>
+
+#include "common/log.h"
+#include "kvshelf/errors.h"
+#include "master/master_int.h"
+
+int kvs_m_hello(kvs_master *m, const char *hostname, const uint8_t host_id[16], uint64_t pid,
+                uint32_t uid, uint32_t role, uint64_t *client_id)
+{
+    if (role < 1 || role > 3) return KVS_ERR_INVALID;
+    int err;
+    kvs_mclient *c = kvs_clients_add(&m->clients, hostname, host_id, pid, uid, role,
+                                     kvs_master_now(m), &err);
+    if (!c) return err;
+    *client_id = c->id;
+    KVS_LOGI("client %llu: %s pid %llu uid %u role %u", (unsigned long long)c->id, c->hostname,
+             (unsigned long long)pid, uid, role);
+    return KVS_OK;
+}
+
+int kvs_m_heartbeat(kvs_master *m, uint64_t client_id)
+{
+    kvs_mclient *c = kvs_clients_find(&m->clients, client_id);
+    if (!c) return KVS_ERR_NOT_FOUND;
+    c->last_seen_ms = kvs_master_now(m);
+    return KVS_OK;
+}
+
+int kvs_m_mount(kvs_master *m, uint64_t client_id, uint64_t size, const char *shm_name,
+                const char *transfer_addr, const uint8_t host_id[16], uint32_t *segment_id)
+{
+    kvs_mclient *c = kvs_clients_find(&m->clients, client_id);
+    if (!c) return KVS_ERR_NOT_FOUND;
+    if (size < KVS_ALLOC_GRAIN || size > KVS_MSEG_MAX_SIZE) return KVS_ERR_INVALID;
+    int err;
+    kvs_seg *s = kvs_segs_add(&m->segs, size, client_id, c->hostname, shm_name, transfer_addr,
+                              host_id, &err);
+    if (!s) return err;
+    *segment_id = s->id;
+    KVS_LOGI("segment %u mounted by client %llu: %llu bytes, shm '%s', transfer '%s'", s->id,
+             (unsigned long long)client_id, (unsigned long long)size, s->shm_name,
+             s->transfer_addr);
+    return KVS_OK;
+}
+
+void kvs_m_segment_drop(kvs_master *m, kvs_seg *s)
+{
+    while (!kvs_list_empty(&s->objs)) {
+        kvs_obj *o = KVS_CONTAINER_OF(s->objs.next, kvs_obj, seg_link);
+        kvs_list_remove(&o->seg_link);
+        s->nobjs--;
+        o->seg = NULL; /* its bytes are gone with the segment */
+        kvs_m_obj_drop(m, o);
+    }
+    KVS_LOGI("segment %u unmounted", s->id);
+    kvs_segs_remove(&m->segs, s);
+}
+
+int kvs_m_unmount(kvs_master *m, uint64_t client_id, uint32_t segment_id)
+{
+    kvs_seg *s = kvs_segs_find(&m->segs, segment_id);
+    if (!s) return KVS_ERR_NOT_FOUND;
+    if (s->owner != client_id) return KVS_ERR_INVALID;
+    kvs_m_segment_drop(m, s);
+    return KVS_OK;
+}
+
+void kvs_m_client_expire(kvs_master *m, kvs_mclient *c)
+{
+    uint64_t id = c->id;
+    for (size_t i = m->segs.n; i-- > 0;)
+        if (m->segs.v[i]->owner == id) kvs_m_segment_drop(m, m->segs.v[i]);
+    kvs_list *e = m->writing.next;
+    while (e != &m->writing) {
+        kvs_obj *o = KVS_CONTAINER_OF(e, kvs_obj, lru);
+        e = e->next;
+        if (o->writer == id) {
+            m->cnt.revoked_puts++;
+            kvs_m_obj_drop(m, o);
+        }
+    }
+    kvs_clients_remove(&m->clients, c);
+    m->cnt.expired_clients++;
+}

@@ -1,0 +1,176 @@
+/* Object operations: PUT_START / PUT_END (placement, eviction on a full
+ * pool), GET (lease), RELEASE, EXISTS, REMOVE. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/log.h"
+#include "kvshelf/client.h"
+#include "kvshelf/errors.h"
+#include "master/master_int.h"
+
+static int key_ok(uint32_t key_len) { return key_len >= 1 && key_len <= KVS_KEY_MAX; }
+
+static int same_host(const kvs_seg *s, const kvs_mclient *c)
+{
+    static const uint8_t zero[16];
+    return memcmp(s->host_id, zero, 16) != 0 && memcmp(s->host_id, c->host_id, 16) == 0;
+}
+
+static uint64_t seg_free(const kvs_seg *s)
+{
+    kvs_alloc_stats st;
+    kvs_alloc_get_stats(s->alloc, &st);
+    return st.free;
+}
+
+/* Best segment where `need` fits now: on the writer's host first, then the
+ * one with the most free space. NULL if none fits. */
+static kvs_seg *pick_fitting(kvs_master *m, const kvs_mclient *w, uint64_t need)
+{
+    kvs_seg *best = NULL;
+    int best_local = 0;
+    uint64_t best_free = 0;
+    for (size_t i = 0; i < m->segs.n; i++) {
+        kvs_seg *s = m->segs.v[i];
+        if (!kvs_alloc_fits(s->alloc, need)) continue;
+        int local = same_host(s, w);
+        uint64_t f = seg_free(s);
+        if (!best || local > best_local || (local == best_local && f > best_free)) {
+            best = s;
+            best_local = local;
+            best_free = f;
+        }
+    }
+    return best;
+}
+
+/* Evicts in segments (the writer's host first) until `need` fits in one. */
+static kvs_seg *evict_for(kvs_master *m, const kvs_mclient *w, uint64_t need)
+{
+    for (int pass = 1; pass >= 0; pass--) {
+        for (size_t i = 0; i < m->segs.n; i++) {
+            kvs_seg *s = m->segs.v[i];
+            if (same_host(s, w) != pass || s->alloc == NULL) continue;
+            kvs_alloc_stats st;
+            kvs_alloc_get_stats(s->alloc, &st);
+            if (st.capacity < need) continue;
+            kvs_m_evict(m, s, need);
+            if (kvs_alloc_fits(s->alloc, need)) return s;
+        }
+    }
+    return NULL;
+}
+
+int kvs_m_put_start(kvs_master *m, uint64_t client_id, const void *key, uint32_t key_len,
+                    uint64_t size, uint32_t *segment_id, uint64_t *offset, uint64_t *obj_id)
+{
+    kvs_mclient *w = kvs_clients_find(&m->clients, client_id);
+    if (!w) return KVS_ERR_NOT_FOUND;
+    if (!key_ok(key_len) || size == 0) return KVS_ERR_INVALID;
+    if (kvs_index_find(&m->ix, key, key_len)) return KVS_ERR_EXISTS;
+    if (m->segs.n == 0) return KVS_ERR_NO_SPACE;
+    uint64_t need = kvs_alloc_round(size), maxcap = 0;
+    for (size_t i = 0; i < m->segs.n; i++)
+        if (m->segs.v[i]->size > maxcap) maxcap = m->segs.v[i]->size;
+    if (need > maxcap || size > KVS_MSEG_MAX_SIZE) return KVS_ERR_TOO_LARGE;
+    if (m->n_objs >= m->o.max_objects) return KVS_ERR_NO_SPACE;
+    kvs_obj *o = kvs_obj_new(key, key_len);
+    if (!o) return KVS_ERR_NOMEM;
+    kvs_seg *s = pick_fitting(m, w, need);
+    if (!s) s = evict_for(m, w, need);
+    uint64_t off = 0;
+    if (!s || kvs_alloc_alloc(s->alloc, size, &off) != KVS_OK) {
+        free(o);
+        return KVS_ERR_NO_SPACE;
+    }
+    uint64_t now = kvs_master_now(m);
+    o->size = size;
+    o->offset = off;
+    o->seg = s;
+    o->obj_id = o->generation = m->next_obj_id++;
+    o->writer = client_id;
+    o->put_deadline_ms = now + m->o.put_timeout_ms;
+    o->last_access_ms = now;
+    o->state = KVS_OBJ_WRITING;
+    kvs_list_push_back(&s->objs, &o->seg_link);
+    s->nobjs++;
+    kvs_list_push_back(&m->writing, &o->lru);
+    kvs_index_insert(&m->ix, o);
+    m->n_objs++;
+    kvs_m_evict_watermark(m, s);
+    *segment_id = s->id;
+    *offset = off;
+    *obj_id = o->obj_id;
+    return KVS_OK;
+}
+
+int kvs_m_put_end(kvs_master *m, uint64_t client_id, const void *key, uint32_t key_len,
+                  uint64_t obj_id, int ok)
+{
+    (void)client_id;
+    if (!key_ok(key_len)) return KVS_ERR_INVALID;
+    kvs_obj *o = kvs_index_find(&m->ix, key, key_len);
+    if (!o || o->obj_id != obj_id) return KVS_ERR_NOT_FOUND;
+    if (o->state == KVS_OBJ_COMPLETE) return ok ? KVS_OK : KVS_ERR_INVALID; /* a retry */
+    if (!ok) {
+        kvs_m_obj_drop(m, o);
+        return KVS_OK;
+    }
+    kvs_list_remove(&o->lru);
+    o->state = KVS_OBJ_COMPLETE;
+    o->last_access_ms = kvs_master_now(m);
+    kvs_list_push_back(&o->seg->lru, &o->lru);
+    m->n_complete++;
+    m->cnt.puts++;
+    return KVS_OK;
+}
+
+int kvs_m_get(kvs_master *m, uint64_t client_id, const void *key, uint32_t key_len,
+              kvs_m_loc *loc)
+{
+    m->cnt.gets++;
+    if (!key_ok(key_len)) return KVS_ERR_INVALID;
+    kvs_obj *o = kvs_index_find(&m->ix, key, key_len);
+    if (!o || o->state != KVS_OBJ_COMPLETE) {
+        m->cnt.misses++;
+        return KVS_ERR_NOT_FOUND;
+    }
+    uint64_t now = kvs_master_now(m);
+    uint64_t lease = kvs_leases_grant(&m->leases, o, client_id, now, m->o.lease_ms);
+    if (!lease) return KVS_ERR_BUSY;
+    m->cnt.hits++;
+    o->last_access_ms = now;
+    kvs_list_remove(&o->lru);
+    kvs_list_push_back(&o->seg->lru, &o->lru);
+    loc->size = o->size;
+    loc->segment_id = o->seg->id;
+    loc->offset = o->offset;
+    loc->obj_id = o->obj_id;
+    loc->lease_id = lease;
+    return KVS_OK;
+}
+
+int kvs_m_release(kvs_master *m, uint64_t lease_id)
+{
+    kvs_obj *o = kvs_leases_release(&m->leases, lease_id);
+    if (!o) return KVS_ERR_NOT_FOUND;
+    kvs_m_obj_lease_ended(m, o);
+    return KVS_OK;
+}
+
+int kvs_m_exists(kvs_master *m, const void *key, uint32_t key_len)
+{
+    if (!key_ok(key_len)) return 0;
+    kvs_obj *o = kvs_index_find(&m->ix, key, key_len);
+    return o && o->state == KVS_OBJ_COMPLETE;
+}
+
+int kvs_m_remove(kvs_master *m, const void *key, uint32_t key_len)
+{
+    if (!key_ok(key_len)) return KVS_ERR_INVALID;
+    kvs_obj *o = kvs_index_find(&m->ix, key, key_len);
+    if (!o || o->state != KVS_OBJ_COMPLETE) return KVS_ERR_NOT_FOUND;
+    kvs_m_obj_drop(m, o);
+    m->cnt.removes++;
+    return KVS_OK;
+}

@@ -1,0 +1,58 @@
+/* Segment registry: the memory segments clients MOUNT, each with its own
+ * allocator, its objects and its LRU list of complete objects. The registry
+ * owns kvs_seg records and their allocators; objects are owned by the
+ * master. Not thread-safe. */
+#ifndef KVS_MASTER_SEGMENT_H
+#define KVS_MASTER_SEGMENT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "master/alloc.h"
+#include "master/list.h"
+
+#define KVS_SEG_STR_MAX 256
+
+typedef struct kvs_seg {
+    uint32_t id;
+    uint64_t size;
+    uint64_t owner;                      /* client id */
+    char hostname[KVS_SEG_STR_MAX];      /* owner's hostname */
+    char shm_name[KVS_SEG_STR_MAX];
+    char transfer_addr[KVS_SEG_STR_MAX];
+    uint8_t host_id[16];
+    kvs_alloc *alloc;
+    kvs_list objs;   /* every object placed here */
+    kvs_list lru;    /* complete objects, least recently used first */
+    uint64_t nobjs;  /* objects in objs */
+} kvs_seg;
+
+typedef struct kvs_segs {
+    kvs_seg **v;
+    size_t n, cap, max;
+    uint32_t next_id;
+} kvs_segs;
+
+/* Initializes an empty registry admitting at most `max` segments. */
+void kvs_segs_init(kvs_segs *S, size_t max);
+
+/* Frees every segment record and allocator (objects must be gone). */
+void kvs_segs_destroy(kvs_segs *S);
+
+/* Creates and registers a segment of `size` bytes. Strings are copied
+ * (truncated to KVS_SEG_STR_MAX-1). Returns it, or NULL with *err set to
+ * KVS_ERR_BUSY (registry full) or KVS_ERR_NOMEM. */
+kvs_seg *kvs_segs_add(kvs_segs *S, uint64_t size, uint64_t owner, const char *hostname,
+                      const char *shm_name, const char *transfer_addr,
+                      const uint8_t host_id[16], int *err);
+
+/* Finds a segment by id, or NULL. */
+kvs_seg *kvs_segs_find(const kvs_segs *S, uint32_t id);
+
+/* Unregisters and frees s (its object lists must be empty). */
+void kvs_segs_remove(kvs_segs *S, kvs_seg *s);
+
+/* Bytes used in s (allocator view). */
+uint64_t kvs_seg_used(const kvs_seg *s);
+
+#endif

@@ -1,0 +1,342 @@
+/* epoll event loop of the master (see server.h), in the style of Redis's
+ * ae + networking: level-triggered, non-blocking, one input and one output
+ * buffer per connection, replies written at once and the rest on EPOLLOUT. */
+#include "master/server.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include "common/log.h"
+#include "common/net.h"
+#include "common/util.h"
+#include "kvshelf/errors.h"
+
+#define MAX_LISTENERS 16
+#define MAX_CONNS 16384
+#define READ_CHUNK (64u * 1024)
+#define OUT_PAUSE (16u << 20) /* stop reading a client with this much unsent */
+#define TICK_MS 100
+
+enum { TAG_LISTEN = 1, TAG_CONN = 2 };
+
+typedef struct listener {
+    int tag;
+    int fd;
+    int is_unix;
+    char path[108];
+} listener;
+
+typedef struct conn {
+    int tag;
+    int fd;
+    kvs_mconn st;
+    uint8_t *in;
+    size_t in_len, in_cap;
+    kvs_wbuf out;
+    size_t out_off;
+    uint32_t events; /* registered epoll interest */
+    struct conn *prev, *next;
+} conn;
+
+struct kvs_server {
+    kvs_master *m;
+    int ep;
+    listener *lis[MAX_LISTENERS];
+    size_t nlis;
+    conn head; /* sentinel of the connection list */
+    size_t nconns;
+};
+
+int kvs_server_new(kvs_master *m, kvs_server **out)
+{
+    kvs_server *s = calloc(1, sizeof *s);
+    if (!s) return KVS_ERR_NOMEM;
+    s->m = m;
+    s->ep = epoll_create1(EPOLL_CLOEXEC);
+    if (s->ep < 0) {
+        free(s);
+        return KVS_ERR_IO;
+    }
+    s->head.prev = s->head.next = &s->head;
+    *out = s;
+    return KVS_OK;
+}
+
+int kvs_server_listen(kvs_server *s, const char *addr, uint16_t *port, char *err, size_t errlen)
+{
+    kvs_addr a;
+    if (s->nlis >= MAX_LISTENERS) {
+        snprintf(err, errlen, "too many listen addresses (max %d)", MAX_LISTENERS);
+        return KVS_ERR_CONFIG;
+    }
+    if (kvs_addr_parse(addr, 50001, &a) != KVS_OK) {
+        snprintf(err, errlen, "invalid listen address '%s'", addr);
+        return KVS_ERR_CONFIG;
+    }
+    int fd = kvs_listen(&a);
+    if (fd < 0) {
+        snprintf(err, errlen, "cannot listen on '%s': %s", addr, strerror(errno));
+        return KVS_ERR_IO;
+    }
+    listener *l = calloc(1, sizeof *l);
+    if (!l) {
+        close(fd);
+        return KVS_ERR_NOMEM;
+    }
+    l->tag = TAG_LISTEN;
+    l->fd = fd;
+    l->is_unix = a.is_unix;
+    if (a.is_unix) kvs_strlcpy(l->path, a.path, sizeof l->path);
+    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = l};
+    if (epoll_ctl(s->ep, EPOLL_CTL_ADD, fd, &ev) < 0) {
+        snprintf(err, errlen, "epoll_ctl: %s", strerror(errno));
+        close(fd);
+        free(l);
+        return KVS_ERR_IO;
+    }
+    s->lis[s->nlis++] = l;
+    if (port) *port = a.is_unix ? 0 : a.port;
+    return KVS_OK;
+}
+
+static void conn_close(kvs_server *s, conn *c)
+{
+    epoll_ctl(s->ep, EPOLL_CTL_DEL, c->fd, NULL);
+    close(c->fd);
+    c->prev->next = c->next;
+    c->next->prev = c->prev;
+    s->nconns--;
+    free(c->in);
+    kvs_wbuf_free(&c->out);
+    free(c);
+}
+
+static size_t pending_out(const conn *c) { return c->out.len - c->out_off; }
+
+static void update_events(kvs_server *s, conn *c)
+{
+    uint32_t want = 0;
+    if (pending_out(c) < OUT_PAUSE) want |= EPOLLIN;
+    if (pending_out(c)) want |= EPOLLOUT;
+    if (want == c->events) return;
+    struct epoll_event ev = {.events = want, .data.ptr = c};
+    epoll_ctl(s->ep, EPOLL_CTL_MOD, c->fd, &ev);
+    c->events = want;
+}
+
+/* Sends what it can. Returns 0, or -1 if the connection failed. */
+static int conn_flush(conn *c)
+{
+    while (pending_out(c)) {
+        ssize_t n = send(c->fd, c->out.data + c->out_off, pending_out(c), MSG_NOSIGNAL);
+        if (n > 0) {
+            c->out_off += (size_t)n;
+        } else if (n < 0 && errno == EINTR) {
+            continue;
+        } else if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            return 0;
+        } else {
+            return -1;
+        }
+    }
+    c->out_off = 0;
+    if (c->out.cap > (4u << 20)) kvs_wbuf_free(&c->out);
+    else kvs_wbuf_reset(&c->out);
+    return 0;
+}
+
+/* Handles every complete frame buffered. Returns 0 or -1 (close). */
+static int conn_process(kvs_server *s, conn *c)
+{
+    if (!c->in_len) return 0;
+    size_t used = 0;
+    kvs_master_lock(s->m);
+    int rc = kvs_master_feed(s->m, &c->st, c->in, c->in_len, &c->out, &used);
+    kvs_master_unlock(s->m);
+    if (used) {
+        memmove(c->in, c->in + used, c->in_len - used);
+        c->in_len -= used;
+    }
+    if (c->in_len == 0 && c->in_cap > (1u << 20)) {
+        free(c->in);
+        c->in = NULL;
+        c->in_cap = 0;
+    }
+    if (rc != KVS_OK) {
+        conn_flush(c); /* best effort: e.g. the AUTH refusal */
+        return -1;
+    }
+    return 0;
+}
+
+static int conn_read(kvs_server *s, conn *c)
+{
+    size_t need = kvs_master_frame_need(c->in, c->in_len);
+    size_t want = KVS_MAX(need, c->in_len + READ_CHUNK);
+    if (want > c->in_cap) {
+        uint8_t *p = realloc(c->in, want);
+        if (!p) return -1;
+        c->in = p;
+        c->in_cap = want;
+    }
+    ssize_t n = recv(c->fd, c->in + c->in_len, c->in_cap - c->in_len, 0);
+    if (n == 0) return -1;
+    if (n < 0) return (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) ? 0 : -1;
+    c->in_len += (size_t)n;
+    if (conn_process(s, c) < 0) return -1;
+    if (conn_flush(c) < 0) return -1;
+    update_events(s, c);
+    return 0;
+}
+
+static void peer_info(int fd, int is_unix, int *local, int *uid)
+{
+    *local = 0;
+    *uid = -1;
+    if (is_unix) {
+        *local = 1;
+        struct ucred cr;
+        socklen_t l = sizeof cr;
+        if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cr, &l) == 0) *uid = (int)cr.uid;
+        return;
+    }
+    struct sockaddr_storage ss;
+    socklen_t sl = sizeof ss;
+    if (getpeername(fd, (struct sockaddr *)&ss, &sl) != 0) return;
+    if (ss.ss_family == AF_INET) {
+        uint32_t ip = ntohl(((struct sockaddr_in *)&ss)->sin_addr.s_addr);
+        *local = (ip >> 24) == 127;
+    } else if (ss.ss_family == AF_INET6) {
+        const struct in6_addr *a6 = &((struct sockaddr_in6 *)&ss)->sin6_addr;
+        *local = IN6_IS_ADDR_LOOPBACK(a6) || (IN6_IS_ADDR_V4MAPPED(a6) && a6->s6_addr[12] == 127);
+    }
+}
+
+static void on_accept(kvs_server *s, listener *l)
+{
+    for (int i = 0; i < 64; i++) {
+        int fd = accept4(l->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0) {
+            if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
+                KVS_LOGW("accept: %s", strerror(errno));
+            return;
+        }
+        if (s->nconns >= MAX_CONNS) {
+            KVS_LOGW("too many connections (%d): refusing one", MAX_CONNS);
+            close(fd);
+            continue;
+        }
+        conn *c = calloc(1, sizeof *c);
+        if (!c) {
+            close(fd);
+            continue;
+        }
+        c->tag = TAG_CONN;
+        c->fd = fd;
+        kvs_wbuf_init(&c->out);
+        if (!l->is_unix) {
+            int one = 1;
+            setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        }
+        int local, uid;
+        peer_info(fd, l->is_unix, &local, &uid);
+        kvs_mconn_init(s->m, &c->st, local, uid, &c->out);
+        c->events = EPOLLIN;
+        struct epoll_event ev = {.events = EPOLLIN, .data.ptr = c};
+        if (epoll_ctl(s->ep, EPOLL_CTL_ADD, fd, &ev) < 0) {
+            kvs_wbuf_free(&c->out);
+            free(c);
+            close(fd);
+            continue;
+        }
+        c->next = s->head.next;
+        c->prev = &s->head;
+        s->head.next->prev = c;
+        s->head.next = c;
+        s->nconns++;
+        if (conn_flush(c) < 0) conn_close(s, c);
+        else update_events(s, c);
+    }
+}
+
+static void on_conn_event(kvs_server *s, conn *c, uint32_t ev)
+{
+    if (ev & EPOLLOUT) {
+        if (conn_flush(c) < 0) {
+            conn_close(s, c);
+            return;
+        }
+        /* input held back while the output was over the limit */
+        if (pending_out(c) < OUT_PAUSE && c->in_len &&
+            (conn_process(s, c) < 0 || conn_flush(c) < 0)) {
+            conn_close(s, c);
+            return;
+        }
+        update_events(s, c);
+    }
+    if (ev & (EPOLLIN | EPOLLHUP | EPOLLERR)) {
+        if (!(c->events & EPOLLIN) && !(ev & (EPOLLHUP | EPOLLERR))) return;
+        if (conn_read(s, c) < 0) conn_close(s, c);
+    }
+}
+
+int kvs_server_run(kvs_server *s, volatile sig_atomic_t *stop, int stop_on_shutdown)
+{
+    struct epoll_event evs[256];
+    uint64_t next_tick = kvs_now_ms() + TICK_MS;
+    int rc = KVS_OK;
+    for (;;) {
+        if (stop && *stop) break;
+        if (stop_on_shutdown) {
+            kvs_master_lock(s->m);
+            int sd = kvs_master_shutdown_requested(s->m);
+            kvs_master_unlock(s->m);
+            if (sd) break;
+        }
+        uint64_t now = kvs_now_ms();
+        int timeout = next_tick > now ? (int)(next_tick - now) : 0;
+        int n = epoll_wait(s->ep, evs, (int)KVS_ARRAY_LEN(evs), timeout);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            KVS_LOGE("epoll_wait: %s", strerror(errno));
+            rc = KVS_ERR_IO;
+            break;
+        }
+        for (int i = 0; i < n; i++) {
+            int tag = *(int *)evs[i].data.ptr;
+            if (tag == TAG_LISTEN) on_accept(s, evs[i].data.ptr);
+            else on_conn_event(s, evs[i].data.ptr, evs[i].events);
+        }
+        now = kvs_now_ms();
+        if (now >= next_tick) {
+            kvs_master_lock(s->m);
+            kvs_master_tick(s->m);
+            kvs_master_unlock(s->m);
+            next_tick = now + TICK_MS;
+        }
+    }
+    for (conn *c = s->head.next; c != &s->head; c = c->next) conn_flush(c);
+    return rc;
+}
+
+void kvs_server_free(kvs_server *s)
+{
+    if (!s) return;
+    while (s->head.next != &s->head) conn_close(s, s->head.next);
+    for (size_t i = 0; i < s->nlis; i++) {
+        close(s->lis[i]->fd);
+        if (s->lis[i]->is_unix) unlink(s->lis[i]->path);
+        free(s->lis[i]);
+    }
+    close(s->ep);
+    free(s);
+}

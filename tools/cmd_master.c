@@ -1,0 +1,430 @@
+/* kvshelf master: runs the master daemon (RPC event loop, HTTP metrics and
+ * embedded metadata service), or with --embedded the host-local pool (the
+ * master on a unix socket plus, in the same process, a client that serves
+ * the pool's shared-memory segment). */
+#include <errno.h>
+#include <getopt.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "common/log.h"
+#include "common/net.h"
+#include "common/util.h"
+#include "kvshelf/client.h"
+#include "kvshelf/config.h"
+#include "kvshelf/errors.h"
+#include "master/master.h"
+#include "master/server.h"
+#include "master/web.h"
+#include "tools/commands.h"
+
+#define MAX_LISTEN 8
+
+static volatile sig_atomic_t g_stop;
+
+static void on_signal(int sig)
+{
+    (void)sig;
+    g_stop = 1;
+}
+
+typedef struct opts {
+    const char *listen[MAX_LISTEN];
+    int nlisten;
+    const char *http;      /* NULL = default */
+    const char *secret;
+    const char *port_file;
+    const char *runtime_dir;
+    uint64_t segment_size;
+    int embedded, no_metadata;
+    kvs_master_opts mo;
+} opts;
+
+static void usage(FILE *f)
+{
+    fprintf(f,
+"usage: kvshelf master [options]\n"
+"\n"
+"Runs the kvshelf master: object index, space allocation, eviction, leases,\n"
+"client liveness and metrics. Metadata only: bytes never pass through it.\n"
+"\n"
+"options:\n"
+"  --listen ADDR          RPC address: host:port, [v6]:port or unix:/path; repeat for\n"
+"                         several (default 127.0.0.1:50001; port 0 picks a free port)\n"
+"  --http ADDR|off        HTTP address for /metrics, /health and /metadata\n"
+"                         (default 127.0.0.1:9003; off in --embedded mode)\n"
+"  --no-metadata          do not serve the embedded metadata service at /metadata\n"
+"  --secret S             shared secret clients must prove in HELLO (default: env\n"
+"                         KVSHELF_SECRET). Required when any address is not loopback.\n"
+"  --client-ttl-ms N      expire a client silent for N ms: unmount its segments,\n"
+"                         drop their objects, revoke its puts (default 10000)\n"
+"  --lease-ms N           read lease granted by GET (default 5000)\n"
+"  --put-timeout-ms N     revoke a put not ended within N ms (default 30000)\n"
+"  --evict-high F         start evicting a segment above this use (default 0.95;\n"
+"                         a fraction, or a percentage such as 95)\n"
+"  --evict-low F          evict down to this use (default 0.90)\n"
+"  --port-file F          after listening, write {\"rpc\":P,\"http\":Q} to F (P: first TCP\n"
+"                         listener or 0, Q: HTTP port or 0)\n"
+"  --log-level L          error, warn, info or debug (default: env KVSHELF_LOG, else warn)\n"
+"  --embedded             run the host-local pool: listen on unix:DIR/master.sock only\n"
+"                         (plus any --listen), write DIR/master.pid, and serve a shared-\n"
+"                         memory segment of --segment-size bytes from this process\n"
+"  --runtime-dir DIR      the pool's directory (default $XDG_RUNTIME_DIR/kvshelf, else\n"
+"                         /tmp/kvshelf-<uid>); used with --embedded\n"
+"  --segment-size N       bytes of the embedded pool (default 3355443200; suffixes K, M,\n"
+"                         G, KiB, MiB, GiB...)\n"
+"  -h, --help             show this help\n"
+"\n"
+"Stops on SIGTERM/SIGINT or a SHUTDOWN request (kvshelf stop) and exits 0.\n");
+}
+
+static int parse_u32(const char *name, const char *s, uint32_t *out)
+{
+    char *end;
+    errno = 0;
+    unsigned long v = strtoul(s, &end, 10);
+    if (errno || end == s || *end || v == 0 || v > 0x7fffffffUL) {
+        fprintf(stderr, "kvshelf master: %s: invalid value '%s' (a positive integer)\n", name, s);
+        return -1;
+    }
+    *out = (uint32_t)v;
+    return 0;
+}
+
+static int parse_frac(const char *name, const char *s, double *out)
+{
+    char *end;
+    double v = strtod(s, &end);
+    if (end != s && *end == '%') end++;
+    if (end == s || *end || !(v > 0) || v > 100) {
+        fprintf(stderr, "kvshelf master: %s: invalid value '%s' (0..1 or a percentage)\n", name,
+                s);
+        return -1;
+    }
+    *out = v > 1 ? v / 100.0 : v;
+    return 0;
+}
+
+static int parse_level(const char *s)
+{
+    if (!strcasecmp(s, "error")) return KVS_LOG_ERROR;
+    if (!strcasecmp(s, "warn") || !strcasecmp(s, "warning")) return KVS_LOG_WARN;
+    if (!strcasecmp(s, "info")) return KVS_LOG_INFO;
+    if (!strcasecmp(s, "debug")) return KVS_LOG_DEBUG;
+    return -1;
+}
+
+enum {
+    O_LISTEN = 256, O_HTTP, O_SECRET, O_TTL, O_LEASE, O_PUT_TIMEOUT, O_HIGH, O_LOW, O_NO_MD,
+    O_PORT_FILE, O_LOG, O_EMBEDDED, O_RUNDIR, O_SEGSIZE
+};
+
+static int parse_args(int argc, char **argv, opts *o)
+{
+    static const struct option lo[] = {
+        {"listen", required_argument, 0, O_LISTEN},
+        {"http", required_argument, 0, O_HTTP},
+        {"secret", required_argument, 0, O_SECRET},
+        {"client-ttl-ms", required_argument, 0, O_TTL},
+        {"lease-ms", required_argument, 0, O_LEASE},
+        {"put-timeout-ms", required_argument, 0, O_PUT_TIMEOUT},
+        {"evict-high", required_argument, 0, O_HIGH},
+        {"evict-low", required_argument, 0, O_LOW},
+        {"no-metadata", no_argument, 0, O_NO_MD},
+        {"port-file", required_argument, 0, O_PORT_FILE},
+        {"log-level", required_argument, 0, O_LOG},
+        {"embedded", no_argument, 0, O_EMBEDDED},
+        {"runtime-dir", required_argument, 0, O_RUNDIR},
+        {"segment-size", required_argument, 0, O_SEGSIZE},
+        {"help", no_argument, 0, 'h'},
+        {0, 0, 0, 0},
+    };
+    optind = 1;
+    int c;
+    while ((c = getopt_long(argc, argv, "h", lo, NULL)) != -1) {
+        switch (c) {
+        case O_LISTEN:
+            if (o->nlisten >= MAX_LISTEN) {
+                fprintf(stderr, "kvshelf master: at most %d --listen addresses\n", MAX_LISTEN);
+                return 2;
+            }
+            o->listen[o->nlisten++] = optarg;
+            break;
+        case O_HTTP: o->http = optarg; break;
+        case O_SECRET: o->secret = optarg; break;
+        case O_TTL: if (parse_u32("--client-ttl-ms", optarg, &o->mo.client_ttl_ms)) return 2; break;
+        case O_LEASE: if (parse_u32("--lease-ms", optarg, &o->mo.lease_ms)) return 2; break;
+        case O_PUT_TIMEOUT:
+            if (parse_u32("--put-timeout-ms", optarg, &o->mo.put_timeout_ms)) return 2;
+            break;
+        case O_HIGH: if (parse_frac("--evict-high", optarg, &o->mo.evict_high)) return 2; break;
+        case O_LOW: if (parse_frac("--evict-low", optarg, &o->mo.evict_low)) return 2; break;
+        case O_NO_MD: o->no_metadata = 1; break;
+        case O_PORT_FILE: o->port_file = optarg; break;
+        case O_LOG: {
+            int l = parse_level(optarg);
+            if (l < 0) {
+                fprintf(stderr, "kvshelf master: --log-level: '%s' (error|warn|info|debug)\n",
+                        optarg);
+                return 2;
+            }
+            kvs_log_set_level(l);
+            break;
+        }
+        case O_EMBEDDED: o->embedded = 1; break;
+        case O_RUNDIR: o->runtime_dir = optarg; break;
+        case O_SEGSIZE:
+            if (kvs_parse_size(optarg, &o->segment_size) != KVS_OK || o->segment_size == 0) {
+                fprintf(stderr, "kvshelf master: --segment-size: invalid size '%s'\n", optarg);
+                return 2;
+            }
+            break;
+        case 'h': usage(stdout); return 1;
+        default: usage(stderr); return 2;
+        }
+    }
+    if (optind < argc) {
+        fprintf(stderr, "kvshelf master: unexpected argument '%s'\n", argv[optind]);
+        return 2;
+    }
+    if (o->mo.evict_low > o->mo.evict_high) {
+        fprintf(stderr, "kvshelf master: --evict-low must not exceed --evict-high\n");
+        return 2;
+    }
+    return 0;
+}
+
+/* 0 if every address is loopback or a secret is set; else prints and 2. */
+static int check_exposure(const opts *o, const char *http)
+{
+    if (o->secret && o->secret[0]) return 0;
+    for (int i = 0; i < o->nlisten; i++) {
+        kvs_addr a;
+        if (kvs_addr_parse(o->listen[i], 50001, &a) != KVS_OK) {
+            fprintf(stderr, "kvshelf master: invalid --listen address '%s'\n", o->listen[i]);
+            return 2;
+        }
+        if (!kvs_addr_is_loopback(&a)) {
+            fprintf(stderr,
+                    "kvshelf master: refusing to listen on non-loopback address '%s' without a "
+                    "secret (--secret or KVSHELF_SECRET)\n",
+                    o->listen[i]);
+            return 2;
+        }
+    }
+    if (http) {
+        kvs_addr a;
+        if (kvs_addr_parse(http, 9003, &a) != KVS_OK || a.is_unix) {
+            fprintf(stderr, "kvshelf master: invalid --http address '%s'\n", http);
+            return 2;
+        }
+        if (!kvs_addr_is_loopback(&a)) {
+            fprintf(stderr,
+                    "kvshelf master: refusing to serve HTTP on non-loopback address '%s' without "
+                    "a secret (--secret or KVSHELF_SECRET)\n",
+                    http);
+            return 2;
+        }
+    }
+    return 0;
+}
+
+static int write_file_atomic(const char *path, const char *text)
+{
+    char tmp[4096];
+    if (snprintf(tmp, sizeof tmp, "%s.tmp.%d", path, (int)getpid()) >= (int)sizeof tmp) return -1;
+    FILE *f = fopen(tmp, "w");
+    if (!f) return -1;
+    int ok = fputs(text, f) >= 0;
+    ok = (fclose(f) == 0) && ok;
+    if (!ok || rename(tmp, path) != 0) {
+        unlink(tmp);
+        return -1;
+    }
+    return 0;
+}
+
+typedef struct loop_arg {
+    kvs_server *srv;
+    volatile sig_atomic_t stop;
+    int rc;
+} loop_arg;
+
+static void *loop_thread(void *p)
+{
+    loop_arg *a = p;
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGTERM);
+    sigaddset(&set, SIGINT);
+    pthread_sigmask(SIG_BLOCK, &set, NULL);
+    a->rc = kvs_server_run(a->srv, &a->stop, 0);
+    return NULL;
+}
+
+static void sleep_ms(int ms)
+{
+    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
+    nanosleep(&ts, NULL);
+}
+
+/* The embedded pool: loop on a thread, the segment's client on this one. */
+static int run_embedded(kvs_master *m, kvs_server *srv, const opts *o, const char *sock_path)
+{
+    loop_arg la = {srv, 0, 0};
+    pthread_t th;
+    if (pthread_create(&th, NULL, loop_thread, &la) != 0) {
+        KVS_LOGE("cannot start the event loop thread");
+        return 1;
+    }
+    kvs_config cfg;
+    kvs_config_init(&cfg);
+    snprintf(cfg.master_server_address, sizeof cfg.master_server_address, "unix:%s", sock_path);
+    kvs_strlcpy(cfg.runtime_dir, o->runtime_dir, sizeof cfg.runtime_dir);
+    if (o->secret) kvs_strlcpy(cfg.secret, o->secret, sizeof cfg.secret);
+    cfg.global_segment_size = o->segment_size;
+    char err[512] = "";
+    kvs_client *client = NULL;
+    int rc = kvs_client_open(&cfg, &client, err, sizeof err);
+    int status = 0;
+    if (rc != KVS_OK) {
+        KVS_LOGE("embedded pool: cannot open its segment client: %s (%s)", err, kvs_strerror(rc));
+        status = 1;
+    } else {
+        KVS_LOGI("embedded pool ready: %llu bytes at unix:%s",
+                 (unsigned long long)o->segment_size, sock_path);
+        for (;;) {
+            if (g_stop) break;
+            kvs_master_lock(m);
+            int sd = kvs_master_shutdown_requested(m);
+            kvs_master_unlock(m);
+            if (sd) break;
+            sleep_ms(50);
+        }
+        kvs_client_close(client); /* unmounts while the loop still runs */
+    }
+    la.stop = 1;
+    pthread_join(th, NULL);
+    return status ? status : (la.rc == KVS_OK ? 0 : 1);
+}
+
+int kvs_cmd_master(int argc, char **argv)
+{
+    opts o;
+    memset(&o, 0, sizeof o);
+    kvs_master_opts_init(&o.mo);
+    o.segment_size = KVS_DEFAULT_GLOBAL_SEGMENT_SIZE;
+    kvs_log_set_name("master");
+    int prc = parse_args(argc, argv, &o);
+    if (prc) return prc == 1 ? 0 : prc;
+    if (!o.secret) o.secret = getenv("KVSHELF_SECRET");
+    if (o.secret && !o.secret[0]) o.secret = NULL;
+    const char *http = o.http ? o.http : (o.embedded ? NULL : "127.0.0.1:9003");
+    if (http && !strcmp(http, "off")) http = NULL;
+    if (!o.embedded && o.nlisten == 0) o.listen[o.nlisten++] = "127.0.0.1:50001";
+    if (check_exposure(&o, http)) return 2;
+
+    char rundir[512], sock_path[600], pid_path[600], sock_addr[620];
+    if (o.embedded) {
+        if (!o.runtime_dir) {
+            kvs_config c;
+            kvs_config_init(&c);
+            kvs_strlcpy(rundir, c.runtime_dir, sizeof rundir);
+        } else {
+            kvs_strlcpy(rundir, o.runtime_dir, sizeof rundir);
+        }
+        o.runtime_dir = rundir;
+        if (mkdir(rundir, 0700) != 0 && errno != EEXIST) {
+            fprintf(stderr, "kvshelf master: cannot create %s: %s\n", rundir, strerror(errno));
+            return 1;
+        }
+        snprintf(sock_path, sizeof sock_path, "%s/master.sock", rundir);
+        snprintf(pid_path, sizeof pid_path, "%s/master.pid", rundir);
+        snprintf(sock_addr, sizeof sock_addr, "unix:%s", sock_path);
+        if (strlen(sock_path) >= 108) {
+            fprintf(stderr, "kvshelf master: socket path too long: %s\n", sock_path);
+            return 2;
+        }
+    }
+
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_signal;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
+    signal(SIGPIPE, SIG_IGN);
+
+    o.mo.secret = o.secret;
+    kvs_master *m = NULL;
+    kvs_server *srv = NULL;
+    kvs_master_web *web = NULL;
+    int status = 1;
+    char err[512] = "";
+    int rc = kvs_master_new(&o.mo, &m);
+    if (rc != KVS_OK) {
+        fprintf(stderr, "kvshelf master: %s\n", kvs_strerror(rc));
+        return rc == KVS_ERR_INVALID ? 2 : 1;
+    }
+    if (kvs_server_new(m, &srv) != KVS_OK) {
+        fprintf(stderr, "kvshelf master: cannot create the event loop\n");
+        goto out;
+    }
+    uint16_t rpc_port = 0, http_port = 0;
+    if (o.embedded && kvs_server_listen(srv, sock_addr, NULL, err, sizeof err) != KVS_OK) {
+        fprintf(stderr, "kvshelf master: %s\n", err);
+        goto out;
+    }
+    for (int i = 0; i < o.nlisten; i++) {
+        uint16_t p = 0;
+        if (kvs_server_listen(srv, o.listen[i], &p, err, sizeof err) != KVS_OK) {
+            fprintf(stderr, "kvshelf master: %s\n", err);
+            goto out;
+        }
+        if (p && !rpc_port) rpc_port = p;
+        KVS_LOGI("listening on %s%s", o.listen[i], p ? "" : " (unix)");
+    }
+    if (http) {
+        rc = kvs_master_web_start(m, http, !o.no_metadata, &http_port, &web, err, sizeof err);
+        if (rc != KVS_OK) {
+            fprintf(stderr, "kvshelf master: %s\n", err);
+            goto out;
+        }
+        KVS_LOGI("HTTP on %s (port %u)%s", http, http_port,
+                 o.no_metadata ? "" : ", metadata at /metadata");
+    }
+    if (o.port_file) {
+        char buf[128];
+        snprintf(buf, sizeof buf, "{\"rpc\":%u,\"http\":%u}\n", rpc_port, http_port);
+        if (write_file_atomic(o.port_file, buf) != 0) {
+            fprintf(stderr, "kvshelf master: cannot write %s: %s\n", o.port_file,
+                    strerror(errno));
+            goto out;
+        }
+    }
+    if (o.embedded) {
+        char buf[32];
+        snprintf(buf, sizeof buf, "%d\n", (int)getpid());
+        if (write_file_atomic(pid_path, buf) != 0) {
+            fprintf(stderr, "kvshelf master: cannot write %s: %s\n", pid_path, strerror(errno));
+            goto out;
+        }
+        status = run_embedded(m, srv, &o, sock_path);
+        unlink(pid_path);
+    } else {
+        status = kvs_server_run(srv, &g_stop, 1) == KVS_OK ? 0 : 1;
+    }
+    KVS_LOGI("stopping");
+out:
+    kvs_master_web_stop(web);
+    kvs_server_free(srv); /* removes unix socket files */
+    kvs_master_free(m);
+    return status;
+}
