@@ -120,7 +120,7 @@ typedef struct bench {
     worker *w;
 } bench;
 
-static _Atomic uint64_t tl_ok[TL_MAX], tl_err[TL_MAX];
+static _Atomic uint64_t tl_ok[TL_MAX], tl_miss[TL_MAX], tl_err[TL_MAX];
 static _Atomic int tl_last = -1;
 static volatile sig_atomic_t g_interrupted;
 
@@ -223,12 +223,17 @@ static void row_lat(stat_row *r, uint64_t ns)
     r->lat[r->nlat++] = ns;
 }
 
-static void tl_add(bench *b, int ok, uint64_t n)
+/* Timeline of the whole run in 1 s buckets: kind 1 = success (hit), 2 = miss,
+ * 0 = error. */
+static void tl_add(bench *b, int kind, uint64_t n)
 {
+    if (!n) return;
     uint64_t t = (now_ns() - b->run_start_ns) / 1000000000ull;
     if (t >= TL_MAX) t = TL_MAX - 1;
-    if (ok)
+    if (kind == 1)
         atomic_fetch_add(&tl_ok[t], n);
+    else if (kind == 2)
+        atomic_fetch_add(&tl_miss[t], n);
     else
         atomic_fetch_add(&tl_err[t], n);
     int last = atomic_load(&tl_last);
@@ -366,7 +371,7 @@ static void do_get(worker *w, stat_row *r, uint64_t first, size_t n, int into)
             if (o->verify) verify_item(b, r, it->key.data, it->key.len, it->buf, it->size);
         } else if (it->status == KVS_ERR_NOT_FOUND) {
             r->miss++;
-            tl_add(b, 1, 1);
+            tl_add(b, 2, 1);
         } else {
             row_err(b, r, it->status);
         }
@@ -400,13 +405,12 @@ static void do_exists(worker *w, stat_row *r, uint64_t first, size_t n)
         for (size_t k = 0; k < n; k++) row_err(b, r, rc);
         return;
     }
-    for (size_t k = 0; k < n; k++) {
-        if (w->exists_out[k])
-            r->ok++;
-        else
-            r->miss++;
-    }
-    tl_add(b, 1, n);
+    uint64_t hits = 0;
+    for (size_t k = 0; k < n; k++) hits += w->exists_out[k] ? 1 : 0;
+    r->ok += hits;
+    r->miss += n - hits;
+    tl_add(b, 1, hits);
+    tl_add(b, 2, n - hits);
 }
 
 static void do_remove(worker *w, stat_row *r, uint64_t first, size_t n)
@@ -437,7 +441,7 @@ static void do_remove(worker *w, stat_row *r, uint64_t first, size_t n)
             tl_add(b, 1, 1);
         } else if (s == KVS_ERR_NOT_FOUND) {
             r->miss++;
-            tl_add(b, 1, 1);
+            tl_add(b, 2, 1);
         } else {
             row_err(b, r, s);
         }
@@ -926,6 +930,8 @@ static void print_json(FILE *f, bench *b, const result *res, int n, const fill_r
     int last = atomic_load(&tl_last);
     fprintf(f, ",\"timeline\":{\"bucket_s\":1,\"ok\":[");
     for (int i = 0; i <= last; i++) fprintf(f, "%s%" PRIu64, i ? "," : "", atomic_load(&tl_ok[i]));
+    fprintf(f, "],\"miss\":[");
+    for (int i = 0; i <= last; i++) fprintf(f, "%s%" PRIu64, i ? "," : "", atomic_load(&tl_miss[i]));
     fprintf(f, "],\"err\":[");
     for (int i = 0; i <= last; i++) fprintf(f, "%s%" PRIu64, i ? "," : "", atomic_load(&tl_err[i]));
     fprintf(f, "]}");
@@ -1205,12 +1211,15 @@ int kvs_cmd_bench(int argc, char **argv)
         fprintf(stderr, "kvshelf bench: %s\n", err);
         return 2;
     }
-    o.cfg.global_segment_size = 0;
+    if (master) snprintf(o.cfg.master_server_address, sizeof o.cfg.master_server_address, "%s", master);
+    /* A bench client contributes no memory unless asked, so reads of data held
+     * by nodes go through the transfer engine. In the embedded pool the size
+     * is the pool's own (the embedded master owns the segment): kept. */
+    if (o.cfg.master_server_address[0]) o.cfg.global_segment_size = 0;
     if (segsize && kvs_parse_size(segsize, &o.cfg.global_segment_size) < 0) {
         fprintf(stderr, "kvshelf bench: bad --segment-size '%s'\n", segsize);
         return 2;
     }
-    if (master) snprintf(o.cfg.master_server_address, sizeof o.cfg.master_server_address, "%s", master);
     if (secret) snprintf(o.cfg.secret, sizeof o.cfg.secret, "%s", secret);
     if (timeout_ms > 0) o.cfg.timeout_ms = timeout_ms;
     if (kvs_config_validate(&o.cfg, err, sizeof err) < 0) {
@@ -1234,6 +1243,7 @@ int kvs_cmd_bench(int argc, char **argv)
     b.run_start_ns = now_ns();
     for (int i = 0; i < TL_MAX; i++) {
         atomic_store(&tl_ok[i], 0);
+        atomic_store(&tl_miss[i], 0);
         atomic_store(&tl_err[i], 0);
     }
     atomic_store(&tl_last, -1);

@@ -1,0 +1,159 @@
+"""Just enough of kvshelf's wire protocol (src/proto/proto.h) and of HTTP to
+send well-formed, malformed and hostile bytes to the servers' ports."""
+import hashlib
+import hmac
+import os
+import socket
+import struct
+import time
+
+MAGIC = 0x3153564B
+HDR = struct.Struct("<IHHIiQ")
+F_RESPONSE = 1
+
+CHALLENGE, HELLO, HEARTBEAT, MOUNT, UNMOUNT = 1, 2, 3, 4, 5
+PUT_START, PUT_END, GET, RELEASE, EXISTS, REMOVE = 6, 7, 8, 9, 10, 11
+SEGMENTS, STATS, SHUTDOWN = 12, 13, 14
+T_READ, T_WRITE = 32, 33
+ROLE_TOOL = 3
+ERR_AUTH = -10
+
+
+def frame(mtype, body=b"", req_id=1, flags=0, status=0, body_len=None, magic=MAGIC):
+    n = len(body) if body_len is None else body_len
+    return HDR.pack(magic, mtype, flags, n, status, req_id) + body
+
+
+def u32(v):
+    return struct.pack("<I", v)
+
+
+def u64(v):
+    return struct.pack("<Q", v)
+
+
+def wbytes(b):
+    return u32(len(b)) + b
+
+
+def connect(port, timeout=5.0):
+    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    s.settimeout(timeout)
+    return s
+
+
+def recv_exact(s, n):
+    buf = b""
+    while len(buf) < n:
+        chunk = s.recv(n - len(buf))
+        if not chunk:
+            return None
+        buf += chunk
+    return buf
+
+
+def read_frame(s):
+    """(magic, type, flags, body_len, status, req_id), body — or None at EOF."""
+    h = recv_exact(s, HDR.size)
+    if h is None:
+        return None
+    hdr = HDR.unpack(h)
+    body = recv_exact(s, hdr[3]) if hdr[3] else b""
+    if body is None:
+        return None
+    return hdr, body
+
+
+def read_challenge(s):
+    f = read_frame(s)
+    assert f is not None, "server closed before sending CHALLENGE"
+    hdr, body = f
+    assert hdr[0] == MAGIC and hdr[1] == CHALLENGE, "first frame is not a CHALLENGE: %r" % (hdr,)
+    flags, nonce = struct.unpack("<I", body[:4])[0], body[4:20]
+    return flags, nonce
+
+
+def auth_for(secret, nonce):
+    if not secret:
+        return b"\0" * 32
+    return hmac.new(secret.encode(), nonce, hashlib.sha256).digest()
+
+
+def hello_body(nonce, secret=None, role=ROLE_TOOL, version=1, auth=None, hostname="it-test"):
+    a = auth if auth is not None else auth_for(secret, nonce)
+    return (u32(version) + u32(role) + u64(os.getpid()) + u32(os.getuid()) +
+            wbytes(hostname.encode()) + b"\0" * 16 + a)
+
+
+def handshake(port, secret=None, role=ROLE_TOOL):
+    """Connects and authenticates; returns (socket, hello reply status)."""
+    s = connect(port)
+    _, nonce = read_challenge(s)
+    s.sendall(frame(HELLO, hello_body(nonce, secret, role), req_id=1))
+    f = read_frame(s)
+    assert f is not None, "server closed the connection after a valid HELLO"
+    return s, f[0][4]
+
+
+def closed_within(s, timeout=5.0):
+    """True if the peer closes the connection (EOF or reset) within timeout,
+    reading and discarding whatever it sends first."""
+    s.settimeout(0.5)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            d = s.recv(65536)
+        except socket.timeout:
+            continue
+        except (ConnectionResetError, BrokenPipeError):
+            return True
+        except OSError:
+            return True
+        if not d:
+            return True
+    return False
+
+
+def send_quietly(s, data):
+    try:
+        s.sendall(data)
+        return True
+    except OSError:
+        return False
+
+
+def http_request(port, raw, timeout=5.0):
+    """Sends raw bytes to an HTTP port; returns (status or None, body bytes)."""
+    s = connect(port, timeout)
+    try:
+        send_quietly(s, raw)
+        data = b""
+        while True:
+            try:
+                d = s.recv(65536)
+            except (socket.timeout, OSError):
+                break
+            if not d:
+                break
+            data += d
+            if b"\r\n\r\n" in data:
+                head, _, rest = data.partition(b"\r\n\r\n")
+                cl = None
+                for line in head.split(b"\r\n")[1:]:
+                    k, _, v = line.partition(b":")
+                    if k.strip().lower() == b"content-length":
+                        cl = int(v.strip())
+                if cl is not None and len(rest) >= cl:
+                    break
+    finally:
+        s.close()
+    if not data.startswith(b"HTTP/"):
+        return None, data
+    status = int(data.split(b" ", 2)[1])
+    return status, data.partition(b"\r\n\r\n")[2]
+
+
+def http(port, method, path, body=b"", timeout=5.0):
+    req = ("%s %s HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n"
+           % (method, path, len(body))).encode() + body
+    return http_request(port, req, timeout)
