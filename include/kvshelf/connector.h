@@ -7,9 +7,26 @@
  * a header and then every tensor's chunks for that block, tensor by tensor in
  * registration order, so a load can be consumed layer by layer.
  *
- * Keys: the engine's block hashes (1..KVS_HASH_MAX bytes), namespaced inside
- * kvshelf by (namespace string, layout fingerprint, rank), so different
- * models, layouts or tensor-parallel ranks never read each other's blocks.
+ * Keys: the engine's block hashes (1..KVS_HASH_MAX bytes). The store key of
+ * a block is 16 namespace bytes (xxh3-128 of the namespace string, world_size
+ * and rank; see kvs_connector_store_key) followed by the hash bytes, so
+ * different models or tensor-parallel ranks never see each other's blocks.
+ * The layout fingerprint (per tensor: chunk_bytes and count; never addresses
+ * or strides, so a restarted engine with another num_blocks still hits) is
+ * NOT in the key, because a lookup-only client (the scheduler) knows no
+ * layout: it is stored in every object's header and checked on load, where a
+ * mismatch is a miss. So `ns` should name everything that changes the bytes
+ * of a block (model, dtype, block size, attention backend), or lookups may
+ * report hits that load as misses.
+ *
+ * Stored object (one per block and rank): a 64-byte header {magic "KVSB",
+ * version, header size, tensor count, flags, key stamp (xxh3-64 of the store
+ * key), payload length, layout fingerprint, generation (a nonce per write),
+ * checksum (optional, opts.checksum), view stamp} followed by every tensor's
+ * chunks for the block, tensor by tensor in registration order, each tensor's
+ * chunks in order. Loads check the header before copying and the header, the
+ * read lease and (CUDA) the GPU's view of the object after copying; any
+ * mismatch makes that block a miss.
  *
  * Threads: all functions are thread-safe. dump/load return at once with a
  * task; worker threads do the copies.
@@ -33,6 +50,7 @@ extern "C" {
 
 #define KVS_HASH_MAX 64
 #define KVS_NAMESPACE_MAX 256
+#define KVS_CONNECTOR_PREFIX_BYTES 16 /* namespace bytes before the hash in a store key */
 
 typedef struct kvs_connector kvs_connector;
 typedef struct kvs_task kvs_task;
@@ -55,7 +73,14 @@ typedef struct kvs_connector_opts {
     uint32_t max_inflight;    /* max blocks queued in tasks before backpressure; 0 = 65536 */
     int drop_when_full;       /* 1: dumps over max_inflight are dropped and counted;
                                  0: dump blocks the caller until room frees (default) */
-    const char *backend;      /* "auto" (default), "host", "cuda-kernel", "cuda-batch" */
+    const char *backend;      /* "auto" (default), "host", "cuda-kernel", "cuda-batch".
+                                 auto: device >= 0 -> cuda-kernel (KVS_ERR_UNSUPPORTED in a
+                                 build without CUDA), device -2 -> host */
+    int checksum;             /* 1: store an xxh3-64 checksum of each block and verify it on
+                                 load (costs a CPU pass over the bytes; off by default) */
+    int force_staging;        /* 1: never copy straight into mapped segments; go through a
+                                 staging buffer and kvs_slot_write/read, as for objects on
+                                 other hosts (tests use it) */
 } kvs_connector_opts;
 
 /* Opens a connector over a new client built from `cfg`.
@@ -76,6 +101,21 @@ int kvs_connector_register_layout(kvs_connector *c, const kvs_tensor_layout *ten
 /* Bytes of one stored block object (header + all chunks), 0 before a layout. */
 uint64_t kvs_connector_block_bytes(const kvs_connector *c);
 
+/* The layout fingerprint stored in object headers, 0 before a layout. */
+uint64_t kvs_connector_layout_fingerprint(const kvs_connector *c);
+
+/* Writes into `out` (cap bytes) the store key under which connectors opened
+ * with (ns, world_size, rank) keep block `hash`: KVS_CONNECTOR_PREFIX_BYTES
+ * namespace bytes then the hash bytes. world_size 0 means 1. Returns the key
+ * length (> 0), KVS_ERR_INVALID, or KVS_ERR_TOO_LARGE if cap is too small.
+ * Lets tools and other clients find, inspect or remove a connector's objects. */
+int kvs_connector_store_key(const char *ns, uint32_t world_size, uint32_t rank,
+                            const kvs_key *hash, uint8_t *out, size_t cap);
+
+/* The store client the connector uses (owned by the connector: do not close
+ * it). For statistics and debugging. */
+kvs_client *kvs_connector_client(kvs_connector *c);
+
 /* hit[i] = 1 if block hashes[i] is stored (for every rank on a lookup-only
  * client), else 0. One round trip. */
 int kvs_connector_lookup(kvs_connector *c, const kvs_key *hashes, size_t n, uint8_t *hit);
@@ -85,14 +125,23 @@ int kvs_connector_lookup_prefix(kvs_connector *c, const kvs_key *hashes, size_t 
 
 /* Starts copying blocks block_ids[i] to the pool under hashes[i]. If
  * `after_event` (a cudaEvent_t, may be NULL) is given, copies start only
- * after it completes; the caller's stream is never synchronized. Blocks
- * already stored are skipped (status KVS_ERR_EXISTS counts as done).
- * Returns KVS_OK and a task in *task, or an error (nothing started). */
+ * after it completes; the caller's stream is never synchronized (the event's
+ * state is captured when dump is called, so the caller may re-record it at
+ * once). after_event needs a CUDA backend (KVS_ERR_INVALID otherwise).
+ * Blocks already stored (or being stored by another writer) are skipped:
+ * their result is KVS_OK and they count in skipped_blocks. With
+ * drop_when_full, blocks over max_inflight get KVS_ERR_BUSY (dropped_blocks).
+ * Returns KVS_OK and a task in *task, or an error (nothing started):
+ * KVS_ERR_INVALID, KVS_ERR_LAYOUT (no layout, or a block id >= num_blocks),
+ * KVS_ERR_UNSUPPORTED (lookup-only), KVS_ERR_CLOSED, KVS_ERR_NOMEM. */
 int kvs_connector_dump(kvs_connector *c, const kvs_key *hashes, const uint32_t *block_ids,
                        size_t n, void *after_event, kvs_task **task);
 
 /* Starts loading hashes[i] into block block_ids[i]. Per-block results come
- * with kvs_task_results: KVS_OK loaded, KVS_ERR_NOT_FOUND miss, other error. */
+ * with kvs_task_results: KVS_OK loaded, KVS_ERR_NOT_FOUND miss (absent,
+ * evicted, header/layout/lease mismatch), other error. A block that is not
+ * KVS_OK may have been partly written: the engine must recompute it.
+ * Loads are never dropped: over max_inflight the caller waits. */
 int kvs_connector_load(kvs_connector *c, const kvs_key *hashes, const uint32_t *block_ids,
                        size_t n, kvs_task **task);
 
@@ -104,8 +153,12 @@ int kvs_task_wait(kvs_task *t, int timeout_ms);
 int kvs_task_check(kvs_task *t);
 
 /* After the task finished: copies per-block statuses into results[0..n-1]
- * (n = the task's block count) and returns the number with KVS_OK. */
+ * (at most the task's block count; results may be NULL) and returns the
+ * number of blocks with KVS_OK. KVS_ERR_BUSY if the task is still running. */
 int kvs_task_results(kvs_task *t, int *results, size_t n);
+
+/* Number of blocks in the task (0 for NULL). */
+size_t kvs_task_size(const kvs_task *t);
 
 /* Frees a task. If still running it is cancelled and freed when its workers
  * let go; results are then lost. Safe with NULL. */
@@ -118,7 +171,8 @@ typedef struct kvs_connector_counters {
 } kvs_connector_counters;
 void kvs_connector_get_counters(kvs_connector *c, kvs_connector_counters *out);
 
-/* Name of the copy backend in use ("host", "cuda-kernel", ...). Static string. */
+/* Name of the copy backend in use: "host", "cuda-kernel", "cuda-batch", or
+ * "none" on a lookup-only connector. Static string. */
 const char *kvs_connector_backend(const kvs_connector *c);
 
 /* Waits for or cancels tasks in flight (they finish with KVS_ERR_CLOSED for

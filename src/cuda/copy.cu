@@ -1,0 +1,691 @@
+/* CUDA copy backends of the KV connector: gather/scatter kernel and batched
+ * memcpy between device KV tensors and host objects (see kvs_cuda.h).
+ *
+ * Why both, and which by default (measured on one H100 PCIe Gen5 by the
+ * DESIGN brief, 196,608 chunks of 32 KiB = 32k tokens of Qwen2.5-14B):
+ *   one contiguous pinned cudaMemcpy (the ceiling)   55.1 GB/s
+ *   cudaMemcpyAsync per chunk                       10.4 GB/s (launch-bound)
+ *   cudaMemcpyBatchAsync                             50.7 dump / 52.6 load
+ *   SM gather kernel through mapped host memory      52.4 dump / 51.0 load
+ *   at 16 KiB chunks batch fell to 32/28 GB/s, at 4 KiB to 8.6/7.3, while the
+ *   kernel held 51-52 GB/s at every chunk size.
+ * Our own numbers (bench/connector, see bench/RESULTS.md) decide "auto": the
+ * kernel (uniform at every chunk size, one launch per job); the connector
+ * picks batch only when asked ("cuda-batch").
+ */
+#include <cuda_runtime.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cuda/kvs_cuda.h"
+#include "kvshelf/errors.h"
+
+#define KC_PIECE (64u * 1024u) /* a kernel work unit copies at most this many bytes */
+#define KC_UNROLL 4            /* 16-byte loads in flight per thread */
+
+/* ---------------------------------------------------------------- helpers */
+
+static void kc_seterr(char *err, size_t errlen, const char *what, cudaError_t e)
+{
+    if (err && errlen) snprintf(err, errlen, "%s: %s", what, cudaGetErrorString(e));
+}
+
+static int kc_env_int(const char *name, int def, int lo, int hi)
+{
+    const char *s = getenv(name);
+    if (!s || !*s) return def;
+    int v = atoi(s);
+    return v < lo ? lo : v > hi ? hi : v;
+}
+
+/* --------------------------------------------- registry of host mappings */
+
+/* Process-wide: cudaHostRegister is per process, and several connectors (or
+ * a test's two) may use the same segment mapping. */
+struct kc_map {
+    uintptr_t base;
+    size_t len;
+    uintptr_t dev;
+    int refs;   /* contexts using it (+1 for pinned staging) */
+    int dead;   /* failed a view check: never handed out again */
+    int pinned; /* our own cudaHostAlloc staging: never cudaHostUnregister */
+    struct kc_map *next;
+};
+static pthread_mutex_t g_map_mu = PTHREAD_MUTEX_INITIALIZER;
+static struct kc_map *g_maps;
+
+static void kc_map_unref_locked(struct kc_map *m)
+{
+    if (--m->refs > 0) return;
+    if (!m->pinned && !m->dead) cudaHostUnregister((void *)m->base);
+    for (struct kc_map **pp = &g_maps; *pp; pp = &(*pp)->next)
+        if (*pp == m) {
+            *pp = m->next;
+            break;
+        }
+    free(m);
+    cudaGetLastError();
+}
+
+/* Finds the VMA containing p in /proc/self/maps. */
+static int kc_find_vma(uintptr_t p, uintptr_t *start, uintptr_t *end)
+{
+    FILE *f = fopen("/proc/self/maps", "re");
+    if (!f) return -1;
+    char line[512];
+    int found = -1;
+    while (fgets(line, sizeof line, f)) {
+        unsigned long long s, e;
+        if (sscanf(line, "%llx-%llx", &s, &e) != 2) continue;
+        if (p >= s && p < e) {
+            *start = (uintptr_t)s;
+            *end = (uintptr_t)e;
+            found = 0;
+            break;
+        }
+    }
+    fclose(f);
+    return found;
+}
+
+/* ------------------------------------------------------------- contexts */
+
+struct kc_dev_tensor {
+    uint64_t base, block_stride, chunk_bytes, chunk_stride, payload_off;
+    uint32_t count, ppc, unit_start, pad;
+};
+
+struct kvs_cuda_ctx {
+    int device;
+    int mode;
+    int sms;
+    int threads, per_sm; /* kernel shape (KVSHELF_CUDA_THREADS, KVSHELF_CUDA_CTAS_PER_SM) */
+    pthread_mutex_t mu; /* gate stream, map refs */
+    cudaStream_t gate;
+    /* layout */
+    struct kc_dev_tensor *d_tensors;
+    kvs_cuda_tensor *h_tensors;
+    uint32_t nt;
+    uint32_t upb;    /* kernel units (chunk pieces) per block */
+    uint64_t chunks; /* chunks per block (batch mode) */
+    uint64_t stamp_off;
+    /* mappings this context holds a reference on */
+    struct kc_map **maps;
+    size_t nmaps, capmaps;
+};
+
+struct kvs_cuda_worker {
+    kvs_cuda_ctx *x;
+    cudaStream_t stream;
+    uint64_t *out_gen; /* pinned, mapped */
+    uint64_t *out_gen_dev;
+    /* batch mode arrays */
+    void **dsts, **srcs;
+    size_t *sizes;
+    size_t cap;
+};
+
+extern "C" int kvs_cuda_device_count(void)
+{
+    int n = 0;
+    if (cudaGetDeviceCount(&n) != cudaSuccess) {
+        cudaGetLastError();
+        return 0;
+    }
+    return n;
+}
+
+extern "C" const char *kvs_cuda_mode_name(int mode)
+{
+    return mode == KVS_CUDA_BATCH ? "cuda-batch" : "cuda-kernel";
+}
+
+/* Makes `device` current in this thread; returns the caller's device (or -1)
+ * for kc_dev_restore. Plain functions, no C++ destructors: this file must
+ * link into C programs without the C++ runtime. */
+static int kc_dev_enter(int device, int *ok)
+{
+    int prev = -1;
+    if (cudaGetDevice(&prev) != cudaSuccess) prev = -1;
+    int r = cudaSetDevice(device) == cudaSuccess;
+    if (ok) *ok = r;
+    return prev;
+}
+
+static void kc_dev_restore(int prev)
+{
+    if (prev >= 0) cudaSetDevice(prev);
+    cudaGetLastError();
+}
+
+static int kc_ctx_create(int device, int mode, kvs_cuda_ctx **out, char *err, size_t errlen)
+{
+    kvs_cuda_ctx *x = (kvs_cuda_ctx *)calloc(1, sizeof *x);
+    if (!x) return KVS_ERR_NOMEM;
+    x->device = device;
+    x->mode = mode;
+    pthread_mutex_init(&x->mu, NULL);
+    cudaError_t e = cudaDeviceGetAttribute(&x->sms, cudaDevAttrMultiProcessorCount, device);
+    if (e == cudaSuccess) e = cudaStreamCreateWithFlags(&x->gate, cudaStreamNonBlocking);
+    if (e != cudaSuccess) {
+        kc_seterr(err, errlen, "CUDA setup", e);
+        pthread_mutex_destroy(&x->mu);
+        free(x);
+        return KVS_ERR_CUDA;
+    }
+    x->threads = kc_env_int("KVSHELF_CUDA_THREADS", 512, 64, 1024) / 32 * 32;
+    x->per_sm = kc_env_int("KVSHELF_CUDA_CTAS_PER_SM", 4, 1, 32);
+    *out = x;
+    return KVS_OK;
+}
+
+extern "C" int kvs_cuda_ctx_create(int device, int mode, kvs_cuda_ctx **out, char *err,
+                                   size_t errlen)
+{
+    if (!out || device < 0 || (mode != KVS_CUDA_KERNEL && mode != KVS_CUDA_BATCH))
+        return KVS_ERR_INVALID;
+    int n = kvs_cuda_device_count();
+    if (device >= n) {
+        if (err && errlen) snprintf(err, errlen, "CUDA device %d not present (%d found)", device, n);
+        return KVS_ERR_CUDA;
+    }
+    int ok = 0, prev = kc_dev_enter(device, &ok);
+    int rc = KVS_ERR_CUDA;
+    if (!ok)
+        kc_seterr(err, errlen, "cudaSetDevice", cudaGetLastError());
+    else
+        rc = kc_ctx_create(device, mode, out, err, errlen);
+    kc_dev_restore(prev);
+    return rc;
+}
+
+static int kc_set_layout(kvs_cuda_ctx *x, const kvs_cuda_tensor *t, size_t n, uint64_t stamp_off)
+{
+    struct kc_dev_tensor *h = (struct kc_dev_tensor *)calloc(n, sizeof *h);
+    kvs_cuda_tensor *ht = (kvs_cuda_tensor *)malloc(n * sizeof *ht);
+    if (!h || !ht) {
+        free(h);
+        free(ht);
+        return KVS_ERR_NOMEM;
+    }
+    uint64_t units = 0, chunks = 0;
+    for (size_t i = 0; i < n; i++) {
+        uint64_t ppc = (t[i].chunk_bytes + KC_PIECE - 1) / KC_PIECE;
+        h[i].base = t[i].base;
+        h[i].block_stride = t[i].block_stride;
+        h[i].chunk_bytes = t[i].chunk_bytes;
+        h[i].chunk_stride = t[i].chunk_stride;
+        h[i].payload_off = t[i].payload_off;
+        h[i].count = t[i].count;
+        h[i].ppc = (uint32_t)ppc;
+        h[i].unit_start = (uint32_t)units;
+        units += ppc * t[i].count;
+        chunks += t[i].count;
+        if (units > 0x7fffffffu) {
+            free(h);
+            free(ht);
+            return KVS_ERR_INVALID;
+        }
+    }
+    memcpy(ht, t, n * sizeof *ht);
+    void *d = NULL;
+    cudaError_t e = cudaMalloc(&d, n * sizeof *h);
+    if (e == cudaSuccess) e = cudaMemcpy(d, h, n * sizeof *h, cudaMemcpyHostToDevice);
+    free(h);
+    if (e != cudaSuccess) {
+        if (d) cudaFree(d);
+        free(ht);
+        return KVS_ERR_CUDA;
+    }
+    if (x->d_tensors) cudaFree(x->d_tensors);
+    free(x->h_tensors);
+    x->d_tensors = (struct kc_dev_tensor *)d;
+    x->h_tensors = ht;
+    x->nt = (uint32_t)n;
+    x->upb = (uint32_t)units;
+    x->chunks = chunks;
+    x->stamp_off = stamp_off;
+    return KVS_OK;
+}
+
+extern "C" int kvs_cuda_ctx_set_layout(kvs_cuda_ctx *x, const kvs_cuda_tensor *t, size_t n,
+                                       uint64_t stamp_off)
+{
+    if (!x || !t || !n || n > 1u << 20) return KVS_ERR_INVALID;
+    int prev = kc_dev_enter(x->device, NULL);
+    int rc = kc_set_layout(x, t, n, stamp_off);
+    kc_dev_restore(prev);
+    return rc;
+}
+
+extern "C" void kvs_cuda_ctx_destroy(kvs_cuda_ctx *x)
+{
+    if (!x) return;
+    int prev = kc_dev_enter(x->device, NULL);
+    pthread_mutex_lock(&g_map_mu);
+    for (size_t i = 0; i < x->nmaps; i++) kc_map_unref_locked(x->maps[i]);
+    pthread_mutex_unlock(&g_map_mu);
+    free(x->maps);
+    if (x->d_tensors) cudaFree(x->d_tensors);
+    free(x->h_tensors);
+    cudaStreamDestroy(x->gate);
+    pthread_mutex_destroy(&x->mu);
+    kc_dev_restore(prev);
+    free(x);
+}
+
+/* Makes room for one more mapping reference in x->maps. */
+static int kc_maps_reserve(kvs_cuda_ctx *x)
+{
+    if (x->nmaps < x->capmaps) return 0;
+    size_t nc = x->capmaps ? x->capmaps * 2 : 8;
+    struct kc_map **nm = (struct kc_map **)realloc(x->maps, nc * sizeof *nm);
+    if (!nm) return -1;
+    x->maps = nm;
+    x->capmaps = nc;
+    return 0;
+}
+
+/* Returns the device address of host object p (len bytes), registering the
+ * mapping that holds it on first use; 0 when it cannot be mapped. */
+static uintptr_t kc_translate(kvs_cuda_ctx *x, uintptr_t p, size_t len)
+{
+    uintptr_t d = 0;
+    pthread_mutex_lock(&g_map_mu);
+    for (struct kc_map *m = g_maps; m; m = m->next) {
+        if (m->dead || p < m->base || p + len > m->base + m->len) continue;
+        int held = m->pinned;
+        for (size_t i = 0; !held && i < x->nmaps; i++) held = x->maps[i] == m;
+        if (!held) {
+            if (kc_maps_reserve(x)) goto out;
+            x->maps[x->nmaps++] = m;
+            m->refs++;
+        }
+        d = m->dev + (p - m->base);
+        goto out;
+    }
+    {
+        /* Pinned memory from elsewhere (cudaHostAlloc by the caller, ...). */
+        cudaPointerAttributes a;
+        if (cudaPointerGetAttributes(&a, (void *)p) == cudaSuccess &&
+            a.type == cudaMemoryTypeHost && a.devicePointer) {
+            d = (uintptr_t)a.devicePointer;
+            goto out;
+        }
+        cudaGetLastError();
+        /* A segment mapping: register the whole VMA once. */
+        uintptr_t s, e;
+        if (kc_find_vma(p, &s, &e) || p + len > e || kc_maps_reserve(x)) goto out;
+        struct kc_map *m = (struct kc_map *)calloc(1, sizeof *m);
+        if (!m) goto out;
+        void *dp = NULL;
+        cudaError_t ce =
+            cudaHostRegister((void *)s, e - s, cudaHostRegisterPortable | cudaHostRegisterMapped);
+        if (ce == cudaSuccess) {
+            ce = cudaHostGetDevicePointer(&dp, (void *)s, 0);
+            if (ce != cudaSuccess) cudaHostUnregister((void *)s);
+        }
+        if (ce != cudaSuccess) {
+            fprintf(stderr, "kvshelf: cannot register host mapping %#lx+%lu with CUDA: %s\n",
+                    (unsigned long)s, (unsigned long)(e - s), cudaGetErrorString(ce));
+            cudaGetLastError();
+            free(m);
+            goto out;
+        }
+        m->base = s;
+        m->len = e - s;
+        m->dev = (uintptr_t)dp;
+        m->refs = 1;
+        m->next = g_maps;
+        g_maps = m;
+        x->maps[x->nmaps++] = m;
+        d = m->dev + (p - s);
+    }
+out:
+    pthread_mutex_unlock(&g_map_mu);
+    return d;
+}
+
+extern "C" void kvs_cuda_forget(kvs_cuda_ctx *x, const void *p)
+{
+    uintptr_t a = (uintptr_t)p;
+    pthread_mutex_lock(&g_map_mu);
+    for (struct kc_map *m = g_maps; m; m = m->next)
+        if (!m->dead && !m->pinned && a >= m->base && a < m->base + m->len) {
+            int prev = kc_dev_enter(x->device, NULL);
+            cudaHostUnregister((void *)m->base);
+            kc_dev_restore(prev);
+            m->dead = 1;
+        }
+    pthread_mutex_unlock(&g_map_mu);
+}
+
+extern "C" void *kvs_cuda_pinned_alloc(size_t n)
+{
+    void *p = NULL;
+    if (cudaHostAlloc(&p, n, cudaHostAllocPortable | cudaHostAllocMapped) != cudaSuccess) {
+        cudaGetLastError();
+        return NULL;
+    }
+    void *d = NULL;
+    struct kc_map *m = (struct kc_map *)calloc(1, sizeof *m);
+    if (!m || cudaHostGetDevicePointer(&d, p, 0) != cudaSuccess) {
+        cudaGetLastError();
+        free(m);
+        cudaFreeHost(p);
+        return NULL;
+    }
+    m->base = (uintptr_t)p;
+    m->len = n;
+    m->dev = (uintptr_t)d;
+    m->refs = 1;
+    m->pinned = 1;
+    pthread_mutex_lock(&g_map_mu);
+    m->next = g_maps;
+    g_maps = m;
+    pthread_mutex_unlock(&g_map_mu);
+    return p;
+}
+
+extern "C" void kvs_cuda_pinned_free(void *p)
+{
+    if (!p) return;
+    pthread_mutex_lock(&g_map_mu);
+    for (struct kc_map *m = g_maps; m; m = m->next)
+        if (m->pinned && m->base == (uintptr_t)p) {
+            kc_map_unref_locked(m);
+            break;
+        }
+    pthread_mutex_unlock(&g_map_mu);
+    cudaFreeHost(p);
+}
+
+extern "C" void *kvs_cuda_dev_alloc(int device, size_t n)
+{
+    int prev = kc_dev_enter(device, NULL);
+    void *p = NULL;
+    if (cudaMalloc(&p, n) != cudaSuccess) p = NULL;
+    kc_dev_restore(prev);
+    return p;
+}
+
+extern "C" void kvs_cuda_dev_free(void *p)
+{
+    if (p) cudaFree(p);
+}
+
+extern "C" int kvs_cuda_memcpy(void *dst, const void *src, size_t n)
+{
+    return cudaMemcpy(dst, src, n, cudaMemcpyDefault) == cudaSuccess ? KVS_OK : KVS_ERR_CUDA;
+}
+
+/* ------------------------------------------------------------- events */
+
+extern "C" int kvs_cuda_event_snapshot(kvs_cuda_ctx *x, void *user_event, void **snap)
+{
+    if (!x || !user_event || !snap) return KVS_ERR_INVALID;
+    int prev = kc_dev_enter(x->device, NULL);
+    cudaEvent_t ev;
+    int rc = KVS_ERR_CUDA;
+    if (cudaEventCreateWithFlags(&ev, cudaEventDisableTiming) == cudaSuccess) {
+        pthread_mutex_lock(&x->mu);
+        cudaError_t e = cudaStreamWaitEvent(x->gate, (cudaEvent_t)user_event, 0);
+        if (e == cudaSuccess) e = cudaEventRecord(ev, x->gate);
+        pthread_mutex_unlock(&x->mu);
+        if (e == cudaSuccess) {
+            *snap = (void *)ev;
+            rc = KVS_OK;
+        } else {
+            cudaEventDestroy(ev);
+        }
+    }
+    kc_dev_restore(prev);
+    return rc;
+}
+
+extern "C" void kvs_cuda_event_free(void *snap)
+{
+    if (snap) cudaEventDestroy((cudaEvent_t)snap);
+}
+
+/* ------------------------------------------------------------- workers */
+
+extern "C" int kvs_cuda_worker_create(kvs_cuda_ctx *x, kvs_cuda_worker **out)
+{
+    if (!x || !out) return KVS_ERR_INVALID;
+    if (cudaSetDevice(x->device) != cudaSuccess) return KVS_ERR_CUDA;
+    kvs_cuda_worker *w = (kvs_cuda_worker *)calloc(1, sizeof *w);
+    if (!w) return KVS_ERR_NOMEM;
+    w->x = x;
+    void *og = NULL, *ogd = NULL;
+    if (cudaStreamCreateWithFlags(&w->stream, cudaStreamNonBlocking) != cudaSuccess ||
+        cudaHostAlloc(&og, KVS_CUDA_MAX_JOB_BLOCKS * sizeof(uint64_t),
+                      cudaHostAllocPortable | cudaHostAllocMapped) != cudaSuccess ||
+        cudaHostGetDevicePointer(&ogd, og, 0) != cudaSuccess) {
+        cudaGetLastError();
+        if (w->stream) cudaStreamDestroy(w->stream);
+        if (og) cudaFreeHost(og);
+        free(w);
+        return KVS_ERR_CUDA;
+    }
+    w->out_gen = (uint64_t *)og;
+    w->out_gen_dev = (uint64_t *)ogd;
+    *out = w;
+    return KVS_OK;
+}
+
+extern "C" void kvs_cuda_worker_destroy(kvs_cuda_worker *w)
+{
+    if (!w) return;
+    cudaStreamSynchronize(w->stream);
+    cudaStreamDestroy(w->stream);
+    cudaFreeHost(w->out_gen);
+    free(w->dsts);
+    free(w->srcs);
+    free(w->sizes);
+    cudaGetLastError();
+    free(w);
+}
+
+/* One job, passed by value (fits the 4 KiB parameter space). obj[i] == 0: skip. */
+struct kc_job {
+    uint64_t obj[KVS_CUDA_MAX_JOB_BLOCKS]; /* device addresses of the objects */
+    uint64_t gen[KVS_CUDA_MAX_JOB_BLOCKS];
+    uint32_t bid[KVS_CUDA_MAX_JOB_BLOCKS];
+    const struct kc_dev_tensor *T;
+    uint64_t *out_gen;
+    uint64_t stamp_off;
+    uint32_t n, nt, upb, dir;
+};
+
+/* Copies len bytes; 16-byte vectors with KC_UNROLL loads in flight per thread
+ * when everything is 16-byte aligned, else 8-byte words, else bytes. */
+__device__ __forceinline__ void kc_copy(char *dst, const char *src, uint64_t len)
+{
+    const uint32_t tid = threadIdx.x, nth = blockDim.x;
+    if (((uintptr_t)dst | (uintptr_t)src | len) % 16 == 0) {
+        uint4 *d = (uint4 *)dst;
+        const uint4 *s = (const uint4 *)src;
+        const uint64_t nv = len / 16;
+        uint64_t i = tid;
+        for (; i + (uint64_t)(KC_UNROLL - 1) * nth < nv; i += (uint64_t)KC_UNROLL * nth) {
+            uint4 v[KC_UNROLL];
+#pragma unroll
+            for (int k = 0; k < KC_UNROLL; k++) v[k] = s[i + (uint64_t)k * nth];
+#pragma unroll
+            for (int k = 0; k < KC_UNROLL; k++) d[i + (uint64_t)k * nth] = v[k];
+        }
+        for (; i < nv; i += nth) d[i] = s[i];
+    } else if (((uintptr_t)dst | (uintptr_t)src | len) % 8 == 0) {
+        uint64_t *d = (uint64_t *)dst;
+        const uint64_t *s = (const uint64_t *)src;
+        for (uint64_t i = tid; i < len / 8; i += nth) d[i] = s[i];
+    } else {
+        for (uint64_t i = tid; i < len; i += nth) dst[i] = src[i];
+    }
+}
+
+__global__ void kc_kernel(const __grid_constant__ kc_job j)
+{
+    const uint64_t total = (uint64_t)j.n * j.upb;
+    for (uint64_t u = blockIdx.x; u < total; u += gridDim.x) {
+        const uint32_t i = (uint32_t)(u / j.upb), r = (uint32_t)(u % j.upb);
+        const uint64_t obj = j.obj[i];
+        if (!obj) continue;
+        uint32_t lo = 0, hi = j.nt - 1;
+        while (lo < hi) {
+            uint32_t mid = (lo + hi + 1) >> 1;
+            if (__ldg(&j.T[mid].unit_start) <= r)
+                lo = mid;
+            else
+                hi = mid - 1;
+        }
+        const struct kc_dev_tensor *t = &j.T[lo];
+        const uint32_t ppc = __ldg(&t->ppc), rr = r - __ldg(&t->unit_start);
+        const uint32_t c = rr / ppc, p = rr % ppc;
+        const uint64_t cb = __ldg(&t->chunk_bytes);
+        const uint64_t off = (uint64_t)p * KC_PIECE;
+        const uint64_t len = cb - off < KC_PIECE ? cb - off : KC_PIECE;
+        char *dev = (char *)(__ldg(&t->base) + (uint64_t)j.bid[i] * __ldg(&t->block_stride) +
+                             (uint64_t)c * __ldg(&t->chunk_stride) + off);
+        char *host = (char *)(obj + __ldg(&t->payload_off) + (uint64_t)c * cb + off);
+        if (j.dir == KVS_CUDA_DUMP)
+            kc_copy(host, dev, len);
+        else
+            kc_copy(dev, host, len);
+    }
+    if (blockIdx.x == 0)
+        for (uint32_t i = threadIdx.x; i < j.n; i += blockDim.x) {
+            if (!j.obj[i]) continue;
+            volatile uint64_t *s = (volatile uint64_t *)(j.obj[i] + j.stamp_off);
+            if (j.dir == KVS_CUDA_DUMP)
+                *s = j.gen[i];
+            else
+                j.out_gen[i] = *s;
+        }
+}
+
+/* View-check words only (batch mode). */
+__global__ void kc_stamp_kernel(const __grid_constant__ kc_job j)
+{
+    for (uint32_t i = threadIdx.x; i < j.n; i += blockDim.x) {
+        if (!j.obj[i]) continue;
+        volatile uint64_t *s = (volatile uint64_t *)(j.obj[i] + j.stamp_off);
+        if (j.dir == KVS_CUDA_DUMP)
+            *s = j.gen[i];
+        else
+            j.out_gen[i] = *s;
+    }
+}
+
+static int kc_batch(kvs_cuda_worker *w, const kc_job *j, size_t n, void *const *obj,
+                    const uint32_t *bid)
+{
+    kvs_cuda_ctx *x = w->x;
+    size_t need = x->chunks * n;
+    if (need > w->cap) {
+        void **d = (void **)realloc(w->dsts, need * sizeof *d);
+        if (d) w->dsts = d;
+        void **s = (void **)realloc(w->srcs, need * sizeof *s);
+        if (s) w->srcs = s;
+        size_t *z = (size_t *)realloc(w->sizes, need * sizeof *z);
+        if (z) w->sizes = z;
+        if (!d || !s || !z) return KVS_ERR_NOMEM;
+        w->cap = need;
+    }
+    size_t k = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (!j->obj[i]) continue;
+        char *o = (char *)obj[i];
+        for (uint32_t t = 0; t < x->nt; t++) {
+            const kvs_cuda_tensor *T = &x->h_tensors[t];
+            char *dev = (char *)(uintptr_t)(T->base + (uint64_t)bid[i] * T->block_stride);
+            char *host = o + T->payload_off;
+            for (uint32_t c = 0; c < T->count; c++, k++) {
+                char *dv = dev + (uint64_t)c * T->chunk_stride, *hv = host + (uint64_t)c * T->chunk_bytes;
+                w->dsts[k] = j->dir == KVS_CUDA_DUMP ? hv : dv;
+                w->srcs[k] = j->dir == KVS_CUDA_DUMP ? dv : hv;
+                w->sizes[k] = T->chunk_bytes;
+            }
+        }
+    }
+    if (!k) return KVS_OK;
+    struct cudaMemcpyAttributes attr;
+    memset(&attr, 0, sizeof attr);
+    attr.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
+    size_t idx = 0;
+    cudaError_t e = cudaMemcpyBatchAsync((void *const *)w->dsts, (const void *const *)w->srcs,
+                                         w->sizes, k, &attr, &idx, 1, w->stream);
+    return e == cudaSuccess ? KVS_OK : KVS_ERR_CUDA;
+}
+
+extern "C" int kvs_cuda_copy(kvs_cuda_worker *w, int dir, size_t n, void *const *obj,
+                             const uint32_t *bid, const uint8_t *ok, const uint64_t *gen,
+                             uint64_t *out_gen, void *wait_event)
+{
+    if (!w || n > KVS_CUDA_MAX_JOB_BLOCKS || !obj || !bid) return KVS_ERR_INVALID;
+    kvs_cuda_ctx *x = w->x;
+    if (!x->d_tensors) return KVS_ERR_LAYOUT;
+    static kc_job zero_job;
+    kc_job *j = (kc_job *)malloc(sizeof *j);
+    if (!j) return KVS_ERR_NOMEM;
+    *j = zero_job;
+    uint64_t obj_bytes = x->stamp_off + 8;
+    for (uint32_t t = 0; t < x->nt; t++) {
+        uint64_t end = x->h_tensors[t].payload_off +
+                       x->h_tensors[t].chunk_bytes * x->h_tensors[t].count;
+        if (end > obj_bytes) obj_bytes = end;
+    }
+    size_t live = 0;
+    for (size_t i = 0; i < n; i++) {
+        j->obj[i] = 0;
+        if (out_gen) out_gen[i] = 0;
+        w->out_gen[i] = 0;
+        if (ok && !ok[i]) continue;
+        j->obj[i] = kc_translate(x, (uintptr_t)obj[i], obj_bytes);
+        j->bid[i] = bid[i];
+        j->gen[i] = gen ? gen[i] : 0;
+        live += j->obj[i] != 0;
+    }
+    j->T = x->d_tensors;
+    j->out_gen = w->out_gen_dev;
+    j->stamp_off = x->stamp_off;
+    j->n = (uint32_t)n;
+    j->nt = x->nt;
+    j->upb = x->upb;
+    j->dir = (uint32_t)dir;
+    int rc = KVS_OK;
+    cudaError_t e = cudaSuccess;
+    if (live) {
+        if (wait_event) e = cudaStreamWaitEvent(w->stream, (cudaEvent_t)wait_event, 0);
+        if (e == cudaSuccess && x->mode == KVS_CUDA_BATCH) {
+            rc = kc_batch(w, j, n, obj, bid);
+            if (rc == KVS_OK) {
+                kc_stamp_kernel<<<1, 128, 0, w->stream>>>(*j);
+                e = cudaGetLastError();
+            }
+        } else if (e == cudaSuccess) {
+            uint64_t units = (uint64_t)n * x->upb;
+            uint64_t grid = (uint64_t)x->sms * (uint64_t)x->per_sm;
+            if (grid > units) grid = units;
+            if (grid < 1) grid = 1;
+            kc_kernel<<<(unsigned)grid, (unsigned)x->threads, 0, w->stream>>>(*j);
+            e = cudaGetLastError();
+        }
+        if (e == cudaSuccess) e = cudaStreamSynchronize(w->stream);
+        if (e != cudaSuccess) rc = KVS_ERR_CUDA;
+        if (rc == KVS_OK && out_gen)
+            for (size_t i = 0; i < n; i++) out_gen[i] = w->out_gen[i];
+    }
+    if (e != cudaSuccess) {
+        static int warned;
+        if (!warned) {
+            warned = 1;
+            fprintf(stderr, "kvshelf: CUDA copy failed: %s\n", cudaGetErrorString(e));
+        }
+    }
+    free(j);
+    return rc;
+}

@@ -1,0 +1,102 @@
+/* CUDA copy backends of the KV connector (internal; plain C interface so the
+ * connector, compiled by the C compiler, can call it).
+ *
+ * Built only when CMake finds the CUDA toolkit (KVS_HAVE_CUDA). Two ways to
+ * move a job's chunks between device tensors and host objects:
+ *   KVS_CUDA_KERNEL  one gather/scatter kernel: SMs copy through mapped host
+ *                    memory with 16-byte accesses, a grid over (block, chunk piece);
+ *   KVS_CUDA_BATCH   one cudaMemcpyBatchAsync per job (copy engines; CUDA 12.8+).
+ * Host objects are either inside a segment mapping (registered once per mapping
+ * with cudaHostRegister, found through /proc/self/maps) or in pinned staging
+ * memory from kvs_cuda_pinned_alloc.
+ *
+ * View check: every copy also moves one 8-byte word per object through the GPU's
+ * view of the host memory (dump: the GPU writes gen[i] at obj[i]+stamp_off;
+ * load: the GPU reads obj[i]+stamp_off into out_gen[i]). The connector compares
+ * it with the CPU's view, so a stale registration (the mapping replaced under
+ * the same address) is detected and becomes a failed block, never wrong bytes.
+ */
+#ifndef KVS_CUDA_H
+#define KVS_CUDA_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+enum kvs_cuda_mode { KVS_CUDA_KERNEL = 1, KVS_CUDA_BATCH = 2 };
+enum kvs_cuda_dir { KVS_CUDA_DUMP = 1, KVS_CUDA_LOAD = 2 };
+
+/* Most blocks in one kvs_cuda_copy call. */
+#define KVS_CUDA_MAX_JOB_BLOCKS 128
+
+/* One KV tensor (normalized: contiguous chunks already merged). */
+typedef struct kvs_cuda_tensor {
+    uint64_t base;         /* device address of block 0 */
+    uint64_t block_stride; /* bytes between blocks */
+    uint64_t chunk_bytes;  /* bytes per chunk */
+    uint64_t chunk_stride; /* bytes between chunks of one block */
+    uint64_t payload_off;  /* offset of this tensor's first chunk inside an object */
+    uint32_t count;        /* chunks per block */
+} kvs_cuda_tensor;
+
+typedef struct kvs_cuda_ctx kvs_cuda_ctx;       /* one per connector */
+typedef struct kvs_cuda_worker kvs_cuda_worker; /* one per worker thread */
+
+/* Number of CUDA devices (0 when none or the driver is missing). */
+int kvs_cuda_device_count(void);
+
+/* Creates a context on `device` with `mode`. Returns KVS_OK or KVS_ERR_CUDA /
+ * KVS_ERR_INVALID / KVS_ERR_NOMEM with a message in err. */
+int kvs_cuda_ctx_create(int device, int mode, kvs_cuda_ctx **out, char *err, size_t errlen);
+
+/* Copies the layout to the device. stamp_off: offset in every object of the
+ * 8-byte view-check word. Returns KVS_OK or an error. */
+int kvs_cuda_ctx_set_layout(kvs_cuda_ctx *x, const kvs_cuda_tensor *t, size_t n,
+                            uint64_t stamp_off);
+
+/* Frees the context and drops its references to registered host mappings
+ * (unregistered when no context uses them). Safe with NULL. */
+void kvs_cuda_ctx_destroy(kvs_cuda_ctx *x);
+
+/* Backend name: "cuda-kernel" or "cuda-batch". */
+const char *kvs_cuda_mode_name(int mode);
+
+/* Per-worker state (own non-blocking stream). Call from the worker thread. */
+int kvs_cuda_worker_create(kvs_cuda_ctx *x, kvs_cuda_worker **out);
+void kvs_cuda_worker_destroy(kvs_cuda_worker *w);
+
+/* Takes a snapshot of the caller's event (cudaEvent_t) without touching the
+ * caller's stream: a private stream waits on it and records a private event,
+ * returned in *snap. Returns KVS_OK or KVS_ERR_CUDA. */
+int kvs_cuda_event_snapshot(kvs_cuda_ctx *x, void *user_event, void **snap);
+void kvs_cuda_event_free(void *snap);
+
+/* Copies n (<= KVS_CUDA_MAX_JOB_BLOCKS) blocks between the device tensors and
+ * host objects obj[i] (block id bid[i]) and waits until done. wait_event (a
+ * snapshot) may be NULL: the worker's stream waits on it first. dump: gen[i]
+ * is written at obj[i]+stamp_off after the payload; load: out_gen[i] gets the
+ * word at obj[i]+stamp_off as the GPU saw it. ok[i] == 0 skips block i.
+ * Returns KVS_OK, or KVS_ERR_CUDA (sticky device errors included). */
+int kvs_cuda_copy(kvs_cuda_worker *w, int dir, size_t n, void *const *obj, const uint32_t *bid,
+                  const uint8_t *ok, const uint64_t *gen, uint64_t *out_gen, void *wait_event);
+
+/* Forgets (unregisters) the mapping containing host address p after a failed
+ * view check, so the next use registers the current mapping afresh. */
+void kvs_cuda_forget(kvs_cuda_ctx *x, const void *p);
+
+/* Pinned, device-mapped host memory for staging. NULL on failure. */
+void *kvs_cuda_pinned_alloc(size_t n);
+void kvs_cuda_pinned_free(void *p);
+
+/* Device memory helpers used by tests and the benchmark. */
+void *kvs_cuda_dev_alloc(int device, size_t n);
+void kvs_cuda_dev_free(void *p);
+int kvs_cuda_memcpy(void *dst, const void *src, size_t n); /* cudaMemcpy, kind default */
+
+#ifdef __cplusplus
+}
+#endif
+#endif
