@@ -1,0 +1,307 @@
+#!/usr/bin/env python3
+"""Store benchmark of kvshelf, side by side with the ceilings measured in the
+same run on the same machine (issue 2, "What it must show", item 4).
+
+Figures (each the median of --reps repetitions, interleaved with the
+ceilings so that drift affects both alike):
+  ceiling  loopback TCP, one stream, 1 MiB writes          (bench/ceilings.c)
+  ceiling  memcpy of 1 MiB blocks, one thread, from DRAM   (bench/ceilings.c)
+  remote get of 1 MiB values: a bench client with no segment on a simulated
+           second host (own boot id and /dev/shm in a private mount namespace,
+           so nothing can be mapped: every byte crosses the node's transfer
+           server over TCP)                     target >= 80% of TCP
+  remote get of 64 KiB values, batched, ops/s   target >= 30,000/s
+  same-host get_into of 1 MiB (segment mapped)  target >= 70% of memcpy
+  batch exists of 2,048 keys, latency p50       target <= 0.5 ms
+  mixed 4 KiB-16 MiB pool fill, usable %        target >= 95%
+
+Processes: one `kvshelf master` and one `kvshelf node` on loopback (ports
+chosen at run time), all stopped at the end. Prints a table, and with
+--markdown FILE writes the results as a Markdown section.
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def log(*a):
+    print("store_bench:", *a, file=sys.stderr, flush=True)
+
+
+class Procs:
+    def __init__(self, tmp):
+        self.tmp = Path(tmp)
+        self.procs = []
+
+    def start(self, name, args, env=None):
+        f = open(self.tmp / (name + ".log"), "wb")
+        p = subprocess.Popen([str(a) for a in args], stdout=f, stderr=subprocess.STDOUT,
+                             stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        self.procs.append((name, p, f))
+        return p
+
+    def stop(self, p):
+        for i, (name, q, f) in enumerate(self.procs):
+            if q is p:
+                if q.poll() is None:
+                    q.send_signal(signal.SIGTERM)
+                    try:
+                        q.wait(timeout=8)
+                    except subprocess.TimeoutExpired:
+                        q.kill()
+                        q.wait()
+                f.close()
+                del self.procs[i]
+                return
+
+    def stop_all(self):
+        for _, p, _ in list(reversed(self.procs)):
+            self.stop(p)
+
+
+def median(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def run_json(args, env=None, timeout=600):
+    r = subprocess.run([str(a) for a in args], capture_output=True, timeout=timeout, env=env)
+    out = r.stdout.decode(errors="replace").strip()
+    try:
+        return json.loads(out.splitlines()[-1]), r
+    except (ValueError, IndexError):
+        raise RuntimeError("%s failed (rc %d):\n%s\n%s" % (
+            " ".join(map(str, args)), r.returncode, out[-2000:],
+            r.stderr.decode(errors="replace")[-4000:]))
+
+
+def can_fake_other_host():
+    if not shutil.which("unshare"):
+        return False
+    r = subprocess.run(["unshare", "-m", "sh", "-c",
+                        "mount --bind /proc/self/stat /proc/sys/kernel/random/boot_id"],
+                       capture_output=True)
+    return r.returncode == 0
+
+
+def other_host(args, tmp):
+    fake = Path(tmp) / "fake_boot_id"
+    fake.write_text("0badc0de-0000-4000-8000-00000000beef\n")
+    script = ('mount --bind "$0" /proc/sys/kernel/random/boot_id && '
+              'mount -t tmpfs -o size=1g tmpfs /dev/shm && exec "$@"')
+    return ["unshare", "-m", "sh", "-c", script, str(fake)] + [str(a) for a in args]
+
+
+def find_ceilings(build):
+    for c in (Path(build) / "bench" / "kvs_ceilings", Path(build) / "bin" / "kvs_ceilings"):
+        if c.exists():
+            return str(c)
+    out = Path(tempfile.gettempdir()) / ("kvs_ceilings-%d" % os.getuid())
+    cc = os.environ.get("CC", "cc")
+    subprocess.run([cc, "-O2", "-std=c11", "-D_GNU_SOURCE", "-pthread", "-o", str(out),
+                    str(ROOT / "bench" / "ceilings.c")], check=True)
+    return str(out)
+
+
+def cpu_model():
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
+
+
+def start_master(procs, kvs, name, tmp, env, extra=()):
+    pf = Path(tmp) / (name + ".port")
+    if pf.exists():
+        pf.unlink()
+    p = procs.start(name, [kvs, "master", "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0",
+                           "--port-file", pf, *extra], env=env)
+    deadline = time.time() + 15
+    while time.time() < deadline:
+        if p.poll() is not None:
+            raise RuntimeError("master exited: see %s/%s.log" % (tmp, name))
+        try:
+            d = json.loads(pf.read_text())
+            return p, "127.0.0.1:%d" % d["rpc"]
+        except (OSError, ValueError, KeyError):
+            time.sleep(0.05)
+    raise RuntimeError("master did not start")
+
+
+def wait_segments(kvs, addr, n, env):
+    deadline = time.time() + 15
+    while time.time() < deadline:
+        r = subprocess.run([kvs, "status", "--master", addr, "--json"], capture_output=True,
+                           env=env)
+        if r.returncode == 0:
+            try:
+                if len(json.loads(r.stdout).get("segments", [])) >= n:
+                    return
+            except ValueError:
+                pass
+        time.sleep(0.1)
+    raise RuntimeError("node did not mount its segment")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--reps", type=int, default=int(os.environ.get("REPS", 3)))
+    ap.add_argument("--seconds", type=float, default=3.0, help="seconds per measured phase")
+    ap.add_argument("--segment-size", default="2G", help="the node's segment")
+    ap.add_argument("--fill-segment-size", default="1G", help="segment of the pool-fill runs")
+    ap.add_argument("--build", default=os.environ.get("KVS_BUILD_DIR", str(ROOT / "build")))
+    ap.add_argument("--json", help="write all raw results to this file")
+    ap.add_argument("--markdown", help="write the results table (Markdown) to this file")
+    a = ap.parse_args()
+
+    kvs = os.environ.get("KVSHELF_BIN") or str(Path(a.build) / "bin" / "kvshelf")
+    if not os.access(kvs, os.X_OK):
+        sys.exit("store_bench: %s not found: build first (scripts/build.sh)" % kvs)
+    ceil = find_ceilings(a.build)
+    remote_ok = can_fake_other_host()
+    if not remote_ok:
+        log("cannot simulate a second host (unshare -m needs root): remote figures skipped")
+
+    tmp = tempfile.mkdtemp(prefix="kvs-bench-")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KVSHELF_")}
+    env["KVSHELF_LOG"] = "warn"
+    env["KVSHELF_RUNTIME_DIR"] = os.path.join(tmp, "rt")
+    procs = Procs(tmp)
+    raw = {"ceil_tcp": [], "ceil_memcpy": [], "remote_1m": [], "remote_1m_b1": [],
+           "remote_64k": [], "local_1m": [], "exists_2048": [], "fill": []}
+    secs = a.seconds
+    try:
+        _, addr = start_master(procs, kvs, "master", tmp, env)
+        procs.start("node", [kvs, "node", "--master", addr, "--segment-size", a.segment_size],
+                    env=env)
+        wait_segments(kvs, addr, 1, env)
+        bench = [kvs, "bench", "--master", addr, "--json", "--quiet"]
+
+        def remote(args):
+            cmd = bench + [str(x) for x in args]
+            return run_json(other_host(cmd, tmp) if remote_ok else cmd, env)[0]
+
+        for rep in range(a.reps):
+            log("repetition %d/%d" % (rep + 1, a.reps))
+            d, _ = run_json([ceil, "tcp", "--block", "1M", "--seconds", secs])
+            raw["ceil_tcp"].append(d)
+            if remote_ok:
+                d = remote(["--mode", "put,get", "--sizes", "1M", "--count", 1024, "--duration",
+                            secs, "--batch", 8, "--prefix", "r1m-%d" % rep])
+                raw["remote_1m"].append(d)
+                d = remote(["--mode", "put,get", "--sizes", "1M", "--count", 512, "--duration",
+                            secs, "--prefix", "r1mb1-%d" % rep])
+                raw["remote_1m_b1"].append(d)
+                d = remote(["--mode", "put,get", "--sizes", "64K", "--count", 8192, "--duration",
+                            secs, "--batch", 64, "--threads", 2, "--prefix", "r64k-%d" % rep])
+                raw["remote_64k"].append(d)
+            d, _ = run_json([ceil, "memcpy", "--block", "1M", "--seconds", secs])
+            raw["ceil_memcpy"].append(d)
+            d, _ = run_json(bench + ["--mode", "put,get_into", "--sizes", "1M", "--count", 1024,
+                                     "--duration", secs, "--prefix", "l1m-%d" % rep], env)
+            raw["local_1m"].append(d)
+            d, _ = run_json(bench + ["--mode", "put,exists", "--sizes", "4K", "--count", 2048,
+                                     "--batch", 2048, "--duration", secs,
+                                     "--prefix", "ex-%d" % rep], env)
+            raw["exists_2048"].append(d)
+
+        # pool fill: a fresh pool per repetition, no watermark eviction
+        for rep in range(a.reps):
+            p, faddr = start_master(procs, kvs, "fill-master-%d" % rep, tmp, env,
+                                    ["--evict-high", "1.0", "--evict-low", "0.99"])
+            n = procs.start("fill-node-%d" % rep, [kvs, "node", "--master", faddr,
+                                                   "--segment-size", a.fill_segment_size], env=env)
+            wait_segments(kvs, faddr, 1, env)
+            d, _ = run_json([kvs, "bench", "--master", faddr, "--json", "--quiet",
+                             "--fill-mixed", "--seed", 1000 + rep], env)
+            raw["fill"].append(d)
+            procs.stop(n)
+            procs.stop(p)
+    finally:
+        procs.stop_all()
+
+    def row(d, mode):
+        for r in d["results"]:
+            if r["mode"] == mode:
+                return r
+        raise KeyError(mode)
+
+    def errs(ds):
+        return sum(d["totals"]["errors"] + d["totals"]["mismatches"] for d in ds)
+
+    tcp = median([d["gb_per_s"] for d in raw["ceil_tcp"]])
+    mcp = median([d["gb_per_s"] for d in raw["ceil_memcpy"]])
+    figs = []
+    figs.append(("loopback TCP, one stream, 1 MiB writes", "%.2f GB/s" % tcp, "ceiling", "", "",
+                 None))
+    figs.append(("memcpy 1 MiB blocks, one thread", "%.2f GB/s" % mcp, "ceiling", "", "", None))
+    if remote_ok:
+        v = median([row(d, "get")["gb_per_s"] for d in raw["remote_1m"]])
+        figs.append(("remote get 1 MiB (no segment, batch 8, 1 thread)", "%.2f GB/s" % v,
+                     "TCP %.2f GB/s" % tcp, "%.0f%%" % (100 * v / tcp), ">= 80%",
+                     v >= 0.8 * tcp))
+        v1 = median([row(d, "get")["gb_per_s"] for d in raw["remote_1m_b1"]])
+        p50 = median([row(d, "get")["lat_us"]["p50"] for d in raw["remote_1m_b1"]])
+        figs.append(("remote get 1 MiB (batch 1, 1 thread), p50 %.0f us" % p50, "%.2f GB/s" % v1,
+                     "TCP %.2f GB/s" % tcp, "%.0f%%" % (100 * v1 / tcp), "(info)", None))
+        v = median([row(d, "get")["ops_per_s"] for d in raw["remote_64k"]])
+        figs.append(("remote get 64 KiB (batch 64, 2 threads)", "%.0f /s" % v, "30,000 /s",
+                     "%.2fx" % (v / 30000), ">= 30,000/s", v >= 30000))
+    else:
+        figs.append(("remote get 1 MiB", "not measured", "needs root (unshare -m)", "", "",
+                     None))
+    v = median([row(d, "get_into")["gb_per_s"] for d in raw["local_1m"]])
+    figs.append(("same-host get_into 1 MiB (mapped segment, 1 thread)", "%.2f GB/s" % v,
+                 "memcpy %.2f GB/s" % mcp, "%.0f%%" % (100 * v / mcp), ">= 70%",
+                 v >= 0.7 * mcp))
+    v = median([row(d, "exists")["lat_us"]["p50"] for d in raw["exists_2048"]])
+    v99 = median([row(d, "exists")["lat_us"]["p99"] for d in raw["exists_2048"]])
+    figs.append(("batch exists of 2,048 keys, p50 (p99 %.3f ms)" % (v99 / 1000),
+                 "%.3f ms" % (v / 1000), "0.5 ms", "%.2fx" % (v / 500), "<= 0.5 ms", v <= 500))
+    v = median([d["fill"]["usable_pct"] for d in raw["fill"]])
+    figs.append(("mixed 4 KiB-16 MiB pool fill, used at first failure", "%.2f %%" % v, "95 %",
+                 "", ">= 95%", v >= 95))
+
+    ds = [d for k, v in raw.items() if k not in ("ceil_tcp", "ceil_memcpy", "fill") for d in v]
+    nerr = errs(ds)
+
+    hdr = ("figure", "value", "reference", "ratio", "target", "met")
+    lines = ["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
+    for f in figs:
+        met = "" if f[5] is None else ("yes" if f[5] else "**no**")
+        lines.append("| " + " | ".join(list(f[:5]) + [met]) + " |")
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    info = ("machine: %d CPUs (nproc), %s, %s; %s; median of %d repetitions, %.0f s each; "
+            "bench errors+mismatches: %d" % (os.cpu_count(), cpu_model(), platform.release(),
+                                            when, a.reps, secs, nerr))
+    print(info)
+    widths = [max(len(str(x)) for x in col) for col in zip(hdr, *[
+        list(f[:5]) + ["" if f[5] is None else ("yes" if f[5] else "NO")] for f in figs])]
+    print("  ".join(h.ljust(wd) for h, wd in zip(hdr, widths)))
+    for f in figs:
+        cells = list(f[:5]) + ["" if f[5] is None else ("yes" if f[5] else "NO")]
+        print("  ".join(str(c).ljust(wd) for c, wd in zip(cells, widths)))
+    if a.json:
+        Path(a.json).write_text(json.dumps({"info": info, "raw": raw}, indent=1))
+    if a.markdown:
+        Path(a.markdown).write_text(info + "\n\n" + "\n".join(lines) + "\n")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return 0 if nerr == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
