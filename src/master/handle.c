@@ -321,7 +321,12 @@ int kvs_master_handle(kvs_master *m, kvs_mconn *c, const kvs_frame_hdr *h, const
 {
     kvs_rbuf r;
     kvs_rbuf_init(&r, body, len);
-    if (h->flags & KVS_F_RESPONSE) return KVS_ERR_PROTO;
+    if (h->flags & KVS_F_RESPONSE) {
+        m->cnt.bad_frames++;
+        KVS_LOGW("response frame (%s) sent to the master: closing the connection",
+                 kvs_msg_name(h->type));
+        return KVS_ERR_PROTO;
+    }
     if (!c->authed && h->type != KVS_MSG_HELLO) {
         m->cnt.auth_failures++;
         KVS_LOGW("%s before HELLO: refused", kvs_msg_name(h->type));
