@@ -25,8 +25,8 @@ static uint64_t random_base(void)
 {
     uint64_t r = 0;
     if (kvs_random_bytes(&r, sizeof r) != KVS_OK) r = kvs_now_ns();
-    /* leave room below 2^63 so ids never wrap in practice */
-    return (r & 0x00ffffffffffffffull) | 1;
+    /* below 2^41: ids stay exact as JSON numbers (2^53) and never wrap */
+    return (r & 0x1ffffffffffull) | 1;
 }
 
 int kvs_master_new(const kvs_master_opts *o, kvs_master **out)

@@ -1,0 +1,203 @@
+/* Server tests over real sockets: TCP and unix listeners, CHALLENGE/HELLO,
+ * pipelined requests, a garbage connection closed while another keeps being
+ * served, SHUTDOWN stopping the loop, unix socket file removed. Also the
+ * HTTP routes (called directly). */
+#include <pthread.h>
+#include <stdio.h>
+#include <sys/socket.h>
+
+#include "common/net.h"
+#include "master/server.h"
+#include "master/web.h"
+#include "test_master_util.h"
+
+typedef struct srv_ctx {
+    kvs_server *srv;
+    volatile sig_atomic_t stop;
+    int rc;
+} srv_ctx;
+
+static void *run(void *p)
+{
+    srv_ctx *x = p;
+    x->rc = kvs_server_run(x->srv, &x->stop, 1);
+    return NULL;
+}
+
+static int dial(const char *addr)
+{
+    kvs_addr a;
+    assert_int_equal(kvs_addr_parse(addr, 0, &a), KVS_OK);
+    int fd = kvs_connect(&a, 2000);
+    assert_true(fd >= 0);
+    kvs_set_timeouts(fd, 5000);
+    return fd;
+}
+
+static void read_frame(int fd, kvs_frame_hdr *h, uint8_t *body, size_t cap)
+{
+    uint8_t hb[KVS_FRAME_HDR];
+    assert_int_equal(kvs_read_full(fd, hb, sizeof hb), KVS_OK);
+    assert_int_equal(kvs_frame_hdr_decode(hb, KVS_MAX_BODY, h), KVS_OK);
+    assert_true(h->body_len <= cap);
+    if (h->body_len) assert_int_equal(kvs_read_full(fd, body, h->body_len), KVS_OK);
+}
+
+static void send_frame(int fd, uint16_t type, uint64_t req_id, const kvs_wbuf *b)
+{
+    kvs_wbuf f;
+    kvs_wbuf_init(&f);
+    size_t s = kvs_wbuf_begin_frame(&f, type, 0, 0, req_id);
+    if (b && b->len) kvs_wbuf_put(&f, b->data, b->len);
+    kvs_wbuf_end_frame(&f, s);
+    assert_int_equal(kvs_write_full(fd, f.data, f.len), KVS_OK);
+    kvs_wbuf_free(&f);
+}
+
+/* CHALLENGE + HELLO; returns the client id. */
+static uint64_t handshake(int fd)
+{
+    kvs_frame_hdr h;
+    uint8_t body[4096];
+    read_frame(fd, &h, body, sizeof body);
+    assert_int_equal(h.type, KVS_MSG_CHALLENGE);
+    kvs_wbuf b;
+    kvs_wbuf_init(&b);
+    tm_hello_body(&b, NULL, body + 4, KVS_PROTO_VERSION);
+    send_frame(fd, KVS_MSG_HELLO, 1, &b);
+    kvs_wbuf_free(&b);
+    read_frame(fd, &h, body, sizeof body);
+    assert_int_equal(h.status, KVS_OK);
+    kvs_rbuf r;
+    kvs_rbuf_init(&r, body, h.body_len);
+    return kvs_rbuf_u64(&r);
+}
+
+static void test_server(void **st)
+{
+    (void)st;
+    kvs_master *m = tm_master(NULL, NULL);
+    kvs_master_set_time(m, 0); /* real clock: the loop ticks */
+    kvs_server *srv;
+    assert_int_equal(kvs_server_new(m, &srv), KVS_OK);
+    char err[256], path[128], uaddr[160], taddr[64];
+    uint16_t port = 0;
+    assert_int_equal(kvs_server_listen(srv, "127.0.0.1:0", &port, err, sizeof err), KVS_OK);
+    assert_true(port != 0);
+    snprintf(path, sizeof path, "/tmp/kvs-test-master-%d.sock", (int)getpid());
+    snprintf(uaddr, sizeof uaddr, "unix:%s", path);
+    snprintf(taddr, sizeof taddr, "127.0.0.1:%u", port);
+    assert_int_equal(kvs_server_listen(srv, uaddr, NULL, err, sizeof err), KVS_OK);
+    assert_true(kvs_server_listen(srv, "256.1.1.1:1", NULL, err, sizeof err) < 0);
+    srv_ctx x = {srv, 0, -1};
+    pthread_t th;
+    pthread_create(&th, NULL, run, &x);
+
+    int a = dial(taddr), u = dial(uaddr);
+    uint64_t ida = handshake(a);
+    uint64_t idu = handshake(u);
+    assert_true(ida && idu && ida != idu);
+
+    /* garbage on a third connection: closed, others unaffected */
+    int g = dial(taddr);
+    uint8_t junk[100];
+    memset(junk, 0xEE, sizeof junk);
+    kvs_frame_hdr h;
+    static uint8_t body[1 << 16];
+    read_frame(g, &h, body, sizeof body); /* CHALLENGE */
+    assert_int_equal(kvs_write_full(g, junk, sizeof junk), KVS_OK);
+    uint8_t c;
+    assert_true(recv(g, &c, 1, 0) <= 0); /* closed by the master */
+    close(g);
+
+    /* pipelined: 100 EXISTS in one write */
+    kvs_wbuf all, b;
+    kvs_wbuf_init(&all);
+    kvs_wbuf_init(&b);
+    for (int i = 0; i < 100; i++) {
+        size_t s = kvs_wbuf_begin_frame(&all, KVS_MSG_EXISTS, 0, 0, 1000 + i);
+        kvs_wbuf_u32(&all, 1);
+        kvs_wbuf_bytes(&all, "k", 1);
+        kvs_wbuf_end_frame(&all, s);
+    }
+    assert_int_equal(kvs_write_full(a, all.data, all.len), KVS_OK);
+    for (int i = 0; i < 100; i++) {
+        read_frame(a, &h, body, sizeof body);
+        assert_int_equal(h.req_id, 1000 + i);
+        assert_int_equal(h.status, KVS_OK);
+    }
+    /* a large EXISTS (65536 keys) and its bitmap */
+    kvs_wbuf_reset(&b);
+    kvs_wbuf_u32(&b, KVS_MAX_BATCH);
+    for (uint32_t i = 0; i < KVS_MAX_BATCH; i++) kvs_wbuf_bytes(&b, &i, 4);
+    send_frame(u, KVS_MSG_EXISTS, 7, &b);
+    read_frame(u, &h, body, sizeof body);
+    assert_int_equal(h.body_len, 4 + KVS_MAX_BATCH / 8);
+
+    /* SHUTDOWN over the unix socket stops the loop */
+    send_frame(u, KVS_MSG_SHUTDOWN, 9, NULL);
+    read_frame(u, &h, body, sizeof body);
+    assert_int_equal(h.status, KVS_OK);
+    pthread_join(th, NULL);
+    assert_int_equal(x.rc, KVS_OK);
+    kvs_server_free(srv);
+    assert_int_not_equal(access(path, F_OK), 0);
+    close(a);
+    close(u);
+    kvs_wbuf_free(&all);
+    kvs_wbuf_free(&b);
+    kvs_master_free(m);
+}
+
+static void test_web_routes(void **st)
+{
+    (void)st;
+    kvs_master *m = tm_master(NULL, NULL);
+    kvs_master_web *w = NULL;
+    char err[256];
+    uint16_t port = 0;
+    int rc = kvs_master_web_start(m, "127.0.0.1:0", 1, &port, &w, err, sizeof err);
+    if (rc != KVS_OK) {
+        print_message("HTTP not available here (%s): skipping\n", err);
+        kvs_master_free(m);
+        skip();
+    }
+    assert_true(port != 0);
+    kvs_http_request rq = {"GET", "/health", NULL, NULL, 0};
+    kvs_http_response rs;
+    memset(&rs, 0, sizeof rs);
+    kvs_master_web_route(w, &rq, &rs);
+    assert_int_equal(rs.status, 200);
+    assert_int_equal(rs.body_len, 2);
+    assert_memory_equal(rs.body, "ok", 2);
+    free(rs.body);
+    rq.path = "/metrics";
+    memset(&rs, 0, sizeof rs);
+    kvs_master_web_route(w, &rq, &rs);
+    assert_int_equal(rs.status, 200);
+    assert_non_null(strstr(rs.body, "kvshelf_capacity_bytes 0"));
+    assert_non_null(strstr(rs.content_type, "0.0.4"));
+    free(rs.body);
+    rq.path = "/nope";
+    memset(&rs, 0, sizeof rs);
+    kvs_master_web_route(w, &rq, &rs);
+    assert_int_equal(rs.status, 404);
+    free(rs.body);
+    rq.path = "/metadata";
+    rq.key = "missing";
+    memset(&rs, 0, sizeof rs);
+    kvs_master_web_route(w, &rq, &rs);
+    assert_int_equal(rs.status, 404);
+    free(rs.body);
+    kvs_master_web_stop(w);
+    kvs_master_free(m);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_server),
+        cmocka_unit_test(test_web_routes),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
