@@ -1,7 +1,7 @@
 /* A small HTTP server over libmicrohttpd: see http.h.
  *
- * One internal polling thread pool (MHD_USE_INTERNAL_POLLING_THREAD with
- * MHD_OPTION_THREAD_POOL_SIZE); each request's body is buffered into a
+ * A pool of internal polling threads (MHD_USE_INTERNAL_POLLING_THREAD with
+ * MHD_OPTION_THREAD_POOL_SIZE, poll()); each request's body is buffered into a
  * growing heap buffer (at most KVS_HTTP_MAX_BODY bytes) and the handler is
  * called once the whole request has arrived. Connections are bounded in
  * number and in idle time so a slow or garbage client cannot pin the server. */
@@ -204,10 +204,9 @@ int kvs_http_start(const char *host, uint16_t *port, kvs_http_handler fn, void *
     s->fn = fn;
     s->ud = ud;
 
-    unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_ERROR_LOG;
-#if MHD_VERSION >= 0x00095300
-    flags |= MHD_USE_AUTO;
-#endif
+    /* poll(), not epoll: with epoll MHD 0.9.75 misses a client's half-close
+     * on a keep-alive connection and holds it until the timeout. */
+    unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_ERROR_LOG | MHD_USE_POLL;
     if (family == AF_INET6) flags |= MHD_USE_IPv6;
 
     s->d = MHD_start_daemon(flags, *port, NULL, NULL, access_handler, s,
