@@ -1,0 +1,599 @@
+/* Client lifecycle: open/close, the master connection (HELLO, MOUNT,
+ * reconnect with backoff), the heartbeat thread and the segment table. */
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "client/client_internal.h"
+#include "common/log.h"
+#include "common/util.h"
+#include "kvshelf/errors.h"
+
+#define BACKOFF_MIN_MS 50
+#define BACKOFF_MAX_MS 2000
+#define DEFAULT_TTL_MS 10000
+#define DEFAULT_LEASE_MS 5000
+#define RETIRE_GRACE_MS 30000 /* after a (re)connect, do not retire absent segments */
+
+static void seterr(char *err, size_t errlen, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static void seterr(char *err, size_t errlen, const char *fmt, ...)
+{
+    if (!err || !errlen) return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, errlen, fmt, ap);
+    va_end(ap);
+}
+
+/* ---- lifecycle of calls ---- */
+
+int kvs_enter(kvs_client *c)
+{
+    if (!c) return KVS_ERR_INVALID;
+    atomic_fetch_add(&c->active, 1);
+    if (atomic_load(&c->closing)) {
+        atomic_fetch_sub(&c->active, 1);
+        return KVS_ERR_CLOSED;
+    }
+    return KVS_OK;
+}
+
+void kvs_leave(kvs_client *c) { atomic_fetch_sub(&c->active, 1); }
+
+uint32_t kvs_client_gen(kvs_client *c)
+{
+    pthread_mutex_lock(&c->mu);
+    uint32_t g = c->gen;
+    pthread_mutex_unlock(&c->mu);
+    return g;
+}
+
+/* ---- master connection ---- */
+
+/* MOUNTs our segment on a fresh connection; returns the segment id. */
+static int mount_segment(kvs_client *c, kvs_rpc *rpc, uint64_t client_id, uint32_t *seg_id)
+{
+    kvs_wbuf w;
+    kvs_wbuf_init(&w);
+    kvs_wbuf_u64(&w, client_id);
+    kvs_wbuf_u64(&w, c->seg.size);
+    kvs_wbuf_str(&w, c->seg.name);
+    kvs_wbuf_str(&w, kvs_xfer_server_addr(c->xsrv));
+    kvs_wbuf_put(&w, c->host_id, KVS_HOST_ID_LEN);
+    if (w.err) {
+        kvs_wbuf_free(&w);
+        return KVS_ERR_NOMEM;
+    }
+    uint8_t *resp;
+    uint32_t len;
+    int rc = kvs_rpc_call(rpc, KVS_MSG_MOUNT, w.data, w.len, c->timeout_ms, &resp, &len);
+    kvs_wbuf_free(&w);
+    if (rc) return rc;
+    kvs_rbuf r;
+    kvs_rbuf_init(&r, resp, len);
+    *seg_id = kvs_rbuf_u32(&r);
+    rc = kvs_rbuf_finish(&r);
+    free(resp);
+    return rc;
+}
+
+/* Opens a new master connection (HELLO, MOUNT) and installs it. Called
+ * with conn_mu held. */
+static int connect_master(kvs_client *c, char *err, size_t errlen)
+{
+    if (c->embedded) {
+        char e2[512] = "";
+        int rc = kvs_embedded_ensure(&c->cfg, c->runtime_dir, !c->opts.no_spawn, e2, sizeof e2);
+        if (rc) {
+            seterr(err, errlen, "%s", e2);
+            return rc;
+        }
+    }
+    kvs_rpc *rpc;
+    kvs_hello_info hi;
+    int rc = kvs_rpc_open(&c->master, c->cfg.secret, c->opts.role, c->timeout_ms, &rpc, &hi);
+    if (rc) {
+        seterr(err, errlen, "cannot reach the master at %s: %s", c->master_text,
+               kvs_strerror(rc));
+        return rc == KVS_ERR_AUTH ? KVS_ERR_AUTH : KVS_ERR_CONN;
+    }
+    uint32_t seg_id = 0;
+    if (c->have_seg) {
+        rc = mount_segment(c, rpc, hi.client_id, &seg_id);
+        if (rc) {
+            seterr(err, errlen, "cannot mount the segment at the master %s: %s", c->master_text,
+                   kvs_strerror(rc));
+            kvs_rpc_kill(rpc, KVS_ERR_CONN);
+            kvs_rpc_unref(rpc);
+            return rc == KVS_ERR_NO_SPACE || rc == KVS_ERR_INVALID ? rc : KVS_ERR_CONN;
+        }
+    }
+    pthread_mutex_lock(&c->mu);
+    if (atomic_load(&c->closing)) { /* kvs_client_close started meanwhile */
+        pthread_mutex_unlock(&c->mu);
+        kvs_rpc_kill(rpc, KVS_ERR_CLOSED);
+        kvs_rpc_unref(rpc);
+        return KVS_ERR_CLOSED;
+    }
+    kvs_rpc *old = c->rpc;
+    uint32_t old_seg = c->seg_id;
+    c->rpc = rpc;
+    c->client_id = hi.client_id;
+    c->ttl_ms = hi.ttl_ms ? hi.ttl_ms : DEFAULT_TTL_MS;
+    c->lease_ms = hi.lease_ms ? hi.lease_ms : DEFAULT_LEASE_MS;
+    c->gen++;
+    c->seg_id = seg_id;
+    c->connected_ms = kvs_now_ms();
+    int reconnect = c->gen > 1;
+    pthread_mutex_unlock(&c->mu);
+    if (c->have_seg) {
+        if (old_seg && old_seg != seg_id) kvs_xfer_server_remove_segment(c->xsrv, old_seg);
+        kvs_xfer_server_add_segment(c->xsrv, seg_id, c->seg.base, c->seg.size);
+    }
+    if (old) {
+        kvs_rpc_kill(old, KVS_ERR_CONN);
+        kvs_rpc_unref(old);
+    }
+    if (reconnect) {
+        atomic_fetch_add(&c->n_reconnects, 1);
+        KVS_LOGI("client: reconnected to the master %s (client %llu)", c->master_text,
+                 (unsigned long long)hi.client_id);
+    }
+    return KVS_OK;
+}
+
+static int conn_take(kvs_client *c, kvs_conn_ref *out)
+{
+    int ok = 0;
+    pthread_mutex_lock(&c->mu);
+    if (c->rpc && kvs_rpc_alive(c->rpc)) {
+        kvs_rpc_ref(c->rpc);
+        out->rpc = c->rpc;
+        out->client_id = c->client_id;
+        out->gen = c->gen;
+        out->lease_ms = c->lease_ms;
+        ok = 1;
+    }
+    pthread_mutex_unlock(&c->mu);
+    return ok;
+}
+
+int kvs_conn_get(kvs_client *c, kvs_conn_ref *out)
+{
+    memset(out, 0, sizeof *out);
+    if (conn_take(c, out)) return KVS_OK;
+    if (atomic_load(&c->closing)) return KVS_ERR_CLOSED;
+    pthread_mutex_lock(&c->conn_mu);
+    int rc = KVS_OK;
+    if (atomic_load(&c->closing)) rc = KVS_ERR_CLOSED;
+    else if (!conn_take(c, out)) {
+        uint64_t now = kvs_now_ms();
+        if (now < c->retry_at_ms) {
+            rc = KVS_ERR_CONN;
+        } else {
+            rc = connect_master(c, NULL, 0);
+            if (rc) {
+                c->backoff_ms = c->backoff_ms ? KVS_MIN(c->backoff_ms * 2, BACKOFF_MAX_MS)
+                                              : BACKOFF_MIN_MS;
+                c->retry_at_ms = kvs_now_ms() + (uint64_t)c->backoff_ms;
+                if (rc != KVS_ERR_AUTH && rc != KVS_ERR_CLOSED) rc = KVS_ERR_CONN;
+            } else {
+                c->backoff_ms = 0;
+                c->retry_at_ms = 0;
+                if (!conn_take(c, out)) rc = KVS_ERR_CONN;
+            }
+        }
+    }
+    pthread_mutex_unlock(&c->conn_mu);
+    return rc;
+}
+
+void kvs_conn_put(kvs_conn_ref *cr)
+{
+    if (cr->rpc) kvs_rpc_unref(cr->rpc);
+    cr->rpc = NULL;
+}
+
+int kvs_conn_call(kvs_client *c, kvs_conn_ref *cr, uint16_t type, const kvs_wbuf *body,
+                  int names_client, uint8_t **resp, uint32_t *resp_len)
+{
+    *resp = NULL;
+    *resp_len = 0;
+    if (body->err) return body->err;
+    int rc = kvs_rpc_call(cr->rpc, type, body->data, body->len, c->timeout_ms, resp, resp_len);
+    if (rc == KVS_ERR_NOT_FOUND && names_client) {
+        KVS_LOGW("client: the master does not know client %llu any more; reconnecting",
+                 (unsigned long long)cr->client_id);
+        kvs_rpc_kill(cr->rpc, KVS_ERR_CONN);
+        rc = KVS_ERR_CONN;
+    }
+    if (rc == KVS_ERR_CONN && atomic_load(&c->closing)) rc = KVS_ERR_CLOSED;
+    return rc;
+}
+
+/* ---- segment table ---- */
+
+static int seg_cmp(const void *a, const void *b)
+{
+    const kvs_seginfo *x = a, *y = b;
+    return x->id < y->id ? -1 : x->id > y->id;
+}
+
+static int refresh_segments(kvs_client *c, uint32_t want_gen)
+{
+    kvs_conn_ref cr;
+    int rc = kvs_conn_get(c, &cr);
+    if (rc) return rc;
+    kvs_wbuf w;
+    kvs_wbuf_init(&w);
+    uint8_t *resp;
+    uint32_t len;
+    rc = kvs_conn_call(c, &cr, KVS_MSG_SEGMENTS, &w, 0, &resp, &len);
+    kvs_wbuf_free(&w);
+    if (rc) {
+        kvs_conn_put(&cr);
+        return rc;
+    }
+    kvs_rbuf r;
+    kvs_rbuf_init(&r, resp, len);
+    uint32_t n = kvs_rbuf_u32(&r);
+    kvs_segtab *t = NULL;
+    if (!r.err && n <= len / 40) t = calloc(1, sizeof *t + (size_t)n * sizeof(kvs_seginfo));
+    if (!t) {
+        free(resp);
+        kvs_conn_put(&cr);
+        return r.err ? KVS_ERR_PROTO : KVS_ERR_NOMEM;
+    }
+    const char **names = calloc(n ? n : 1, sizeof *names);
+    size_t k = 0;
+    for (uint32_t i = 0; i < n && !r.err; i++) {
+        kvs_seginfo *s = &t->v[k];
+        s->id = kvs_rbuf_u32(&r);
+        s->size = kvs_rbuf_u64(&r);
+        (void)kvs_rbuf_u64(&r); /* used */
+        kvs_rbuf_str(&r, s->shm_name, sizeof s->shm_name);
+        kvs_rbuf_str(&r, s->transfer_addr, sizeof s->transfer_addr);
+        uint8_t hid[KVS_HOST_ID_LEN];
+        kvs_rbuf_raw(&r, hid, sizeof hid);
+        (void)kvs_rbuf_u64(&r); /* owner */
+        if (r.err) break;
+        if (!memcmp(hid, c->host_id, sizeof hid) && s->shm_name[0])
+            s->base = kvs_shm_cache_get(c->shm, s->shm_name, s->size);
+        if (names) names[k] = s->shm_name;
+        k++;
+    }
+    rc = kvs_rbuf_finish(&r);
+    free(resp);
+    if (rc) {
+        free(t);
+        free(names);
+        kvs_conn_put(&cr);
+        KVS_LOGW("client: malformed SEGMENTS reply");
+        return KVS_ERR_PROTO;
+    }
+    t->n = k;
+    t->gen = cr.gen;
+    qsort(t->v, t->n, sizeof t->v[0], seg_cmp);
+    /* Segments that left the pool: release their memory, keep the address
+     * range (slots may still point there). Not right after a reconnect,
+     * when owners may not have re-mounted yet. */
+    pthread_mutex_lock(&c->mu);
+    int settled = kvs_now_ms() - c->connected_ms > RETIRE_GRACE_MS;
+    pthread_mutex_unlock(&c->mu);
+    if (settled && names) kvs_shm_cache_retire_absent(c->shm, names, k);
+    free(names);
+    pthread_rwlock_wrlock(&c->tab_lock);
+    kvs_segtab *old = c->tab;
+    c->tab = t;
+    pthread_rwlock_unlock(&c->tab_lock);
+    free(old);
+    kvs_conn_put(&cr);
+    (void)want_gen;
+    return KVS_OK;
+}
+
+/* Looks up id in the current table: 1 found, 0 unknown, -1 table stale. */
+static int tab_lookup(kvs_client *c, uint32_t gen, uint32_t id, kvs_seginfo *out)
+{
+    int res = -1;
+    pthread_rwlock_rdlock(&c->tab_lock);
+    kvs_segtab *t = c->tab;
+    if (t && t->gen == gen) {
+        res = 0;
+        size_t lo = 0, hi = t->n;
+        while (lo < hi) {
+            size_t mid = (lo + hi) / 2;
+            if (t->v[mid].id < id) lo = mid + 1;
+            else hi = mid;
+        }
+        if (lo < t->n && t->v[lo].id == id) {
+            *out = t->v[lo];
+            res = 1;
+        }
+    }
+    pthread_rwlock_unlock(&c->tab_lock);
+    return res;
+}
+
+int kvs_seg_find(kvs_client *c, uint32_t gen, uint32_t id, kvs_seginfo *out)
+{
+    if (tab_lookup(c, gen, id, out) == 1) return KVS_OK;
+    if (kvs_client_gen(c) != gen) return KVS_ERR_UNAVAILABLE; /* reconnected since */
+    pthread_mutex_lock(&c->refresh_mu);
+    /* another thread may have refreshed while we waited */
+    int r = tab_lookup(c, gen, id, out);
+    if (r != 1) {
+        refresh_segments(c, gen);
+        r = tab_lookup(c, gen, id, out);
+    }
+    pthread_mutex_unlock(&c->refresh_mu);
+    return r == 1 ? KVS_OK : KVS_ERR_UNAVAILABLE;
+}
+
+/* ---- heartbeat thread ---- */
+
+static void *hb_main(void *arg)
+{
+    kvs_client *c = arg;
+    pthread_mutex_lock(&c->hb_mu);
+    while (!c->hb_stop) {
+        pthread_mutex_lock(&c->mu);
+        int connected = c->rpc && kvs_rpc_alive(c->rpc);
+        uint32_t ttl = c->ttl_ms;
+        uint64_t retry_at = c->retry_at_ms;
+        pthread_mutex_unlock(&c->mu);
+        uint64_t wait_ms = connected ? KVS_MAX(ttl / 3, 10u) : BACKOFF_MIN_MS;
+        if (!connected && retry_at > kvs_now_ms()) wait_ms = retry_at - kvs_now_ms();
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        uint64_t ns = (uint64_t)ts.tv_nsec + wait_ms * 1000000ull;
+        ts.tv_sec += (time_t)(ns / 1000000000ull);
+        ts.tv_nsec = (long)(ns % 1000000000ull);
+        pthread_cond_timedwait(&c->hb_cv, &c->hb_mu, &ts);
+        if (c->hb_stop) break;
+        pthread_mutex_unlock(&c->hb_mu);
+
+        kvs_conn_ref cr;
+        if (kvs_conn_get(c, &cr) == KVS_OK) {
+            kvs_wbuf w;
+            kvs_wbuf_init(&w);
+            kvs_wbuf_u64(&w, cr.client_id);
+            uint8_t *resp;
+            uint32_t len;
+            int rc = kvs_conn_call(c, &cr, KVS_MSG_HEARTBEAT, &w, 1, &resp, &len);
+            free(resp);
+            kvs_wbuf_free(&w);
+            if (rc == KVS_ERR_TIMEOUT) {
+                KVS_LOGW("client: heartbeat timed out; reconnecting to %s", c->master_text);
+                kvs_rpc_kill(cr.rpc, KVS_ERR_CONN);
+            }
+            kvs_conn_put(&cr);
+            if (rc == KVS_ERR_CONN && !atomic_load(&c->closing)) {
+                /* reconnect at once (the master restarted or forgot us) */
+                if (kvs_conn_get(c, &cr) == KVS_OK) kvs_conn_put(&cr);
+            }
+        }
+        pthread_mutex_lock(&c->hb_mu);
+    }
+    pthread_mutex_unlock(&c->hb_mu);
+    return NULL;
+}
+
+/* ---- open / close ---- */
+
+static void client_free(kvs_client *c)
+{
+    if (c->hb_started) {
+        pthread_mutex_lock(&c->hb_mu);
+        c->hb_stop = 1;
+        pthread_cond_signal(&c->hb_cv);
+        pthread_mutex_unlock(&c->hb_mu);
+        pthread_join(c->hb, NULL);
+    }
+    if (c->rpc) {
+        kvs_rpc_kill(c->rpc, KVS_ERR_CLOSED);
+        kvs_rpc_unref(c->rpc);
+    }
+    kvs_xfer_server_stop(c->xsrv);
+    kvs_xfer_client_free(c->xc);
+    kvs_shm_cache_free(c->shm);
+    if (c->have_seg) kvs_segment_destroy(&c->seg);
+    free(c->tab);
+    free(c->regs);
+    pthread_mutex_destroy(&c->mu);
+    pthread_mutex_destroy(&c->conn_mu);
+    pthread_mutex_destroy(&c->refresh_mu);
+    pthread_mutex_destroy(&c->reg_mu);
+    pthread_mutex_destroy(&c->hb_mu);
+    pthread_cond_destroy(&c->hb_cv);
+    pthread_rwlock_destroy(&c->tab_lock);
+    free(c);
+}
+
+int kvs_client_open_opts(const kvs_config *cfg, const kvs_client_opts *opts, kvs_client **out,
+                         char *err, size_t errlen)
+{
+    if (err && errlen) err[0] = '\0';
+    if (!out) return KVS_ERR_INVALID;
+    *out = NULL;
+    if (!cfg) {
+        seterr(err, errlen, "no configuration given");
+        return KVS_ERR_INVALID;
+    }
+    int rc = kvs_config_validate(cfg, err, errlen);
+    if (rc) return rc;
+    if (strcmp(cfg->protocol, "tcp")) {
+        seterr(err, errlen, "protocol '%s' is not built yet; use \"tcp\"", cfg->protocol);
+        return KVS_ERR_CONFIG;
+    }
+    kvs_client *c = calloc(1, sizeof *c);
+    if (!c) return KVS_ERR_NOMEM;
+    c->cfg = *cfg;
+    if (opts) c->opts = *opts;
+    if (!c->opts.role) c->opts.role = KVS_ROLE_CLIENT;
+    c->timeout_ms = cfg->timeout_ms > 0 ? cfg->timeout_ms : KVS_DEFAULT_TIMEOUT_MS;
+    c->t0_ms = kvs_now_ms();
+    kvs_host_id(c->host_id);
+    pthread_mutex_init(&c->mu, NULL);
+    pthread_mutex_init(&c->conn_mu, NULL);
+    pthread_mutex_init(&c->refresh_mu, NULL);
+    pthread_mutex_init(&c->reg_mu, NULL);
+    pthread_mutex_init(&c->hb_mu, NULL);
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&c->hb_cv, &ca);
+    pthread_condattr_destroy(&ca);
+    pthread_rwlock_init(&c->tab_lock, NULL);
+
+    c->embedded = cfg->master_server_address[0] == '\0';
+    if (c->embedded) {
+        rc = kvs_embedded_prepare_dir(cfg, c->runtime_dir, sizeof c->runtime_dir, err, errlen);
+        if (rc) goto fail;
+        snprintf(c->master_text, sizeof c->master_text, "unix:%s/master.sock", c->runtime_dir);
+    } else {
+        kvs_strlcpy(c->master_text, cfg->master_server_address, sizeof c->master_text);
+    }
+    if (kvs_addr_parse(c->master_text, KVS_DEFAULT_MASTER_PORT, &c->master)) {
+        seterr(err, errlen, "invalid master address '%s'", c->master_text);
+        rc = KVS_ERR_CONFIG;
+        goto fail;
+    }
+    c->shm = kvs_shm_cache_new();
+    rc = c->shm ? kvs_xfer_client_new(cfg->secret, c->timeout_ms, &c->xc) : KVS_ERR_NOMEM;
+    if (rc) goto fail;
+
+    /* The embedded pool's own master process owns the pool's segment; other
+     * clients in embedded mode contribute none. */
+    if (!c->embedded && !c->opts.no_segment && cfg->global_segment_size > 0) {
+        rc = kvs_segment_create(cfg->global_segment_size, &c->seg);
+        if (rc) {
+            seterr(err, errlen, "cannot create a shared-memory segment of %llu bytes: %s",
+                   (unsigned long long)cfg->global_segment_size, kvs_strerror(rc));
+            rc = rc == KVS_ERR_NO_SPACE ? KVS_ERR_NOMEM : KVS_ERR_IO;
+            goto fail;
+        }
+        c->have_seg = 1;
+        rc = kvs_xfer_server_start(cfg->local_hostname, cfg->secret, &c->xsrv);
+        if (rc) {
+            seterr(err, errlen, "cannot start the transfer server on %s: %s",
+                   cfg->local_hostname, kvs_strerror(rc));
+            goto fail;
+        }
+        kvs_shm_cache_add_local(c->shm, c->seg.name, c->seg.base, c->seg.size);
+    }
+
+    pthread_mutex_lock(&c->conn_mu);
+    rc = connect_master(c, err, errlen);
+    pthread_mutex_unlock(&c->conn_mu);
+    if (rc) goto fail;
+    if (pthread_create(&c->hb, NULL, hb_main, c) == 0) c->hb_started = 1;
+    *out = c;
+    return KVS_OK;
+fail:
+    client_free(c);
+    return rc;
+}
+
+int kvs_client_open(const kvs_config *cfg, kvs_client **out, char *err, size_t errlen)
+{
+    return kvs_client_open_opts(cfg, NULL, out, err, errlen);
+}
+
+void kvs_client_close(kvs_client *c)
+{
+    if (!c) return;
+    if (atomic_exchange(&c->closing, 1)) return;
+    /* stop heartbeats/reconnects first */
+    pthread_mutex_lock(&c->hb_mu);
+    c->hb_stop = 1;
+    pthread_cond_signal(&c->hb_cv);
+    pthread_mutex_unlock(&c->hb_mu);
+    if (c->hb_started) pthread_join(c->hb, NULL);
+    c->hb_started = 0;
+    /* unmount (best effort) so the master drops our objects at once */
+    pthread_mutex_lock(&c->mu);
+    kvs_rpc *rpc = c->rpc;
+    uint32_t seg_id = c->seg_id;
+    uint64_t cid = c->client_id;
+    if (rpc) kvs_rpc_ref(rpc);
+    pthread_mutex_unlock(&c->mu);
+    if (rpc && seg_id && kvs_rpc_alive(rpc)) {
+        kvs_wbuf w;
+        kvs_wbuf_init(&w);
+        kvs_wbuf_u64(&w, cid);
+        kvs_wbuf_u32(&w, seg_id);
+        uint8_t *resp;
+        uint32_t len;
+        if (!w.err) {
+            kvs_rpc_call(rpc, KVS_MSG_UNMOUNT, w.data, w.len, KVS_MIN(c->timeout_ms, 2000),
+                         &resp, &len);
+            free(resp);
+        }
+        kvs_wbuf_free(&w);
+    }
+    if (rpc) {
+        kvs_rpc_kill(rpc, KVS_ERR_CLOSED); /* in-flight calls fail with KVS_ERR_CLOSED */
+        kvs_rpc_unref(rpc);
+    }
+    /* wait for calls still running in other threads */
+    while (atomic_load(&c->active) > 0) {
+        struct timespec ts = {0, 1000000};
+        nanosleep(&ts, NULL);
+    }
+    client_free(c);
+}
+
+int kvs_client_shutdown_master(kvs_client *c)
+{
+    int rc = kvs_enter(c);
+    if (rc) return rc;
+    kvs_conn_ref cr;
+    rc = kvs_conn_get(c, &cr);
+    if (rc == KVS_OK) {
+        kvs_wbuf w;
+        kvs_wbuf_init(&w);
+        uint8_t *resp;
+        uint32_t len;
+        rc = kvs_conn_call(c, &cr, KVS_MSG_SHUTDOWN, &w, 0, &resp, &len);
+        free(resp);
+        kvs_wbuf_free(&w);
+        kvs_conn_put(&cr);
+    }
+    kvs_leave(c);
+    return rc;
+}
+
+const char *kvs_client_master_addr(const kvs_client *c) { return c->master_text; }
+int kvs_client_is_embedded(const kvs_client *c) { return c->embedded; }
+const char *kvs_client_transfer_addr(const kvs_client *c)
+{
+    return c->xsrv ? kvs_xfer_server_addr(c->xsrv) : "";
+}
+uint32_t kvs_client_segment_id(kvs_client *c)
+{
+    pthread_mutex_lock(&c->mu);
+    uint32_t id = c->seg_id;
+    pthread_mutex_unlock(&c->mu);
+    return id;
+}
+
+void kvs_client_get_counters(kvs_client *c, kvs_client_counters *out)
+{
+    if (!out) return;
+    memset(out, 0, sizeof *out);
+    if (!c) return;
+    out->puts = atomic_load(&c->n_puts);
+    out->gets = atomic_load(&c->n_gets);
+    out->hits = atomic_load(&c->n_hits);
+    out->misses = atomic_load(&c->n_misses);
+    out->errors = atomic_load(&c->n_errors);
+    out->reconnects = atomic_load(&c->n_reconnects);
+    out->bytes_put = atomic_load(&c->n_bytes_put);
+    out->bytes_got = atomic_load(&c->n_bytes_got);
+}

@@ -1,0 +1,145 @@
+/* Internals of the client library, shared by client.c (lifecycle, master
+ * connection, heartbeats, reconnects, segment table), ops.c (the data API)
+ * and embedded.c (the host-local pool). */
+#ifndef KVS_CLIENT_INTERNAL_H
+#define KVS_CLIENT_INTERNAL_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "client/client_ext.h"
+#include "client/rpc.h"
+#include "common/net.h"
+#include "kvshelf/client.h"
+#include "proto/proto.h"
+#include "segment/segment.h"
+#include "transfer/transfer.h"
+
+/* One segment of the pool as SEGMENTS reported it. */
+typedef struct kvs_seginfo {
+    uint32_t id;
+    uint64_t size;
+    char shm_name[KVS_SHM_NAME_MAX];
+    char transfer_addr[KVS_XFER_ADDR_MAX];
+    uint8_t *base; /* mapped in this process (same host), else NULL */
+} kvs_seginfo;
+
+/* Immutable snapshot of the segment table, sorted by id; replaced whole. */
+typedef struct kvs_segtab {
+    uint32_t gen; /* connection generation it was fetched on */
+    size_t n;
+    kvs_seginfo v[];
+} kvs_segtab;
+
+/* A registered memory region. */
+typedef struct kvs_region {
+    uintptr_t start, end;
+} kvs_region;
+
+/* What a call needs of the current master connection. */
+typedef struct kvs_conn_ref {
+    kvs_rpc *rpc; /* referenced; kvs_conn_put() drops it */
+    uint64_t client_id;
+    uint32_t gen;
+    uint32_t lease_ms;
+} kvs_conn_ref;
+
+struct kvs_client {
+    kvs_config cfg;
+    kvs_client_opts opts;
+    int embedded;
+    char runtime_dir[512];
+    kvs_addr master;
+    char master_text[600];
+    int timeout_ms;
+    uint8_t host_id[KVS_HOST_ID_LEN];
+    uint64_t t0_ms; /* clock origin of lease deadlines in slot handles */
+
+    /* master connection */
+    pthread_mutex_t mu; /* rpc, client_id, gen, ttl/lease, seg_id */
+    kvs_rpc *rpc;
+    uint64_t client_id;
+    uint32_t gen;
+    uint32_t ttl_ms, lease_ms;
+    uint64_t connected_ms;
+    pthread_mutex_t conn_mu; /* serializes (re)connects */
+    uint64_t retry_at_ms;
+    int backoff_ms;
+
+    /* own segment */
+    int have_seg;
+    kvs_segment seg;
+    kvs_xfer_server *xsrv;
+    uint32_t seg_id; /* under mu; 0 = not mounted */
+
+    /* pool segments */
+    pthread_rwlock_t tab_lock;
+    kvs_segtab *tab;
+    pthread_mutex_t refresh_mu;
+    kvs_shm_cache *shm;
+    kvs_xfer_client *xc;
+
+    /* registered memory (sorted by start) */
+    pthread_mutex_t reg_mu;
+    kvs_region *regs;
+    size_t nregs, capregs;
+
+    /* heartbeat thread */
+    pthread_t hb;
+    int hb_started;
+    pthread_mutex_t hb_mu;
+    pthread_cond_t hb_cv;
+    int hb_stop;
+
+    /* lifecycle: calls in progress, closing flag */
+    atomic_int active;
+    atomic_int closing;
+
+    atomic_uint_fast64_t n_puts, n_gets, n_hits, n_misses, n_errors, n_reconnects, n_bytes_put,
+        n_bytes_got;
+};
+
+/* ---- client.c ---- */
+
+/* Marks a call in progress; KVS_ERR_CLOSED if the client is closing. Every
+ * successful kvs_enter is paired with kvs_leave. */
+int kvs_enter(kvs_client *c);
+void kvs_leave(kvs_client *c);
+
+/* Gets the live master connection, reconnecting (with backoff) if needed.
+ * KVS_OK or KVS_ERR_CONN / KVS_ERR_CLOSED / KVS_ERR_AUTH. */
+int kvs_conn_get(kvs_client *c, kvs_conn_ref *out);
+void kvs_conn_put(kvs_conn_ref *cr);
+
+/* One request/reply on the connection in `cr`. A frame status of
+ * KVS_ERR_NOT_FOUND on a request that names the client means the master no
+ * longer knows it: the connection is dropped (the next call reconnects,
+ * says HELLO and re-mounts) and KVS_ERR_CONN is returned. Transport
+ * failures are KVS_ERR_CONN (or KVS_ERR_CLOSED while closing). */
+int kvs_conn_call(kvs_client *c, kvs_conn_ref *cr, uint16_t type, const kvs_wbuf *body,
+                  int names_client, uint8_t **resp, uint32_t *resp_len);
+
+/* Finds segment `id` of connection generation `gen`, refreshing the table
+ * once if it is unknown. KVS_OK (copied into *out) or KVS_ERR_UNAVAILABLE. */
+int kvs_seg_find(kvs_client *c, uint32_t gen, uint32_t id, kvs_seginfo *out);
+
+/* Current connection generation (0 = never connected). */
+uint32_t kvs_client_gen(kvs_client *c);
+
+/* ---- embedded.c ---- */
+
+/* Resolves and prepares the runtime directory (created 0700; refused if
+ * owned by another uid or writable by group/others). */
+int kvs_embedded_prepare_dir(const kvs_config *cfg, char *dir, size_t cap, char *err,
+                             size_t errlen);
+
+/* Makes sure the pool's master answers on unix:DIR/master.sock, starting
+ * `kvshelf master --embedded` (under DIR/pool.lock) if `spawn` and nothing
+ * answers. KVS_OK, KVS_ERR_UNAVAILABLE (nothing runs and !spawn),
+ * KVS_ERR_CONN (started but never answered) or KVS_ERR_IO. */
+int kvs_embedded_ensure(const kvs_config *cfg, const char *dir, int spawn, char *err,
+                        size_t errlen);
+
+#endif

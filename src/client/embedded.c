@@ -1,0 +1,282 @@
+/* The embedded host-local pool: with no master_server_address, every process
+ * of a user on a host shares one `kvshelf master --embedded` found through a
+ * unix socket in the runtime directory, started on first use (under a file
+ * lock, so racing processes start only one) and outliving the processes that
+ * use it. */
+#include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <pthread.h>
+#include <signal.h>
+#include <spawn.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "client/client_internal.h"
+#include "common/log.h"
+#include "common/util.h"
+#include "kvshelf/errors.h"
+
+extern char **environ;
+
+#define START_WAIT_MS 10000
+
+static void seterr(char *err, size_t errlen, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static void seterr(char *err, size_t errlen, const char *fmt, ...)
+{
+    if (!err || !errlen) return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, errlen, fmt, ap);
+    va_end(ap);
+}
+
+void kvs_embedded_runtime_dir(const kvs_config *cfg, char *out, size_t cap)
+{
+    const char *xdg = getenv("XDG_RUNTIME_DIR");
+    if (cfg && cfg->runtime_dir[0]) snprintf(out, cap, "%s", cfg->runtime_dir);
+    else if (xdg && xdg[0] == '/') snprintf(out, cap, "%s/kvshelf", xdg);
+    else snprintf(out, cap, "/tmp/kvshelf-%u", (unsigned)getuid());
+    size_t n = strlen(out);
+    while (n > 1 && out[n - 1] == '/') out[--n] = '\0';
+}
+
+/* mkdir -p with mode 0700 for every missing component. */
+static int mkdirs(const char *path)
+{
+    char tmp[PATH_MAX];
+    if (kvs_strlcpy(tmp, path, sizeof tmp)) return -1;
+    for (char *p = tmp + 1; *p; p++) {
+        if (*p != '/') continue;
+        *p = '\0';
+        if (mkdir(tmp, 0700) < 0 && errno != EEXIST) return -1;
+        *p = '/';
+    }
+    if (mkdir(tmp, 0700) < 0 && errno != EEXIST) return -1;
+    return 0;
+}
+
+int kvs_embedded_prepare_dir(const kvs_config *cfg, char *dir, size_t cap, char *err,
+                             size_t errlen)
+{
+    kvs_embedded_runtime_dir(cfg, dir, cap);
+    if (dir[0] != '/') {
+        seterr(err, errlen, "runtime_dir '%s' must be an absolute path", dir);
+        return KVS_ERR_CONFIG;
+    }
+    if (strlen(dir) + sizeof "/master.sock" > sizeof(((kvs_addr *)0)->path)) {
+        seterr(err, errlen, "runtime_dir '%s' is too long for a unix socket path", dir);
+        return KVS_ERR_CONFIG;
+    }
+    if (mkdirs(dir) < 0) {
+        seterr(err, errlen, "cannot create runtime_dir '%s': %s", dir, strerror(errno));
+        return KVS_ERR_IO;
+    }
+    struct stat st;
+    if (lstat(dir, &st) < 0) {
+        seterr(err, errlen, "runtime_dir '%s': %s", dir, strerror(errno));
+        return KVS_ERR_IO;
+    }
+    if (!S_ISDIR(st.st_mode)) {
+        seterr(err, errlen, "runtime_dir '%s' is not a directory (a symlink?); refusing it", dir);
+        return KVS_ERR_CONFIG;
+    }
+    if (st.st_uid != getuid()) {
+        seterr(err, errlen, "runtime_dir '%s' is owned by uid %u, not by us (uid %u); refusing it",
+               dir, (unsigned)st.st_uid, (unsigned)getuid());
+        return KVS_ERR_CONFIG;
+    }
+    if (st.st_mode & 022) {
+        seterr(err, errlen,
+               "runtime_dir '%s' is writable by group or others (mode %03o); refusing it "
+               "(chmod 700 it)",
+               dir, (unsigned)(st.st_mode & 0777));
+        return KVS_ERR_CONFIG;
+    }
+    return KVS_OK;
+}
+
+/* 1 if a master answers on the socket (connects and sends its CHALLENGE). */
+static int pool_answers(const char *dir)
+{
+    kvs_addr a;
+    memset(&a, 0, sizeof a);
+    a.is_unix = 1;
+    snprintf(a.path, sizeof a.path, "%s/master.sock", dir);
+    int fd = kvs_connect(&a, 1000);
+    if (fd < 0) return 0;
+    kvs_set_timeouts(fd, 1000);
+    uint8_t hb[KVS_FRAME_HDR];
+    kvs_frame_hdr h;
+    int ok = kvs_read_full(fd, hb, sizeof hb) == KVS_OK &&
+             kvs_frame_hdr_decode(hb, 4096, &h) == KVS_OK && h.type == KVS_MSG_CHALLENGE;
+    close(fd);
+    return ok;
+}
+
+static int executable(const char *p) { return p && access(p, X_OK) == 0; }
+
+/* Finds the kvshelf binary: $KVSHELF_BIN, then next to libkvshelf
+ * (../bin/kvshelf, bin/kvshelf, or the binary itself when statically
+ * linked), else "kvshelf" from PATH (*use_path = 1). */
+static void find_binary(char *out, size_t cap, int *use_path)
+{
+    *use_path = 0;
+    const char *env = getenv("KVSHELF_BIN");
+    if (env && *env) {
+        snprintf(out, cap, "%s", env);
+        return;
+    }
+    Dl_info di;
+    if (dladdr((void *)&kvs_embedded_ensure, &di) && di.dli_fname && di.dli_fname[0] == '/') {
+        char dir[PATH_MAX];
+        snprintf(dir, sizeof dir, "%s", di.dli_fname);
+        char *slash = strrchr(dir, '/');
+        const char *base = slash ? slash + 1 : dir;
+        char self[PATH_MAX];
+        snprintf(self, sizeof self, "%s", di.dli_fname);
+        if (slash) *slash = '\0';
+        if (!strcmp(base, "kvshelf") && executable(self)) { /* the CLI itself */
+            snprintf(out, cap, "%s", self);
+            return;
+        }
+        const char *rel[] = {"../bin/kvshelf", "bin/kvshelf"};
+        for (size_t i = 0; i < KVS_ARRAY_LEN(rel); i++) {
+            char cand[PATH_MAX + 32];
+            snprintf(cand, sizeof cand, "%s/%s", dir, rel[i]);
+            if (executable(cand)) {
+                kvs_strlcpy(out, cand, cap);
+                return;
+            }
+        }
+    }
+    snprintf(out, cap, "kvshelf");
+    *use_path = 1;
+}
+
+static void *reaper_main(void *arg)
+{
+    pid_t pid = (pid_t)(intptr_t)arg;
+    while (waitpid(pid, NULL, 0) < 0 && errno == EINTR) {
+    }
+    return NULL;
+}
+
+static int spawn_master(const kvs_config *cfg, const char *dir, pid_t *pid, char *err,
+                        size_t errlen)
+{
+    char bin[PATH_MAX];
+    int use_path;
+    find_binary(bin, sizeof bin, &use_path);
+    char size[32], log[PATH_MAX];
+    uint64_t n = cfg->global_segment_size ? cfg->global_segment_size
+                                          : KVS_DEFAULT_GLOBAL_SEGMENT_SIZE;
+    snprintf(size, sizeof size, "%llu", (unsigned long long)n);
+    snprintf(log, sizeof log, "%s/master.log", dir);
+    char *argv[] = {bin, "master", "--embedded", "--runtime-dir", (char *)dir,
+                    "--segment-size", size, NULL};
+
+    posix_spawn_file_actions_t fa;
+    posix_spawnattr_t at;
+    posix_spawn_file_actions_init(&fa);
+    posix_spawnattr_init(&at);
+    posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
+    posix_spawn_file_actions_addopen(&fa, 1, "/dev/null", O_WRONLY, 0);
+    posix_spawn_file_actions_addopen(&fa, 2, log, O_WRONLY | O_CREAT | O_APPEND, 0600);
+    posix_spawn_file_actions_addclosefrom_np(&fa, 3);
+    sigset_t none, defs;
+    sigemptyset(&none);
+    sigemptyset(&defs);
+    sigaddset(&defs, SIGTERM);
+    sigaddset(&defs, SIGINT);
+    sigaddset(&defs, SIGHUP);
+    sigaddset(&defs, SIGPIPE);
+    sigaddset(&defs, SIGCHLD);
+    posix_spawnattr_setsigmask(&at, &none);
+    posix_spawnattr_setsigdefault(&at, &defs);
+    posix_spawnattr_setflags(&at, POSIX_SPAWN_SETSID | POSIX_SPAWN_SETSIGMASK |
+                                      POSIX_SPAWN_SETSIGDEF);
+    int rc = use_path ? posix_spawnp(pid, bin, &fa, &at, argv, environ)
+                      : posix_spawn(pid, bin, &fa, &at, argv, environ);
+    posix_spawn_file_actions_destroy(&fa);
+    posix_spawnattr_destroy(&at);
+    if (rc) {
+        seterr(err, errlen,
+               "cannot start the embedded pool (%s master --embedded): %s; set KVSHELF_BIN to "
+               "the kvshelf binary",
+               bin, strerror(rc));
+        return KVS_ERR_IO;
+    }
+    KVS_LOGI("client: started the embedded pool (%s, pid %ld, %s bytes) in %s", bin, (long)*pid,
+             size, dir);
+    return KVS_OK;
+}
+
+int kvs_embedded_ensure(const kvs_config *cfg, const char *dir, int spawn, char *err,
+                        size_t errlen)
+{
+    if (pool_answers(dir)) return KVS_OK;
+    if (!spawn) {
+        seterr(err, errlen, "no embedded pool is running (runtime dir %s)", dir);
+        return KVS_ERR_UNAVAILABLE;
+    }
+    char lock[PATH_MAX];
+    snprintf(lock, sizeof lock, "%s/pool.lock", dir);
+    int lfd = open(lock, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
+    if (lfd < 0) {
+        seterr(err, errlen, "cannot open %s: %s", lock, strerror(errno));
+        return KVS_ERR_IO;
+    }
+    while (flock(lfd, LOCK_EX) < 0 && errno == EINTR) {
+    }
+    int rc = KVS_OK;
+    if (pool_answers(dir)) goto out; /* another process started it meanwhile */
+    pid_t pid;
+    rc = spawn_master(cfg, dir, &pid, err, errlen);
+    if (rc) goto out;
+    uint64_t deadline = kvs_now_ms() + START_WAIT_MS;
+    int exited = 0, wst = 0;
+    rc = KVS_ERR_CONN;
+    while (kvs_now_ms() < deadline) {
+        if (pool_answers(dir)) {
+            rc = KVS_OK;
+            break;
+        }
+        if (waitpid(pid, &wst, WNOHANG) == pid) {
+            exited = 1;
+            break;
+        }
+        struct timespec ts = {0, 20 * 1000000L};
+        nanosleep(&ts, NULL);
+    }
+    if (rc == KVS_OK) {
+        /* reap it when it ends, so it never lingers as a zombie of ours */
+        pthread_t th;
+        pthread_attr_t pa;
+        pthread_attr_init(&pa);
+        pthread_attr_setdetachstate(&pa, PTHREAD_CREATE_DETACHED);
+        pthread_attr_setstacksize(&pa, 64u << 10);
+        pthread_create(&th, &pa, reaper_main, (void *)(intptr_t)pid);
+        pthread_attr_destroy(&pa);
+    } else if (exited) {
+        seterr(err, errlen,
+               "the embedded pool exited at start (status %d); see %s/master.log",
+               WIFEXITED(wst) ? WEXITSTATUS(wst) : -1, dir);
+    } else {
+        seterr(err, errlen, "the embedded pool did not answer within %d s; see %s/master.log",
+               START_WAIT_MS / 1000, dir);
+    }
+out:
+    flock(lfd, LOCK_UN);
+    close(lfd);
+    return rc;
+}

@@ -1,0 +1,60 @@
+/* Connection to the master: one socket shared by every thread of a client.
+ *
+ * Callers send request frames (under a send lock, so frames never
+ * interleave) and wait for the reply with the same req_id; a reader thread
+ * reads every reply and hands its body to the waiting caller, so requests of
+ * many threads are pipelined. Replies nobody waits for (posted requests,
+ * timed-out calls) are dropped. When the connection fails or is killed,
+ * every waiter is woken with the failure code and later calls fail at once:
+ * the owner opens a new kvs_rpc (see client.c for reconnects).
+ *
+ * Lifetime: reference counted; the last kvs_rpc_unref shuts the socket
+ * down, joins the reader and frees.
+ */
+#ifndef KVS_CLIENT_RPC_H
+#define KVS_CLIENT_RPC_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "common/net.h"
+
+typedef struct kvs_rpc kvs_rpc;
+
+/* What the master said in its HELLO reply. */
+typedef struct kvs_hello_info {
+    uint64_t client_id;
+    uint32_t ttl_ms, lease_ms;
+} kvs_hello_info;
+
+/* Connects to the master at `a`, authenticates as `role` with `secret`,
+ * starts the reader thread. timeout_ms bounds the connect and handshake and
+ * is the send timeout afterwards. Returns KVS_OK (with one reference held
+ * by the caller), KVS_ERR_CONN, KVS_ERR_TIMEOUT, KVS_ERR_AUTH or
+ * KVS_ERR_PROTO. */
+int kvs_rpc_open(const kvs_addr *a, const char *secret, uint32_t role, int timeout_ms,
+                 kvs_rpc **out, kvs_hello_info *hello);
+
+/* Sends a request of `type` with `body` and waits up to timeout_ms for the
+ * reply. Returns the reply's status (KVS_OK or the master's negative error)
+ * and, on KVS_OK, the reply body in *resp (malloc'd, free() it; NULL when
+ * empty) and its length in *resp_len. Transport failures give KVS_ERR_CONN
+ * (or the code the connection was killed with), KVS_ERR_TIMEOUT when no
+ * reply came in time (the connection stays usable). */
+int kvs_rpc_call(kvs_rpc *r, uint16_t type, const void *body, size_t len, int timeout_ms,
+                 uint8_t **resp, uint32_t *resp_len);
+
+/* Sends a request without waiting for its reply (dropped on arrival).
+ * KVS_OK or a transport error. */
+int kvs_rpc_post(kvs_rpc *r, uint16_t type, const void *body, size_t len);
+
+/* 1 while the connection works. */
+int kvs_rpc_alive(kvs_rpc *r);
+
+/* Fails the connection: pending and later calls return `err`. */
+void kvs_rpc_kill(kvs_rpc *r, int err);
+
+void kvs_rpc_ref(kvs_rpc *r);
+void kvs_rpc_unref(kvs_rpc *r);
+
+#endif
