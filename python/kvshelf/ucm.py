@@ -1,0 +1,704 @@
+"""kvshelf as a store of unified-cache-management (UCM).
+
+Two interfaces, both thin over the C extension (batched zero-copy calls; no
+serialization, no byte copies and no per-block round trips in Python):
+
+``UcmKVShelfStore`` (alias ``UcmMooncakeStore``) -- UCM's legacy
+``UcmKVStoreBase`` as ``ucm/store/mooncakestore/mooncake_connector.py`` has it
+(UCM repository ModelEngine-Group/unified-cache-management, files
+``ucm/store/ucmstore.py`` / ``ucm/store/base.py``)::
+
+    __init__(self, config: Dict)            # the seed dict, unchanged
+    cc_store(self) -> int                    # native handle (kvs_client*)
+    create(self, block_ids: List[str]) -> List[int]            # 0 = ok
+    lookup(self, block_ids: List[str]) -> List[bool]           # hit mask
+    prefetch(self, block_ids: List[str]) -> None
+    load(self, block_ids: List[str], offset: List[int],
+         dst_tensor: List[torch.Tensor]) -> Task
+    dump(self, block_ids: List[str], offset: List[int],
+         src_tensor: List[torch.Tensor]) -> Task
+    fetch_data(self, block_ids: List[str], offset: List[int],
+               dst_addr: List[int], size: List[int]) -> Task
+    dump_data(self, block_ids: List[str], offset: List[int],
+              src_addr: List[int], size: List[int]) -> Task
+    wait(self, task: Task) -> int            # 0 success, others failed
+    commit(self, block_ids: List[str], is_success: bool = True) -> None
+    check(self, task: Task) -> Tuple[int, bool]   # (ret, finished)
+    shutdown(self) -> None
+
+  The three lists of load/dump/fetch_data/dump_data run in parallel: entry
+  ``i`` moves tensor ``i`` (one layer's K or V of one block, for this rank)
+  at byte ``offset[i]`` of block ``block_ids[i]`` (UCM computes offset =
+  layer_size*layer + layer_size/tp*rank (+ K size for V)). As in
+  ``UcmMooncakeStore``, each (block id, offset) pair is one object named
+  ``f"{block_id}_{offset}"``, and ``lookup`` tests ``f"{block_id}_0"`` (layer
+  0, rank 0, K). Each object written from a tensor starts with a 64-byte
+  header (dtype, shape, size): a load into a tensor of another dtype or
+  shape fails that entry with a message naming both, instead of handing back
+  reinterpreted bytes. ``fetch_data``/``dump_data`` move raw bytes (no
+  header). Configuration: the Mooncake keys (``local_hostname``,
+  ``metadata_server``, ``protocol``, ``device_name``,
+  ``master_server_address``, ``global_segment_size``, ``local_buffer_size``)
+  plus kvshelf's ``secret``, ``timeout_ms``, ``runtime_dir``; keys UCM adds
+  for other stores (``kv_block_size``, ``io_size``, ``device``, ``role``, ...)
+  are ignored. An empty ``master_server_address`` uses the host's embedded
+  pool.
+
+``UcmKVShelfStoreV1`` -- UCM's ``UcmKVStoreBaseV1`` (``ucm/store/ucmstore_v1.py``)::
+
+    __init__(self, config: Dict[str, object]) -> None
+    cc_store(self) -> int
+    lookup(self, block_ids: List[bytes]) -> List[bool]
+    lookup_on_prefix(self, block_ids: List[bytes]) -> int
+        # index of the last block of the leading run present, -1 if none
+    lookup_on_reverse(self, block_ids: List[bytes]) -> int
+        # index of the rightmost block present, -1 if none
+    prefetch(self, block_ids: List[bytes]) -> None
+    load(self, block_ids: List[bytes], shard_index: List[int],
+         dst_tensor: List[List[torch.Tensor]]) -> Task
+    dump(self, block_ids: List[bytes], shard_index: List[int],
+         src_tensor: List[List[torch.Tensor]]) -> Task
+    load_data(self, block_ids: List[bytes], shard_index: List[int],
+              dst_addr: List[List[int]] | np.ndarray) -> Task
+    dump_data(self, block_ids: List[bytes], shard_index: List[int],
+              src_addr: List[List[int]] | np.ndarray,
+              prerequisite_handle: int = 0) -> Task
+        # prerequisite_handle: a cudaEvent_t; copies start after it completes
+    fetch_data = load_data                   # the older V1 name
+    wait(self, task: Task) -> None           # raises on failure (RuntimeError)
+    check(self, task: Task) -> bool          # finished?
+    register_memory(self, base_addr: int, total_size: int) -> None
+
+  Block ids are raw bytes (UCM uses 16-byte MD5 digests). One object per
+  (block id, shard index) holds the block's tensors ``[0..m-1]`` back to
+  back. Addresses given without tensors need the sizes: config
+  ``tensor_size`` (bytes of every tensor, or a list per tensor), else the
+  sizes learnt from an earlier ``load``/``dump`` with tensors. A block is
+  "present" for lookup when shards ``0..lookup_shards-1`` (config, default 1)
+  are all stored.
+
+Memory: host memory (CPU tensors, numpy arrays, or addresses of host memory).
+CUDA tensors are refused with ``kvshelf.Unsupported``: device memory moves
+through ``kvshelf.Connector`` (which the vLLM connector uses).
+
+If the ``ucm`` package is importable the classes subclass its base classes
+and are registered with its factories as ``UcmKVShelfStore`` (legacy) and
+``UcmKVShelfStoreV1``; otherwise compatible local base classes are used.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import struct
+import threading
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+from typing import Any, Dict, List, Sequence, Tuple
+
+from . import (
+    Client,
+    Error,
+    errname,
+    store_config,
+    strerror,
+)
+from . import _kvshelf as _k
+
+logger = logging.getLogger("kvshelf.ucm")
+
+# --------------------------------------------------------------------------
+# UCM base classes: UCM's own when importable, else compatible local ones.
+# --------------------------------------------------------------------------
+try:  # legacy interface
+    from ucm.store.ucmstore import Task as _UcmTask  # type: ignore
+    from ucm.store.ucmstore import UcmKVStoreBase  # type: ignore
+
+    HAVE_UCM = True
+except Exception:  # pragma: no cover - depends on the environment
+    try:
+        from ucm.store.base import Task as _UcmTask  # type: ignore
+        from ucm.store.base import UcmKVStoreBase  # type: ignore
+
+        HAVE_UCM = True
+    except Exception:
+        HAVE_UCM = False
+
+        class _UcmTask:  # type: ignore[no-redef]
+            """Abstract Task for kv transfer (UCM-compatible)."""
+
+        class UcmKVStoreBase:  # type: ignore[no-redef]
+            """Local stand-in for ucm.store.ucmstore.UcmKVStoreBase."""
+
+            def __init__(self, config: Dict):
+                self.config = config
+
+try:  # V1 interface
+    from ucm.store.ucmstore_v1 import Task as _UcmTaskV1  # type: ignore
+    from ucm.store.ucmstore_v1 import UcmKVStoreBaseV1  # type: ignore
+
+    HAVE_UCM_V1 = True
+except Exception:  # pragma: no cover - depends on the environment
+    HAVE_UCM_V1 = False
+
+    class _UcmTaskV1:  # type: ignore[no-redef]
+        """Asynchronous task handle (UCM-compatible)."""
+
+    class UcmKVStoreBaseV1:  # type: ignore[no-redef]
+        """Local stand-in for ucm.store.ucmstore_v1.UcmKVStoreBaseV1."""
+
+        def __init__(self, config: Dict[str, object]) -> None:
+            self.config = config
+
+
+class TransferError(Error, RuntimeError):
+    """A load/dump task had failed entries (UCM V1 ``wait`` raises this; UCM's
+    connectors catch RuntimeError). ``.statuses`` has every entry's code,
+    ``.failed`` the indices that failed, ``.messages`` one line per failure."""
+
+    def __init__(self, message: str, statuses: List[int], failed: List[int], messages: List[str]):
+        super().__init__(message)
+        self.statuses = statuses
+        self.failed = failed
+        self.messages = messages
+
+
+OK = 0
+ERR_EXISTS = _k.ERR_EXISTS
+ERR_NOT_FOUND = _k.ERR_NOT_FOUND
+ERR_TOO_LARGE = _k.ERR_TOO_LARGE
+ERR_CORRUPT = _k.ERR_CORRUPT
+ERR_CLOSED = _k.ERR_CLOSED
+
+_HDR_LEN = 64
+_HDR_MAGIC = b"KVSUCM1|"
+
+
+def _dtype_name(t: Any) -> str:
+    d = getattr(t, "dtype", None)
+    if d is None:
+        return "bytes"
+    s = str(d)
+    return s[6:] if s.startswith("torch.") else s
+
+
+def _tensor_header(t: Any) -> bytes:
+    """64-byte header describing a tensor: dtype, shape and byte size."""
+    shape = tuple(getattr(t, "shape", ()))
+    nbytes = getattr(t, "nbytes", None)
+    if nbytes is None:
+        nbytes = memoryview(t).nbytes
+    txt = b"%s%s|%s|%d" % (
+        _HDR_MAGIC,
+        _dtype_name(t).encode(),
+        ",".join(str(int(x)) for x in shape).encode(),
+        int(nbytes),
+    )
+    if len(txt) > _HDR_LEN:  # very high rank: keep dtype and size exact, hash the shape
+        import hashlib
+
+        txt = b"%s%s|#%s|%d" % (
+            _HDR_MAGIC,
+            _dtype_name(t).encode(),
+            hashlib.sha1(repr(shape).encode()).hexdigest()[:16].encode(),
+            int(nbytes),
+        )
+    return txt.ljust(_HDR_LEN, b" ")
+
+
+def _describe_header(h: bytes) -> str:
+    if not h.startswith(_HDR_MAGIC):
+        return "raw bytes (written by dump_data, or not by this store)"
+    try:
+        dtype, shape, nbytes = h[len(_HDR_MAGIC):].rstrip(b" ").decode().split("|")
+        return f"dtype={dtype} shape=({shape}) bytes={nbytes}"
+    except ValueError:
+        return repr(h)
+
+
+def _cuda_event_sync(handle: int) -> None:
+    """Blocks the calling (worker) thread until the cudaEvent_t completes."""
+    if not handle:
+        return
+    lib = _cudart()
+    if lib is None:
+        raise _k.Unsupported("prerequisite_handle given but libcudart could not be loaded")
+    rc = lib.cudaEventSynchronize(ctypes.c_void_p(handle))
+    if rc != 0:
+        raise _k.CudaError(f"cudaEventSynchronize failed with CUDA error {rc}")
+
+
+_CUDART: Any = None
+_CUDART_LOCK = threading.Lock()
+
+
+def _cudart() -> Any:
+    global _CUDART
+    with _CUDART_LOCK:
+        if _CUDART is None:
+            names = [ctypes.util.find_library("cudart"), "libcudart.so", "libcudart.so.12", "libcudart.so.13"]
+            for n in names:
+                if not n:
+                    continue
+                try:
+                    _CUDART = ctypes.CDLL(n)
+                    _CUDART.cudaEventSynchronize.argtypes = [ctypes.c_void_p]
+                    _CUDART.cudaEventSynchronize.restype = ctypes.c_int
+                    break
+                except OSError:
+                    continue
+            else:
+                _CUDART = False
+        return _CUDART or None
+
+
+class KVShelfTask(_UcmTask, _UcmTaskV1 if _UcmTaskV1 is not _UcmTask else object):  # type: ignore[misc]
+    """A transfer submitted to the store's I/O threads.
+
+    ``task_id`` (int), ``kind`` ("load"/"dump"), ``n`` (entries); after it
+    finished: ``statuses`` (a kvshelf code per entry) and ``messages``."""
+
+    __slots__ = ("task_id", "kind", "n", "future", "statuses", "messages")
+
+    def __init__(self, task_id: int, kind: str, n: int, future: Future):
+        self.task_id = task_id
+        self.kind = kind
+        self.n = n
+        self.future = future
+        self.statuses: List[int] | None = None
+        self.messages: List[str] = []
+
+    def __repr__(self) -> str:
+        state = "done" if self.future.done() else "running"
+        return f"<KVShelfTask {self.kind} id={self.task_id} n={self.n} {state}>"
+
+
+class _StoreCore:
+    """Shared machinery: a client, I/O threads, task bookkeeping."""
+
+    def _core_init(self, config: Dict[str, Any] | None, name: str) -> None:
+        config = dict(config or {})
+        self._name = name
+        self._client = Client(store_config(config))
+        threads = int(config.get("io_threads", 2))
+        self._io = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix=f"kvshelf-{name}")
+        self._lock = threading.Lock()
+        self._next_id = 0
+        self._tasks: Dict[int, KVShelfTask] = {}
+        self._shutting_down = False
+        self._shutdown_timeout = float(config.get("shutdown_timeout", 30.0))
+
+    # ---- tasks ----
+    def _submit(self, kind: str, n: int, fn, *args) -> KVShelfTask:
+        with self._lock:
+            if self._shutting_down:
+                raise _k.Closed(f"{self._name} is shutting down")
+            self._next_id += 1
+            tid = self._next_id
+            fut = self._io.submit(fn, *args)
+            task = KVShelfTask(tid, kind, n, fut)
+            self._tasks[tid] = task
+        return task
+
+    def _collect(self, task: KVShelfTask, timeout: float | None = None) -> List[int]:
+        """Waits for the task; returns per-entry statuses (KVS_ERR_CLOSED
+        everywhere if it was cancelled by shutdown)."""
+        if task.statuses is not None:
+            return task.statuses
+        try:
+            res = task.future.result(timeout)
+            statuses, messages = res if isinstance(res, tuple) else (res, [])
+        except CancelledError:
+            statuses, messages = [ERR_CLOSED] * task.n, [f"task {task.task_id} cancelled by shutdown"]
+        except Error as e:
+            statuses = [getattr(e, "code", None) or -19] * task.n
+            messages = [str(e)]
+        except Exception as e:  # a bug or an unexpected argument
+            statuses, messages = [-19] * task.n, [f"{type(e).__name__}: {e}"]
+        task.statuses = list(statuses)
+        task.messages = messages
+        with self._lock:
+            self._tasks.pop(task.task_id, None)
+        return task.statuses
+
+    @staticmethod
+    def _ok(status: int, kind: str) -> bool:
+        return status == OK or (kind == "dump" and status == ERR_EXISTS)
+
+    def _failure_lines(self, task: KVShelfTask) -> List[str]:
+        out = list(task.messages)
+        for i, s in enumerate(task.statuses or []):
+            if not self._ok(s, task.kind) and len(out) < 8:
+                out.append(f"entry {i}: {errname(s)}: {strerror(s)}")
+        return out
+
+    def _shutdown_core(self) -> None:
+        with self._lock:
+            if self._shutting_down:
+                return
+            self._shutting_down = True
+            tasks = list(self._tasks.values())
+        for t in tasks:  # queued ones are cancelled, running ones finish
+            t.future.cancel()
+        self._io.shutdown(wait=True, cancel_futures=True)
+        self._client.close()
+
+    def cc_store(self) -> int:
+        """Address of the native kvs_client (0 after shutdown)."""
+        return int(self._client.handle or 0)
+
+    def __del__(self):
+        try:
+            self.shutdown()
+        except Exception:
+            pass
+
+
+# --------------------------------------------------------------------------
+# Legacy interface (UcmMooncakeStore)
+# --------------------------------------------------------------------------
+
+
+class UcmKVShelfStore(_StoreCore, UcmKVStoreBase):
+    """Drop-in for UCM's ``UcmMooncakeStore`` (legacy ``UcmKVStoreBase``)."""
+
+    def __init__(self, config: Dict = {}):  # noqa: B006 - UCM's signature
+        UcmKVStoreBase.__init__(self, config)
+        self._core_init(config, "UcmKVShelfStore")
+
+    @staticmethod
+    def _keys(block_ids: Sequence[str], offset: Sequence[int]) -> List[str]:
+        if len(block_ids) != len(offset):
+            raise ValueError(f"{len(block_ids)} block ids but {len(offset)} offsets")
+        return [f"{b}_{o}" for b, o in zip(block_ids, offset)]
+
+    def create(self, block_ids: List[str]) -> List[int]:
+        """Objects are created by dump; always 0 per block (as Mooncake)."""
+        return [0] * len(block_ids)
+
+    def lookup(self, block_ids: List[str]) -> List[bool]:
+        """Hit mask: ``f"{id}_0"`` stored. One round trip for all ids."""
+        if self._shutting_down:
+            raise RuntimeError("UcmKVShelfStore is shutting down.")
+        if not block_ids:
+            return []
+        return self._client.exists_batch([f"{b}_0" for b in block_ids])
+
+    def prefetch(self, block_ids: List[str]) -> None:
+        """No-op: the pool is already host memory."""
+        return None
+
+    # tensors -------------------------------------------------------------
+    def _tensor_job(self, kind: str, keys: List[str], tensors: List[Any]) -> Tuple[List[int], List[str]]:
+        headers = [_tensor_header(t) for t in tensors]
+        if kind == "dump":
+            st = self._client.put_parts(keys, tensors, None, headers)
+            return st, []
+        st = self._client.get_parts(keys, tensors, None, headers)
+        messages = []
+        for i, s in enumerate(st):
+            if s in (ERR_CORRUPT, ERR_TOO_LARGE) and len(messages) < 8:
+                try:
+                    stored = _describe_header(self._client.read_header(keys[i], _HDR_LEN))
+                except Error:
+                    stored = "unreadable"
+                messages.append(
+                    f"load {keys[i]}: stored {stored}; destination {_describe_header(headers[i])}"
+                    " (wrong dtype or size: nothing copied)"
+                )
+        return st, messages
+
+    def _check_tensors(self, what: str, block_ids, offset, tensors) -> List[str]:
+        if len(block_ids) != len(tensors):
+            raise ValueError(f"{what}: {len(block_ids)} block ids but {len(tensors)} tensors")
+        return self._keys(block_ids, offset)
+
+    def load(self, block_ids: List[str], offset: List[int], dst_tensor: List[Any]) -> KVShelfTask:
+        """Loads ``dst_tensor[i]`` from block ``block_ids[i]`` at ``offset[i]``."""
+        keys = self._check_tensors("load", block_ids, offset, dst_tensor)
+        return self._submit("load", len(keys), self._tensor_job, "load", keys, list(dst_tensor))
+
+    def dump(self, block_ids: List[str], offset: List[int], src_tensor: List[Any]) -> KVShelfTask:
+        """Stores ``src_tensor[i]`` as block ``block_ids[i]`` at ``offset[i]``."""
+        keys = self._check_tensors("dump", block_ids, offset, src_tensor)
+        return self._submit("dump", len(keys), self._tensor_job, "dump", keys, list(src_tensor))
+
+    # raw addresses -------------------------------------------------------
+    def _raw_job(self, kind: str, keys: List[str], addrs: List[int], sizes: List[int]):
+        pairs = list(zip(addrs, sizes))
+        if kind == "dump":
+            return self._client.put_batch(keys, pairs), []
+        got = self._client.get_batch(keys, pairs)
+        st, msgs = [], []
+        for i, g in enumerate(got):
+            if g >= 0 and g != sizes[i]:
+                st.append(ERR_TOO_LARGE)
+                if len(msgs) < 8:
+                    msgs.append(f"fetch {keys[i]}: stored {g} bytes, destination {sizes[i]}")
+            else:
+                st.append(g if g < 0 else OK)
+        return st, msgs
+
+    def _check_raw(self, what, block_ids, offset, addr, size) -> List[str]:
+        if not (len(block_ids) == len(addr) == len(size)):
+            raise ValueError(
+                f"{what}: {len(block_ids)} block ids, {len(addr)} addresses, {len(size)} sizes"
+            )
+        return self._keys(block_ids, offset)
+
+    def fetch_data(self, block_ids: List[str], offset: List[int], dst_addr: List[int], size: List[int]) -> KVShelfTask:
+        """Loads raw bytes into host addresses ``dst_addr[i]`` (``size[i]`` bytes)."""
+        keys = self._check_raw("fetch_data", block_ids, offset, dst_addr, size)
+        return self._submit("load", len(keys), self._raw_job, "load", keys, list(dst_addr), list(size))
+
+    def dump_data(self, block_ids: List[str], offset: List[int], src_addr: List[int], size: List[int]) -> KVShelfTask:
+        """Stores raw bytes from host addresses ``src_addr[i]`` (``size[i]`` bytes)."""
+        keys = self._check_raw("dump_data", block_ids, offset, src_addr, size)
+        return self._submit("dump", len(keys), self._raw_job, "dump", keys, list(src_addr), list(size))
+
+    # completion ----------------------------------------------------------
+    def wait(self, task: KVShelfTask) -> int:
+        """0 when every entry succeeded (a dump of an already stored object
+        counts), else 1 (the reasons are logged and kept in task.messages)."""
+        if not isinstance(task, KVShelfTask):
+            logger.error("wait: not a task of this store: %r", task)
+            return 1
+        st = self._collect(task)
+        if all(self._ok(s, task.kind) for s in st):
+            return 0
+        for line in self._failure_lines(task):
+            logger.error("kvshelf %s task %d: %s", task.kind, task.task_id, line)
+        return 1
+
+    def check(self, task: KVShelfTask) -> Tuple[int, bool]:
+        """(ret, finished): ret 0 = success so far / succeeded, 1 = failed."""
+        if task.statuses is None and not task.future.done():
+            return 0, False
+        return self.wait(task), True
+
+    def commit(self, block_ids: List[str], is_success: bool = True) -> None:
+        """On failure, hides the blocks from lookup (removes ``{id}_0``)."""
+        if is_success or not block_ids:
+            return None
+        try:
+            self._client.remove_batch([f"{b}_0" for b in block_ids])
+        except Error as e:
+            logger.warning("commit(is_success=False): %s", e)
+        return None
+
+    def shutdown(self) -> None:
+        """Cancels queued tasks, lets running ones finish, closes the client."""
+        self._shutdown_core()
+
+
+#: The name UCM configurations use for the store kvshelf replaces.
+UcmMooncakeStore = UcmKVShelfStore
+
+
+# --------------------------------------------------------------------------
+# V1 interface
+# --------------------------------------------------------------------------
+
+
+class UcmKVShelfStoreV1(_StoreCore, UcmKVStoreBaseV1):
+    """``UcmKVStoreBaseV1`` over kvshelf."""
+
+    def __init__(self, config: Dict[str, object]) -> None:
+        UcmKVStoreBaseV1.__init__(self, config)
+        self._core_init(config, "UcmKVShelfStoreV1")
+        ts = config.get("tensor_size") if config else None
+        self._sizes: List[int] | None = None
+        if ts is not None:
+            self._sizes = [int(x) for x in ts] if isinstance(ts, (list, tuple)) else [int(ts)]
+        self._dtype: str | None = str(config.get("dtype")) if config and config.get("dtype") else None
+        self._lookup_shards = int(config.get("lookup_shards", 1)) if config else 1
+
+    # keys ----------------------------------------------------------------
+    @staticmethod
+    def _keys(block_ids: Sequence[bytes], shard_index: Sequence[int]) -> List[bytes]:
+        if len(block_ids) != len(shard_index):
+            raise ValueError(f"{len(block_ids)} block ids but {len(shard_index)} shard indexes")
+        p = struct.Struct("<I").pack
+        return [bytes(b) + p(s) for b, s in zip(block_ids, shard_index)]
+
+    def _geometry_header(self, sizes: Sequence[int]) -> bytes:
+        return b"KVSV1|%d|%s" % (len(sizes), ",".join(str(int(s)) for s in sizes).encode())
+
+    # lookups ---------------------------------------------------------------
+    def lookup(self, block_ids: List[bytes]) -> List[bool]:
+        if not block_ids:
+            return []
+        k = self._lookup_shards
+        keys = self._keys([b for b in block_ids for _ in range(k)], list(range(k)) * len(block_ids)) if k > 1 \
+            else self._keys(block_ids, [0] * len(block_ids))
+        hits = self._client.exists_batch(keys)
+        if k == 1:
+            return hits
+        return [all(hits[i * k:(i + 1) * k]) for i in range(len(block_ids))]
+
+    def lookup_on_prefix(self, block_ids: List[bytes]) -> int:
+        """Index of the last block of the leading run present, -1 if none."""
+        hits = self.lookup(block_ids)
+        for i, h in enumerate(hits):
+            if not h:
+                return i - 1
+        return len(hits) - 1
+
+    def lookup_on_reverse(self, block_ids: List[bytes]) -> int:
+        """Index of the rightmost block present, -1 if none."""
+        hits = self.lookup(block_ids)
+        for i in range(len(hits) - 1, -1, -1):
+            if hits[i]:
+                return i
+        return -1
+
+    def prefetch(self, block_ids: List[bytes]) -> None:
+        return None
+
+    def register_memory(self, base_addr: int, total_size: int) -> None:
+        """Registers host memory the transfers will use (optional)."""
+        self._client.register_memory(int(base_addr), int(total_size))
+
+    # tensors ---------------------------------------------------------------
+    def _check_rows(self, what: str, block_ids, rows) -> None:
+        if len(block_ids) != len(rows):
+            raise ValueError(f"{what}: {len(block_ids)} block ids but {len(rows)} tensor rows")
+        if not rows:
+            return
+        dtypes = {_dtype_name(t) for t in rows[0]}
+        if self._dtype is None and len(dtypes) == 1:
+            self._dtype = dtypes.pop()
+        elif self._dtype is not None and dtypes != {self._dtype}:
+            raise TypeError(
+                f"{what}: tensors of dtype {sorted(dtypes)} given, this store holds {self._dtype}"
+            )
+
+    def _job(self, kind: str, keys: List[bytes], addrs: Any, sizes: Any, event: int = 0):
+        if kind == "dump":
+            _cuda_event_sync(event)
+            hdr = self._geometry_header(self._sizes or [])
+            return self._client.put_parts(keys, addrs, sizes, hdr), []
+        hdr = self._geometry_header(self._sizes or [])
+        st = self._client.get_parts(keys, addrs, sizes, hdr)
+        msgs = []
+        for i, s in enumerate(st):
+            if s in (ERR_CORRUPT, ERR_TOO_LARGE) and len(msgs) < 8:
+                try:
+                    stored = self._client.read_header(keys[i], 64).split(b"|")
+                    stored_s = stored[2].decode() if len(stored) > 2 else "?"
+                except Error:
+                    stored_s = "unreadable"
+                msgs.append(
+                    f"load block {keys[i][:-4].hex()} shard {struct.unpack('<I', keys[i][-4:])[0]}:"
+                    f" stored tensor sizes [{stored_s}], destination {self._sizes} (nothing copied)"
+                )
+        return st, msgs
+
+    def _learn_sizes(self, what: str, rows) -> None:
+        sizes = [int(t.nbytes) if hasattr(t, "nbytes") else memoryview(t).nbytes for t in rows[0]]
+        if self._sizes is None:
+            self._sizes = sizes
+        elif sizes != self._sizes:
+            raise ValueError(
+                f"{what}: tensors of {sizes} bytes given, this store's blocks hold tensors of "
+                f"{self._sizes} bytes"
+            )
+
+    def load(self, block_ids: List[bytes], shard_index: List[int], dst_tensor: List[List[Any]]) -> KVShelfTask:
+        keys = self._keys(block_ids, shard_index)
+        self._check_rows("load", block_ids, dst_tensor)
+        if dst_tensor:
+            self._learn_sizes("load", dst_tensor)
+        return self._submit("load", len(keys), self._job, "load", keys, [list(r) for r in dst_tensor], self._sizes)
+
+    def dump(self, block_ids: List[bytes], shard_index: List[int], src_tensor: List[List[Any]]) -> KVShelfTask:
+        keys = self._keys(block_ids, shard_index)
+        self._check_rows("dump", block_ids, src_tensor)
+        if src_tensor:
+            self._learn_sizes("dump", src_tensor)
+        return self._submit("dump", len(keys), self._job, "dump", keys, [list(r) for r in src_tensor], self._sizes)
+
+    # addresses -------------------------------------------------------------
+    def _need_sizes(self, what: str) -> List[int]:
+        if self._sizes is None:
+            raise ValueError(
+                f"{what}: tensor sizes unknown: set config 'tensor_size' (bytes per tensor, or a "
+                "list) or call load/dump with tensors first"
+            )
+        return self._sizes
+
+    def load_data(self, block_ids: List[bytes], shard_index: List[int], dst_addr: Any) -> KVShelfTask:
+        keys = self._keys(block_ids, shard_index)
+        sizes = self._need_sizes("load_data")
+        return self._submit("load", len(keys), self._job, "load", keys, dst_addr, sizes)
+
+    def dump_data(self, block_ids: List[bytes], shard_index: List[int], src_addr: Any, prerequisite_handle: int = 0) -> KVShelfTask:
+        keys = self._keys(block_ids, shard_index)
+        sizes = self._need_sizes("dump_data")
+        return self._submit("dump", len(keys), self._job, "dump", keys, src_addr, sizes, int(prerequisite_handle or 0))
+
+    fetch_data = load_data
+
+    # completion --------------------------------------------------------------
+    def wait(self, task: KVShelfTask) -> None:
+        """Returns when every entry succeeded; raises TransferError (a
+        RuntimeError) naming the failed entries otherwise."""
+        st = self._collect(task)
+        failed = [i for i, s in enumerate(st) if not self._ok(s, task.kind)]
+        if failed:
+            lines = self._failure_lines(task)
+            raise TransferError(
+                f"kvshelf {task.kind} task {task.task_id}: {len(failed)} of {len(st)} blocks failed: "
+                + "; ".join(lines[:4]),
+                st,
+                failed,
+                lines,
+            )
+
+    def check(self, task: KVShelfTask) -> bool:
+        return task.statuses is not None or task.future.done()
+
+    def shutdown(self) -> None:
+        self._shutdown_core()
+
+
+# --------------------------------------------------------------------------
+# Registration with UCM's factories (when UCM is installed)
+# --------------------------------------------------------------------------
+
+
+def register_with_ucm() -> bool:
+    """Registers ``UcmKVShelfStore`` (legacy factory) and
+    ``UcmKVShelfStoreV1`` (V1 factory) so UCM configs can name them in
+    ``ucm_connector_name``. Idempotent; False if UCM is not installed."""
+    done = False
+    for mod, cls_name, name, target in (
+        ("ucm.store.factory", "UcmConnectorFactory", "UcmKVShelfStore", "UcmKVShelfStore"),
+        ("ucm.store.factory_v1", "UcmConnectorFactoryV1", "UcmKVShelfStoreV1", "UcmKVShelfStoreV1"),
+    ):
+        try:
+            m = __import__(mod, fromlist=[cls_name])
+            fac = getattr(m, cls_name)
+            if name not in getattr(fac, "_registry", {}):
+                fac.register_connector(name, __name__, target)
+            done = True
+        except Exception:
+            continue
+    return done
+
+
+if HAVE_UCM or HAVE_UCM_V1:  # pragma: no cover - depends on the environment
+    register_with_ucm()
+
+__all__ = [
+    "HAVE_UCM",
+    "HAVE_UCM_V1",
+    "KVShelfTask",
+    "TransferError",
+    "UcmKVShelfStore",
+    "UcmKVShelfStoreV1",
+    "UcmKVStoreBase",
+    "UcmKVStoreBaseV1",
+    "UcmMooncakeStore",
+    "register_with_ucm",
+]
