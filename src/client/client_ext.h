@@ -7,6 +7,7 @@
 #include <stdint.h>
 
 #include "kvshelf/client.h"
+#include "proto/proto.h" /* enum kvs_role */
 
 typedef struct kvs_client_opts {
     uint32_t role;  /* enum kvs_role; 0 = KVS_ROLE_CLIENT */

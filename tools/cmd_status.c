@@ -1,0 +1,336 @@
+/* `kvshelf status` (the pool's state from the master's STATS) and
+ * `kvshelf stop` (SHUTDOWN; for the embedded host-local pool). Neither
+ * starts an embedded pool. */
+#include <getopt.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <cjson/cJSON.h>
+
+#include "client/client_ext.h"
+#include "common/log.h"
+#include "common/net.h"
+#include "common/util.h"
+#include "kvshelf/kvshelf.h"
+#include "tools/commands.h"
+
+typedef struct tool_opts {
+    const char *master, *config, *secret;
+    int json, verbose;
+} tool_opts;
+
+/* Parses the shared options; returns -1 to go on, else an exit status. */
+static int parse(const char *name, int argc, char **argv, tool_opts *o, int allow_json,
+                 void (*usage)(FILE *))
+{
+    enum { O_MASTER = 256, O_CONFIG, O_JSON, O_SECRET };
+    static const struct option lo[] = {
+        {"master", required_argument, 0, O_MASTER}, {"config", required_argument, 0, O_CONFIG},
+        {"secret", required_argument, 0, O_SECRET}, {"json", no_argument, 0, O_JSON},
+        {"verbose", no_argument, 0, 'v'},          {"help", no_argument, 0, 'h'},
+        {0, 0, 0, 0},
+    };
+    memset(o, 0, sizeof *o);
+    optind = 1;
+    opterr = 0;
+    for (;;) {
+        int ch = getopt_long(argc, argv, "vh", lo, NULL);
+        if (ch < 0) break;
+        switch (ch) {
+        case O_MASTER: o->master = optarg; break;
+        case O_CONFIG: o->config = optarg; break;
+        case O_SECRET: o->secret = optarg; break;
+        case O_JSON:
+            if (!allow_json) goto bad;
+            o->json = 1;
+            break;
+        case 'v': o->verbose = 1; break;
+        case 'h': usage(stdout); return 0;
+        default: goto bad;
+        }
+    }
+    if (optind < argc) {
+        fprintf(stderr, "kvshelf %s: unexpected argument '%s'\n\n", name, argv[optind]);
+        usage(stderr);
+        return 2;
+    }
+    if (o->verbose) kvs_log_set_level(KVS_LOG_INFO);
+    return -1;
+bad:
+    fprintf(stderr, "kvshelf %s: unknown or incomplete option '%s'\n\n", name, argv[optind - 1]);
+    usage(stderr);
+    return 2;
+}
+
+/* Config from --config, the environment, then --master/--secret. */
+static int load_config(const char *name, const tool_opts *o, kvs_config *cfg)
+{
+    char err[512] = "";
+    kvs_config_init(cfg);
+    if ((o->config && kvs_config_load_file(cfg, o->config, err, sizeof err)) ||
+        kvs_config_load_env(cfg, err, sizeof err)) {
+        fprintf(stderr, "kvshelf %s: %s\n", name, err);
+        return 2;
+    }
+    if (o->master &&
+        kvs_strlcpy(cfg->master_server_address, o->master, sizeof cfg->master_server_address)) {
+        fprintf(stderr, "kvshelf %s: --master is too long\n", name);
+        return 2;
+    }
+    if (o->secret && kvs_strlcpy(cfg->secret, o->secret, sizeof cfg->secret)) {
+        fprintf(stderr, "kvshelf %s: --secret is too long\n", name);
+        return 2;
+    }
+    if (kvs_config_validate(cfg, err, sizeof err)) {
+        fprintf(stderr, "kvshelf %s: %s\n", name, err);
+        return 2;
+    }
+    return 0;
+}
+
+/* Opens a tool connection (no segment, never starts the embedded pool).
+ * Returns 0, 3 when no embedded pool runs (message printed by the caller),
+ * or 1 on failure (message printed). */
+static int open_tool(const char *name, const kvs_config *cfg, kvs_client **c)
+{
+    char err[512] = "";
+    kvs_client_opts opt = {KVS_ROLE_TOOL, 1, 1};
+    int rc = kvs_client_open_opts(cfg, &opt, c, err, sizeof err);
+    if (rc == KVS_ERR_UNAVAILABLE && !cfg->master_server_address[0]) return 3;
+    if (rc) {
+        fprintf(stderr, "kvshelf %s: %s (%s)\n", name, err[0] ? err : kvs_strerror(rc),
+                kvs_errname(rc));
+        return 1;
+    }
+    return 0;
+}
+
+/* ---- status ---- */
+
+static void status_usage(FILE *f)
+{
+    fprintf(f,
+            "usage: kvshelf status [--master ADDR] [--json] [--secret S] [--config FILE]\n\n"
+            "Shows the pool: segments, capacity and use, objects, clients and counters.\n"
+            "Without a master address (option, configuration or environment) it shows\n"
+            "the embedded host-local pool of this user, and says so if none is running\n"
+            "(it never starts one).\n\n"
+            "  --master ADDR   master address, host:port or unix:/path\n"
+            "  --json          print the master's STATS JSON document as is\n"
+            "  --secret S      shared secret (or KVSHELF_SECRET)\n"
+            "  --config FILE   JSON configuration (Mooncake keys)\n"
+            "  -v, --verbose   log more\n"
+            "  -h, --help      this text\n\n"
+            "Exit status: 0 shown, 1 error, 2 bad usage, 3 no embedded pool is running.\n");
+}
+
+static void human(double v, char *out, size_t cap)
+{
+    const char *u[] = {"B", "KiB", "MiB", "GiB", "TiB", "PiB"};
+    int i = 0;
+    while (v >= 1024 && i < 5) {
+        v /= 1024;
+        i++;
+    }
+    if (i == 0) snprintf(out, cap, "%.0f B", v);
+    else snprintf(out, cap, "%.2f %s", v, u[i]);
+}
+
+static double num(const cJSON *o, const char *k)
+{
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, k);
+    return cJSON_IsNumber(v) ? v->valuedouble : 0;
+}
+
+static const char *str(const cJSON *o, const char *k)
+{
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, k);
+    return cJSON_IsString(v) && v->valuestring ? v->valuestring : "-";
+}
+
+static void print_table(const char *master, int embedded, const cJSON *root)
+{
+    char a[32], b[32];
+    printf("master      %s%s\n", master, embedded ? "  (embedded host-local pool)" : "");
+    printf("uptime      %.1f s\n", num(root, "uptime_s"));
+    double cap = num(root, "capacity"), used = num(root, "used");
+    human(cap, a, sizeof a);
+    human(used, b, sizeof b);
+    printf("capacity    %s, used %s (%.1f%%)\n", a, b, cap > 0 ? 100.0 * used / cap : 0.0);
+    printf("objects     %.0f stored, %.0f being written, %.0f read leases\n",
+           num(root, "objects"), num(root, "writing"), num(root, "leases"));
+    const cJSON *segs = cJSON_GetObjectItemCaseSensitive(root, "segments");
+    int ns = cJSON_IsArray(segs) ? cJSON_GetArraySize(segs) : 0;
+    printf("\nsegments (%d)\n", ns);
+    if (ns) {
+        printf("  %-5s %-12s %-12s %6s %9s  %-16s %-22s %s\n", "ID", "SIZE", "USED", "USE%",
+               "OBJECTS", "HOST", "TRANSFER", "SHM");
+        const cJSON *s;
+        cJSON_ArrayForEach(s, segs)
+        {
+            double sz = num(s, "size"), us = num(s, "used");
+            human(sz, a, sizeof a);
+            human(us, b, sizeof b);
+            printf("  %-5.0f %-12s %-12s %5.1f%% %9.0f  %-16s %-22s %s\n", num(s, "id"), a, b,
+                   sz > 0 ? 100.0 * us / sz : 0.0, num(s, "objects"), str(s, "hostname"),
+                   str(s, "transfer_addr"), str(s, "shm_name"));
+        }
+    }
+    const cJSON *cls = cJSON_GetObjectItemCaseSensitive(root, "clients");
+    int nc = cJSON_IsArray(cls) ? cJSON_GetArraySize(cls) : 0;
+    printf("\nclients (%d)\n", nc);
+    if (nc) {
+        printf("  %-6s %-7s %-16s %-8s %s\n", "ID", "ROLE", "HOST", "PID", "LAST SEEN");
+        const cJSON *cl;
+        cJSON_ArrayForEach(cl, cls)
+        {
+            printf("  %-6.0f %-7s %-16s %-8.0f %.1f s ago\n", num(cl, "id"), str(cl, "role"),
+                   str(cl, "hostname"), num(cl, "pid"), num(cl, "last_seen_ms_ago") / 1000.0);
+        }
+    }
+    const cJSON *cn = cJSON_GetObjectItemCaseSensitive(root, "counters");
+    if (cJSON_IsObject(cn)) {
+        printf("\ncounters\n ");
+        const cJSON *v;
+        int col = 0;
+        cJSON_ArrayForEach(v, cn)
+        {
+            if (!cJSON_IsNumber(v) || !v->string) continue;
+            printf(" %s %.0f", v->string, v->valuedouble);
+            if (++col % 6 == 0) printf("\n ");
+        }
+        printf("\n");
+    }
+}
+
+int kvs_cmd_status(int argc, char **argv)
+{
+    tool_opts o;
+    kvs_log_set_name("status");
+    int prc = parse("status", argc, argv, &o, 1, status_usage);
+    if (prc >= 0) return prc;
+    kvs_config cfg;
+    if ((prc = load_config("status", &o, &cfg))) return prc;
+    signal(SIGPIPE, SIG_IGN);
+    kvs_client *c;
+    int orc = open_tool("status", &cfg, &c);
+    if (orc == 3) {
+        char dir[512];
+        kvs_embedded_runtime_dir(&cfg, dir, sizeof dir);
+        if (o.json) {
+            cJSON *j = cJSON_CreateObject();
+            char *t = NULL;
+            if (j && cJSON_AddFalseToObject(j, "running") &&
+                cJSON_AddStringToObject(j, "runtime_dir", dir))
+                t = cJSON_PrintUnformatted(j);
+            if (t) printf("%s\n", t);
+            free(t);
+            cJSON_Delete(j);
+        }
+        fprintf(stderr,
+                "kvshelf status: no embedded pool is running (runtime dir %s).\n"
+                "It starts with the first program that opens a client without a master\n"
+                "address; give --master ADDR to ask a standalone master.\n",
+                dir);
+        return 3;
+    }
+    if (orc) return orc;
+    char *json = NULL;
+    int rc = kvs_client_stats_json(c, &json);
+    int status = 0;
+    if (rc) {
+        fprintf(stderr, "kvshelf status: STATS failed: %s (%s)\n", kvs_strerror(rc),
+                kvs_errname(rc));
+        status = 1;
+    } else if (o.json) {
+        printf("%s\n", json);
+    } else {
+        cJSON *root = cJSON_Parse(json);
+        if (!root) {
+            fprintf(stderr, "kvshelf status: the master sent invalid JSON\n");
+            status = 1;
+        } else {
+            print_table(kvs_client_master_addr(c), kvs_client_is_embedded(c), root);
+            cJSON_Delete(root);
+        }
+    }
+    free(json);
+    kvs_client_close(c);
+    return status;
+}
+
+/* ---- stop ---- */
+
+static void stop_usage(FILE *f)
+{
+    fprintf(f,
+            "usage: kvshelf stop [--master ADDR] [--secret S] [--config FILE]\n\n"
+            "Stops the embedded host-local pool of this user (its objects are lost),\n"
+            "or the master at ADDR (allowed from the same host and user, or with the\n"
+            "secret). Waits until it is gone. Programs still using the embedded pool\n"
+            "start a new one when they next need it.\n\n"
+            "  --master ADDR   master address, host:port or unix:/path\n"
+            "  --secret S      shared secret (or KVSHELF_SECRET)\n"
+            "  --config FILE   JSON configuration (Mooncake keys)\n"
+            "  -v, --verbose   log more\n"
+            "  -h, --help      this text\n\n"
+            "Exit status: 0 stopped (or nothing was running), 1 error, 2 bad usage.\n");
+}
+
+int kvs_cmd_stop(int argc, char **argv)
+{
+    tool_opts o;
+    kvs_log_set_name("stop");
+    int prc = parse("stop", argc, argv, &o, 0, stop_usage);
+    if (prc >= 0) return prc;
+    kvs_config cfg;
+    if ((prc = load_config("stop", &o, &cfg))) return prc;
+    signal(SIGPIPE, SIG_IGN);
+    kvs_client *c;
+    int orc = open_tool("stop", &cfg, &c);
+    if (orc == 3) {
+        char dir[512];
+        kvs_embedded_runtime_dir(&cfg, dir, sizeof dir);
+        fprintf(stderr, "kvshelf stop: no embedded pool is running (runtime dir %s)\n", dir);
+        return 0;
+    }
+    if (orc) return orc;
+    char addr_text[600];
+    kvs_strlcpy(addr_text, kvs_client_master_addr(c), sizeof addr_text);
+    int embedded = kvs_client_is_embedded(c);
+    int rc = kvs_client_shutdown_master(c);
+    kvs_client_close(c);
+    if (rc) {
+        fprintf(stderr, "kvshelf stop: the master at %s refused or failed: %s (%s)\n", addr_text,
+                kvs_strerror(rc), kvs_errname(rc));
+        return 1;
+    }
+    /* wait until it no longer accepts connections */
+    kvs_addr a;
+    int gone = 0;
+    if (kvs_addr_parse(addr_text, KVS_DEFAULT_MASTER_PORT, &a) == KVS_OK) {
+        uint64_t deadline = kvs_now_ms() + 10000;
+        while (kvs_now_ms() < deadline) {
+            int fd = kvs_connect(&a, 500);
+            if (fd < 0) {
+                gone = 1;
+                break;
+            }
+            close(fd);
+            struct timespec ts = {0, 50 * 1000000L};
+            nanosleep(&ts, NULL);
+        }
+    }
+    if (!gone) {
+        fprintf(stderr, "kvshelf stop: asked %s to stop, but it still accepts connections\n",
+                addr_text);
+        return 1;
+    }
+    fprintf(stderr, "kvshelf stop: stopped %s%s\n", embedded ? "the embedded pool at " : "",
+            addr_text);
+    return 0;
+}
