@@ -111,9 +111,13 @@ static void maybe_grow(kvs_metadata *m)
 }
 
 /* Stores a copy; `rpc_rule` applies Mooncake's duplicate-rpc_meta check and
- * then returns 1 for "unchanged" and KVS_ERR_EXISTS for a conflicting value. */
-static int md_put(kvs_metadata *m, const char *key, const void *val, size_t len, int rpc_rule)
+ * then returns 1 for "unchanged" and KVS_ERR_EXISTS for a conflicting value.
+ * On KVS_ERR_NO_SPACE, *keys_full (may be NULL) tells the key count from the
+ * byte budget. */
+static int md_put(kvs_metadata *m, const char *key, const void *val, size_t len, int rpc_rule,
+                  int *keys_full)
 {
+    if (keys_full) *keys_full = 0;
     if (!m || !key || !*key || (len && !val)) return KVS_ERR_INVALID;
     size_t klen = strlen(key);
     if (klen > m->lim.max_key_bytes || len > m->lim.max_value_bytes) return KVS_ERR_TOO_LARGE;
@@ -142,7 +146,10 @@ static int md_put(kvs_metadata *m, const char *key, const void *val, size_t len,
             e->val_len = len;
             copy = NULL;
         }
-    } else if (m->count >= m->lim.max_keys || m->bytes + klen + len > m->lim.max_total_bytes) {
+    } else if (m->count >= m->lim.max_keys) {
+        rc = KVS_ERR_NO_SPACE;
+        if (keys_full) *keys_full = 1;
+    } else if (m->bytes + klen + len > m->lim.max_total_bytes) {
         rc = KVS_ERR_NO_SPACE;
     } else {
         e = calloc(1, sizeof *e);
@@ -172,7 +179,7 @@ static int md_put(kvs_metadata *m, const char *key, const void *val, size_t len,
 /* Stores a copy of val under key (replacing). See metadata.h. */
 int kvs_metadata_put(kvs_metadata *m, const char *key, const void *val, size_t len)
 {
-    return md_put(m, key, val, len, 0);
+    return md_put(m, key, val, len, 0, NULL);
 }
 
 /* Returns a malloc'd copy of the value. See metadata.h. */
@@ -313,13 +320,17 @@ void kvs_metadata_handle(kvs_metadata *m, const kvs_http_request *req, kvs_http_
         if (req->body_len && !req->body) {
             reply(resp, 400, "invalid request");
         } else {
-            int rc = md_put(m, key, req->body, req->body_len, 1);
+            int keys_full = 0;
+            int rc = md_put(m, key, req->body, req->body_len, 1, &keys_full);
             switch (rc) {
             case KVS_OK: reply(resp, 200, "metadata updated"); break;
             case 1: reply(resp, 200, "metadata unchanged"); break;
             case KVS_ERR_EXISTS: reply(resp, 400, "Duplicate rpc_meta key not allowed"); break;
             case KVS_ERR_TOO_LARGE: reply(resp, 413, "metadata value too large"); break;
-            case KVS_ERR_NO_SPACE: reply(resp, 507, "metadata store full"); break;
+            case KVS_ERR_NO_SPACE:
+                reply(resp, 507,
+                      keys_full ? "metadata key budget exhausted" : "metadata size budget exhausted");
+                break;
             case KVS_ERR_INVALID: reply(resp, 400, "invalid request"); break;
             default: reply(resp, 500, "out of memory"); break;
             }

@@ -11,7 +11,9 @@
  *   other methods 405 "Method not allowed"
  * Every response has Content-Type application/json (as Mooncake's).
  * kvshelf's own limits: key longer than the limit 400 "metadata key too
- * long"; value over max_value_bytes 413; store full (keys or bytes) 507.
+ * long"; value over max_value_bytes 413 "metadata value too large"; store
+ * full 507 "metadata key budget exhausted" / "metadata size budget
+ * exhausted" (the texts of Mooncake's bounded server).
  * Thread-safe. */
 #ifndef KVS_METADATA_H
 #define KVS_METADATA_H

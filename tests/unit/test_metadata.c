@@ -137,9 +137,9 @@ static void test_handler_limits(void **state)
     expect(m, "PUT", "k", "01234567890", 413, "metadata value too large");
     expect(m, "PUT", "k1", "0123456789", 200, NULL);
     expect(m, "PUT", "k2", "0123456789", 200, NULL);
-    expect(m, "PUT", "k3", "0123456789", 507, "metadata store full"); /* 24 + 12 > 30 bytes */
+    expect(m, "PUT", "k3", "0123456789", 507, "metadata size budget exhausted"); /* 24+12 > 30 */
     expect(m, "PUT", "k3", "0", 200, NULL);
-    expect(m, "PUT", "k4", "0", 507, "metadata store full"); /* 3 keys */
+    expect(m, "PUT", "k4", "0", 507, "metadata key budget exhausted"); /* 3 keys */
     expect(m, "PUT", "k3", "0123456789", 507, NULL);         /* replacing also counts bytes */
     assert_int_equal(kvs_metadata_count(m), 3);
     assert_int_equal(kvs_metadata_bytes(m), 2 + 10 + 2 + 10 + 2 + 1);
