@@ -11,6 +11,10 @@
  * returns. Errors: negative kvs_error codes (see errors.h). A miss is
  * KVS_ERR_NOT_FOUND. If the master or a peer is lost the calls fail with
  * KVS_ERR_CONN / KVS_ERR_UNAVAILABLE and the client reconnects on its own.
+ *
+ * Environment: KVSHELF_NO_SHM=1 makes a client never map other processes'
+ * segments, even on the same host: every byte then goes through the
+ * transfer engine (TCP). For tests and debugging.
  */
 #ifndef KVSHELF_CLIENT_H
 #define KVSHELF_CLIENT_H

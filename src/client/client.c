@@ -262,7 +262,7 @@ static int refresh_segments(kvs_client *c, uint32_t want_gen)
         kvs_rbuf_raw(&r, hid, sizeof hid);
         (void)kvs_rbuf_u64(&r); /* owner */
         if (r.err) break;
-        if (!memcmp(hid, c->host_id, sizeof hid) && s->shm_name[0])
+        if (!c->no_shm && !memcmp(hid, c->host_id, sizeof hid) && s->shm_name[0])
             s->base = kvs_shm_cache_get(c->shm, s->shm_name, s->size);
         if (names) names[k] = s->shm_name;
         k++;
@@ -439,6 +439,8 @@ int kvs_client_open_opts(const kvs_config *cfg, const kvs_client_opts *opts, kvs
     c->timeout_ms = cfg->timeout_ms > 0 ? cfg->timeout_ms : KVS_DEFAULT_TIMEOUT_MS;
     c->t0_ms = kvs_now_ms();
     kvs_host_id(c->host_id);
+    const char *noshm = getenv("KVSHELF_NO_SHM");
+    c->no_shm = noshm && *noshm && strcmp(noshm, "0");
     pthread_mutex_init(&c->mu, NULL);
     pthread_mutex_init(&c->conn_mu, NULL);
     pthread_mutex_init(&c->refresh_mu, NULL);

@@ -56,6 +56,7 @@ struct kvs_client {
     int timeout_ms;
     uint8_t host_id[KVS_HOST_ID_LEN];
     uint64_t t0_ms; /* clock origin of lease deadlines in slot handles */
+    int no_shm;     /* KVSHELF_NO_SHM: never map other processes' segments */
 
     /* master connection */
     pthread_mutex_t mu; /* rpc, client_id, gen, ttl/lease, seg_id */
