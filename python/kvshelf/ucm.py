@@ -574,11 +574,16 @@ class UcmKVShelfStoreV1(_StoreCore, UcmKVStoreBaseV1):
             )
 
     def _job(self, kind: str, keys: List[bytes], addrs: Any, sizes: Any, event: int = 0):
+        m = len(addrs[0]) if len(addrs) else 0
+        sizes = list(sizes or [])
+        if len(sizes) == 1 and m > 1:  # one tensor_size for every tensor
+            sizes = sizes * m
+        if len(sizes) != m:
+            raise ValueError(f"{len(sizes)} tensor sizes known but {m} addresses per block")
+        hdr = self._geometry_header(sizes)
         if kind == "dump":
             _cuda_event_sync(event)
-            hdr = self._geometry_header(self._sizes or [])
             return self._client.put_parts(keys, addrs, sizes, hdr), []
-        hdr = self._geometry_header(self._sizes or [])
         st = self._client.get_parts(keys, addrs, sizes, hdr)
         msgs = []
         for i, s in enumerate(st):
@@ -596,7 +601,7 @@ class UcmKVShelfStoreV1(_StoreCore, UcmKVStoreBaseV1):
 
     def _learn_sizes(self, what: str, rows) -> None:
         sizes = [int(t.nbytes) if hasattr(t, "nbytes") else memoryview(t).nbytes for t in rows[0]]
-        if self._sizes is None:
+        if self._sizes is None or (len(self._sizes) == 1 and set(sizes) == set(self._sizes)):
             self._sizes = sizes
         elif sizes != self._sizes:
             raise ValueError(

@@ -1,0 +1,256 @@
+"""kvshelf.ucm: every method of the legacy (UcmMooncakeStore) and V1 stores."""
+import hashlib
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import kvshelf
+from kvshelf import ucm
+
+torch = pytest.importorskip("torch")
+
+
+def seed_config(master):
+    """The seed document's configuration, as UCM users write it."""
+    return {
+        "local_hostname": "127.0.0.1",
+        "metadata_server": master.metadata_url,
+        "protocol": "tcp",
+        "device_name": "",
+        "master_server_address": master.addr,
+    }
+
+
+@pytest.fixture
+def store(cfg):
+    # what UCM's connector adds to the dict for its other stores is ignored
+    s = ucm.UcmMooncakeStore(dict(cfg, kv_block_size=1 << 20, io_size=65536, device=0, role="worker"))
+    yield s
+    s.shutdown()
+
+
+def bids(uniq, n):
+    return [hashlib.md5((uniq + str(i)).encode()).hexdigest() for i in range(n)]
+
+
+# ---------------------------------------------------------------- legacy ----
+
+def test_legacy_is_the_mooncake_name():
+    assert ucm.UcmMooncakeStore is ucm.UcmKVShelfStore
+    assert issubclass(ucm.UcmMooncakeStore, ucm.UcmKVStoreBase)
+
+
+def test_legacy_seed_config_unchanged(master):
+    s = ucm.UcmMooncakeStore(dict(seed_config(master), global_segment_size=64 << 20))
+    try:
+        ids = ["seed-a", "seed-b"]
+        src = [torch.randn(4, 16) for _ in ids]
+        assert s.wait(s.dump(ids, [0, 0], src)) == 0
+        assert s.lookup(ids + ["seed-c"]) == [True, True, False]
+        dst = [torch.empty(4, 16) for _ in ids]
+        assert s.wait(s.load(ids, [0, 0], dst)) == 0
+        assert all(torch.equal(a, b) for a, b in zip(src, dst))
+    finally:
+        s.shutdown()
+
+
+def test_legacy_every_method(store, uniq):
+    ids = bids(uniq, 4)
+    assert store.create(ids) == [0, 0, 0, 0]
+    assert store.lookup(ids) == [False] * 4
+    assert store.prefetch(ids) is None
+    # layer-wise K/V pieces at UCM offsets: k at layer*L, v at layer*L + k_size
+    k = [torch.randn(16, 2, 8, dtype=torch.bfloat16) for _ in ids]
+    v = [torch.randn(16, 2, 8, dtype=torch.bfloat16) for _ in ids]
+    ksz = k[0].nbytes
+    t = store.dump(ids + ids, [0] * 4 + [ksz] * 4, k + v)
+    assert isinstance(t, ucm.KVShelfTask)
+    assert store.wait(t) == 0
+    assert store.check(t) == (0, True)
+    store.commit(ids, True)
+    assert store.lookup(ids) == [True] * 4
+    dk = [torch.zeros_like(x) for x in k]
+    dv = [torch.zeros_like(x) for x in v]
+    t = store.load(ids + ids, [0] * 4 + [ksz] * 4, dk + dv)
+    assert store.wait(t) == 0
+    assert all(torch.equal(a, b) for a, b in zip(k + v, dk + dv))
+    # byte-exact, also through the raw interface
+    raw = np.random.default_rng(3).integers(0, 255, (4, 1000), dtype=np.uint8)
+    t = store.dump_data(ids, [99] * 4, [r.ctypes.data for r in raw], [1000] * 4)
+    assert store.wait(t) == 0
+    out = np.zeros_like(raw)
+    t = store.fetch_data(ids, [99] * 4, [r.ctypes.data for r in out], [1000] * 4)
+    assert store.wait(t) == 0
+    assert np.array_equal(raw, out)
+    # a failed commit hides the blocks
+    store.commit(ids[:2], is_success=False)
+    assert store.lookup(ids) == [False, False, True, True]
+    assert store.cc_store() != 0
+
+
+def test_legacy_misses(store, uniq):
+    ids = bids(uniq, 2)
+    t = store.load(ids, [0, 0], [torch.zeros(8), torch.zeros(8)])
+    assert store.wait(t) == 1
+    assert t.statuses == [kvshelf._kvshelf.ERR_NOT_FOUND] * 2
+
+
+def test_legacy_wrong_dtype_and_size(store, uniq):
+    ids = bids(uniq, 1)
+    src = torch.randn(32, dtype=torch.float16)
+    assert store.wait(store.dump(ids, [0], [src])) == 0
+    # same bytes, other dtype: refused, nothing copied
+    dst = torch.zeros(16, dtype=torch.float32)
+    t = store.load(ids, [0], [dst])
+    assert store.wait(t) == 1
+    assert "float16" in t.messages[0] and "float32" in t.messages[0]
+    assert not dst.any()
+    # other size
+    t = store.load(ids, [0], [torch.zeros(64, dtype=torch.float16)])
+    assert store.wait(t) == 1 and "shape=(32)" in t.messages[0]
+    # raw fetch of the wrong size
+    buf = np.zeros(10, np.uint8)
+    assert store.wait(store.fetch_data(ids, [0], [buf.ctypes.data], [10])) == 1
+    # argument errors are raised at once
+    with pytest.raises(ValueError, match="not contiguous"):
+        store.wait(store.dump(ids, [4], [torch.randn(4, 4).t()]))
+    with pytest.raises(ValueError, match="tensors"):
+        store.dump(ids, [0], [])
+
+
+def test_legacy_shutdown_with_tasks_in_flight(cfg, uniq):
+    s = ucm.UcmMooncakeStore(dict(cfg, io_threads=1))
+    ids = bids(uniq, 64)
+    src = [torch.randn(64 * 1024) for _ in ids]
+    tasks = [s.dump([i], [0], [x]) for i, x in zip(ids, src)]
+    s.shutdown()
+    rets = [s.wait(t) for t in tasks]  # never hangs; cancelled ones fail
+    assert set(rets) <= {0, 1}
+    with pytest.raises(kvshelf.Closed):
+        s.dump(ids[:1], [0], src[:1])
+    s.shutdown()  # idempotent
+
+
+# -------------------------------------------------------------------- V1 ----
+
+@pytest.fixture
+def v1(cfg):
+    s = ucm.UcmKVShelfStoreV1(dict(cfg, tensor_size=2048))
+    yield s
+    s.shutdown()
+
+
+def ids16(uniq, n):
+    return [hashlib.md5((uniq + "#" + str(i)).encode()).digest() for i in range(n)]
+
+
+def test_v1_every_method(v1, uniq):
+    assert issubclass(ucm.UcmKVShelfStoreV1, ucm.UcmKVStoreBaseV1)
+    ids = ids16(uniq, 6)
+    assert v1.lookup(ids) == [False] * 6
+    assert v1.lookup_on_prefix(ids) == -1 and v1.lookup_on_reverse(ids) == -1
+    assert v1.prefetch(ids) is None
+    src = [[torch.randn(512) for _ in range(3)] for _ in ids[:4]]  # 3 tensors of 2048 bytes
+    t = v1.dump(ids[:4], [0] * 4, src)
+    v1.wait(t)
+    assert v1.check(t) is True
+    assert v1.lookup(ids) == [True] * 4 + [False] * 2
+    assert v1.lookup_on_prefix(ids) == 3
+    assert v1.lookup_on_prefix([ids[0], ids[5], ids[1]]) == 0
+    assert v1.lookup_on_reverse([ids[5], ids[2], ids[4]]) == 1
+    dst = [[torch.zeros(512) for _ in range(3)] for _ in ids[:4]]
+    v1.wait(v1.load(ids[:4], [0] * 4, dst))
+    assert all(torch.equal(a, b) for ra, rb in zip(src, dst) for a, b in zip(ra, rb))
+    # address interface, numpy 2-D address array, other shard
+    raw = np.random.default_rng(4).integers(0, 255, (2, 3, 2048), dtype=np.uint8)
+    addrs = np.array([[raw[i, j].ctypes.data for j in range(3)] for i in range(2)], dtype=np.uint64)
+    v1.wait(v1.dump_data(ids[4:], [1, 1], addrs, prerequisite_handle=0))
+    out = np.zeros_like(raw)
+    oaddrs = [[out[i, j].ctypes.data for j in range(3)] for i in range(2)]
+    v1.wait(v1.load_data(ids[4:], [1, 1], oaddrs))
+    assert np.array_equal(raw, out)
+    v1.wait(v1.fetch_data(ids[4:], [1, 1], oaddrs))  # older name
+    assert v1.lookup(ids[4:]) == [False, False]  # shard 0 absent
+    buf = np.zeros(1 << 16, np.uint8)
+    v1.register_memory(buf.ctypes.data, buf.nbytes)
+    assert v1.cc_store() != 0
+
+
+def test_v1_misses_raise(v1, uniq):
+    ids = ids16(uniq, 2)
+    t = v1.load(ids, [0, 0], [[torch.zeros(512)], [torch.zeros(512)]])
+    with pytest.raises(ucm.TransferError) as ei:
+        v1.wait(t)
+    assert isinstance(ei.value, RuntimeError)
+    assert ei.value.failed == [0, 1]
+
+
+def test_v1_wrong_dtype_and_size(cfg, uniq):
+    s = ucm.UcmKVShelfStoreV1(dict(cfg))
+    try:
+        ids = ids16(uniq, 1)
+        s.wait(s.dump(ids, [0], [[torch.randn(64, dtype=torch.float16)]]))
+        with pytest.raises(TypeError, match="bfloat16"):
+            s.load(ids, [0], [[torch.zeros(64, dtype=torch.bfloat16)]])
+        with pytest.raises(ValueError, match="bytes"):
+            s.load(ids, [0], [[torch.zeros(65, dtype=torch.float16)]])
+        with pytest.raises(ValueError, match="rows"):
+            s.load(ids, [0], [])
+    finally:
+        s.shutdown()
+    # another store geometry reading the same block: a clear failure, nothing copied
+    s2 = ucm.UcmKVShelfStoreV1(dict(cfg, tensor_size=64))
+    try:
+        out = np.zeros(64, np.uint8)
+        with pytest.raises(ucm.TransferError, match="sizes"):
+            s2.wait(s2.load_data(ids, [0], [[out.ctypes.data]]))
+        assert not out.any()
+    finally:
+        s2.shutdown()
+
+
+def test_v1_sizes_needed_for_addresses(cfg, uniq):
+    s = ucm.UcmKVShelfStoreV1(dict(cfg))
+    try:
+        with pytest.raises(ValueError, match="tensor_size"):
+            s.load_data(ids16(uniq, 1), [0], [[12345]])
+    finally:
+        s.shutdown()
+
+
+def test_v1_shutdown_with_tasks_in_flight(cfg, uniq):
+    s = ucm.UcmKVShelfStoreV1(dict(cfg, tensor_size=256 * 1024, io_threads=1))
+    ids = ids16(uniq, 32)
+    src = [[torch.randn(64 * 1024)] for _ in ids]
+    tasks = [s.dump([i], [0], [r]) for i, r in zip(ids, src)]
+    s.shutdown()
+    for t in tasks:
+        try:
+            s.wait(t)
+        except ucm.TransferError as e:
+            assert e.statuses
+    assert all(s.check(t) for t in tasks)
+
+
+def test_v1_concurrent_submitters(v1, uniq):
+    errs = []
+
+    def work(k):
+        try:
+            ids = ids16(uniq + str(k), 8)
+            src = [[torch.randn(512)] for _ in ids]
+            v1.wait(v1.dump(ids, [0] * 8, src))
+            dst = [[torch.zeros(512)] for _ in ids]
+            v1.wait(v1.load(ids, [0] * 8, dst))
+            assert all(torch.equal(a[0], b[0]) for a, b in zip(src, dst))
+        except Exception as e:  # pragma: no cover
+            errs.append(e)
+
+    th = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for x in th:
+        x.start()
+    for x in th:
+        x.join()
+    assert not errs
