@@ -3,7 +3,7 @@
 # and runs each one briefly. Fails if any target crashes, leaks, hits
 # undefined behaviour or times out.
 #
-#   scripts/fuzz.sh [--seconds N | --runs N] [--target NAME]... [--jobs J]
+#   scripts/fuzz.sh [--seconds N | --runs N] [--target NAME]...
 #                   [--build-dir DIR] [--keep-corpus] [--gen-seeds]
 #
 #   --seconds N    run each target N seconds (default 30)
@@ -30,7 +30,7 @@ KEEP=0
 GEN_ONLY=0
 TARGETS=()
 
-usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -40,7 +40,6 @@ while [ $# -gt 0 ]; do
     --build-dir) BUILD="${2:?--build-dir needs a value}"; shift 2 ;;
     --keep-corpus) KEEP=1; shift ;;
     --gen-seeds) GEN_ONLY=1; shift ;;
-    --jobs) shift 2 ;; # accepted for compatibility; targets run one after another
     -h|--help) usage; exit 0 ;;
     *) echo "fuzz.sh: unknown option '$1'" >&2; usage >&2; exit 2 ;;
   esac
