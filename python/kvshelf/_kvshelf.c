@@ -2363,9 +2363,9 @@ static PyObject *connector_transfer(ConnectorObject *self, PyObject *args, PyObj
         return NULL;
     }
     if (two || rows != kv.n) {
+        PyErr_Format(PyExc_ValueError, "%s: %zu hashes but %zu block ids", what, kv.n, rows);
         PyMem_RawFree(b64);
         keyvec_free(&kv);
-        PyErr_Format(PyExc_ValueError, "%s: %zu hashes but %zu block ids", what, kv.n, rows);
         return NULL;
     }
     uint32_t *ids = PyMem_RawMalloc(sizeof(uint32_t) * (rows ? rows : 1));

@@ -252,6 +252,19 @@ def _cudart() -> Any:
         return _CUDART or None
 
 
+def _check_host_contiguous(what: str, tensors: Sequence[Any]) -> None:
+    """Argument errors are raised at submission, not at wait()."""
+    for i, t in enumerate(tensors):
+        if getattr(t, "is_cuda", False):
+            raise _k.Unsupported(
+                f"{what}: tensor {i} is on a CUDA device; the UCM stores move host memory "
+                "(device memory goes through kvshelf.Connector)"
+            )
+        ic = getattr(t, "is_contiguous", None)
+        if ic is not None and not ic():
+            raise ValueError(f"{what}: tensor {i} is not contiguous")
+
+
 class KVShelfTask(_UcmTask, _UcmTaskV1 if _UcmTaskV1 is not _UcmTask else object):  # type: ignore[misc]
     """A transfer submitted to the store's I/O threads.
 
@@ -411,6 +424,7 @@ class UcmKVShelfStore(_StoreCore, UcmKVStoreBase):
     def _check_tensors(self, what: str, block_ids, offset, tensors) -> List[str]:
         if len(block_ids) != len(tensors):
             raise ValueError(f"{what}: {len(block_ids)} block ids but {len(tensors)} tensors")
+        _check_host_contiguous(what, tensors)
         return self._keys(block_ids, offset)
 
     def load(self, block_ids: List[str], offset: List[int], dst_tensor: List[Any]) -> KVShelfTask:
@@ -521,8 +535,16 @@ class UcmKVShelfStoreV1(_StoreCore, UcmKVStoreBaseV1):
         p = struct.Struct("<I").pack
         return [bytes(b) + p(s) for b, s in zip(block_ids, shard_index)]
 
-    def _geometry_header(self, sizes: Sequence[int]) -> bytes:
-        return b"KVSV1|%d|%s" % (len(sizes), ",".join(str(int(s)) for s in sizes).encode())
+    @staticmethod
+    def _geometry_header(sizes: Sequence[int]) -> bytes:
+        """64-byte header: tensor count and sizes (hashed when they do not fit)."""
+        h = b"KVSV1|%d|%s|" % (len(sizes), ",".join(str(int(s)) for s in sizes).encode())
+        if len(h) > 64:
+            import hashlib
+
+            txt = ",".join(str(int(s)) for s in sizes).encode()
+            h = b"KVSV1|%d|total=%d;%s|" % (len(sizes), sum(sizes), hashlib.sha1(txt).hexdigest()[:16].encode())
+        return h.ljust(64, b" ")
 
     # lookups ---------------------------------------------------------------
     def lookup(self, block_ids: List[bytes]) -> List[bool]:
@@ -565,6 +587,8 @@ class UcmKVShelfStoreV1(_StoreCore, UcmKVStoreBaseV1):
             raise ValueError(f"{what}: {len(block_ids)} block ids but {len(rows)} tensor rows")
         if not rows:
             return
+        for r in rows:
+            _check_host_contiguous(what, r)
         dtypes = {_dtype_name(t) for t in rows[0]}
         if self._dtype is None and len(dtypes) == 1:
             self._dtype = dtypes.pop()
@@ -590,7 +614,7 @@ class UcmKVShelfStoreV1(_StoreCore, UcmKVStoreBaseV1):
             if s in (ERR_CORRUPT, ERR_TOO_LARGE) and len(msgs) < 8:
                 try:
                     stored = self._client.read_header(keys[i], 64).split(b"|")
-                    stored_s = stored[2].decode() if len(stored) > 2 else "?"
+                    stored_s = stored[2].decode(errors="replace") if stored[0] == b"KVSV1" else "?"
                 except Error:
                     stored_s = "unreadable"
                 msgs.append(

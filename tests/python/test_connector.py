@@ -81,7 +81,7 @@ def test_other_layout_is_a_miss(cfg, uniq, conn):
     c2 = kvshelf.Connector(cfg, device=-2, namespace="test-" + uniq)
     try:
         c2.register_layout([np_layout(a) for a in other], NUM_BLOCKS)
-        assert c2.lookup(hs) == [False, False]
+        # (lookups carry no layout: a scheduler has none) the header check refuses the bytes
         t = c2.load(hs, [0, 1])
         t.wait()
         assert t.ok == 0
@@ -115,9 +115,12 @@ def test_dump_twice_skips(conn, uniq):
 
 
 def test_argument_errors(conn, uniq):
-    with pytest.raises(kvshelf.Error):  # no layout yet
-        conn.dump(hashes(uniq, 1), [0]).wait()
-        raise kvshelf.LayoutError("dump without layout did not fail")
+    try:  # no layout yet: refused at once, or every block fails
+        t = conn.dump(hashes(uniq, 1), [0])
+        t.wait(10)
+        assert t.failed() == [0]
+    except kvshelf.LayoutError:
+        pass
     conn.register_layout([np_layout(a) for a in kv_tensors(1)], NUM_BLOCKS)
     with pytest.raises(ValueError, match="2 hashes but 1 block ids"):
         conn.dump(hashes(uniq, 2), [0])
