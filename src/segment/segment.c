@@ -1,7 +1,10 @@
 /* Shared-memory segments (see segment.h). */
 #include "segment.h"
 
+#include <dirent.h>
 #include <errno.h>
+#include <signal.h>
+#include <stdlib.h>
 #include <fcntl.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -57,8 +60,36 @@ int kvs_segment_name_valid(const char *name)
     return *p == '\0' && strlen(name) < KVS_SHM_NAME_MAX;
 }
 
+int kvs_segment_gc(void)
+{
+    DIR *d = opendir(SHM_DIR);
+    if (!d) return 0;
+    char prefix[32];
+    int pl = snprintf(prefix, sizeof prefix, "kvshelf-%u-", (unsigned)getuid());
+    int removed = 0;
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        if (strncmp(e->d_name, prefix, (size_t)pl) || !kvs_segment_name_valid(e->d_name)) continue;
+        long pid = strtol(e->d_name + pl, NULL, 10);
+        if (pid <= 0 || pid == (long)getpid()) continue;
+        if (kill((pid_t)pid, 0) == 0 || errno != ESRCH) continue; /* alive (or not ours to ask) */
+        char path[128];
+        if (shm_path(e->d_name, path, sizeof path)) continue;
+        struct stat st;
+        if (lstat(path, &st) || !S_ISREG(st.st_mode) || st.st_uid != getuid()) continue;
+        if (unlink(path) == 0) {
+            removed++;
+            KVS_LOGI("segment: removed %s, left by a process that no longer runs", path);
+        }
+    }
+    closedir(d);
+    return removed;
+}
+
 int kvs_segment_create(uint64_t size, kvs_segment *out)
 {
+    static atomic_int gc_done;
+    if (!atomic_exchange(&gc_done, 1)) kvs_segment_gc();
     memset(out, 0, sizeof *out);
     if (size == 0 || size > (1ull << 50)) return KVS_ERR_INVALID;
     size = round_page(size);

@@ -30,6 +30,12 @@ typedef struct kvs_segment {
  * size) or KVS_ERR_IO. */
 int kvs_segment_create(uint64_t size, kvs_segment *out);
 
+/* Unlinks segment files of this uid whose creating process no longer runs
+ * (left by a crash or SIGKILL; the memory stays in use while any process
+ * still maps them). Called once per process by kvs_segment_create. Assumes
+ * processes sharing /dev/shm share a pid namespace. Returns the count. */
+int kvs_segment_gc(void);
+
 /* 1 if `name` has the form of a kvshelf segment name ("kvshelf-<digits>-
  * <digits>-<digits>"), else 0. Names from the network are checked with this
  * before anything is opened. */

@@ -106,12 +106,39 @@ static void test_many_and_large(void **state)
     kvs_segment_destroy(NULL);
 }
 
+/* A segment left by a process that died is removed by the next creator. */
+static void test_gc(void **state)
+{
+    (void)state;
+    int pfd[2];
+    assert_int_equal(pipe(pfd), 0);
+    pid_t pid = fork();
+    if (pid == 0) {
+        kvs_segment s;
+        if (kvs_segment_create(1 << 20, &s)) _exit(1);
+        if (write(pfd[1], s.name, sizeof s.name) != (ssize_t)sizeof s.name) _exit(2);
+        _exit(0); /* no destroy: the file stays */
+    }
+    char name[KVS_SHM_NAME_MAX];
+    close(pfd[1]);
+    assert_int_equal(read(pfd[0], name, sizeof name), (ssize_t)sizeof name);
+    close(pfd[0]);
+    waitpid(pid, NULL, 0);
+    char path[128];
+    snprintf(path, sizeof path, "/dev/shm/%s", name);
+    struct stat st;
+    assert_int_equal(stat(path, &st), 0);
+    assert_true(kvs_segment_gc() >= 1);
+    assert_int_not_equal(stat(path, &st), 0);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_create_map_destroy),
         cmocka_unit_test(test_names),
         cmocka_unit_test(test_many_and_large),
+        cmocka_unit_test(test_gc),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
