@@ -199,6 +199,7 @@ static const uint8_t *take(kvs_rbuf *r, size_t n)
         r->err = KVS_ERR_PROTO;
         return NULL;
     }
+    if (n == 0) return r->p ? r->p + r->pos : (const uint8_t *)"";
     const uint8_t *p = r->p + r->pos;
     r->pos += n;
     return p;
@@ -257,8 +258,12 @@ const uint8_t *kvs_rbuf_bytes(kvs_rbuf *r, uint32_t max_len, uint32_t *len)
 void kvs_rbuf_str(kvs_rbuf *r, char *out, size_t cap)
 {
     uint32_t n = 0;
-    if (cap) out[0] = '\0';
-    const uint8_t *p = kvs_rbuf_bytes(r, cap ? (uint32_t)(cap - 1) : 0, &n);
+    if (cap == 0) {
+        r->err = KVS_ERR_PROTO;
+        return;
+    }
+    out[0] = '\0';
+    const uint8_t *p = kvs_rbuf_bytes(r, (uint32_t)(cap - 1), &n);
     if (!p) return;
     if (memchr(p, 0, n)) {
         r->err = KVS_ERR_PROTO;
