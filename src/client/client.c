@@ -17,7 +17,8 @@
 #define BACKOFF_MAX_MS 2000
 #define DEFAULT_TTL_MS 10000
 #define DEFAULT_LEASE_MS 5000
-#define RETIRE_GRACE_MS 30000 /* after a (re)connect, do not retire absent segments */
+#define RETIRE_GRACE_MS 30000
+#define POOL_SEGMENT_WAIT_MS 5000 /* after a (re)connect, do not retire absent segments */
 
 static void seterr(char *err, size_t errlen, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
@@ -82,6 +83,26 @@ static int mount_segment(kvs_client *c, kvs_rpc *rpc, uint64_t client_id, uint32
     return rc;
 }
 
+/* The embedded pool's master answers on its socket a moment before its own
+ * segment is mounted: wait (up to POOL_SEGMENT_WAIT_MS) until SEGMENTS lists
+ * one, so the first put of a fresh pool does not fail with NO_SPACE. */
+static void wait_pool_segment(kvs_client *c, kvs_rpc *rpc)
+{
+    uint64_t deadline = kvs_now_ms() + POOL_SEGMENT_WAIT_MS;
+    for (;;) {
+        uint8_t *resp = NULL;
+        uint32_t len = 0;
+        int rc = kvs_rpc_call(rpc, KVS_MSG_SEGMENTS, NULL, 0, c->timeout_ms, &resp, &len);
+        kvs_rbuf r;
+        kvs_rbuf_init(&r, resp, len);
+        uint32_t n = rc == KVS_OK ? kvs_rbuf_u32(&r) : 0;
+        free(resp);
+        if (rc != KVS_OK || n > 0 || kvs_now_ms() >= deadline) return;
+        struct timespec ts = {0, 10 * 1000000L};
+        nanosleep(&ts, NULL);
+    }
+}
+
 /* Opens a new master connection (HELLO, MOUNT) and installs it. Called
  * with conn_mu held. */
 static int connect_master(kvs_client *c, char *err, size_t errlen)
@@ -102,6 +123,7 @@ static int connect_master(kvs_client *c, char *err, size_t errlen)
                kvs_strerror(rc));
         return rc == KVS_ERR_AUTH ? KVS_ERR_AUTH : KVS_ERR_CONN;
     }
+    if (c->embedded) wait_pool_segment(c, rpc);
     uint32_t seg_id = 0;
     if (c->have_seg) {
         rc = mount_segment(c, rpc, hi.client_id, &seg_id);
