@@ -122,11 +122,17 @@ def send_quietly(s, data):
         return False
 
 
-def http_request(port, raw, timeout=5.0):
-    """Sends raw bytes to an HTTP port; returns (status or None, body bytes)."""
+def http_request(port, raw, timeout=5.0, half_close=False):
+    """Sends raw bytes to an HTTP port (then shuts down the sending side if
+    half_close); returns (status or None, body bytes)."""
     s = connect(port, timeout)
     try:
         send_quietly(s, raw)
+        if half_close:
+            try:
+                s.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
         data = b""
         while True:
             try:
