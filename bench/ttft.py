@@ -1,0 +1,893 @@
+#!/usr/bin/env python3
+"""End-to-end time to first token (TTFT) with kvshelf: the seed's table, re-measured.
+
+A Qwen2.5-14B-shaped model (Transformers ``Qwen2Config``: 48 layers, hidden 5120,
+40 heads, 8 KV heads, intermediate 13824, vocab 152064, bf16, SDPA attention) with
+random weights made on the GPU (nothing is downloaded). For each prompt length,
+median of ``--repeats`` runs, each on a fresh random prompt:
+
+default  prefill into the model's KV cache, greedy first token (no kvshelf);
+first    the same, then the prompt's KV (every full 16-token block) is dumped
+         through kvshelf, asynchronously after a CUDA event recorded once the
+         first token is computed: TTFT stops when the token is on the host and
+         includes whatever the dump call makes the engine wait for; the dump's
+         own completion is reported separately (``dump ms``: after the first token);
+second   the same prompt again, into a second, NaN-filled KV cache:
+         block hashes -> ``lookup_prefix`` -> ``load`` -> wait -> forward of the
+         uncached token(s) (at least the last one) -> greedy first token;
+floor    what this harness allows: the forward of the second run on a cache
+         already in HBM (no load) + KV bytes / the pinned-copy ceiling (one
+         contiguous pinned host->device copy of that size, measured in the run).
+
+The KV cache is the model's own Transformers cache (per layer K and V tensors
+``[1, kv_heads, T, head_dim]`` in buffers allocated once, big enough for the
+longest prompt) and is registered with the connector as the "per-head
+contiguous" layout: in each tensor, block b is ``kv_heads`` chunks of
+``16*head_dim*2`` bytes spaced ``Tmax*head_dim*2`` apart, ``block_stride =
+16*head_dim*2``. The connector takes one layout for its life; both caches
+(dumped from, loaded into) hold the longest prompt, so each of the two
+connectors (one dumps from cache A, one loads into cache B, same namespace)
+registers its layout once for the whole run.
+
+Correctness, every repeat (the run exits 1 if any fails): the loaded KV equals
+the dumped KV bit for bit; every block was looked up and loaded as a hit; the
+greedy token of "second" equals "default"'s, and its last-position logits are
+within ``--tol`` of them (max abs diff / max abs logit).
+
+Deployment modes: ``--mode embedded`` (no service started by hand: a private
+runtime directory, the pool is started by the first client and stopped at the
+end) and ``--mode master`` (this script starts ``kvshelf master`` and ``kvshelf
+node --segment-size`` on loopback with ports chosen at run time; the
+benchmark's clients contribute no memory).
+
+Writes ``ttft-<mode>.md``, ``.json`` and ``.png`` into ``--out``.
+Tiny CPU smoke run: ``python3 bench/ttft.py --device cpu --tiny``.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import hashlib
+import json
+import math
+import os
+import platform
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+BLOCK = 16  # tokens per KV block (vLLM's default block size)
+
+# The published connector's TTFT table (seconds), DESIGN.md "numbers to beat".
+PUBLISHED = {
+    2048: (1.92, 0.83, 0.54),
+    4096: (3.95, 1.53, 0.99),
+    8192: (7.58, 2.76, 2.07),
+    16384: (16.82, 5.52, 4.74),
+    32768: (81.99, 14.22, 12.31),
+}
+
+QWEN25_14B = dict(
+    vocab_size=152064,
+    hidden_size=5120,
+    intermediate_size=13824,
+    num_hidden_layers=48,
+    num_attention_heads=40,
+    num_key_value_heads=8,
+)
+TINY = dict(
+    vocab_size=1000,
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
+
+
+def log(*a: Any) -> None:
+    print(*a, flush=True)
+
+
+def parse_lengths(s: str) -> list[int]:
+    out = []
+    for part in s.split(","):
+        part = part.strip().lower()
+        if not part:
+            continue
+        out.append(int(float(part[:-1]) * 1024) if part.endswith("k") else int(part))
+    if not out or min(out) < 2:
+        raise argparse.ArgumentTypeError(f"bad --lengths {s!r}")
+    return out
+
+
+def parse_size(s: str) -> int:
+    s = s.strip()
+    units = {"": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20, "g": 1 << 30,
+             "gib": 1 << 30, "t": 1 << 40, "tib": 1 << 40, "kb": 10**3, "mb": 10**6, "gb": 10**9}
+    i = len(s)
+    while i and not s[i - 1].isdigit():
+        i -= 1
+    return int(float(s[:i]) * units[s[i:].strip().lower()])
+
+
+def finite(o: Any) -> Any:
+    """JSON-safe copy: NaN and infinities become None."""
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {k: finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [finite(v) for v in o]
+    return o
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+# --------------------------------------------------------------------------
+# Model and KV cache
+# --------------------------------------------------------------------------
+
+
+def build_model(args: argparse.Namespace, torch: Any, device: Any) -> Any:
+    import transformers
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    dims = TINY if args.tiny else QWEN25_14B
+    cfg = Qwen2Config(
+        **dims,
+        max_position_embeddings=max(32768, max(args.lengths) + BLOCK),
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        use_sliding_window=False,
+        use_cache=True,
+    )
+    torch.manual_seed(args.seed)
+    t0 = time.perf_counter()
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            try:
+                model = Qwen2ForCausalLM._from_config(cfg, attn_implementation="sdpa", dtype=torch.bfloat16)
+            except TypeError:  # older Transformers spell it torch_dtype
+                model = Qwen2ForCausalLM._from_config(cfg, attn_implementation="sdpa",
+                                                      torch_dtype=torch.bfloat16)
+    finally:
+        torch.set_default_dtype(prev)
+    model = model.to(device=device, dtype=torch.bfloat16).eval()
+    attn = getattr(model.config, "_attn_implementation", None)
+    if attn != "sdpa":
+        raise SystemExit(f"attention implementation is {attn!r}, expected 'sdpa'")
+    n = sum(p.numel() for p in model.parameters())
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+    log(f"model: Qwen2 {'tiny' if args.tiny else 'Qwen2.5-14B shape'}: {dims}, {n / 1e6:.1f} M params "
+        f"bf16, random init on {device} in {time.perf_counter() - t0:.1f} s "
+        f"(transformers {transformers.__version__}, attention {attn})")
+    return model, cfg
+
+
+def make_cache_classes(torch: Any):
+    """A Transformers cache layer whose K/V live in caller-owned buffers
+    [1, kv_heads, Tmax, head_dim]: update() writes new tokens in place (like an
+    engine's preallocated cache; the same copy DynamicLayer's torch.cat does)
+    and returns views of the first n tokens."""
+    from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+
+    class ShelfLayer(DynamicLayer):
+        def __init__(self, kbuf: Any, vbuf: Any) -> None:
+            super().__init__()
+            self.kbuf, self.vbuf = kbuf, vbuf
+            self.dtype, self.device = kbuf.dtype, kbuf.device
+            self.is_initialized = True
+            self.set_length(0)
+
+        def set_length(self, n: int) -> None:
+            self.n = n
+            self.keys = self.kbuf[:, :, :n]
+            self.values = self.vbuf[:, :, :n]
+
+        def lazy_initialization(self, *a: Any, **k: Any) -> None:  # buffers exist already
+            self.is_initialized = True
+
+        def update(self, key_states: Any, value_states: Any, *a: Any, **k: Any):
+            q = key_states.shape[-2]
+            if self.n + q > self.kbuf.shape[2]:
+                raise RuntimeError(f"KV cache overflow: {self.n}+{q} > {self.kbuf.shape[2]}")
+            self.kbuf[:, :, self.n:self.n + q].copy_(key_states)
+            self.vbuf[:, :, self.n:self.n + q].copy_(value_states)
+            self.set_length(self.n + q)
+            return self.keys, self.values
+
+        def get_seq_length(self, *a: Any) -> int:
+            return self.n
+
+        def get_mask_sizes(self, query_length: Any, *a: Any):
+            if hasattr(query_length, "shape"):  # older API: cache_position
+                query_length = query_length.shape[0]
+            return self.n + int(query_length), 0
+
+        def get_max_length(self) -> int:
+            return -1
+
+        def reset(self) -> None:
+            self.set_length(0)
+
+        def crop(self, tokens_to_remove: int) -> None:
+            self.set_length(self.n - abs(tokens_to_remove) if tokens_to_remove < 0 else tokens_to_remove)
+
+    class ShelfCache:
+        """The model's KV cache over buffers bufs [L, 2, 1, H, Tmax, D]."""
+
+        def __init__(self, bufs: Any) -> None:
+            self.bufs = bufs
+            layers = [ShelfLayer(bufs[i, 0], bufs[i, 1]) for i in range(bufs.shape[0])]
+            try:
+                self.cache = Cache(layers=layers)
+            except TypeError:
+                self.cache = DynamicCache()
+                self.cache.layers = layers
+                self.cache.layer_class_to_replicate = None
+            self.layers = layers
+
+        def set_length(self, n: int) -> None:
+            for la in self.layers:
+                la.set_length(n)
+
+        def layout(self) -> list[tuple[int, int, int, int, int]]:
+            """(base, block_stride, chunk_bytes, chunk_stride, count) per KV
+            tensor, layer by layer, K then V: per-head contiguous blocks."""
+            L, _, _, H, Tmax, D = self.bufs.shape
+            es = self.bufs.element_size()
+            out = []
+            for i in range(L):
+                for j in range(2):
+                    t = self.bufs[i, j]
+                    assert t.stride(-1) == 1 and t.stride(-2) == D and t.stride(-3) == Tmax * D
+                    out.append((int(t.data_ptr()), BLOCK * D * es, BLOCK * D * es, Tmax * D * es, H))
+            return out
+
+    return ShelfCache
+
+
+# --------------------------------------------------------------------------
+# kvshelf deployment
+# --------------------------------------------------------------------------
+
+
+def kvshelf_bin() -> str:
+    import kvshelf
+
+    exe = os.environ.get("KVSHELF_BIN") or kvshelf._find_bin()
+    if not exe or not os.access(exe, os.X_OK):
+        raise SystemExit("kvshelf binary not found: set KVSHELF_BIN or install the package")
+    return exe
+
+
+class Deployment:
+    """embedded: private runtime dir, pool started by the first client, stopped
+    at the end. master: `kvshelf master` + `kvshelf node` on loopback."""
+
+    def __init__(self, mode: str, pool_bytes: int) -> None:
+        self.mode = mode
+        self.pool_bytes = pool_bytes
+        self.procs: list[subprocess.Popen] = []
+        self.tmp = tempfile.mkdtemp(prefix="kvshelf-ttft-")
+        self.config: dict[str, Any] = {}
+        self.describe = ""
+
+    def start(self) -> None:
+        import kvshelf
+
+        exe = kvshelf_bin()
+        if self.mode == "embedded":
+            rd = os.path.join(self.tmp, "run")
+            os.makedirs(rd, mode=0o700)
+            self.config = {"runtime_dir": rd, "global_segment_size": self.pool_bytes}
+            self.describe = (f"embedded pool (no service started by hand), runtime_dir {rd}, "
+                             f"global_segment_size {self.pool_bytes / 2**30:.1f} GiB, binary {exe}")
+            return
+        pf = os.path.join(self.tmp, "master.ports.json")
+        mlog = open(os.path.join(self.tmp, "master.log"), "wb")
+        self.procs.append(subprocess.Popen(
+            [exe, "master", "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0", "--port-file", pf],
+            stdout=mlog, stderr=subprocess.STDOUT))
+        ports = None
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            if self.procs[0].poll() is not None:
+                raise SystemExit(f"kvshelf master exited with {self.procs[0].returncode}: "
+                                 f"{open(mlog.name, errors='replace').read()[-2000:]}")
+            try:
+                with open(pf) as f:
+                    ports = json.load(f)
+                if ports.get("rpc"):
+                    break
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.05)
+        if not ports or not ports.get("rpc"):
+            raise SystemExit("kvshelf master wrote no port file in 30 s")
+        addr = f"127.0.0.1:{ports['rpc']}"
+        nlog = open(os.path.join(self.tmp, "node.log"), "wb")
+        self.procs.append(subprocess.Popen(
+            [exe, "node", "--master", addr, "--segment-size", str(self.pool_bytes)],
+            stdout=nlog, stderr=subprocess.STDOUT))
+        self.config = {"master_server_address": addr, "global_segment_size": 0}
+        cl = kvshelf.Client(self.config, use_env=False)
+        try:
+            deadline = time.time() + 60
+            while True:
+                if self.procs[1].poll() is not None:
+                    raise SystemExit(f"kvshelf node exited with {self.procs[1].returncode}: "
+                                     f"{open(nlog.name, errors='replace').read()[-2000:]}")
+                st = cl.stats()
+                if st.get("capacity", 0) >= self.pool_bytes:
+                    break
+                if time.time() > deadline:
+                    raise SystemExit(f"the node's segment did not appear in 60 s: {st}")
+                time.sleep(0.1)
+        finally:
+            cl.close()
+        self.describe = (f"kvshelf master (rpc {addr}, http 127.0.0.1:{ports.get('http')}) + kvshelf node "
+                         f"--segment-size {self.pool_bytes / 2**30:.1f} GiB on loopback; the benchmark's "
+                         f"clients contribute no segment; binary {exe}")
+
+    def stats(self) -> dict[str, Any]:
+        import kvshelf
+
+        try:
+            with kvshelf.Client(self.config, use_env=False) as cl:
+                return cl.stats()
+        except Exception as e:  # noqa: BLE001
+            return {"error": str(e)}
+
+    def stop(self) -> None:
+        import kvshelf
+
+        if self.mode == "embedded" and self.config:
+            if not kvshelf.stop_pool(self.config["runtime_dir"]):
+                log("warning: kvshelf stop of the embedded pool failed")
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(15)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------
+# The benchmark
+# --------------------------------------------------------------------------
+
+
+def block_hashes(tokens: Any, salt: bytes) -> list[bytes]:
+    """Chained 16-byte block hashes of the full 16-token blocks (like vLLM's:
+    each depends on every token before it)."""
+    raw = tokens.astype("<i4").tobytes()
+    step = BLOCK * 4
+    out = []
+    h = hashlib.blake2b(salt, digest_size=16).digest()
+    for i in range(len(tokens) // BLOCK):
+        h = hashlib.blake2b(h + raw[i * step:(i + 1) * step], digest_size=16).digest()
+        out.append(h)
+    return out
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        import numpy as np
+        import torch
+
+        self.args = args
+        self.np = np
+        self.torch = torch
+        self.cuda = args.device == "cuda"
+        if self.cuda:
+            if not torch.cuda.is_available():
+                raise SystemExit("--device cuda but torch sees no GPU")
+            self.device = torch.device("cuda", torch.cuda.current_device())
+            self.gpu = torch.cuda.get_device_name(self.device)
+        else:
+            self.device = torch.device("cpu")
+            self.gpu = f"none (CPU: {platform.processor() or platform.machine()})"
+        self.model, self.cfg = build_model(args, torch, self.device)
+        self.L = self.cfg.num_hidden_layers
+        self.H = self.cfg.num_key_value_heads
+        self.D = self.cfg.hidden_size // self.cfg.num_attention_heads
+        self.tmax = -(-max(args.lengths) // BLOCK) * BLOCK
+        ShelfCache = make_cache_classes(torch)
+        shape = (self.L, 2, 1, self.H, self.tmax, self.D)
+        self.bufA = torch.zeros(shape, dtype=torch.bfloat16, device=self.device)
+        self.bufB = torch.zeros(shape, dtype=torch.bfloat16, device=self.device)
+        self.cacheA = ShelfCache(self.bufA)  # default / first / floor
+        self.cacheB = ShelfCache(self.bufB)  # second (loaded by kvshelf)
+        self.es = self.bufA.element_size()
+        log(f"KV caches: 2 x {self.bufA.numel() * self.es / 1e9:.2f} GB ({list(shape)} bf16 each); "
+            f"{self.L * 2 * self.H * self.D * self.es} bytes of KV per token")
+        if self.cuda:
+            self.ev = torch.cuda.Event()
+            self.tok_host = torch.empty((), dtype=torch.int64, pin_memory=True)
+        self.pinned = None
+        self.salt = os.urandom(8)  # this run's prompts never collide with older objects
+        self.ns = (f"kvshelf-ttft/qwen2.5-14b-shape{'-tiny' if args.tiny else ''}/bf16/"
+                   f"block{BLOCK}/hnd/{self.salt.hex()}")
+        self.errors: list[str] = []
+
+    # -- helpers -----------------------------------------------------------
+    def sync(self) -> None:
+        if self.cuda:
+            self.torch.cuda.synchronize()
+
+    def fetch_token(self, tok: Any) -> int:
+        """The first token on the host (what an engine returns to the user)."""
+        if self.cuda:
+            self.tok_host.copy_(tok, non_blocking=True)
+            self.ev.record()
+            self.ev.synchronize()
+            return int(self.tok_host.item())
+        return int(tok.item())
+
+    def forward(self, ids: Any, cache: Any):
+        out = self.model(input_ids=ids, past_key_values=cache.cache, use_cache=True, logits_to_keep=1)
+        logits = out.logits[0, -1]
+        return logits, logits.argmax()
+
+    def prompt(self, T: int, rep: int):
+        g = self.torch.Generator().manual_seed(self.args.seed * 1000003 + T * 131 + rep + 7)
+        ids = self.torch.randint(0, self.cfg.vocab_size, (1, T), generator=g)
+        return ids.to(self.device), ids[0].numpy().astype(self.np.int32)
+
+    def ceiling(self, nbytes: int) -> float:
+        """Seconds of one contiguous pinned host -> device copy of nbytes
+        (median of --ceiling-repeats), into cache B's memory."""
+        torch = self.torch
+        if self.pinned is None or self.pinned.numel() < nbytes:
+            self.pinned = None
+            cap = self.bufB.numel() * self.es
+            self.pinned = torch.empty(cap, dtype=torch.uint8, pin_memory=self.cuda)
+            self.pinned.fill_(1)
+        dst = self.bufB.view(-1).view(torch.uint8)[:nbytes]
+        src = self.pinned[:nbytes]
+        dst.copy_(src, non_blocking=True)  # warm
+        self.sync()
+        ts = []
+        for _ in range(self.args.ceiling_repeats):
+            self.sync()
+            t0 = time.perf_counter()
+            dst.copy_(src, non_blocking=True)
+            self.sync()
+            ts.append(time.perf_counter() - t0)
+        return median(ts)
+
+    # -- one repeat ---------------------------------------------------------
+    def run_once(self, T: int, rep: int, dumper: Any, loader: Any, check: bool = True) -> dict[str, Any]:
+        torch = self.torch
+        np = self.np
+        ids, toks = self.prompt(T, rep)
+        nb = T // BLOCK
+        block_ids = list(range(nb))
+        salt = self.salt + T.to_bytes(4, "little") + rep.to_bytes(4, "little", signed=True)
+        r: dict[str, Any] = {"rep": rep}
+
+        # default: prefill, first token
+        self.cacheA.set_length(0)
+        self.sync()
+        t0 = time.perf_counter()
+        logits_d, tok = self.forward(ids, self.cacheA)
+        tok_d = self.fetch_token(tok)
+        r["default_s"] = time.perf_counter() - t0
+        logits_d = logits_d.float().clone()
+
+        # first: prefill, first token, dump after an event (never waited for in TTFT)
+        self.cacheA.set_length(0)
+        c0 = dumper.counters()
+        self.sync()
+        t0 = time.perf_counter()
+        logits_f, tok = self.forward(ids, self.cacheA)
+        hashes = block_hashes(toks, salt)  # overlaps the GPU's prefill
+        if self.cuda:
+            self.tok_host.copy_(tok, non_blocking=True)
+            self.ev.record()
+            task = dumper.dump(hashes, block_ids, event=self.ev)
+            self.ev.synchronize()
+            tok_f = int(self.tok_host.item())
+        else:
+            tok_f = int(tok.item())
+            task = dumper.dump(hashes, block_ids)
+        t1 = time.perf_counter()
+        r["first_s"] = t1 - t0
+        task.wait()
+        r["dump_after_s"] = time.perf_counter() - t1
+        res = task.results()
+        c1 = dumper.counters()
+        r["dump_ok"] = sum(1 for x in res if x == 0)
+        r["dumped_blocks"] = c1["dumped_blocks"] - c0["dumped_blocks"]
+        r["dump_skipped"] = c1["skipped_blocks"] - c0["skipped_blocks"]
+        if check and (r["dump_ok"] != nb or r["dumped_blocks"] != nb):
+            self.fail(f"T={T} rep={rep}: dump stored {r['dumped_blocks']}/{nb} blocks "
+                      f"(ok {r['dump_ok']}, skipped {r['dump_skipped']}, statuses {sorted(set(res))})")
+        if tok_f != tok_d:
+            log(f"  note: T={T} rep={rep}: first's token {tok_f} != default's {tok_d} (same computation)")
+
+        # second: lookup + load into a fresh (NaN) cache, then the uncached token(s)
+        self.bufB[:, :, :, :, :T].fill_(float("nan"))
+        self.cacheB.set_length(0)
+        l0 = loader.counters()
+        self.sync()
+        t0 = time.perf_counter()
+        hashes2 = block_hashes(toks, salt)
+        th = time.perf_counter()
+        hits = loader.lookup_prefix(hashes2)
+        tl = time.perf_counter()
+        ok_blocks = 0
+        if hits:
+            ltask = loader.load(hashes2[:hits], block_ids[:hits])
+            ltask.wait()
+            lres = ltask.results()
+            while ok_blocks < hits and lres[ok_blocks] == 0:
+                ok_blocks += 1
+        else:
+            lres = []
+        tr = time.perf_counter()
+        P = min(ok_blocks * BLOCK, T - 1)
+        self.cacheB.set_length(P)
+        logits_s, tok = self.forward(ids[:, P:], self.cacheB)
+        tok_s = self.fetch_token(tok)
+        r["second_s"] = time.perf_counter() - t0
+        r["hash_s"] = th - t0
+        r["lookup_s"] = tl - th
+        r["restore_s"] = tr - th  # lookup + load (+ wait)
+        r["hits"] = hits
+        r["loaded_ok"] = ok_blocks
+        r["recomputed_tokens"] = T - P
+        l1 = loader.counters()
+        r["loaded_blocks"] = l1["loaded_blocks"] - l0["loaded_blocks"]
+        if check and (hits != nb or ok_blocks != nb):
+            self.fail(f"T={T} rep={rep}: lookup_prefix found {hits}/{nb} blocks, {ok_blocks} loaded OK "
+                      f"(statuses {sorted(set(lres))})")
+        logits_s = logits_s.float().clone()
+
+        # the loaded KV must be the dumped KV, bit for bit
+        if check:
+            same = all(torch.equal(self.bufA[i, :, :, :, :P], self.bufB[i, :, :, :, :P]) for i in range(self.L))
+            r["kv_equal"] = bool(same)
+            if not same:
+                bad = [i for i in range(self.L)
+                       if not torch.equal(self.bufA[i, :, :, :, :P], self.bufB[i, :, :, :, :P])]
+                self.fail(f"T={T} rep={rep}: loaded KV differs from the dumped KV in layers {bad[:8]}...")
+
+        # floor: the same forward as second on the cache already in HBM
+        self.cacheA.set_length(P)
+        self.sync()
+        t0 = time.perf_counter()
+        logits_fl, tok = self.forward(ids[:, P:], self.cacheA)
+        tok_fl = self.fetch_token(tok)
+        r["floor_new_token_s"] = time.perf_counter() - t0
+        logits_fl = logits_fl.float()
+
+        # correctness of the first token after a load
+        scale = float(logits_d.abs().max())
+        diff = float((logits_s - logits_d).abs().max())
+        r.update(tok_default=tok_d, tok_second=tok_s, tok_floor=tok_fl, logit_scale=scale,
+                 maxdiff_second_default=diff,
+                 maxdiff_floor_default=float((logits_fl - logits_d).abs().max()),
+                 maxdiff_second_floor=float((logits_s - logits_fl).abs().max()))
+        r["rel_diff"] = diff / scale if scale else float("inf")
+        if check:
+            if tok_s != tok_d:
+                gap = float(logits_d[tok_d] - logits_d[tok_s])
+                if gap <= 2 * diff and r["rel_diff"] <= self.args.tol:
+                    log(f"  WARNING T={T} rep={rep}: near tie: second's token {tok_s} != default's {tok_d}, "
+                        f"default logits differ by {gap:.4f} <= 2 x max diff {diff:.4f}")
+                    r["near_tie"] = True
+                else:
+                    self.fail(f"T={T} rep={rep}: second's first token {tok_s} != default's {tok_d} "
+                              f"(default logit gap {gap:.4f}, max diff {diff:.4f})")
+            if not r["rel_diff"] <= self.args.tol:
+                self.fail(f"T={T} rep={rep}: last-position logits differ: max |second-default| {diff:.4f} "
+                          f"/ max |logit| {scale:.4f} = {r['rel_diff']:.4f} > tol {self.args.tol}")
+        del logits_d, logits_s, logits_fl, logits_f
+        return r
+
+    def fail(self, msg: str) -> None:
+        log("  FAIL " + msg)
+        self.errors.append(msg)
+
+    # -- the whole run -------------------------------------------------------
+    def run(self, dep: Deployment) -> dict[str, Any]:
+        import kvshelf
+
+        args = self.args
+        conn_kw = dict(namespace=self.ns, device=(self.device.index or 0) if self.cuda else -2, use_env=False)
+        if args.backend:
+            conn_kw["backend"] = args.backend
+        if args.num_workers:
+            conn_kw["num_workers"] = args.num_workers
+        nblk = self.tmax // BLOCK
+        t0 = time.perf_counter()
+        dumper = kvshelf.Connector(dep.config, **conn_kw)
+        loader = kvshelf.Connector(dep.config, **conn_kw)
+        dumper.register_layout(self.cacheA.layout(), nblk)
+        loader.register_layout(self.cacheB.layout(), nblk)
+        log(f"connectors: backend {dumper.backend}, block object {dumper.block_bytes} bytes, "
+            f"{len(self.cacheA.layout())} tensors x {self.H} chunks of {BLOCK * self.D * self.es} B per block, "
+            f"namespace {self.ns}; opened in {time.perf_counter() - t0:.2f} s")
+        rows = []
+        try:
+            # warm-up (untimed): CUDA/cuBLAS, the pool's first mapping and CUDA registration
+            wT = min(args.lengths)
+            for i in range(args.warmup):
+                t0 = time.perf_counter()
+                w = self.run_once(wT, -1 - i, dumper, loader, check=True)
+                log(f"warm-up {i + 1} at {wT} tokens: {time.perf_counter() - t0:.2f} s (first {w['first_s']:.3f} s, "
+                    f"dump done +{w['dump_after_s']:.3f} s, second {w['second_s']:.3f} s)")
+            for T in args.lengths:
+                rows.append(self.run_length(T, dumper, loader))
+        finally:
+            counters = {"dumper": dumper.counters(), "loader": loader.counters()}
+            backend = dumper.backend
+            dumper.close()
+            loader.close()
+        return {"rows": rows, "counters": counters, "backend": backend}
+
+    def run_length(self, T: int, dumper: Any, loader: Any) -> dict[str, Any]:
+        args = self.args
+        nb = T // BLOCK
+        kv_bytes = self.L * 2 * T * self.H * self.D * self.es
+        restore_bytes = self.L * 2 * nb * BLOCK * self.H * self.D * self.es
+        t0 = time.perf_counter()
+        copy_s = self.ceiling(kv_bytes)
+        if args.warmup_each:  # the allocator's first prefill at this size, untimed
+            self.cacheA.set_length(0)
+            ids, _ = self.prompt(T, 10**6)
+            self.forward(ids, self.cacheA)
+            self.sync()
+        reps = []
+        for rep in range(args.repeats):
+            r = self.run_once(T, rep, dumper, loader)
+            reps.append(r)
+            log(f"  {T:>6} rep {rep}: default {r['default_s']:.4f}  first {r['first_s']:.4f} "
+                f"(dump +{r['dump_after_s'] * 1e3:.1f} ms)  second {r['second_s']:.4f} "
+                f"(restore {r['restore_s'] * 1e3:.1f} ms, hits {r['hits']}/{nb})  "
+                f"floor new token {r['floor_new_token_s'] * 1e3:.1f} ms  tok {r['tok_default']}/{r['tok_second']} "
+                f"rel diff {r['rel_diff']:.2e}")
+
+        def med(k: str) -> float:
+            return median([x[k] for x in reps])
+
+        row = dict(tokens=T, blocks=nb, kv_bytes=kv_bytes, restore_bytes=restore_bytes,
+                   default_s=med("default_s"), first_s=med("first_s"), second_s=med("second_s"),
+                   restore_s=med("restore_s"), lookup_s=med("lookup_s"), hash_s=med("hash_s"),
+                   dump_after_s=med("dump_after_s"), floor_new_token_s=med("floor_new_token_s"),
+                   copy_s=copy_s, repeats=reps, wall_s=time.perf_counter() - t0)
+        row["ceiling_GBps"] = kv_bytes / copy_s / 1e9
+        row["floor_s"] = row["floor_new_token_s"] + copy_s
+        row["first_over_default"] = row["first_s"] / row["default_s"]
+        row["second_over_default"] = row["second_s"] / row["default_s"]
+        row["floor_over_default"] = row["floor_s"] / row["default_s"]
+        row["restore_GBps"] = restore_bytes / row["restore_s"] / 1e9
+        row["dump_GBps"] = restore_bytes / row["dump_after_s"] / 1e9 if row["dump_after_s"] > 0 else float("nan")
+        row["restore_target_s"] = 1.15 * copy_s + 0.005  # 1.15 x KV bytes / ceiling + 5 ms
+        row["max_rel_diff"] = max(x["rel_diff"] for x in reps)
+        row["tokens_equal"] = all(x["tok_second"] == x["tok_default"] for x in reps)
+        row["kv_equal"] = all(x.get("kv_equal", False) for x in reps)
+        log(f"{T:>6} tokens: default {row['default_s']:.3f} s, first {row['first_s']:.3f} s "
+            f"({row['first_over_default']:.3f}x), second {row['second_s']:.3f} s ({row['second_over_default']:.3f}x), "
+            f"restore {row['restore_s'] * 1e3:.1f} ms = {row['restore_GBps']:.1f} GB/s "
+            f"(ceiling {row['ceiling_GBps']:.1f} GB/s, copy {copy_s * 1e3:.1f} ms), "
+            f"floor {row['floor_s'] * 1e3:.1f} ms; {row['wall_s']:.1f} s")
+        return row
+
+
+# --------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------
+
+
+def targets(rows: list[dict[str, Any]]) -> list[tuple[str, bool | None, str]]:
+    out = []
+    for r in rows:
+        out.append((f"restore <= 1.15 x KV/ceiling + 5 ms at {r['tokens']}",
+                    r["restore_s"] <= r["restore_target_s"],
+                    f"{r['restore_s'] * 1e3:.1f} ms vs {r['restore_target_s'] * 1e3:.1f} ms"))
+    for r in rows:
+        out.append((f"first/default <= 1.05 at {r['tokens']}", r["first_over_default"] <= 1.05,
+                    f"{r['first_over_default']:.3f}"))
+    r32 = [r for r in rows if r["tokens"] == 32768]
+    if r32:
+        out.append(("second/default <= 0.08 at 32768", r32[0]["second_over_default"] <= 0.08,
+                    f"{r32[0]['second_over_default']:.3f}"))
+    else:
+        out.append(("second/default <= 0.08 at 32768", None, "not measured (32768 not in --lengths)"))
+    return out
+
+
+def kfmt(T: int) -> str:
+    return f"{T // 1024}k" if T % 1024 == 0 else str(T)
+
+
+def markdown(meta: dict[str, Any], rows: list[dict[str, Any]], tg: list, errors: list[str]) -> str:
+    L = []
+    L.append(f"### TTFT, {meta['mode']} mode ({meta['model']})")
+    L.append("")
+    L.append(f"- machine: {meta['gpu']}; {meta['host']}; torch {meta['torch']}, transformers "
+             f"{meta['transformers']}, kvshelf {meta['kvshelf']} (backend {meta['backend']})")
+    L.append(f"- date: {meta['date']}")
+    L.append(f"- command: `{meta['command']}`")
+    L.append(f"- deployment: {meta['deployment']}")
+    L.append(f"- median of {meta['repeats']} runs per length, each on a fresh random prompt; "
+             f"times in seconds unless marked")
+    L.append("")
+    L.append("| tokens | first request (dump) | second request (load) | default (recompute) | first/default "
+             "| second/default | restore ms (lookup+load) | restore GB/s | floor ms (new token + copy) "
+             "| floor/default | dump ms after 1st token | KV GB | ceiling GB/s |")
+    L.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        L.append(f"| {kfmt(r['tokens'])} | {r['first_s']:.3f} | {r['second_s']:.3f} | {r['default_s']:.3f} "
+                 f"| {r['first_over_default']:.3f} | {r['second_over_default']:.3f} | {r['restore_s'] * 1e3:.1f} "
+                 f"| {r['restore_GBps']:.1f} | {r['floor_new_token_s'] * 1e3:.1f} + {r['copy_s'] * 1e3:.1f} "
+                 f"= {r['floor_s'] * 1e3:.1f} | {r['floor_over_default']:.3f} | {r['dump_after_s'] * 1e3:.1f} "
+                 f"| {r['kv_bytes'] / 1e9:.2f} | {r['ceiling_GBps']:.1f} |")
+    L.append("")
+    pub = [r for r in rows if r["tokens"] in PUBLISHED]
+    if pub:
+        L.append("Published connector (DESIGN.md), same lengths: " + "; ".join(
+            f"{kfmt(r['tokens'])}: first/default {PUBLISHED[r['tokens']][0] / PUBLISHED[r['tokens']][2]:.2f}, "
+            f"second/default {PUBLISHED[r['tokens']][1] / PUBLISHED[r['tokens']][2]:.2f}" for r in pub) + ".")
+        L.append("")
+    L.append("Targets (H100):")
+    L.append("")
+    for name, ok, val in tg:
+        L.append(f"- {'PASS' if ok else ('n/a' if ok is None else 'FAIL')}: {name}: {val}")
+    L.append("")
+    L.append("Correctness (every run): " + ("PASS" if not errors else "FAIL") + " — loaded KV equal to the "
+             "dumped KV bit for bit, every block a hit, greedy token equal to default's, last-position "
+             f"logits within {meta['tol']} of default's (max |diff| / max |logit|):")
+    L.append("")
+    for r in rows:
+        reps = r["repeats"]
+        L.append(f"- {kfmt(r['tokens'])}: tokens equal {r['tokens_equal']}, KV equal {r['kv_equal']}, "
+                 f"max rel diff {r['max_rel_diff']:.2e} (abs {max(x['maxdiff_second_default'] for x in reps):.4f} "
+                 f"of scale {reps[0]['logit_scale']:.2f}; floor vs default "
+                 f"{max(x['maxdiff_floor_default'] for x in reps):.4f}, second vs floor "
+                 f"{max(x['maxdiff_second_floor'] for x in reps):.4f})")
+    for e in errors:
+        L.append(f"- FAIL: {e}")
+    L.append("")
+    return "\n".join(L)
+
+
+def plot(path: str, meta: dict[str, Any], rows: list[dict[str, Any]]) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception as e:  # noqa: BLE001
+        log(f"warning: no plot ({e})")
+        return False
+    xs = [r["tokens"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    ax.plot(xs, [r["default_s"] for r in rows], "o-", label="default (recompute)")
+    ax.plot(xs, [r["first_s"] for r in rows], "s-", label="first request (prefill + dump)")
+    ax.plot(xs, [r["second_s"] for r in rows], "^-", label="second request (kvshelf load)")
+    ax.plot(xs, [r["floor_s"] for r in rows], ":", color="gray", label="floor (new token + pinned copy)")
+    pub = [(T, v) for T, v in sorted(PUBLISHED.items()) if T in xs]
+    if pub and not meta["tiny"]:
+        ax.plot([T for T, _ in pub], [v[1] for _, v in pub], "x--", color="tab:red", alpha=0.6,
+                label="published connector, second request")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(xs)
+    ax.set_xticklabels([kfmt(x) for x in xs])
+    ax.set_xlabel("prompt tokens")
+    ax.set_ylabel("time to first token (s)")
+    ax.set_title(f"TTFT, {meta['model']}, kvshelf {meta['mode']} mode\n{meta['gpu']}, {meta['date'][:10]}",
+                 fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mode", choices=["embedded", "master"], default="embedded")
+    ap.add_argument("--lengths", type=parse_lengths, default=None,
+                    help="prompt lengths, e.g. 2k,4k,8k,16k,32k (default; --tiny: 64,128)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1, help="untimed full runs at the shortest length")
+    ap.add_argument("--no-warmup-each", dest="warmup_each", action="store_false",
+                    help="skip the untimed prefill at each new length")
+    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    ap.add_argument("--tiny", action="store_true", help="2 layers, hidden 256 (smoke test)")
+    ap.add_argument("--pool-size", default="24GiB", help="pool bytes (global_segment_size / node segment)")
+    ap.add_argument("--backend", default=None, help="connector copy backend (default: auto)")
+    ap.add_argument("--num-workers", type=int, default=0)
+    ap.add_argument("--ceiling-repeats", type=int, default=5)
+    ap.add_argument("--tol", type=float, default=0.05, help="max |logit diff| / max |logit|")
+    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--out", default=os.environ.get("OUT") or "build/ttft", help="output folder")
+    args = ap.parse_args()
+    if args.lengths is None:
+        args.lengths = [64, 128] if args.tiny else [2048, 4096, 8192, 16384, 32768]
+    if args.repeats < 1:
+        ap.error("--repeats must be >= 1")
+    pool = parse_size(args.pool_size)
+    command = " ".join(shlex.quote(a) for a in [sys.executable] + sys.argv)
+    date = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+    import torch
+    import transformers
+
+    import kvshelf
+
+    log(f"kvshelf TTFT benchmark: {date}")
+    log(f"command: {command}")
+    need = max(args.lengths) * (TINY if args.tiny else QWEN25_14B)["num_hidden_layers"] * 2 * \
+        (TINY if args.tiny else QWEN25_14B)["num_key_value_heads"] * 128 * 2
+    if pool < 1.2 * need:
+        log(f"warning: pool {pool / 2**30:.1f} GiB is small for the longest prompt's {need / 2**30:.1f} GiB")
+    torch.set_grad_enabled(False)
+    bench = Bench(args)
+    log(f"device: {bench.gpu}; torch {torch.__version__}; transformers {transformers.__version__}; "
+        f"kvshelf {kvshelf.__version__} at {os.path.dirname(kvshelf.__file__)}")
+    dep = Deployment(args.mode, pool)
+    t0 = time.perf_counter()
+    try:
+        dep.start()
+        log(f"deployment: {dep.describe} (up in {time.perf_counter() - t0:.2f} s)")
+        with torch.inference_mode():
+            res = bench.run(dep)
+        pool_stats = dep.stats()
+    finally:
+        dep.stop()
+    rows = res["rows"]
+    tg = targets(rows)
+    meta = dict(mode=args.mode, model="Qwen2.5-14B shape, random bf16 weights" if not args.tiny else
+                "tiny Qwen2 (2 layers, hidden 256), random bf16 weights",
+                tiny=args.tiny, gpu=bench.gpu, host=f"{platform.node()} {platform.machine()}, "
+                f"{os.cpu_count()} CPUs", torch=torch.__version__, transformers=transformers.__version__,
+                kvshelf=kvshelf.__version__, backend=res["backend"], date=date, command=command,
+                deployment=dep.describe, repeats=args.repeats, tol=args.tol, pool_bytes=pool,
+                namespace=bench.ns, lengths=args.lengths, python=sys.version.split()[0])
+    md = markdown(meta, rows, tg, bench.errors)
+    os.makedirs(args.out, exist_ok=True)
+    base = os.path.join(args.out, f"ttft-{args.mode}")
+    with open(base + ".md", "w") as f:
+        f.write(md)
+    with open(base + ".json", "w") as f:
+        json.dump(finite({"meta": meta, "rows": rows, "targets": [{"name": n, "pass": ok, "value": v} for n, ok, v in tg],
+                   "errors": bench.errors, "counters": res["counters"],
+                   "pool": {k: pool_stats.get(k) for k in ("capacity", "used", "objects", "counters", "error")
+                            if k in pool_stats}}),
+                  f, indent=1, allow_nan=False)
+    plotted = plot(base + ".png", meta, rows)
+    log("")
+    log(md)
+    log(f"wrote {base}.md, {base}.json" + (f", {base}.png" if plotted else ""))
+    if bench.errors:
+        log(f"CORRECTNESS FAILED: {len(bench.errors)} problem(s)")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
