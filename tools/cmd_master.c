@@ -322,6 +322,13 @@ int kvs_cmd_master(int argc, char **argv)
     kvs_master_opts_init(&o.mo);
     o.segment_size = KVS_DEFAULT_GLOBAL_SEGMENT_SIZE;
     kvs_log_set_name("master");
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_signal;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
+    signal(SIGPIPE, SIG_IGN);
     int prc = parse_args(argc, argv, &o);
     if (prc) return prc == 1 ? 0 : prc;
     if (!o.secret) o.secret = getenv("KVSHELF_SECRET");
@@ -353,14 +360,6 @@ int kvs_cmd_master(int argc, char **argv)
             return 2;
         }
     }
-
-    struct sigaction sa;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = on_signal;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGTERM, &sa, NULL);
-    sigaction(SIGINT, &sa, NULL);
-    signal(SIGPIPE, SIG_IGN);
 
     o.mo.secret = o.secret;
     kvs_master *m = NULL;

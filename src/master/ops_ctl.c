@@ -51,6 +51,7 @@ void kvs_m_segment_drop(kvs_master *m, kvs_seg *s)
         kvs_list_remove(&o->seg_link);
         s->nobjs--;
         o->seg = NULL; /* its bytes are gone with the segment */
+        if (o->state == KVS_OBJ_WRITING) m->cnt.revoked_puts++;
         kvs_m_obj_drop(m, o);
     }
     KVS_LOGI("segment %u unmounted", s->id);

@@ -1,0 +1,199 @@
+/* Lease and liveness tests: lease expiry, remove under lease, unmount
+ * under lease, client expiry (segments and puts), put timeout, heartbeat,
+ * a closed connection does not expire its client. */
+#include "test_master_util.h"
+
+#define MIB (1ull << 20)
+
+static uint64_t seg_used(kvs_master *m, uint32_t seg) { return kvs_seg_used(kvs_segs_find(&m->segs, seg)); }
+
+static void test_lease_expiry(void **st)
+{
+    (void)st;
+    kvs_master *m = tm_master(NULL, NULL);
+    uint64_t c = tm_client(m, 1);
+    uint32_t seg = tm_mount(m, c, 8 * MIB, 1);
+    assert_int_equal(tm_put(m, c, "k", MIB), KVS_OK);
+    kvs_m_loc l1, l2;
+    assert_int_equal(kvs_m_get(m, c, "k", 1, &l1), KVS_OK);
+    kvs_master_set_time(m, T0 + 1000);
+    assert_int_equal(kvs_m_get(m, c, "k", 1, &l2), KVS_OK);
+    assert_true(l1.lease_id != l2.lease_id);
+    kvs_obj *o = kvs_index_find(&m->ix, "k", 1);
+    assert_int_equal(o->leases, 2);
+    assert_int_equal(o->lease_expiry_ms, T0 + 1000 + 5000);
+    kvs_master_set_time(m, T0 + 4999);
+    kvs_master_tick(m);
+    assert_int_equal(o->leases, 2);
+    kvs_master_set_time(m, T0 + 5000);
+    kvs_master_tick(m);
+    assert_int_equal(o->leases, 1);
+    assert_int_equal(kvs_m_release(m, l1.lease_id), KVS_ERR_NOT_FOUND); /* expired */
+    assert_int_equal(kvs_m_release(m, l2.lease_id), KVS_OK);
+    assert_int_equal(kvs_m_release(m, l2.lease_id), KVS_ERR_NOT_FOUND);
+    assert_int_equal(o->leases, 0);
+    assert_int_equal(m->cnt.expired_leases, 1);
+    assert_int_equal(seg_used(m, seg), MIB);
+    kvs_master_free(m);
+}
+
+static void test_remove_under_lease(void **st)
+{
+    (void)st;
+    kvs_master *m = tm_master(NULL, NULL);
+    uint64_t c = tm_client(m, 1);
+    uint32_t seg = tm_mount(m, c, 8 * MIB, 1);
+    assert_int_equal(tm_put(m, c, "k", MIB), KVS_OK);
+    kvs_m_loc l;
+    assert_int_equal(kvs_m_get(m, c, "k", 1, &l), KVS_OK);
+    assert_int_equal(kvs_m_remove(m, "k", 1), KVS_OK);
+    assert_false(tm_exists(m, "k"));                 /* unlinked at once */
+    assert_int_equal(seg_used(m, seg), MIB);         /* space still held */
+    assert_int_equal(tm_put(m, c, "k", 2 * MIB), KVS_OK); /* key reusable */
+    assert_int_equal(seg_used(m, seg), 3 * MIB);
+    assert_int_equal(kvs_m_remove(m, "k", 1), KVS_OK);
+    assert_int_equal(seg_used(m, seg), MIB);
+    assert_int_equal(kvs_m_release(m, l.lease_id), KVS_OK);
+    assert_int_equal(seg_used(m, seg), 0);
+    assert_int_equal(m->n_objs, 0);
+    /* the same through lease expiry */
+    assert_int_equal(tm_put(m, c, "j", MIB), KVS_OK);
+    assert_int_equal(kvs_m_get(m, c, "j", 1, &l), KVS_OK);
+    assert_int_equal(kvs_m_remove(m, "j", 1), KVS_OK);
+    kvs_master_set_time(m, T0 + 6000);
+    kvs_m_heartbeat(m, c);
+    kvs_master_tick(m);
+    assert_int_equal(seg_used(m, seg), 0);
+    assert_int_equal(m->n_objs, 0);
+    kvs_master_free(m);
+}
+
+static void test_unmount_under_lease(void **st)
+{
+    (void)st;
+    kvs_master *m = tm_master(NULL, NULL);
+    uint64_t c = tm_client(m, 1), r = tm_client(m, 2);
+    uint32_t seg = tm_mount(m, c, 8 * MIB, 1);
+    assert_int_equal(tm_put(m, c, "k", MIB), KVS_OK);
+    assert_int_equal(tm_put(m, c, "k2", MIB), KVS_OK);
+    kvs_m_loc l;
+    assert_int_equal(kvs_m_get(m, r, "k", 1, &l), KVS_OK);
+    assert_int_equal(kvs_m_unmount(m, r, seg), KVS_ERR_INVALID); /* not the owner */
+    assert_int_equal(kvs_m_unmount(m, c, seg), KVS_OK);
+    assert_int_equal(kvs_m_unmount(m, c, seg), KVS_ERR_NOT_FOUND);
+    assert_false(tm_exists(m, "k"));
+    assert_false(tm_exists(m, "k2"));
+    assert_int_equal(m->n_objs, 1); /* the leased record waits for its lease */
+    assert_int_equal(kvs_m_release(m, l.lease_id), KVS_OK);
+    assert_int_equal(m->n_objs, 0);
+    assert_int_equal(tm_put(m, c, "k", MIB), KVS_ERR_NO_SPACE); /* no segment left */
+    kvs_master_free(m);
+}
+
+static void short_ttl(kvs_master_opts *o)
+{
+    o->client_ttl_ms = 1000;
+    o->put_timeout_ms = 3000;
+}
+
+static void test_client_expiry(void **st)
+{
+    (void)st;
+    kvs_master *m = tm_master(NULL, short_ttl);
+    uint64_t owner = tm_client(m, 1), writer = tm_client(m, 2);
+    tm_mount(m, owner, 8 * MIB, 1);
+    uint32_t seg2 = tm_mount(m, writer, 8 * MIB, 2);
+    assert_int_equal(tm_put(m, owner, "stored", MIB), KVS_OK);
+    uint32_t seg;
+    uint64_t off, obj;
+    assert_int_equal(kvs_m_put_start(m, writer, "inflight", 8, MIB, &seg, &off, &obj), KVS_OK);
+    assert_int_equal(seg, seg2);
+    /* owner keeps heartbeating, writer goes silent */
+    kvs_master_set_time(m, T0 + 900);
+    assert_int_equal(kvs_m_heartbeat(m, owner), KVS_OK);
+    kvs_master_tick(m);
+    assert_int_equal(m->clients.count, 2);
+    kvs_master_set_time(m, T0 + 1001);
+    kvs_master_tick(m);
+    assert_int_equal(m->clients.count, 1);
+    assert_int_equal(kvs_m_heartbeat(m, writer), KVS_ERR_NOT_FOUND);
+    assert_int_equal(m->segs.n, 1);       /* its segment unmounted */
+    assert_int_equal(m->cnt.revoked_puts, 1);
+    assert_int_equal(kvs_m_put_end(m, writer, "inflight", 8, obj, 1), KVS_ERR_NOT_FOUND);
+    assert_true(tm_exists(m, "stored"));
+    /* owner goes silent too: its objects are dropped */
+    kvs_master_set_time(m, T0 + 2000);
+    kvs_master_tick(m);
+    assert_false(tm_exists(m, "stored"));
+    assert_int_equal(m->segs.n, 0);
+    assert_int_equal(m->cnt.expired_clients, 2);
+    assert_int_equal(m->n_objs, 0);
+    kvs_master_free(m);
+}
+
+static void test_put_timeout(void **st)
+{
+    (void)st;
+    kvs_master *m = tm_master(NULL, short_ttl);
+    uint64_t c = tm_client(m, 1);
+    uint32_t sg = tm_mount(m, c, 8 * MIB, 1);
+    uint32_t seg;
+    uint64_t off, o1, o2;
+    assert_int_equal(kvs_m_put_start(m, c, "slow", 4, MIB, &seg, &off, &o1), KVS_OK);
+    kvs_master_set_time(m, T0 + 500);
+    assert_int_equal(kvs_m_put_start(m, c, "slow2", 5, MIB, &seg, &off, &o2), KVS_OK);
+    assert_int_equal(kvs_m_put_start(m, c, "slow", 4, MIB, &seg, &off, &o2), KVS_ERR_EXISTS);
+    for (uint64_t t = 600; t <= 3000; t += 200) { /* heartbeats keep the client */
+        kvs_master_set_time(m, T0 + t);
+        kvs_m_heartbeat(m, c);
+        kvs_master_tick(m);
+    }
+    assert_int_equal(m->cnt.revoked_puts, 1);
+    assert_int_equal(kvs_m_put_end(m, c, "slow", 4, o1, 1), KVS_ERR_NOT_FOUND);
+    assert_int_equal(seg_used(m, sg), MIB);
+    kvs_master_set_time(m, T0 + 3500);
+    kvs_master_tick(m);
+    assert_int_equal(m->cnt.revoked_puts, 2);
+    assert_int_equal(seg_used(m, sg), 0);
+    assert_int_equal(m->clients.count, 1);
+    kvs_master_free(m);
+}
+
+static void test_closed_connection_keeps_client(void **st)
+{
+    (void)st;
+    kvs_master *m = tm_master(NULL, short_ttl);
+    tm_conn c;
+    tm_open(&c, m, 1);
+    assert_int_equal(tm_hello(&c, NULL), KVS_OK);
+    uint64_t id = c.client_id;
+    tm_close(&c); /* connection gone: nothing happens until the TTL */
+    kvs_master_set_time(m, T0 + 999);
+    kvs_master_tick(m);
+    assert_non_null(kvs_clients_find(&m->clients, id));
+    /* any request on a connection refreshes its client */
+    tm_open(&c, m, 1);
+    assert_int_equal(tm_hello(&c, NULL), KVS_OK);
+    kvs_master_set_time(m, T0 + 1500);
+    tm_send(&c, KVS_MSG_SEGMENTS, NULL, 2);
+    (void)tm_next(&c);
+    kvs_master_set_time(m, T0 + 2400);
+    kvs_master_tick(m);
+    assert_null(kvs_clients_find(&m->clients, id));
+    assert_non_null(kvs_clients_find(&m->clients, c.client_id));
+    tm_close(&c);
+    kvs_master_free(m);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_lease_expiry),
+        cmocka_unit_test(test_remove_under_lease),
+        cmocka_unit_test(test_unmount_under_lease),
+        cmocka_unit_test(test_client_expiry),
+        cmocka_unit_test(test_put_timeout),
+        cmocka_unit_test(test_closed_connection_keeps_client),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
