@@ -182,6 +182,23 @@ static void move_bytes(kvs_client *c, uint32_t gen, const loc *ls, size_t nl, vo
     free(infos);
 }
 
+/* A batch is sent in chunks of at most KVS_MAX_BATCH items and about
+ * CHUNK_BYTES of values, so that each chunk's leases (GET) and reservations
+ * (PUT_START) comfortably outlive its transfers even over slow links. */
+#define CHUNK_BYTES (512ull << 20)
+
+static size_t chunk_end(const kvs_item *items, size_t start, size_t n)
+{
+    uint64_t bytes = 0;
+    size_t i = start;
+    while (i < n && i - start < KVS_MAX_BATCH) {
+        if (i > start && bytes + items[i].len > CHUNK_BYTES) break;
+        bytes += items[i].len;
+        i++;
+    }
+    return i;
+}
+
 /* ---- put ---- */
 
 static void put_chunk(kvs_client *c, kvs_item *items, size_t n)
@@ -308,7 +325,10 @@ static int put_batch(kvs_client *c, kvs_item *items, size_t n, int need_reg)
             it->status = KVS_ERR_NOT_REGISTERED;
     }
     if (need_reg) pthread_mutex_unlock(&c->reg_mu);
-    for (size_t s = 0; s < n; s += KVS_MAX_BATCH) put_chunk(c, items + s, KVS_MIN(n - s, (size_t)KVS_MAX_BATCH));
+    for (size_t s = 0, e; s < n; s = e) {
+        e = chunk_end(items, s, n);
+        put_chunk(c, items + s, e - s);
+    }
     int ok = 0;
     for (size_t i = 0; i < n; i++) ok += items[i].status == KVS_OK;
     kvs_leave(c);
@@ -437,7 +457,10 @@ static int get_batch(kvs_client *c, kvs_item *items, size_t n, int need_reg)
             it->status = KVS_ERR_NOT_REGISTERED;
     }
     if (need_reg) pthread_mutex_unlock(&c->reg_mu);
-    for (size_t s = 0; s < n; s += KVS_MAX_BATCH) get_chunk(c, items + s, KVS_MIN(n - s, (size_t)KVS_MAX_BATCH));
+    for (size_t s = 0, e; s < n; s = e) {
+        e = chunk_end(items, s, n);
+        get_chunk(c, items + s, e - s);
+    }
     int ok = 0;
     for (size_t i = 0; i < n; i++) ok += items[i].status == KVS_OK;
     kvs_leave(c);

@@ -219,6 +219,8 @@ static void test_garbage_frames(void **state)
     uint8_t buf[4096];
     fill(buf, sizeof buf, 5);
     assert_int_equal(xfer1(f, 1, 0, buf, sizeof buf), KVS_OK);
+    int keep = raw_conn(f, ""); /* open across all the bad connections below */
+    assert_true(keep >= 0);
 
     /* 1: random bytes */
     int fd = raw_conn(f, "");
@@ -291,6 +293,26 @@ static void test_garbage_frames(void **state)
     assert_int_equal(kvs_write_full(fd, w.data, w.len), KVS_OK);
     assert_true(closed_by_server(fd));
     close(fd);
+
+    /* the connection opened before is still served */
+    kvs_wbuf_reset(&w);
+    s = kvs_wbuf_begin_frame(&w, KVS_MSG_T_READ, 0, 0, 42);
+    kvs_wbuf_u32(&w, SEG_ID);
+    kvs_wbuf_u64(&w, 0);
+    kvs_wbuf_u64(&w, 100);
+    kvs_wbuf_end_frame(&w, s);
+    assert_int_equal(kvs_write_full(keep, w.data, w.len), KVS_OK);
+    uint8_t hb[KVS_FRAME_HDR], body[100];
+    kvs_set_timeouts(keep, 2000);
+    assert_int_equal(kvs_read_full(keep, hb, sizeof hb), KVS_OK);
+    kvs_frame_hdr h;
+    assert_int_equal(kvs_frame_hdr_decode(hb, KVS_MAX_BODY, &h), KVS_OK);
+    assert_int_equal(h.req_id, 42);
+    assert_int_equal(h.status, KVS_OK);
+    assert_int_equal(h.body_len, 100);
+    assert_int_equal(kvs_read_full(keep, body, sizeof body), KVS_OK);
+    assert_memory_equal(body, buf, sizeof body);
+    close(keep);
     kvs_wbuf_free(&w);
 
     uint8_t out[4096];
