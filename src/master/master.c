@@ -45,9 +45,11 @@ int kvs_master_new(const kvs_master_opts *o, kvs_master **out)
     pthread_mutex_init(&m->lock, NULL);
     kvs_list_init(&m->writing);
     kvs_segs_init(&m->segs, o->max_segments);
-    m->next_obj_id = random_base();
-    if (kvs_index_init(&m->ix) || kvs_clients_init(&m->clients, o->max_clients, random_base()) ||
-        kvs_leases_init(&m->leases, (size_t)o->max_leases, random_base())) {
+    uint64_t b = o->id_base;
+    m->next_obj_id = b ? b : random_base();
+    if (kvs_index_init(&m->ix) ||
+        kvs_clients_init(&m->clients, o->max_clients, b ? b : random_base()) ||
+        kvs_leases_init(&m->leases, (size_t)o->max_leases, b ? b : random_base())) {
         kvs_master_free(m);
         return KVS_ERR_NOMEM;
     }
