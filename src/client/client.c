@@ -132,7 +132,7 @@ static int connect_master(kvs_client *c, char *err, size_t errlen)
                    kvs_strerror(rc));
             kvs_rpc_kill(rpc, KVS_ERR_CONN);
             kvs_rpc_unref(rpc);
-            return rc == KVS_ERR_NO_SPACE || rc == KVS_ERR_INVALID ? rc : KVS_ERR_CONN;
+            return rc == KVS_ERR_AUTH ? rc : KVS_ERR_CONN;
         }
     }
     pthread_mutex_lock(&c->mu);

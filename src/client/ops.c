@@ -611,11 +611,9 @@ int kvs_remove(kvs_client *c, const void *key, uint32_t key_len)
 
 /* ---- zero-copy slots ---- */
 
-int kvs_reserve_batch(kvs_client *c, const kvs_key *keys, const uint64_t *sizes, size_t n,
-                      kvs_slot *slots)
+static int reserve_chunk(kvs_client *c, const kvs_key *keys, const uint64_t *sizes, size_t n,
+                         kvs_slot *slots)
 {
-    if (!c || (n && (!keys || !sizes || !slots))) return KVS_ERR_INVALID;
-    if (n > KVS_MAX_BATCH) return KVS_ERR_TOO_LARGE;
     int rc = kvs_enter(c);
     if (rc) return rc;
     size_t *idx = malloc((n ? n : 1) * sizeof *idx), k = 0;
@@ -684,11 +682,9 @@ out:
     return rc ? rc : reserved;
 }
 
-int kvs_commit_batch(kvs_client *c, const kvs_key *keys, const kvs_slot *slots,
-                     const uint8_t *ok, size_t n, int *results)
+static int commit_chunk(kvs_client *c, const kvs_key *keys, const kvs_slot *slots,
+                        const uint8_t *ok, size_t n, int *results)
 {
-    if (!c || (n && (!keys || !slots))) return KVS_ERR_INVALID;
-    if (n > KVS_MAX_BATCH) return KVS_ERR_TOO_LARGE;
     int rc = kvs_enter(c);
     if (rc) return rc;
     size_t *idx = malloc((n ? n : 1) * sizeof *idx), k = 0;
@@ -754,10 +750,8 @@ out:
     return rc ? rc : published;
 }
 
-int kvs_acquire_batch(kvs_client *c, const kvs_key *keys, size_t n, kvs_slot *slots)
+static int acquire_chunk(kvs_client *c, const kvs_key *keys, size_t n, kvs_slot *slots)
 {
-    if (!c || (n && (!keys || !slots))) return KVS_ERR_INVALID;
-    if (n > KVS_MAX_BATCH) return KVS_ERR_TOO_LARGE;
     int rc = kvs_enter(c);
     if (rc) return rc;
     size_t *idx = malloc((n ? n : 1) * sizeof *idx), k = 0;
@@ -831,6 +825,62 @@ out:
     kvs_conn_put(&cr);
     kvs_leave(c);
     return rc ? rc : found;
+}
+
+/* Batches larger than one message are sent in chunks; a chunk that fails
+ * as a whole gives its error to its slots, and the call returns the count
+ * of the others. */
+int kvs_reserve_batch(kvs_client *c, const kvs_key *keys, const uint64_t *sizes, size_t n,
+                      kvs_slot *slots)
+{
+    if (!c || (n && (!keys || !sizes || !slots))) return KVS_ERR_INVALID;
+    if (n <= KVS_MAX_BATCH) return reserve_chunk(c, keys, sizes, n, slots);
+    int total = 0, rc = 0;
+    for (size_t s = 0; s < n; s += KVS_MAX_BATCH) {
+        size_t m = KVS_MIN(n - s, (size_t)KVS_MAX_BATCH);
+        int r = reserve_chunk(c, keys + s, sizes + s, m, slots + s);
+        if (r < 0) {
+            rc = r;
+            for (size_t i = 0; i < m; i++) slots[s + i].status = r;
+        } else {
+            total += r;
+        }
+    }
+    return total || !rc ? total : rc;
+}
+
+int kvs_commit_batch(kvs_client *c, const kvs_key *keys, const kvs_slot *slots,
+                     const uint8_t *ok, size_t n, int *results)
+{
+    if (!c || (n && (!keys || !slots))) return KVS_ERR_INVALID;
+    if (n <= KVS_MAX_BATCH) return commit_chunk(c, keys, slots, ok, n, results);
+    int total = 0, rc = 0;
+    for (size_t s = 0; s < n; s += KVS_MAX_BATCH) {
+        size_t m = KVS_MIN(n - s, (size_t)KVS_MAX_BATCH);
+        int r = commit_chunk(c, keys + s, slots + s, ok ? ok + s : NULL, m,
+                             results ? results + s : NULL);
+        if (r < 0) rc = r;
+        else total += r;
+    }
+    return total || !rc ? total : rc;
+}
+
+int kvs_acquire_batch(kvs_client *c, const kvs_key *keys, size_t n, kvs_slot *slots)
+{
+    if (!c || (n && (!keys || !slots))) return KVS_ERR_INVALID;
+    if (n <= KVS_MAX_BATCH) return acquire_chunk(c, keys, n, slots);
+    int total = 0, rc = 0;
+    for (size_t s = 0; s < n; s += KVS_MAX_BATCH) {
+        size_t m = KVS_MIN(n - s, (size_t)KVS_MAX_BATCH);
+        int r = acquire_chunk(c, keys + s, m, slots + s);
+        if (r < 0) {
+            rc = r;
+            for (size_t i = 0; i < m; i++) slots[s + i].status = r;
+        } else {
+            total += r;
+        }
+    }
+    return total || !rc ? total : rc;
 }
 
 int kvs_release_batch(kvs_client *c, const kvs_slot *slots, size_t n)

@@ -372,6 +372,24 @@ static void test_slots(void **state)
     }
     assert_int_equal(kvs_slot_lease_valid(f->c, &r[2]), 0);
     assert_int_equal(kvs_release_batch(f->c, r, N), KVS_OK);
+    /* more slots than one message carries: sent in chunks */
+    enum { M = 70000 };
+    char(*mk)[12] = malloc((size_t)M * 12);
+    kvs_key *mkeys = malloc(M * sizeof *mkeys);
+    kvs_slot *ms = malloc(M * sizeof *ms);
+    for (int i = 0; i < M; i++) {
+        int l = snprintf(mk[i], 12, "m-%d", i);
+        mkeys[i] = (kvs_key){mk[i], (uint32_t)l};
+    }
+    mkeys[M - 1] = keys[0];
+    assert_int_equal(kvs_acquire_batch(f->c, mkeys, M, ms), 1);
+    assert_int_equal(ms[0].status, KVS_ERR_NOT_FOUND);
+    assert_int_equal(ms[M - 2].status, KVS_ERR_NOT_FOUND);
+    assert_int_equal(ms[M - 1].status, KVS_OK);
+    assert_int_equal(kvs_release_batch(f->c, ms, M), KVS_OK);
+    free(mk);
+    free(mkeys);
+    free(ms);
     /* the object of the normal API is the same */
     uint8_t buf[4096];
     uint64_t size;
