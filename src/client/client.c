@@ -123,7 +123,7 @@ static int connect_master(kvs_client *c, char *err, size_t errlen)
                kvs_strerror(rc));
         return rc == KVS_ERR_AUTH ? KVS_ERR_AUTH : KVS_ERR_CONN;
     }
-    if (c->embedded) wait_pool_segment(c, rpc);
+    if (c->embedded && !c->opts.no_spawn) wait_pool_segment(c, rpc);
     uint32_t seg_id = 0;
     if (c->have_seg) {
         rc = mount_segment(c, rpc, hi.client_id, &seg_id);
