@@ -407,6 +407,7 @@ void kvs_task_free(kvs_task *t)
 
 /* --------------------------------------------------------- host backend */
 
+/* obj: start of the object (payload_off counts the header). */
 static void host_gather(const kvs_connector *c, uint32_t bid, uint8_t *obj)
 {
     for (size_t t = 0; t < c->nt; t++) {
@@ -479,11 +480,11 @@ static int run_copies(conn_worker *w, int dir, const uint32_t *bids, size_t n, v
     for (size_t i = 0; i < n; i++) {
         if (!w->ok[i]) continue;
         if (dir == TASK_DUMP) {
-            host_gather(c, bids[i], (uint8_t *)w->obj[i] + CONN_HDR_BYTES);
+            host_gather(c, bids[i], (uint8_t *)w->obj[i]);
             write_stamp(w->obj[i], w->gen[i]);
         } else {
             w->got[i] = read_stamp(w->obj[i]);
-            host_scatter(c, bids[i], (const uint8_t *)w->obj[i] + CONN_HDR_BYTES);
+            host_scatter(c, bids[i], (const uint8_t *)w->obj[i]);
         }
     }
     return KVS_OK;
@@ -1047,7 +1048,9 @@ int kvs_connector_register_layout(kvs_connector *c, const kvs_tensor_layout *ten
     const char *env = getenv("KVSHELF_CONNECTOR_JOB_MB");
     if (env && atoi(env) > 0) job_bytes = (uint64_t)atoi(env) << 20;
     uint64_t jb = job_bytes / c->block_bytes;
-    c->job_blocks = (uint32_t)(jb < 1 ? 1 : jb > CONN_JOB_MAX_BLOCKS ? CONN_JOB_MAX_BLOCKS : jb);
+    if (jb > CONN_JOB_MAX_BLOCKS) jb = CONN_JOB_MAX_BLOCKS;
+    if (jb > c->max_inflight) jb = c->max_inflight; /* a job always fits the queue */
+    c->job_blocks = (uint32_t)(jb < 1 ? 1 : jb);
 #ifdef KVS_HAVE_CUDA
     if (c->backend == BK_CUDA) {
         kvs_cuda_tensor *ct = calloc(n_tensors, sizeof *ct);

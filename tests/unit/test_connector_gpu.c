@@ -1,0 +1,134 @@
+/* KV connector with GPU tensors (device 0): the tests of
+ * test_connector_host.c run with cudaMalloc'd KV caches, once with the
+ * gather/scatter kernel and once with cudaMemcpyBatchAsync, plus the
+ * after_event contract. Skips (exit 0) when built without CUDA or when no
+ * GPU is present, as on CI. */
+#include "test_connector_util.h"
+
+#ifdef KVS_HAVE_CUDA
+#include <cuda_runtime_api.h>
+
+static void sleep_cb(void *arg)
+{
+    (void)arg;
+    usleep(300 * 1000);
+}
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+/* A dump given an event copies what the stream wrote before the event,
+ * returns at once, and never waits on the caller's stream from the caller's
+ * thread. The event may be re-recorded right after dump returns. */
+static void test_after_event(void **s)
+{
+    (void)s;
+    tkv kv;
+    const uint32_t nb = 32, n = 8;
+    tkv_make(&kv, "vllm", 4, 2, 64, 16, nb, 91);
+    char ns[128];
+    make_ns(ns, sizeof ns, "event");
+    kvs_connector *c = open_kv(&g_pool, ns, &kv, NULL);
+    /* new contents, in device memory, written by the stream after a stall */
+    uint8_t *fresh[TKV_MAXA];
+    uint8_t **want = tkv_snapshot(&kv);
+    for (size_t a = 0; a < kv.na; a++) {
+        fill_random(want[a], kv.allocsz[a], 5000 + a);
+        fresh[a] = kvs_cuda_dev_alloc(0, kv.allocsz[a]);
+        assert_non_null(fresh[a]);
+        assert_int_equal(kvs_cuda_memcpy(fresh[a], want[a], kv.allocsz[a]), KVS_OK);
+    }
+    cudaStream_t st, other;
+    cudaEvent_t ev;
+    assert_int_equal(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking), cudaSuccess);
+    assert_int_equal(cudaStreamCreateWithFlags(&other, cudaStreamNonBlocking), cudaSuccess);
+    assert_int_equal(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming), cudaSuccess);
+    assert_int_equal(cudaLaunchHostFunc(st, sleep_cb, NULL), cudaSuccess);
+    for (size_t a = 0; a < kv.na; a++)
+        assert_int_equal(cudaMemcpyAsync(kv.alloc[a], fresh[a], kv.allocsz[a],
+                                         cudaMemcpyDeviceToDevice, st),
+                         cudaSuccess);
+    assert_int_equal(cudaEventRecord(ev, st), cudaSuccess);
+
+    hashes hs;
+    hashes_make(&hs, n, 13);
+    uint32_t src[8], dst[8];
+    int res[8];
+    for (uint32_t i = 0; i < n; i++) {
+        src[i] = i;
+        dst[i] = 16 + i;
+    }
+    double t0 = now_s();
+    kvs_task *t = NULL;
+    assert_int_equal(kvs_connector_dump(c, hs.k, src, n, ev, &t), KVS_OK);
+    double t_submit = now_s() - t0;
+    /* re-recording the event on an idle stream does not release the dump */
+    assert_int_equal(cudaEventRecord(ev, other), cudaSuccess);
+    assert_true(t_submit < 0.1);
+    assert_int_equal(kvs_task_check(t), 0);
+    assert_int_equal(kvs_task_wait(t, 60000), KVS_OK);
+    double t_done = now_s() - t0;
+    assert_true(t_done > 0.2); /* it waited for the stalled stream */
+    assert_int_equal(kvs_task_results(t, res, n), (int)n);
+    kvs_task_free(t);
+    assert_int_equal(cudaStreamSynchronize(st), cudaSuccess);
+
+    /* what was stored is the new data */
+    assert_int_equal(do_load(c, hs.k, dst, n, res), (int)n);
+    tkv_sync(&kv);
+    for (uint32_t i = 0; i < n; i++) assert_true(block_equal(&kv, want, src[i], kv.shadow, dst[i]));
+
+    cudaEventDestroy(ev);
+    cudaStreamDestroy(st);
+    cudaStreamDestroy(other);
+    for (size_t a = 0; a < kv.na; a++) kvs_cuda_dev_free(fresh[a]);
+    tkv_snapshot_free(&kv, want);
+    kvs_connector_close(c);
+    hashes_free(&hs);
+    tkv_free(&kv);
+}
+
+static void test_backend_name(void **s)
+{
+    (void)s;
+    char ns[128];
+    make_ns(ns, sizeof ns, "name");
+    kvs_connector *c = open_conn(&g_pool, ns, 0, NULL);
+    assert_string_equal(kvs_connector_backend(c), strcmp(g_backend, "cuda-batch") ? "cuda-kernel"
+                                                                                   : "cuda-batch");
+    kvs_connector_close(c);
+}
+#endif
+
+int main(void)
+{
+#ifndef KVS_HAVE_CUDA
+    printf("test_connector_gpu: skipped (built without CUDA)\n");
+    return 0;
+#else
+    if (kvs_cuda_device_count() < 1) {
+        printf("test_connector_gpu: skipped (no CUDA device)\n");
+        return 0;
+    }
+    g_gpu = 1;
+    const struct CMUnitTest tests[] = {cmocka_unit_test(test_backend_name),
+                                       cmocka_unit_test(test_after_event), CONNECTOR_COMMON_TESTS};
+    int failed = 0;
+    const char *only = getenv("KVSHELF_TEST_BACKEND");
+    if (!only || !strcmp(only, "cuda-kernel")) {
+        g_backend = "cuda-kernel";
+        failed += cmocka_run_group_tests_name("connector_gpu_kernel", tests, group_setup,
+                                              group_teardown);
+    }
+    if (!only || !strcmp(only, "cuda-batch")) {
+        g_backend = "cuda-batch";
+        failed += cmocka_run_group_tests_name("connector_gpu_batch", tests, group_setup,
+                                              group_teardown);
+    }
+    return failed;
+#endif
+}
