@@ -261,8 +261,11 @@ def _check_host_contiguous(what: str, tensors: Sequence[Any]) -> None:
                 "(device memory goes through kvshelf.Connector)"
             )
         ic = getattr(t, "is_contiguous", None)
-        if ic is not None and not ic():
-            raise ValueError(f"{what}: tensor {i} is not contiguous")
+        if ic is not None:
+            if not ic():
+                raise ValueError(f"{what}: tensor {i} is not contiguous")
+        elif not getattr(getattr(t, "flags", None), "c_contiguous", True):
+            raise ValueError(f"{what}: array {i} is not C-contiguous")
 
 
 class KVShelfTask(_UcmTask, _UcmTaskV1 if _UcmTaskV1 is not _UcmTask else object):  # type: ignore[misc]
