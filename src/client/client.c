@@ -516,6 +516,10 @@ int kvs_client_open_opts(const kvs_config *cfg, const kvs_client_opts *opts, kvs
     rc = connect_master(c, err, errlen);
     pthread_mutex_unlock(&c->conn_mu);
     if (rc) goto fail;
+    /* the segment table now, so the first get/put needs no extra round trip */
+    pthread_mutex_lock(&c->refresh_mu);
+    refresh_segments(c, 0);
+    pthread_mutex_unlock(&c->refresh_mu);
     if (pthread_create(&c->hb, NULL, hb_main, c) == 0) c->hb_started = 1;
     *out = c;
     return KVS_OK;
