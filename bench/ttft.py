@@ -164,7 +164,12 @@ def build_model(args: argparse.Namespace, torch: Any, device: Any) -> Any:
                                                       torch_dtype=torch.bfloat16)
     finally:
         torch.set_default_dtype(prev)
-    model = model.to(device=device, dtype=torch.bfloat16).eval()
+    # no model.to(dtype): that would also cast RoPE's float32 inv_freq buffer to bf16
+    model.eval()
+    bad = [n for n, p in model.named_parameters() if p.device.type != torch.device(device).type
+           or p.dtype != torch.bfloat16]
+    if bad:
+        raise SystemExit(f"parameters not bf16 on {device}: {bad[:5]}")
     attn = getattr(model.config, "_attn_implementation", None)
     if attn != "sdpa":
         raise SystemExit(f"attention implementation is {attn!r}, expected 'sdpa'")
@@ -290,6 +295,13 @@ class Deployment:
         import kvshelf
 
         exe = kvshelf_bin()
+        try:  # segments are files in /dev/shm: a small tmpfs there would fail the pool late
+            shm = shutil.disk_usage("/dev/shm")
+            if shm.free < self.pool_bytes:
+                log(f"WARNING: /dev/shm has {shm.free / 2**30:.1f} GiB free of {shm.total / 2**30:.1f} GiB, "
+                    f"less than the pool's {self.pool_bytes / 2**30:.1f} GiB")
+        except OSError as e:
+            log(f"WARNING: /dev/shm: {e}")
         if self.mode == "embedded":
             rd = os.path.join(self.tmp, "run")
             os.makedirs(rd, mode=0o700)
@@ -426,6 +438,7 @@ class Bench:
         self.ns = (f"kvshelf-ttft/qwen2.5-14b-shape{'-tiny' if args.tiny else ''}/bf16/"
                    f"block{BLOCK}/hnd/{self.salt.hex()}")
         self.errors: list[str] = []
+        self.skipped: list[str] = []
 
     # -- helpers -----------------------------------------------------------
     def sync(self) -> None:
@@ -458,8 +471,10 @@ class Bench:
         if self.pinned is None or self.pinned.numel() < nbytes:
             self.pinned = None
             cap = self.bufB.numel() * self.es
+            t0 = time.perf_counter()
             self.pinned = torch.empty(cap, dtype=torch.uint8, pin_memory=self.cuda)
-            self.pinned.fill_(1)
+            log(f"pinned host buffer of {cap / 1e9:.2f} GB for the copy ceiling: "
+                f"{time.perf_counter() - t0:.1f} s")
         dst = self.bufB.view(-1).view(torch.uint8)[:nbytes]
         src = self.pinned[:nbytes]
         dst.copy_(src, non_blocking=True)  # warm
@@ -635,8 +650,27 @@ class Bench:
                 w = self.run_once(wT, -1 - i, dumper, loader, check=True)
                 log(f"warm-up {i + 1} at {wT} tokens: {time.perf_counter() - t0:.2f} s (first {w['first_s']:.3f} s, "
                     f"dump done +{w['dump_after_s']:.3f} s, second {w['second_s']:.3f} s)")
+            start = time.perf_counter()
+            prev_wall = 0.0
             for T in args.lengths:
-                rows.append(self.run_length(T, dumper, loader))
+                spent = time.perf_counter() - start
+                # a longer prompt costs a little over twice the previous one
+                if args.time_budget and rows and spent + 2.5 * prev_wall > args.time_budget:
+                    msg = (f"T={T} and longer skipped: {spent:.0f} s spent, about {2.5 * prev_wall:.0f} s more "
+                           f"needed, --time-budget {args.time_budget:.0f} s")
+                    log("  SKIPPED " + msg)
+                    self.skipped.append(msg)
+                    break
+                try:
+                    row = self.run_length(T, dumper, loader)
+                except Exception as e:  # noqa: BLE001 - report what was measured, then fail
+                    import traceback
+
+                    traceback.print_exc()
+                    self.fail(f"T={T}: {type(e).__name__}: {e}")
+                    break
+                rows.append(row)
+                prev_wall = row["wall_s"]
         finally:
             counters = {"dumper": dumper.counters(), "loader": loader.counters()}
             backend = dumper.backend
@@ -720,7 +754,8 @@ def kfmt(T: int) -> str:
     return f"{T // 1024}k" if T % 1024 == 0 else str(T)
 
 
-def markdown(meta: dict[str, Any], rows: list[dict[str, Any]], tg: list, errors: list[str]) -> str:
+def markdown(meta: dict[str, Any], rows: list[dict[str, Any]], tg: list, errors: list[str],
+             skipped: list[str]) -> str:
     L = []
     L.append(f"### TTFT, {meta['mode']} mode ({meta['model']})")
     L.append("")
@@ -767,6 +802,8 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]], tg: list, errors:
                  f"{max(x['maxdiff_second_floor'] for x in reps):.4f})")
     for e in errors:
         L.append(f"- FAIL: {e}")
+    for e in skipped:
+        L.append(f"- SKIPPED: {e}")
     L.append("")
     return "\n".join(L)
 
@@ -824,6 +861,9 @@ def main() -> int:
     ap.add_argument("--ceiling-repeats", type=int, default=5)
     ap.add_argument("--tol", type=float, default=0.05, help="max |logit diff| / max |logit|")
     ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--time-budget", type=float, default=0,
+                    help="seconds for the measured lengths; longer ones are skipped (and reported) once the "
+                         "next would not fit (default: no limit)")
     ap.add_argument("--out", default=os.environ.get("OUT") or "build/ttft", help="output folder")
     args = ap.parse_args()
     if args.lengths is None:
@@ -834,6 +874,8 @@ def main() -> int:
     command = " ".join(shlex.quote(a) for a in [sys.executable] + sys.argv)
     date = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
+    # `timeout` sends SIGTERM: unwind, so the pool and the daemons are stopped
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     import torch
     import transformers
 
@@ -867,15 +909,16 @@ def main() -> int:
                 f"{os.cpu_count()} CPUs", torch=torch.__version__, transformers=transformers.__version__,
                 kvshelf=kvshelf.__version__, backend=res["backend"], date=date, command=command,
                 deployment=dep.describe, repeats=args.repeats, tol=args.tol, pool_bytes=pool,
-                namespace=bench.ns, lengths=args.lengths, python=sys.version.split()[0])
-    md = markdown(meta, rows, tg, bench.errors)
+                namespace=bench.ns, lengths=args.lengths, python=sys.version.split()[0],
+                gpu_peak_GB=torch.cuda.max_memory_allocated() / 1e9 if bench.cuda else None)
+    md = markdown(meta, rows, tg, bench.errors, bench.skipped)
     os.makedirs(args.out, exist_ok=True)
     base = os.path.join(args.out, f"ttft-{args.mode}")
     with open(base + ".md", "w") as f:
         f.write(md)
     with open(base + ".json", "w") as f:
         json.dump(finite({"meta": meta, "rows": rows, "targets": [{"name": n, "pass": ok, "value": v} for n, ok, v in tg],
-                   "errors": bench.errors, "counters": res["counters"],
+                   "errors": bench.errors, "skipped": bench.skipped, "counters": res["counters"],
                    "pool": {k: pool_stats.get(k) for k in ("capacity", "used", "objects", "counters", "error")
                             if k in pool_stats}}),
                   f, indent=1, allow_nan=False)
@@ -886,6 +929,9 @@ def main() -> int:
     if bench.errors:
         log(f"CORRECTNESS FAILED: {len(bench.errors)} problem(s)")
         return 1
+    if bench.skipped:
+        log("INCOMPLETE: lengths skipped for time")
+        return 3
     return 0
 
 
