@@ -17,7 +17,7 @@ void kvs_master_opts_init(kvs_master_opts *o)
     o->evict_low = 0.90;
     o->max_clients = 65536;
     o->max_segments = 4096;
-    o->max_leases = 4u << 20;
+    o->max_leases = 1u << 20;
     o->max_objects = 64u << 20;
 }
 

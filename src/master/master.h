@@ -26,7 +26,7 @@ typedef struct kvs_master_opts {
     double evict_low;          /* default 0.90 */
     uint32_t max_clients;      /* default 65536 */
     uint32_t max_segments;     /* default 4096 */
-    uint64_t max_leases;       /* default 4194304 */
+    uint64_t max_leases;       /* default 1048576 */
     uint64_t max_objects;      /* default 67108864 */
     uint64_t id_base;          /* 0 (default): client, object and lease ids start at
                                   random values; else they all start here (tests, fuzzing) */
