@@ -163,3 +163,32 @@ def test_layout_from_torch_tensor(cfg, uniq):
             t.wait()
             assert t.failed() == []
         assert torch.equal(dst[:, 0], kv[:, 4]) and torch.equal(dst[:, 1], kv[:, 6])
+
+
+def test_tensor_parallel_ranks(cfg, uniq):
+    """Per-rank keys: a block counts for the scheduler only once every rank stored it."""
+    ns = "tp-" + uniq
+    srcs = [kv_tensors(2, seed=r) for r in range(2)]
+    ranks = [kvshelf.Connector(cfg, device=-2, namespace=ns, rank=r, world_size=2) for r in range(2)]
+    sched = kvshelf.Connector(cfg, device=-1, namespace=ns, world_size=2)
+    try:
+        for c, src in zip(ranks, srcs):
+            c.register_layout([np_layout(a) for a in src], NUM_BLOCKS)
+        hs = hashes(uniq, 3)
+        assert ranks[0].dump(hs, [0, 1, 2]).wait(30)
+        assert sched.lookup(hs) == [False] * 3  # rank 1 has not stored them
+        assert ranks[1].dump(hs[:2], [0, 1]).wait(30)
+        assert sched.lookup(hs) == [True, True, False]
+        assert sched.lookup_prefix(hs) == 2
+        # each rank gets its own bytes back
+        for r, (c, src) in enumerate(zip(ranks, srcs)):
+            dst = [np.zeros_like(a) for a in src]
+            with kvshelf.Connector(cfg, device=-2, namespace=ns, rank=r, world_size=2) as c2:
+                c2.register_layout([np_layout(a) for a in dst], NUM_BLOCKS)
+                t = c2.load(hs[:2], [5, 6])
+                t.wait()
+                assert t.failed() == []
+            assert all(a[:, 0].tobytes() == b[:, 5].tobytes() for a, b in zip(src, dst))
+    finally:
+        for c in ranks + [sched]:
+            c.close()
