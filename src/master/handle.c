@@ -384,6 +384,13 @@ int kvs_master_feed(kvs_master *m, kvs_mconn *c, const uint8_t *data, size_t len
             rc = KVS_ERR_PROTO;
             break;
         }
+        if (!c->authed && h.body_len > KVS_PREAUTH_MAX_BODY) {
+            m->cnt.bad_frames++;
+            KVS_LOGW("%u-byte %s before HELLO: closing the connection", h.body_len,
+                     kvs_msg_name(h.type));
+            rc = KVS_ERR_PROTO;
+            break;
+        }
         if (len - pos - KVS_FRAME_HDR < h.body_len) break;
         rc = kvs_master_handle(m, c, &h, data + pos + KVS_FRAME_HDR, h.body_len, out);
         pos += KVS_FRAME_HDR + h.body_len;

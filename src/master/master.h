@@ -91,6 +91,10 @@ void kvs_mconn_init(kvs_master *m, kvs_mconn *c, int local, int peer_uid, kvs_wb
 int kvs_master_handle(kvs_master *m, kvs_mconn *c, const kvs_frame_hdr *h, const uint8_t *body,
                       size_t len, kvs_wbuf *out);
 
+/* Bodies larger than this before a successful HELLO close the connection
+ * (an unauthenticated peer cannot make the master buffer 64 MiB). */
+#define KVS_PREAUTH_MAX_BODY 4096u
+
 /* Parses and handles every complete frame in data[0..len) (pipelining),
  * appending responses to `out`; *consumed gets the bytes used (a trailing
  * partial frame is left for the next call). Returns KVS_OK or, as

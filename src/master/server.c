@@ -180,8 +180,11 @@ static int conn_process(kvs_server *s, conn *c)
 
 static int conn_read(kvs_server *s, conn *c)
 {
+    /* grow geometrically toward the next frame's size, never beyond it +
+     * one read: memory follows the bytes actually received */
     size_t need = kvs_master_frame_need(c->in, c->in_len);
-    size_t want = KVS_MAX(need, c->in_len + READ_CHUNK);
+    size_t want = c->in_len + READ_CHUNK;
+    if (need > want) want = KVS_MIN(need, KVS_MAX(want, c->in_cap * 2));
     if (want > c->in_cap) {
         uint8_t *p = realloc(c->in, want);
         if (!p) return -1;

@@ -292,9 +292,17 @@ static void test_auth(void **st)
     assert_int_equal(tm_next(&C).h.status, KVS_ERR_UNSUPPORTED);
     kvs_wbuf_free(&b);
     tm_close(&C);
+    /* a big frame before HELLO is refused from its header alone */
+    tm_open(&C, m, 1);
+    kvs_frame_hdr h = {KVS_MAGIC, KVS_MSG_HELLO, 0, KVS_PREAUTH_MAX_BODY + 1, 0, 1};
+    uint8_t hb[KVS_FRAME_HDR];
+    kvs_frame_hdr_encode(&h, hb);
+    assert_int_equal(tm_feed_raw(&C, hb, sizeof hb, NULL), KVS_ERR_PROTO);
+    tm_close(&C);
     kvs_master_counters k;
     kvs_master_get_counters(m, &k);
     assert_int_equal(k.auth_failures, 2);
+    assert_int_equal(k.bad_frames, 1);
     kvs_master_free(m);
 }
 
