@@ -67,6 +67,7 @@ static void usage(FILE *f)
 "                         drop their objects, revoke its puts (default 10000)\n"
 "  --lease-ms N           read lease granted by GET (default 5000)\n"
 "  --put-timeout-ms N     revoke a put not ended within N ms (default 30000)\n"
+"                         (--client-ttl and --put-timeout are accepted as aliases)\n"
 "  --evict-high F         start evicting a segment above this use (default 0.95;\n"
 "                         a fraction, or a percentage such as 95)\n"
 "  --evict-low F          evict down to this use (default 0.90)\n"
@@ -133,6 +134,8 @@ static int parse_args(int argc, char **argv, opts *o)
         {"http", required_argument, 0, O_HTTP},
         {"secret", required_argument, 0, O_SECRET},
         {"client-ttl-ms", required_argument, 0, O_TTL},
+        {"client-ttl", required_argument, 0, O_TTL},         /* alias (docs) */
+        {"put-timeout", required_argument, 0, O_PUT_TIMEOUT}, /* alias (docs) */
         {"lease-ms", required_argument, 0, O_LEASE},
         {"put-timeout-ms", required_argument, 0, O_PUT_TIMEOUT},
         {"evict-high", required_argument, 0, O_HIGH},
