@@ -35,6 +35,25 @@
 #endif
 
 #define MAXV 8
+#define MAXVAR 32
+
+/* One measured configuration: backend, workers and tuning knobs (0 = default). */
+typedef struct variant {
+    char backend[32];
+    long workers, threads, ctas, job_mb;
+    char label[64];
+} variant;
+
+static void apply_env(const char *name, long v)
+{
+    if (v > 0) {
+        char b[32];
+        snprintf(b, sizeof b, "%ld", v);
+        setenv(name, b, 1);
+    } else {
+        unsetenv(name);
+    }
+}
 
 static double now_s(void)
 {
@@ -168,7 +187,11 @@ int main(int argc, char **argv)
     int nlookup = 2048, nback = 2;
     char backs[MAXV][32] = {"cuda-kernel", "cuda-batch"};
     const char *md = NULL;
-    static const struct option lo[] = {{"tokens", 1, 0, 't'},   {"backends", 1, 0, 'b'},
+    variant var[MAXVAR];
+    int nvar = 0;
+    char extra[MAXVAR][64];
+    int nextra = 0;
+    static const struct option lo[] = {{"variant", 1, 0, 'V'},{"tokens", 1, 0, 't'},   {"backends", 1, 0, 'b'},
                                        {"workers", 1, 0, 'w'},  {"reps", 1, 0, 'r'},
                                        {"device", 1, 0, 'd'},   {"layers", 1, 0, 'L'},
                                        {"kv-heads", 1, 0, 'H'}, {"head-dim", 1, 0, 'D'},
@@ -192,6 +215,9 @@ int main(int argc, char **argv)
         case 'B': bs = atoi(optarg); break;
         case 'k': nlookup = atoi(optarg); break;
         case 'm': md = optarg; break;
+        case 'V':
+            if (nextra < MAXVAR) snprintf(extra[nextra++], 64, "%s", optarg);
+            break;
         default:
             fprintf(stderr, "usage: see the comment at the top of bench/connector.c\n");
             return ch == 'h' ? 0 : 2;
@@ -204,6 +230,38 @@ int main(int argc, char **argv)
         g_dev = -2;
         nback = 1;
         snprintf(backs[0], 32, "host");
+    }
+    /* variants: backends x workers, then each --variant
+     * backend:workers[:threads:ctas_per_sm:job_mb] */
+    for (int bi = 0; bi < nback; bi++)
+        for (int wi = 0; wi < nwork && nvar < MAXVAR; wi++) {
+            variant *v = &var[nvar++];
+            memset(v, 0, sizeof *v);
+            snprintf(v->backend, sizeof v->backend, "%.31s", backs[bi]);
+            v->workers = workers[wi];
+        }
+    for (int i = 0; i < nextra && nvar < MAXVAR; i++) {
+        variant *v = &var[nvar];
+        memset(v, 0, sizeof *v);
+        char *save = NULL, *dup = strdup(extra[i]);
+        char *f = strtok_r(dup, ":", &save);
+        if (!f) {
+            free(dup);
+            continue;
+        }
+        snprintf(v->backend, sizeof v->backend, "%.31s", g_dev < 0 ? "host" : f);
+        long *nums[4] = {&v->workers, &v->threads, &v->ctas, &v->job_mb};
+        for (int k = 0; k < 4 && (f = strtok_r(NULL, ":", &save)); k++) *nums[k] = atol(f);
+        if (v->workers <= 0) v->workers = 2;
+        free(dup);
+        nvar++;
+    }
+    for (int i = 0; i < nvar; i++) {
+        variant *v = &var[i];
+        int k = snprintf(v->label, sizeof v->label, "%ld", v->workers);
+        if (v->threads || v->ctas || v->job_mb)
+            snprintf(v->label + k, sizeof v->label - (size_t)k, " t%ld c%ld j%ld", v->threads,
+                     v->ctas, v->job_mb);
     }
     if (reps < 1 || reps > 100 || layers < 1 || heads < 1 || hdim < 1 || bs < 1 || ntok < 1) {
         fprintf(stderr, "connector: bad arguments\n");
@@ -313,22 +371,26 @@ int main(int argc, char **argv)
                 "|---|---|---|---|---|---|---|---|---|---|---|\n",
                 nlookup);
     }
-    printf("\n%-12s %4s %7s %7s %10s %10s %7s %10s %10s %7s %12s\n", "backend", "wrk", "tokens",
+    printf("\n%-12s %-18s %7s %7s %10s %10s %7s %10s %10s %7s %12s\n", "backend", "wrk", "tokens",
            "GB", "dump GB/s", "ceil D2H", "ratio", "load GB/s", "ceil H2D", "ratio",
            "lookup ms");
     int failures = 0;
     unsigned run = 0;
-    for (int bi = 0; bi < nback; bi++)
-        for (int wi = 0; wi < nwork; wi++) {
+    for (int vi = 0; vi < nvar; vi++) {
+        {
+            variant *v = &var[vi];
+            apply_env("KVSHELF_CUDA_THREADS", v->threads);
+            apply_env("KVSHELF_CUDA_CTAS_PER_SM", v->ctas);
+            apply_env("KVSHELF_CONNECTOR_JOB_MB", v->job_mb);
             char ns[128];
-            snprintf(ns, sizeof ns, "bench/%d/%s/%ld/%llu", (int)getpid(), backs[bi], workers[wi],
+            snprintf(ns, sizeof ns, "bench/%d/%d/%llu", (int)getpid(), vi,
                      (unsigned long long)time(NULL));
-            kvs_connector_opts o = {.ns = ns, .backend = backs[bi],
-                                    .num_workers = (uint32_t)workers[wi]};
+            kvs_connector_opts o = {.ns = ns, .backend = v->backend,
+                                    .num_workers = (uint32_t)v->workers};
             kvs_connector *c = NULL;
             int rc = kvs_connector_open(&cfg, g_dev, &o, &c, err, sizeof err);
             if (rc) {
-                fprintf(stderr, "connector: open (%s): %s (%s)\n", backs[bi], kvs_strerror(rc),
+                fprintf(stderr, "connector: open (%s): %s (%s)\n", v->backend, kvs_strerror(rc),
                         err);
                 failures++;
                 continue;
@@ -444,16 +506,16 @@ int main(int argc, char **argv)
                 double gb = (double)n * block_kv / 1e9;
                 char lk[32] = "-";
                 if (look > 0) snprintf(lk, sizeof lk, "%.3f", look);
-                printf("%-12s %4ld %7ld %7.2f %10.1f %10.1f %6.0f%% %10.1f %10.1f %6.0f%% %12s\n",
-                       kvs_connector_backend(c), workers[wi], tokens[ti], gb, dmed, ceil_d2h[ti],
+                printf("%-12s %-18s %7ld %7.2f %10.1f %10.1f %6.0f%% %10.1f %10.1f %6.0f%% %12s\n",
+                       kvs_connector_backend(c), v->label, tokens[ti], gb, dmed, ceil_d2h[ti],
                        100 * dmed / ceil_d2h[ti], lmed, ceil_h2d[ti], 100 * lmed / ceil_h2d[ti],
                        lk);
                 fflush(stdout);
                 if (mdf)
                     fprintf(mdf,
-                            "| %s | %ld | %ld | %.2f | %.1f | %.1f | %.0f%% | %.1f | %.1f | %.0f%% "
+                            "| %s | %s | %ld | %.2f | %.1f | %.1f | %.0f%% | %.1f | %.1f | %.0f%% "
                             "| %s |\n",
-                            kvs_connector_backend(c), workers[wi], tokens[ti], gb, dmed,
+                            kvs_connector_backend(c), v->label, tokens[ti], gb, dmed,
                             ceil_d2h[ti], 100 * dmed / ceil_d2h[ti], lmed, ceil_h2d[ti],
                             100 * lmed / ceil_h2d[ti], lk);
             }
@@ -468,6 +530,7 @@ int main(int argc, char **argv)
             kvs_connector_close(sched);
             kvs_connector_close(c);
         }
+    }
     if (mdf) fclose(mdf);
     printf("\n(ceilings: one contiguous copy of the same bytes, %s; medians of %d runs; lookup: "
            "median of 50 lookups of %d stored hashes by a lookup-only client)\n",

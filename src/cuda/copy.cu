@@ -328,8 +328,10 @@ static uintptr_t kc_translate(kvs_cuda_ctx *x, uintptr_t p, size_t len)
             if (ce != cudaSuccess) cudaHostUnregister((void *)s);
         }
         if (ce != cudaSuccess) {
-            fprintf(stderr, "kvshelf: cannot register host mapping %#lx+%lu with CUDA: %s\n",
-                    (unsigned long)s, (unsigned long)(e - s), cudaGetErrorString(ce));
+            static int warned; /* under g_map_mu */
+            if (!warned++)
+                fprintf(stderr, "kvshelf: cannot register host mapping %#lx+%lu with CUDA: %s\n",
+                        (unsigned long)s, (unsigned long)(e - s), cudaGetErrorString(ce));
             cudaGetLastError();
             free(m);
             goto out;
