@@ -70,6 +70,9 @@ class Proc:
             stdout=self._out if self._out else self._log,
             stderr=self._log, env=env, start_new_session=True)
         self.pid = self.p.pid
+        self.killed = False  # SIGKILLed on purpose by a test
+        self.forced = False  # needed SIGKILL after SIGTERM
+        self.expect_failure = False  # a test expects it to fail (not a problem)
 
     def alive(self):
         return self.p.poll() is None
@@ -83,6 +86,7 @@ class Proc:
 
     def kill(self):
         """SIGKILL and reap (a crash, as far as the rest of the pool knows)."""
+        self.killed = True
         self.signal(signal.SIGKILL)
         self.p.wait(timeout=10)
         self._close()
@@ -94,6 +98,7 @@ class Proc:
             try:
                 self.p.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
+                self.forced = True
                 self.signal(signal.SIGKILL)
                 self.p.wait(timeout=10)
                 self._log_note("harness: did not exit on SIGTERM within %.0f s: SIGKILL" % timeout)
@@ -256,6 +261,24 @@ class Harness:
                 pass
         self.stop_embedded()
         shutil.rmtree(self.rt, ignore_errors=True)
+
+    def problems(self):
+        """Daemons that did not exit cleanly on SIGTERM, and sanitizer
+        reports in any log: each a line of text."""
+        out = []
+        for p in self.procs:
+            text = p.log_text(limit=10 ** 7)
+            for marker in ("ERROR: AddressSanitizer", "ERROR: LeakSanitizer", "runtime error:",
+                           "Segmentation fault", "Assertion `"):
+                if marker in text:
+                    out.append("%s: log contains %r" % (p.name, marker))
+            daemon = len(p.args) > 1 and p.args[1] in ("master", "node", "metadata")
+            if daemon and not p.killed and not p.expect_failure:
+                if p.forced:
+                    out.append("%s did not exit within 8 s of SIGTERM" % p.name)
+                elif p.p.returncode not in (0, None):
+                    out.append("%s exited with status %s" % (p.name, p.p.returncode))
+        return out
 
     # ---------------------------------------------------------- embedded
     def embedded_pids(self):
@@ -440,6 +463,9 @@ def kv(request, tmp_path):
     request.node._kvs_harness = h
     yield h
     h.stop_all()
+    bad = h.problems()
+    if bad:
+        pytest.fail("process problems: " + "; ".join(bad), pytrace=False)
 
 
 @pytest.hookimpl(hookwrapper=True)

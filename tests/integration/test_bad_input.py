@@ -220,10 +220,13 @@ def test_wrong_secret_is_refused(kv):
     assert r["_rc"] != 0
     # a node with the wrong secret never mounts its segment
     bad = kv.start_node(m, "32M", name="bad-node", secret="nope", wait=False)
+    bad.expect_failure = True
     try:
-        bad.p.wait(timeout=5)
+        rc = bad.p.wait(timeout=10)
     except Exception:
-        pass
+        rc = None
+    assert rc not in (None, 0), "a node with the wrong secret kept running (rc %s)" % rc
+    assert "AUTH" in bad.log_text().upper() or "secret" in bad.log_text().lower(), bad.log_text()
     assert len(segments_of(kv.status(m))) == 1
     ok = kv.bench(m, "--mode", "put,get", "--count", 50, "--verify")
     assert ok["_rc"] == 0 and row(ok, "get")["ok"] == 50
