@@ -116,6 +116,7 @@ typedef struct bench {
     _Atomic uint64_t done;  /* items done (progress) */
     uint64_t limit;         /* claim no index >= limit (0 = none, cycle for reads) */
     int cycle;              /* reads: wrap around nkeys until the deadline */
+    int batch;              /* keys per call in this phase */
     uint64_t deadline_ns;   /* 0 = none */
     uint64_t run_start_ns;
     worker *w;
@@ -453,8 +454,7 @@ static void *worker_main(void *arg)
 {
     worker *w = arg;
     bench *b = w->b;
-    size_t want = (size_t)b->o->batch;
-    if (b->mode == M_RW) want = 1;
+    size_t want = (size_t)b->batch;
     for (;;) {
         uint64_t first = 0;
         size_t n = claim(b, &first, want);
@@ -601,6 +601,7 @@ static int run_phase(bench *b, int mode, const size_spec *sz, uint64_t *nkeys_io
     int batch = mode == M_RW ? 1 : o->batch;
     if (mode == M_REMOVE && batch > 1024) batch = 1024;
     b->mode = mode;
+    b->batch = batch;
     b->sz = sz;
     atomic_store(&b->next, 0);
     atomic_store(&b->done, 0);
@@ -983,7 +984,9 @@ static void usage(FILE *f)
 "  --count N           keys per size (default 1000; with --duration: at most)\n"
 "  --duration SEC      run each mode for SEC seconds (reads cycle over the keys)\n"
 "  --threads N         concurrent callers on one client (default 1)\n"
-"  --batch N           keys per call (batch put/get/exists/remove; default 1)\n"
+"  --batch N           keys per call (batch put/get/exists/remove; default 1;\n"
+"                      get_into/put_from with N > 1 use the batch calls on\n"
+"                      registered buffers)\n"
 "  --verify            values are derived from their key; every read is checked\n"
 "                      byte by byte (mismatches are reported and fatal)\n"
 "  --prefix P          key prefix (default bench-<pid>-<time>); reuse it to read\n"
@@ -997,7 +1000,8 @@ static void usage(FILE *f)
 "                      configured one, else the embedded host-local pool)\n"
 "  --config FILE       JSON configuration (Mooncake keys)\n"
 "  --segment-size N    bytes this bench client contributes (default 0: none, so\n"
-"                      reads of data held by a node go through the transfer engine)\n"
+"                      reads of data held by a node go through the transfer engine;\n"
+"                      with the embedded pool: the pool's size if this starts it)\n"
 "  --secret S          shared secret\n"
 "  --timeout-ms N      per-request timeout\n"
 "  --json              print one JSON document on stdout instead of the table\n"
@@ -1005,6 +1009,9 @@ static void usage(FILE *f)
 "  --strict            exit 1 on any error or miss (default: only on mismatches\n"
 "                      and fatal errors)\n"
 "  --help              this text\n"
+"\n"
+"KVSHELF_NO_SHM=1 makes the client map no other process's segment (all bytes\n"
+"through the transfer engine, as from another host).\n"
 "\n"
 "Exit status: 0 ok, 1 mismatches/fatal errors (or any error with --strict),\n"
 "2 bad usage. The configuration is the --config file, then KVSHELF_* variables,\n"
