@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Source this (bash) on a machine that got .carry/ from bench/prepare_carry.sh:
 #   . bench/carry_env.sh            (from the repo root; or KVS_CARRY=/path/.carry)
 # Sets PYTHONPATH (the carried kvshelf package), KVSHELF_BIN (the carried CLI)

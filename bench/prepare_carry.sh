@@ -89,8 +89,8 @@ done
 chmod -R u+w "$carry"
 
 # The carried files must run on an older glibc than this one where possible.
-maxglibc=$(for e in $(find "$carry" -type f \( -perm -u+x -o -name '*.so*' \)); do
-  objdump -T "$e" 2>/dev/null | grep -o 'GLIBC_[0-9.]*' ; done | sort -uV | tail -1)
+maxglibc=$(find "$carry" -type f \( -perm -u+x -o -name '*.so*' \) -exec objdump -T {} + 2>/dev/null |
+  grep -o 'GLIBC_[0-9.]*' | sort -uV | tail -1)
 
 {
   echo "built: $(date -u +%FT%TZ) on $(uname -n) ($(. /etc/os-release; echo "$PRETTY_NAME"), $(ldd --version | head -1))"

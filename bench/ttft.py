@@ -141,7 +141,9 @@ def build_model(args: argparse.Namespace, torch: Any, device: Any) -> Any:
     import transformers
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    dims = TINY if args.tiny else QWEN25_14B
+    dims = dict(TINY if args.tiny else QWEN25_14B)
+    if args.layers:
+        dims["num_hidden_layers"] = args.layers
     cfg = Qwen2Config(
         **dims,
         max_position_embeddings=max(32768, max(args.lengths) + BLOCK),
@@ -578,11 +580,14 @@ class Bench:
 
         # the loaded KV must be the dumped KV, bit for bit
         if check:
-            same = all(torch.equal(self.bufA[i, :, :, :, :P], self.bufB[i, :, :, :, :P]) for i in range(self.L))
+            def bits_equal(i: int) -> bool:  # bitwise, so a NaN compares equal to the same NaN
+                return torch.equal(self.bufA[i, :, :, :, :P].view(torch.int16),
+                                   self.bufB[i, :, :, :, :P].view(torch.int16))
+
+            same = all(bits_equal(i) for i in range(self.L))
             r["kv_equal"] = bool(same)
             if not same:
-                bad = [i for i in range(self.L)
-                       if not torch.equal(self.bufA[i, :, :, :, :P], self.bufB[i, :, :, :, :P])]
+                bad = [i for i in range(self.L) if not bits_equal(i)]
                 self.fail(f"T={T} rep={rep}: loaded KV differs from the dumped KV in layers {bad[:8]}...")
 
         # floor: the same forward as second on the cache already in HBM
@@ -603,18 +608,21 @@ class Bench:
                  maxdiff_second_floor=float((logits_s - logits_fl).abs().max()))
         r["rel_diff"] = diff / scale if scale else float("inf")
         if check:
-            if tok_s != tok_d:
-                gap = float(logits_d[tok_d] - logits_d[tok_s])
-                if gap <= 2 * diff and r["rel_diff"] <= self.args.tol:
-                    log(f"  WARNING T={T} rep={rep}: near tie: second's token {tok_s} != default's {tok_d}, "
-                        f"default logits differ by {gap:.4f} <= 2 x max diff {diff:.4f}")
-                    r["near_tie"] = True
-                else:
-                    self.fail(f"T={T} rep={rep}: second's first token {tok_s} != default's {tok_d} "
-                              f"(default logit gap {gap:.4f}, max diff {diff:.4f})")
+            # the same forward on bit-identical KV (floor: the cache never left HBM)
+            if tok_s != tok_fl:
+                self.fail(f"T={T} rep={rep}: second's first token {tok_s} != floor's {tok_fl} (same forward on "
+                          f"the same KV; max logit diff {r['maxdiff_second_floor']:.4f})")
             if not r["rel_diff"] <= self.args.tol:
                 self.fail(f"T={T} rep={rep}: last-position logits differ: max |second-default| {diff:.4f} "
                           f"/ max |logit| {scale:.4f} = {r['rel_diff']:.4f} > tol {self.args.tol}")
+            elif tok_s != tok_d:
+                # prefill and one-token kernels round differently; with the logits this close a
+                # different argmax can only be a near tie of two tokens (random weights)
+                gap = float(logits_d[tok_d] - logits_d[tok_s])
+                r["near_tie"] = gap
+                log(f"  WARNING T={T} rep={rep}: near tie: second's token {tok_s} != default's {tok_d}: default's "
+                    f"logits for them differ by {gap:.4f}, within the rounding difference {diff:.4f} of the two "
+                    f"forwards (floor's token {tok_fl}, floor vs default {r['maxdiff_floor_default']:.4f})")
         del logits_d, logits_s, logits_fl, logits_f
         return r
 
@@ -718,6 +726,7 @@ class Bench:
         row["restore_target_s"] = 1.15 * copy_s + 0.005  # 1.15 x KV bytes / ceiling + 5 ms
         row["max_rel_diff"] = max(x["rel_diff"] for x in reps)
         row["tokens_equal"] = all(x["tok_second"] == x["tok_default"] for x in reps)
+        row["near_ties"] = sum(1 for x in reps if "near_tie" in x)
         row["kv_equal"] = all(x.get("kv_equal", False) for x in reps)
         log(f"{T:>6} tokens: default {row['default_s']:.3f} s, first {row['first_s']:.3f} s "
             f"({row['first_over_default']:.3f}x), second {row['second_s']:.3f} s ({row['second_over_default']:.3f}x), "
@@ -790,12 +799,16 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]], tg: list, errors:
         L.append(f"- {'PASS' if ok else ('n/a' if ok is None else 'FAIL')}: {name}: {val}")
     L.append("")
     L.append("Correctness (every run): " + ("PASS" if not errors else "FAIL") + " — loaded KV equal to the "
-             "dumped KV bit for bit, every block a hit, greedy token equal to default's, last-position "
-             f"logits within {meta['tol']} of default's (max |diff| / max |logit|):")
+             "dumped KV bit for bit, every block a hit, last-position logits within "
+             f"{meta['tol']} of default's (max |diff| / max |logit|), greedy token equal to default's (a "
+             "different token within that tolerance is reported as a near tie) and to floor's (the same "
+             "forward on the KV that never left HBM):")
     L.append("")
     for r in rows:
         reps = r["repeats"]
-        L.append(f"- {kfmt(r['tokens'])}: tokens equal {r['tokens_equal']}, KV equal {r['kv_equal']}, "
+        L.append(f"- {kfmt(r['tokens'])}: tokens equal {r['tokens_equal']}"
+                 + (f" ({r['near_ties']} near tie(s), see the log)" if r["near_ties"] else "")
+                 + f", KV equal {r['kv_equal']}, "
                  f"max rel diff {r['max_rel_diff']:.2e} (abs {max(x['maxdiff_second_default'] for x in reps):.4f} "
                  f"of scale {reps[0]['logit_scale']:.2f}; floor vs default "
                  f"{max(x['maxdiff_floor_default'] for x in reps):.4f}, second vs floor "
@@ -855,6 +868,7 @@ def main() -> int:
                     help="skip the untimed prefill at each new length")
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     ap.add_argument("--tiny", action="store_true", help="2 layers, hidden 256 (smoke test)")
+    ap.add_argument("--layers", type=int, default=0, help="override the number of layers (quick checks)")
     ap.add_argument("--pool-size", default="24GiB", help="pool bytes (global_segment_size / node segment)")
     ap.add_argument("--backend", default=None, help="connector copy backend (default: auto)")
     ap.add_argument("--num-workers", type=int, default=0)
@@ -883,8 +897,9 @@ def main() -> int:
 
     log(f"kvshelf TTFT benchmark: {date}")
     log(f"command: {command}")
-    need = max(args.lengths) * (TINY if args.tiny else QWEN25_14B)["num_hidden_layers"] * 2 * \
-        (TINY if args.tiny else QWEN25_14B)["num_key_value_heads"] * 128 * 2
+    dims = TINY if args.tiny else QWEN25_14B
+    need = max(args.lengths) * (args.layers or dims["num_hidden_layers"]) * 2 * dims["num_key_value_heads"] * \
+        (dims["hidden_size"] // dims["num_attention_heads"]) * 2
     if pool < 1.2 * need:
         log(f"warning: pool {pool / 2**30:.1f} GiB is small for the longest prompt's {need / 2**30:.1f} GiB")
     torch.set_grad_enabled(False)
@@ -903,8 +918,9 @@ def main() -> int:
         dep.stop()
     rows = res["rows"]
     tg = targets(rows)
-    meta = dict(mode=args.mode, model="Qwen2.5-14B shape, random bf16 weights" if not args.tiny else
-                "tiny Qwen2 (2 layers, hidden 256), random bf16 weights",
+    meta = dict(mode=args.mode, model=("Qwen2.5-14B shape, random bf16 weights" if not args.tiny else
+                "tiny Qwen2 (hidden 256), random bf16 weights") +
+                (f", {args.layers} layers only" if args.layers else ""),
                 tiny=args.tiny, gpu=bench.gpu, host=f"{platform.node()} {platform.machine()}, "
                 f"{os.cpu_count()} CPUs", torch=torch.__version__, transformers=transformers.__version__,
                 kvshelf=kvshelf.__version__, backend=res["backend"], date=date, command=command,

@@ -14,7 +14,7 @@
 # Exit status: 0 if both modes ran and passed their correctness checks.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-cd "$root"
+cd "$root" || exit 1
 out=${OUT:-$root/build/ttft}
 mkdir -p "$out"
 exec > >(tee "$out/ttft-gpu.log") 2>&1
