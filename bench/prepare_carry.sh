@@ -16,6 +16,8 @@
 #
 # bench/carry_env.sh, sourced on the GPU machine, puts them to use (system
 # libraries first, carried ones only where the system lacks them).
+# It adds to an existing .carry/ (run `bench/connector_gpu.sh --prepare`, which
+# starts .carry/ afresh, before this one when both are wanted).
 #
 # usage: bench/prepare_carry.sh [EXTRA_ELF...]
 #   EXTRA_ELF  more programs or libraries (e.g. build/carry/bench/connector) to
@@ -65,7 +67,9 @@ cmake --build "$build" -j"$(nproc)" --target kvshelf kvshelf_cli _kvshelf ${KVS_
 ext=$(find "$build/python" -maxdepth 2 -name "_kvshelf.cpython-$("$py" -c 'import sys; print("%d%d" % sys.version_info[:2])')-*.so" | head -1)
 [ -n "$ext" ] || { echo "prepare_carry: extension not built" >&2; exit 1; }
 
-rm -rf "$carry"
+# Additive: what others put in .carry (bench/connector_gpu.sh --prepare: test
+# programs, bench/connector) stays; only our parts are replaced.
+rm -rf "$carry/python"
 mkdir -p "$carry/bin" "$carry/lib" "$carry/python/kvshelf/bin"
 cp "$root"/python/kvshelf/*.py "$carry/python/kvshelf/"
 cp "$ext" "$carry/python/kvshelf/"
