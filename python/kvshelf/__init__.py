@@ -112,10 +112,17 @@ def layout_from_tensor(t: Any, block_dim: int = 0) -> tuple[int, int, int, int, 
     vLLM's leading K/V dimension of 2) become chunks: a tensor
     ``[2, num_blocks, ...]`` with ``block_dim=1`` gives count=2 chunks (K and
     V) per block. Works from strides, so non-contiguous views are fine as
-    long as each block's inner part is contiguous."""
+    long as each block's inner part is contiguous. Accepts torch tensors and
+    numpy arrays."""
     shape = tuple(t.shape)
-    stride = tuple(t.stride())
-    es = t.element_size()
+    if callable(getattr(t, "stride", None)):  # torch
+        stride = tuple(t.stride())
+        es = t.element_size()
+        base = int(t.data_ptr())
+    else:  # numpy (strides in bytes)
+        es = int(t.itemsize)
+        stride = tuple(int(x) // es for x in t.strides)
+        base = int(t.ctypes.data)
     if not 0 <= block_dim < len(shape):
         raise ValueError(f"block_dim {block_dim} out of range for shape {shape}")
     inner = 1
@@ -139,7 +146,7 @@ def layout_from_tensor(t: Any, block_dim: int = 0) -> tuple[int, int, int, int, 
             if shape[d] != 1:
                 count = shape[d]
                 chunk_stride = stride[d] * es
-    return (int(t.data_ptr()), int(stride[block_dim] * es), int(chunk_bytes), int(chunk_stride), int(count))
+    return (base, int(stride[block_dim] * es), int(chunk_bytes), int(chunk_stride), int(count))
 
 
 def runtime_dir(config: dict[str, Any] | None = None) -> str:

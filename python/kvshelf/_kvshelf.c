@@ -2155,7 +2155,25 @@ static void connector_close_impl(ConnectorObject *self, double timeout) {
     self->c = NULL; /* new calls fail with Closed */
     wait_not_busy(&self->busy);
     long long left_ms = timeout < 0 ? 0 : (long long)(timeout * 1000);
-    for (TaskObject *t = self->tasks; t; t = t->next) {
+    /* Snapshot the live tasks with a reference each: the GIL is released
+     * while waiting, and other threads may drop their tasks meanwhile. */
+    size_t nt = 0;
+    for (TaskObject *t = self->tasks; t; t = t->next)
+        nt++;
+    TaskObject **snap = nt ? PyMem_Malloc(nt * sizeof(TaskObject *)) : NULL;
+    if (nt && !snap) {
+        nt = 0; /* out of memory: abandon every task without waiting */
+        for (TaskObject *t = self->tasks; t; t = t->next)
+            task_abandon(t, KVS_ERR_CLOSED);
+    }
+    nt = 0;
+    if (snap)
+        for (TaskObject *t = self->tasks; t; t = t->next) {
+            Py_INCREF(t);
+            snap[nt++] = t;
+        }
+    for (size_t k = 0; k < nt; k++) {
+        TaskObject *t = snap[k];
         wait_not_busy(&t->busy);
         if (t->finished || !t->t)
             continue;
@@ -2176,12 +2194,16 @@ static void connector_close_impl(ConnectorObject *self, double timeout) {
             task_abandon(t, KVS_ERR_CLOSED);
         }
     }
-    /* unlink everything: tasks keep their results, the connector is gone */
+    /* unlink everything first (tasks keep their results; the list goes
+     * away), then drop the snapshot's references */
     while (self->tasks) {
         TaskObject *t = self->tasks;
         self->tasks = t->next;
         t->prev = t->next = NULL;
     }
+    for (size_t k = 0; k < nt; k++)
+        Py_DECREF(snap[k]);
+    PyMem_Free(snap);
     Py_BEGIN_ALLOW_THREADS
     kvs_connector_close(c);
     Py_END_ALLOW_THREADS

@@ -192,3 +192,12 @@ def test_tensor_parallel_ranks(cfg, uniq):
     finally:
         for c in ranks + [sched]:
             c.close()
+
+
+def test_layout_from_numpy():
+    a = kv_tensors(1)[0]
+    assert kvshelf.layout_from_tensor(a, block_dim=1) == np_layout(a)
+    b = np.zeros((NUM_BLOCKS, 16, 4), np.float32)
+    assert kvshelf.layout_from_tensor(b) == (b.ctypes.data, 256, 256, 256, 1)
+    with pytest.raises(ValueError, match="not contiguous"):
+        kvshelf.layout_from_tensor(np.zeros((NUM_BLOCKS, 4, 8))[:, :, ::2])
