@@ -44,8 +44,11 @@ int kvs_master_new(const kvs_master_opts *o, kvs_master **out)
     m->o.secret = m->secret;
     pthread_mutex_init(&m->lock, NULL);
     kvs_list_init(&m->writing);
-    kvs_segs_init(&m->segs, o->max_segments);
     uint64_t b = o->id_base;
+    /* segment ids differ across master restarts, so a stale id never names
+     * a new segment by accident */
+    uint32_t seg_base = b ? (uint32_t)b : (uint32_t)(random_base() & 0x7fffffffu);
+    kvs_segs_init(&m->segs, o->max_segments, seg_base);
     m->next_obj_id = b ? b : random_base();
     if (kvs_index_init(&m->ix) ||
         kvs_clients_init(&m->clients, o->max_clients, b ? b : random_base()) ||

@@ -28,8 +28,9 @@ typedef struct kvs_master_opts {
     uint32_t max_segments;     /* default 4096 */
     uint64_t max_leases;       /* default 1048576 */
     uint64_t max_objects;      /* default 67108864 */
-    uint64_t id_base;          /* 0 (default): client, object and lease ids start at
-                                  random values; else they all start here (tests, fuzzing) */
+    uint64_t id_base;          /* 0 (default): client, segment, object and lease ids
+                                  start at random values; else they all start here
+                                  (tests, fuzzing) */
 } kvs_master_opts;
 
 typedef struct kvs_master_counters {

@@ -7,11 +7,11 @@
 #include "common/util.h"
 #include "kvshelf/errors.h"
 
-void kvs_segs_init(kvs_segs *S, size_t max)
+void kvs_segs_init(kvs_segs *S, size_t max, uint32_t first_id)
 {
     memset(S, 0, sizeof *S);
     S->max = max;
-    S->next_id = 1;
+    S->next_id = first_id ? first_id : 1;
 }
 
 void kvs_segs_destroy(kvs_segs *S)

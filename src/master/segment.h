@@ -33,8 +33,9 @@ typedef struct kvs_segs {
     uint32_t next_id;
 } kvs_segs;
 
-/* Initializes an empty registry admitting at most `max` segments. */
-void kvs_segs_init(kvs_segs *S, size_t max);
+/* Initializes an empty registry admitting at most `max` segments; ids start
+ * at first_id (0 is taken as 1). */
+void kvs_segs_init(kvs_segs *S, size_t max, uint32_t first_id);
 
 /* Frees every segment record and allocator (objects must be gone). */
 void kvs_segs_destroy(kvs_segs *S);
