@@ -1,8 +1,9 @@
-/* Master connection with a reader thread and req_id -> waiter matching
- * (see rpc.h). */
+/* Master connection: pipelined requests, replies read by a leader among the
+ * waiting callers and matched by req_id (see rpc.h). */
 #include "rpc.h"
 
 #include <errno.h>
+#include <poll.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdlib.h>
@@ -29,13 +30,19 @@ struct waiter {
 
 struct kvs_rpc {
     int fd;
-    pthread_t reader;
     pthread_mutex_t send_mu;
-    pthread_mutex_t mu; /* waiters, dead, err */
+    pthread_mutex_t mu; /* everything below */
     struct waiter *waiters;
     int dead;
     int err;
+    int reading; /* a leader is reading frames */
     uint64_t next_id;
+    /* the frame being read (only the leader touches these) */
+    uint8_t hdr[KVS_FRAME_HDR];
+    size_t hdr_have;
+    kvs_frame_hdr h;
+    uint8_t *body;
+    size_t body_have;
     atomic_int refs;
 };
 
@@ -48,10 +55,10 @@ static void cattr_init(void)
     pthread_condattr_setclock(&g_cattr, CLOCK_MONOTONIC);
 }
 
-/* Marks dead and wakes every waiter with `err` (first failure wins). */
-static void fail_all(kvs_rpc *r, int err)
+/* Marks dead and wakes every waiter with `err` (first failure wins).
+ * Caller holds mu. */
+static void fail_all_locked(kvs_rpc *r, int err)
 {
-    pthread_mutex_lock(&r->mu);
     if (!r->dead) {
         r->dead = 1;
         r->err = err;
@@ -62,48 +69,81 @@ static void fail_all(kvs_rpc *r, int err)
         pthread_cond_signal(&w->cv);
     }
     r->waiters = NULL;
-    pthread_mutex_unlock(&r->mu);
 }
 
-static void *reader_main(void *arg)
+static void unlink_waiter(kvs_rpc *r, struct waiter *w)
 {
-    kvs_rpc *r = arg;
+    struct waiter **pp = &r->waiters;
+    while (*pp && *pp != w) pp = &(*pp)->next;
+    if (*pp) *pp = w->next;
+}
+
+/* Reads until one whole frame is assembled (1), the deadline passes (0) or
+ * the connection fails (<0). Called by the leader without mu held; a
+ * partial frame stays in r for the next leader. */
+static int read_frame(kvs_rpc *r, uint64_t deadline_ms)
+{
     for (;;) {
-        uint8_t hb[KVS_FRAME_HDR];
-        if (kvs_read_full(r->fd, hb, sizeof hb)) break;
-        kvs_frame_hdr h;
-        if (kvs_frame_hdr_decode(hb, KVS_MAX_BODY, &h) || !(h.flags & KVS_F_RESPONSE)) {
-            KVS_LOGW("client: malformed frame from the master; reconnecting");
-            break;
+        void *dst;
+        size_t want;
+        if (r->hdr_have < KVS_FRAME_HDR) {
+            dst = r->hdr + r->hdr_have;
+            want = KVS_FRAME_HDR - r->hdr_have;
+        } else {
+            dst = r->body + r->body_have;
+            want = r->h.body_len - r->body_have;
         }
-        uint8_t *body = NULL;
-        if (h.body_len) {
-            body = malloc(h.body_len);
-            if (!body) break;
-            if (kvs_read_full(r->fd, body, h.body_len)) {
-                free(body);
-                break;
+        if (want) {
+            ssize_t n = recv(r->fd, dst, want, MSG_DONTWAIT);
+            if (n == 0) return KVS_ERR_CONN;
+            if (n < 0) {
+                if (errno == EINTR) continue;
+                if (errno != EAGAIN && errno != EWOULDBLOCK) return KVS_ERR_CONN;
+                uint64_t now = kvs_now_ms();
+                if (now >= deadline_ms) return 0;
+                struct pollfd p = {r->fd, POLLIN, 0};
+                int pr = poll(&p, 1, (int)KVS_MIN(deadline_ms - now, (uint64_t)1000));
+                if (pr < 0 && errno != EINTR) return KVS_ERR_CONN;
+                continue;
+            }
+            if (r->hdr_have < KVS_FRAME_HDR) r->hdr_have += (size_t)n;
+            else r->body_have += (size_t)n;
+        }
+        if (r->hdr_have == KVS_FRAME_HDR && !r->body && r->body_have == 0) {
+            if (kvs_frame_hdr_decode(r->hdr, KVS_MAX_BODY, &r->h) ||
+                !(r->h.flags & KVS_F_RESPONSE)) {
+                KVS_LOGW("client: malformed frame from the master; reconnecting");
+                return KVS_ERR_PROTO;
+            }
+            if (r->h.body_len) {
+                r->body = malloc(r->h.body_len);
+                if (!r->body) return KVS_ERR_NOMEM;
+                continue;
             }
         }
-        pthread_mutex_lock(&r->mu);
-        struct waiter **pp = &r->waiters, *w = NULL;
-        while (*pp && (*pp)->req_id != h.req_id) pp = &(*pp)->next;
-        if (*pp) {
-            w = *pp;
-            *pp = w->next;
-            w->done = 1;
-            w->status = h.status > 0 ? KVS_ERR_PROTO : h.status;
-            w->body = body;
-            w->len = h.body_len;
-            body = NULL;
-            pthread_cond_signal(&w->cv);
-        }
-        pthread_mutex_unlock(&r->mu);
-        free(body); /* nobody waits for it */
+        if (r->hdr_have == KVS_FRAME_HDR && r->body_have == r->h.body_len) return 1;
     }
-    shutdown(r->fd, SHUT_RDWR);
-    fail_all(r, KVS_ERR_CONN);
-    return NULL;
+}
+
+/* Hands the frame just read to its waiter (or drops it). Caller holds mu. */
+static void dispatch_locked(kvs_rpc *r)
+{
+    struct waiter **pp = &r->waiters;
+    while (*pp && (*pp)->req_id != r->h.req_id) pp = &(*pp)->next;
+    if (*pp) {
+        struct waiter *w = *pp;
+        *pp = w->next;
+        w->done = 1;
+        w->status = r->h.status > 0 ? KVS_ERR_PROTO : r->h.status;
+        w->body = r->body;
+        w->len = r->h.body_len;
+        r->body = NULL;
+        pthread_cond_signal(&w->cv);
+    }
+    free(r->body); /* nobody waits for it */
+    r->body = NULL;
+    r->body_have = 0;
+    r->hdr_have = 0;
 }
 
 int kvs_rpc_open(const kvs_addr *a, const char *secret, uint32_t role, int timeout_ms,
@@ -131,7 +171,7 @@ int kvs_rpc_open(const kvs_addr *a, const char *secret, uint32_t role, int timeo
         return KVS_ERR_PROTO;
     }
     if (hello) *hello = hi;
-    /* Sends time out (a stuck master); reads block: the reader waits. */
+    /* Sends time out (a stuck master); reads poll with each call's deadline. */
     struct timeval tv = {timeout_ms / 1000, (timeout_ms % 1000) * 1000}, zero = {0, 0};
     setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
     setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &zero, sizeof zero);
@@ -145,18 +185,6 @@ int kvs_rpc_open(const kvs_addr *a, const char *secret, uint32_t role, int timeo
     atomic_init(&r->refs, 1);
     pthread_mutex_init(&r->send_mu, NULL);
     pthread_mutex_init(&r->mu, NULL);
-    pthread_attr_t at;
-    pthread_attr_init(&at);
-    pthread_attr_setstacksize(&at, 256u << 10);
-    rc = pthread_create(&r->reader, &at, reader_main, r);
-    pthread_attr_destroy(&at);
-    if (rc) {
-        close(fd);
-        pthread_mutex_destroy(&r->send_mu);
-        pthread_mutex_destroy(&r->mu);
-        free(r);
-        return KVS_ERR_IO;
-    }
     *out = r;
     return KVS_OK;
 }
@@ -201,8 +229,9 @@ int kvs_rpc_call(kvs_rpc *r, uint16_t type, const void *body, size_t len, int ti
     r->waiters = &w;
     pthread_mutex_unlock(&r->mu);
 
-    send_frame(r, type, w.req_id, body, len); /* a failure wakes us through fail_all */
+    send_frame(r, type, w.req_id, body, len); /* a failure completes w with the error */
 
+    uint64_t deadline = kvs_now_ms() + (uint64_t)(timeout_ms > 0 ? timeout_ms : 5000);
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     uint64_t ns = (uint64_t)ts.tv_nsec + (uint64_t)(timeout_ms > 0 ? timeout_ms : 5000) * 1000000ull;
@@ -210,14 +239,33 @@ int kvs_rpc_call(kvs_rpc *r, uint16_t type, const void *body, size_t len, int ti
     ts.tv_nsec = (long)(ns % 1000000000ull);
     pthread_mutex_lock(&r->mu);
     while (!w.done) {
+        if (!r->reading) {
+            /* lead: read frames until ours has come (or time is up) */
+            r->reading = 1;
+            pthread_mutex_unlock(&r->mu);
+            int rc = read_frame(r, deadline);
+            pthread_mutex_lock(&r->mu);
+            r->reading = 0;
+            if (rc == 1) {
+                dispatch_locked(r);
+            } else if (rc < 0) {
+                shutdown(r->fd, SHUT_RDWR);
+                fail_all_locked(r, rc == KVS_ERR_NOMEM ? KVS_ERR_NOMEM : KVS_ERR_CONN);
+            } else if (!w.done) {
+                unlink_waiter(r, &w);
+                w.done = 1;
+                w.status = KVS_ERR_TIMEOUT;
+            }
+            continue;
+        }
         if (pthread_cond_timedwait(&w.cv, &r->mu, &ts) == ETIMEDOUT && !w.done) {
-            struct waiter **pp = &r->waiters;
-            while (*pp && *pp != &w) pp = &(*pp)->next;
-            if (*pp) *pp = w.next;
+            unlink_waiter(r, &w);
             w.done = 1;
             w.status = KVS_ERR_TIMEOUT;
         }
     }
+    /* pass the reading role on to a caller still waiting */
+    if (!r->reading && r->waiters) pthread_cond_signal(&r->waiters->cv);
     pthread_mutex_unlock(&r->mu);
     pthread_cond_destroy(&w.cv);
     if (w.status == KVS_OK) {
@@ -249,8 +297,10 @@ int kvs_rpc_alive(kvs_rpc *r)
 
 void kvs_rpc_kill(kvs_rpc *r, int err)
 {
-    fail_all(r, err);
-    shutdown(r->fd, SHUT_RDWR);
+    pthread_mutex_lock(&r->mu);
+    fail_all_locked(r, err);
+    pthread_mutex_unlock(&r->mu);
+    shutdown(r->fd, SHUT_RDWR); /* wakes a leader blocked in poll */
 }
 
 void kvs_rpc_ref(kvs_rpc *r) { atomic_fetch_add(&r->refs, 1); }
@@ -258,9 +308,8 @@ void kvs_rpc_ref(kvs_rpc *r) { atomic_fetch_add(&r->refs, 1); }
 void kvs_rpc_unref(kvs_rpc *r)
 {
     if (!r || atomic_fetch_sub(&r->refs, 1) != 1) return;
-    shutdown(r->fd, SHUT_RDWR);
-    pthread_join(r->reader, NULL);
     close(r->fd);
+    free(r->body);
     pthread_mutex_destroy(&r->send_mu);
     pthread_mutex_destroy(&r->mu);
     free(r);

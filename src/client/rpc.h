@@ -1,15 +1,18 @@
 /* Connection to the master: one socket shared by every thread of a client.
  *
  * Callers send request frames (under a send lock, so frames never
- * interleave) and wait for the reply with the same req_id; a reader thread
- * reads every reply and hands its body to the waiting caller, so requests of
- * many threads are pipelined. Replies nobody waits for (posted requests,
- * timed-out calls) are dropped. When the connection fails or is killed,
- * every waiter is woken with the failure code and later calls fail at once:
- * the owner opens a new kvs_rpc (see client.c for reconnects).
+ * interleave) and wait for the reply with the same req_id, so requests of
+ * many threads are pipelined. There is no reader thread: one waiting caller
+ * at a time (the "leader") reads frames from the socket and hands each body
+ * to its waiter; when its own reply has come it passes the role on to
+ * another waiter. A lone caller thus reads its own reply, with no thread
+ * hand-off (one wake-up per round trip instead of two). Replies nobody waits
+ * for (posted requests, timed-out calls) are read and dropped by the next
+ * leader. When the connection fails or is killed, every waiter is woken with
+ * the failure code and later calls fail at once: the owner opens a new
+ * kvs_rpc (see client.c for reconnects).
  *
- * Lifetime: reference counted; the last kvs_rpc_unref shuts the socket
- * down, joins the reader and frees.
+ * Lifetime: reference counted; the last kvs_rpc_unref closes the socket.
  */
 #ifndef KVS_CLIENT_RPC_H
 #define KVS_CLIENT_RPC_H
@@ -27,8 +30,8 @@ typedef struct kvs_hello_info {
     uint32_t ttl_ms, lease_ms;
 } kvs_hello_info;
 
-/* Connects to the master at `a`, authenticates as `role` with `secret`,
- * starts the reader thread. timeout_ms bounds the connect and handshake and
+/* Connects to the master at `a`, authenticates as `role` with `secret`.
+ * timeout_ms bounds the connect and handshake and
  * is the send timeout afterwards. Returns KVS_OK (with one reference held
  * by the caller), KVS_ERR_CONN, KVS_ERR_TIMEOUT, KVS_ERR_AUTH or
  * KVS_ERR_PROTO. */
