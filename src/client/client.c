@@ -569,6 +569,7 @@ void kvs_client_close(kvs_client *c)
         kvs_rpc_kill(rpc, KVS_ERR_CLOSED); /* in-flight calls fail with KVS_ERR_CLOSED */
         kvs_rpc_unref(rpc);
     }
+    kvs_xfer_client_cancel(c->xc); /* and transfers in flight end now */
     /* wait for calls still running in other threads */
     while (atomic_load(&c->active) > 0) {
         struct timespec ts = {0, 1000000};

@@ -74,6 +74,7 @@ struct kvs_xfer_client {
     pthread_mutex_t live_mu;
     pthread_cond_t live_cv;
     int live_readers;
+    atomic_int cancelled;
 };
 
 /* ---- batches ---- */
@@ -256,6 +257,7 @@ static struct xpeer *peer_entry(kvs_xfer_client *xc, const char *peer)
 /* Returns a referenced live connection to `peer`, connecting if needed. */
 static int get_conn(kvs_xfer_client *xc, const char *peer, struct xconn **out)
 {
+    if (atomic_load(&xc->cancelled)) return KVS_ERR_CLOSED;
     struct xpeer *p = peer_entry(xc, peer);
     if (!p) return KVS_ERR_UNAVAILABLE;
     pthread_mutex_lock(&p->mu);
@@ -492,6 +494,18 @@ int kvs_xfer_client_new(const char *secret, int timeout_ms, kvs_xfer_client **ou
     pthread_cond_init(&xc->live_cv, NULL);
     *out = xc;
     return KVS_OK;
+}
+
+void kvs_xfer_client_cancel(kvs_xfer_client *xc)
+{
+    atomic_store(&xc->cancelled, 1);
+    pthread_mutex_lock(&xc->mu);
+    for (struct xpeer *p = xc->peers; p; p = p->next) {
+        pthread_mutex_lock(&p->mu);
+        if (p->conn) conn_kill(p->conn);
+        pthread_mutex_unlock(&p->mu);
+    }
+    pthread_mutex_unlock(&xc->mu);
 }
 
 void kvs_xfer_client_drop_peer(kvs_xfer_client *xc, const char *peer)

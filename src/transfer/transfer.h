@@ -108,6 +108,11 @@ void kvs_xfer_client_free(kvs_xfer_client *xc);
  * received or abandoned, so buffers are not touched after it returns. */
 int kvs_xfer_run(kvs_xfer_client *xc, kvs_xfer_op *ops, size_t n);
 
+/* Kills every connection (pending requests fail with KVS_ERR_UNAVAILABLE)
+ * and makes later kvs_xfer_run calls fail at once with KVS_ERR_CLOSED. Used
+ * when the owner is closing, so callers still inside return promptly. */
+void kvs_xfer_client_cancel(kvs_xfer_client *xc);
+
 /* Drops the connection to `peer` (if any); pending requests on it fail. */
 void kvs_xfer_client_drop_peer(kvs_xfer_client *xc, const char *peer);
 
