@@ -54,10 +54,13 @@ typedef struct kvs_item {
 
 /* Opens a client with `cfg` (copied). Connects to the master (starting the
  * embedded pool if none is configured and none runs), mounts a segment of
- * cfg->global_segment_size bytes if non-zero. On success stores the client in
- * *out and returns KVS_OK; on failure returns KVS_ERR_CONFIG, KVS_ERR_CONN,
- * KVS_ERR_AUTH, KVS_ERR_NOMEM or KVS_ERR_IO and writes a message into `err`
- * (if non-NULL). */
+ * cfg->global_segment_size bytes if non-zero. In embedded mode the client
+ * contributes no segment: the pool's own process holds the memory (sized by
+ * the global_segment_size of the client that started it, the default if 0)
+ * and every process of the user on the host shares it. On success stores
+ * the client in *out and returns KVS_OK; on failure returns KVS_ERR_CONFIG,
+ * KVS_ERR_CONN, KVS_ERR_AUTH, KVS_ERR_NOMEM or KVS_ERR_IO and writes a
+ * message into `err` (if non-NULL). */
 int kvs_client_open(const kvs_config *cfg, kvs_client **out, char *err, size_t errlen);
 
 /* Unmounts this client's segment (objects stored there are dropped), closes
