@@ -1,7 +1,9 @@
 /* Transfer server: one accept thread, one thread per connection (see
  * transfer.h). Replies to T_READ are gathered (header + segment memory) and
  * sent with one sendmsg per burst of pipelined requests; T_WRITE payloads
- * are received straight into segment memory. */
+ * are received straight into segment memory (only the bytes that arrived
+ * with the request headers in the 64 KiB input buffer are copied from it:
+ * small writes need no extra system call, large ones are >= 94 % direct). */
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
