@@ -573,6 +573,30 @@ static void test_node_dies(void **state)
     kvs_client_close(b);
 }
 
+/* Leases run out by the local clock (with a margin): after lease_ms a slot
+ * is no longer valid. A lost master fails the next call with KVS_ERR_CONN. */
+static void test_lease_expiry(void **state)
+{
+    fix *f = *state;
+    memcpy(f->m2.dir, f->m.dir, sizeof f->m2.dir);
+    assert_int_equal(start_master(&f->m2, 0, "--lease-ms", "300"), 0);
+    kvs_client *a = open_client(&f->m2, 16u << 20);
+    assert_int_equal(kvs_put(a, "L", 1, "lease", 5), KVS_OK);
+    kvs_key k = {"L", 1};
+    kvs_slot s;
+    assert_int_equal(kvs_acquire_batch(a, &k, 1, &s), 1);
+    assert_int_equal(kvs_slot_lease_valid(a, &s), 1);
+    sleep_ms(320);
+    assert_int_equal(kvs_slot_lease_valid(a, &s), 0);
+    assert_int_equal(kvs_release_batch(a, &s, 1), KVS_OK);
+    assert_int_equal(kvs_acquire_batch(a, &k, 1, &s), 1);
+    assert_int_equal(kvs_slot_lease_valid(a, &s), 1);
+    stop_proc(&f->m2, SIGKILL);
+    /* the next call notices the lost master */
+    assert_int_equal(kvs_exists(a, "L", 1), KVS_ERR_CONN);
+    kvs_client_close(a);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -585,6 +609,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_invalid_args, setup, teardown),
         cmocka_unit_test_setup_teardown(test_threads, setup, teardown),
         cmocka_unit_test_setup_teardown(test_node_dies, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_lease_expiry, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
