@@ -288,9 +288,21 @@ class KVShelfConnector(KVConnectorBase_V1):
                 kw[k] = self._extra[k]
         return kw
 
+    def _open(self, **kw: Any) -> "kvshelf.Connector | None":
+        """Opens the kvshelf connector. A configuration error is raised; a
+        pool that cannot be reached is logged and the engine runs without
+        offloading (every lookup a miss) instead of failing to start."""
+        try:
+            return kvshelf.Connector(self._store_cfg, **kw, **self._conn_kwargs())
+        except (kvshelf.ConfigError, kvshelf.InvalidArgument):
+            raise
+        except kvshelf.Error as e:
+            logger.error("kvshelf: cannot open the pool, running without KV offload: %s", e)
+            return None
+
     def _init_scheduler(self) -> None:
         world = 1 if self._use_mla else self._tp
-        self._conn = kvshelf.Connector(self._store_cfg, device=-1, rank=0, world_size=world, **self._conn_kwargs())
+        self._conn = self._open(device=-1, rank=0, world_size=world)
         # req_id -> (hashes of the prompt's loadable blocks, leading hits)
         self._lookups: dict[str, tuple[list[bytes], int]] = {}
         # req_id -> (first block to load, number of blocks to load)
@@ -307,6 +319,8 @@ class KVShelfConnector(KVConnectorBase_V1):
         max_blocks = (prompt_len - 1) // self._block_size
         if max_blocks <= 0 or num_computed_tokens >= max_blocks * self._block_size:
             self._lookups[request.request_id] = ([], 0)
+            return 0, False
+        if self._conn is None:
             return 0, False
         hashes = self._hasher.hashes(request, max_blocks * self._block_size)
         try:
@@ -459,9 +473,9 @@ class KVShelfConnector(KVConnectorBase_V1):
             rank, world = 0, 1
         else:
             rank, world = self._rank, self._tp
-        self._conn = kvshelf.Connector(
-            self._store_cfg, device=self._device, rank=rank, world_size=world, **self._conn_kwargs()
-        )
+        self._conn = self._open(device=self._device, rank=rank, world_size=world)
+        if self._conn is None:
+            return
         self._conn.register_layout(layouts, num_blocks)
         logger.info(
             "kvshelf: %d KV tensors, %d blocks of %d bytes, backend %s, rank %d/%d%s",
