@@ -125,16 +125,22 @@ def layout_from_tensor(t: Any, block_dim: int = 0) -> tuple[int, int, int, int, 
         base = int(t.ctypes.data)
     if not 0 <= block_dim < len(shape):
         raise ValueError(f"block_dim {block_dim} out of range for shape {shape}")
+    # The dimensions after block_dim must tile one dense region, in any order
+    # (a permuted view such as vLLM's HND layout is fine: bytes are moved as
+    # they lie in memory, and loaded back into the same layout).
     inner = 1
     expect = 1
-    for d in range(len(shape) - 1, block_dim, -1):
-        if shape[d] != 1 and stride[d] != expect:
+    for size, st in sorted(((shape[d], stride[d]) for d in range(block_dim + 1, len(shape))),
+                           key=lambda x: x[1]):
+        if size == 1:
+            continue
+        if st != expect:
             raise ValueError(
                 f"tensor of shape {shape} strides {stride}: the part of a block after "
                 f"dimension {block_dim} is not contiguous"
             )
-        expect *= shape[d]
-        inner *= shape[d]
+        expect *= size
+        inner *= size
     chunk_bytes = inner * es
     count = 1
     chunk_stride = chunk_bytes

@@ -201,3 +201,11 @@ def test_layout_from_numpy():
     assert kvshelf.layout_from_tensor(b) == (b.ctypes.data, 256, 256, 256, 1)
     with pytest.raises(ValueError, match="not contiguous"):
         kvshelf.layout_from_tensor(np.zeros((NUM_BLOCKS, 4, 8))[:, :, ::2])
+
+
+def test_layout_of_permuted_block():
+    torch = pytest.importorskip("torch")
+    # HND inside each block: logical [2, blocks, tokens, heads, dim], memory [2, blocks, heads, tokens, dim]
+    base = torch.zeros(2, NUM_BLOCKS, HEADS, BLOCK_TOKENS, DIM)
+    view = base.permute(0, 1, 3, 2, 4)
+    assert kvshelf.layout_from_tensor(view, 1) == kvshelf.layout_from_tensor(base, 1)
