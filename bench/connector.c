@@ -21,6 +21,11 @@
  *             [--workers 2,4] [--reps 5] [--device 0] [--layers 48]
  *             [--kv-heads 8] [--head-dim 128] [--block-size 16]
  *             [--lookup 2048] [--md FILE]
+ *             [--variant backend:workers[:threads:ctas_per_sm:job_mb:streams:unroll]]...
+ * (with --variant and no --backends/--workers, only the variants run; 0 in a
+ * variant field = the default; the knobs are the environment variables
+ * KVSHELF_CUDA_THREADS, KVSHELF_CUDA_CTAS_PER_SM, KVSHELF_CONNECTOR_JOB_MB,
+ * KVSHELF_CUDA_STREAMS and KVSHELF_CUDA_UNROLL)
  */
 #include <getopt.h>
 #include <stdio.h>
@@ -40,8 +45,8 @@
 /* One measured configuration: backend, workers and tuning knobs (0 = default). */
 typedef struct variant {
     char backend[32];
-    long workers, threads, ctas, job_mb;
-    char label[64];
+    long workers, threads, ctas, job_mb, streams, unroll;
+    char label[96];
 } variant;
 
 static void apply_env(const char *name, long v)
@@ -190,7 +195,7 @@ int main(int argc, char **argv)
     variant var[MAXVAR];
     int nvar = 0;
     char extra[MAXVAR][64];
-    int nextra = 0;
+    int nextra = 0, explicit_cross = 0;
     static const struct option lo[] = {{"variant", 1, 0, 'V'},{"tokens", 1, 0, 't'},   {"backends", 1, 0, 'b'},
                                        {"workers", 1, 0, 'w'},  {"reps", 1, 0, 'r'},
                                        {"device", 1, 0, 'd'},   {"layers", 1, 0, 'L'},
@@ -205,8 +210,8 @@ int main(int argc, char **argv)
     while ((ch = getopt_long(argc, argv, "h", lo, NULL)) != -1) {
         switch (ch) {
         case 't': ntok = parse_list(optarg, tokens, MAXV); break;
-        case 'b': nback = parse_slist(optarg, backs, MAXV); break;
-        case 'w': nwork = parse_list(optarg, workers, MAXV); break;
+        case 'b': nback = parse_slist(optarg, backs, MAXV); explicit_cross = 1; break;
+        case 'w': nwork = parse_list(optarg, workers, MAXV); explicit_cross = 1; break;
         case 'r': reps = atoi(optarg); break;
         case 'd': g_dev = atoi(optarg); break;
         case 'L': layers = atoi(optarg); break;
@@ -216,7 +221,7 @@ int main(int argc, char **argv)
         case 'k': nlookup = atoi(optarg); break;
         case 'm': md = optarg; break;
         case 'V':
-            if (nextra < MAXVAR) snprintf(extra[nextra++], 64, "%s", optarg);
+            if (nextra < MAXVAR) snprintf(extra[nextra++], 64, "%.63s", optarg);
             break;
         default:
             fprintf(stderr, "usage: see the comment at the top of bench/connector.c\n");
@@ -233,6 +238,7 @@ int main(int argc, char **argv)
     }
     /* variants: backends x workers, then each --variant
      * backend:workers[:threads:ctas_per_sm:job_mb] */
+    if (nextra && !explicit_cross) nback = 0; /* only the --variant list */
     for (int bi = 0; bi < nback; bi++)
         for (int wi = 0; wi < nwork && nvar < MAXVAR; wi++) {
             variant *v = &var[nvar++];
@@ -250,18 +256,19 @@ int main(int argc, char **argv)
             continue;
         }
         snprintf(v->backend, sizeof v->backend, "%.31s", g_dev < 0 ? "host" : f);
-        long *nums[4] = {&v->workers, &v->threads, &v->ctas, &v->job_mb};
-        for (int k = 0; k < 4 && (f = strtok_r(NULL, ":", &save)); k++) *nums[k] = atol(f);
-        if (v->workers <= 0) v->workers = 2;
+        long *nums[6] = {&v->workers, &v->threads, &v->ctas, &v->job_mb, &v->streams, &v->unroll};
+        for (int k = 0; k < 6 && (f = strtok_r(NULL, ":", &save)); k++) *nums[k] = atol(f);
+        if (v->workers < 0) v->workers = 0; /* 0: the connector's default */
         free(dup);
         nvar++;
     }
     for (int i = 0; i < nvar; i++) {
         variant *v = &var[i];
-        int k = snprintf(v->label, sizeof v->label, "%ld", v->workers);
-        if (v->threads || v->ctas || v->job_mb)
-            snprintf(v->label + k, sizeof v->label - (size_t)k, " t%ld c%ld j%ld", v->threads,
-                     v->ctas, v->job_mb);
+        int k = v->workers ? snprintf(v->label, sizeof v->label, "%ld", v->workers)
+                           : snprintf(v->label, sizeof v->label, "default");
+        if (v->threads || v->ctas || v->job_mb || v->streams || v->unroll)
+            snprintf(v->label + k, sizeof v->label - (size_t)k, " t%ld c%ld j%ld s%ld u%ld",
+                     v->threads, v->ctas, v->job_mb, v->streams, v->unroll);
     }
     if (reps < 1 || reps > 100 || layers < 1 || heads < 1 || hdim < 1 || bs < 1 || ntok < 1) {
         fprintf(stderr, "connector: bad arguments\n");
@@ -371,7 +378,7 @@ int main(int argc, char **argv)
                 "|---|---|---|---|---|---|---|---|---|---|---|\n",
                 nlookup);
     }
-    printf("\n%-12s %-18s %7s %7s %10s %10s %7s %10s %10s %7s %12s\n", "backend", "wrk", "tokens",
+    printf("\n%-12s %-24s %7s %7s %10s %10s %7s %10s %10s %7s %12s\n", "backend", "wrk", "tokens",
            "GB", "dump GB/s", "ceil D2H", "ratio", "load GB/s", "ceil H2D", "ratio",
            "lookup ms");
     int failures = 0;
@@ -382,6 +389,8 @@ int main(int argc, char **argv)
             apply_env("KVSHELF_CUDA_THREADS", v->threads);
             apply_env("KVSHELF_CUDA_CTAS_PER_SM", v->ctas);
             apply_env("KVSHELF_CONNECTOR_JOB_MB", v->job_mb);
+            apply_env("KVSHELF_CUDA_STREAMS", v->streams);
+            apply_env("KVSHELF_CUDA_UNROLL", v->unroll);
             char ns[128];
             snprintf(ns, sizeof ns, "bench/%d/%d/%llu", (int)getpid(), vi,
                      (unsigned long long)time(NULL));
@@ -506,7 +515,7 @@ int main(int argc, char **argv)
                 double gb = (double)n * block_kv / 1e9;
                 char lk[32] = "-";
                 if (look > 0) snprintf(lk, sizeof lk, "%.3f", look);
-                printf("%-12s %-18s %7ld %7.2f %10.1f %10.1f %6.0f%% %10.1f %10.1f %6.0f%% %12s\n",
+                printf("%-12s %-24s %7ld %7.2f %10.1f %10.1f %6.0f%% %10.1f %10.1f %6.0f%% %12s\n",
                        kvs_connector_backend(c), v->label, tokens[ti], gb, dmed, ceil_d2h[ti],
                        100 * dmed / ceil_d2h[ti], lmed, ceil_h2d[ti], 100 * lmed / ceil_h2d[ti],
                        lk);

@@ -59,18 +59,14 @@ for _ in $(seq 200); do [ -S "$rt/master.sock" ] && break; sleep 0.05; done
 export KVSHELF_RUNTIME_DIR=$rt
 md="$OUT/bench.md"
 : > "$md"
+# auto = what an engine gets with default options; then each backend alone
 timeout 400 "$B/bench/connector" --md "$md" --tokens 2048,8192,32768 --reps 5 \
-  --backends cuda-kernel,cuda-batch --workers 2,4 ${KVS_BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.txt" ||
-  status=1
+  --variant auto:0 --variant cuda-kernel:4 --variant cuda-batch:4 ${KVS_BENCH_ARGS:-} 2>&1 |
+  tee "$OUT/bench.txt" || status=1
 if [ -z "${KVS_BENCH_QUICK:-}" ]; then
   log "small chunks: 2 KV heads (8 KiB chunks, as TP=4), 32k tokens"
   timeout 200 "$B/bench/connector" --md "$md" --tokens 32768 --kv-heads 2 --reps 5 \
-    --backends cuda-kernel,cuda-batch --workers 2 2>&1 | tee -a "$OUT/bench.txt" || status=1
-  log "kernel knobs at 32k tokens (workers:threads:ctas_per_sm:job_mb)"
-  timeout 200 "$B/bench/connector" --md "$md" --tokens 32768 --reps 3 --backends cuda-kernel \
-    --workers 2 --variant cuda-kernel:2:256:8:64 --variant cuda-kernel:2:1024:2:64 \
-    --variant cuda-kernel:2:512:4:16 --variant cuda-kernel:2:512:4:256 \
-    --variant cuda-kernel:4:512:4:256 2>&1 | tee -a "$OUT/bench.txt" || status=1
+    --variant auto:0 --variant cuda-batch:4 2>&1 | tee -a "$OUT/bench.txt" || status=1
 fi
 kill "$mpid" 2>/dev/null; wait "$mpid" 2>/dev/null
 rm -rf "$rt"

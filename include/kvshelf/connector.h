@@ -69,13 +69,16 @@ typedef struct kvs_connector_opts {
     const char *ns;           /* namespace, e.g. model name + dtype + block size (required) */
     uint32_t rank;            /* this process's tensor-parallel rank */
     uint32_t world_size;      /* TP ranks (a lookup-only client checks all of them); 0 = 1 */
-    uint32_t num_workers;     /* copy worker threads; 0 = default (2) */
+    uint32_t num_workers;     /* copy worker threads; 0 = default (2 for host tensors,
+                                 4 with CUDA) */
     uint32_t max_inflight;    /* max blocks queued in tasks before backpressure; 0 = 65536 */
     int drop_when_full;       /* 1: dumps over max_inflight are dropped and counted;
                                  0: dump blocks the caller until room frees (default) */
     const char *backend;      /* "auto" (default), "host", "cuda-kernel", "cuda-batch".
-                                 auto: device >= 0 -> cuda-kernel (KVS_ERR_UNSUPPORTED in a
-                                 build without CUDA), device -2 -> host */
+                                 auto: device -2 -> host; device >= 0 -> decided by
+                                 register_layout from the mean chunk size: >= 32 KiB
+                                 cuda-batch (copy engines), else cuda-kernel (SM copies);
+                                 KVS_ERR_UNSUPPORTED in a build without CUDA */
     int checksum;             /* 1: store an xxh3-64 checksum of each block and verify it on
                                  load (costs a CPU pass over the bytes; off by default) */
     int force_staging;        /* 1: never copy straight into mapped segments; go through a

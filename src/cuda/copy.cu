@@ -23,7 +23,7 @@
 #include "kvshelf/errors.h"
 
 #define KC_PIECE (64u * 1024u) /* a kernel work unit copies at most this many bytes */
-#define KC_UNROLL 4            /* 16-byte loads in flight per thread */
+#define KC_MAX_STREAMS 8       /* batch mode: streams per worker */
 
 /* ---------------------------------------------------------------- helpers */
 
@@ -102,6 +102,10 @@ struct kvs_cuda_ctx {
     int mode;
     int sms;
     int threads, per_sm; /* kernel shape (KVSHELF_CUDA_THREADS, KVSHELF_CUDA_CTAS_PER_SM) */
+    int unroll;          /* 16-byte loads in flight per thread (KVSHELF_CUDA_UNROLL: 4 or 8) */
+    int streams;         /* batch mode: streams per worker (KVSHELF_CUDA_STREAMS) */
+    int auto_mode;       /* pick kernel or batch from the layout (set_layout) */
+    int batch_min_chunk; /* auto: batch when the mean chunk is at least this many bytes */
     pthread_mutex_t mu; /* gate stream, map refs */
     cudaStream_t gate;
     /* layout */
@@ -118,7 +122,9 @@ struct kvs_cuda_ctx {
 
 struct kvs_cuda_worker {
     kvs_cuda_ctx *x;
-    cudaStream_t stream;
+    cudaStream_t stream; /* == streams[0] */
+    cudaStream_t streams[KC_MAX_STREAMS];
+    int nstreams;
     uint64_t *out_gen; /* pinned, mapped */
     uint64_t *out_gen_dev;
     /* batch mode arrays */
@@ -139,7 +145,7 @@ extern "C" int kvs_cuda_device_count(void)
 
 extern "C" const char *kvs_cuda_mode_name(int mode)
 {
-    return mode == KVS_CUDA_BATCH ? "cuda-batch" : "cuda-kernel";
+    return mode == KVS_CUDA_BATCH ? "cuda-batch" : mode == KVS_CUDA_KERNEL ? "cuda-kernel" : "cuda";
 }
 
 /* Makes `device` current in this thread; returns the caller's device (or -1)
@@ -165,7 +171,8 @@ static int kc_ctx_create(int device, int mode, kvs_cuda_ctx **out, char *err, si
     kvs_cuda_ctx *x = (kvs_cuda_ctx *)calloc(1, sizeof *x);
     if (!x) return KVS_ERR_NOMEM;
     x->device = device;
-    x->mode = mode;
+    x->auto_mode = mode == KVS_CUDA_AUTO;
+    x->mode = mode == KVS_CUDA_AUTO ? KVS_CUDA_KERNEL : mode;
     pthread_mutex_init(&x->mu, NULL);
     cudaError_t e = cudaDeviceGetAttribute(&x->sms, cudaDevAttrMultiProcessorCount, device);
     if (e == cudaSuccess) e = cudaStreamCreateWithFlags(&x->gate, cudaStreamNonBlocking);
@@ -177,6 +184,9 @@ static int kc_ctx_create(int device, int mode, kvs_cuda_ctx **out, char *err, si
     }
     x->threads = kc_env_int("KVSHELF_CUDA_THREADS", 512, 64, 1024) / 32 * 32;
     x->per_sm = kc_env_int("KVSHELF_CUDA_CTAS_PER_SM", 4, 1, 32);
+    x->unroll = kc_env_int("KVSHELF_CUDA_UNROLL", 4, 1, 8) > 4 ? 8 : 4;
+    x->streams = kc_env_int("KVSHELF_CUDA_STREAMS", 4, 1, KC_MAX_STREAMS);
+    x->batch_min_chunk = kc_env_int("KVSHELF_CUDA_BATCH_MIN_CHUNK", 32768, 1, 1 << 30);
     *out = x;
     return KVS_OK;
 }
@@ -184,7 +194,8 @@ static int kc_ctx_create(int device, int mode, kvs_cuda_ctx **out, char *err, si
 extern "C" int kvs_cuda_ctx_create(int device, int mode, kvs_cuda_ctx **out, char *err,
                                    size_t errlen)
 {
-    if (!out || device < 0 || (mode != KVS_CUDA_KERNEL && mode != KVS_CUDA_BATCH))
+    if (!out || device < 0 ||
+        (mode != KVS_CUDA_KERNEL && mode != KVS_CUDA_BATCH && mode != KVS_CUDA_AUTO))
         return KVS_ERR_INVALID;
     int n = kvs_cuda_device_count();
     if (device >= n) {
@@ -247,6 +258,15 @@ static int kc_set_layout(kvs_cuda_ctx *x, const kvs_cuda_tensor *t, size_t n, ui
     x->upb = (uint32_t)units;
     x->chunks = chunks;
     x->stamp_off = stamp_off;
+    if (x->auto_mode) {
+        /* Copy engines pay per chunk (~0.5 us each): they win only on large
+         * chunks, where they beat SM copies on loads (see the numbers at the
+         * top of this file). */
+        uint64_t payload = 0;
+        for (size_t i = 0; i < n; i++) payload += t[i].chunk_bytes * t[i].count;
+        x->mode = chunks && payload / chunks >= (uint64_t)x->batch_min_chunk ? KVS_CUDA_BATCH
+                                                                              : KVS_CUDA_KERNEL;
+    }
     return KVS_OK;
 }
 
@@ -349,6 +369,8 @@ out:
     pthread_mutex_unlock(&g_map_mu);
     return d;
 }
+
+extern "C" int kvs_cuda_ctx_mode(const kvs_cuda_ctx *x) { return x ? x->mode : 0; }
 
 extern "C" void kvs_cuda_forget(kvs_cuda_ctx *x, const void *p)
 {
@@ -461,17 +483,25 @@ extern "C" int kvs_cuda_worker_create(kvs_cuda_ctx *x, kvs_cuda_worker **out)
     kvs_cuda_worker *w = (kvs_cuda_worker *)calloc(1, sizeof *w);
     if (!w) return KVS_ERR_NOMEM;
     w->x = x;
+    int ns = x->auto_mode || x->mode == KVS_CUDA_BATCH ? x->streams : 1; /* auto: maybe batch */
     void *og = NULL, *ogd = NULL;
-    if (cudaStreamCreateWithFlags(&w->stream, cudaStreamNonBlocking) != cudaSuccess ||
-        cudaHostAlloc(&og, KVS_CUDA_MAX_JOB_BLOCKS * sizeof(uint64_t),
-                      cudaHostAllocPortable | cudaHostAllocMapped) != cudaSuccess ||
-        cudaHostGetDevicePointer(&ogd, og, 0) != cudaSuccess) {
+    cudaError_t e = cudaSuccess;
+    for (int i = 0; i < ns && e == cudaSuccess; i++) {
+        e = cudaStreamCreateWithFlags(&w->streams[i], cudaStreamNonBlocking);
+        if (e == cudaSuccess) w->nstreams++;
+    }
+    if (e == cudaSuccess)
+        e = cudaHostAlloc(&og, KVS_CUDA_MAX_JOB_BLOCKS * sizeof(uint64_t),
+                          cudaHostAllocPortable | cudaHostAllocMapped);
+    if (e == cudaSuccess) e = cudaHostGetDevicePointer(&ogd, og, 0);
+    if (e != cudaSuccess) {
         cudaGetLastError();
-        if (w->stream) cudaStreamDestroy(w->stream);
+        for (int i = 0; i < w->nstreams; i++) cudaStreamDestroy(w->streams[i]);
         if (og) cudaFreeHost(og);
         free(w);
         return KVS_ERR_CUDA;
     }
+    w->stream = w->streams[0];
     w->out_gen = (uint64_t *)og;
     w->out_gen_dev = (uint64_t *)ogd;
     *out = w;
@@ -481,8 +511,10 @@ extern "C" int kvs_cuda_worker_create(kvs_cuda_ctx *x, kvs_cuda_worker **out)
 extern "C" void kvs_cuda_worker_destroy(kvs_cuda_worker *w)
 {
     if (!w) return;
-    cudaStreamSynchronize(w->stream);
-    cudaStreamDestroy(w->stream);
+    for (int i = 0; i < w->nstreams; i++) {
+        cudaStreamSynchronize(w->streams[i]);
+        cudaStreamDestroy(w->streams[i]);
+    }
     cudaFreeHost(w->out_gen);
     free(w->dsts);
     free(w->srcs);
@@ -502,8 +534,10 @@ struct kc_job {
     uint32_t n, nt, upb, dir;
 };
 
-/* Copies len bytes; 16-byte vectors with KC_UNROLL loads in flight per thread
- * when everything is 16-byte aligned, else 8-byte words, else bytes. */
+/* Copies len bytes; 16-byte vectors with U loads in flight per thread (all
+ * issued before the first store) when everything is 16-byte aligned, else
+ * 8-byte words, else bytes. */
+template <int U>
 __device__ __forceinline__ void kc_copy(char *dst, const char *src, uint64_t len)
 {
     const uint32_t tid = threadIdx.x, nth = blockDim.x;
@@ -511,15 +545,19 @@ __device__ __forceinline__ void kc_copy(char *dst, const char *src, uint64_t len
         uint4 *d = (uint4 *)dst;
         const uint4 *s = (const uint4 *)src;
         const uint64_t nv = len / 16;
-        uint64_t i = tid;
-        for (; i + (uint64_t)(KC_UNROLL - 1) * nth < nv; i += (uint64_t)KC_UNROLL * nth) {
-            uint4 v[KC_UNROLL];
+        for (uint64_t base = tid; base < nv; base += (uint64_t)U * nth) {
+            uint4 v[U];
 #pragma unroll
-            for (int k = 0; k < KC_UNROLL; k++) v[k] = s[i + (uint64_t)k * nth];
+            for (int k = 0; k < U; k++) {
+                uint64_t i = base + (uint64_t)k * nth;
+                if (i < nv) v[k] = s[i];
+            }
 #pragma unroll
-            for (int k = 0; k < KC_UNROLL; k++) d[i + (uint64_t)k * nth] = v[k];
+            for (int k = 0; k < U; k++) {
+                uint64_t i = base + (uint64_t)k * nth;
+                if (i < nv) d[i] = v[k];
+            }
         }
-        for (; i < nv; i += nth) d[i] = s[i];
     } else if (((uintptr_t)dst | (uintptr_t)src | len) % 8 == 0) {
         uint64_t *d = (uint64_t *)dst;
         const uint64_t *s = (const uint64_t *)src;
@@ -529,6 +567,7 @@ __device__ __forceinline__ void kc_copy(char *dst, const char *src, uint64_t len
     }
 }
 
+template <int U>
 __global__ void kc_kernel(const __grid_constant__ kc_job j)
 {
     const uint64_t total = (uint64_t)j.n * j.upb;
@@ -554,9 +593,9 @@ __global__ void kc_kernel(const __grid_constant__ kc_job j)
                              (uint64_t)c * __ldg(&t->chunk_stride) + off);
         char *host = (char *)(obj + __ldg(&t->payload_off) + (uint64_t)c * cb + off);
         if (j.dir == KVS_CUDA_DUMP)
-            kc_copy(host, dev, len);
+            kc_copy<U>(host, dev, len);
         else
-            kc_copy(dev, host, len);
+            kc_copy<U>(dev, host, len);
     }
     if (blockIdx.x == 0)
         for (uint32_t i = threadIdx.x; i < j.n; i += blockDim.x) {
@@ -617,10 +656,20 @@ static int kc_batch(kvs_cuda_worker *w, const kc_job *j, size_t n, void *const *
     struct cudaMemcpyAttributes attr;
     memset(&attr, 0, sizeof attr);
     attr.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
-    size_t idx = 0;
-    cudaError_t e = cudaMemcpyBatchAsync((void *const *)w->dsts, (const void *const *)w->srcs,
-                                         w->sizes, k, &attr, &idx, 1, w->stream);
-    return e == cudaSuccess ? KVS_OK : KVS_ERR_CUDA;
+    /* Split over the worker's streams: each stream's batch goes to a copy
+     * engine of its own, and DMA pays per chunk, so parallel engines help. */
+    size_t per = (k + (size_t)w->nstreams - 1) / (size_t)w->nstreams;
+    for (int si = 0; si < w->nstreams; si++) {
+        size_t off = (size_t)si * per;
+        if (off >= k) break;
+        size_t cnt = k - off < per ? k - off : per;
+        size_t idx = 0;
+        cudaError_t e = cudaMemcpyBatchAsync((void *const *)(w->dsts + off),
+                                             (const void *const *)(w->srcs + off), w->sizes + off,
+                                             cnt, &attr, &idx, 1, w->streams[si]);
+        if (e != cudaSuccess) return KVS_ERR_CUDA;
+    }
+    return KVS_OK;
 }
 
 extern "C" int kvs_cuda_copy(kvs_cuda_worker *w, int dir, size_t n, void *const *obj,
@@ -661,7 +710,8 @@ extern "C" int kvs_cuda_copy(kvs_cuda_worker *w, int dir, size_t n, void *const 
     int rc = KVS_OK;
     cudaError_t e = cudaSuccess;
     if (live) {
-        if (wait_event) e = cudaStreamWaitEvent(w->stream, (cudaEvent_t)wait_event, 0);
+        for (int si = 0; wait_event && si < w->nstreams && e == cudaSuccess; si++)
+            e = cudaStreamWaitEvent(w->streams[si], (cudaEvent_t)wait_event, 0);
         if (e == cudaSuccess && x->mode == KVS_CUDA_BATCH) {
             rc = kc_batch(w, j, n, obj, bid);
             if (rc == KVS_OK) {
@@ -673,10 +723,14 @@ extern "C" int kvs_cuda_copy(kvs_cuda_worker *w, int dir, size_t n, void *const 
             uint64_t grid = (uint64_t)x->sms * (uint64_t)x->per_sm;
             if (grid > units) grid = units;
             if (grid < 1) grid = 1;
-            kc_kernel<<<(unsigned)grid, (unsigned)x->threads, 0, w->stream>>>(*j);
+            if (x->unroll == 8)
+                kc_kernel<8><<<(unsigned)grid, (unsigned)x->threads, 0, w->stream>>>(*j);
+            else
+                kc_kernel<4><<<(unsigned)grid, (unsigned)x->threads, 0, w->stream>>>(*j);
             e = cudaGetLastError();
         }
-        if (e == cudaSuccess) e = cudaStreamSynchronize(w->stream);
+        for (int si = 0; si < w->nstreams && e == cudaSuccess; si++)
+            e = cudaStreamSynchronize(w->streams[si]);
         if (e != cudaSuccess) rc = KVS_ERR_CUDA;
         if (rc == KVS_OK && out_gen)
             for (size_t i = 0; i < n; i++) out_gen[i] = w->out_gen[i];

@@ -26,7 +26,7 @@
 extern "C" {
 #endif
 
-enum kvs_cuda_mode { KVS_CUDA_KERNEL = 1, KVS_CUDA_BATCH = 2 };
+enum kvs_cuda_mode { KVS_CUDA_AUTO = 0, KVS_CUDA_KERNEL = 1, KVS_CUDA_BATCH = 2 };
 enum kvs_cuda_dir { KVS_CUDA_DUMP = 1, KVS_CUDA_LOAD = 2 };
 
 /* Most blocks in one kvs_cuda_copy call. */
@@ -48,7 +48,9 @@ typedef struct kvs_cuda_worker kvs_cuda_worker; /* one per worker thread */
 /* Number of CUDA devices (0 when none or the driver is missing). */
 int kvs_cuda_device_count(void);
 
-/* Creates a context on `device` with `mode`. Returns KVS_OK or KVS_ERR_CUDA /
+/* Creates a context on `device` with `mode` (KVS_CUDA_AUTO: kernel or batch
+ * chosen by kvs_cuda_ctx_set_layout from the mean chunk size, batch at >=
+ * KVSHELF_CUDA_BATCH_MIN_CHUNK bytes, default 32 KiB). Returns KVS_OK or KVS_ERR_CUDA /
  * KVS_ERR_INVALID / KVS_ERR_NOMEM with a message in err. */
 int kvs_cuda_ctx_create(int device, int mode, kvs_cuda_ctx **out, char *err, size_t errlen);
 
@@ -61,8 +63,11 @@ int kvs_cuda_ctx_set_layout(kvs_cuda_ctx *x, const kvs_cuda_tensor *t, size_t n,
  * (unregistered when no context uses them). Safe with NULL. */
 void kvs_cuda_ctx_destroy(kvs_cuda_ctx *x);
 
-/* Backend name: "cuda-kernel" or "cuda-batch". */
+/* Backend name: "cuda-kernel", "cuda-batch" ("cuda" for auto not yet decided). */
 const char *kvs_cuda_mode_name(int mode);
+
+/* The mode in use (KVS_CUDA_KERNEL or KVS_CUDA_BATCH once decided). */
+int kvs_cuda_ctx_mode(const kvs_cuda_ctx *x);
 
 /* Per-worker state (own non-blocking stream). Call from the worker thread. */
 int kvs_cuda_worker_create(kvs_cuda_ctx *x, kvs_cuda_worker **out);

@@ -92,6 +92,42 @@ static void test_after_event(void **s)
     tkv_free(&kv);
 }
 
+/* auto picks the copy engines for large chunks, the kernel for small ones. */
+static void test_auto_choice(void **s)
+{
+    (void)s;
+    const char *keep = g_backend;
+    g_backend = "auto";
+    tkv small, large;
+    tkv_make(&small, "vllm", 2, 2, 64, 16, 8, 101);  /* 4 KiB chunks */
+    tkv_make(&large, "vllm", 2, 8, 128, 16, 8, 102); /* 32 KiB chunks */
+    char ns[128];
+    make_ns(ns, sizeof ns, "auto");
+    kvs_connector *c = open_conn(&g_pool, ns, 0, NULL);
+    assert_string_equal(kvs_connector_backend(c), "cuda");
+    assert_int_equal(kvs_connector_register_layout(c, small.lay, small.nt, small.nb), KVS_OK);
+    assert_string_equal(kvs_connector_backend(c), "cuda-kernel");
+    kvs_connector_close(c);
+    c = open_conn(&g_pool, ns, 0, NULL);
+    assert_int_equal(kvs_connector_register_layout(c, large.lay, large.nt, large.nb), KVS_OK);
+    assert_string_equal(kvs_connector_backend(c), "cuda-batch");
+    /* and it works */
+    hashes hs;
+    hashes_make(&hs, 4, 21);
+    uint32_t src[4] = {0, 1, 2, 3}, dst[4] = {7, 6, 5, 4};
+    int res[4];
+    assert_int_equal(do_dump(c, hs.k, src, 4, res), 4);
+    uint8_t **before = tkv_snapshot(&large);
+    assert_int_equal(do_load(c, hs.k, dst, 4, res), 4);
+    check_loaded(&large, before, src, dst, 4, res);
+    tkv_snapshot_free(&large, before);
+    hashes_free(&hs);
+    kvs_connector_close(c);
+    tkv_free(&small);
+    tkv_free(&large);
+    g_backend = keep;
+}
+
 static void test_backend_name(void **s)
 {
     (void)s;
@@ -116,6 +152,7 @@ int main(void)
     }
     g_gpu = 1;
     const struct CMUnitTest tests[] = {cmocka_unit_test(test_backend_name),
+                                       cmocka_unit_test(test_auto_choice),
                                        cmocka_unit_test(test_after_event), CONNECTOR_COMMON_TESTS};
     int failed = 0;
     const char *only = getenv("KVSHELF_TEST_BACKEND");
