@@ -1,5 +1,6 @@
 /* Shared-memory segments (see segment.h). */
 #include "segment.h"
+#include "segment/prefault.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -128,6 +129,7 @@ int kvs_segment_create(uint64_t size, kvs_segment *out)
     out->base = p;
     out->size = size;
     out->owner = 1;
+    out->prefault = kvs_prefault_start(p, size);
     return KVS_OK;
 }
 
@@ -165,12 +167,15 @@ int kvs_segment_map(const char *name, uint64_t size, kvs_segment *out)
     out->base = p;
     out->size = msize;
     kvs_strlcpy(out->name, name, sizeof out->name);
+    out->prefault = kvs_prefault_start(p, msize);
     return KVS_OK;
 }
 
 void kvs_segment_retire(kvs_segment *s)
 {
     if (!s || !s->base || s->owner) return;
+    kvs_prefault_stop(s->prefault);
+    s->prefault = NULL;
     void *p = mmap(s->base, s->size, PROT_READ | PROT_WRITE,
                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0);
     if (p == MAP_FAILED) KVS_LOGW("segment: retire %s: %s", s->name, strerror(errno));
@@ -179,6 +184,8 @@ void kvs_segment_retire(kvs_segment *s)
 void kvs_segment_destroy(kvs_segment *s)
 {
     if (!s) return;
+    kvs_prefault_stop(s->prefault);
+    s->prefault = NULL;
     if (s->base) munmap(s->base, s->size);
     if (s->owner && s->name[0]) {
         char path[128];

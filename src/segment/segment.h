@@ -2,7 +2,8 @@
  *
  * A segment is a file under /dev/shm named "kvshelf-<uid>-<pid>-<n>" (created
  * O_EXCL, mode 0600), sized with ftruncate and mapped MAP_SHARED |
- * MAP_NORESERVE: pages are only allocated when first touched. Its owner
+ * MAP_NORESERVE; a background thread then populates its pages (prefault.h,
+ * KVSHELF_PREFAULT=0 keeps them lazy). Its owner
  * unlinks the file when it destroys the segment; another process of the same
  * user on the same host can map it read-write by name (kvs_segment_map) and
  * copy bytes with memcpy, with no socket.
@@ -23,6 +24,7 @@ typedef struct kvs_segment {
     uint64_t size;               /* mapped bytes (page multiple) */
     char name[KVS_SHM_NAME_MAX]; /* shm name without the leading '/' */
     int owner;                   /* 1: created here, unlinked by kvs_segment_destroy */
+    struct kvs_prefault *prefault; /* background page population (prefault.h), or NULL */
 } kvs_segment;
 
 /* Creates and maps a new segment of at least `size` bytes (> 0). Returns

@@ -6,7 +6,9 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -14,6 +16,7 @@
 #include <cmocka.h>
 
 #include "kvshelf/errors.h"
+#include "segment/prefault.h"
 #include "segment/segment.h"
 
 static void test_create_map_destroy(void **state)
@@ -132,6 +135,43 @@ static void test_gc(void **state)
     assert_int_not_equal(stat(path, &st), 0);
 }
 
+/* The owner's background thread populates every page without changing the
+ * bytes already written; destroy while it runs is safe. */
+static void test_prefault(void **state)
+{
+    (void)state;
+    setenv("KVSHELF_PREFAULT", "1", 1);
+    const uint64_t size = 64ull << 20;
+    kvs_segment s;
+    assert_int_equal(kvs_segment_create(size, &s), KVS_OK);
+    memcpy(s.base, "kept", 4);
+    size_t pages = size / kvs_page_size();
+    unsigned char *vec = malloc(pages);
+    assert_non_null(vec);
+    size_t resident = 0;
+    for (int i = 0; i < 500 && resident < pages; i++) {
+        assert_int_equal(mincore(s.base, size, vec), 0);
+        resident = 0;
+        for (size_t p = 0; p < pages; p++) resident += vec[p] & 1;
+        if (resident < pages) usleep(10000);
+    }
+    assert_int_equal(resident, pages);
+    assert_memory_equal(s.base, "kept", 4);
+    free(vec);
+    kvs_segment_destroy(&s);
+
+    /* stop in the middle of a large populate */
+    assert_int_equal(kvs_segment_create(1ull << 30, &s), KVS_OK);
+    kvs_segment_destroy(&s);
+    assert_null(s.base);
+
+    /* disabled */
+    setenv("KVSHELF_PREFAULT", "0", 1);
+    static char page[4096];
+    assert_null(kvs_prefault_start(page, sizeof page));
+    unsetenv("KVSHELF_PREFAULT");
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -139,6 +179,7 @@ int main(void)
         cmocka_unit_test(test_names),
         cmocka_unit_test(test_many_and_large),
         cmocka_unit_test(test_gc),
+        cmocka_unit_test(test_prefault),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
