@@ -119,6 +119,8 @@ else:
         d = tempfile.mkdtemp(prefix="kvshelf-vllm-")
         yield d
         kvshelf.stop_pool(d)
+        import shutil
+        shutil.rmtree(d, ignore_errors=True)
 
     def _run(model, out, *args):
         env = dict(os.environ)
