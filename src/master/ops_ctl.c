@@ -33,6 +33,18 @@ int kvs_m_mount(kvs_master *m, uint64_t client_id, uint64_t size, const char *sh
     kvs_mclient *c = kvs_clients_find(&m->clients, client_id);
     if (!c) return KVS_ERR_NOT_FOUND;
     if (size < KVS_ALLOC_GRAIN || size > KVS_MSEG_MAX_SIZE) return KVS_ERR_INVALID;
+    /* The same memory mounted again (its owner reconnected before its old
+     * registration expired): drop the stale registration first, or two
+     * allocators would hand out the same bytes. */
+    for (size_t i = m->segs.n; shm_name[0] && i-- > 0;) {
+        kvs_seg *old = m->segs.v[i];
+        if (!strcmp(old->shm_name, shm_name) && !memcmp(old->host_id, host_id, 16)) {
+            KVS_LOGI("segment %u: its memory ('%s') is mounted again by client %llu; dropping "
+                     "the stale registration",
+                     old->id, shm_name, (unsigned long long)client_id);
+            kvs_m_segment_drop(m, old);
+        }
+    }
     int err;
     kvs_seg *s = kvs_segs_add(&m->segs, size, client_id, c->hostname, shm_name, transfer_addr,
                               host_id, &err);

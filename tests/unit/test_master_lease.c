@@ -185,6 +185,35 @@ static void test_closed_connection_keeps_client(void **st)
     kvs_master_free(m);
 }
 
+/* A client that reconnects mounts the same memory again before its old
+ * registration expired: the stale segment and its objects are dropped, so
+ * two allocators never hand out the same bytes. */
+static void test_remount_same_memory(void **st)
+{
+    (void)st;
+    kvs_master *m = tm_master(NULL, NULL);
+    uint8_t hid[16] = {7};
+    uint64_t c1 = tm_client(m, 7), other = tm_client(m, 8);
+    uint32_t s1 = 0, s2 = 0, s3 = 0;
+    assert_int_equal(kvs_m_mount(m, c1, 8 << 20, "kvshelf-0-1-0", "127.0.0.1:1", hid, &s1),
+                     KVS_OK);
+    assert_int_equal(tm_put(m, c1, "old", 4096), KVS_OK);
+    assert_true(tm_exists(m, "old"));
+    /* same name on another host is other memory: kept */
+    uint8_t hid8[16] = {8};
+    assert_int_equal(kvs_m_mount(m, other, 8 << 20, "kvshelf-0-1-0", "127.0.0.1:2", hid8, &s3),
+                     KVS_OK);
+    uint64_t c2 = tm_client(m, 7); /* the same process after a reconnect */
+    assert_int_equal(kvs_m_mount(m, c2, 8 << 20, "kvshelf-0-1-0", "127.0.0.1:1", hid, &s2),
+                     KVS_OK);
+    assert_int_not_equal(s1, s2);
+    assert_false(tm_exists(m, "old"));
+    assert_null(kvs_segs_find(&m->segs, s1));
+    assert_non_null(kvs_segs_find(&m->segs, s2));
+    assert_non_null(kvs_segs_find(&m->segs, s3));
+    kvs_master_free(m);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -194,6 +223,7 @@ int main(void)
         cmocka_unit_test(test_client_expiry),
         cmocka_unit_test(test_put_timeout),
         cmocka_unit_test(test_closed_connection_keeps_client),
+        cmocka_unit_test(test_remount_same_memory),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -50,7 +50,10 @@ static inline uint32_t tm_mount(kvs_master *m, uint64_t client, uint64_t size, u
 {
     uint8_t hid[16] = {host ? host : 1};
     uint32_t seg = 0;
-    assert_int_equal(kvs_m_mount(m, client, size, "shm", "127.0.0.1:1", hid, &seg), KVS_OK);
+    static unsigned n; /* each segment has its own memory, so its own name */
+    char name[32];
+    snprintf(name, sizeof name, "shm-%u", n++);
+    assert_int_equal(kvs_m_mount(m, client, size, name, "127.0.0.1:1", hid, &seg), KVS_OK);
     return seg;
 }
 
