@@ -15,5 +15,6 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 if [ "${1:-}" = "--python" ]; then
-  python3 -m pip install -q --disable-pip-version-check pytest numpy
+  # torch (CPU use; the PyPI wheel is the CUDA build, ~3 GB) for the Python package tests
+  python3 -m pip install -q --disable-pip-version-check pytest numpy torch scikit-build-core
 fi
