@@ -1,17 +1,25 @@
 /* CUDA copy backends of the KV connector: gather/scatter kernel and batched
  * memcpy between device KV tensors and host objects (see kvs_cuda.h).
  *
- * Why both, and which by default (measured on one H100 PCIe Gen5 by the
- * DESIGN brief, 196,608 chunks of 32 KiB = 32k tokens of Qwen2.5-14B):
- *   one contiguous pinned cudaMemcpy (the ceiling)   55.1 GB/s
- *   cudaMemcpyAsync per chunk                       10.4 GB/s (launch-bound)
- *   cudaMemcpyBatchAsync                             50.7 dump / 52.6 load
- *   SM gather kernel through mapped host memory      52.4 dump / 51.0 load
- *   at 16 KiB chunks batch fell to 32/28 GB/s, at 4 KiB to 8.6/7.3, while the
- *   kernel held 51-52 GB/s at every chunk size.
- * Our own numbers (bench/connector, see bench/RESULTS.md) decide "auto": the
- * kernel (uniform at every chunk size, one launch per job); the connector
- * picks batch only when asked ("cuda-batch").
+ * Why both, and how "auto" picks (bench/connector on one H100 80GB HBM3,
+ * PCIe Gen5 x16, 2026-11-24, 32k tokens of Qwen2.5-14B = 6.44 GB, 2048 blocks
+ * x 96 chunks; ceiling = one contiguous pinned cudaMemcpy, ~53-55 GB/s):
+ *   32 KiB chunks     dump GB/s (ratio)   load GB/s (ratio)
+ *   kernel, 2 workers   47.7-50.1 (87-91%)  45.0-48.0 (83-88%)
+ *   kernel, 4 workers   49.9-50.5 (91-92%)  44.6-49.4 (82-91%)
+ *   batch, 2 workers x 1 stream   36.8 (67%)   35.0 (64%)
+ *   batch, 4 workers x 1 stream   50.8-51.4 (92-94%)  51.3-52.1 (94-96%)
+ *   batch, 4 workers x 4 streams, 128 MiB jobs  51.5-52.2 (94-96%)  51.2-53.2 (94-98%)
+ *   8 KiB chunks (2 KV heads, 1.61 GB)
+ *   kernel, 4 workers   49.7-50.0 (90-91%)  45.2-48.8 (83-90%)
+ *   batch, 4 workers    16.0-21.7 (29-39%)   6.6-9.6 (12-18%)
+ * Copy engines pay ~0.5 us per chunk and need several streams in parallel,
+ * but move bytes more efficiently over PCIe than SM loads from mapped host
+ * memory (the kernel's loads top out near 49 GB/s); SM copies cost the same at
+ * any chunk size. So auto = batch (4 streams per worker) when the mean chunk
+ * is >= 32 KiB, else the kernel. Knobs for measuring: KVSHELF_CUDA_THREADS
+ * (512), KVSHELF_CUDA_CTAS_PER_SM (4), KVSHELF_CUDA_UNROLL (4; 8 made no
+ * difference), KVSHELF_CUDA_STREAMS (4), KVSHELF_CUDA_BATCH_MIN_CHUNK (32768).
  */
 #include <cuda_runtime.h>
 #include <pthread.h>
