@@ -453,6 +453,16 @@ static void write_stamp(void *obj, uint64_t v)
     __atomic_store((uint64_t *)((uint8_t *)obj + CONN_STAMP_OFF), &v, __ATOMIC_RELEASE);
 }
 
+/* 1 if the copy backend can use the slot's direct pointer. */
+static int direct_ok(kvs_connector *c, const kvs_slot *s)
+{
+    if (!s->ptr || c->force_staging) return 0;
+#ifdef KVS_HAVE_CUDA
+    if (c->backend == BK_CUDA) return kvs_cuda_can_map(c->cx, s->ptr, c->block_bytes);
+#endif
+    return 1;
+}
+
 /* Staging memory for a job's non-mapped slots (lazily, per worker). */
 static uint8_t *staging(conn_worker *w, size_t k)
 {
@@ -539,7 +549,7 @@ static void run_dump(conn_worker *w, struct conn_job *j)
             res[i] = KVS_ERR_INTERNAL;
             continue;
         }
-        if (s->ptr && !c->force_staging) {
+        if (direct_ok(c, s)) {
             w->obj[i] = s->ptr;
         } else {
             w->obj[i] = staging(w, nstaged);
@@ -684,7 +694,7 @@ static void run_load(conn_worker *w, struct conn_job *j)
         }
         res[i] = KVS_ERR_NOT_FOUND;
         if (s->size != c->block_bytes) continue; /* another layout under this key */
-        if (s->ptr && !c->force_staging) {
+        if (direct_ok(c, s)) {
             w->obj[i] = s->ptr;
         } else {
             w->obj[i] = staging(w, nstaged);

@@ -58,6 +58,7 @@ struct kc_map {
     uintptr_t dev;
     int refs;   /* contexts using it (+1 for pinned staging) */
     int dead;   /* failed a view check: never handed out again */
+    int failed; /* cudaHostRegister refused it: not mappable (cached answer) */
     int pinned; /* our own cudaHostAlloc staging: never cudaHostUnregister */
     struct kc_map *next;
 };
@@ -67,7 +68,7 @@ static struct kc_map *g_maps;
 static void kc_map_unref_locked(struct kc_map *m)
 {
     if (--m->refs > 0) return;
-    if (!m->pinned && !m->dead) cudaHostUnregister((void *)m->base);
+    if (!m->pinned && !m->dead && !m->failed) cudaHostUnregister((void *)m->base);
     for (struct kc_map **pp = &g_maps; *pp; pp = &(*pp)->next)
         if (*pp == m) {
             *pp = m->next;
@@ -324,6 +325,7 @@ static uintptr_t kc_translate(kvs_cuda_ctx *x, uintptr_t p, size_t len)
     pthread_mutex_lock(&g_map_mu);
     for (struct kc_map *m = g_maps; m; m = m->next) {
         if (m->dead || p < m->base || p + len > m->base + m->len) continue;
+        if (m->failed) goto out;
         int held = m->pinned;
         for (size_t i = 0; !held && i < x->nmaps; i++) held = x->maps[i] == m;
         if (!held) {
@@ -349,19 +351,30 @@ static uintptr_t kc_translate(kvs_cuda_ctx *x, uintptr_t p, size_t len)
         struct kc_map *m = (struct kc_map *)calloc(1, sizeof *m);
         if (!m) goto out;
         void *dp = NULL;
-        cudaError_t ce =
-            cudaHostRegister((void *)s, e - s, cudaHostRegisterPortable | cudaHostRegisterMapped);
+        /* KVSHELF_CUDA_NO_REGISTER=1 simulates a refusal (tests of the fallback) */
+        const char *nr = getenv("KVSHELF_CUDA_NO_REGISTER");
+        cudaError_t ce = nr && *nr == '1' ? cudaErrorNotPermitted
+                                          : cudaHostRegister((void *)s, e - s,
+                                                             cudaHostRegisterPortable |
+                                                                 cudaHostRegisterMapped);
         if (ce == cudaSuccess) {
             ce = cudaHostGetDevicePointer(&dp, (void *)s, 0);
             if (ce != cudaSuccess) cudaHostUnregister((void *)s);
         }
         if (ce != cudaSuccess) {
             static int warned; /* under g_map_mu */
-            if (!warned++)
+            if (!warned++ && !(nr && *nr == '1'))
                 fprintf(stderr, "kvshelf: cannot register host mapping %#lx+%lu with CUDA: %s\n",
                         (unsigned long)s, (unsigned long)(e - s), cudaGetErrorString(ce));
             cudaGetLastError();
-            free(m);
+            /* remember the refusal (this context holds the entry) */
+            m->base = s;
+            m->len = e - s;
+            m->failed = 1;
+            m->refs = 1;
+            m->next = g_maps;
+            g_maps = m;
+            x->maps[x->nmaps++] = m;
             goto out;
         }
         m->base = s;
@@ -380,12 +393,21 @@ out:
 
 extern "C" int kvs_cuda_ctx_mode(const kvs_cuda_ctx *x) { return x ? x->mode : 0; }
 
+extern "C" int kvs_cuda_can_map(kvs_cuda_ctx *x, const void *p, uint64_t len)
+{
+    if (!x || !p) return 0;
+    int prev = kc_dev_enter(x->device, NULL);
+    int ok = kc_translate(x, (uintptr_t)p, len) != 0;
+    kc_dev_restore(prev);
+    return ok;
+}
+
 extern "C" void kvs_cuda_forget(kvs_cuda_ctx *x, const void *p)
 {
     uintptr_t a = (uintptr_t)p;
     pthread_mutex_lock(&g_map_mu);
     for (struct kc_map *m = g_maps; m; m = m->next)
-        if (!m->dead && !m->pinned && a >= m->base && a < m->base + m->len) {
+        if (!m->dead && !m->pinned && !m->failed && a >= m->base && a < m->base + m->len) {
             int prev = kc_dev_enter(x->device, NULL);
             cudaHostUnregister((void *)m->base);
             kc_dev_restore(prev);

@@ -88,6 +88,11 @@ void kvs_cuda_event_free(void *snap);
 int kvs_cuda_copy(kvs_cuda_worker *w, int dir, size_t n, void *const *obj, const uint32_t *bid,
                   const uint8_t *ok, const uint64_t *gen, uint64_t *out_gen, void *wait_event);
 
+/* 1 if the GPU can reach host object [p, p+len) directly (registering its
+ * mapping on first use; a refusal is remembered), else 0: the connector then
+ * copies that object through pinned staging. */
+int kvs_cuda_can_map(kvs_cuda_ctx *x, const void *p, uint64_t len);
+
 /* Forgets (unregisters) the mapping containing host address p after a failed
  * view check, so the next use registers the current mapping afresh. */
 void kvs_cuda_forget(kvs_cuda_ctx *x, const void *p);

@@ -128,6 +128,17 @@ static void test_auto_choice(void **s)
     g_backend = keep;
 }
 
+/* When the segment cannot be registered with CUDA, blocks go through pinned
+ * staging and still round-trip. */
+static void test_register_refused(void **s)
+{
+    (void)s;
+    setenv("KVSHELF_CUDA_NO_REGISTER", "1", 1);
+    roundtrip("vllm", NULL);
+    roundtrip("odd", NULL);
+    unsetenv("KVSHELF_CUDA_NO_REGISTER");
+}
+
 static void test_backend_name(void **s)
 {
     (void)s;
@@ -153,6 +164,7 @@ int main(void)
     g_gpu = 1;
     const struct CMUnitTest tests[] = {cmocka_unit_test(test_backend_name),
                                        cmocka_unit_test(test_auto_choice),
+                                       cmocka_unit_test(test_register_refused),
                                        cmocka_unit_test(test_after_event), CONNECTOR_COMMON_TESTS};
     int failed = 0;
     const char *only = getenv("KVSHELF_TEST_BACKEND");
