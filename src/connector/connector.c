@@ -467,7 +467,9 @@ static int direct_ok(kvs_connector *c, const kvs_slot *s)
 static uint8_t *staging(conn_worker *w, size_t k)
 {
     kvs_connector *c = w->c;
-    size_t need = (size_t)c->job_blocks * c->block_bytes;
+    /* objects 64-byte aligned: the header's 8-byte words and 16-byte vectors */
+    size_t stride = (size_t)(c->block_bytes + 63) & ~(size_t)63;
+    size_t need = (size_t)c->job_blocks * stride;
     if (!w->staging) {
 #ifdef KVS_HAVE_CUDA
         if (c->backend == BK_CUDA)
@@ -478,7 +480,7 @@ static uint8_t *staging(conn_worker *w, size_t k)
         if (!w->staging) return NULL;
         w->staging_cap = need;
     }
-    return w->staging + k * c->block_bytes;
+    return w->staging + k * stride;
 }
 
 /* Runs the copies of a job: dir = TASK_DUMP or TASK_LOAD over blocks with

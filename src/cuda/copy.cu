@@ -725,6 +725,7 @@ extern "C" int kvs_cuda_copy(kvs_cuda_worker *w, int dir, size_t n, void *const 
         if (out_gen) out_gen[i] = 0;
         w->out_gen[i] = 0;
         if (ok && !ok[i]) continue;
+        if ((uintptr_t)obj[i] % 8) continue; /* the view word must be aligned: fail it */
         j->obj[i] = kc_translate(x, (uintptr_t)obj[i], obj_bytes);
         j->bid[i] = bid[i];
         j->gen[i] = gen ? gen[i] : 0;
