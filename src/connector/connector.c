@@ -934,7 +934,10 @@ int kvs_connector_open(const kvs_config *cfg, int device, const kvs_connector_op
 #endif
 
     kvs_config cc = *cfg;
-    if (device == -1) cc.global_segment_size = 0;
+    /* A lookup-only client contributes no memory to a remote pool; in embedded
+     * mode no client contributes its own, and the size says how large a pool
+     * this client starts if it is the first (the scheduler often is). */
+    if (device == -1 && cc.master_server_address[0]) cc.global_segment_size = 0;
     int rc = kvs_client_open(&cc, &c->cl, err, errlen);
     if (rc != KVS_OK) {
         kvs_connector_close(c);
