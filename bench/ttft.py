@@ -31,8 +31,12 @@ registers its layout once for the whole run.
 
 Correctness, every repeat (the run exits 1 if any fails): the loaded KV equals
 the dumped KV bit for bit; every block was looked up and loaded as a hit; the
-greedy token of "second" equals "default"'s, and its last-position logits are
-within ``--tol`` of them (max abs diff / max abs logit).
+greedy token of "second" equals floor's (the same one-token forward on KV that
+never left HBM) and default's (a different token within rounding is reported as
+a near tie); its last-position logits are within bf16 tolerance measured in the
+same run: |second - default| <= |floor - default| + ``--tol`` x max |logit|
+(the one-token forward rounds differently from the full prefill, kvshelf or
+not) and |second - floor| <= ``--tol`` x max |logit|.
 
 Deployment modes: ``--mode embedded`` (no service started by hand: a private
 runtime directory, the pool is started by the first client and stopped at the
@@ -612,9 +616,17 @@ class Bench:
             if tok_s != tok_fl:
                 self.fail(f"T={T} rep={rep}: second's first token {tok_s} != floor's {tok_fl} (same forward on "
                           f"the same KV; max logit diff {r['maxdiff_second_floor']:.4f})")
-            if not r["rel_diff"] <= self.args.tol:
+            # bf16 tolerance, measured in this run: the one-token forward on a cache (floor: KV
+            # that never left HBM) already differs from the full prefill by rounding; the load
+            # must add no more than tol x scale to that difference, and floor and second (the
+            # same forward on bit-identical KV) must agree within tol x scale.
+            allowed = r["maxdiff_floor_default"] + self.args.tol * scale
+            r["allowed_diff"] = allowed
+            if not diff <= allowed or not r["maxdiff_second_floor"] <= self.args.tol * scale:
                 self.fail(f"T={T} rep={rep}: last-position logits differ: max |second-default| {diff:.4f} "
-                          f"/ max |logit| {scale:.4f} = {r['rel_diff']:.4f} > tol {self.args.tol}")
+                          f"> |floor-default| {r['maxdiff_floor_default']:.4f} + tol {self.args.tol} x "
+                          f"max |logit| {scale:.4f}, or |second-floor| {r['maxdiff_second_floor']:.4f} "
+                          f"> tol x max |logit|")
             elif tok_s != tok_d:
                 # prefill and one-token kernels round differently; with the logits this close a
                 # different argmax can only be a near tie of two tokens (random weights)
@@ -806,10 +818,12 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]], tg: list, errors:
         L.append(f"- {'PASS' if ok else ('n/a' if ok is None else 'FAIL')}: {name}: {val}")
     L.append("")
     L.append("Correctness (every run): " + ("PASS" if not errors else "FAIL") + " — loaded KV equal to the "
-             "dumped KV bit for bit, every block a hit, last-position logits within "
-             f"{meta['tol']} of default's (max |diff| / max |logit|), greedy token equal to default's (a "
-             "different token within that tolerance is reported as a near tie) and to floor's (the same "
-             "forward on the KV that never left HBM):")
+             "dumped KV bit for bit, every block a hit, greedy token equal to floor's (the same one-token "
+             "forward on the KV that never left HBM) and to default's (a different token within the "
+             "rounding difference is reported as a near tie), last-position logits within bf16 tolerance "
+             "measured in the same run: |second-default| <= |floor-default| (prefill vs one-token "
+             f"forward: rounding of this harness, not kvshelf) + {meta['tol']} x max |logit|, and "
+             f"|second-floor| <= {meta['tol']} x max |logit|:")
     L.append("")
     for r in rows:
         reps = r["repeats"]

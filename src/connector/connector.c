@@ -1117,7 +1117,10 @@ int kvs_connector_register_layout(kvs_connector *c, const kvs_tensor_layout *ten
                                       T[i].chunk_stride, T[i].payload_off,  T[i].count};
         if (ct) rc = kvs_cuda_ctx_set_layout(c->cx, ct, n_tensors, CONN_STAMP_OFF);
         free(ct);
-        if (rc == KVS_OK) c->backend_name = kvs_cuda_mode_name(kvs_cuda_ctx_mode(c->cx));
+        if (rc == KVS_OK) {
+            c->backend_name = kvs_cuda_mode_name(kvs_cuda_ctx_mode(c->cx));
+            kvs_cuda_preregister(c->cx); /* pin the pool now, not in the first dump */
+        }
         if (rc != KVS_OK) {
             c->T = NULL;
             pthread_mutex_unlock(&c->mu);

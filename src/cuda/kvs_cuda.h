@@ -93,6 +93,13 @@ int kvs_cuda_copy(kvs_cuda_worker *w, int dir, size_t n, void *const *obj, const
  * copies that object through pinned staging. */
 int kvs_cuda_can_map(kvs_cuda_ctx *x, const void *p, uint64_t len);
 
+/* Registers with CUDA, now, every kvshelf segment this process has mapped
+ * (/dev/shm/kvshelf-* in /proc/self/maps). cudaHostRegister of a large pool
+ * pins every page and stalls the whole process for seconds (about 1.3 s per
+ * GiB measured on an H100 host): done here, at layout registration (engine
+ * start), instead of inside the first dump. Returns how many were registered. */
+int kvs_cuda_preregister(kvs_cuda_ctx *x);
+
 /* Forgets (unregisters) the mapping containing host address p after a failed
  * view check, so the next use registers the current mapping afresh. */
 void kvs_cuda_forget(kvs_cuda_ctx *x, const void *p);
