@@ -148,6 +148,79 @@ int kvs_connector_dump(kvs_connector *c, const kvs_key *hashes, const uint32_t *
 int kvs_connector_load(kvs_connector *c, const kvs_key *hashes, const uint32_t *block_ids,
                        size_t n, kvs_task **task);
 
+/* ---- objects given as explicit parts (no registered layout needed) ----
+ *
+ * For callers whose memory is not one block layout (unified-cache-
+ * management's stores hand over a list of tensors or addresses per object):
+ * object i is its parts addrs[i*ppo + k], k = 0..ppo-1 (lens[i*ppo + k]
+ * bytes each), stored back to back after a 64-byte header (the block
+ * header, with flag "parts", n_tensors = ppo and as fingerprint an xxh3-64
+ * of the part sizes and the object's tag). Parts are device memory of the
+ * connector's device (device >= 0; copied with cudaMemcpyBatchAsync straight
+ * to/from the mapped pool object, or through pinned staging when the object
+ * is not mappable) or host memory (device -2; memcpy). Nothing is copied out
+ * of the caller's arrays after the call returns except the addresses and
+ * lengths themselves (copied): the memory they point to must stay valid and
+ * (dump) unchanged until the task finished.
+ *
+ * Keys: hashes[i] names object i as for block dumps (namespace prefix +
+ * hash, 1..KVS_HASH_MAX bytes), or, with opts->raw_keys, the store key is
+ * hashes[i] as given (1..KVS_KEY_MAX bytes; the caller keeps key spaces
+ * apart, as with kvs_put).
+ *
+ * Guarantees as for blocks: per-object results, skip of objects already
+ * stored (dump: KVS_OK, counted in skipped_blocks), backpressure
+ * (max_inflight counts objects; drop_when_full drops dumps with
+ * KVS_ERR_BUSY), lease and view checks, never wrong bytes. Load results:
+ *   KVS_OK            loaded;
+ *   KVS_ERR_NOT_FOUND miss: absent, evicted, lease lost during the copy, or
+ *                     the object is not a parts object of this key (written
+ *                     by kvs_put / block dumps, incomplete);
+ *   KVS_ERR_TOO_LARGE the stored object has another total size;
+ *   KVS_ERR_CORRUPT   same size but other part count, part sizes or tag
+ *                     (or, with checksums, a checksum mismatch);
+ *   other errors      (KVS_ERR_CUDA, KVS_ERR_NOMEM, transport errors).
+ * Except for KVS_ERR_TOO_LARGE/KVS_ERR_CORRUPT/KVS_ERR_NOT_FOUND found before
+ * copying (then nothing was copied), an object that is not KVS_OK may have
+ * been partly written. */
+
+/* Options of kvs_connector_dump_parts_ex / load_parts_ex. Zero-initialise. */
+typedef struct kvs_parts_opts {
+    const uint64_t *tags; /* n per-object tags mixed into the fingerprint (a load
+                             must give the tag the dump gave, e.g. a hash of the
+                             dtype and shape), or NULL: all 0 */
+    int raw_keys;         /* 1: hashes[i] is the whole store key (no namespace) */
+} kvs_parts_opts;
+
+/* Starts storing n objects made of parts (see above). after_event as for
+ * kvs_connector_dump (CUDA backends only). addrs and lens hold n*parts_per_obj
+ * entries (copied; every length >= 1, every address != 0; an object's
+ * payload at most 1 GiB - 64). Returns KVS_OK and a task in *task (free it
+ * with kvs_task_free), or an error with nothing started: KVS_ERR_INVALID
+ * (bad argument, key length, event without CUDA), KVS_ERR_TOO_LARGE (object
+ * over 1 GiB), KVS_ERR_UNSUPPORTED (lookup-only connector), KVS_ERR_CLOSED,
+ * KVS_ERR_NOMEM, KVS_ERR_CUDA (event snapshot). */
+int kvs_connector_dump_parts(kvs_connector *c, const kvs_key *hashes, size_t n,
+                             const uint64_t *addrs, const uint64_t *lens, size_t parts_per_obj,
+                             void *after_event, kvs_task **task);
+
+/* Starts loading n objects into their parts (see above; per-object results
+ * with kvs_task_results). Arguments and errors as kvs_connector_dump_parts.
+ * Loads are never dropped: over max_inflight the caller waits. */
+int kvs_connector_load_parts(kvs_connector *c, const kvs_key *hashes, size_t n,
+                             const uint64_t *addrs, const uint64_t *lens, size_t parts_per_obj,
+                             kvs_task **task);
+
+/* kvs_connector_dump_parts / load_parts with options (opts may be NULL). */
+int kvs_connector_dump_parts_ex(kvs_connector *c, const kvs_key *hashes, size_t n,
+                                const uint64_t *addrs, const uint64_t *lens,
+                                size_t parts_per_obj, void *after_event,
+                                const kvs_parts_opts *opts, kvs_task **task);
+int kvs_connector_load_parts_ex(kvs_connector *c, const kvs_key *hashes, size_t n,
+                                const uint64_t *addrs, const uint64_t *lens,
+                                size_t parts_per_obj, const kvs_parts_opts *opts,
+                                kvs_task **task);
+
 /* Waits for `t` up to timeout_ms (-1 = forever). KVS_OK when finished (even if
  * some blocks missed: see kvs_task_results), KVS_ERR_TIMEOUT if still running. */
 int kvs_task_wait(kvs_task *t, int timeout_ms);

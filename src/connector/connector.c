@@ -26,133 +26,7 @@
 #include "cuda/kvs_cuda.h"
 #endif
 
-/* ------------------------------------------------------------ constants */
-
-#define CONN_MAGIC 0x4253564bu /* "KVSB" little-endian */
-#define CONN_VERSION 1
-#define CONN_HDR_BYTES 64u
-#define CONN_FLAG_CHECKSUM 1u
-#define CONN_JOB_BYTES (128ull << 20) /* most bytes per job (one reserve/acquire) */
-#define CONN_JOB_MAX_BLOCKS 128
-#define CONN_MAX_BLOCK_BYTES (1ull << 30)
-#define CONN_DEFAULT_WORKERS 2      /* host backend */
-#define CONN_DEFAULT_CUDA_WORKERS 4 /* CUDA: 2 left the link ~5% idle in RPC gaps */
-#define CONN_DEFAULT_INFLIGHT 65536
-#define CONN_KEY_MAX (KVS_CONNECTOR_PREFIX_BYTES + KVS_HASH_MAX)
-
-enum { BK_NONE = 0, BK_HOST = 1, BK_CUDA = 2 };
-enum { TASK_DUMP = 1, TASK_LOAD = 2 };
-
-/* Stored object header (little-endian hosts only; x86-64 and arm64). */
-typedef struct conn_hdr {
-    uint32_t magic;
-    uint16_t version;
-    uint16_t hdr_bytes;
-    uint32_t n_tensors;
-    uint32_t flags;
-    uint64_t key_stamp;   /* xxh3-64 of the full store key */
-    uint64_t payload_len; /* bytes after the header */
-    uint64_t layout_fp;   /* kvs layout fingerprint */
-    uint64_t generation;  /* nonce of this write, never 0 */
-    uint64_t checksum;    /* xxh3-64 of the payload when CONN_FLAG_CHECKSUM */
-    uint64_t view_stamp;  /* == generation once the payload copy completed */
-} conn_hdr;
-_Static_assert(sizeof(conn_hdr) == CONN_HDR_BYTES, "header is 64 bytes");
-#define CONN_STAMP_OFF 56u
-_Static_assert(offsetof(conn_hdr, view_stamp) == CONN_STAMP_OFF, "stamp offset");
-
-typedef struct conn_tensor {
-    uint64_t base, block_stride, chunk_bytes, chunk_stride, payload_off;
-    uint32_t count;
-} conn_tensor;
-
-/* -------------------------------------------------------------- objects */
-
-struct conn_job {
-    struct kvs_task *task;
-    size_t start, n;
-    struct conn_job *next;
-};
-
-struct kvs_task {
-    int kind;
-    size_t n;
-    uint8_t *keymem;
-    kvs_key *keys; /* full store keys */
-    uint32_t *bids;
-    int *results;
-    struct conn_job *jobs;
-    size_t njobs;
-    pthread_mutex_t mu;
-    pthread_cond_t cv;
-    size_t jobs_left; /* under mu */
-    int done;         /* under mu */
-    atomic_int refs;  /* 1 for the caller + 1 per unfinished job */
-    atomic_int cancelled;
-    void *event; /* CUDA event snapshot or NULL; freed when the last job ends */
-};
-
-typedef struct conn_worker {
-    struct kvs_connector *c;
-    pthread_t th;
-    int started;
-    void *cw; /* kvs_cuda_worker */
-    int cuda_err;
-    uint8_t *staging;
-    size_t staging_cap;
-    kvs_slot slots[CONN_JOB_MAX_BLOCKS];
-    kvs_key ck[CONN_JOB_MAX_BLOCKS];
-    kvs_slot cs[CONN_JOB_MAX_BLOCKS];
-    uint8_t cok[CONN_JOB_MAX_BLOCKS];
-    int cres[CONN_JOB_MAX_BLOCKS];
-    uint8_t ok[CONN_JOB_MAX_BLOCKS];
-    uint8_t reserved[CONN_JOB_MAX_BLOCKS];
-    uint8_t staged[CONN_JOB_MAX_BLOCKS];
-    void *obj[CONN_JOB_MAX_BLOCKS];
-    uint64_t gen[CONN_JOB_MAX_BLOCKS];
-    uint64_t got[CONN_JOB_MAX_BLOCKS];
-    uint64_t sizes[CONN_JOB_MAX_BLOCKS];
-} conn_worker;
-
-struct kvs_connector {
-    kvs_client *cl;
-    int device;
-    char ns[KVS_NAMESPACE_MAX + 1];
-    uint32_t rank, world;
-    uint32_t max_inflight;
-    int drop_when_full, checksum, force_staging;
-    uint8_t (*prefixes)[KVS_CONNECTOR_PREFIX_BYTES]; /* per rank (all ranks on lookup-only) */
-
-    /* layout (immutable once have_layout) */
-    int have_layout;
-    conn_tensor *T;
-    size_t nt;
-    uint32_t num_blocks;
-    uint64_t payload_bytes, block_bytes, layout_fp;
-    uint32_t job_blocks;
-
-    int backend;
-    const char *backend_name;
-#ifdef KVS_HAVE_CUDA
-    kvs_cuda_ctx *cx;
-#endif
-
-    pthread_mutex_t mu;
-    pthread_cond_t work_cv, space_cv, idle_cv;
-    struct conn_job *qhead, *qtail;
-    uint64_t inflight; /* blocks queued or being copied */
-    int closing, stop, callers;
-    conn_worker *workers;
-    uint32_t nworkers;
-
-    uint64_t gen_base;
-    atomic_uint_fast64_t gen_ctr;
-    /* KVSHELF_CONNECTOR_PROFILE=1: time spent per phase, printed at close */
-    int profile;
-    atomic_uint_fast64_t t_meta, t_copy, t_finish, n_jobs;
-    atomic_uint_fast64_t n_dumped, n_loaded, n_missed, n_failed, n_dropped, n_skipped,
-        n_bytes_dumped, n_bytes_loaded;
-};
+#include "connector/conn_internal.h"
 
 /* -------------------------------------------------------------- helpers */
 
@@ -161,7 +35,7 @@ static void set_err(char *err, size_t errlen, const char *fmt, const char *a)
     if (err && errlen) snprintf(err, errlen, fmt, a ? a : "");
 }
 
-static int valid_hash(const kvs_key *h)
+int conn_valid_hash(const kvs_key *h)
 {
     return h && h->data && h->len >= 1 && h->len <= KVS_HASH_MAX;
 }
@@ -188,7 +62,7 @@ static void make_prefix(const char *ns, uint32_t world, uint32_t rank,
 int kvs_connector_store_key(const char *ns, uint32_t world_size, uint32_t rank,
                             const kvs_key *hash, uint8_t *out, size_t cap)
 {
-    if (!ns || !*ns || strlen(ns) > KVS_NAMESPACE_MAX || !valid_hash(hash) || !out)
+    if (!ns || !*ns || strlen(ns) > KVS_NAMESPACE_MAX || !conn_valid_hash(hash) || !out)
         return KVS_ERR_INVALID;
     if (world_size == 0) world_size = 1;
     if (rank >= world_size) return KVS_ERR_INVALID;
@@ -198,7 +72,7 @@ int kvs_connector_store_key(const char *ns, uint32_t world_size, uint32_t rank,
     return (int)(KVS_CONNECTOR_PREFIX_BYTES + hash->len);
 }
 
-static uint64_t next_gen(kvs_connector *c)
+uint64_t conn_next_gen(kvs_connector *c)
 {
     for (;;) {
         uint64_t g = c->gen_base + atomic_fetch_add(&c->gen_ctr, 1) * 0x9E3779B97F4A7C15ull;
@@ -208,7 +82,7 @@ static uint64_t next_gen(kvs_connector *c)
 
 /* Enter/leave a public call that uses the client or the queue; close waits
  * until none is inside. */
-static int enter(kvs_connector *c)
+int conn_enter(kvs_connector *c)
 {
     pthread_mutex_lock(&c->mu);
     if (c->closing) {
@@ -220,7 +94,7 @@ static int enter(kvs_connector *c)
     return KVS_OK;
 }
 
-static void leave(kvs_connector *c)
+void conn_leave(kvs_connector *c)
 {
     pthread_mutex_lock(&c->mu);
     if (--c->callers == 0) pthread_cond_broadcast(&c->idle_cv);
@@ -239,11 +113,15 @@ static void task_unref(kvs_task *t)
     free(t->bids);
     free(t->results);
     free(t->jobs);
+    free(t->paddrs);
+    free(t->plens);
+    free(t->pfp);
+    free(t->pbytes);
     free(t);
 }
 
 /* Marks one job finished (its results already written). */
-static void job_finish(struct conn_job *j)
+void conn_job_finish(struct conn_job *j)
 {
     kvs_task *t = j->task;
     pthread_mutex_lock(&t->mu);
@@ -259,23 +137,24 @@ static void job_finish(struct conn_job *j)
     task_unref(t);
 }
 
-static void job_set_all(struct conn_job *j, int status)
+void conn_job_set_all(struct conn_job *j, int status)
 {
     for (size_t i = 0; i < j->n; i++) j->task->results[j->start + i] = status;
 }
 
-static kvs_task *task_new(kvs_connector *c, int kind, const kvs_key *hashes,
-                          const uint32_t *bids, size_t n)
+kvs_task *conn_task_new(kvs_connector *c, int kind, const kvs_key *hashes, const uint32_t *bids,
+                        size_t n, size_t job_blocks, int raw_keys)
 {
     kvs_task *t = calloc(1, sizeof *t);
     if (!t) return NULL;
     t->kind = kind;
     t->n = n;
     size_t keybytes = 0;
-    for (size_t i = 0; i < n; i++) keybytes += KVS_CONNECTOR_PREFIX_BYTES + hashes[i].len;
+    const size_t pfx = raw_keys ? 0 : KVS_CONNECTOR_PREFIX_BYTES;
+    for (size_t i = 0; i < n; i++) keybytes += pfx + hashes[i].len;
     /* Jobs of at most job_blocks, but spread over every worker when the
      * task is small, so all of them copy at once. */
-    size_t jb = c->job_blocks ? c->job_blocks : 1;
+    size_t jb = job_blocks ? job_blocks : 1;
     size_t share = c->nworkers ? (n + c->nworkers - 1) / c->nworkers : n;
     if (share < jb) jb = share ? share : 1;
     t->njobs = (n + jb - 1) / jb;
@@ -299,11 +178,11 @@ static kvs_task *task_new(kvs_connector *c, int kind, const kvs_key *hashes,
     }
     uint8_t *p = t->keymem;
     for (size_t i = 0; i < n; i++) {
-        memcpy(p, c->prefixes[0], KVS_CONNECTOR_PREFIX_BYTES);
-        memcpy(p + KVS_CONNECTOR_PREFIX_BYTES, hashes[i].data, hashes[i].len);
-        t->keys[i] = (kvs_key){p, KVS_CONNECTOR_PREFIX_BYTES + hashes[i].len};
+        if (pfx) memcpy(p, c->prefixes[0], pfx);
+        memcpy(p + pfx, hashes[i].data, hashes[i].len);
+        t->keys[i] = (kvs_key){p, pfx + hashes[i].len};
         p += t->keys[i].len;
-        t->bids[i] = bids[i];
+        t->bids[i] = bids ? bids[i] : 0;
         t->results[i] = KVS_ERR_CLOSED;
     }
     for (size_t k = 0; k < t->njobs; k++) {
@@ -319,8 +198,8 @@ static kvs_task *task_new(kvs_connector *c, int kind, const kvs_key *hashes,
 
 /* Queues the task's jobs with backpressure; returns after all are queued,
  * dropped (dumps with drop_when_full) or failed (closing). Caller is inside
- * enter()/leave(). */
-static void task_submit(kvs_connector *c, kvs_task *t)
+ * conn_enter()/conn_leave(). */
+void conn_task_submit(kvs_connector *c, kvs_task *t)
 {
     pthread_mutex_lock(&c->mu);
     for (size_t k = 0; k < t->njobs; k++) {
@@ -335,9 +214,9 @@ static void task_submit(kvs_connector *c, kvs_task *t)
         }
         if (drop || c->closing) {
             pthread_mutex_unlock(&c->mu);
-            job_set_all(j, drop ? KVS_ERR_BUSY : KVS_ERR_CLOSED);
+            conn_job_set_all(j, drop ? KVS_ERR_BUSY : KVS_ERR_CLOSED);
             if (drop) atomic_fetch_add(&c->n_dropped, j->n);
-            job_finish(j);
+            conn_job_finish(j);
             pthread_mutex_lock(&c->mu);
             continue;
         }
@@ -440,19 +319,6 @@ static void host_scatter(const kvs_connector *c, uint32_t bid, const uint8_t *ob
     }
 }
 
-static uint64_t read_stamp(const void *obj)
-{
-    uint64_t v;
-    __atomic_load((const uint64_t *)((const uint8_t *)obj + CONN_STAMP_OFF), &v,
-                  __ATOMIC_ACQUIRE);
-    return v;
-}
-
-static void write_stamp(void *obj, uint64_t v)
-{
-    __atomic_store((uint64_t *)((uint8_t *)obj + CONN_STAMP_OFF), &v, __ATOMIC_RELEASE);
-}
-
 /* 1 if the copy backend can use the slot's direct pointer. */
 static int direct_ok(kvs_connector *c, const kvs_slot *s)
 {
@@ -501,9 +367,9 @@ static int run_copies(conn_worker *w, int dir, const uint32_t *bids, size_t n, v
         if (!w->ok[i]) continue;
         if (dir == TASK_DUMP) {
             host_gather(c, bids[i], (uint8_t *)w->obj[i]);
-            write_stamp(w->obj[i], w->gen[i]);
+            conn_write_stamp(w->obj[i], w->gen[i]);
         } else {
-            w->got[i] = read_stamp(w->obj[i]);
+            w->got[i] = conn_read_stamp(w->obj[i]);
             host_scatter(c, bids[i], (const uint8_t *)w->obj[i]);
         }
     }
@@ -570,7 +436,7 @@ static void run_dump(conn_worker *w, struct conn_job *j)
                       .key_stamp = XXH3_64bits(keys[i].data, keys[i].len),
                       .payload_len = c->payload_bytes,
                       .layout_fp = c->layout_fp,
-                      .generation = next_gen(c),
+                      .generation = conn_next_gen(c),
                       .checksum = 0,
                       .view_stamp = 0};
         memcpy(w->obj[i], &h, sizeof h);
@@ -589,7 +455,7 @@ static void run_dump(conn_worker *w, struct conn_job *j)
                 res[i] = rc;
                 continue;
             }
-            if (read_stamp(w->obj[i]) != w->gen[i]) { /* the GPU wrote elsewhere */
+            if (conn_read_stamp(w->obj[i]) != w->gen[i]) { /* the GPU wrote elsewhere */
                 KVS_LOGW("connector: view check failed on dump; re-registering the mapping");
 #ifdef KVS_HAVE_CUDA
                 if (c->backend == BK_CUDA && !w->staged[i]) kvs_cuda_forget(c->cx, w->obj[i]);
@@ -810,7 +676,9 @@ static void *worker_main(void *arg)
         pthread_mutex_unlock(&c->mu);
 
         if (atomic_load(&j->task->cancelled))
-            job_set_all(j, KVS_ERR_CLOSED);
+            conn_job_set_all(j, KVS_ERR_CLOSED);
+        else if (j->task->parts)
+            conn_run_parts(w, j);
         else if (j->task->kind == TASK_DUMP)
             run_dump(w, j);
         else
@@ -820,10 +688,11 @@ static void *worker_main(void *arg)
         c->inflight -= j->n;
         pthread_cond_broadcast(&c->space_cv);
         pthread_mutex_unlock(&c->mu);
-        job_finish(j);
+        conn_job_finish(j);
         pthread_mutex_lock(&c->mu);
     }
     pthread_mutex_unlock(&c->mu);
+    conn_parts_worker_exit(w);
 #ifdef KVS_HAVE_CUDA
     if (w->cw) kvs_cuda_worker_destroy(w->cw);
     w->cw = NULL;
@@ -988,11 +857,11 @@ void kvs_connector_close(kvs_connector *c)
     pthread_mutex_unlock(&c->mu);
     while (q) {
         struct conn_job *nx = q->next;
-        job_set_all(q, KVS_ERR_CLOSED);
+        conn_job_set_all(q, KVS_ERR_CLOSED);
         pthread_mutex_lock(&c->mu);
         c->inflight -= q->n;
         pthread_mutex_unlock(&c->mu);
-        job_finish(q);
+        conn_job_finish(q);
         q = nx;
     }
     pthread_mutex_lock(&c->mu);
@@ -1084,14 +953,14 @@ int kvs_connector_register_layout(kvs_connector *c, const kvs_tensor_layout *ten
         free(T);
         return rc;
     }
-    if (enter(c) != KVS_OK) {
+    if (conn_enter(c) != KVS_OK) {
         free(T);
         return KVS_ERR_CLOSED;
     }
     pthread_mutex_lock(&c->mu);
     if (c->have_layout) {
         pthread_mutex_unlock(&c->mu);
-        leave(c);
+        conn_leave(c);
         free(T);
         return KVS_ERR_INVALID;
     }
@@ -1124,7 +993,7 @@ int kvs_connector_register_layout(kvs_connector *c, const kvs_tensor_layout *ten
         if (rc != KVS_OK) {
             c->T = NULL;
             pthread_mutex_unlock(&c->mu);
-            leave(c);
+            conn_leave(c);
             free(T);
             return rc;
         }
@@ -1132,7 +1001,7 @@ int kvs_connector_register_layout(kvs_connector *c, const kvs_tensor_layout *ten
 #endif
     c->have_layout = 1;
     pthread_mutex_unlock(&c->mu);
-    leave(c);
+    conn_leave(c);
     return KVS_OK;
 }
 
@@ -1153,7 +1022,7 @@ int kvs_connector_lookup(kvs_connector *c, const kvs_key *hashes, size_t n, uint
     if (!c || (n && (!hashes || !hit))) return KVS_ERR_INVALID;
     if (!n) return KVS_OK;
     for (size_t i = 0; i < n; i++)
-        if (!valid_hash(&hashes[i])) return KVS_ERR_INVALID;
+        if (!conn_valid_hash(&hashes[i])) return KVS_ERR_INVALID;
     uint32_t nr = c->device == -1 ? c->world : 1;
     if (n > SIZE_MAX / nr / CONN_KEY_MAX) return KVS_ERR_INVALID;
     size_t nk = n * nr;
@@ -1161,7 +1030,7 @@ int kvs_connector_lookup(kvs_connector *c, const kvs_key *hashes, size_t n, uint
     uint8_t *mem = malloc(nk * CONN_KEY_MAX);
     uint8_t *found = malloc(nk);
     int rc = keys && mem && found ? KVS_OK : KVS_ERR_NOMEM;
-    if (rc == KVS_OK) rc = enter(c);
+    if (rc == KVS_OK) rc = conn_enter(c);
     if (rc == KVS_OK) {
         uint8_t *p = mem;
         for (uint32_t r = 0; r < nr; r++)
@@ -1172,7 +1041,7 @@ int kvs_connector_lookup(kvs_connector *c, const kvs_key *hashes, size_t n, uint
                 p += keys[r * n + i].len;
             }
         rc = kvs_exists_batch(c->cl, keys, nk, found);
-        leave(c);
+        conn_leave(c);
         if (rc >= 0) {
             rc = KVS_OK;
             for (size_t i = 0; i < n; i++) {
@@ -1215,14 +1084,14 @@ static int start_task(kvs_connector *c, int kind, const kvs_key *hashes,
     if (!c->have_layout) return KVS_ERR_LAYOUT;
     if (after_event && c->backend != BK_CUDA) return KVS_ERR_INVALID;
     for (size_t i = 0; i < n; i++) {
-        if (!valid_hash(&hashes[i])) return KVS_ERR_INVALID;
+        if (!conn_valid_hash(&hashes[i])) return KVS_ERR_INVALID;
         if (block_ids[i] >= c->num_blocks) return KVS_ERR_LAYOUT;
     }
-    int rc = enter(c);
+    int rc = conn_enter(c);
     if (rc != KVS_OK) return rc;
-    kvs_task *t = task_new(c, kind, hashes, block_ids, n);
+    kvs_task *t = conn_task_new(c, kind, hashes, block_ids, n, c->job_blocks, 0);
     if (!t) {
-        leave(c);
+        conn_leave(c);
         return KVS_ERR_NOMEM;
     }
 #ifdef KVS_HAVE_CUDA
@@ -1230,15 +1099,15 @@ static int start_task(kvs_connector *c, int kind, const kvs_key *hashes,
         rc = kvs_cuda_event_snapshot(c->cx, after_event, &t->event);
         if (rc != KVS_OK) {
             /* nothing started: finish the jobs unqueued and drop the task */
-            for (size_t k = 0; k < t->njobs; k++) job_finish(&t->jobs[k]);
+            for (size_t k = 0; k < t->njobs; k++) conn_job_finish(&t->jobs[k]);
             kvs_task_free(t);
-            leave(c);
+            conn_leave(c);
             return rc;
         }
     }
 #endif
-    task_submit(c, t);
-    leave(c);
+    conn_task_submit(c, t);
+    conn_leave(c);
     *task = t;
     return KVS_OK;
 }

@@ -423,6 +423,15 @@ extern "C" int kvs_cuda_can_map(kvs_cuda_ctx *x, const void *p, uint64_t len)
     return ok;
 }
 
+extern "C" uint64_t kvs_cuda_translate(kvs_cuda_ctx *x, const void *p, uint64_t len)
+{
+    if (!x || !p) return 0;
+    int prev = kc_dev_enter(x->device, NULL);
+    uintptr_t d = kc_translate(x, (uintptr_t)p, len);
+    kc_dev_restore(prev);
+    return (uint64_t)d;
+}
+
 extern "C" void kvs_cuda_forget(kvs_cuda_ctx *x, const void *p)
 {
     uintptr_t a = (uintptr_t)p;

@@ -100,6 +100,37 @@ int kvs_cuda_can_map(kvs_cuda_ctx *x, const void *p, uint64_t len);
  * start), instead of inside the first dump. Returns how many were registered. */
 int kvs_cuda_preregister(kvs_cuda_ctx *x);
 
+/* The device address of host object [p, p+len) (registering its mapping on
+ * first use, as kvs_cuda_can_map), or 0 when the GPU cannot reach it. */
+uint64_t kvs_cuda_translate(kvs_cuda_ctx *x, const void *p, uint64_t len);
+
+/* ---- objects given as explicit parts (parts.cu; kvs_connector_dump_parts) ----
+ * A parts worker has its own streams (KVSHELF_CUDA_STREAMS) and view-check
+ * words; one per connector worker thread, created on that thread. */
+typedef struct kvs_cuda_pworker kvs_cuda_pworker;
+
+/* Creates a parts worker on x's device (the calling thread's current device
+ * becomes x's). Returns KVS_OK, KVS_ERR_NOMEM or KVS_ERR_CUDA. */
+int kvs_cuda_pworker_create(kvs_cuda_ctx *x, int device, kvs_cuda_pworker **out);
+
+/* Waits for the worker's streams and frees it. Safe with NULL. */
+void kvs_cuda_pworker_destroy(kvs_cuda_pworker *w);
+
+/* Copies n (<= KVS_CUDA_MAX_JOB_BLOCKS) objects between device parts and
+ * host objects, one cudaMemcpyBatchAsync per stream, and waits. Object i is
+ * obj[i] (host memory the GPU can reach: a registered segment mapping or
+ * pinned staging); its parts are addrs[i*ppo+k] (device memory, lens[i*ppo+k]
+ * bytes), stored back to back from obj[i]+payload_off. dump: parts -> object,
+ * then gen[i] written at obj[i]+stamp_off through the GPU's view; load:
+ * object -> parts, out_gen[i] = the word at obj[i]+stamp_off as the GPU saw
+ * it (0 when not read). ok[i] == 0 skips object i. wait_event (a snapshot
+ * from kvs_cuda_event_snapshot, may be NULL): copies start after it.
+ * Returns KVS_OK, KVS_ERR_INVALID, KVS_ERR_NOMEM or KVS_ERR_CUDA. */
+int kvs_cuda_copy_parts(kvs_cuda_pworker *w, int dir, size_t n, void *const *obj,
+                        const uint64_t *addrs, const uint64_t *lens, size_t ppo,
+                        uint64_t payload_off, uint64_t stamp_off, const uint8_t *ok,
+                        const uint64_t *gen, uint64_t *out_gen, void *wait_event);
+
 /* Forgets (unregisters) the mapping containing host address p after a failed
  * view check, so the next use registers the current mapping afresh. */
 void kvs_cuda_forget(kvs_cuda_ctx *x, const void *p);
