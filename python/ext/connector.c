@@ -294,7 +294,7 @@ static PyObject *Connector_lookup_prefix(ConnectorObject *self, PyObject *hashes
 }
 
 /* event: None, an int (cudaEvent_t), or an object with .cuda_event (torch). */
-static int event_from(PyObject *ev, void **out) {
+int event_from(PyObject *ev, void **out) {
     *out = NULL;
     if (!ev || ev == Py_None)
         return 0;
@@ -469,6 +469,17 @@ static PyMethodDef Connector_methods[] = {
      "torch.cuda.Event or a cudaEvent_t int) completes."},
     {"load", METH_KW(Connector_load), METH_VARARGS | METH_KEYWORDS,
      "load(hashes, block_ids) -> Task: copy blocks from the pool."},
+    {"dump_parts", METH_KW(Connector_dump_parts), METH_VARARGS | METH_KEYWORDS,
+     "dump_parts(hashes, parts, event=None, *, sizes=None, parts_per_obj=0, tags=None, "
+     "raw_keys=False) -> Task: store object i = its parts back to back. parts: n rows of "
+     "tensors/buffers, a flat list with parts_per_obj, or integer addresses (nested or a 2-D "
+     "array) with sizes (per part, one for all, or n x ppo). Device memory of the connector's "
+     "device (host memory for device -2); no layout needed. tags: n ints a load must match; "
+     "raw_keys: the hashes are whole store keys."},
+    {"load_parts", METH_KW(Connector_load_parts), METH_VARARGS | METH_KEYWORDS,
+     "load_parts(hashes, parts, *, sizes=None, parts_per_obj=0, tags=None, raw_keys=False) -> "
+     "Task: load objects into their parts. Per-object results: 0 loaded, ERR_NOT_FOUND miss, "
+     "ERR_TOO_LARGE / ERR_CORRUPT stored with other sizes or tag (nothing copied)."},
     {"counters", (PyCFunction)Connector_counters, METH_NOARGS, "counters() -> dict"},
     {"close", METH_KW(Connector_close), METH_VARARGS | METH_KEYWORDS,
      "close(timeout=5.0): wait up to timeout s for tasks in flight, cancel the rest, close."},

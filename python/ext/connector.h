@@ -29,6 +29,7 @@ struct TaskObject {
     char kind; /* 'd' dump, 'l' load */
     volatile int busy;
     TaskObject *prev, *next;
+    PyObject *keep; /* what the task's copies use (parts tasks), or NULL; dropped when done */
 };
 
 /* A new Task of n blocks ('d' dump or 'l' load), not started yet. */
@@ -44,5 +45,13 @@ int task_collect(TaskObject *t);
 /* Ends a task that will never be waited for (connector closing): collects it
  * if it finished, else cancels it with `status` for every block. */
 void task_abandon(TaskObject *t, int status);
+
+/* event: None, an int cudaEvent_t, or an object with .cuda_event -> *out
+ * (NULL for None). 0, or -1 with an exception. */
+int event_from(PyObject *ev, void **out);
+
+/* Connector.dump_parts / load_parts (connector_parts.c). */
+PyObject *Connector_dump_parts(ConnectorObject *self, PyObject *args, PyObject *kwds);
+PyObject *Connector_load_parts(ConnectorObject *self, PyObject *args, PyObject *kwds);
 
 #endif

@@ -11,7 +11,8 @@
  *   config.c   dict / JSON / path / kwargs / environment -> kvs_config
  *   busy.c     close() waits for calls running without the GIL
  *   client.c   the Client type (client_parts.c: put_parts / get_parts)
- *   connector.c, task.c   the Connector and Task types
+ *   connector.c, task.c   the Connector and Task types (connector_parts.c:
+ *              dump_parts / load_parts)
  */
 #include "ext.h"
 

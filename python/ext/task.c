@@ -18,6 +18,7 @@ TaskObject *task_new(size_t n, char kind) {
     task->kind = kind;
     task->busy = 0;
     task->prev = task->next = NULL;
+    task->keep = NULL;
     return task;
 }
 
@@ -60,6 +61,7 @@ int task_collect(TaskObject *t) {
     t->finished = 1;
     kvs_task_free(t->t);
     t->t = NULL;
+    Py_CLEAR(t->keep);
     return 0;
 }
 
@@ -86,12 +88,19 @@ void task_abandon(TaskObject *t, int status) {
 
 static void Task_dealloc(TaskObject *self) {
     wait_not_busy(&self->busy);
+    if (self->t && self->keep) { /* parts tasks copy into `keep`: let them finish first */
+        kvs_task *t = self->t;
+        Py_BEGIN_ALLOW_THREADS
+        kvs_task_wait(t, -1);
+        Py_END_ALLOW_THREADS
+    }
     if (self->t) {
         kvs_task_free(self->t);
         self->t = NULL;
     }
     task_unlink(self);
     PyMem_RawFree(self->results);
+    Py_CLEAR(self->keep);
     Py_CLEAR(self->conn);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
