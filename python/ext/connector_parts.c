@@ -60,7 +60,7 @@ static int parts_are_ints(PyObject *parts, PyObject *fast) {
  * sizes only check the lengths found. */
 static int sizes_apply(PyObject *sizes, pparts *p, int have_len, const char *what) {
     if (!sizes || sizes == Py_None) {
-        if (!have_len) {
+        if (!have_len && p->n) {
             PyErr_Format(PyExc_TypeError, "%s: integer addresses need sizes=", what);
             return -1;
         }

@@ -77,9 +77,21 @@ serialization, no byte copies and no per-block round trips in Python):
   "present" for lookup when shards ``0..lookup_shards-1`` (config, default 1)
   are all stored.
 
-Memory: host memory (CPU tensors, numpy arrays, or addresses of host memory).
-CUDA tensors are refused with ``kvshelf.Unsupported``: device memory moves
-through ``kvshelf.Connector`` (which the vLLM connector uses).
+Memory: host memory (CPU tensors, numpy arrays, or addresses of host
+memory) moves through the store's client as before. CUDA tensors (legacy
+``load``/``dump``; V1 ``load``/``dump``) and, for V1 ``load_data``/
+``dump_data``, addresses of device memory (recognised with
+``cudaPointerGetAttributes``) move through a ``kvshelf.Connector`` opened
+lazily on their device (one per device; ``Connector.dump_parts`` /
+``load_parts`` with the store's keys as raw keys: GPU copies straight
+to/from the pool with ``cudaMemcpyBatchAsync``, no host bounce). Objects
+written from device memory carry the connector's header instead of the
+text header (the key, sizes and, for the legacy store, a hash of dtype and
+shape are checked on load: a mismatch fails the entry, nothing copied);
+an object written from host memory loads into device memory as a miss and
+vice versa (never wrong bytes). ``lookup``/``commit`` see both kinds. V1
+``dump_data``'s ``prerequisite_handle`` is handed to the connector (the
+copies wait on the event on the GPU; the caller's thread never blocks).
 
 If the ``ucm`` package is importable the classes subclass its base classes
 and are registered with its factories as ``UcmKVShelfStore`` (legacy) and
@@ -252,14 +264,49 @@ def _cudart() -> Any:
         return _CUDART or None
 
 
+def _tensor_device(t: Any) -> int:
+    """CUDA ordinal of a tensor's memory, -2 for host memory."""
+    if getattr(t, "is_cuda", False):
+        idx = getattr(getattr(t, "device", None), "index", None)
+        return int(idx) if idx is not None else 0
+    return -2
+
+
+class _PtrAttr(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_int), ("device", ctypes.c_int),
+                ("devicePointer", ctypes.c_void_p), ("hostPointer", ctypes.c_void_p)]
+
+
+def _addr_device(addr: int) -> int:
+    """CUDA ordinal of the memory at ``addr`` (device or managed memory), -2
+    for host memory or when CUDA is not available."""
+    lib = _cudart()
+    if lib is None or not addr:
+        return -2
+    try:
+        fn = lib.cudaPointerGetAttributes
+        fn.argtypes = [ctypes.POINTER(_PtrAttr), ctypes.c_void_p]
+        fn.restype = ctypes.c_int
+        a = _PtrAttr()
+        if fn(ctypes.byref(a), ctypes.c_void_p(int(addr))) != 0:
+            lib.cudaGetLastError()
+            return -2
+    except (AttributeError, OSError):
+        return -2
+    return int(a.device) if a.type in (2, 3) else -2
+
+
+def _tag(header: bytes) -> int:
+    """64-bit tag of a tensor header (dtype, shape, size) for the connector."""
+    import hashlib
+
+    return int.from_bytes(hashlib.blake2b(header, digest_size=8).digest(), "little")
+
+
 def _check_host_contiguous(what: str, tensors: Sequence[Any]) -> None:
-    """Argument errors are raised at submission, not at wait()."""
+    """Argument errors are raised at submission, not at wait(). (Name kept:
+    CUDA tensors are accepted since the stores move device memory too.)"""
     for i, t in enumerate(tensors):
-        if getattr(t, "is_cuda", False):
-            raise _k.Unsupported(
-                f"{what}: tensor {i} is on a CUDA device; the UCM stores move host memory "
-                "(device memory goes through kvshelf.Connector)"
-            )
         ic = getattr(t, "is_contiguous", None)
         if ic is not None:
             if not ic():
@@ -303,6 +350,59 @@ class _StoreCore:
         self._tasks: Dict[int, KVShelfTask] = {}
         self._shutting_down = False
         self._shutdown_timeout = float(config.get("shutdown_timeout", 30.0))
+        self._store_cfg = store_config(config)
+        self._conns: Dict[int, Any] = {}
+        self._conn_lock = threading.Lock()
+
+    # ---- device memory: one connector per CUDA device, opened on first use ----
+    def _connector(self, device: int):
+        with self._conn_lock:
+            if self._shutting_down:
+                raise _k.Closed(f"{self._name} is shutting down")
+            c = self._conns.get(device)
+            if c is None:
+                c = _k.Connector(self._store_cfg, namespace=f"ucm/{self._name}", device=device)
+                self._conns[device] = c
+            return c
+
+    def _start_device(self, kind: str, device: int, keys: List[Any], parts: Any,
+                      sizes: Any = None, tags: Any = None, event: Any = None):
+        """Starts a connector parts task (the copies begin now)."""
+        conn = self._connector(device)
+        if kind == "dump":
+            return conn.dump_parts(keys, parts, event or None, sizes=sizes, tags=tags, raw_keys=True)
+        return conn.load_parts(keys, parts, sizes=sizes, tags=tags, raw_keys=True)
+
+    @staticmethod
+    def _merge_job(n: int, host_idx: List[int], host_fn, dev_tasks: List[Tuple[List[int], Any]],
+                   describe) -> Tuple[List[int], List[str]]:
+        """Runs the host part (host_fn(indices) -> (statuses, messages)) and
+        collects the device tasks; statuses in entry order."""
+        st = [OK] * n
+        msgs: List[str] = []
+        if host_idx:
+            hst, hm = host_fn(host_idx)
+            for j, i in enumerate(host_idx):
+                st[i] = hst[j]
+            msgs.extend(hm)
+        for idx, t in dev_tasks:
+            t.wait()
+            r = t.results()
+            for j, i in enumerate(idx):
+                st[i] = r[j]
+                if r[j] in (ERR_CORRUPT, ERR_TOO_LARGE) and len(msgs) < 8:
+                    msgs.append(describe(i))
+        return st, msgs
+
+    def _submit_mixed(self, kind: str, n: int, devs: List[int], start_dev, host_fn, describe) -> "KVShelfTask":
+        """Entries on CUDA devices start now through the connectors
+        (start_dev(device, indices) -> Task); the rest runs on the I/O threads."""
+        groups: Dict[int, List[int]] = {}
+        for i, d in enumerate(devs):
+            groups.setdefault(d, []).append(i)
+        host_idx = groups.pop(-2, [])
+        dev_tasks = [(idx, start_dev(d, idx)) for d, idx in groups.items()]
+        return self._submit(kind, n, self._merge_job, n, host_idx, host_fn, dev_tasks, describe)
 
     # ---- tasks ----
     def _submit(self, kind: str, n: int, fn, *args) -> KVShelfTask:
@@ -357,6 +457,14 @@ class _StoreCore:
         for t in tasks:  # queued ones are cancelled, running ones finish
             t.future.cancel()
         self._io.shutdown(wait=True, cancel_futures=True)
+        with self._conn_lock:
+            conns = list(self._conns.values())
+            self._conns.clear()
+        for c in conns:
+            try:
+                c.close(self._shutdown_timeout)
+            except Error:
+                pass
         self._client.close()
 
     def cc_store(self) -> int:
@@ -430,15 +538,36 @@ class UcmKVShelfStore(_StoreCore, UcmKVStoreBase):
         _check_host_contiguous(what, tensors)
         return self._keys(block_ids, offset)
 
+    def _tensor_task(self, kind: str, keys: List[str], tensors: List[Any]) -> KVShelfTask:
+        devs = [_tensor_device(t) for t in tensors]
+        if all(d == -2 for d in devs):  # host memory: as before
+            return self._submit(kind, len(keys), self._tensor_job, kind, keys, tensors)
+        headers = [_tensor_header(t) for t in tensors]
+
+        def start_dev(d: int, idx: List[int]):
+            return self._start_device(kind, d, [keys[i] for i in idx], [[tensors[i]] for i in idx],
+                                      tags=[_tag(headers[i]) for i in idx])
+
+        def host_fn(idx: List[int]):
+            return self._tensor_job(kind, [keys[i] for i in idx], [tensors[i] for i in idx])
+
+        def describe(i: int) -> str:
+            return (f"load {keys[i]}: stored object's dtype, shape or size differ from the "
+                    f"destination {_describe_header(headers[i])} (wrong dtype or size: nothing copied)")
+
+        return self._submit_mixed(kind, len(keys), devs, start_dev, host_fn, describe)
+
     def load(self, block_ids: List[str], offset: List[int], dst_tensor: List[Any]) -> KVShelfTask:
-        """Loads ``dst_tensor[i]`` from block ``block_ids[i]`` at ``offset[i]``."""
+        """Loads ``dst_tensor[i]`` from block ``block_ids[i]`` at ``offset[i]``
+        (host or CUDA tensors)."""
         keys = self._check_tensors("load", block_ids, offset, dst_tensor)
-        return self._submit("load", len(keys), self._tensor_job, "load", keys, list(dst_tensor))
+        return self._tensor_task("load", keys, list(dst_tensor))
 
     def dump(self, block_ids: List[str], offset: List[int], src_tensor: List[Any]) -> KVShelfTask:
-        """Stores ``src_tensor[i]`` as block ``block_ids[i]`` at ``offset[i]``."""
+        """Stores ``src_tensor[i]`` as block ``block_ids[i]`` at ``offset[i]``
+        (host or CUDA tensors)."""
         keys = self._check_tensors("dump", block_ids, offset, src_tensor)
-        return self._submit("dump", len(keys), self._tensor_job, "dump", keys, list(src_tensor))
+        return self._tensor_task("dump", keys, list(src_tensor))
 
     # raw addresses -------------------------------------------------------
     def _raw_job(self, kind: str, keys: List[str], addrs: List[int], sizes: List[int]):
@@ -636,19 +765,65 @@ class UcmKVShelfStoreV1(_StoreCore, UcmKVStoreBaseV1):
                 f"{self._sizes} bytes"
             )
 
+    def _describe_v1(self, keys: List[bytes]):
+        def describe(i: int) -> str:
+            return (f"load block {keys[i][:-4].hex()} shard {struct.unpack('<I', keys[i][-4:])[0]}:"
+                    f" stored tensor sizes differ from destination {self._sizes} (nothing copied)")
+        return describe
+
+    def _rows_task(self, kind: str, keys: List[bytes], rows: List[List[Any]], event: int = 0) -> KVShelfTask:
+        devs = []
+        for i, r in enumerate(rows):
+            ds = {_tensor_device(t) for t in r}
+            if len(ds) > 1:
+                raise ValueError(f"{kind}: the tensors of row {i} are on different devices {sorted(ds)}")
+            devs.append(ds.pop() if ds else -2)
+        sizes = self._sizes
+        if all(d == -2 for d in devs):  # host memory: as before
+            return self._submit(kind, len(keys), self._job, kind, keys, rows, sizes, event)
+
+        def start_dev(d: int, idx: List[int]):
+            return self._start_device(kind, d, [keys[i] for i in idx], [rows[i] for i in idx],
+                                      event=event if kind == "dump" else None)
+
+        def host_fn(idx: List[int]):
+            return self._job(kind, [keys[i] for i in idx], [rows[i] for i in idx], sizes, event)
+
+        return self._submit_mixed(kind, len(keys), devs, start_dev, host_fn, self._describe_v1(keys))
+
+    def _addr_task(self, kind: str, keys: List[bytes], addrs: Any, sizes: List[int], event: int = 0) -> KVShelfTask:
+        """Addresses: device memory (cudaPointerGetAttributes on the first
+        address) goes through the connector of that device, host memory
+        through the client."""
+        try:
+            first = int(addrs[0][0]) if len(addrs) else 0
+        except (TypeError, IndexError):
+            first = 0
+        dev = _addr_device(first)
+        if dev < 0:
+            return self._submit(kind, len(keys), self._job, kind, keys, addrs, sizes, event)
+        m = len(addrs[0])
+        if len(sizes) == 1 and m > 1:
+            sizes = sizes * m
+        if len(sizes) != m:
+            raise ValueError(f"{len(sizes)} tensor sizes known but {m} addresses per block")
+        t = self._start_device(kind, dev, keys, addrs, sizes=sizes, event=event if kind == "dump" else None)
+        return self._submit(kind, len(keys), self._merge_job, len(keys), [], None,
+                            [(list(range(len(keys))), t)], self._describe_v1(keys))
+
     def load(self, block_ids: List[bytes], shard_index: List[int], dst_tensor: List[List[Any]]) -> KVShelfTask:
         keys = self._keys(block_ids, shard_index)
         self._check_rows("load", block_ids, dst_tensor)
         if dst_tensor:
             self._learn_sizes("load", dst_tensor)
-        return self._submit("load", len(keys), self._job, "load", keys, [list(r) for r in dst_tensor], self._sizes)
+        return self._rows_task("load", keys, [list(r) for r in dst_tensor])
 
     def dump(self, block_ids: List[bytes], shard_index: List[int], src_tensor: List[List[Any]]) -> KVShelfTask:
         keys = self._keys(block_ids, shard_index)
         self._check_rows("dump", block_ids, src_tensor)
         if src_tensor:
             self._learn_sizes("dump", src_tensor)
-        return self._submit("dump", len(keys), self._job, "dump", keys, [list(r) for r in src_tensor], self._sizes)
+        return self._rows_task("dump", keys, [list(r) for r in src_tensor])
 
     # addresses -------------------------------------------------------------
     def _need_sizes(self, what: str) -> List[int]:
@@ -662,12 +837,12 @@ class UcmKVShelfStoreV1(_StoreCore, UcmKVStoreBaseV1):
     def load_data(self, block_ids: List[bytes], shard_index: List[int], dst_addr: Any) -> KVShelfTask:
         keys = self._keys(block_ids, shard_index)
         sizes = self._need_sizes("load_data")
-        return self._submit("load", len(keys), self._job, "load", keys, dst_addr, sizes)
+        return self._addr_task("load", keys, dst_addr, sizes)
 
     def dump_data(self, block_ids: List[bytes], shard_index: List[int], src_addr: Any, prerequisite_handle: int = 0) -> KVShelfTask:
         keys = self._keys(block_ids, shard_index)
         sizes = self._need_sizes("dump_data")
-        return self._submit("dump", len(keys), self._job, "dump", keys, src_addr, sizes, int(prerequisite_handle or 0))
+        return self._addr_task("dump", keys, src_addr, sizes, int(prerequisite_handle or 0))
 
     fetch_data = load_data
 
