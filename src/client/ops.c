@@ -111,7 +111,7 @@ static int registered_locked(kvs_client *c, const void *p, uint64_t len)
     }
     if (lo == 0) return 0;
     const kvs_region *r = &c->regs[lo - 1];
-    return s >= r->start && len <= r->end - s;
+    return s >= r->start && s <= r->end && len <= r->end - s; /* no unsigned wrap past end */
 }
 
 /* ---- moving bytes ---- */

@@ -314,6 +314,10 @@ static void test_registered(void **state)
     assert_int_equal(kvs_put_from(f->c, "reg", 3, reg, 3u << 20), KVS_OK);
     assert_int_equal(kvs_put_from(f->c, "reg2", 4, other, 100), KVS_ERR_NOT_REGISTERED);
     assert_int_equal(kvs_put_from(f->c, "reg3", 4, reg + n - 10, 100), KVS_ERR_NOT_REGISTERED);
+    /* just past the end of the region (was accepted through an unsigned wrap) */
+    assert_int_equal(kvs_put_from(f->c, "reg4", 4, reg + n + 16, 100), KVS_ERR_NOT_REGISTERED);
+    assert_int_equal(kvs_put_from(f->c, "reg5", 4, reg + n, 1), KVS_ERR_NOT_REGISTERED);
+    assert_int_equal(kvs_put_from(f->c, "reg6", 4, reg + n - 1, 1), KVS_OK);
     uint64_t size = 0;
     assert_int_equal(kvs_get_into(f->c, "reg", 3, reg + (4u << 20), 4u << 20, &size), KVS_OK);
     assert_int_equal(size, 3u << 20);
