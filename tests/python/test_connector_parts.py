@@ -10,8 +10,9 @@ from kvshelf import _kvshelf as _k
 from kvshelf import ucm
 
 torch = pytest.importorskip("torch")
-HAVE_GPU = torch.cuda.is_available()
-gpu = pytest.mark.skipif(not HAVE_GPU, reason="needs a CUDA GPU (torch.cuda.is_available())")
+# evaluated when a marked test runs, so CUDA is probed only by the GPU tests
+gpu = pytest.mark.skipif("not torch.cuda.is_available()",
+                         reason="needs a CUDA GPU (torch.cuda.is_available())")
 
 
 @pytest.fixture
