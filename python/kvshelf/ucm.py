@@ -273,8 +273,12 @@ def _tensor_device(t: Any) -> int:
 
 
 class _PtrAttr(ctypes.Structure):
+    # cudaPointerAttributes; CUDA 12.x/13 end it with `long reserved[8]`, which
+    # the runtime writes too: the padding must be there (a 24-byte struct was
+    # overrun on an H100 with CUDA 13 and crashed the interpreter).
     _fields_ = [("type", ctypes.c_int), ("device", ctypes.c_int),
-                ("devicePointer", ctypes.c_void_p), ("hostPointer", ctypes.c_void_p)]
+                ("devicePointer", ctypes.c_void_p), ("hostPointer", ctypes.c_void_p),
+                ("reserved", ctypes.c_long * 16)]
 
 
 def _addr_device(addr: int) -> int:
