@@ -1,6 +1,25 @@
-/* Internals of the KV connector shared by connector.c (layouts, block
- * dumps/loads, task engine) and parts.c (dumps/loads of objects given as
- * explicit parts). Not installed; not a public interface. */
+/* Internals of the KV connector, shared by its files (one job each):
+ *   connector.c  open/close, layout registration, counters, accessors
+ *   keys.c       namespaces, store keys, layout and parts fingerprints
+ *   header.c     object geometry, header build and checks, generations
+ *   task.c       task objects, job sizing, kvs_task_* (wait/check/results)
+ *   queue.c      job queue, backpressure, worker threads, shutdown
+ *   copy.c       per-worker copy state: direct or staged memory, backend dispatch
+ *   host_copy.c  host copy backend (memcpy)
+ *   dump.c       one dump job (blocks and parts)
+ *   load.c       one load job (blocks and parts)
+ *   blocks.c     block dump/load entry points (registered layout)
+ *   parts.c      parts dump/load entry points (explicit parts)
+ *   lookup.c     lookup and lookup_prefix
+ *   profile.c    KVSHELF_CONNECTOR_PROFILE timings
+ * CUDA copy backends live in src/cuda/. Not installed; not a public interface.
+ *
+ * Flow of one job (up to CONN_JOB_BYTES of objects of one task):
+ *   dump: reserve_batch -> header + copy straight into the slot (or into
+ *         staging, then slot_write) -> view check -> commit_batch
+ *   load: acquire_batch -> check size and header -> copy out of the object
+ *         -> re-check header, lease, GPU view -> release_batch
+ */
 #ifndef KVS_CONN_INTERNAL_H
 #define KVS_CONN_INTERNAL_H
 
@@ -95,7 +114,7 @@ typedef struct conn_worker {
     int started;
     void *cw; /* kvs_cuda_worker */
     int cuda_err;
-    uint8_t *staging;
+    uint8_t *staging; /* staged objects of a job (copy.c), grown on demand */
     size_t staging_cap;
     kvs_slot slots[CONN_JOB_MAX_BLOCKS];
     kvs_key ck[CONN_JOB_MAX_BLOCKS];
@@ -109,10 +128,7 @@ typedef struct conn_worker {
     uint64_t gen[CONN_JOB_MAX_BLOCKS];
     uint64_t got[CONN_JOB_MAX_BLOCKS];
     uint64_t sizes[CONN_JOB_MAX_BLOCKS];
-    /* parts jobs (parts.c) */
-    void *pcw; /* kvs_cuda_pworker, created on first use */
-    uint8_t *pstaging;
-    size_t pstaging_cap;
+    void *pcw; /* kvs_cuda_pworker for parts jobs, created on first use */
 } conn_worker;
 
 struct kvs_connector {
@@ -155,6 +171,15 @@ struct kvs_connector {
         n_bytes_dumped, n_bytes_loaded;
 };
 
+/* What the header of one object of a task must say (header.c). */
+typedef struct conn_obj {
+    uint64_t bytes;     /* whole object: header + payload */
+    uint64_t payload;   /* payload_len */
+    uint32_t n_tensors; /* tensors (blocks) or parts per object (parts) */
+    uint32_t flags;     /* 0 (block) or CONN_FLAG_PARTS */
+    uint64_t fp;        /* layout_fp */
+} conn_obj;
+
 /* ------------------------------------------------- shared functions */
 
 static inline uint64_t conn_read_stamp(const void *obj)
@@ -170,17 +195,55 @@ static inline void conn_write_stamp(void *obj, uint64_t v)
     __atomic_store((uint64_t *)((uint8_t *)obj + CONN_STAMP_OFF), &v, __ATOMIC_RELEASE);
 }
 
+/* keys.c ---------------------------------------------------------------- */
 
 /* 1 if h is a valid block hash (1..KVS_HASH_MAX bytes). */
 int conn_valid_hash(const kvs_key *h);
 
+/* The KVS_CONNECTOR_PREFIX_BYTES namespace bytes of (ns, world, rank). */
+void conn_make_prefix(const char *ns, uint32_t world, uint32_t rank,
+                      uint8_t out[KVS_CONNECTOR_PREFIX_BYTES]);
+
+/* Writes at p the store key prefix (KVS_CONNECTOR_PREFIX_BYTES, none when
+ * NULL) + hash bytes and returns that key (p must have room). */
+kvs_key conn_key_at(uint8_t *p, const uint8_t *prefix, const kvs_key *hash);
+
+/* Layout fingerprint of valid tensors (per tensor chunk_bytes and count;
+ * never addresses or strides); 0 only when out of memory. */
+uint64_t conn_layout_fp(const kvs_tensor_layout *tensors, size_t n);
+
+/* Fingerprint of a parts object: its ppo part lengths and tag; never 0. */
+uint64_t conn_parts_fp(size_t ppo, const uint64_t *lens, uint64_t tag);
+
+/* header.c -------------------------------------------------------------- */
+
 /* A fresh non-zero generation nonce. */
 uint64_t conn_next_gen(kvs_connector *c);
 
-/* Enter/leave a public call that uses the client or the queue (close waits
- * until none is inside). conn_enter returns KVS_OK or KVS_ERR_CLOSED. */
-int conn_enter(kvs_connector *c);
-void conn_leave(kvs_connector *c);
+/* Geometry of object i of task t. */
+conn_obj conn_task_obj(const kvs_connector *c, const kvs_task *t, size_t i);
+
+/* Writes the header of a new object g of key at obj (view stamp 0) and
+ * returns its generation. */
+uint64_t conn_hdr_write(kvs_connector *c, void *obj, const kvs_key *key, const conn_obj *g);
+
+/* Stores the payload checksum in the header at obj (payload copied). */
+void conn_hdr_seal(void *obj, const conn_obj *g);
+
+/* KVS_OK if a stored object of `size` bytes can be g, else its load result. */
+int conn_size_status(const conn_obj *g, uint64_t size);
+
+/* KVS_OK if h heads a complete object g of key, else its load result: block
+ * objects miss (KVS_ERR_NOT_FOUND); parts objects see connector.h. */
+int conn_hdr_status(const conn_hdr *h, const kvs_key *key, const conn_obj *g);
+
+/* Before a load copies: checks the header of the object at obj (and, when
+ * the connector checksums, its payload). KVS_OK and *gen = its generation,
+ * or the load result. */
+int conn_hdr_check(const kvs_connector *c, const void *obj, const kvs_key *key,
+                   const conn_obj *g, uint64_t *gen);
+
+/* task.c ---------------------------------------------------------------- */
 
 /* A new task of n objects: store keys are the namespace prefix + hashes[i]
  * (raw_keys 0) or hashes[i] as given (raw_keys 1); bids may be NULL; jobs of
@@ -189,17 +252,86 @@ void conn_leave(kvs_connector *c);
 kvs_task *conn_task_new(kvs_connector *c, int kind, const kvs_key *hashes, const uint32_t *bids,
                         size_t n, size_t job_blocks, int raw_keys);
 
+/* Objects per job for objects of at most obj_bytes (CONN_JOB_BYTES or
+ * KVSHELF_CONNECTOR_JOB_MB per job, CONN_JOB_MAX_BLOCKS, max_inflight). */
+uint32_t conn_job_blocks(const kvs_connector *c, uint64_t obj_bytes);
+
+/* Starts task t (caller inside conn_enter): snapshots after_event (may be
+ * NULL; CUDA), queues the jobs, then leaves (conn_leave) and returns KVS_OK
+ * with *task = t. On an error nothing started: t is dropped. */
+int conn_task_start(kvs_connector *c, kvs_task *t, void *after_event, kvs_task **task);
+
+/* Drops a task that was never queued (its jobs finish unrun). */
+void conn_task_drop(kvs_task *t);
+
+/* Marks one job finished (its results written) / sets every result of a job
+ * / fails every object of a job with rc (counted failed). */
+void conn_job_finish(struct conn_job *j);
+void conn_job_set_all(struct conn_job *j, int status);
+void conn_job_fail(kvs_connector *c, struct conn_job *j, int rc);
+
+/* queue.c --------------------------------------------------------------- */
+
+/* Enter/leave a public call that uses the client or the queue (close waits
+ * until none is inside). conn_enter returns KVS_OK or KVS_ERR_CLOSED. */
+int conn_enter(kvs_connector *c);
+void conn_leave(kvs_connector *c);
+
 /* Queues the task's jobs with backpressure (caller inside conn_enter). */
 void conn_task_submit(kvs_connector *c, kvs_task *t);
 
-/* Marks one job finished / sets every result of a job. */
-void conn_job_finish(struct conn_job *j);
-void conn_job_set_all(struct conn_job *j, int status);
+/* Starts c->nworkers worker threads (c->workers allocated): KVS_OK or
+ * KVS_ERR_NOMEM. */
+int conn_workers_start(kvs_connector *c);
 
-/* parts.c: runs one job of a parts task on worker w (results written). */
-void conn_run_parts(conn_worker *w, struct conn_job *j);
+/* Close: refuses new calls, waits for callers inside, fails queued jobs
+ * with KVS_ERR_CLOSED, stops and joins the workers. */
+void conn_queue_close(kvs_connector *c);
 
-/* parts.c: frees worker w's parts state; called on the worker thread as it ends. */
-void conn_parts_worker_exit(conn_worker *w);
+/* copy.c ---------------------------------------------------------------- */
+
+/* A worker thread's copy state: set up on the thread as it starts / freed
+ * as it ends. */
+void conn_worker_init(conn_worker *w);
+void conn_worker_exit(conn_worker *w);
+
+/* 1 if the copies of t can use the slot's direct pointer for len bytes. */
+int conn_direct_ok(const kvs_connector *c, const kvs_task *t, const kvs_slot *s, uint64_t len);
+
+/* Gives staged objects (w->staged[i], w->sizes[i] bytes) their staging
+ * memory; an object that gets none fails with KVS_ERR_NOMEM. */
+void conn_assign_staging(conn_worker *w, const kvs_task *t, size_t n, int *res);
+
+/* Runs the copies of objects w->ok[i] of job (t, start, n) on the backend.
+ * dump: objects filled, view stamp written; load: w->got[i] = view stamp,
+ * objects copied out. Returns KVS_OK or the error that failed every object. */
+int conn_copy(conn_worker *w, int dir, const kvs_task *t, size_t start, size_t n);
+
+/* Object i failed the view check after a copy: forget a stale GPU mapping. */
+void conn_copy_forget(conn_worker *w, size_t i);
+
+/* Every object still w->ok[i] of n gets ok 0 and result status. */
+void conn_fail_live(conn_worker *w, size_t n, int *res, int status);
+
+/* host_copy.c ----------------------------------------------------------- */
+
+/* Host backend of conn_copy for block tasks (bids) and parts tasks (ppo
+ * parts per object at addrs/lens). */
+void conn_host_copy_blocks(conn_worker *w, int dir, const uint32_t *bids, size_t n);
+void conn_host_copy_parts(conn_worker *w, int dir, const uint64_t *addrs, const uint64_t *lens,
+                          size_t ppo, size_t n);
+
+/* dump.c / load.c ------------------------------------------------------- */
+
+/* Runs one dump / load job on worker w (results written). */
+void conn_run_dump(conn_worker *w, struct conn_job *j);
+void conn_run_load(conn_worker *w, struct conn_job *j);
+
+/* profile.c ------------------------------------------------------------- */
+
+/* Adds one block job's phase times (ns stamps; profiling on) / prints the
+ * totals (close). */
+void conn_profile_add(kvs_connector *c, uint64_t t0, uint64_t t1, uint64_t t2);
+void conn_profile_print(const kvs_connector *c);
 
 #endif
