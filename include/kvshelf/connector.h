@@ -97,7 +97,8 @@ int kvs_connector_open(const kvs_config *cfg, int device, const kvs_connector_op
 
 /* Registers the KV tensors (copied). Must be called once before dump/load.
  * num_blocks bounds the block ids dump/load accept. The layout fingerprint
- * (geometry, not addresses) is mixed into every key and object header. */
+ * (geometry, not addresses) is stored in every object header and checked on
+ * load; it is not part of the keys (a lookup-only client knows no layout). */
 int kvs_connector_register_layout(kvs_connector *c, const kvs_tensor_layout *tensors,
                                   size_t n_tensors, uint32_t num_blocks);
 
