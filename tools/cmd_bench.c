@@ -670,7 +670,8 @@ static int run_phase(bench *b, int mode, const size_spec *sz, uint64_t *nkeys_io
         for (int i = 0; i < started; i++) pthread_join(w[i].th, NULL);
     }
     uint64_t end = now_ns();
-    if (rc == 0) progress(b, start, &start, 1);
+    uint64_t last_print = start;
+    if (rc == 0) progress(b, start, &last_print, 1);
     int nres = 0;
     if (rc == 0 || rc == -2) {
         int rows = mode == M_RW ? 2 : 1;
