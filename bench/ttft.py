@@ -438,6 +438,9 @@ class Bench:
             f"{self.L * 2 * self.H * self.D * self.es} bytes of KV per token")
         if self.cuda:
             self.ev = torch.cuda.Event()
+            # GPU time of a prefill (diagnostics): start -> token copied
+            self.gev0 = torch.cuda.Event(enable_timing=True)
+            self.gev1 = torch.cuda.Event(enable_timing=True)
             self.tok_host = torch.empty((), dtype=torch.int64, pin_memory=True)
         self.pinned = None
         self.salt = os.urandom(8)  # this run's prompts never collide with older objects
@@ -504,35 +507,69 @@ class Bench:
         salt = self.salt + T.to_bytes(4, "little") + rep.to_bytes(4, "little", signed=True)
         r: dict[str, Any] = {"rep": rep}
 
-        # default: prefill, first token
-        self.cacheA.set_length(0)
-        self.sync()
-        t0 = time.perf_counter()
-        logits_d, tok = self.forward(ids, self.cacheA)
-        tok_d = self.fetch_token(tok)
-        r["default_s"] = time.perf_counter() - t0
-        logits_d = logits_d.float().clone()
+        def run_default() -> tuple[Any, int]:
+            # default: prefill, first token
+            self.cacheA.set_length(0)
+            self.sync()
+            t0 = time.perf_counter()
+            if self.cuda:
+                self.gev0.record()
+            logits_d, tok = self.forward(ids, self.cacheA)
+            r["default_launch_s"] = time.perf_counter() - t0
+            if self.cuda:
+                self.tok_host.copy_(tok, non_blocking=True)
+                self.gev1.record()
+                self.ev.record()
+                self.ev.synchronize()
+                tok_d = int(self.tok_host.item())
+            else:
+                tok_d = int(tok.item())
+            r["default_s"] = time.perf_counter() - t0
+            if self.cuda:
+                r["default_gpu_s"] = self.gev0.elapsed_time(self.gev1) / 1e3
+            return logits_d.float().clone(), tok_d
 
-        # first: prefill, first token, dump after an event (never waited for in TTFT)
-        self.cacheA.set_length(0)
+        def run_first() -> tuple[Any, int, Any]:
+            # first: prefill, first token, dump after an event (never waited for in TTFT)
+            self.cacheA.set_length(0)
+            self.sync()
+            t0 = time.perf_counter()
+            if self.cuda:
+                self.gev0.record()
+            logits_f, tok = self.forward(ids, self.cacheA)
+            r["first_launch_s"] = time.perf_counter() - t0
+            hashes = block_hashes(toks, salt)  # overlaps the GPU's prefill
+            if self.cuda:
+                self.tok_host.copy_(tok, non_blocking=True)
+                self.gev1.record()
+                self.ev.record()
+                td = time.perf_counter()
+                task = dumper.dump(hashes, block_ids, event=self.ev)
+                r["first_dump_call_s"] = time.perf_counter() - td
+                self.ev.synchronize()
+                tok_f = int(self.tok_host.item())
+            else:
+                tok_f = int(tok.item())
+                task = dumper.dump(hashes, block_ids)
+            r["first_t1"] = time.perf_counter()
+            r["first_s"] = r["first_t1"] - t0
+            if self.cuda:
+                r["first_gpu_s"] = self.gev0.elapsed_time(self.gev1) / 1e3
+            return logits_f, tok_f, task
+
+        def finish_dump(task: Any) -> None:
+            task.wait()
+            r["dump_after_s"] = time.perf_counter() - r.pop("first_t1")
+
         c0 = dumper.counters()
-        self.sync()
-        t0 = time.perf_counter()
-        logits_f, tok = self.forward(ids, self.cacheA)
-        hashes = block_hashes(toks, salt)  # overlaps the GPU's prefill
-        if self.cuda:
-            self.tok_host.copy_(tok, non_blocking=True)
-            self.ev.record()
-            task = dumper.dump(hashes, block_ids, event=self.ev)
-            self.ev.synchronize()
-            tok_f = int(self.tok_host.item())
+        if self.args.order == "first-default":
+            logits_f, tok_f, task = run_first()
+            finish_dump(task)
+            logits_d, tok_d = run_default()
         else:
-            tok_f = int(tok.item())
-            task = dumper.dump(hashes, block_ids)
-        t1 = time.perf_counter()
-        r["first_s"] = t1 - t0
-        task.wait()
-        r["dump_after_s"] = time.perf_counter() - t1
+            logits_d, tok_d = run_default()
+            logits_f, tok_f, task = run_first()
+            finish_dump(task)
         res = task.results()
         c1 = dumper.counters()
         r["dump_ok"] = sum(1 for x in res if x == 0)
@@ -726,6 +763,11 @@ class Bench:
                 f"(restore {r['restore_s'] * 1e3:.1f} ms, hits {r['hits']}/{nb})  "
                 f"floor new token {r['floor_new_token_s'] * 1e3:.1f} ms  tok {r['tok_default']}/{r['tok_second']} "
                 f"rel diff {r['rel_diff']:.2e}")
+            if "first_gpu_s" in r:
+                log(f"  {T:>6} rep {rep}: GPU prefill default {r['default_gpu_s'] * 1e3:.1f} ms, first "
+                    f"{r['first_gpu_s'] * 1e3:.1f} ms; launch returned after default "
+                    f"{r['default_launch_s'] * 1e3:.1f} ms, first {r['first_launch_s'] * 1e3:.1f} ms; "
+                    f"dump() call {r['first_dump_call_s'] * 1e3:.2f} ms")
 
         def med(k: str) -> float:
             return median([x[k] for x in reps])
@@ -734,6 +776,9 @@ class Bench:
                    default_s=med("default_s"), first_s=med("first_s"), second_s=med("second_s"),
                    restore_s=med("restore_s"), lookup_s=med("lookup_s"), hash_s=med("hash_s"),
                    dump_after_s=med("dump_after_s"), floor_new_token_s=med("floor_new_token_s"),
+                   **({k: med(k) for k in ("default_gpu_s", "first_gpu_s", "default_launch_s",
+                                           "first_launch_s", "first_dump_call_s")}
+                      if "first_gpu_s" in reps[0] else {}),
                    copy_s=copy_s, repeats=reps, wall_s=time.perf_counter() - t0)
         row["ceiling_GBps"] = kv_bytes / copy_s / 1e9
         row["floor_s"] = row["floor_new_token_s"] + copy_s
@@ -898,6 +943,9 @@ def main() -> int:
     ap.add_argument("--ceiling-repeats", type=int, default=5)
     ap.add_argument("--tol", type=float, default=0.05, help="max |logit diff| / max |logit|")
     ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--order", choices=["default-first", "first-default"], default="default-first",
+                    help="which of default and first runs first in each repeat (a check that the "
+                         "gap between them is not an effect of their order)")
     ap.add_argument("--time-budget", type=float, default=0,
                     help="seconds for the measured lengths; longer ones are skipped (and reported) once the "
                          "next would not fit (default: no limit)")

@@ -3,6 +3,7 @@
  * master on a unix socket plus, in the same process, a client that serves
  * the pool's shared-memory segment). */
 #include <errno.h>
+#include <dirent.h>
 #include <getopt.h>
 #include <pthread.h>
 #include <signal.h>
@@ -43,7 +44,8 @@ typedef struct opts {
     const char *port_file;
     const char *runtime_dir;
     uint64_t segment_size;
-    int embedded, no_metadata;
+    int embedded, no_metadata, no_local_socket;
+    uint32_t busy_poll_us;
     kvs_master_opts mo;
 } opts;
 
@@ -71,6 +73,13 @@ static void usage(FILE *f)
 "  --evict-high F         start evicting a segment above this use (default 0.95;\n"
 "                         a fraction, or a percentage such as 95)\n"
 "  --evict-low F          evict down to this use (default 0.90)\n"
+"  --no-local-socket      do not offer clients on this host a unix socket (by default\n"
+"                         a master with only TCP listeners also listens on\n"
+"                         <runtime dir>/master-<port>-<pid>.sock and same-host\n"
+"                         clients switch to it during the handshake)\n"
+"  --busy-poll-us N       after serving requests, keep polling this long before\n"
+"                         sleeping, so the next request is read without a wake-up\n"
+"                         (default 100, or env KVSHELF_BUSY_POLL_US; 0 = never)\n"
 "  --port-file F          after listening, write {\"rpc\":P,\"http\":Q} to F (P: first TCP\n"
 "                         listener or 0, Q: HTTP port or 0)\n"
 "  --log-level L          error, warn, info or debug (default: env KVSHELF_LOG, else warn)\n"
@@ -93,6 +102,21 @@ static int parse_u32(const char *name, const char *s, uint32_t *out)
     unsigned long v = strtoul(s, &end, 10);
     if (errno || end == s || *end || v == 0 || v > 0x7fffffffUL) {
         fprintf(stderr, "kvshelf master: %s: invalid value '%s' (a positive integer)\n", name, s);
+        return -1;
+    }
+    *out = (uint32_t)v;
+    return 0;
+}
+
+/* 0..100000 microseconds. */
+static int parse_busy_poll(const char *name, const char *s, uint32_t *out)
+{
+    char *end;
+    errno = 0;
+    unsigned long v = strtoul(s, &end, 10);
+    if (errno || end == s || *end || s[0] == '-' || v > 100000UL) {
+        fprintf(stderr, "kvshelf master: %s: invalid value '%s' (0..100000 microseconds)\n",
+                name, s);
         return -1;
     }
     *out = (uint32_t)v;
@@ -124,7 +148,7 @@ static int parse_level(const char *s)
 
 enum {
     O_LISTEN = 256, O_HTTP, O_SECRET, O_TTL, O_LEASE, O_PUT_TIMEOUT, O_HIGH, O_LOW, O_NO_MD,
-    O_PORT_FILE, O_LOG, O_EMBEDDED, O_RUNDIR, O_SEGSIZE
+    O_PORT_FILE, O_LOG, O_EMBEDDED, O_RUNDIR, O_SEGSIZE, O_BUSY_POLL, O_NO_LOCAL
 };
 
 static int parse_args(int argc, char **argv, opts *o)
@@ -146,6 +170,8 @@ static int parse_args(int argc, char **argv, opts *o)
         {"embedded", no_argument, 0, O_EMBEDDED},
         {"runtime-dir", required_argument, 0, O_RUNDIR},
         {"segment-size", required_argument, 0, O_SEGSIZE},
+        {"busy-poll-us", required_argument, 0, O_BUSY_POLL},
+        {"no-local-socket", no_argument, 0, O_NO_LOCAL},
         {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0},
     };
@@ -181,6 +207,10 @@ static int parse_args(int argc, char **argv, opts *o)
             kvs_log_set_level(l);
             break;
         }
+        case O_BUSY_POLL:
+            if (parse_busy_poll("--busy-poll-us", optarg, &o->busy_poll_us)) return 2;
+            break;
+        case O_NO_LOCAL: o->no_local_socket = 1; break;
         case O_EMBEDDED: o->embedded = 1; break;
         case O_RUNDIR: o->runtime_dir = optarg; break;
         case O_SEGSIZE:
@@ -254,6 +284,70 @@ static int write_file_atomic(const char *path, const char *text)
     return 0;
 }
 
+/* Removes master-<port>-<pid>.sock files of masters that no longer run. */
+static void remove_stale_sockets(const char *dir)
+{
+    DIR *d = opendir(dir);
+    if (!d) return;
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        unsigned port;
+        int pid, n = 0;
+        if (sscanf(e->d_name, "master-%u-%d.sock%n", &port, &pid, &n) != 2 ||
+            e->d_name[n] != '\0' || pid <= 0)
+            continue;
+        if (kill(pid, 0) == 0 || errno != ESRCH) continue;
+        char p[1024];
+        if (snprintf(p, sizeof p, "%s/%s", dir, e->d_name) < (int)sizeof p) unlink(p);
+    }
+    closedir(d);
+}
+
+/* The unix socket offered to same-host clients (kvs_master_set_local_path):
+ * a unix --listen address if there is one, else a new listener in the
+ * runtime directory named after the TCP port and this process. Returns 0,
+ * or -1 after printing why (a failure to create it is only a warning). */
+static int setup_local_socket(kvs_server *srv, kvs_master *m, const opts *o, uint16_t rpc_port,
+                              char *path, size_t cap)
+{
+    for (int i = 0; i < o->nlisten; i++)
+        if (!strncmp(o->listen[i], "unix:", 5)) {
+            kvs_master_set_local_path(m, o->listen[i] + 5);
+            return 0;
+        }
+    if (o->embedded || !rpc_port) return 0; /* clients already use the unix socket */
+    char dir[512];
+    if (o->runtime_dir) {
+        kvs_strlcpy(dir, o->runtime_dir, sizeof dir);
+    } else {
+        kvs_config c;
+        kvs_config_init(&c);
+        kvs_strlcpy(dir, c.runtime_dir, sizeof dir);
+    }
+    if (mkdir(dir, 0700) != 0 && errno != EEXIST) {
+        KVS_LOGW("no unix socket for same-host clients: cannot create %s: %s", dir,
+                 strerror(errno));
+        return 0;
+    }
+    remove_stale_sockets(dir);
+    int n = snprintf(path, cap, "%s/master-%u-%d.sock", dir, rpc_port, (int)getpid());
+    if (n < 0 || (size_t)n >= cap) {
+        KVS_LOGW("no unix socket for same-host clients: path under %s too long", dir);
+        path[0] = '\0';
+        return 0;
+    }
+    char addr[128 + 8], err[512];
+    snprintf(addr, sizeof addr, "unix:%s", path);
+    if (kvs_server_listen(srv, addr, NULL, err, sizeof err) != KVS_OK) {
+        KVS_LOGW("no unix socket for same-host clients: %s", err);
+        path[0] = '\0';
+        return 0;
+    }
+    kvs_master_set_local_path(m, path);
+    KVS_LOGI("same-host clients switch to unix:%s", path);
+    return 0;
+}
+
 typedef struct loop_arg {
     kvs_server *srv;
     volatile sig_atomic_t stop;
@@ -323,6 +417,9 @@ int kvs_cmd_master(int argc, char **argv)
     opts o;
     memset(&o, 0, sizeof o);
     kvs_master_opts_init(&o.mo);
+    o.busy_poll_us = KVS_SERVER_BUSY_POLL_US;
+    const char *bp = getenv("KVSHELF_BUSY_POLL_US");
+    if (bp && *bp && parse_busy_poll("KVSHELF_BUSY_POLL_US", bp, &o.busy_poll_us)) return 2;
     o.segment_size = KVS_DEFAULT_GLOBAL_SEGMENT_SIZE;
     kvs_log_set_name("master");
     struct sigaction sa;
@@ -341,7 +438,7 @@ int kvs_cmd_master(int argc, char **argv)
     if (!o.embedded && o.nlisten == 0) o.listen[o.nlisten++] = "127.0.0.1:50001";
     if (check_exposure(&o, http)) return 2;
 
-    char rundir[512], sock_path[600], pid_path[600], sock_addr[620];
+    char rundir[512], sock_path[600], pid_path[600], sock_addr[620], local_path[108] = "";
     if (o.embedded) {
         if (!o.runtime_dir) {
             kvs_config c;
@@ -379,6 +476,7 @@ int kvs_cmd_master(int argc, char **argv)
         fprintf(stderr, "kvshelf master: cannot create the event loop\n");
         goto out;
     }
+    kvs_server_set_busy_poll(srv, o.busy_poll_us);
     uint16_t rpc_port = 0, http_port = 0;
     if (o.embedded && kvs_server_listen(srv, sock_addr, NULL, err, sizeof err) != KVS_OK) {
         fprintf(stderr, "kvshelf master: %s\n", err);
@@ -393,6 +491,9 @@ int kvs_cmd_master(int argc, char **argv)
         if (p && !rpc_port) rpc_port = p;
         KVS_LOGI("listening on %s%s", o.listen[i], p ? "" : " (unix)");
     }
+    if (!o.no_local_socket && setup_local_socket(srv, m, &o, rpc_port, local_path,
+                                                 sizeof local_path) != 0)
+        goto out;
     if (http) {
         rc = kvs_master_web_start(m, http, !o.no_metadata, &http_port, &web, err, sizeof err);
         if (rc != KVS_OK) {

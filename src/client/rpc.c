@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include "common/log.h"
+#include "common/net.h"
 #include "common/util.h"
 #include "kvshelf/errors.h"
 #include "proto/proto.h"
@@ -43,6 +44,7 @@ struct kvs_rpc {
     kvs_frame_hdr h;
     uint8_t *body;
     size_t body_have;
+    uint64_t spin_ns; /* busy-poll for a reply this long before sleeping in poll */
     atomic_int refs;
 };
 
@@ -83,6 +85,7 @@ static void unlink_waiter(kvs_rpc *r, struct waiter *w)
  * partial frame stays in r for the next leader. */
 static int read_frame(kvs_rpc *r, uint64_t deadline_ms)
 {
+    uint64_t spin_until = r->spin_ns ? kvs_now_ns() + r->spin_ns : 0;
     for (;;) {
         void *dst;
         size_t want;
@@ -99,6 +102,13 @@ static int read_frame(kvs_rpc *r, uint64_t deadline_ms)
             if (n < 0) {
                 if (errno == EINTR) continue;
                 if (errno != EAGAIN && errno != EWOULDBLOCK) return KVS_ERR_CONN;
+                if (spin_until) {
+                    if (kvs_now_ns() < spin_until) {
+                        kvs_cpu_relax();
+                        continue;
+                    }
+                    spin_until = 0;
+                }
                 uint64_t now = kvs_now_ms();
                 if (now >= deadline_ms) return 0;
                 struct pollfd p = {r->fd, POLLIN, 0};
@@ -146,6 +156,33 @@ static void dispatch_locked(kvs_rpc *r)
     r->hdr_have = 0;
 }
 
+/* A master on this host offered its unix socket on the TCP connection:
+ * connects there and says HELLO. The fd, or -1 (the caller stays on TCP).
+ * KVSHELF_NO_LOCAL_SOCKET=1 turns this off. */
+static int open_local(const kvs_challenge *tcp_ch, const char *secret, uint32_t role,
+                      int timeout_ms, uint8_t *resp, size_t cap, uint32_t *rlen)
+{
+    const char *off = getenv("KVSHELF_NO_LOCAL_SOCKET");
+    if (off && *off && strcmp(off, "0")) return -1;
+    kvs_addr ua;
+    memset(&ua, 0, sizeof ua);
+    ua.is_unix = 1;
+    if (kvs_strlcpy(ua.path, tcp_ch->local_path, sizeof ua.path)) return -1;
+    int fd = kvs_connect(&ua, timeout_ms);
+    if (fd < 0) return -1;
+    kvs_challenge ch;
+    int rc = kvs_hs_read_challenge(fd, timeout_ms, &ch);
+    if (rc == KVS_OK) rc = kvs_hs_hello(fd, &ch, secret, role, timeout_ms, resp, cap, rlen);
+    if (rc) {
+        KVS_LOGD("client: the master's unix socket %s: %s; staying on TCP", ua.path,
+                 kvs_strerror(rc));
+        close(fd);
+        return -1;
+    }
+    KVS_LOGD("client: the master is on this host: talking over unix:%s", ua.path);
+    return fd;
+}
+
 int kvs_rpc_open(const kvs_addr *a, const char *secret, uint32_t role, int timeout_ms,
                  kvs_rpc **out, kvs_hello_info *hello)
 {
@@ -155,11 +192,22 @@ int kvs_rpc_open(const kvs_addr *a, const char *secret, uint32_t role, int timeo
     if (fd < 0) return fd == KVS_ERR_TIMEOUT ? KVS_ERR_TIMEOUT : KVS_ERR_CONN;
     uint8_t resp[64];
     uint32_t rlen = 0;
-    int rc = kvs_hs_client(fd, secret, role, timeout_ms, resp, sizeof resp, &rlen);
+    kvs_challenge ch;
+    int rc = kvs_hs_read_challenge(fd, timeout_ms, &ch);
+    if (rc == KVS_OK && ch.local_path[0] && !a->is_unix) {
+        int ufd = open_local(&ch, secret, role, timeout_ms, resp, sizeof resp, &rlen);
+        if (ufd >= 0) {
+            close(fd); /* never said HELLO there: the master keeps no state for it */
+            fd = ufd;
+            goto authed;
+        }
+    }
+    if (rc == KVS_OK) rc = kvs_hs_hello(fd, &ch, secret, role, timeout_ms, resp, sizeof resp, &rlen);
     if (rc) {
         close(fd);
         return rc;
     }
+authed:;
     kvs_rbuf rb;
     kvs_rbuf_init(&rb, resp, KVS_MIN(rlen, (uint32_t)sizeof resp));
     kvs_hello_info hi;
@@ -182,6 +230,7 @@ int kvs_rpc_open(const kvs_addr *a, const char *secret, uint32_t role, int timeo
     }
     r->fd = fd;
     r->next_id = 1;
+    r->spin_ns = kvs_spin_ns();
     atomic_init(&r->refs, 1);
     pthread_mutex_init(&r->send_mu, NULL);
     pthread_mutex_init(&r->mu, NULL);
@@ -189,16 +238,18 @@ int kvs_rpc_open(const kvs_addr *a, const char *secret, uint32_t role, int timeo
     return KVS_OK;
 }
 
-/* Sends one frame; on failure kills the connection. */
-static int send_frame(kvs_rpc *r, uint16_t type, uint64_t req_id, const void *body, size_t len)
+/* Sends one frame (sendmsg `sflags`: MSG_MORE holds it back until the next
+ * frame); on failure kills the connection. */
+static int send_frame(kvs_rpc *r, uint16_t type, uint16_t flags, uint64_t req_id,
+                      const void *body, size_t len, int sflags)
 {
     if (len > KVS_MAX_BODY) return KVS_ERR_TOO_LARGE;
     uint8_t hb[KVS_FRAME_HDR];
-    kvs_frame_hdr h = {KVS_MAGIC, type, 0, (uint32_t)len, 0, req_id};
+    kvs_frame_hdr h = {KVS_MAGIC, type, flags, (uint32_t)len, 0, req_id};
     kvs_frame_hdr_encode(&h, hb);
     struct iovec iov[2] = {{hb, sizeof hb}, {(void *)body, len}};
     pthread_mutex_lock(&r->send_mu);
-    int rc = kvs_sendv_full(r->fd, iov, len ? 2 : 1);
+    int rc = kvs_sendv_flags(r->fd, iov, len ? 2 : 1, sflags);
     pthread_mutex_unlock(&r->send_mu);
     if (rc) {
         KVS_LOGW("client: sending %s to the master failed: %s", kvs_msg_name(type),
@@ -229,7 +280,7 @@ int kvs_rpc_call(kvs_rpc *r, uint16_t type, const void *body, size_t len, int ti
     r->waiters = &w;
     pthread_mutex_unlock(&r->mu);
 
-    send_frame(r, type, w.req_id, body, len); /* a failure completes w with the error */
+    send_frame(r, type, 0, w.req_id, body, len, 0); /* a failure completes w with the error */
 
     uint64_t deadline = kvs_now_ms() + (uint64_t)(timeout_ms > 0 ? timeout_ms : 5000);
     struct timespec ts;
@@ -284,7 +335,9 @@ int kvs_rpc_post(kvs_rpc *r, uint16_t type, const void *body, size_t len)
     uint64_t id = r->next_id++;
     pthread_mutex_unlock(&r->mu);
     if (dead) return e;
-    return send_frame(r, type, id, body, len);
+    /* No reply is sent for it; over TCP it leaves with the next request
+     * (one segment, one wake-up of the master) or within ~200 ms. */
+    return send_frame(r, type, KVS_F_NOREPLY, id, body, len, MSG_MORE);
 }
 
 int kvs_rpc_alive(kvs_rpc *r)

@@ -1,6 +1,10 @@
 #include "util.h"
 
+#include "common/log.h"
+
 #include <errno.h>
+#include <pthread.h>
+#include <stdlib.h>
 #include <fcntl.h>
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
@@ -70,6 +74,14 @@ int kvs_auth_check(const char *secret, const uint8_t nonce[16], const uint8_t au
     return CRYPTO_memcmp(want, auth, 32) == 0;
 }
 
+void kvs_host_tag(const uint8_t nonce[16], uint8_t out[32])
+{
+    uint8_t hid[16];
+    kvs_host_id(hid);
+    unsigned int len = 32;
+    HMAC(EVP_sha256(), hid, (int)sizeof hid, nonce, 16, out, &len);
+}
+
 uint64_t kvs_hash64(const void *p, size_t n) { return XXH3_64bits(p, n); }
 
 int kvs_strlcpy(char *dst, const char *src, size_t cap)
@@ -84,4 +96,28 @@ int kvs_strlcpy(char *dst, const char *src, size_t cap)
     if (n) memcpy(dst, src, n);
     dst[n] = '\0';
     return KVS_OK;
+}
+
+static uint64_t g_spin_ns;
+static pthread_once_t g_spin_once = PTHREAD_ONCE_INIT;
+
+static void spin_init(void)
+{
+    g_spin_ns = 50000;
+    const char *e = getenv("KVSHELF_SPIN_US");
+    if (!e || !*e) return;
+    char *end;
+    errno = 0;
+    unsigned long v = strtoul(e, &end, 10);
+    if (errno || *end || e[0] == '-' || v > 10000) {
+        KVS_LOGW("KVSHELF_SPIN_US=%s is not 0..10000 (microseconds): using 50", e);
+        return;
+    }
+    g_spin_ns = (uint64_t)v * 1000u;
+}
+
+uint64_t kvs_spin_ns(void)
+{
+    pthread_once(&g_spin_once, spin_init);
+    return g_spin_ns;
 }

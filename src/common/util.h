@@ -14,6 +14,22 @@
 uint64_t kvs_now_ns(void);
 uint64_t kvs_now_ms(void);
 
+/* How long a thread waiting for a reply busy-polls before it sleeps, in ns:
+ * KVSHELF_SPIN_US (0..10000 microseconds, default 50; 0 = never), read once.
+ * Waking a sleeping thread costs tens of microseconds (far more in a VM);
+ * replies on a fast link usually come sooner than that. */
+uint64_t kvs_spin_ns(void);
+
+/* One pause of a busy-poll loop. */
+static inline void kvs_cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    for (int i = 0; i < 32; i++) __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
 /* 16 bytes identifying this host (its boot id, else a hash of the hostname):
  * equal ids mean "same host, same boot", so shared memory can be mapped. */
 void kvs_host_id(uint8_t out[16]);
@@ -26,6 +42,10 @@ void kvs_auth_compute(const char *secret, const uint8_t nonce[16], uint8_t out[3
 
 /* Constant-time check of a HELLO's auth against the expected value. 1 = ok. */
 int kvs_auth_check(const char *secret, const uint8_t nonce[16], const uint8_t auth[32]);
+
+/* out = HMAC-SHA256(this host's id, nonce): proves "same host" to a peer
+ * holding the same nonce without revealing the id. */
+void kvs_host_tag(const uint8_t nonce[16], uint8_t out[32]);
 
 /* xxh3-64 of a byte string (stable across processes and restarts). */
 uint64_t kvs_hash64(const void *p, size_t n);

@@ -22,7 +22,18 @@ void kvs_mconn_init(kvs_master *m, kvs_mconn *c, int local, int peer_uid, kvs_wb
     size_t f = kvs_wbuf_begin_frame(out, KVS_MSG_CHALLENGE, 0, 0, 0);
     kvs_wbuf_u32(out, m->secret[0] ? 1u : 0u);
     kvs_wbuf_put(out, c->nonce, sizeof c->nonce);
+    if (m->local_path[0] && !(peer_uid >= 0 && local)) { /* a TCP peer */
+        uint8_t tag[KVS_AUTH_LEN];
+        kvs_host_tag(c->nonce, tag);
+        kvs_wbuf_put(out, tag, sizeof tag);
+        kvs_wbuf_str(out, m->local_path);
+    }
     kvs_wbuf_end_frame(out, f);
+}
+
+int kvs_master_set_local_path(kvs_master *m, const char *path)
+{
+    return kvs_strlcpy(m->local_path, path ? path : "", sizeof m->local_path);
 }
 
 static size_t begin(kvs_wbuf *out, const kvs_frame_hdr *h, int status)
@@ -316,7 +327,7 @@ static int on_shutdown(kvs_master *m, kvs_mconn *c, const kvs_frame_hdr *h, kvs_
     return KVS_OK;
 }
 
-int kvs_master_handle(kvs_master *m, kvs_mconn *c, const kvs_frame_hdr *h, const uint8_t *body,
+static int handle_one(kvs_master *m, kvs_mconn *c, const kvs_frame_hdr *h, const uint8_t *body,
                       size_t len, kvs_wbuf *out)
 {
     kvs_rbuf r;
@@ -360,6 +371,15 @@ int kvs_master_handle(kvs_master *m, kvs_mconn *c, const kvs_frame_hdr *h, const
                  kvs_msg_name(h->type), h->type, h->body_len);
     }
     if (rc == KVS_OK && out->err) rc = out->err;
+    return rc;
+}
+
+int kvs_master_handle(kvs_master *m, kvs_mconn *c, const kvs_frame_hdr *h, const uint8_t *body,
+                      size_t len, kvs_wbuf *out)
+{
+    size_t mark = out->len;
+    int rc = handle_one(m, c, h, body, len, out);
+    if ((h->flags & KVS_F_NOREPLY) && !out->err) out->len = mark; /* nobody waits for it */
     return rc;
 }
 

@@ -80,11 +80,20 @@ typedef struct kvs_mconn {
 } kvs_mconn;
 
 /* Starts a connection: picks a random nonce and appends the CHALLENGE frame
- * to `out`. `local`/`peer_uid` describe the peer (see kvs_mconn). */
+ * to `out`. `local`/`peer_uid` describe the peer (see kvs_mconn); on a TCP
+ * connection the CHALLENGE also offers the master's unix socket (see
+ * kvs_master_set_local_path), for clients on the same host. */
 void kvs_mconn_init(kvs_master *m, kvs_mconn *c, int local, int peer_uid, kvs_wbuf *out);
 
+/* Sets the unix socket path ("unix:" not included; NULL or "" for none) that
+ * CHALLENGE offers to TCP peers; a client on the same host then talks to
+ * the master over it (no TCP stack on either side). KVS_OK or
+ * KVS_ERR_TOO_LARGE (path of 108 bytes or more). */
+int kvs_master_set_local_path(kvs_master *m, const char *path);
+
 /* Handles one request frame (header already validated by
- * kvs_frame_hdr_decode) and appends its response to `out`. Returns KVS_OK
+ * kvs_frame_hdr_decode) and appends its response to `out` (nothing for a
+ * request flagged KVS_F_NOREPLY). Returns KVS_OK
  * to keep the connection, or a negative error meaning "flush `out`, then
  * close": KVS_ERR_PROTO (malformed/unexpected frame; nothing appended),
  * KVS_ERR_AUTH / KVS_ERR_UNSUPPORTED (refused HELLO; a reply was appended),

@@ -21,6 +21,7 @@ struct kvs_master {
     pthread_mutex_t lock;
     kvs_master_opts o;
     char secret[256];
+    char local_path[108]; /* unix socket offered to same-host TCP peers ("": none) */
     kvs_index ix;
     kvs_segs segs;
     kvs_clients clients;

@@ -54,6 +54,7 @@ struct kvs_server {
     size_t nlis;
     conn head; /* sentinel of the connection list */
     size_t nconns;
+    uint64_t busy_poll_ns;
 };
 
 int kvs_server_new(kvs_master *m, kvs_server **out)
@@ -61,6 +62,7 @@ int kvs_server_new(kvs_master *m, kvs_server **out)
     kvs_server *s = calloc(1, sizeof *s);
     if (!s) return KVS_ERR_NOMEM;
     s->m = m;
+    s->busy_poll_ns = KVS_SERVER_BUSY_POLL_US * 1000ull;
     s->ep = epoll_create1(EPOLL_CLOEXEC);
     if (s->ep < 0) {
         free(s);
@@ -292,11 +294,14 @@ static void on_conn_event(kvs_server *s, conn *c, uint32_t ev)
     }
 }
 
+void kvs_server_set_busy_poll(kvs_server *s, uint32_t us) { s->busy_poll_ns = us * 1000ull; }
+
 int kvs_server_run(kvs_server *s, volatile sig_atomic_t *stop, int stop_on_shutdown)
 {
     struct epoll_event evs[256];
     uint64_t next_tick = kvs_now_ms() + TICK_MS;
     int rc = KVS_OK;
+    uint64_t poll_until = 0; /* busy-poll (timeout 0) until then: see busy_poll_ns */
     for (;;) {
         if (stop && *stop) break;
         if (stop_on_shutdown) {
@@ -307,7 +312,10 @@ int kvs_server_run(kvs_server *s, volatile sig_atomic_t *stop, int stop_on_shutd
         }
         uint64_t now = kvs_now_ms();
         int timeout = next_tick > now ? (int)(next_tick - now) : 0;
+        if (poll_until && kvs_now_ns() < poll_until) timeout = 0;
+        else poll_until = 0;
         int n = epoll_wait(s->ep, evs, (int)KVS_ARRAY_LEN(evs), timeout);
+        if (n > 0 && s->busy_poll_ns) poll_until = kvs_now_ns() + s->busy_poll_ns;
         if (n < 0) {
             if (errno == EINTR) continue;
             KVS_LOGE("epoll_wait: %s", strerror(errno));

@@ -78,7 +78,7 @@ int kvs_frame_hdr_decode(const uint8_t in[KVS_FRAME_HDR], uint32_t max_body, kvs
     h->req_id = get_le64(in + 16);
     if (h->magic != KVS_MAGIC) return KVS_ERR_PROTO;
     if (kvs_msg_name(h->type)[0] == '?') return KVS_ERR_PROTO;
-    if (h->flags & ~KVS_F_RESPONSE) return KVS_ERR_PROTO;
+    if (h->flags & ~(KVS_F_RESPONSE | KVS_F_NOREPLY)) return KVS_ERR_PROTO;
     if (h->body_len > max_body) return KVS_ERR_PROTO;
     return KVS_OK;
 }

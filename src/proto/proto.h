@@ -6,7 +6,9 @@
  * Frame = 24-byte header + body (little-endian):
  *   u32 magic     KVS_MAGIC ("KVS1")
  *   u16 type      enum kvs_msg_type
- *   u16 flags     KVS_F_RESPONSE on responses
+ *   u16 flags     KVS_F_RESPONSE on responses; KVS_F_NOREPLY on a request
+ *                 the sender will not wait for: the master answers nothing
+ *                 (an error that closes the connection still closes it)
  *   u32 body_len  <= KVS_MAX_BODY, else the connection is closed
  *   i32 status    responses: KVS_OK or a negative kvs_error; requests: 0
  *   u64 req_id    chosen by the requester, echoed in the response
@@ -26,6 +28,11 @@
  *
  * CHALLENGE (server->client, unsolicited, req_id 0)
  *     u32 flags (bit0: secret required), u8[16] nonce
+ *     [master, on TCP connections, when it has a unix socket:
+ *      u8[32] host_tag = HMAC-SHA256(host_id, nonce), str unix_path]
+ *     A client whose own host_tag matches may close this connection before
+ *     HELLO and talk to the master over unix_path instead (same master, no
+ *     TCP stack); if that fails it goes on here.
  * HELLO
  *   req:  u32 version (KVS_PROTO_VERSION), u32 role (enum kvs_role), u64 pid,
  *         u32 uid, str hostname, u8[16] host_id, u8[32] auth
@@ -51,9 +58,10 @@
  *   req:  u64 client_id, u32 n, n x { bytes key }
  *   resp: u32 n, n x { i32 status, u64 size, u32 segment_id, u64 offset,
  *                      u64 obj_id, u64 lease_id }
- * RELEASE
+ * RELEASE (clients send it with KVS_F_NOREPLY, in the same TCP segment as
+ *          their next request when one follows within ~200 ms)
  *   req:  u64 client_id, u32 n, n x { u64 lease_id }
- *   resp: (empty)
+ *   resp: (empty), none with KVS_F_NOREPLY
  * EXISTS
  *   req:  u32 n, n x { bytes key }
  *   resp: u32 n, ceil(n/8) bytes bitmap (bit i%8 of byte i/8 = key i stored)
@@ -91,6 +99,7 @@
 #define KVS_MAX_CHUNK (4u << 20)  /* transfer engine splits values into 4 MiB pieces */
 #define KVS_MAX_BATCH 65536u      /* entries per batch message */
 #define KVS_F_RESPONSE 0x1u
+#define KVS_F_NOREPLY 0x2u /* request: send no response */
 #define KVS_NONCE_LEN 16u
 #define KVS_AUTH_LEN 32u
 #define KVS_HOST_ID_LEN 16u

@@ -40,7 +40,7 @@ struct xreq {
 struct xbatch {
     pthread_mutex_t mu;
     pthread_cond_t cv;
-    size_t left;          /* requests not completed yet */
+    atomic_size_t left;   /* requests not completed yet (changed under mu) */
     uint64_t progress_ms; /* last completion (or start) */
     kvs_xfer_op *ops;
 };
@@ -124,8 +124,21 @@ static void conn_fail_all(struct xconn *c)
     }
 }
 
+/* Receives 1..n bytes; busy-polls for up to kvs_spin_ns() before blocking
+ * (a reply to a pipelined request usually follows within microseconds). */
 static int recv_some(int fd, void *p, size_t n)
 {
+    uint64_t spin = kvs_spin_ns(), until = 0;
+    while (spin) {
+        ssize_t r = recv(fd, p, n, MSG_DONTWAIT);
+        if (r > 0) return (int)r;
+        if (r == 0) return -1;
+        if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) return -1;
+        uint64_t now = kvs_now_ns();
+        if (!until) until = now + spin;
+        else if (now >= until) break;
+        kvs_cpu_relax();
+    }
     for (;;) {
         ssize_t r = recv(fd, p, n, 0);
         if (r > 0) return (int)r;
@@ -440,8 +453,16 @@ int kvs_xfer_run(kvs_xfer_client *xc, kvs_xfer_op *ops, size_t n)
     }
     free(first_req);
 
-    /* Wait; a batch that makes no progress for timeout_ms gives up on its
-     * connections (their readers then fail what is left). */
+    /* Wait: busy-poll briefly (the replies of a small batch often come
+     * before a sleep and wake-up would), then sleep; a batch that makes no
+     * progress for timeout_ms gives up on its connections (their readers
+     * then fail what is left). The lock below also waits out the reader
+     * still inside batch_complete. */
+    uint64_t spin = kvs_spin_ns();
+    if (spin && atomic_load(&b.left)) {
+        uint64_t until = kvs_now_ns() + spin;
+        while (atomic_load(&b.left) && kvs_now_ns() < until) kvs_cpu_relax();
+    }
     pthread_mutex_lock(&b.mu);
     int killed = 0;
     while (b.left) {

@@ -13,6 +13,11 @@
 
 int kvs_sendv_full(int fd, struct iovec *iov, int iovcnt)
 {
+    return kvs_sendv_flags(fd, iov, iovcnt, 0);
+}
+
+int kvs_sendv_flags(int fd, struct iovec *iov, int iovcnt, int flags)
+{
     while (iovcnt > 0 && iov->iov_len == 0) {
         iov++;
         iovcnt--;
@@ -22,7 +27,7 @@ int kvs_sendv_full(int fd, struct iovec *iov, int iovcnt)
         memset(&m, 0, sizeof m);
         m.msg_iov = iov;
         m.msg_iovlen = (size_t)(iovcnt > IOV_MAX ? IOV_MAX : iovcnt);
-        ssize_t w = sendmsg(fd, &m, MSG_NOSIGNAL);
+        ssize_t w = sendmsg(fd, &m, MSG_NOSIGNAL | flags);
         if (w < 0) {
             if (errno == EINTR) continue;
             if (errno == EAGAIN || errno == EWOULDBLOCK) return KVS_ERR_TIMEOUT;
@@ -53,22 +58,50 @@ static int read_frame(int fd, kvs_frame_hdr *h, uint8_t *body, size_t cap)
     return KVS_OK;
 }
 
-int kvs_hs_client(int fd, const char *secret, uint32_t role, int timeout_ms, uint8_t *resp,
-                  size_t cap, uint32_t *resp_len)
+int kvs_hs_read_challenge(int fd, int timeout_ms, kvs_challenge *ch)
 {
+    memset(ch, 0, sizeof *ch);
     kvs_set_timeouts(fd, timeout_ms);
     kvs_frame_hdr h;
     uint8_t body[512];
     int rc = read_frame(fd, &h, body, sizeof body);
     if (rc) return rc;
-    if (h.type != KVS_MSG_CHALLENGE) return KVS_ERR_PROTO;
+    if (h.type != KVS_MSG_CHALLENGE || (h.flags & KVS_F_RESPONSE)) return KVS_ERR_PROTO;
     kvs_rbuf r;
     kvs_rbuf_init(&r, body, h.body_len);
     (void)kvs_rbuf_u32(&r);
-    uint8_t nonce[KVS_NONCE_LEN];
-    kvs_rbuf_raw(&r, nonce, sizeof nonce);
+    kvs_rbuf_raw(&r, ch->nonce, sizeof ch->nonce);
+    if (!r.err && r.pos < r.len) { /* the master offers its unix socket */
+        uint8_t tag[KVS_AUTH_LEN], mine[KVS_AUTH_LEN];
+        char path[sizeof ch->local_path];
+        kvs_rbuf_raw(&r, tag, sizeof tag);
+        kvs_rbuf_str(&r, path, sizeof path);
+        if (r.err) return KVS_ERR_PROTO;
+        kvs_host_tag(ch->nonce, mine);
+        if (!memcmp(tag, mine, sizeof mine) && path[0] == '/')
+            memcpy(ch->local_path, path, sizeof path);
+    }
     if (kvs_rbuf_finish(&r)) return KVS_ERR_PROTO;
+    return KVS_OK;
+}
 
+int kvs_hs_client(int fd, const char *secret, uint32_t role, int timeout_ms, uint8_t *resp,
+                  size_t cap, uint32_t *resp_len)
+{
+    kvs_challenge ch;
+    int rc = kvs_hs_read_challenge(fd, timeout_ms, &ch);
+    if (rc) return rc;
+    return kvs_hs_hello(fd, &ch, secret, role, timeout_ms, resp, cap, resp_len);
+}
+
+int kvs_hs_hello(int fd, const kvs_challenge *ch, const char *secret, uint32_t role,
+                 int timeout_ms, uint8_t *resp, size_t cap, uint32_t *resp_len)
+{
+    kvs_set_timeouts(fd, timeout_ms);
+    kvs_frame_hdr h;
+    uint8_t body[512];
+    int rc;
+    const uint8_t *nonce = ch->nonce;
     char host[256] = "";
     gethostname(host, sizeof host - 1);
     uint8_t hid[KVS_HOST_ID_LEN], auth[KVS_AUTH_LEN];

@@ -44,10 +44,28 @@
 int kvs_hs_client(int fd, const char *secret, uint32_t role, int timeout_ms, uint8_t *resp,
                   size_t cap, uint32_t *resp_len);
 
+/* What a CHALLENGE carried. */
+typedef struct kvs_challenge {
+    uint8_t nonce[16];
+    char local_path[108]; /* the master's unix socket, offered on TCP and set
+                             only when its host tag proves it is this host */
+} kvs_challenge;
+
+/* The two halves of kvs_hs_client: read the CHALLENGE (KVS_OK, KVS_ERR_PROTO,
+ * KVS_ERR_CONN, KVS_ERR_TIMEOUT), then send HELLO and read its reply (as
+ * kvs_hs_client). Between them a client may switch to ch->local_path. */
+int kvs_hs_read_challenge(int fd, int timeout_ms, kvs_challenge *ch);
+int kvs_hs_hello(int fd, const kvs_challenge *ch, const char *secret, uint32_t role,
+                 int timeout_ms, uint8_t *resp, size_t cap, uint32_t *resp_len);
+
 /* Sends all iovecs with sendmsg(MSG_NOSIGNAL), retrying short writes and
  * EINTR (the iovec array is modified). KVS_OK, KVS_ERR_TIMEOUT (SO_SNDTIMEO)
  * or KVS_ERR_CONN. */
 int kvs_sendv_full(int fd, struct iovec *iov, int iovcnt);
+
+/* kvs_sendv_full with extra sendmsg flags (MSG_MORE: on TCP the kernel holds
+ * the bytes until the next send without it, at most ~200 ms). */
+int kvs_sendv_flags(int fd, struct iovec *iov, int iovcnt, int flags);
 
 /* ---------------- server ---------------- */
 

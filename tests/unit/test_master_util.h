@@ -118,12 +118,13 @@ static inline int tm_feed_raw(tm_conn *c, const uint8_t *p, size_t n, size_t *co
     return rc;
 }
 
-/* Wraps body `b` in a frame of `type` and feeds it. */
-static inline int tm_send(tm_conn *c, uint16_t type, const kvs_wbuf *b, uint64_t req_id)
+/* Wraps body `b` in a frame of `type` with request `flags` and feeds it. */
+static inline int tm_send_flags(tm_conn *c, uint16_t type, uint16_t flags, const kvs_wbuf *b,
+                                uint64_t req_id)
 {
     kvs_wbuf f;
     kvs_wbuf_init(&f);
-    size_t s = kvs_wbuf_begin_frame(&f, type, 0, 0, req_id);
+    size_t s = kvs_wbuf_begin_frame(&f, type, flags, 0, req_id);
     if (b && b->len) kvs_wbuf_put(&f, b->data, b->len);
     kvs_wbuf_end_frame(&f, s);
     size_t used;
@@ -131,6 +132,12 @@ static inline int tm_send(tm_conn *c, uint16_t type, const kvs_wbuf *b, uint64_t
     if (rc == KVS_OK) assert_int_equal(used, f.len);
     kvs_wbuf_free(&f);
     return rc;
+}
+
+/* Wraps body `b` in a frame of `type` and feeds it. */
+static inline int tm_send(tm_conn *c, uint16_t type, const kvs_wbuf *b, uint64_t req_id)
+{
+    return tm_send_flags(c, type, 0, b, req_id);
 }
 
 /* Next response frame (must exist). */
