@@ -4,7 +4,9 @@
 A Qwen2.5-14B-shaped model (Transformers ``Qwen2Config``: 48 layers, hidden 5120,
 40 heads, 8 KV heads, intermediate 13824, vocab 152064, bf16, SDPA attention) with
 random weights made on the GPU (nothing is downloaded). For each prompt length,
-median of ``--repeats`` runs, each on a fresh random prompt:
+median of ``--repeats`` runs (default 4), each on a fresh random prompt, with
+default and first swapped every run (``--order alternate``: the second of two
+back-to-back prefills runs slower on the GPU, whichever it is):
 
 default  prefill into the model's KV cache, greedy first token (no kvshelf);
 first    the same, then the prompt's KV (every full 16-token block) is dumped
@@ -562,7 +564,11 @@ class Bench:
             r["dump_after_s"] = time.perf_counter() - r.pop("first_t1")
 
         c0 = dumper.counters()
-        if self.args.order == "first-default":
+        order = self.args.order
+        if order == "alternate":  # balance the position effect (see --order)
+            order = "default-first" if rep % 2 == 0 else "first-default"
+        r["order"] = order
+        if order == "first-default":
             logits_f, tok_f, task = run_first()
             finish_dump(task)
             logits_d, tok_d = run_default()
@@ -838,7 +844,10 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]], tg: list, errors:
     L.append(f"- command: `{meta['command']}`")
     L.append(f"- deployment: {meta['deployment']}")
     L.append(f"- median of {meta['repeats']} runs per length, each on a fresh random prompt; "
-             f"times in seconds unless marked")
+             f"times in seconds unless marked; order of default and first in a run: "
+             f"{meta.get('order', 'default-first')}"
+             + (" (swapped every run: whichever of two back-to-back prefills runs second is slower "
+                "on the GPU)" if meta.get("order") == "alternate" else ""))
     L.append("")
     L.append("| tokens | first request (dump) | second request (load) | default (recompute) | first/default "
              "| second/default | restore ms (lookup+load) | restore GB/s | floor ms (new token + copy) "
@@ -930,7 +939,8 @@ def main() -> int:
     ap.add_argument("--mode", choices=["embedded", "master"], default="embedded")
     ap.add_argument("--lengths", type=parse_lengths, default=None,
                     help="prompt lengths, e.g. 2k,4k,8k,16k,32k (default; --tiny: 64,128)")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=4,
+                    help="timed runs per length (median; even, so --order alternate balances)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed full runs at the shortest length")
     ap.add_argument("--no-warmup-each", dest="warmup_each", action="store_false",
                     help="skip the untimed prefill at each new length")
@@ -943,9 +953,11 @@ def main() -> int:
     ap.add_argument("--ceiling-repeats", type=int, default=5)
     ap.add_argument("--tol", type=float, default=0.05, help="max |logit diff| / max |logit|")
     ap.add_argument("--seed", type=int, default=1234)
-    ap.add_argument("--order", choices=["default-first", "first-default"], default="default-first",
-                    help="which of default and first runs first in each repeat (a check that the "
-                         "gap between them is not an effect of their order)")
+    ap.add_argument("--order", choices=["alternate", "default-first", "first-default"], default="alternate",
+                    help="which of default and first runs first in each repeat. On the H100 the second "
+                         "of two back-to-back prefills runs ~5%% slower on the GPU (measured with CUDA "
+                         "events at 8k tokens, whichever of the two it is), so 'alternate' (default) "
+                         "swaps them every repeat; use an even --repeats with it")
     ap.add_argument("--time-budget", type=float, default=0,
                     help="seconds for the measured lengths; longer ones are skipped (and reported) once the "
                          "next would not fit (default: no limit)")
@@ -995,7 +1007,7 @@ def main() -> int:
                 tiny=args.tiny, gpu=bench.gpu, host=f"{platform.node()} {platform.machine()}, "
                 f"{os.cpu_count()} CPUs", torch=torch.__version__, transformers=transformers.__version__,
                 kvshelf=kvshelf.__version__, backend=res["backend"], date=date, command=command,
-                deployment=dep.describe, repeats=args.repeats, tol=args.tol, pool_bytes=pool,
+                deployment=dep.describe, repeats=args.repeats, order=args.order, tol=args.tol, pool_bytes=pool,
                 namespace=bench.ns, lengths=args.lengths, python=sys.version.split()[0],
                 gpu_peak_GB=torch.cuda.max_memory_allocated() / 1e9 if bench.cuda else None,
                 warmup_errors=bench.warmup_errors)
