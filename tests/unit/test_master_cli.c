@@ -121,11 +121,13 @@ static void test_run_and_stop(void **st)
     int fd = kvs_connect(&a, 2000);
     assert_true(fd >= 0);
     kvs_set_timeouts(fd, 5000);
-    uint8_t hb[KVS_FRAME_HDR], body[64];
+    uint8_t hb[KVS_FRAME_HDR], body[512];
     kvs_frame_hdr fh;
     assert_int_equal(kvs_read_full(fd, hb, sizeof hb), KVS_OK);
     assert_int_equal(kvs_frame_hdr_decode(hb, KVS_MAX_BODY, &fh), KVS_OK);
     assert_int_equal(fh.type, KVS_MSG_CHALLENGE);
+    /* flags, nonce, then (TCP) host tag + the unix socket for same-host clients */
+    assert_true(fh.body_len > 20 + 32 + 4 && fh.body_len <= sizeof body);
     assert_int_equal(kvs_read_full(fd, body, fh.body_len), KVS_OK);
     kvs_wbuf w;
     kvs_wbuf_init(&w);
