@@ -187,8 +187,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             if (rc != KVS_ERR_PROTO) abort();
             break; /* a server closes the connection here */
         }
-        if (h.magic != KVS_MAGIC || h.body_len > KVS_MAX_BODY || (h.flags & ~KVS_F_RESPONSE) ||
-            kvs_msg_name(h.type)[0] == '?')
+        if (h.magic != KVS_MAGIC || h.body_len > KVS_MAX_BODY ||
+            (h.flags & ~(KVS_F_RESPONSE | KVS_F_NOREPLY)) || kvs_msg_name(h.type)[0] == '?')
             abort(); /* decode accepted what it must reject */
         /* Round trip of the header itself. */
         uint8_t again[KVS_FRAME_HDR];
