@@ -266,3 +266,20 @@ void kvs_set_bulk_buffers(int fd)
     setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sz, sizeof sz);
     setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &sz, sizeof sz);
 }
+
+ssize_t kvs_recv_spin(int fd, void *buf, size_t n)
+{
+    uint64_t spin = kvs_spin_ns(), until = 0;
+    for (;;) {
+        ssize_t r = recv(fd, buf, n, MSG_DONTWAIT);
+        if (r >= 0) return r;
+        if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) return -1;
+        uint64_t now = kvs_now_ns();
+        if (!until) until = now + spin;
+        if (now >= until) {
+            errno = EAGAIN;
+            return -1;
+        }
+        kvs_cpu_relax();
+    }
+}

@@ -5,6 +5,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/types.h>
 #include <sys/uio.h>
 
 typedef struct kvs_addr {
@@ -48,6 +49,11 @@ int kvs_writev_full(int fd, struct iovec *iov, int iovcnt);
 
 /* Sets SO_RCVTIMEO and SO_SNDTIMEO (0 = none). */
 void kvs_set_timeouts(int fd, int timeout_ms);
+
+/* Non-blocking recv retried for up to kvs_spin_ns() (busy-poll before the
+ * caller sleeps). Returns bytes read (> 0), 0 at EOF, or -1 with errno
+ * (EAGAIN: nothing came within the spin). */
+ssize_t kvs_recv_spin(int fd, void *buf, size_t n);
 
 /* Larger socket buffers for bulk transfer. */
 void kvs_set_bulk_buffers(int fd);

@@ -128,17 +128,9 @@ static void conn_fail_all(struct xconn *c)
  * (a reply to a pipelined request usually follows within microseconds). */
 static int recv_some(int fd, void *p, size_t n)
 {
-    uint64_t spin = kvs_spin_ns(), until = 0;
-    while (spin) {
-        ssize_t r = recv(fd, p, n, MSG_DONTWAIT);
-        if (r > 0) return (int)r;
-        if (r == 0) return -1;
-        if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) return -1;
-        uint64_t now = kvs_now_ns();
-        if (!until) until = now + spin;
-        else if (now >= until) break;
-        kvs_cpu_relax();
-    }
+    ssize_t s = kvs_recv_spin(fd, p, n);
+    if (s > 0) return (int)s;
+    if (s == 0 || errno != EAGAIN) return -1;
     for (;;) {
         ssize_t r = recv(fd, p, n, 0);
         if (r > 0) return (int)r;

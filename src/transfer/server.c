@@ -222,15 +222,10 @@ static ssize_t fill_in(int fd, uint8_t *buf, size_t cap, struct outq *o)
         if (errno != EAGAIN && errno != EWOULDBLOCK) return -1;
         if (flush_out(fd, o)) return -1;
         /* the client's next request usually follows at once: poll briefly
-         * before sleeping (kvs_spin_ns) */
-        uint64_t spin = kvs_spin_ns(), until = spin ? kvs_now_ns() + spin : 0;
-        while (until) {
-            r = recv(fd, buf, cap, MSG_DONTWAIT);
-            if (r >= 0) return r;
-            if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) return -1;
-            if (kvs_now_ns() >= until) break;
-            kvs_cpu_relax();
-        }
+         * before sleeping */
+        r = kvs_recv_spin(fd, buf, cap);
+        if (r >= 0) return r;
+        if (errno != EAGAIN) return -1;
         r = recv(fd, buf, cap, 0);
         if (r >= 0) return r;
         if (errno == EINTR) continue;
