@@ -951,9 +951,10 @@ static void print_json(FILE *f, bench *b, const result *res, int n, const fill_r
         fprintf(f,
                 ",\"counters\":{\"puts\":%" PRIu64 ",\"gets\":%" PRIu64 ",\"hits\":%" PRIu64
                 ",\"misses\":%" PRIu64 ",\"errors\":%" PRIu64 ",\"reconnects\":%" PRIu64
-                ",\"bytes_put\":%" PRIu64 ",\"bytes_got\":%" PRIu64 "}",
+                ",\"bytes_put\":%" PRIu64 ",\"bytes_got\":%" PRIu64
+                ",\"early_kept\":%" PRIu64 ",\"early_wasted\":%" PRIu64 "}",
                 cc.puts, cc.gets, cc.hits, cc.misses, cc.errors, cc.reconnects, cc.bytes_put,
-                cc.bytes_got);
+                cc.bytes_got, cc.early_kept, cc.early_wasted);
     }
     if (fr && fr->ran)
         fprintf(f,

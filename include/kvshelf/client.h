@@ -75,7 +75,11 @@ int kvs_put(kvs_client *c, const void *key, uint32_t key_len, const void *value,
 
 /* Fetches the value of `key` into `buf` (capacity `cap`), stores its size in
  * *size (may be NULL). KVS_ERR_NOT_FOUND on a miss, KVS_ERR_TOO_LARGE if cap
- * is smaller than the value (then *size is still set). */
+ * is smaller than the value (then *size is still set). On any status but
+ * KVS_OK the bytes of `buf` are unspecified: from a same-host segment a get
+ * starts copying from where this client last saw the object while the
+ * master is still answering, and keeps that copy only if the answer names
+ * the same object (KVSHELF_LOC_CACHE=0 turns this off). */
 int kvs_get(kvs_client *c, const void *key, uint32_t key_len, void *buf, uint64_t cap,
             uint64_t *size);
 
@@ -169,9 +173,14 @@ int kvs_slot_lease_valid(kvs_client *c, const kvs_slot *slot);
  * objects, clients) into a malloc'd string stored in *json (free() it). */
 int kvs_client_stats_json(kvs_client *c, char **json);
 
-/* Counters of this client (monotonic). */
+/* Counters of this client (monotonic). early_kept / early_wasted: gets
+ * from a same-host segment whose copy started before the master answered
+ * (from where this client last saw the object) and was kept / had to be
+ * redone because the object had changed (KVSHELF_LOC_CACHE=0 turns that
+ * off). */
 typedef struct kvs_client_counters {
     uint64_t puts, gets, hits, misses, errors, reconnects, bytes_put, bytes_got;
+    uint64_t early_kept, early_wasted;
 } kvs_client_counters;
 void kvs_client_get_counters(kvs_client *c, kvs_client_counters *out);
 

@@ -494,13 +494,16 @@ static PyObject *Client_counters(ClientObject *self, PyObject *Py_UNUSED(a)) {
     kvs_client_counters k;
     memset(&k, 0, sizeof k);
     kvs_client_get_counters(self->c, &k);
-    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K}", "puts", (unsigned long long)k.puts,
+    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K}", "puts",
+                         (unsigned long long)k.puts,
                          "gets", (unsigned long long)k.gets, "hits", (unsigned long long)k.hits,
                          "misses", (unsigned long long)k.misses, "errors",
                          (unsigned long long)k.errors, "reconnects",
                          (unsigned long long)k.reconnects, "bytes_put",
                          (unsigned long long)k.bytes_put, "bytes_got",
-                         (unsigned long long)k.bytes_got);
+                         (unsigned long long)k.bytes_got, "early_kept",
+                         (unsigned long long)k.early_kept, "early_wasted",
+                         (unsigned long long)k.early_wasted);
 }
 
 static PyMethodDef Client_methods[] = {

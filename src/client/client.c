@@ -221,13 +221,9 @@ void kvs_conn_put(kvs_conn_ref *cr)
     cr->rpc = NULL;
 }
 
-int kvs_conn_call(kvs_client *c, kvs_conn_ref *cr, uint16_t type, const kvs_wbuf *body,
-                  int names_client, uint8_t **resp, uint32_t *resp_len)
+/* What a reply's status means for the connection (see kvs_conn_call). */
+static int conn_status(kvs_client *c, kvs_conn_ref *cr, int rc, int names_client)
 {
-    *resp = NULL;
-    *resp_len = 0;
-    if (body->err) return body->err;
-    int rc = kvs_rpc_call(cr->rpc, type, body->data, body->len, c->timeout_ms, resp, resp_len);
     if (rc == KVS_ERR_NOT_FOUND && names_client) {
         KVS_LOGW("client: the master does not know client %llu any more; reconnecting",
                  (unsigned long long)cr->client_id);
@@ -236,6 +232,28 @@ int kvs_conn_call(kvs_client *c, kvs_conn_ref *cr, uint16_t type, const kvs_wbuf
     }
     if (rc == KVS_ERR_CONN && atomic_load(&c->closing)) rc = KVS_ERR_CLOSED;
     return rc;
+}
+
+int kvs_conn_call(kvs_client *c, kvs_conn_ref *cr, uint16_t type, const kvs_wbuf *body,
+                  int names_client, uint8_t **resp, uint32_t *resp_len)
+{
+    *resp = NULL;
+    *resp_len = 0;
+    if (body->err) return body->err;
+    int rc = kvs_rpc_call(cr->rpc, type, body->data, body->len, c->timeout_ms, resp, resp_len);
+    return conn_status(c, cr, rc, names_client);
+}
+
+int kvs_conn_start(kvs_conn_ref *cr, kvs_rpc_req *q, uint16_t type, const kvs_wbuf *body)
+{
+    return kvs_rpc_start(cr->rpc, q, type, body->data, body->len);
+}
+
+int kvs_conn_finish(kvs_client *c, kvs_conn_ref *cr, kvs_rpc_req *q, int names_client,
+                    uint8_t **resp, uint32_t *resp_len)
+{
+    int rc = kvs_rpc_finish(cr->rpc, q, c->timeout_ms, resp, resp_len);
+    return conn_status(c, cr, rc, names_client);
 }
 
 /* ---- segment table ---- */
@@ -342,6 +360,11 @@ static int tab_lookup(kvs_client *c, uint32_t gen, uint32_t id, kvs_seginfo *out
     return res;
 }
 
+int kvs_seg_peek(kvs_client *c, uint32_t gen, uint32_t id, kvs_seginfo *out)
+{
+    return tab_lookup(c, gen, id, out) == 1;
+}
+
 int kvs_seg_find(kvs_client *c, uint32_t gen, uint32_t id, kvs_seginfo *out)
 {
     if (tab_lookup(c, gen, id, out) == 1) return KVS_OK;
@@ -424,6 +447,7 @@ static void client_free(kvs_client *c)
     kvs_xfer_server_stop(c->xsrv);
     kvs_xfer_client_free(c->xc);
     kvs_shm_cache_free(c->shm);
+    kvs_loccache_free(c->lc);
     if (c->have_seg) kvs_segment_destroy(&c->seg);
     free(c->tab);
     free(c->regs);
@@ -489,6 +513,7 @@ int kvs_client_open_opts(const kvs_config *cfg, const kvs_client_opts *opts, kvs
         goto fail;
     }
     c->shm = kvs_shm_cache_new();
+    c->lc = kvs_loccache_new(kvs_loccache_size_from_env()); /* NULL: off (or no memory) */
     rc = c->shm ? kvs_xfer_client_new(cfg->secret, c->timeout_ms, &c->xc) : KVS_ERR_NOMEM;
     if (rc) goto fail;
 
@@ -625,4 +650,6 @@ void kvs_client_get_counters(kvs_client *c, kvs_client_counters *out)
     out->reconnects = atomic_load(&c->n_reconnects);
     out->bytes_put = atomic_load(&c->n_bytes_put);
     out->bytes_got = atomic_load(&c->n_bytes_got);
+    out->early_kept = atomic_load(&c->n_early_kept);
+    out->early_wasted = atomic_load(&c->n_early_wasted);
 }

@@ -10,6 +10,7 @@
 #include <stdint.h>
 
 #include "client/client_ext.h"
+#include "client/loccache.h"
 #include "client/rpc.h"
 #include "common/net.h"
 #include "kvshelf/client.h"
@@ -81,6 +82,7 @@ struct kvs_client {
     pthread_mutex_t refresh_mu;
     kvs_shm_cache *shm;
     kvs_xfer_client *xc;
+    kvs_loccache *lc; /* where recently used objects lie; NULL = off */
 
     /* registered memory (sorted by start) */
     pthread_mutex_t reg_mu;
@@ -99,7 +101,7 @@ struct kvs_client {
     atomic_int closing;
 
     atomic_uint_fast64_t n_puts, n_gets, n_hits, n_misses, n_errors, n_reconnects, n_bytes_put,
-        n_bytes_got;
+        n_bytes_got, n_early_kept, n_early_wasted;
 };
 
 /* ---- client.c ---- */
@@ -121,6 +123,18 @@ void kvs_conn_put(kvs_conn_ref *cr);
  * failures are KVS_ERR_CONN (or KVS_ERR_CLOSED while closing). */
 int kvs_conn_call(kvs_client *c, kvs_conn_ref *cr, uint16_t type, const kvs_wbuf *body,
                   int names_client, uint8_t **resp, uint32_t *resp_len);
+
+/* kvs_conn_call in two halves (see kvs_rpc_start): start sends the request
+ * (`body` must have no error; KVS_OK or the transport error the request
+ * already failed with), finish waits for the reply and interprets
+ * it like kvs_conn_call. Every start is followed by one finish. */
+int kvs_conn_start(kvs_conn_ref *cr, kvs_rpc_req *q, uint16_t type, const kvs_wbuf *body);
+int kvs_conn_finish(kvs_client *c, kvs_conn_ref *cr, kvs_rpc_req *q, int names_client,
+                    uint8_t **resp, uint32_t *resp_len);
+
+/* Finds segment `id` of generation `gen` in the current table without
+ * refreshing it: 1 (copied into *out) or 0. */
+int kvs_seg_peek(kvs_client *c, uint32_t gen, uint32_t id, kvs_seginfo *out);
 
 /* Finds segment `id` of connection generation `gen`, refreshing the table
  * once if it is unknown. KVS_OK (copied into *out) or KVS_ERR_UNAVAILABLE. */

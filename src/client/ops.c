@@ -289,6 +289,14 @@ static void put_chunk(kvs_client *c, kvs_item *items, size_t n)
     if (kvs_rbuf_finish(&r))
         for (size_t j = 0; j < nl; j++)
             if (items[ls[j].item].status == KVS_OK) items[ls[j].item].status = KVS_ERR_PROTO;
+    /* a later get of these keys from this process can copy early */
+    for (size_t j = 0; j < nl && c->lc; j++) {
+        const kvs_item *it = &items[ls[j].item];
+        if (it->status != KVS_OK) continue;
+        kvs_loc_ent e = {kvs_loccache_hash(it->key.data, it->key.len), objs[ls[j].item],
+                         ls[j].off, ls[j].len, ls[j].seg, cr.gen};
+        kvs_loccache_put(c->lc, &e);
+    }
 out:
     for (size_t j = 0; j < k; j++) {
         kvs_item *it = &items[idx[j]];
@@ -349,6 +357,29 @@ static void post_release(kvs_client *c, kvs_conn_ref *cr, const uint64_t *leases
     kvs_wbuf_free(&w);
 }
 
+/* Copies, for each item whose location this client has seen before and
+ * whose segment is mapped here, the bytes from there into the item's
+ * buffer; records in early[i] where they came from (khash 0: no copy).
+ * Runs while the GET is on its way: the copy counts only if the answer
+ * names the same object at the same place (see loccache.h). */
+static void copy_early(kvs_client *c, uint32_t gen, const kvs_item *items, const size_t *idx,
+                       size_t k, const uint64_t *kh, kvs_loc_ent *early)
+{
+    kvs_seginfo si;
+    int have = 0;
+    for (size_t j = 0; j < k; j++) {
+        size_t i = idx[j];
+        kvs_loc_ent e;
+        if (!kvs_loccache_get(c->lc, kh[i], &e) || e.gen != gen || !e.size ||
+            e.size > items[i].len)
+            continue;
+        if (!have || si.id != e.seg) have = kvs_seg_peek(c, gen, e.seg, &si);
+        if (!have || !si.base || e.off > si.size || e.size > si.size - e.off) continue;
+        memcpy(items[i].buf, si.base + e.off, e.size);
+        early[i] = e;
+    }
+}
+
 static void get_chunk(kvs_client *c, kvs_item *items, size_t n)
 {
     size_t *idx = malloc(n * sizeof *idx);
@@ -356,20 +387,24 @@ static void get_chunk(kvs_client *c, kvs_item *items, size_t n)
     loc *ls = malloc(n * sizeof *ls);
     void **bufs = malloc(n * sizeof *bufs);
     uint64_t *leases = malloc(n * sizeof *leases);
+    uint64_t *kh = c->lc ? malloc(n * sizeof *kh) : NULL;
+    kvs_loc_ent *early = c->lc ? calloc(n, sizeof *early) : NULL;
     kvs_wbuf w;
     kvs_wbuf_init(&w);
     kvs_conn_ref cr = {0};
     uint8_t *resp = NULL;
     uint32_t rlen;
     size_t k = 0, nleases = 0;
-    if (!idx || !st || !ls || !bufs || !leases) {
+    if (!idx || !st || !ls || !bufs || !leases || (c->lc && (!kh || !early))) {
         for (size_t i = 0; i < n; i++)
             if (items[i].status == KVS_OK) items[i].status = KVS_ERR_NOMEM;
         goto out;
     }
     for (size_t i = 0; i < n; i++) {
         bufs[i] = items[i].buf;
-        if (items[i].status == KVS_OK) idx[k++] = i;
+        if (items[i].status != KVS_OK) continue;
+        idx[k++] = i;
+        if (kh) kh[i] = kvs_loccache_hash(items[i].key.data, items[i].key.len);
     }
     if (!k) goto out;
     int rc = kvs_conn_get(c, &cr);
@@ -379,7 +414,13 @@ static void get_chunk(kvs_client *c, kvs_item *items, size_t n)
         kvs_wbuf_u32(&w, (uint32_t)k);
         for (size_t j = 0; j < k; j++)
             kvs_wbuf_bytes(&w, items[idx[j]].key.data, items[idx[j]].key.len);
-        rc = kvs_conn_call(c, &cr, KVS_MSG_GET, &w, 1, &resp, &rlen);
+        rc = w.err;
+    }
+    if (rc == KVS_OK) {
+        kvs_rpc_req q;
+        if (kvs_conn_start(&cr, &q, KVS_MSG_GET, &w) == KVS_OK && early)
+            copy_early(c, cr.gen, items, idx, k, kh, early);
+        rc = kvs_conn_finish(c, &cr, &q, 1, &resp, &rlen);
     }
     if (rc) {
         for (size_t j = 0; j < k; j++) items[idx[j]].status = rc;
@@ -389,33 +430,49 @@ static void get_chunk(kvs_client *c, kvs_item *items, size_t n)
     kvs_rbuf_init(&r, resp, rlen);
     if (kvs_rbuf_u32(&r) != k) r.err = KVS_ERR_PROTO;
     size_t nl = 0;
+    uint64_t kept = 0, wasted = 0;
     for (size_t j = 0; j < k && !r.err; j++) {
         size_t i = idx[j];
         int s = kvs_rbuf_i32(&r);
         uint64_t size = kvs_rbuf_u64(&r);
         uint32_t seg = kvs_rbuf_u32(&r);
         uint64_t off = kvs_rbuf_u64(&r);
-        (void)kvs_rbuf_u64(&r); /* obj_id */
+        uint64_t obj = kvs_rbuf_u64(&r);
         uint64_t lease = kvs_rbuf_u64(&r);
         if (r.err) break;
         st[i] = s > 0 ? KVS_ERR_PROTO : s;
-        if (s != KVS_OK) continue;
+        int was_early = early && early[i].khash;
+        if (s != KVS_OK) {
+            if (kh && s == KVS_ERR_NOT_FOUND) kvs_loccache_drop(c->lc, kh[i]);
+            wasted += was_early;
+            continue;
+        }
         leases[nleases++] = lease;
         items[i].size = size;
-        if (size > items[i].len) st[i] = KVS_ERR_TOO_LARGE;
-        else ls[nl++] = (loc){i, seg, off, size};
+        if (kh) kvs_loccache_put(c->lc, &(kvs_loc_ent){kh[i], obj, off, size, seg, cr.gen});
+        if (size > items[i].len) {
+            st[i] = KVS_ERR_TOO_LARGE;
+        } else if (was_early && early[i].obj_id == obj && early[i].seg == seg &&
+                   early[i].off == off && early[i].size == size) {
+            kept++; /* the bytes copied early are this object's */
+        } else {
+            wasted += was_early;
+            ls[nl++] = (loc){i, seg, off, size};
+        }
     }
     if (kvs_rbuf_finish(&r)) {
         for (size_t j = 0; j < k; j++) items[idx[j]].status = KVS_ERR_PROTO;
         goto out; /* leases (if any) time out at the master */
     }
+    if (kept) atomic_fetch_add(&c->n_early_kept, kept);
+    if (wasted) atomic_fetch_add(&c->n_early_wasted, wasted);
     move_bytes(c, cr.gen, ls, nl, bufs, 0, st);
     /* A copy that finished after the lease ran out may have raced with a
      * reuse of the space: report it as a failure, never as data. */
     uint32_t dl = lease_deadline(c, sent, cr.lease_ms);
-    if (nl && deadline_passed(c, dl))
-        for (size_t j = 0; j < nl; j++)
-            if (st[ls[j].item] == KVS_OK) st[ls[j].item] = KVS_ERR_TIMEOUT;
+    if (nleases && deadline_passed(c, dl))
+        for (size_t j = 0; j < k; j++)
+            if (st[idx[j]] == KVS_OK) st[idx[j]] = KVS_ERR_TIMEOUT;
     post_release(c, &cr, leases, nleases);
     for (size_t j = 0; j < k; j++) items[idx[j]].status = st[idx[j]];
 out:
@@ -439,6 +496,8 @@ out:
     free(ls);
     free(bufs);
     free(leases);
+    free(kh);
+    free(early);
 }
 
 static int get_batch(kvs_client *c, kvs_item *items, size_t n, int need_reg)

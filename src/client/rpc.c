@@ -19,15 +19,6 @@
 #include "proto/proto.h"
 #include "transfer/transfer.h"
 
-struct waiter {
-    struct waiter *next;
-    uint64_t req_id;
-    int done;
-    int status;
-    uint8_t *body;
-    uint32_t len;
-    pthread_cond_t cv;
-};
 
 struct kvs_rpc {
     int fd;
@@ -260,28 +251,36 @@ static int send_frame(kvs_rpc *r, uint16_t type, uint16_t flags, uint64_t req_id
     return KVS_OK;
 }
 
-int kvs_rpc_call(kvs_rpc *r, uint16_t type, const void *body, size_t len, int timeout_ms,
-                 uint8_t **resp, uint32_t *resp_len)
+int kvs_rpc_start(kvs_rpc *r, kvs_rpc_req *q, uint16_t type, const void *body, size_t len)
 {
-    *resp = NULL;
-    *resp_len = 0;
-    struct waiter w;
-    memset(&w, 0, sizeof w);
-    pthread_cond_init(&w.cv, &g_cattr);
+    struct waiter *w = &q->w;
+    memset(q, 0, sizeof *q);
+    pthread_cond_init(&w->cv, &g_cattr);
     pthread_mutex_lock(&r->mu);
     if (r->dead) {
-        int e = r->err;
+        w->done = 1;
+        w->status = r->err;
         pthread_mutex_unlock(&r->mu);
-        pthread_cond_destroy(&w.cv);
-        return e;
+        return w->status;
     }
-    w.req_id = r->next_id++;
-    w.next = r->waiters;
-    r->waiters = &w;
+    w->req_id = r->next_id++;
+    w->next = r->waiters;
+    r->waiters = w;
     pthread_mutex_unlock(&r->mu);
+    /* a failure completes w with the error (fail_all_locked) */
+    send_frame(r, type, 0, w->req_id, body, len, 0);
+    pthread_mutex_lock(&r->mu);
+    int st = w->done ? w->status : KVS_OK;
+    pthread_mutex_unlock(&r->mu);
+    return st;
+}
 
-    send_frame(r, type, 0, w.req_id, body, len, 0); /* a failure completes w with the error */
-
+int kvs_rpc_finish(kvs_rpc *r, kvs_rpc_req *q, int timeout_ms, uint8_t **resp,
+                   uint32_t *resp_len)
+{
+    struct waiter *w = &q->w;
+    *resp = NULL;
+    *resp_len = 0;
     uint64_t deadline = kvs_now_ms() + (uint64_t)(timeout_ms > 0 ? timeout_ms : 5000);
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -289,7 +288,7 @@ int kvs_rpc_call(kvs_rpc *r, uint16_t type, const void *body, size_t len, int ti
     ts.tv_sec += (time_t)(ns / 1000000000ull);
     ts.tv_nsec = (long)(ns % 1000000000ull);
     pthread_mutex_lock(&r->mu);
-    while (!w.done) {
+    while (!w->done) {
         if (!r->reading) {
             /* lead: read frames until ours has come (or time is up) */
             r->reading = 1;
@@ -302,30 +301,39 @@ int kvs_rpc_call(kvs_rpc *r, uint16_t type, const void *body, size_t len, int ti
             } else if (rc < 0) {
                 shutdown(r->fd, SHUT_RDWR);
                 fail_all_locked(r, rc == KVS_ERR_NOMEM ? KVS_ERR_NOMEM : KVS_ERR_CONN);
-            } else if (!w.done) {
-                unlink_waiter(r, &w);
-                w.done = 1;
-                w.status = KVS_ERR_TIMEOUT;
+            } else if (!w->done) {
+                unlink_waiter(r, w);
+                w->done = 1;
+                w->status = KVS_ERR_TIMEOUT;
             }
             continue;
         }
-        if (pthread_cond_timedwait(&w.cv, &r->mu, &ts) == ETIMEDOUT && !w.done) {
-            unlink_waiter(r, &w);
-            w.done = 1;
-            w.status = KVS_ERR_TIMEOUT;
+        if (pthread_cond_timedwait(&w->cv, &r->mu, &ts) == ETIMEDOUT && !w->done) {
+            unlink_waiter(r, w);
+            w->done = 1;
+            w->status = KVS_ERR_TIMEOUT;
         }
     }
     /* pass the reading role on to a caller still waiting */
     if (!r->reading && r->waiters) pthread_cond_signal(&r->waiters->cv);
     pthread_mutex_unlock(&r->mu);
-    pthread_cond_destroy(&w.cv);
-    if (w.status == KVS_OK) {
-        *resp = w.body;
-        *resp_len = w.len;
+    pthread_cond_destroy(&w->cv);
+    if (w->status == KVS_OK) {
+        *resp = w->body;
+        *resp_len = w->len;
     } else {
-        free(w.body);
+        free(w->body);
     }
-    return w.status;
+    w->body = NULL;
+    return w->status;
+}
+
+int kvs_rpc_call(kvs_rpc *r, uint16_t type, const void *body, size_t len, int timeout_ms,
+                 uint8_t **resp, uint32_t *resp_len)
+{
+    kvs_rpc_req q;
+    kvs_rpc_start(r, &q, type, body, len);
+    return kvs_rpc_finish(r, &q, timeout_ms, resp, resp_len);
 }
 
 int kvs_rpc_post(kvs_rpc *r, uint16_t type, const void *body, size_t len)

@@ -17,12 +17,30 @@
 #ifndef KVS_CLIENT_RPC_H
 #define KVS_CLIENT_RPC_H
 
+#include <pthread.h>
 #include <stddef.h>
 #include <stdint.h>
 
 #include "common/net.h"
 
 typedef struct kvs_rpc kvs_rpc;
+
+/* A caller waiting for its reply (private to rpc.c; here so that a request
+ * can live on the caller's stack between kvs_rpc_start and kvs_rpc_finish). */
+struct waiter {
+    struct waiter *next;
+    uint64_t req_id;
+    int done;
+    int status;
+    uint8_t *body;
+    uint32_t len;
+    pthread_cond_t cv;
+};
+
+/* One request in flight, owned by the caller. */
+typedef struct kvs_rpc_req {
+    struct waiter w;
+} kvs_rpc_req;
 
 /* What the master said in its HELLO reply. */
 typedef struct kvs_hello_info {
@@ -46,6 +64,15 @@ int kvs_rpc_open(const kvs_addr *a, const char *secret, uint32_t role, int timeo
  * reply came in time (the connection stays usable). */
 int kvs_rpc_call(kvs_rpc *r, uint16_t type, const void *body, size_t len, int timeout_ms,
                  uint8_t **resp, uint32_t *resp_len);
+
+/* kvs_rpc_call in two halves, so the caller can work while the master
+ * answers: kvs_rpc_start sends the request (KVS_OK, or the transport
+ * error the request has already completed with); kvs_rpc_finish waits for
+ * the reply exactly as kvs_rpc_call does. Every kvs_rpc_start must be
+ * followed by one kvs_rpc_finish on the same `q`, whatever it returned. */
+int kvs_rpc_start(kvs_rpc *r, kvs_rpc_req *q, uint16_t type, const void *body, size_t len);
+int kvs_rpc_finish(kvs_rpc *r, kvs_rpc_req *q, int timeout_ms, uint8_t **resp,
+                   uint32_t *resp_len);
 
 /* Sends a request flagged KVS_F_NOREPLY (the master answers nothing) and
  * does not wait. Over TCP the kernel holds it (MSG_MORE) until the next

@@ -9,6 +9,7 @@
 #include <signal.h>
 #include <spawn.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -577,6 +578,142 @@ static void test_node_dies(void **state)
     kvs_client_close(b);
 }
 
+/* Same-host gets copy early from where the client last saw the object
+ * (loccache.h) and keep the copy only when the master names the same
+ * object: a replaced or removed value is never returned stale. */
+static void getx(kvs_client *c, const char *key, const uint8_t *want, size_t n, uint8_t *out)
+{
+    uint64_t size = 0;
+    memset(out, 0xEE, n);
+    assert_int_equal(kvs_get(c, key, (uint32_t)strlen(key), out, n, &size), KVS_OK);
+    assert_int_equal(size, n);
+    assert_memory_equal(out, want, n);
+}
+
+static void test_early_copy(void **state)
+{
+    fix *f = *state;
+    enum { N = 1 << 20 };
+    uint8_t *x = malloc(N), *y = malloc(N), *out = malloc(N);
+    fill(x, N, 1);
+    fill(y, N, 2);
+    kvs_client *b = open_client(&f->m, 0); /* reads f->c's segment through shared memory */
+    kvs_client_counters c0, c1;
+    assert_int_equal(kvs_put(f->c, "e", 1, x, N), KVS_OK);
+    kvs_client_get_counters(b, &c0);
+    getx(b, "e", x, N, out); /* b has not seen "e": the plain path */
+    getx(b, "e", x, N, out); /* now it has: the early copy is kept */
+    kvs_client_get_counters(b, &c1);
+    assert_int_equal(c1.early_kept, c0.early_kept + 1);
+    assert_int_equal(c1.early_wasted, c0.early_wasted);
+    /* replaced under the same key with the same size (likely the same
+     * place): the early copy of the old object is redone */
+    assert_int_equal(kvs_remove(f->c, "e", 1), KVS_OK);
+    assert_int_equal(kvs_put(f->c, "e", 1, y, N), KVS_OK);
+    getx(b, "e", y, N, out);
+    kvs_client_get_counters(b, &c0);
+    assert_int_equal(c0.early_wasted, c1.early_wasted + 1);
+    getx(b, "e", y, N, out);
+    kvs_client_get_counters(b, &c1);
+    assert_int_equal(c1.early_kept, c0.early_kept + 1);
+    /* removed: a miss */
+    assert_int_equal(kvs_remove(f->c, "e", 1), KVS_OK);
+    uint64_t size = 0;
+    assert_int_equal(kvs_get(b, "e", 1, out, N, &size), KVS_ERR_NOT_FOUND);
+    assert_int_equal(kvs_get(b, "e", 1, out, N, &size), KVS_ERR_NOT_FOUND);
+    /* too small a buffer: no early copy, TOO_LARGE with the size */
+    assert_int_equal(kvs_put(f->c, "e", 1, x, N), KVS_OK);
+    getx(b, "e", x, N, out);
+    size = 0;
+    assert_int_equal(kvs_get(b, "e", 1, out, N - 1, &size), KVS_ERR_TOO_LARGE);
+    assert_int_equal(size, N);
+    /* the writer remembers where its own puts went */
+    kvs_client_get_counters(f->c, &c0);
+    assert_int_equal(kvs_put(f->c, "w", 1, y, N), KVS_OK);
+    getx(f->c, "w", y, N, out);
+    kvs_client_get_counters(f->c, &c1);
+    assert_int_equal(c1.early_kept, c0.early_kept + 1);
+    /* batch: kept items and redone items side by side ("w" replaced by b) */
+    assert_int_equal(kvs_remove(b, "w", 1), KVS_OK);
+    assert_int_equal(kvs_put(b, "w", 1, x, N), KVS_OK);
+    uint8_t *out2 = malloc(N);
+    kvs_item it[2] = {{{"e", 1}, out, N, 0, 0}, {{"w", 1}, out2, N, 0, 0}};
+    kvs_client_get_counters(f->c, &c0);
+    assert_int_equal(kvs_get_batch(f->c, it, 2), 2);
+    assert_memory_equal(out, x, N);
+    assert_memory_equal(out2, x, N);
+    kvs_client_get_counters(f->c, &c1);
+    assert_int_equal(c1.early_wasted, c0.early_wasted + 1); /* "w" changed */
+    assert_int_equal(c1.early_kept, c0.early_kept + 1);     /* "e" did not */
+    kvs_client_close(b);
+    /* KVSHELF_LOC_CACHE=0: never early */
+    setenv("KVSHELF_LOC_CACHE", "0", 1);
+    kvs_client *z = open_client(&f->m, 0);
+    unsetenv("KVSHELF_LOC_CACHE");
+    getx(z, "e", x, N, out);
+    getx(z, "e", x, N, out);
+    kvs_client_get_counters(z, &c1);
+    assert_int_equal(c1.early_kept + c1.early_wasted, 0);
+    kvs_client_close(z);
+    free(x);
+    free(y);
+    free(out);
+    free(out2);
+}
+
+/* A writer keeps replacing one key (each value all one byte) while a
+ * reader gets it: every value a get returns is whole, never a mix. */
+typedef struct churn {
+    kvs_client *c;
+    atomic_int stop;
+} churn;
+
+static void *churn_writer(void *arg)
+{
+    churn *ch = arg;
+    enum { N = 256 << 10 };
+    uint8_t *v = malloc(N);
+    for (int i = 0; !atomic_load(&ch->stop) && i < 4000; i++) {
+        memset(v, (uint8_t)(i % 251) + 1, N);
+        kvs_remove(ch->c, "churn", 5);
+        kvs_put(ch->c, "churn", 5, v, N);
+    }
+    free(v);
+    return NULL;
+}
+
+static void test_early_copy_churn(void **state)
+{
+    fix *f = *state;
+    enum { N = 256 << 10 };
+    kvs_client *r = open_client(&f->m, 0);
+    churn ch = {f->c, 0};
+    pthread_t t;
+    assert_int_equal(pthread_create(&t, NULL, churn_writer, &ch), 0);
+    uint8_t *out = malloc(N);
+    int ok = 0;
+    for (int i = 0; i < 3000; i++) {
+        uint64_t size = 0;
+        int rc = kvs_get(r, "churn", 5, out, N, &size);
+        if (rc == KVS_ERR_NOT_FOUND) continue;
+        assert_int_equal(rc, KVS_OK);
+        assert_int_equal(size, N);
+        for (size_t k = 1; k < N; k++)
+            if (out[k] != out[0]) fail_msg("torn value: byte %zu is %u, byte 0 is %u", k, out[k], out[0]);
+        ok++;
+    }
+    atomic_store(&ch.stop, 1);
+    pthread_join(t, NULL);
+    kvs_client_counters cnt;
+    kvs_client_get_counters(r, &cnt);
+    print_message("churn: %d whole values, early copies kept %llu, redone %llu\n", ok,
+                  (unsigned long long)cnt.early_kept, (unsigned long long)cnt.early_wasted);
+    assert_true(ok > 0);
+    assert_true(cnt.early_kept + cnt.early_wasted > 0);
+    free(out);
+    kvs_client_close(r);
+}
+
 /* Leases run out by the local clock (with a margin): after lease_ms a slot
  * is no longer valid. A lost master fails the next call with KVS_ERR_CONN. */
 static void test_lease_expiry(void **state)
@@ -614,6 +751,8 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_threads, setup, teardown),
         cmocka_unit_test_setup_teardown(test_node_dies, setup, teardown),
         cmocka_unit_test_setup_teardown(test_lease_expiry, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_early_copy, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_early_copy_churn, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
