@@ -234,6 +234,21 @@ int kvs_task_check(kvs_task *t);
  * number of blocks with KVS_OK. KVS_ERR_BUSY if the task is still running. */
 int kvs_task_results(kvs_task *t, int *results, size_t n);
 
+/* Makes the GPU work the caller enqueues on `stream` (a cudaStream_t of the
+ * connector's device; NULL = the legacy default stream) after this call wait,
+ * on the GPU, until `t` has finished: every copy done and checked, whatever
+ * the results. The calling thread is not blocked, so an engine can launch
+ * the next forward while its KV is still loading. Then, as always, read
+ * kvs_task_results once the task finished, and discard that forward's
+ * output for blocks that are not KVS_OK. A block is KVS_ERR_EARLY when the
+ * gate had to open before the copies finished (something in the load's path
+ * had to synchronize the whole device, which would otherwise wait for the
+ * gate forever): redo the work. One gate per task (KVS_ERR_INVALID for a
+ * second); a task already finished adds nothing (KVS_OK). Errors:
+ * KVS_ERR_UNSUPPORTED (not a CUDA backend), KVS_ERR_BUSY (256 gates closed
+ * in the process), KVS_ERR_CUDA. */
+int kvs_task_gpu_wait(kvs_task *t, void *stream);
+
 /* Number of blocks in the task (0 for NULL). */
 size_t kvs_task_size(const kvs_task *t);
 

@@ -34,6 +34,9 @@ enum kvs_error {
     KVS_ERR_INTERNAL = -19,      /* an internal invariant failed (a bug: please report) */
     KVS_ERR_CUDA = -20,          /* a CUDA call failed */
     KVS_ERR_LAYOUT = -21,        /* no KV layout registered, or block id out of range */
+    KVS_ERR_EARLY = -22,         /* a GPU gate opened before its load finished (see
+                                    kvs_task_gpu_wait): work queued after it may have read
+                                    incomplete data; redo it */
 };
 
 /* Returns a static string describing `err` (never NULL; unknown codes give

@@ -293,21 +293,22 @@ static PyObject *Connector_lookup_prefix(ConnectorObject *self, PyObject *hashes
     return Connector_lookup_common(self, hashes, 1);
 }
 
-/* event: None, an int (cudaEvent_t), or an object with .cuda_event (torch). */
-int event_from(PyObject *ev, void **out) {
+/* o: None (NULL), an int handle, or an object with attribute `attr` (torch
+ * events and streams: .cuda_event, .cuda_stream). */
+int cuda_handle_from(PyObject *o, const char *attr, const char *what, void **out) {
     *out = NULL;
-    if (!ev || ev == Py_None)
+    if (!o || o == Py_None)
         return 0;
     PyObject *h = NULL;
-    if (PyLong_Check(ev)) {
-        h = ev;
+    if (PyLong_Check(o)) {
+        h = o;
         Py_INCREF(h);
     } else {
-        h = PyObject_GetAttrString(ev, "cuda_event");
+        h = PyObject_GetAttrString(o, attr);
         if (!h) {
             PyErr_Clear();
-            PyErr_Format(PyExc_TypeError, "event: expected None, an int cudaEvent_t handle or an "
-                                          "object with .cuda_event, not %.100s", Py_TYPE(ev)->tp_name);
+            PyErr_Format(PyExc_TypeError, "%s: expected None, an int handle or an object with .%s, "
+                                          "not %.100s", what, attr, Py_TYPE(o)->tp_name);
             return -1;
         }
     }
@@ -318,6 +319,9 @@ int event_from(PyObject *ev, void **out) {
     *out = (void *)(uintptr_t)x;
     return 0;
 }
+
+/* event: None, an int (cudaEvent_t), or an object with .cuda_event (torch). */
+int event_from(PyObject *ev, void **out) { return cuda_handle_from(ev, "cuda_event", "event", out); }
 
 /* block_ids: n block ids (1-D, each < 2^32) -> *ids (PyMem_RawFree it). */
 static int block_ids_from(PyObject *blocks, size_t n, const char *what, uint32_t **ids) {

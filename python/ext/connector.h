@@ -49,6 +49,7 @@ void task_abandon(TaskObject *t, int status);
 /* event: None, an int cudaEvent_t, or an object with .cuda_event -> *out
  * (NULL for None). 0, or -1 with an exception. */
 int event_from(PyObject *ev, void **out);
+int cuda_handle_from(PyObject *o, const char *attr, const char *what, void **out);
 
 /* Connector.dump_parts / load_parts (connector_parts.c). */
 PyObject *Connector_dump_parts(ConnectorObject *self, PyObject *args, PyObject *kwds);

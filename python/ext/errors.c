@@ -49,6 +49,8 @@ static struct errdef errdefs[] = {
     {KVS_ERR_CUDA, "CudaError", "A CUDA call failed (KVS_ERR_CUDA).", NULL, NULL},
     {KVS_ERR_LAYOUT, "LayoutError", "No KV layout registered, or block id out of range "
                                     "(KVS_ERR_LAYOUT).", NULL, NULL},
+    {KVS_ERR_EARLY, "OpenedEarly", "A GPU gate opened before its load finished: work queued "
+                                   "after it must be redone (KVS_ERR_EARLY).", NULL, NULL},
 };
 #define N_ERRDEFS (sizeof(errdefs) / sizeof(errdefs[0]))
 

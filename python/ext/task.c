@@ -207,6 +207,25 @@ static PyObject *Task_failed(TaskObject *self, PyObject *Py_UNUSED(a)) {
     return l;
 }
 
+/* gpu_wait(stream=None): GPU work enqueued on `stream` afterwards waits for the task. */
+static PyObject *Task_gpu_wait(TaskObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"stream", NULL};
+    PyObject *so = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|O", kwlist, &so))
+        return NULL;
+    void *stream;
+    if (cuda_handle_from(so, "cuda_stream", "stream", &stream) < 0)
+        return NULL;
+    if (self->finished)
+        Py_RETURN_NONE;
+    if (!self->t)
+        return raise_kvs(KVS_ERR_CLOSED, "Task.gpu_wait", "the task was abandoned");
+    int rc = kvs_task_gpu_wait(self->t, stream);
+    if (rc != KVS_OK)
+        return raise_kvs(rc, "Task.gpu_wait", NULL);
+    Py_RETURN_NONE;
+}
+
 static PyObject *Task_get_n(TaskObject *self, void *Py_UNUSED(c)) {
     return PyLong_FromSize_t(self->n);
 }
@@ -242,6 +261,12 @@ static PyMethodDef Task_methods[] = {
      "results() -> list[int]: per-block status (0 ok, NOT_FOUND miss, other errors)."},
     {"failed", (PyCFunction)Task_failed, METH_NOARGS,
      "failed() -> list[int]: indices of blocks that did not succeed."},
+    {"gpu_wait", METH_KW(Task_gpu_wait), METH_VARARGS | METH_KEYWORDS,
+     "gpu_wait(stream=None): GPU work enqueued on `stream` (torch.cuda.Stream, an int "
+     "cudaStream_t, or None: the legacy default stream) after this call waits, on the GPU, until "
+     "the task finished; the caller is not blocked. Check results() afterwards and redo work for "
+     "blocks that are not 0 (OpenedEarly: the gate had to open before the copies finished). "
+     "CUDA connectors only."},
     {NULL, NULL, 0, NULL},
 };
 

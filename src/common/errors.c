@@ -32,6 +32,7 @@ static const struct err_desc table[] = {
     {KVS_ERR_INTERNAL, "KVS_ERR_INTERNAL", "internal error"},
     {KVS_ERR_CUDA, "KVS_ERR_CUDA", "CUDA error"},
     {KVS_ERR_LAYOUT, "KVS_ERR_LAYOUT", "no KV layout registered or block id out of range"},
+    {KVS_ERR_EARLY, "KVS_ERR_EARLY", "GPU gate opened before the task finished: redo the work after it"},
 };
 
 static const struct err_desc *find(int err)

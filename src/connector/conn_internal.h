@@ -99,6 +99,9 @@ struct kvs_task {
     atomic_int refs;  /* 1 for the caller + 1 per unfinished job */
     atomic_int cancelled;
     void *event; /* CUDA event snapshot or NULL; freed when the last job ends */
+    int gate_dev;         /* CUDA device for kvs_task_gpu_wait, -1: not a CUDA task */
+    int gated;            /* under mu: a GPU gate waits for this task */
+    uint32_t gate_ticket; /* under mu */
     /* parts tasks (kvs_connector_dump_parts/load_parts; parts.c) */
     int parts;       /* 1: a parts task (bids unused) */
     size_t ppo;      /* parts per object */

@@ -35,6 +35,12 @@ void conn_job_finish(struct conn_job *j)
     if (--t->jobs_left == 0) {
 #ifdef KVS_HAVE_CUDA
         if (t->event) kvs_cuda_event_free(t->event);
+        /* every copy is done and checked: let the GPU go on. A gate forced
+         * open before (kvs_cuda.h) let work run on incomplete data. */
+        if (t->gated && kvs_cuda_gate_open(t->gate_ticket) != 1)
+            for (size_t i = 0; i < t->n; i++)
+                if (t->results[i] == KVS_OK) t->results[i] = KVS_ERR_EARLY;
+        t->gated = 0;
 #endif
         t->event = NULL;
         t->done = 1;
@@ -62,6 +68,7 @@ kvs_task *conn_task_new(kvs_connector *c, int kind, const kvs_key *hashes, const
     if (!t) return NULL;
     t->kind = kind;
     t->n = n;
+    t->gate_dev = c->backend == BK_CUDA ? c->device : -1;
     const uint8_t *prefix = raw_keys ? NULL : c->prefixes[0];
     const size_t pfx = prefix ? KVS_CONNECTOR_PREFIX_BYTES : 0;
     size_t keybytes = 0;
@@ -197,6 +204,24 @@ int kvs_task_results(kvs_task *t, int *results, size_t n)
 }
 
 size_t kvs_task_size(const kvs_task *t) { return t ? t->n : 0; }
+
+int kvs_task_gpu_wait(kvs_task *t, void *stream)
+{
+    if (!t) return KVS_ERR_INVALID;
+#ifdef KVS_HAVE_CUDA
+    if (t->gate_dev < 0) return KVS_ERR_UNSUPPORTED;
+    int rc = KVS_OK;
+    pthread_mutex_lock(&t->mu);
+    if (t->gated) rc = KVS_ERR_INVALID;
+    else if (!t->done && (rc = kvs_cuda_gate_close(stream, t->gate_dev, &t->gate_ticket)) == KVS_OK)
+        t->gated = 1;
+    pthread_mutex_unlock(&t->mu);
+    return rc;
+#else
+    (void)stream;
+    return KVS_ERR_UNSUPPORTED;
+#endif
+}
 
 void kvs_task_free(kvs_task *t)
 {

@@ -68,7 +68,10 @@ static struct kc_map *g_maps;
 static void kc_map_unref_locked(struct kc_map *m)
 {
     if (--m->refs > 0) return;
-    if (!m->pinned && !m->dead && !m->failed) cudaHostUnregister((void *)m->base);
+    if (!m->pinned && !m->dead && !m->failed) {
+        kvs_cuda_gates_force_open(); /* device-synchronizing: see kvs_cuda.h */
+        cudaHostUnregister((void *)m->base);
+    }
     for (struct kc_map **pp = &g_maps; *pp; pp = &(*pp)->next)
         if (*pp == m) {
             *pp = m->next;
@@ -251,6 +254,7 @@ static int kc_set_layout(kvs_cuda_ctx *x, const kvs_cuda_tensor *t, size_t n, ui
     }
     memcpy(ht, t, n * sizeof *ht);
     void *d = NULL;
+    kvs_cuda_gates_force_open();
     cudaError_t e = cudaMalloc(&d, n * sizeof *h);
     if (e == cudaSuccess) e = cudaMemcpy(d, h, n * sizeof *h, cudaMemcpyHostToDevice);
     free(h);
@@ -259,7 +263,10 @@ static int kc_set_layout(kvs_cuda_ctx *x, const kvs_cuda_tensor *t, size_t n, ui
         free(ht);
         return KVS_ERR_CUDA;
     }
-    if (x->d_tensors) cudaFree(x->d_tensors);
+    if (x->d_tensors) {
+        kvs_cuda_gates_force_open();
+        cudaFree(x->d_tensors);
+    }
     free(x->h_tensors);
     x->d_tensors = (struct kc_dev_tensor *)d;
     x->h_tensors = ht;
@@ -297,7 +304,10 @@ extern "C" void kvs_cuda_ctx_destroy(kvs_cuda_ctx *x)
     for (size_t i = 0; i < x->nmaps; i++) kc_map_unref_locked(x->maps[i]);
     pthread_mutex_unlock(&g_map_mu);
     free(x->maps);
-    if (x->d_tensors) cudaFree(x->d_tensors);
+    if (x->d_tensors) {
+        kvs_cuda_gates_force_open();
+        cudaFree(x->d_tensors);
+    }
     free(x->h_tensors);
     cudaStreamDestroy(x->gate);
     pthread_mutex_destroy(&x->mu);
@@ -353,6 +363,7 @@ static uintptr_t kc_translate(kvs_cuda_ctx *x, uintptr_t p, size_t len)
         void *dp = NULL;
         /* KVSHELF_CUDA_NO_REGISTER=1 simulates a refusal (tests of the fallback) */
         const char *nr = getenv("KVSHELF_CUDA_NO_REGISTER");
+        if (!(nr && *nr == '1')) kvs_cuda_gates_force_open();
         cudaError_t ce = nr && *nr == '1' ? cudaErrorNotPermitted
                                           : cudaHostRegister((void *)s, e - s,
                                                              cudaHostRegisterPortable |
@@ -439,6 +450,7 @@ extern "C" void kvs_cuda_forget(kvs_cuda_ctx *x, const void *p)
     for (struct kc_map *m = g_maps; m; m = m->next)
         if (!m->dead && !m->pinned && !m->failed && a >= m->base && a < m->base + m->len) {
             int prev = kc_dev_enter(x->device, NULL);
+            kvs_cuda_gates_force_open();
             cudaHostUnregister((void *)m->base);
             kc_dev_restore(prev);
             m->dead = 1;
@@ -449,6 +461,7 @@ extern "C" void kvs_cuda_forget(kvs_cuda_ctx *x, const void *p)
 extern "C" void *kvs_cuda_pinned_alloc(size_t n)
 {
     void *p = NULL;
+    kvs_cuda_gates_force_open();
     if (cudaHostAlloc(&p, n, cudaHostAllocPortable | cudaHostAllocMapped) != cudaSuccess) {
         cudaGetLastError();
         return NULL;
@@ -483,6 +496,7 @@ extern "C" void kvs_cuda_pinned_free(void *p)
             break;
         }
     pthread_mutex_unlock(&g_map_mu);
+    kvs_cuda_gates_force_open();
     cudaFreeHost(p);
 }
 
@@ -490,6 +504,7 @@ extern "C" void *kvs_cuda_dev_alloc(int device, size_t n)
 {
     int prev = kc_dev_enter(device, NULL);
     void *p = NULL;
+    kvs_cuda_gates_force_open();
     if (cudaMalloc(&p, n) != cudaSuccess) p = NULL;
     kc_dev_restore(prev);
     return p;
@@ -497,7 +512,9 @@ extern "C" void *kvs_cuda_dev_alloc(int device, size_t n)
 
 extern "C" void kvs_cuda_dev_free(void *p)
 {
-    if (p) cudaFree(p);
+    if (!p) return;
+    kvs_cuda_gates_force_open();
+    cudaFree(p);
 }
 
 extern "C" int kvs_cuda_memcpy(void *dst, const void *src, size_t n)
@@ -551,6 +568,7 @@ extern "C" int kvs_cuda_worker_create(kvs_cuda_ctx *x, kvs_cuda_worker **out)
         if (e == cudaSuccess) w->nstreams++;
     }
     if (e == cudaSuccess)
+        kvs_cuda_gates_force_open();
         e = cudaHostAlloc(&og, KVS_CUDA_MAX_JOB_BLOCKS * sizeof(uint64_t),
                           cudaHostAllocPortable | cudaHostAllocMapped);
     if (e == cudaSuccess) e = cudaHostGetDevicePointer(&ogd, og, 0);
@@ -575,6 +593,7 @@ extern "C" void kvs_cuda_worker_destroy(kvs_cuda_worker *w)
         cudaStreamSynchronize(w->streams[i]);
         cudaStreamDestroy(w->streams[i]);
     }
+    kvs_cuda_gates_force_open();
     cudaFreeHost(w->out_gen);
     free(w->dsts);
     free(w->srcs);

@@ -135,6 +135,32 @@ int kvs_cuda_copy_parts(kvs_cuda_pworker *w, int dir, size_t n, void *const *obj
  * view check, so the next use registers the current mapping afresh. */
 void kvs_cuda_forget(kvs_cuda_ctx *x, const void *p);
 
+/* ---- GPU gates (gate.cu; kvs_task_gpu_wait) ----
+ * A gate makes a stream wait, on the GPU, until the host opens it: work the
+ * caller enqueues after the gate runs only then, and the calling thread is
+ * never blocked. At most 256 gates are closed (or not yet passed) at once
+ * in a process.
+ *
+ * Anything that synchronizes the whole device (cudaFreeHost,
+ * cudaHostUnregister, cudaHostRegister, cudaMalloc/cudaFree, ...) would wait
+ * behind a closed gate, and a gate waiting for that very thread would never
+ * open: such calls in the copy paths first call kvs_cuda_gates_force_open,
+ * and the owners of gates opened that way learn it from kvs_cuda_gate_open. */
+
+/* Closes a new gate on `stream` (a cudaStream_t; NULL = the legacy default
+ * stream) of `device`: returns KVS_OK and its ticket, KVS_ERR_BUSY (256 in
+ * use) or KVS_ERR_CUDA. */
+int kvs_cuda_gate_close(void *stream, int device, uint32_t *ticket);
+
+/* Opens the gate of `ticket`: 1 if it was still closed, 0 if
+ * kvs_cuda_gates_force_open had already opened it (work behind it may have
+ * run too early), -1 for a ticket not in use. The ticket is spent. */
+int kvs_cuda_gate_open(uint32_t ticket);
+
+/* Opens every closed gate at once, marking them opened early. Returns how
+ * many. Call before anything that synchronizes the device. */
+int kvs_cuda_gates_force_open(void);
+
 /* Pinned, device-mapped host memory for staging. NULL on failure. */
 void *kvs_cuda_pinned_alloc(size_t n);
 void kvs_cuda_pinned_free(void *p);

@@ -76,6 +76,7 @@ extern "C" int kvs_cuda_pworker_create(kvs_cuda_ctx *x, int device, kvs_cuda_pwo
         if (e == cudaSuccess) w->nstreams++;
     }
     if (e == cudaSuccess)
+        kvs_cuda_gates_force_open();
         e = cudaHostAlloc(&og, KVS_CUDA_MAX_JOB_BLOCKS * sizeof(uint64_t),
                           cudaHostAllocPortable | cudaHostAllocMapped);
     if (e == cudaSuccess) e = cudaHostGetDevicePointer(&ogd, og, 0);
@@ -99,6 +100,7 @@ extern "C" void kvs_cuda_pworker_destroy(kvs_cuda_pworker *w)
         cudaStreamSynchronize(w->streams[i]);
         cudaStreamDestroy(w->streams[i]);
     }
+    kvs_cuda_gates_force_open();
     cudaFreeHost(w->out_gen);
     free(w->dsts);
     free(w->srcs);

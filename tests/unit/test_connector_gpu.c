@@ -92,6 +92,109 @@ static void test_after_event(void **s)
     tkv_free(&kv);
 }
 
+static void set_flag_cb(void *arg) { __atomic_store_n((int *)arg, 1, __ATOMIC_SEQ_CST); }
+
+/* A closed gate holds its stream (work after it does not run) without
+ * blocking the caller, until opened; a forced gate passes at once and its
+ * owner learns it; a spent ticket is refused. */
+static void test_gate(void **s)
+{
+    (void)s;
+    cudaStream_t st;
+    assert_int_equal(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking), cudaSuccess);
+    int flag = 0;
+    uint32_t tk;
+    double t0 = now_s();
+    assert_int_equal(kvs_cuda_gate_close(st, 0, &tk), KVS_OK);
+    assert_int_equal(cudaLaunchHostFunc(st, set_flag_cb, &flag), cudaSuccess);
+    assert_true(now_s() - t0 < 0.1);
+    usleep(200 * 1000);
+    assert_int_equal(__atomic_load_n(&flag, __ATOMIC_SEQ_CST), 0);
+    assert_int_equal(cudaStreamQuery(st), cudaErrorNotReady);
+    assert_int_equal(kvs_cuda_gate_open(tk), 1);
+    assert_int_equal(cudaStreamSynchronize(st), cudaSuccess);
+    assert_int_equal(flag, 1);
+    assert_int_equal(kvs_cuda_gate_open(tk), -1); /* spent */
+
+    flag = 0;
+    assert_int_equal(kvs_cuda_gate_close(st, 0, &tk), KVS_OK);
+    assert_int_equal(cudaLaunchHostFunc(st, set_flag_cb, &flag), cudaSuccess);
+    assert_true(kvs_cuda_gates_force_open() >= 1);
+    assert_int_equal(cudaStreamSynchronize(st), cudaSuccess);
+    assert_int_equal(flag, 1);
+    assert_int_equal(kvs_cuda_gate_open(tk), 0); /* opened early */
+
+    /* slots are reused: many more gates than slots over time */
+    for (int i = 0; i < 600; i++) {
+        assert_int_equal(kvs_cuda_gate_close(st, 0, &tk), KVS_OK);
+        assert_int_equal(kvs_cuda_gate_open(tk), 1);
+        if (i % 100 == 99) assert_int_equal(cudaStreamSynchronize(st), cudaSuccess);
+    }
+    assert_int_equal(cudaStreamSynchronize(st), cudaSuccess);
+    cudaStreamDestroy(st);
+}
+
+/* A load gated on a stream: a device copy of the loaded blocks enqueued
+ * right after (before the load finished) sees the loaded bytes. */
+static void test_gated_load_order(void **s)
+{
+    (void)s;
+    tkv kv;
+    const uint32_t nb = 256, n = 128;
+    tkv_make(&kv, "vllm", 8, 4, 128, 16, nb, 41);
+    char ns[128];
+    make_ns(ns, sizeof ns, "gated");
+    kvs_connector *c = open_kv(&g_pool, ns, &kv, NULL);
+    hashes hs;
+    hashes_make(&hs, n, 99);
+    uint32_t src[128], dst[128];
+    int res[128];
+    for (uint32_t i = 0; i < n; i++) {
+        src[i] = i;
+        dst[i] = nb - 1 - i;
+    }
+    assert_int_equal(do_dump(c, hs.k, src, n, res), (int)n);
+    uint8_t **before = tkv_snapshot(&kv);
+    for (size_t a = 0; a < kv.na; a++) /* the destinations hold garbage before the load */
+        assert_int_equal(cudaMemset(kv.alloc[a] + kv.allocsz[a] / 2, 0x5A, kv.allocsz[a] / 2),
+                         cudaSuccess);
+    assert_int_equal(cudaDeviceSynchronize(), cudaSuccess);
+    cudaStream_t st;
+    assert_int_equal(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking), cudaSuccess);
+    uint8_t *copy[TKV_MAXA];
+    for (size_t a = 0; a < kv.na; a++) { /* before the gate: cudaMalloc synchronizes */
+        copy[a] = kvs_cuda_dev_alloc(0, kv.allocsz[a]);
+        assert_non_null(copy[a]);
+    }
+    kvs_task *t = NULL;
+    assert_int_equal(kvs_connector_load(c, hs.k, dst, n, &t), KVS_OK);
+    assert_int_equal(kvs_task_gpu_wait(t, st), KVS_OK);
+    /* if anything forced the gate open, the task says so (KVS_ERR_EARLY) */
+    for (size_t a = 0; a < kv.na; a++)
+        assert_int_equal(cudaMemcpyAsync(copy[a], kv.alloc[a], kv.allocsz[a],
+                                         cudaMemcpyDeviceToDevice, st),
+                         cudaSuccess);
+    assert_int_equal(kvs_task_wait(t, 60000), KVS_OK);
+    int ok = kvs_task_results(t, res, n);
+    kvs_task_free(t);
+    assert_int_equal(cudaStreamSynchronize(st), cudaSuccess);
+    if (ok != (int)n) {
+        for (uint32_t i = 0; i < n; i++) assert_int_equal(res[i], KVS_ERR_EARLY);
+    } else {
+        /* what the stream copied after the gate is the loaded data */
+        for (size_t a = 0; a < kv.na; a++)
+            assert_int_equal(kvs_cuda_memcpy(kv.shadow[a], copy[a], kv.allocsz[a]), KVS_OK);
+        for (uint32_t i = 0; i < n; i++)
+            assert_true(block_equal(&kv, before, src[i], kv.shadow, dst[i]));
+    }
+    for (size_t a = 0; a < kv.na; a++) kvs_cuda_dev_free(copy[a]);
+    cudaStreamDestroy(st);
+    tkv_snapshot_free(&kv, before);
+    kvs_connector_close(c);
+    hashes_free(&hs);
+    tkv_free(&kv);
+}
+
 /* auto picks the copy engines for large chunks, the kernel for small ones. */
 static void test_auto_choice(void **s)
 {
@@ -165,7 +268,10 @@ int main(void)
     const struct CMUnitTest tests[] = {cmocka_unit_test(test_backend_name),
                                        cmocka_unit_test(test_auto_choice),
                                        cmocka_unit_test(test_register_refused),
-                                       cmocka_unit_test(test_after_event), CONNECTOR_COMMON_TESTS};
+                                       cmocka_unit_test(test_after_event),
+                                       cmocka_unit_test(test_gate),
+                                       cmocka_unit_test(test_gated_load_order),
+                                       CONNECTOR_COMMON_TESTS};
     int failed = 0;
     const char *only = getenv("KVSHELF_TEST_BACKEND");
     if (!only || !strcmp(only, "cuda-kernel")) {

@@ -1105,6 +1105,50 @@ static int group_teardown(void **s)
     return 0;
 }
 
+/* kvs_task_gpu_wait: a CUDA load gates the caller's stream (once per
+ * task) and loads the same bytes; a host connector has no GPU to gate. */
+static void test_gpu_wait(void **s)
+{
+    (void)s;
+    tkv kv;
+    const uint32_t nb = 64, n = 24;
+    tkv_make(&kv, "vllm", 4, 2, 64, 16, nb, 31);
+    char ns[128];
+    make_ns(ns, sizeof ns, "gate");
+    kvs_connector *c = open_kv(&g_pool, ns, &kv, NULL);
+    hashes hs;
+    hashes_make(&hs, n, 77);
+    uint32_t src[24], dst[24];
+    int res[24];
+    for (uint32_t i = 0; i < n; i++) {
+        src[i] = i;
+        dst[i] = nb - 1 - i;
+    }
+    assert_int_equal(do_dump(c, hs.k, src, n, res), (int)n);
+    uint8_t **before = tkv_snapshot(&kv);
+    kvs_task *t = NULL;
+    assert_int_equal(kvs_connector_load(c, hs.k, dst, n, &t), KVS_OK);
+    if (g_gpu) {
+        assert_int_equal(kvs_task_gpu_wait(t, NULL), KVS_OK);
+        assert_int_equal(kvs_task_gpu_wait(t, NULL), KVS_ERR_INVALID); /* one gate per task */
+    } else {
+        assert_int_equal(kvs_task_gpu_wait(t, NULL), KVS_ERR_UNSUPPORTED);
+    }
+    assert_int_equal(kvs_task_gpu_wait(NULL, NULL), KVS_ERR_INVALID);
+    assert_int_equal(run_task(t, res, n), (int)n);
+    check_loaded(&kv, before, src, dst, n, res);
+    /* a finished task gates nothing */
+    assert_int_equal(kvs_connector_load(c, hs.k, dst, n, &t), KVS_OK);
+    assert_int_equal(kvs_task_wait(t, 60000), KVS_OK);
+    assert_int_equal(kvs_task_gpu_wait(t, NULL), g_gpu ? KVS_OK : KVS_ERR_UNSUPPORTED);
+    assert_int_equal(kvs_task_results(t, res, n), (int)n);
+    kvs_task_free(t);
+    tkv_snapshot_free(&kv, before);
+    hashes_free(&hs);
+    kvs_connector_close(c);
+    tkv_free(&kv);
+}
+
 #define CONNECTOR_COMMON_TESTS                                                               \
     cmocka_unit_test(test_layout_vllm), cmocka_unit_test(test_layout_hnd),                   \
         cmocka_unit_test(test_layout_mla), cmocka_unit_test(test_layout_perhead),            \
@@ -1115,6 +1159,6 @@ static int group_teardown(void **s)
         cmocka_unit_test(test_lookup_only_all_ranks), cmocka_unit_test(test_invalid_arguments), \
         cmocka_unit_test(test_concurrent_tasks), cmocka_unit_test(test_wait_timeout),        \
         cmocka_unit_test(test_close_in_flight), cmocka_unit_test(test_backpressure),         \
-        cmocka_unit_test(test_eviction_makes_misses)
+        cmocka_unit_test(test_eviction_makes_misses), cmocka_unit_test(test_gpu_wait)
 
 #endif
