@@ -15,14 +15,13 @@ first    the same, then the prompt's KV (every full 16-token block) is dumped
          includes whatever the dump call makes the engine wait for; the dump's
          own completion is reported separately (``dump ms``: after the first token);
 second   the same prompt again, into a second, NaN-filled KV cache:
-         block hashes -> ``lookup_prefix`` -> ``load`` -> forward of the
-         uncached token(s) (at least the last one) -> greedy first token. The
-         forward is launched right after ``load`` returns: ``Task.gpu_wait`` on
-         the compute stream holds its GPU work back until the load has finished
-         and been checked, so launching the forward (CPU-bound in Transformers)
-         overlaps the copy; the token counts only if every block loaded (else
-         the forward is redone). Each run also measures "load then compute"
-         (wait for the load, then launch), which gives the restore time;
+         block hashes -> ``lookup_prefix`` -> ``load`` -> wait -> forward of
+         the uncached token(s) (at least the last one) -> greedy first token.
+         With ``--overlap`` (experimental) it is run a second time with the
+         forward launched right after ``load`` returns, its GPU work held back
+         on the GPU until the load has finished and been checked
+         (``Task.gpu_wait``); that pass is then "second" and the first one
+         "load then compute";
 floor    what this harness allows: the forward of the second run on a cache
          already in HBM (no load) + KV bytes / the pinned-copy ceiling (one
          contiguous pinned host->device copy of that size, measured in the run).
@@ -602,9 +601,12 @@ class Bench:
         r["restore_s"] = seq["restore_s"]  # lookup + load (+ wait)
         r["hash_s"] = seq["hash_s"]
         r["lookup_s"] = seq["lookup_s"]
-        if check:
-            self.check_kv(T, rep, seq["P"], "load then compute")
-        sec = self.second_pass(T, ids, toks, salt, block_ids, loader, overlap=self.cuda)
+        if self.args.overlap and self.cuda:
+            if check:
+                self.check_kv(T, rep, seq["P"], "load then compute")
+            sec = self.second_pass(T, ids, toks, salt, block_ids, loader, overlap=True)
+        else:
+            sec = seq
         r["second_s"] = sec["second_s"]
         r["second_launch_s"] = sec["launch_s"]
         r["second_redone"] = sec["redone"]
@@ -613,18 +615,17 @@ class Bench:
         P = sec["P"]
         l1 = loader.counters()
         r["loaded_blocks"] = l1["loaded_blocks"] - l0["loaded_blocks"]
-        for name, x in (("load then compute", seq), ("overlapped", sec)):
+        for name, x in (("load then compute", seq), ("overlapped", sec))[:2 if sec is not seq else 1]:
             if check and (x["hits"] != nb or x["loaded_ok"] != nb):
                 self.fail(f"T={T} rep={rep} ({name}): lookup_prefix found {x['hits']}/{nb} blocks, "
                           f"{x['loaded_ok']} loaded OK (statuses {sorted(set(x['statuses']))})")
-        if check and seq["tok"] != sec["tok"]:
+        if check and sec is not seq and seq["tok"] != sec["tok"]:
             self.fail(f"T={T} rep={rep}: the overlapped second's token {sec['tok']} != load-then-compute's "
                       f"{seq['tok']}")
         logits_s, tok_s = sec["logits"], sec["tok"]
-        del seq
 
         if check:
-            r["kv_equal"] = self.check_kv(T, rep, P, "overlapped")
+            r["kv_equal"] = self.check_kv(T, rep, P, "overlapped" if sec is not seq else "load then compute")
 
         # floor: the same forward as second on the cache already in HBM
         self.cacheA.set_length(P)
@@ -701,8 +702,24 @@ class Bench:
             ltask.gpu_wait(torch.cuda.current_stream())
             P = min(hits * BLOCK, T - 1)
             self.cacheB.set_length(P)
+            # The launch runs ahead of the GPU by at most --overlap-layers layers: before
+            # launching the next one it waits (on the host) for the load, as vLLM's
+            # wait_for_layer_load would. Unbounded, the launch queue fills up behind the gate
+            # and the load's own copies cannot be launched until the gate times out.
+            k = min(max(self.args.overlap_layers, 0), self.L)
+            hook = None
+
+            def wait_for_load(*_: Any) -> None:  # returns None: the layer's inputs stay as they are
+                ltask.wait()
+
+            if k < self.L:
+                hook = self.model.model.layers[k].register_forward_pre_hook(wait_for_load)
             tf = time.perf_counter()
-            logits, tok = self.forward(ids[:, P:], self.cacheB)
+            try:
+                logits, tok = self.forward(ids[:, P:], self.cacheB)
+            finally:
+                if hook is not None:
+                    hook.remove()
             x["launch_s"] = time.perf_counter() - tf
             ltask.wait()
             lres = ltask.results()
@@ -744,6 +761,16 @@ class Bench:
             self.fail(f"T={T} rep={rep} ({what}): loaded KV differs from the dumped KV in layers {bad[:8]}...")
         return not bad
 
+    def watchdog(self, arm: bool) -> None:
+        """--watchdog: a run that takes longer prints every Python thread's stack and exits."""
+        if self.args.watchdog <= 0:
+            return
+        import faulthandler
+        if arm:
+            faulthandler.dump_traceback_later(self.args.watchdog, exit=True)
+        else:
+            faulthandler.cancel_dump_traceback_later()
+
     def fail(self, msg: str) -> None:
         log("  FAIL " + msg)
         self.errors.append(msg)
@@ -777,7 +804,9 @@ class Bench:
             try:
                 for i in range(args.warmup):
                     t0 = time.perf_counter()
+                    self.watchdog(True)
                     w = self.run_once(wT, -1 - i, dumper, loader, check=True)
+                    self.watchdog(False)
                     log(f"warm-up {i + 1} at {wT} tokens: {time.perf_counter() - t0:.2f} s (first {w['first_s']:.3f} s, "
                         f"dump done +{w['dump_after_s']:.3f} s, second {w['second_s']:.3f} s, restore "
                         f"{w['restore_s'] * 1e3:.1f} ms)")
@@ -825,7 +854,9 @@ class Bench:
             self.sync()
         reps = []
         for rep in range(args.repeats):
+            self.watchdog(True)
             r = self.run_once(T, rep, dumper, loader)
+            self.watchdog(False)
             reps.append(r)
             log(f"  {T:>6} rep {rep}: default {r['default_s']:.4f}  first {r['first_s']:.4f} "
                 f"(dump +{r['dump_after_s'] * 1e3:.1f} ms)  second {r['second_s']:.4f} "
@@ -930,13 +961,17 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]], tg: list, errors:
                  f"= {r['floor_s'] * 1e3:.1f} | {r['floor_over_default']:.3f} | {r['dump_after_s'] * 1e3:.1f} "
                  f"| {r['kv_bytes'] / 1e9:.2f} | {r['ceiling_GBps']:.1f} |")
     L.append("")
-    L.append("second request: the forward of the uncached token is launched right after `load()`; "
-             "`Task.gpu_wait` on the compute stream holds its GPU work back until every block has been "
-             "copied and checked, so the CPU time of launching the forward's kernels overlaps the copy "
-             "(the token is used only if every block loaded; otherwise the forward is redone). "
-             "'load then compute' waits for the load before launching (that pass gives the restore time). "
-             "floor = one-token forward on KV already in HBM + KV bytes / pinned-copy ceiling, one after "
-             "the other (overlap can go below it).")
+    if meta.get("overlap"):
+        L.append("second request (--overlap, experimental): the forward of the uncached token is launched "
+                 "right after `load()`; `Task.gpu_wait` on the compute stream holds its GPU work back until "
+                 "every block has been copied and checked, so launching the forward's kernels overlaps the "
+                 "copy (the token is used only if every block loaded; otherwise the forward is redone). "
+                 "'load then compute' waits for the load before launching (that pass gives the restore "
+                 "time). floor = one-token forward on KV already in HBM + KV bytes / pinned-copy ceiling.")
+    else:
+        L.append("second request: lookup, load, wait for it, then the forward of the uncached token "
+                 "('load then compute' is the same pass). floor = one-token forward on KV already in HBM "
+                 "+ KV bytes / pinned-copy ceiling.")
     L.append("")
     pub = [r for r in rows if r["tokens"] in PUBLISHED]
     if pub:
@@ -1017,6 +1052,18 @@ def main() -> int:
     ap.add_argument("--mode", choices=["embedded", "master"], default="embedded")
     ap.add_argument("--lengths", type=parse_lengths, default=None,
                     help="prompt lengths, e.g. 2k,4k,8k,16k,32k (default; --tiny: 64,128)")
+    ap.add_argument("--overlap", action="store_true",
+                    help="second request, experimental: also run it with the forward launched while the "
+                         "load runs (Task.gpu_wait), reported as 'second'; the load-then-compute pass "
+                         "is then its own column. On the H100 the gate timed out (KVSHELF_GATE_TIMEOUT_MS) "
+                         "for loads of 8k tokens and more: see kvs_task_gpu_wait")
+    ap.add_argument("--overlap-layers", type=int, default=24, metavar="K",
+                    help="second request, overlapped: launch the first K decoder layers while the load "
+                         "runs, then wait for it on the host before launching the rest (default 24; "
+                         "the launch queue must not fill up behind the gate)")
+    ap.add_argument("--watchdog", type=float, default=120, metavar="S",
+                    help="a repeat that takes longer than S seconds prints every Python thread's stack "
+                         "and exits (0: never)")
     ap.add_argument("--repeats", type=int, default=4,
                     help="timed runs per length (median; even, so --order alternate balances)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed full runs at the shortest length")
@@ -1041,6 +1088,9 @@ def main() -> int:
                          "next would not fit (default: no limit)")
     ap.add_argument("--out", default=os.environ.get("OUT") or "build/ttft", help="output folder")
     args = ap.parse_args()
+    # Before CUDA starts: give streams hardware queues of their own, so that the load's copies
+    # never queue behind the forward that waits for them (see kvs_task_gpu_wait).
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "32")
     if args.lengths is None:
         args.lengths = [64, 128] if args.tiny else [2048, 4096, 8192, 16384, 32768]
     if args.repeats < 1:
@@ -1085,7 +1135,7 @@ def main() -> int:
                 tiny=args.tiny, gpu=bench.gpu, host=f"{platform.node()} {platform.machine()}, "
                 f"{os.cpu_count()} CPUs", torch=torch.__version__, transformers=transformers.__version__,
                 kvshelf=kvshelf.__version__, backend=res["backend"], date=date, command=command,
-                deployment=dep.describe, repeats=args.repeats, order=args.order, tol=args.tol, pool_bytes=pool,
+                deployment=dep.describe, repeats=args.repeats, order=args.order, tol=args.tol, overlap=args.overlap, pool_bytes=pool,
                 namespace=bench.ns, lengths=args.lengths, python=sys.version.split()[0],
                 gpu_peak_GB=torch.cuda.max_memory_allocated() / 1e9 if bench.cuda else None,
                 warmup_errors=bench.warmup_errors)

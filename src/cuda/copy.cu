@@ -560,17 +560,21 @@ extern "C" int kvs_cuda_worker_create(kvs_cuda_ctx *x, kvs_cuda_worker **out)
     kvs_cuda_worker *w = (kvs_cuda_worker *)calloc(1, sizeof *w);
     if (!w) return KVS_ERR_NOMEM;
     w->x = x;
-    int ns = x->auto_mode || x->mode == KVS_CUDA_BATCH ? x->streams : 1; /* auto: maybe batch */
+    /* one stream for the kernel; batch mode adds the rest on first use
+     * (kc_batch), so kernel-mode workers hold one stream (and one hardware
+     * queue, of CUDA_DEVICE_MAX_CONNECTIONS) each */
+    int ns = x->mode == KVS_CUDA_BATCH && !x->auto_mode ? x->streams : 1;
     void *og = NULL, *ogd = NULL;
     cudaError_t e = cudaSuccess;
     for (int i = 0; i < ns && e == cudaSuccess; i++) {
         e = cudaStreamCreateWithFlags(&w->streams[i], cudaStreamNonBlocking);
         if (e == cudaSuccess) w->nstreams++;
     }
-    if (e == cudaSuccess)
+    if (e == cudaSuccess) {
         kvs_cuda_gates_force_open();
         e = cudaHostAlloc(&og, KVS_CUDA_MAX_JOB_BLOCKS * sizeof(uint64_t),
                           cudaHostAllocPortable | cudaHostAllocMapped);
+    }
     if (e == cudaSuccess) e = cudaHostGetDevicePointer(&ogd, og, 0);
     if (e != cudaSuccess) {
         cudaGetLastError();
@@ -790,6 +794,16 @@ extern "C" int kvs_cuda_copy(kvs_cuda_worker *w, int dir, size_t n, void *const 
     int rc = KVS_OK;
     cudaError_t e = cudaSuccess;
     if (live) {
+        /* batch mode: the worker's other streams, on first use (before they
+         * are told to wait for wait_event) */
+        while (x->mode == KVS_CUDA_BATCH && w->nstreams < x->streams) {
+            if (cudaStreamCreateWithFlags(&w->streams[w->nstreams], cudaStreamNonBlocking) !=
+                cudaSuccess) {
+                cudaGetLastError();
+                break; /* fewer streams: slower, not wrong */
+            }
+            w->nstreams++;
+        }
         for (int si = 0; wait_event && si < w->nstreams && e == cudaSuccess; si++)
             e = cudaStreamWaitEvent(w->streams[si], (cudaEvent_t)wait_event, 0);
         if (e == cudaSuccess && x->mode == KVS_CUDA_BATCH) {

@@ -2,6 +2,14 @@
  * sleeps until a word of pinned, device-mapped host memory becomes non-zero;
  * the host writes the word when the task the gate belongs to has finished.
  *
+ * The kernel gives up after KVSHELF_GATE_TIMEOUT_MS (default 2 s) and says
+ * so in the gate's second word; the owner then learns from kvs_cuda_gate_open
+ * that work behind the gate may have run early. This bounds the damage of a
+ * wait the library cannot see: streams share the GPU's hardware queues
+ * (CUDA_DEVICE_MAX_CONNECTIONS, 8 by default), and a copy of the very load
+ * the gate waits for, queued behind the gated stream's work in a shared
+ * queue, would otherwise wait forever.
+ *
  * Slots are process-wide (gates of every connector and device share them:
  * the memory is portable and, with unified addressing, the device address
  * of a word is its host address). A slot is reused only once the event
@@ -10,6 +18,8 @@
 #include <cuda_runtime.h>
 #include <pthread.h>
 #include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "kvs_cuda.h"
@@ -32,9 +42,42 @@ static pthread_mutex_t g_mu = PTHREAD_MUTEX_INITIALIZER;
 static volatile uint32_t *g_words; /* NGATES * WORD_STRIDE, pinned + mapped */
 static struct gate g_gates[NGATES];
 
-__global__ void gate_wait_kernel(const volatile uint32_t *w)
+static __device__ uint64_t gate_now_ns(void)
 {
-    while (*w == 0) __nanosleep(2000);
+    uint64_t t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+
+/* w[0]: opened by the host; w[1]: set here when the wait gave up. */
+__global__ void gate_wait_kernel(volatile uint32_t *w, uint64_t timeout_ns)
+{
+    uint64_t t0 = gate_now_ns();
+    while (w[0] == 0) {
+        if (gate_now_ns() - t0 > timeout_ns) {
+            w[1] = 1;
+            __threadfence_system();
+            return;
+        }
+        __nanosleep(2000);
+    }
+}
+
+/* KVSHELF_GATE_TIMEOUT_MS (default 2000, 1..600000). */
+static uint64_t gate_timeout_ns(void)
+{
+    static uint64_t ns;
+    if (ns) return ns;
+    uint64_t ms = 2000;
+    const char *e = getenv("KVSHELF_GATE_TIMEOUT_MS");
+    if (e && *e) {
+        char *end;
+        unsigned long long v = strtoull(e, &end, 10);
+        if (!*end && v >= 1 && v <= 600000) ms = v;
+        else fprintf(stderr, "kvshelf: KVSHELF_GATE_TIMEOUT_MS=%s is not 1..600000: using 2000\n", e);
+    }
+    ns = ms * 1000000ull;
+    return ns;
 }
 
 /* Caller holds g_mu. */
@@ -97,10 +140,11 @@ extern "C" int kvs_cuda_gate_close(void *stream, int device, uint32_t *ticket)
         }
         g->device = device;
         volatile uint32_t *w = g_words + (size_t)i * WORD_STRIDE;
-        *w = 0;
+        w[0] = 0;
+        w[1] = 0;
         __sync_synchronize();
         cudaStream_t s = (cudaStream_t)stream;
-        gate_wait_kernel<<<1, 1, 0, s>>>((const uint32_t *)w);
+        gate_wait_kernel<<<1, 1, 0, s>>>((uint32_t *)w, gate_timeout_ns());
         if (cudaGetLastError() != cudaSuccess) goto restore; /* nothing queued: still free */
         if (cudaEventRecord(g->ev, s) != cudaSuccess) {
             *w = 1; /* the kernel is queued: let it pass, never reuse the word */
@@ -128,10 +172,11 @@ extern "C" int kvs_cuda_gate_open(uint32_t ticket)
     struct gate *g = &g_gates[i];
     int res = -1;
     if (g->gen == (ticket >> 8) && g->state == G_CLOSED) {
-        g_words[(size_t)i * WORD_STRIDE] = 1;
+        volatile uint32_t *w = g_words + (size_t)i * WORD_STRIDE;
+        w[0] = 1;
         __sync_synchronize();
         g->state = G_RETIRING;
-        res = g->early ? 0 : 1;
+        res = g->early || w[1] ? 0 : 1; /* forced, or the kernel gave up waiting */
     }
     pthread_mutex_unlock(&g_mu);
     return res;

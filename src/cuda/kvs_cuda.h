@@ -141,6 +141,9 @@ void kvs_cuda_forget(kvs_cuda_ctx *x, const void *p);
  * never blocked. At most 256 gates are closed (or not yet passed) at once
  * in a process.
  *
+ * A gate that stays closed longer than KVSHELF_GATE_TIMEOUT_MS (default
+ * 2000) opens by itself (see gate.cu for why) and counts as opened early.
+ *
  * Anything that synchronizes the whole device (cudaFreeHost,
  * cudaHostUnregister, cudaHostRegister, cudaMalloc/cudaFree, ...) would wait
  * behind a closed gate, and a gate waiting for that very thread would never
@@ -152,8 +155,8 @@ void kvs_cuda_forget(kvs_cuda_ctx *x, const void *p);
  * use) or KVS_ERR_CUDA. */
 int kvs_cuda_gate_close(void *stream, int device, uint32_t *ticket);
 
-/* Opens the gate of `ticket`: 1 if it was still closed, 0 if
- * kvs_cuda_gates_force_open had already opened it (work behind it may have
+/* Opens the gate of `ticket`: 1 if it was still closed, 0 if it had opened
+ * before (kvs_cuda_gates_force_open, or its timeout: work behind it may have
  * run too early), -1 for a ticket not in use. The ticket is spent. */
 int kvs_cuda_gate_open(uint32_t ticket);
 

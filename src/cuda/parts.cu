@@ -75,10 +75,11 @@ extern "C" int kvs_cuda_pworker_create(kvs_cuda_ctx *x, int device, kvs_cuda_pwo
         e = cudaStreamCreateWithFlags(&w->streams[i], cudaStreamNonBlocking);
         if (e == cudaSuccess) w->nstreams++;
     }
-    if (e == cudaSuccess)
+    if (e == cudaSuccess) {
         kvs_cuda_gates_force_open();
         e = cudaHostAlloc(&og, KVS_CUDA_MAX_JOB_BLOCKS * sizeof(uint64_t),
                           cudaHostAllocPortable | cudaHostAllocMapped);
+    }
     if (e == cudaSuccess) e = cudaHostGetDevicePointer(&ogd, og, 0);
     if (e != cudaSuccess) {
         cudaGetLastError();

@@ -124,6 +124,18 @@ static void test_gate(void **s)
     assert_int_equal(flag, 1);
     assert_int_equal(kvs_cuda_gate_open(tk), 0); /* opened early */
 
+    /* nobody opens it: it gives up after KVSHELF_GATE_TIMEOUT_MS (main: 1 s) */
+    flag = 0;
+    assert_int_equal(kvs_cuda_gate_close(st, 0, &tk), KVS_OK);
+    assert_int_equal(cudaLaunchHostFunc(st, set_flag_cb, &flag), cudaSuccess);
+    usleep(300 * 1000);
+    assert_int_equal(__atomic_load_n(&flag, __ATOMIC_SEQ_CST), 0);
+    t0 = now_s();
+    assert_int_equal(cudaStreamSynchronize(st), cudaSuccess);
+    assert_true(now_s() - t0 > 0.3 && now_s() - t0 < 5);
+    assert_int_equal(flag, 1);
+    assert_int_equal(kvs_cuda_gate_open(tk), 0); /* timed out: early */
+
     /* slots are reused: many more gates than slots over time */
     for (int i = 0; i < 600; i++) {
         assert_int_equal(kvs_cuda_gate_close(st, 0, &tk), KVS_OK);
@@ -256,6 +268,7 @@ static void test_backend_name(void **s)
 
 int main(void)
 {
+    setenv("KVSHELF_GATE_TIMEOUT_MS", "1000", 0); /* test_gate: a gate nobody opens */
 #ifndef KVS_HAVE_CUDA
     printf("test_connector_gpu: skipped (built without CUDA)\n");
     return 0;
