@@ -646,20 +646,33 @@ class Bench:
         r["rel_diff"] = diff / scale if scale else float("inf")
         if check:
             # the same forward on bit-identical KV (floor: the cache never left HBM)
-            if tok_s != tok_fl:
-                self.fail(f"T={T} rep={rep}: second's first token {tok_s} != floor's {tok_fl} (same forward on "
-                          f"the same KV; max logit diff {r['maxdiff_second_floor']:.4f})")
             # bf16 tolerance, measured in this run: the one-token forward on a cache (floor: KV
             # that never left HBM) already differs from the full prefill by rounding; the load
-            # must add no more than tol x scale to that difference, and floor and second (the
-            # same forward on bit-identical KV) must agree within tol x scale.
+            # must add no more than tol x scale to that difference. Floor and second run the
+            # same forward on bit-identical KV (checked above), yet not always the same kernels:
+            # cuBLAS picks GEMM algorithms by operand alignment, which follows the allocator's
+            # state (measured: up to 0.34 at scale 6.3, the same prompt in two sessions); they
+            # must agree within this harness's own rounding spread, max(tol x scale,
+            # |floor - default|), and a different greedy token is allowed only as a near tie.
             allowed = r["maxdiff_floor_default"] + self.args.tol * scale
+            allowed_sf = max(self.args.tol * scale, r["maxdiff_floor_default"])
             r["allowed_diff"] = allowed
-            if not diff <= allowed or not r["maxdiff_second_floor"] <= self.args.tol * scale:
+            r["allowed_diff_second_floor"] = allowed_sf
+            sf = r["maxdiff_second_floor"]
+            if tok_s != tok_fl:
+                gap_fl = float(logits_fl[tok_fl] - logits_fl[tok_s])
+                if gap_fl <= sf:
+                    r["near_tie_floor"] = gap_fl
+                    log(f"  WARNING T={T} rep={rep}: near tie: second's token {tok_s} != floor's {tok_fl}: floor's "
+                        f"logits for them differ by {gap_fl:.4f}, within the difference {sf:.4f} of the two "
+                        f"one-token forwards (KV bit-equal)")
+                else:
+                    self.fail(f"T={T} rep={rep}: second's first token {tok_s} != floor's {tok_fl} (same forward "
+                              f"on the same KV; floor's logit gap {gap_fl:.4f} > max logit diff {sf:.4f})")
+            if not diff <= allowed or not sf <= allowed_sf:
                 self.fail(f"T={T} rep={rep}: last-position logits differ: max |second-default| {diff:.4f} "
                           f"> |floor-default| {r['maxdiff_floor_default']:.4f} + tol {self.args.tol} x "
-                          f"max |logit| {scale:.4f}, or |second-floor| {r['maxdiff_second_floor']:.4f} "
-                          f"> tol x max |logit|")
+                          f"max |logit| {scale:.4f}, or |second-floor| {sf:.4f} > {allowed_sf:.4f}")
             elif tok_s != tok_d:
                 # prefill and one-token kernels round differently; with the logits this close a
                 # different argmax can only be a near tie of two tokens (random weights)
@@ -894,7 +907,7 @@ class Bench:
         row["restore_target_s"] = 1.15 * copy_s + 0.005  # 1.15 x KV bytes / ceiling + 5 ms
         row["max_rel_diff"] = max(x["rel_diff"] for x in reps)
         row["tokens_equal"] = all(x["tok_second"] == x["tok_default"] for x in reps)
-        row["near_ties"] = sum(1 for x in reps if "near_tie" in x)
+        row["near_ties"] = sum(1 for x in reps if "near_tie" in x or "near_tie_floor" in x)
         row["kv_equal"] = all(x.get("kv_equal", False) for x in reps)
         log(f"{T:>6} tokens: default {row['default_s']:.3f} s, first {row['first_s']:.3f} s "
             f"({row['first_over_default']:.3f}x), second {row['second_s']:.3f} s ({row['second_over_default']:.3f}x; "
@@ -990,7 +1003,9 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]], tg: list, errors:
              "rounding difference is reported as a near tie), last-position logits within bf16 tolerance "
              "measured in the same run: |second-default| <= |floor-default| (prefill vs one-token "
              f"forward: rounding of this harness, not kvshelf) + {meta['tol']} x max |logit|, and "
-             f"|second-floor| <= {meta['tol']} x max |logit|:")
+             f"|second-floor| <= max({meta['tol']} x max |logit|, |floor-default|) (the same forward on "
+             "bit-equal KV runs different cuBLAS kernels from run to run), a different token from floor's "
+             "only as a near tie:")
     L.append("")
     for r in rows:
         reps = r["repeats"]
