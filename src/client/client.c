@@ -318,6 +318,7 @@ static int refresh_segments(kvs_client *c, uint32_t want_gen)
     }
     t->n = k;
     t->gen = cr.gen;
+    for (size_t i = 0; i < k; i++) t->nmapped += t->v[i].base != NULL;
     qsort(t->v, t->n, sizeof t->v[0], seg_cmp);
     /* Segments that left the pool: release their memory, keep the address
      * range (slots may still point there). Not right after a reconnect,
@@ -358,6 +359,14 @@ static int tab_lookup(kvs_client *c, uint32_t gen, uint32_t id, kvs_seginfo *out
     }
     pthread_rwlock_unlock(&c->tab_lock);
     return res;
+}
+
+int kvs_segs_mapped(kvs_client *c)
+{
+    pthread_rwlock_rdlock(&c->tab_lock);
+    int any = c->tab && c->tab->nmapped > 0;
+    pthread_rwlock_unlock(&c->tab_lock);
+    return any;
 }
 
 int kvs_seg_peek(kvs_client *c, uint32_t gen, uint32_t id, kvs_seginfo *out)

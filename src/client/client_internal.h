@@ -31,6 +31,7 @@ typedef struct kvs_seginfo {
 typedef struct kvs_segtab {
     uint32_t gen; /* connection generation it was fetched on */
     size_t n;
+    size_t nmapped; /* segments with base != NULL */
     kvs_seginfo v[];
 } kvs_segtab;
 
@@ -131,6 +132,9 @@ int kvs_conn_call(kvs_client *c, kvs_conn_ref *cr, uint16_t type, const kvs_wbuf
 int kvs_conn_start(kvs_conn_ref *cr, kvs_rpc_req *q, uint16_t type, const kvs_wbuf *body);
 int kvs_conn_finish(kvs_client *c, kvs_conn_ref *cr, kvs_rpc_req *q, int names_client,
                     uint8_t **resp, uint32_t *resp_len);
+
+/* 1 if a segment of the current table is mapped in this process. */
+int kvs_segs_mapped(kvs_client *c);
 
 /* Finds segment `id` of generation `gen` in the current table without
  * refreshing it: 1 (copied into *out) or 0. */

@@ -418,7 +418,8 @@ static void get_chunk(kvs_client *c, kvs_item *items, size_t n)
     }
     if (rc == KVS_OK) {
         kvs_rpc_req q;
-        if (kvs_conn_start(&cr, &q, KVS_MSG_GET, &w) == KVS_OK && early)
+        /* (nothing to copy early from when no segment is mapped here) */
+        if (kvs_conn_start(&cr, &q, KVS_MSG_GET, &w) == KVS_OK && early && kvs_segs_mapped(c))
             copy_early(c, cr.gen, items, idx, k, kh, early);
         rc = kvs_conn_finish(c, &cr, &q, 1, &resp, &rlen);
     }
