@@ -707,8 +707,9 @@ class Bench:
         tl = time.perf_counter()
         lres: list[int] = []
         side = None
-        if hits and overlap and self.args.overlap_stream == "side":
-            # a stream of our own (non-blocking), not the legacy default stream
+        if hits and overlap:
+            # a stream of our own (non-blocking): gating the legacy default stream held the
+            # load's own copies back (measured; kvs_task_gpu_wait refuses it)
             if getattr(self, "side_stream", None) is None:
                 self.side_stream = torch.cuda.Stream()
             side = self.side_stream
@@ -1093,9 +1094,6 @@ def main() -> int:
                     help="second request: only load then compute (by default it is also run with the "
                          "forward launched while the load runs, its GPU work gated on the load with "
                          "Task.gpu_wait on a stream of its own; that pass is reported as 'second')")
-    ap.add_argument("--overlap-stream", choices=["default", "side"], default="side",
-                    help="overlapped second: gate and run the forward on torch's current (legacy default) stream "
-                         "or on a stream of its own (default)")
     ap.add_argument("--overlap-layers", type=int, default=24, metavar="K",
                     help="second request, overlapped: launch the first K decoder layers while the load "
                          "runs, then wait for it on the host before launching the rest (default 24; "

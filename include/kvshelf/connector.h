@@ -234,32 +234,30 @@ int kvs_task_check(kvs_task *t);
  * number of blocks with KVS_OK. KVS_ERR_BUSY if the task is still running. */
 int kvs_task_results(kvs_task *t, int *results, size_t n);
 
-/* Makes the GPU work the caller enqueues on `stream` (a cudaStream_t of the
- * connector's device; NULL = the legacy default stream) after this call wait,
+/* Makes the GPU work the caller enqueues on `stream` after this call wait,
  * on the GPU, until `t` has finished: every copy done and checked, whatever
  * the results. The calling thread is not blocked, so an engine can launch
  * the next forward while its KV is still loading. Then, as always, read
  * kvs_task_results once the task finished, and discard that forward's
- * output for blocks that are not KVS_OK. A block is KVS_ERR_EARLY when the
- * gate had to open before the copies finished: something in the load's path
- * had to synchronize the whole device, or the gate waited longer than
- * KVSHELF_GATE_TIMEOUT_MS (default 2000) and opened by itself: redo the work.
- * The timeout matters because CUDA streams share the GPU's hardware queues
- * (CUDA_DEVICE_MAX_CONNECTIONS, 8 by default): a copy of this load queued
- * behind the gated work in a shared queue cannot start until the gate opens.
- * Set CUDA_DEVICE_MAX_CONNECTIONS=32 in the environment before CUDA starts
- * so that the load's streams get queues of their own. Known limit (measured
- * on an H100, bench/ttft.py --overlap, 2026-11-24): with a one-token forward
- * of a 48-layer model launched behind the gate, loads of up to ~4 jobs per
- * worker finished under the gate, but larger ones (8k tokens and more of a
- * 14B model) did not run until the gate timed out, even with 32 connections
- * and the forward's launch held to 24 layers: the copies that worker threads
- * launch while the gate is closed can wait for it. Then every block is
- * KVS_ERR_EARLY and the work must be redone. Experimental until the load's
- * GPU work is all enqueued before the gate closes. One gate per task (KVS_ERR_INVALID for a
- * second); a task already finished adds nothing (KVS_OK). Errors:
- * KVS_ERR_UNSUPPORTED (not a CUDA backend), KVS_ERR_BUSY (256 gates closed
- * in the process), KVS_ERR_CUDA. */
+ * output for blocks that are not KVS_OK.
+ *
+ * `stream`: a cudaStream_t of the connector's device created non-blocking
+ * (cudaStreamNonBlocking; torch.cuda.Stream() is). The legacy default stream
+ * (NULL) is refused with KVS_ERR_INVALID: measured on an H100, a forward
+ * gated there held the load's own copies back until the gate timed out (8k
+ * tokens and more of a 14B model), while on a stream of its own the same
+ * forward overlapped the load at every length (bench/RESULTS.md). A gate
+ * waits at most KVSHELF_GATE_TIMEOUT_MS (default 2000) and then opens by
+ * itself; it is also forced open before anything in the load's path that
+ * synchronizes the whole device. Either way the task's blocks are then
+ * KVS_ERR_EARLY: redo the work. Keep the launches queued behind a gate
+ * bounded (e.g. wait for the task on the host before the last layers, as
+ * vLLM's wait_for_layer_load does).
+ *
+ * One gate per task (KVS_ERR_INVALID for a second); a task already finished
+ * adds nothing (KVS_OK). Errors: KVS_ERR_INVALID, KVS_ERR_UNSUPPORTED (not a
+ * CUDA backend), KVS_ERR_BUSY (256 gates closed in the process),
+ * KVS_ERR_CUDA. */
 int kvs_task_gpu_wait(kvs_task *t, void *stream);
 
 /* Number of blocks in the task (0 for NULL). */

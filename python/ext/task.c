@@ -211,7 +211,7 @@ static PyObject *Task_failed(TaskObject *self, PyObject *Py_UNUSED(a)) {
 static PyObject *Task_gpu_wait(TaskObject *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"stream", NULL};
     PyObject *so = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|O", kwlist, &so))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O", kwlist, &so))
         return NULL;
     void *stream;
     if (cuda_handle_from(so, "cuda_stream", "stream", &stream) < 0)
@@ -262,11 +262,11 @@ static PyMethodDef Task_methods[] = {
     {"failed", (PyCFunction)Task_failed, METH_NOARGS,
      "failed() -> list[int]: indices of blocks that did not succeed."},
     {"gpu_wait", METH_KW(Task_gpu_wait), METH_VARARGS | METH_KEYWORDS,
-     "gpu_wait(stream=None): GPU work enqueued on `stream` (torch.cuda.Stream, an int "
-     "cudaStream_t, or None: the legacy default stream) after this call waits, on the GPU, until "
-     "the task finished; the caller is not blocked. Check results() afterwards and redo work for "
-     "blocks that are not 0 (OpenedEarly: the gate had to open before the copies finished). "
-     "CUDA connectors only."},
+     "gpu_wait(stream): GPU work enqueued on `stream` (a torch.cuda.Stream or an int "
+     "cudaStream_t created non-blocking; the legacy default stream is refused) after this call "
+     "waits, on the GPU, until the task finished; the caller is not blocked. Check results() "
+     "afterwards and redo work for blocks that are not 0 (OpenedEarly: the gate opened before the "
+     "copies finished). CUDA connectors only."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -210,6 +210,9 @@ int kvs_task_gpu_wait(kvs_task *t, void *stream)
     if (!t) return KVS_ERR_INVALID;
 #ifdef KVS_HAVE_CUDA
     if (t->gate_dev < 0) return KVS_ERR_UNSUPPORTED;
+    /* the legacy default stream (NULL, cudaStreamLegacy) serializes with
+     * other work: the load's own copies then wait for the gate */
+    if (!stream || stream == (void *)0x1) return KVS_ERR_INVALID;
     int rc = KVS_OK;
     pthread_mutex_lock(&t->mu);
     if (t->gated) rc = KVS_ERR_INVALID;

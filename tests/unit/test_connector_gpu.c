@@ -181,6 +181,7 @@ static void test_gated_load_order(void **s)
     kvs_task *t = NULL;
     assert_int_equal(kvs_connector_load(c, hs.k, dst, n, &t), KVS_OK);
     assert_int_equal(kvs_task_gpu_wait(t, st), KVS_OK);
+    assert_int_equal(kvs_task_gpu_wait(t, st), KVS_ERR_INVALID); /* one gate per task */
     /* if anything forced the gate open, the task says so (KVS_ERR_EARLY) */
     for (size_t a = 0; a < kv.na; a++)
         assert_int_equal(cudaMemcpyAsync(copy[a], kv.alloc[a], kv.allocsz[a],
@@ -199,6 +200,11 @@ static void test_gated_load_order(void **s)
         for (uint32_t i = 0; i < n; i++)
             assert_true(block_equal(&kv, before, src[i], kv.shadow, dst[i]));
     }
+    /* a finished task gates nothing */
+    assert_int_equal(kvs_connector_load(c, hs.k, dst, n, &t), KVS_OK);
+    assert_int_equal(kvs_task_wait(t, 60000), KVS_OK);
+    assert_int_equal(kvs_task_gpu_wait(t, st), KVS_OK);
+    kvs_task_free(t);
     for (size_t a = 0; a < kv.na; a++) kvs_cuda_dev_free(copy[a]);
     cudaStreamDestroy(st);
     tkv_snapshot_free(&kv, before);
