@@ -744,8 +744,7 @@ class Bench:
             self.cacheB.set_length(P)
             # The launch runs ahead of the GPU by at most --overlap-layers layers: before
             # launching the next one it waits (on the host) for the load, as vLLM's
-            # wait_for_layer_load would. Unbounded, the launch queue fills up behind the gate
-            # and the load's own copies cannot be launched until the gate times out.
+            # wait_for_layer_load would, so the work queued behind the gate stays bounded.
             k = min(max(self.args.overlap_layers, 0), self.L)
             hook = None
 
@@ -1097,7 +1096,7 @@ def main() -> int:
     ap.add_argument("--overlap-layers", type=int, default=24, metavar="K",
                     help="second request, overlapped: launch the first K decoder layers while the load "
                          "runs, then wait for it on the host before launching the rest (default 24; "
-                         "the launch queue must not fill up behind the gate)")
+                         "keeps the work queued behind the gate bounded)")
     ap.add_argument("--watchdog", type=float, default=120, metavar="S",
                     help="a repeat that takes longer than S seconds prints every Python thread's stack "
                          "and exits (0: never)")
@@ -1125,8 +1124,8 @@ def main() -> int:
                          "next would not fit (default: no limit)")
     ap.add_argument("--out", default=os.environ.get("OUT") or "build/ttft", help="output folder")
     args = ap.parse_args()
-    # Before CUDA starts: give streams hardware queues of their own, so that the load's copies
-    # never queue behind the forward that waits for them (see kvs_task_gpu_wait).
+    # Before CUDA starts: hardware queues for every stream (the load's copies and the gated
+    # forward); what made the overlap work was a stream of its own (see second_pass).
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "32")
     if args.lengths is None:
         args.lengths = [64, 128] if args.tiny else [2048, 4096, 8192, 16384, 32768]

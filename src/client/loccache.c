@@ -1,12 +1,10 @@
 /* Location cache of recently read or written objects (see loccache.h). */
 #include "loccache.h"
 
-#include <errno.h>
 #include <pthread.h>
 #include <stdlib.h>
-#include <xxhash.h>
 
-#include "common/log.h"
+#include "common/util.h"
 
 #define STRIPES 64
 
@@ -18,17 +16,8 @@ struct kvs_loccache {
 
 size_t kvs_loccache_size_from_env(void)
 {
-    const char *e = getenv("KVSHELF_LOC_CACHE");
-    if (!e || !*e) return KVS_LOCCACHE_DEFAULT;
-    char *end;
-    errno = 0;
-    unsigned long long v = strtoull(e, &end, 10);
-    if (errno || *end || e[0] == '-' || v > KVS_LOCCACHE_MAX) {
-        KVS_LOGW("KVSHELF_LOC_CACHE=%s is not 0..%u (entries): using %u", e, KVS_LOCCACHE_MAX,
-                 KVS_LOCCACHE_DEFAULT);
-        return KVS_LOCCACHE_DEFAULT;
-    }
-    return (size_t)v;
+    return (size_t)kvs_env_u64("KVSHELF_LOC_CACHE", KVS_LOCCACHE_DEFAULT, 0, KVS_LOCCACHE_MAX,
+                               "entries");
 }
 
 kvs_loccache *kvs_loccache_new(size_t n)
@@ -59,7 +48,7 @@ void kvs_loccache_free(kvs_loccache *lc)
 
 uint64_t kvs_loccache_hash(const void *key, uint32_t len)
 {
-    uint64_t h = XXH3_64bits(key, len);
+    uint64_t h = kvs_hash64(key, len);
     return h ? h : 1;
 }
 

@@ -101,19 +101,24 @@ int kvs_strlcpy(char *dst, const char *src, size_t cap)
 static uint64_t g_spin_ns;
 static pthread_once_t g_spin_once = PTHREAD_ONCE_INIT;
 
-static void spin_init(void)
+uint64_t kvs_env_u64(const char *name, uint64_t def, uint64_t lo, uint64_t hi, const char *unit)
 {
-    g_spin_ns = 50000;
-    const char *e = getenv("KVSHELF_SPIN_US");
-    if (!e || !*e) return;
+    const char *e = getenv(name);
+    if (!e || !*e) return def;
     char *end;
     errno = 0;
-    unsigned long v = strtoul(e, &end, 10);
-    if (errno || *end || e[0] == '-' || v > 10000) {
-        KVS_LOGW("KVSHELF_SPIN_US=%s is not 0..10000 (microseconds): using 50", e);
-        return;
+    unsigned long long v = strtoull(e, &end, 10);
+    if (errno || *end || e[0] == '-' || v < lo || v > hi) {
+        KVS_LOGW("%s=%s is not %llu..%llu (%s): using %llu", name, e, (unsigned long long)lo,
+                 (unsigned long long)hi, unit, (unsigned long long)def);
+        return def;
     }
-    g_spin_ns = (uint64_t)v * 1000u;
+    return (uint64_t)v;
+}
+
+static void spin_init(void)
+{
+    g_spin_ns = kvs_env_u64("KVSHELF_SPIN_US", 50, 0, 10000, "microseconds") * 1000u;
 }
 
 uint64_t kvs_spin_ns(void)

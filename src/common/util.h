@@ -6,6 +6,10 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 #define KVS_ARRAY_LEN(a) (sizeof(a) / sizeof((a)[0]))
 #define KVS_MIN(a, b) ((a) < (b) ? (a) : (b))
 #define KVS_MAX(a, b) ((a) > (b) ? (a) : (b))
@@ -54,4 +58,12 @@ uint64_t kvs_hash64(const void *p, size_t n);
  * KVS_ERR_TOO_LARGE if it did not fit (dst then holds a truncated copy). */
 int kvs_strlcpy(char *dst, const char *src, size_t cap);
 
+/* The unsigned decimal value of environment variable `name` if it lies in
+ * lo..hi; `def` when it is unset or empty, and (with a warning naming
+ * `unit`) when it is not a number in range. */
+uint64_t kvs_env_u64(const char *name, uint64_t def, uint64_t lo, uint64_t hi, const char *unit);
+
+#ifdef __cplusplus
+}
+#endif
 #endif

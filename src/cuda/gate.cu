@@ -5,10 +5,10 @@
  * The kernel gives up after KVSHELF_GATE_TIMEOUT_MS (default 2 s) and says
  * so in the gate's second word; the owner then learns from kvs_cuda_gate_open
  * that work behind the gate may have run early. This bounds the damage of a
- * wait the library cannot see: streams share the GPU's hardware queues
- * (CUDA_DEVICE_MAX_CONNECTIONS, 8 by default), and a copy of the very load
- * the gate waits for, queued behind the gated stream's work in a shared
- * queue, would otherwise wait forever.
+ * wait the library cannot see: measured on an H100, a gate on the legacy
+ * default stream held back the copies of the very load it waited for
+ * (kvs_task_gpu_wait now refuses that stream); anything else that makes the
+ * load wait for the gated stream would otherwise hang for good.
  *
  * Slots are process-wide (gates of every connector and device share them:
  * the memory is portable and, with unified addressing, the device address
@@ -18,10 +18,9 @@
 #include <cuda_runtime.h>
 #include <pthread.h>
 #include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
 #include <string.h>
 
+#include "common/util.h"
 #include "kvs_cuda.h"
 #include "kvshelf/errors.h"
 
@@ -63,20 +62,11 @@ __global__ void gate_wait_kernel(volatile uint32_t *w, uint64_t timeout_ns)
     }
 }
 
-/* KVSHELF_GATE_TIMEOUT_MS (default 2000, 1..600000). */
+/* KVSHELF_GATE_TIMEOUT_MS (default 2000, 1..600000). Caller holds g_mu. */
 static uint64_t gate_timeout_ns(void)
 {
     static uint64_t ns;
-    if (ns) return ns;
-    uint64_t ms = 2000;
-    const char *e = getenv("KVSHELF_GATE_TIMEOUT_MS");
-    if (e && *e) {
-        char *end;
-        unsigned long long v = strtoull(e, &end, 10);
-        if (!*end && v >= 1 && v <= 600000) ms = v;
-        else fprintf(stderr, "kvshelf: KVSHELF_GATE_TIMEOUT_MS=%s is not 1..600000: using 2000\n", e);
-    }
-    ns = ms * 1000000ull;
+    if (!ns) ns = kvs_env_u64("KVSHELF_GATE_TIMEOUT_MS", 2000, 1, 600000, "milliseconds") * 1000000ull;
     return ns;
 }
 

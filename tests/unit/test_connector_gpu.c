@@ -161,10 +161,7 @@ static void test_gated_load_order(void **s)
     hashes_make(&hs, n, 99);
     uint32_t src[128], dst[128];
     int res[128];
-    for (uint32_t i = 0; i < n; i++) {
-        src[i] = i;
-        dst[i] = nb - 1 - i;
-    }
+    ids_reversed(src, dst, n, nb);
     assert_int_equal(do_dump(c, hs.k, src, n, res), (int)n);
     uint8_t **before = tkv_snapshot(&kv);
     for (size_t a = 0; a < kv.na; a++) /* the destinations hold garbage before the load */

@@ -384,6 +384,15 @@ static void hashes_free(hashes *hs)
 }
 
 /* Runs a task to completion; returns the number of KVS_OK blocks. */
+/* src[i] = i, dst[i] = nb - 1 - i: load into other block ids, reversed. */
+static void ids_reversed(uint32_t *src, uint32_t *dst, uint32_t n, uint32_t nb)
+{
+    for (uint32_t i = 0; i < n; i++) {
+        src[i] = i;
+        dst[i] = nb - 1 - i;
+    }
+}
+
 static int run_task(kvs_task *t, int *res, size_t n)
 {
     assert_non_null(t);
@@ -455,10 +464,7 @@ static void roundtrip(const char *layout, const kvs_connector_opts *extra)
     uint32_t src[40], dst[40];
     int res[40];
     uint8_t hit[40];
-    for (uint32_t i = 0; i < n; i++) {
-        src[i] = i;
-        dst[i] = nb - 1 - i; /* other ids, reversed */
-    }
+    ids_reversed(src, dst, n, nb);
     assert_int_equal(kvs_connector_lookup(c, hs.k, n, hit), KVS_OK);
     for (uint32_t i = 0; i < n; i++) assert_int_equal(hit[i], 0);
     assert_int_equal(kvs_connector_lookup_prefix(c, hs.k, n), 0);
@@ -1120,10 +1126,7 @@ static void test_gpu_wait(void **s)
     hashes_make(&hs, n, 77);
     uint32_t src[24], dst[24];
     int res[24];
-    for (uint32_t i = 0; i < n; i++) {
-        src[i] = i;
-        dst[i] = nb - 1 - i;
-    }
+    ids_reversed(src, dst, n, nb);
     assert_int_equal(do_dump(c, hs.k, src, n, res), (int)n);
     uint8_t **before = tkv_snapshot(&kv);
     kvs_task *t = NULL;
