@@ -174,10 +174,11 @@ int kvs_slot_lease_valid(kvs_client *c, const kvs_slot *slot);
 int kvs_client_stats_json(kvs_client *c, char **json);
 
 /* Counters of this client (monotonic). early_kept / early_wasted: gets
- * from a same-host segment whose copy started before the master answered
- * (from where this client last saw the object) and was kept / had to be
- * redone because the object had changed (KVSHELF_LOC_CACHE=0 turns that
- * off). */
+ * whose bytes started moving before the master answered (from where this
+ * client last saw the object: memcpy from a same-host segment, or a
+ * transfer-engine read from another host's) and were kept / had to be
+ * moved again because the object had changed or the early read failed
+ * (KVSHELF_LOC_CACHE=0 turns that off). */
 typedef struct kvs_client_counters {
     uint64_t puts, gets, hits, misses, errors, reconnects, bytes_put, bytes_got;
     uint64_t early_kept, early_wasted;

@@ -361,14 +361,6 @@ static int tab_lookup(kvs_client *c, uint32_t gen, uint32_t id, kvs_seginfo *out
     return res;
 }
 
-int kvs_segs_mapped(kvs_client *c)
-{
-    pthread_rwlock_rdlock(&c->tab_lock);
-    int any = c->tab && c->tab->nmapped > 0;
-    pthread_rwlock_unlock(&c->tab_lock);
-    return any;
-}
-
 int kvs_seg_peek(kvs_client *c, uint32_t gen, uint32_t id, kvs_seginfo *out)
 {
     return tab_lookup(c, gen, id, out) == 1;

@@ -133,8 +133,6 @@ int kvs_conn_start(kvs_conn_ref *cr, kvs_rpc_req *q, uint16_t type, const kvs_wb
 int kvs_conn_finish(kvs_client *c, kvs_conn_ref *cr, kvs_rpc_req *q, int names_client,
                     uint8_t **resp, uint32_t *resp_len);
 
-/* 1 if a segment of the current table is mapped in this process. */
-int kvs_segs_mapped(kvs_client *c);
 
 /* Finds segment `id` of generation `gen` in the current table without
  * refreshing it: 1 (copied into *out) or 0. */

@@ -1,10 +1,11 @@
 /* Where objects this client recently read or wrote lie: key hash →
  * (connection generation, segment, offset, size, object id).
  *
- * A get of a key found here whose segment is mapped in this process copies
- * the bytes while its GET is still on the way to the master, and keeps the
- * copy only if the master's answer names the same object at the same place
- * (ops.c, get_chunk). Object ids are never reused within a master's life
+ * A get of a key found here starts moving the bytes while its GET is still
+ * on the way to the master (memcpy when the segment is mapped in this
+ * process, else a transfer-engine read), and keeps them only if the
+ * master's answer names the same object at the same place (ops.c,
+ * copy_early and get_chunk). Object ids are never reused within a master's life
  * (and start from a random base after a restart; the connection generation
  * is part of the entry anyway), and an object is immutable from PUT_END
  * until it leaves the index: so if the object the entry names is still the

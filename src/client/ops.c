@@ -357,13 +357,24 @@ static void post_release(kvs_client *c, kvs_conn_ref *cr, const uint64_t *leases
     kvs_wbuf_free(&w);
 }
 
-/* Copies, for each item whose location this client has seen before and
- * whose segment is mapped here, the bytes from there into the item's
- * buffer; records in early[i] where they came from (khash 0: no copy).
- * Runs while the GET is on its way: the copy counts only if the answer
- * names the same object at the same place (see loccache.h). */
+/* Reads of one get chunk started before the master's answer (copy_early). */
+typedef struct early_io {
+    kvs_xfer_op *ops;   /* remote reads, in flight until kvs_xfer_wait */
+    size_t *item;       /* ops[j] reads into items[item[j]] */
+    kvs_seginfo *infos; /* ops[j].peer points into infos[j] */
+    size_t n;
+    kvs_xfer_batch *batch;
+} early_io;
+
+/* For each item whose location this client has seen before, starts moving
+ * the bytes from there into the item's buffer while the GET is on its way:
+ * memcpy where the segment is mapped here, else a T_READ to the segment's
+ * transfer server (sent now, waited for by early_finish). Records in
+ * early[i] where they came from (khash 0: nothing started). The bytes count
+ * only if the answer names the same object at the same place (see
+ * loccache.h); a remote read that failed counts as not done. */
 static void copy_early(kvs_client *c, uint32_t gen, const kvs_item *items, const size_t *idx,
-                       size_t k, const uint64_t *kh, kvs_loc_ent *early)
+                       size_t k, const uint64_t *kh, kvs_loc_ent *early, early_io *eio)
 {
     kvs_seginfo si;
     int have = 0;
@@ -374,10 +385,42 @@ static void copy_early(kvs_client *c, uint32_t gen, const kvs_item *items, const
             e.size > items[i].len)
             continue;
         if (!have || si.id != e.seg) have = kvs_seg_peek(c, gen, e.seg, &si);
-        if (!have || !si.base || e.off > si.size || e.size > si.size - e.off) continue;
-        memcpy(items[i].buf, si.base + e.off, e.size);
+        if (!have || e.off > si.size || e.size > si.size - e.off) continue;
+        if (si.base) {
+            memcpy(items[i].buf, si.base + e.off, e.size);
+            early[i] = e;
+            continue;
+        }
+        if (!si.transfer_addr[0]) continue;
+        if (!eio->ops) {
+            eio->ops = calloc(k, sizeof *eio->ops);
+            eio->item = calloc(k, sizeof *eio->item);
+            eio->infos = calloc(k, sizeof *eio->infos);
+            if (!eio->ops || !eio->item || !eio->infos) return; /* freed by early_finish */
+        }
+        eio->infos[eio->n] = si;
+        eio->ops[eio->n] = (kvs_xfer_op){eio->infos[eio->n].transfer_addr, e.seg, e.off,
+                                         items[i].buf, e.size, 0, 0};
+        eio->item[eio->n++] = i;
         early[i] = e;
     }
+    if (eio->n && kvs_xfer_submit(c->xc, eio->ops, eio->n, &eio->batch))
+        for (size_t j = 0; j < eio->n; j++) early[eio->item[j]].khash = 0;
+}
+
+/* Waits for the remote early reads (the buffers are written until then) and
+ * forgets those that failed. Safe to call when none were started. */
+static void early_finish(early_io *eio, kvs_loc_ent *early)
+{
+    if (eio->batch) {
+        kvs_xfer_wait(eio->batch);
+        for (size_t j = 0; j < eio->n; j++)
+            if (eio->ops[j].status != KVS_OK) early[eio->item[j]].khash = 0;
+    }
+    free(eio->ops);
+    free(eio->item);
+    free(eio->infos);
+    memset(eio, 0, sizeof *eio);
 }
 
 static void get_chunk(kvs_client *c, kvs_item *items, size_t n)
@@ -418,10 +461,11 @@ static void get_chunk(kvs_client *c, kvs_item *items, size_t n)
     }
     if (rc == KVS_OK) {
         kvs_rpc_req q;
-        /* (nothing to copy early from when no segment is mapped here) */
-        if (kvs_conn_start(&cr, &q, KVS_MSG_GET, &w) == KVS_OK && early && kvs_segs_mapped(c))
-            copy_early(c, cr.gen, items, idx, k, kh, early);
+        early_io eio = {0};
+        if (kvs_conn_start(&cr, &q, KVS_MSG_GET, &w) == KVS_OK && early)
+            copy_early(c, cr.gen, items, idx, k, kh, early, &eio);
         rc = kvs_conn_finish(c, &cr, &q, 1, &resp, &rlen);
+        early_finish(&eio, early);
     }
     if (rc) {
         for (size_t j = 0; j < k; j++) items[idx[j]].status = rc;

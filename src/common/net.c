@@ -2,6 +2,7 @@
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <stdatomic.h>
 #include <fcntl.h>
 #include <limits.h>
 #include <netdb.h>
@@ -262,9 +263,16 @@ void kvs_set_timeouts(int fd, int timeout_ms)
 
 void kvs_set_bulk_buffers(int fd)
 {
-    int sz = 4 << 20;
-    setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sz, sizeof sz);
-    setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &sz, sizeof sz);
+    static _Atomic int64_t sz = -1;
+    int64_t v = atomic_load(&sz);
+    if (v < 0) {
+        v = (int64_t)kvs_env_u64("KVSHELF_SOCKBUF", 0, 0, 1u << 30, "bytes");
+        atomic_store(&sz, v);
+    }
+    if (!v) return; /* the kernel's autotuning (an explicit size turns it off) */
+    int n = (int)v;
+    setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &n, sizeof n);
+    setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &n, sizeof n);
 }
 
 ssize_t kvs_recv_spin(int fd, void *buf, size_t n)

@@ -55,7 +55,9 @@ void kvs_set_timeouts(int fd, int timeout_ms);
  * (EAGAIN: nothing came within the spin). */
 ssize_t kvs_recv_spin(int fd, void *buf, size_t n);
 
-/* Larger socket buffers for bulk transfer. */
+/* Socket buffers of a bulk-transfer connection: KVSHELF_SOCKBUF bytes for
+ * both directions when set, else left to the kernel's autotuning (which a
+ * fixed size would turn off; fixed 4 MiB measured ~12% slower on loopback). */
 void kvs_set_bulk_buffers(int fd);
 
 #endif

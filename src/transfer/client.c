@@ -22,8 +22,9 @@
 #define FRAME_LEN (KVS_FRAME_HDR + REQ_BODY)
 #define BACKOFF_MIN_MS 100
 #define BACKOFF_MAX_MS 2000
+/* A batch moving more bytes than this waits without busy-polling. */
+#define SPIN_MAX_BYTES (256u << 10)
 
-struct xbatch;
 
 /* One request on the wire (one chunk of one op). */
 struct xreq {
@@ -32,18 +33,26 @@ struct xreq {
     uint16_t type;
     uint8_t *buf;
     uint64_t len;
-    struct xbatch *batch;
+    struct kvs_xfer_batch *batch;
     size_t op;
 };
 
-/* What one kvs_xfer_run call waits on. */
-struct xbatch {
+/* What one submitted batch waits on (kvs_xfer_submit .. kvs_xfer_wait). */
+struct kvs_xfer_batch {
+    kvs_xfer_client *xc;
     pthread_mutex_t mu;
     pthread_cond_t cv;
     atomic_size_t left;   /* requests not completed yet (changed under mu) */
     uint64_t progress_ms; /* last completion (or start) */
     kvs_xfer_op *ops;
+    size_t n;
+    uint64_t bytes;       /* bytes the batch moves */
+    struct xreq *reqs;
+    uint8_t *frames;
+    struct xconn **used; /* connections it sent on (referenced) */
+    size_t nused;
 };
+typedef struct kvs_xfer_batch xbatch_t;
 
 struct xconn {
     kvs_xfer_client *xc;
@@ -81,7 +90,7 @@ struct kvs_xfer_client {
 
 static void batch_complete(struct xreq *r, int status)
 {
-    struct xbatch *b = r->batch;
+    xbatch_t *b = r->batch;
     pthread_mutex_lock(&b->mu);
     if (status && b->ops[r->op].status == KVS_OK) b->ops[r->op].status = status;
     b->progress_ms = kvs_now_ms();
@@ -124,13 +133,23 @@ static void conn_fail_all(struct xconn *c)
     }
 }
 
-/* Receives 1..n bytes; busy-polls for up to kvs_spin_ns() before blocking
- * (a reply to a pipelined request usually follows within microseconds). */
-static int recv_some(int fd, void *p, size_t n)
+/* Receives 1..n bytes. While a request is pending it busy-polls for up to
+ * kvs_spin_ns() before blocking (a reply to a pipelined request usually
+ * follows within microseconds); with nothing pending no reply can come, so
+ * it blocks at once and leaves the CPU to the threads that will send the
+ * next requests (on a 2-core host a spinning reader measurably delayed the
+ * caller's master RPC between batches). */
+static int recv_some(struct xconn *c, void *p, size_t n)
 {
-    ssize_t s = kvs_recv_spin(fd, p, n);
-    if (s > 0) return (int)s;
-    if (s == 0 || errno != EAGAIN) return -1;
+    pthread_mutex_lock(&c->mu);
+    int pending = c->head != NULL;
+    pthread_mutex_unlock(&c->mu);
+    int fd = c->fd;
+    if (pending) {
+        ssize_t s = kvs_recv_spin(fd, p, n);
+        if (s > 0) return (int)s;
+        if (s == 0 || errno != EAGAIN) return -1;
+    }
     for (;;) {
         ssize_t r = recv(fd, p, n, 0);
         if (r > 0) return (int)r;
@@ -146,7 +165,7 @@ static void *reader_main(void *arg)
     size_t have = 0;
     for (;;) {
         while (have < KVS_FRAME_HDR) {
-            int r = recv_some(c->fd, hb + have, KVS_FRAME_HDR - have);
+            int r = recv_some(c, hb + have, KVS_FRAME_HDR - have);
             if (r < 0) goto fail;
             have += (size_t)r;
         }
@@ -356,9 +375,28 @@ static void send_group(struct xconn *c, struct xreq **reqs, size_t n, kvs_xfer_o
     pthread_mutex_unlock(&c->send_mu);
 }
 
-int kvs_xfer_run(kvs_xfer_client *xc, kvs_xfer_op *ops, size_t n)
+static void batch_free(xbatch_t *b)
 {
+    for (size_t u = 0; u < b->nused; u++) conn_unref(b->used[u]);
+    free(b->used);
+    free(b->reqs);
+    free(b->frames);
+    pthread_cond_destroy(&b->cv);
+    pthread_mutex_destroy(&b->mu);
+    free(b);
+}
+
+static void fail_unsent(kvs_xfer_op *ops, size_t n, int err)
+{
+    for (size_t i = 0; i < n; i++)
+        if (ops[i].status == KVS_OK && ops[i].len) ops[i].status = err;
+}
+
+int kvs_xfer_submit(kvs_xfer_client *xc, kvs_xfer_op *ops, size_t n, kvs_xfer_batch **out)
+{
+    *out = NULL;
     size_t total = 0;
+    uint64_t bytes = 0;
     for (size_t i = 0; i < n; i++) {
         ops[i].status = KVS_OK;
         if (!ops[i].peer || (!ops[i].buf && ops[i].len)) {
@@ -366,63 +404,55 @@ int kvs_xfer_run(kvs_xfer_client *xc, kvs_xfer_op *ops, size_t n)
             continue;
         }
         total += (size_t)((ops[i].len + KVS_MAX_CHUNK - 1) / KVS_MAX_CHUNK);
+        bytes += ops[i].len;
     }
-    struct xbatch b;
-    pthread_mutex_init(&b.mu, NULL);
+    xbatch_t *b = calloc(1, sizeof *b);
+    if (!b) {
+        fail_unsent(ops, n, KVS_ERR_NOMEM);
+        return KVS_ERR_NOMEM;
+    }
+    pthread_mutex_init(&b->mu, NULL);
     pthread_condattr_t ca;
     pthread_condattr_init(&ca);
     pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
-    pthread_cond_init(&b.cv, &ca);
+    pthread_cond_init(&b->cv, &ca);
     pthread_condattr_destroy(&ca);
-    b.ops = ops;
-    b.left = 0;
-    b.progress_ms = kvs_now_ms();
+    b->xc = xc;
+    b->ops = ops;
+    b->n = n;
+    b->bytes = bytes;
+    b->progress_ms = kvs_now_ms();
+    *out = b;
+    if (!total) return KVS_OK;
 
-    struct xreq *reqs = total ? calloc(total, sizeof *reqs) : NULL;
-    struct xreq **group = total ? calloc(total, sizeof *group) : NULL;
-    uint8_t *frames = total ? malloc(total * FRAME_LEN) : NULL;
-    struct iovec *iov = total ? malloc(2 * total * sizeof *iov) : NULL;
-    uint8_t *done_op = n ? calloc(n, 1) : NULL; /* op already grouped */
-    struct xconn **used = NULL;
-    size_t nused = 0;
-    if (total && (!reqs || !group || !frames || !iov || !done_op)) {
-        for (size_t i = 0; i < n; i++)
-            if (ops[i].status == KVS_OK && ops[i].len) ops[i].status = KVS_ERR_NOMEM;
+    struct xreq **group = calloc(total, sizeof *group);
+    struct iovec *iov = malloc(2 * total * sizeof *iov);
+    uint8_t *done_op = calloc(n, 1); /* op already grouped */
+    size_t *first_req = calloc(n, sizeof *first_req);
+    b->reqs = calloc(total, sizeof *b->reqs);
+    b->frames = malloc(total * FRAME_LEN);
+    b->used = calloc(n, sizeof *b->used);
+    if (!group || !iov || !done_op || !first_req || !b->reqs || !b->frames || !b->used) {
+        fail_unsent(ops, n, KVS_ERR_NOMEM);
         goto out;
     }
     /* Build every chunk's request, op by op. */
     size_t k = 0;
     for (size_t i = 0; i < n; i++) {
+        first_req[i] = k;
         if (ops[i].status || !ops[i].len) continue;
         for (uint64_t off = 0; off < ops[i].len; off += KVS_MAX_CHUNK) {
-            struct xreq *r = &reqs[k++];
+            struct xreq *r = &b->reqs[k++];
             r->type = ops[i].write ? KVS_MSG_T_WRITE : KVS_MSG_T_READ;
             r->buf = (uint8_t *)ops[i].buf + off;
             r->len = KVS_MIN((uint64_t)KVS_MAX_CHUNK, ops[i].len - off);
-            r->batch = &b;
+            r->batch = b;
             r->op = i;
         }
     }
-    b.left = total;
-    used = calloc(n ? n : 1, sizeof *used);
-    if (!used) {
-        b.left = 0;
-        for (size_t i = 0; i < n; i++)
-            if (ops[i].status == KVS_OK && ops[i].len) ops[i].status = KVS_ERR_NOMEM;
-        goto out;
-    }
+    b->left = total;
     /* Peer by peer: connect once, enqueue and send all its requests. */
     size_t fi = 0;
-    size_t *first_req = calloc(n ? n : 1, sizeof *first_req);
-    if (!first_req) {
-        b.left = 0;
-        goto out;
-    }
-    for (size_t i = 0, kk = 0; i < n; i++) {
-        first_req[i] = kk;
-        if (!ops[i].status && ops[i].len)
-            kk += (size_t)((ops[i].len + KVS_MAX_CHUNK - 1) / KVS_MAX_CHUNK);
-    }
     for (size_t i = 0; i < n; i++) {
         if (done_op[i] || ops[i].status || !ops[i].len) continue;
         const char *peer = ops[i].peer;
@@ -431,7 +461,7 @@ int kvs_xfer_run(kvs_xfer_client *xc, kvs_xfer_op *ops, size_t n)
             if (done_op[j] || ops[j].status || !ops[j].len || strcmp(ops[j].peer, peer)) continue;
             done_op[j] = 1;
             size_t cnt = (size_t)((ops[j].len + KVS_MAX_CHUNK - 1) / KVS_MAX_CHUNK);
-            for (size_t q = 0; q < cnt; q++) group[ng++] = &reqs[first_req[j] + q];
+            for (size_t q = 0; q < cnt; q++) group[ng++] = &b->reqs[first_req[j] + q];
         }
         struct xconn *c = NULL;
         int rc = get_conn(xc, peer, &c);
@@ -439,37 +469,49 @@ int kvs_xfer_run(kvs_xfer_client *xc, kvs_xfer_op *ops, size_t n)
             for (size_t q = 0; q < ng; q++) batch_complete(group[q], rc);
             continue;
         }
-        used[nused++] = c;
-        send_group(c, group, ng, ops, frames + fi * FRAME_LEN, iov + 2 * fi);
+        b->used[b->nused++] = c;
+        send_group(c, group, ng, ops, b->frames + fi * FRAME_LEN, iov + 2 * fi);
         fi += ng;
     }
+out:
+    free(group);
+    free(iov);
+    free(done_op);
     free(first_req);
+    return KVS_OK;
+}
 
+int kvs_xfer_wait(kvs_xfer_batch *b)
+{
+    if (!b) return 0;
+    kvs_xfer_client *xc = b->xc;
     /* Wait: busy-poll briefly (the replies of a small batch often come
      * before a sleep and wake-up would), then sleep; a batch that makes no
      * progress for timeout_ms gives up on its connections (their readers
-     * then fail what is left). The lock below also waits out the reader
-     * still inside batch_complete. */
-    uint64_t spin = kvs_spin_ns();
-    if (spin && atomic_load(&b.left)) {
+     * then fail what is left). A batch of more than SPIN_MAX_BYTES cannot
+     * finish within a spin, and spinning would take a CPU from the threads
+     * moving its bytes, so it sleeps at once. The lock below also waits out
+     * the reader still inside batch_complete. */
+    uint64_t spin = b->bytes <= SPIN_MAX_BYTES ? kvs_spin_ns() : 0;
+    if (spin && atomic_load(&b->left)) {
         uint64_t until = kvs_now_ns() + spin;
-        while (atomic_load(&b.left) && kvs_now_ns() < until) kvs_cpu_relax();
+        while (atomic_load(&b->left) && kvs_now_ns() < until) kvs_cpu_relax();
     }
-    pthread_mutex_lock(&b.mu);
+    pthread_mutex_lock(&b->mu);
     int killed = 0;
-    while (b.left) {
+    while (b->left) {
         if (killed) {
-            pthread_cond_wait(&b.cv, &b.mu);
+            pthread_cond_wait(&b->cv, &b->mu);
             continue;
         }
-        uint64_t deadline = b.progress_ms + (uint64_t)xc->timeout_ms;
+        uint64_t deadline = b->progress_ms + (uint64_t)xc->timeout_ms;
         uint64_t now = kvs_now_ms();
         if (now >= deadline) {
-            pthread_mutex_unlock(&b.mu);
+            pthread_mutex_unlock(&b->mu);
             KVS_LOGW("transfer: no progress for %d ms; dropping %zu connection(s)",
-                     xc->timeout_ms, nused);
-            for (size_t u = 0; u < nused; u++) conn_kill(used[u]);
-            pthread_mutex_lock(&b.mu);
+                     xc->timeout_ms, b->nused);
+            for (size_t u = 0; u < b->nused; u++) conn_kill(b->used[u]);
+            pthread_mutex_lock(&b->mu);
             killed = 1;
             continue;
         }
@@ -478,22 +520,20 @@ int kvs_xfer_run(kvs_xfer_client *xc, kvs_xfer_op *ops, size_t n)
         uint64_t ns = (uint64_t)ts.tv_nsec + (deadline - now) * 1000000ull;
         ts.tv_sec += (time_t)(ns / 1000000000ull);
         ts.tv_nsec = (long)(ns % 1000000000ull);
-        pthread_cond_timedwait(&b.cv, &b.mu, &ts);
+        pthread_cond_timedwait(&b->cv, &b->mu, &ts);
     }
-    pthread_mutex_unlock(&b.mu);
-out:
-    for (size_t u = 0; u < nused; u++) conn_unref(used[u]);
-    free(used);
-    free(reqs);
-    free(group);
-    free(frames);
-    free(iov);
-    free(done_op);
-    pthread_cond_destroy(&b.cv);
-    pthread_mutex_destroy(&b.mu);
+    pthread_mutex_unlock(&b->mu);
     int ok = 0;
-    for (size_t i = 0; i < n; i++) ok += ops[i].status == KVS_OK;
+    for (size_t i = 0; i < b->n; i++) ok += b->ops[i].status == KVS_OK;
+    batch_free(b);
     return ok;
+}
+
+int kvs_xfer_run(kvs_xfer_client *xc, kvs_xfer_op *ops, size_t n)
+{
+    kvs_xfer_batch *b;
+    if (kvs_xfer_submit(xc, ops, n, &b)) return 0;
+    return kvs_xfer_wait(b);
 }
 
 int kvs_xfer_client_new(const char *secret, int timeout_ms, kvs_xfer_client **out)

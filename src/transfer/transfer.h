@@ -126,6 +126,18 @@ void kvs_xfer_client_free(kvs_xfer_client *xc);
  * received or abandoned, so buffers are not touched after it returns. */
 int kvs_xfer_run(kvs_xfer_client *xc, kvs_xfer_op *ops, size_t n);
 
+/* The two halves of kvs_xfer_run, so that a caller can do other work (a
+ * master round trip) while the bytes move. kvs_xfer_submit sends every
+ * request and returns at once with *out set (KVS_OK), or KVS_ERR_NOMEM with
+ * *out NULL and the ops' statuses set; ops[] and every buffer they name
+ * must stay untouched until kvs_xfer_wait(*out) returns. kvs_xfer_wait
+ * waits exactly as kvs_xfer_run does, sets the statuses, frees the batch
+ * and returns the number of ops with KVS_OK (0 for NULL). Every submitted
+ * batch must be waited for, exactly once. */
+typedef struct kvs_xfer_batch kvs_xfer_batch;
+int kvs_xfer_submit(kvs_xfer_client *xc, kvs_xfer_op *ops, size_t n, kvs_xfer_batch **out);
+int kvs_xfer_wait(kvs_xfer_batch *b);
+
 /* Kills every connection (pending requests fail with KVS_ERR_UNAVAILABLE)
  * and makes later kvs_xfer_run calls fail at once with KVS_ERR_CLOSED. Used
  * when the owner is closing, so callers still inside return promptly. */

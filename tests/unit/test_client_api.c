@@ -590,14 +590,26 @@ static void getx(kvs_client *c, const char *key, const uint8_t *want, size_t n, 
     assert_memory_equal(out, want, n);
 }
 
-static void test_early_copy(void **state)
+/* Opens a client with no segment; with `remote` it maps nothing either
+ * (KVSHELF_NO_SHM), so its bytes all cross the transfer engine. */
+static kvs_client *open_reader(fix *f, int remote)
 {
-    fix *f = *state;
+    if (remote) setenv("KVSHELF_NO_SHM", "1", 1);
+    kvs_client *b = open_client(&f->m, 0);
+    unsetenv("KVSHELF_NO_SHM");
+    return b;
+}
+
+/* Early copies (same host: memcpy from the mapped segment) and early reads
+ * (remote: T_READ to the remembered place), both started while GET is on
+ * its way: kept when the answer names the same object, redone otherwise. */
+static void early_case(fix *f, int remote)
+{
     enum { N = 1 << 20 };
     uint8_t *x = malloc(N), *y = malloc(N), *out = malloc(N);
     fill(x, N, 1);
     fill(y, N, 2);
-    kvs_client *b = open_client(&f->m, 0); /* reads f->c's segment through shared memory */
+    kvs_client *b = open_reader(f, remote); /* reads f->c's segment */
     kvs_client_counters c0, c1;
     assert_int_equal(kvs_put(f->c, "e", 1, x, N), KVS_OK);
     kvs_client_get_counters(b, &c0);
@@ -627,28 +639,43 @@ static void test_early_copy(void **state)
     size = 0;
     assert_int_equal(kvs_get(b, "e", 1, out, N - 1, &size), KVS_ERR_TOO_LARGE);
     assert_int_equal(size, N);
-    /* the writer remembers where its own puts went */
-    kvs_client_get_counters(f->c, &c0);
-    assert_int_equal(kvs_put(f->c, "w", 1, y, N), KVS_OK);
-    getx(f->c, "w", y, N, out);
-    kvs_client_get_counters(f->c, &c1);
+    /* a client remembers where its own puts went (remote: b's puts land in
+     * f->c's segment over TCP) */
+    kvs_client *own = remote ? b : f->c, *other = remote ? f->c : b;
+    kvs_client_get_counters(own, &c0);
+    assert_int_equal(kvs_put(own, "w", 1, y, N), KVS_OK);
+    getx(own, "w", y, N, out);
+    kvs_client_get_counters(own, &c1);
     assert_int_equal(c1.early_kept, c0.early_kept + 1);
-    /* batch: kept items and redone items side by side ("w" replaced by b) */
-    assert_int_equal(kvs_remove(b, "w", 1), KVS_OK);
-    assert_int_equal(kvs_put(b, "w", 1, x, N), KVS_OK);
+    /* batch: kept items and redone items side by side ("w" replaced by
+     * the other client) */
+    assert_int_equal(kvs_remove(other, "w", 1), KVS_OK);
+    assert_int_equal(kvs_put(other, "w", 1, x, N), KVS_OK);
     uint8_t *out2 = malloc(N);
+    memset(out, 0, N);
     kvs_item it[2] = {{{"e", 1}, out, N, 0, 0}, {{"w", 1}, out2, N, 0, 0}};
-    kvs_client_get_counters(f->c, &c0);
-    assert_int_equal(kvs_get_batch(f->c, it, 2), 2);
+    kvs_client_get_counters(own, &c0);
+    assert_int_equal(kvs_get_batch(own, it, 2), 2);
     assert_memory_equal(out, x, N);
     assert_memory_equal(out2, x, N);
-    kvs_client_get_counters(f->c, &c1);
+    kvs_client_get_counters(own, &c1);
     assert_int_equal(c1.early_wasted, c0.early_wasted + 1); /* "w" changed */
     assert_int_equal(c1.early_kept, c0.early_kept + 1);     /* "e" did not */
+    /* the segment the remembered place names is gone (its owner closed):
+     * the early read fails or is not tried, and the get is a miss. d's
+     * segment has the most free space, so d's put lands there. */
+    if (remote) {
+        kvs_client *d = open_client(&f->m, 512u << 20);
+        assert_int_equal(kvs_put(d, "gone", 4, x, 4096), KVS_OK);
+        getx(b, "gone", x, 4096, out);
+        kvs_client_close(d);
+        assert_int_equal(kvs_get(b, "gone", 4, out, N, &size), KVS_ERR_NOT_FOUND);
+        getx(b, "e", x, N, out); /* and the connection to f->c still serves */
+    }
     kvs_client_close(b);
     /* KVSHELF_LOC_CACHE=0: never early */
     setenv("KVSHELF_LOC_CACHE", "0", 1);
-    kvs_client *z = open_client(&f->m, 0);
+    kvs_client *z = open_reader(f, remote);
     unsetenv("KVSHELF_LOC_CACHE");
     getx(z, "e", x, N, out);
     getx(z, "e", x, N, out);
@@ -660,6 +687,9 @@ static void test_early_copy(void **state)
     free(out);
     free(out2);
 }
+
+static void test_early_copy(void **state) { early_case(*state, 0); }
+static void test_early_read_remote(void **state) { early_case(*state, 1); }
 
 /* A writer keeps replacing one key (each value all one byte) while a
  * reader gets it: every value a get returns is whole, never a mix. */
@@ -682,11 +712,10 @@ static void *churn_writer(void *arg)
     return NULL;
 }
 
-static void test_early_copy_churn(void **state)
+static void churn_case(fix *f, int remote)
 {
-    fix *f = *state;
     enum { N = 256 << 10 };
-    kvs_client *r = open_client(&f->m, 0);
+    kvs_client *r = open_reader(f, remote);
     churn ch = {f->c, 0};
     pthread_t t;
     assert_int_equal(pthread_create(&t, NULL, churn_writer, &ch), 0);
@@ -706,13 +735,17 @@ static void test_early_copy_churn(void **state)
     pthread_join(t, NULL);
     kvs_client_counters cnt;
     kvs_client_get_counters(r, &cnt);
-    print_message("churn: %d whole values, early copies kept %llu, redone %llu\n", ok,
-                  (unsigned long long)cnt.early_kept, (unsigned long long)cnt.early_wasted);
+    print_message("churn (%s): %d whole values, early copies kept %llu, redone %llu\n",
+                  remote ? "remote" : "same host", ok, (unsigned long long)cnt.early_kept,
+                  (unsigned long long)cnt.early_wasted);
     assert_true(ok > 0);
     assert_true(cnt.early_kept + cnt.early_wasted > 0);
     free(out);
     kvs_client_close(r);
 }
+
+static void test_early_copy_churn(void **state) { churn_case(*state, 0); }
+static void test_early_read_churn(void **state) { churn_case(*state, 1); }
 
 /* Leases run out by the local clock (with a margin): after lease_ms a slot
  * is no longer valid. A lost master fails the next call with KVS_ERR_CONN. */
@@ -753,6 +786,8 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_lease_expiry, setup, teardown),
         cmocka_unit_test_setup_teardown(test_early_copy, setup, teardown),
         cmocka_unit_test_setup_teardown(test_early_copy_churn, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_early_read_remote, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_early_read_churn, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
