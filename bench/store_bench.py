@@ -13,7 +13,8 @@ its client and the second pass counts):
            server over TCP)                     target >= 80% of TCP
            (the client reads back what it wrote: its gets start the
            transfer from where the values lie before the master answers;
-           also shown: 2 threads on one connection, and batch 1)
+           also shown: without early reads, 2 threads on one
+           connection, and batch 1)
   remote get of 64 KiB values, batched, ops/s   target >= 30,000/s
   same-host get_into of 1 MiB (segment mapped)  target >= 70% of memcpy
   batch exists of 2,048 keys, latency p50       target <= 0.5 ms
@@ -198,7 +199,7 @@ def main():
     env["KVSHELF_RUNTIME_DIR"] = os.path.join(tmp, "rt")
     env["KVSHELF_BIN"] = kvs  # the embedded pool starts this binary
     procs = Procs(tmp)
-    raw = {"ceil_tcp": [], "ceil_memcpy": [], "remote_1m": [], "remote_1m_b1": [], "remote_1m_t2": [],
+    raw = {"ceil_tcp": [], "ceil_memcpy": [], "remote_1m": [], "remote_1m_b1": [], "remote_1m_t2": [], "remote_1m_noloc": [],
            "remote_64k": [], "local_1m": [], "local_1m_b8": [], "embedded_1m": [],
            "exists_2048": [], "fill": []}
     secs = a.seconds
@@ -211,11 +212,11 @@ def main():
 
         env_noshm = dict(env, KVSHELF_NO_SHM="1")
 
-        def remote(args):
+        def remote(args, extra_env=None):
             cmd = bench + [str(x) for x in args]
             if remote_ok:
-                return run_json(other_host(cmd, tmp), env)[0]
-            return run_json(cmd, env_noshm)[0]
+                return run_json(other_host(cmd, tmp), dict(env, **(extra_env or {})))[0]
+            return run_json(cmd, dict(env_noshm, **(extra_env or {})))[0]
 
         def ceiling(kind):
             d, _ = run_json([ceil, kind, "--block", "1M", "--seconds", secs])
@@ -236,6 +237,12 @@ def main():
             d = remote(["--mode", "put,get,get", "--sizes", "1M", "--count", 1024, "--duration",
                         secs, "--batch", 8, "--threads", 2, "--prefix", "r1mt2-%d" % rep])
             raw["remote_1m_t2"].append(d)
+            # a client that remembers no locations (as one reading keys it has
+            # never seen): every get waits for the master before its bytes move
+            d = remote(["--mode", "put,get,get", "--sizes", "1M", "--count", 1024, "--duration",
+                        secs, "--batch", 8, "--prefix", "r1mnl-%d" % rep],
+                       {"KVSHELF_LOC_CACHE": "0"})
+            raw["remote_1m_noloc"].append(d)
             t1 = ceiling("tcp")
             raw["ceil_tcp"].append({"before": t0, "after": t1,
                                     "gb_per_s": (t0["gb_per_s"] + t1["gb_per_s"]) / 2})
@@ -318,6 +325,9 @@ def main():
     figs.append(("remote get 1 MiB (no segment, batch 8, 1 thread; early reads %.0f%%)"
                  % (100 * early("remote_1m")) + how, "%.2f GB/s" % v,
                  "TCP %.2f GB/s" % tcp, "%.0f%%" % (100 * r), ">= 80%", r >= 0.8))
+    v, r = vs_ceiling("remote_1m_noloc", "get", "ceil_tcp")
+    figs.append(("remote get 1 MiB (batch 8, 1 thread, no early reads: KVSHELF_LOC_CACHE=0)",
+                 "%.2f GB/s" % v, "TCP %.2f GB/s" % tcp, "%.0f%%" % (100 * r), "(info)", None))
     v, r = vs_ceiling("remote_1m_t2", "get", "ceil_tcp")
     figs.append(("remote get 1 MiB (batch 8, 2 threads on one connection)", "%.2f GB/s" % v,
                  "TCP %.2f GB/s" % tcp, "%.0f%%" % (100 * r), "(info)", None))
