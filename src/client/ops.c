@@ -317,32 +317,6 @@ out:
     free(objs);
 }
 
-static int put_batch(kvs_client *c, kvs_item *items, size_t n, int need_reg)
-{
-    if (!c || (!items && n)) return KVS_ERR_INVALID;
-    int rc = kvs_enter(c);
-    if (rc) return rc;
-    if (need_reg) pthread_mutex_lock(&c->reg_mu);
-    for (size_t i = 0; i < n; i++) {
-        kvs_item *it = &items[i];
-        it->status = KVS_OK;
-        it->size = it->len;
-        if (!key_ok(it->key.data, it->key.len) || (!it->buf && it->len))
-            it->status = KVS_ERR_INVALID;
-        else if (need_reg && !registered_locked(c, it->buf, it->len))
-            it->status = KVS_ERR_NOT_REGISTERED;
-    }
-    if (need_reg) pthread_mutex_unlock(&c->reg_mu);
-    for (size_t s = 0, e; s < n; s = e) {
-        e = chunk_end(items, s, n);
-        put_chunk(c, items + s, e - s);
-    }
-    int ok = 0;
-    for (size_t i = 0; i < n; i++) ok += items[i].status == KVS_OK;
-    kvs_leave(c);
-    return ok;
-}
-
 /* ---- get ---- */
 
 static void post_release(kvs_client *c, kvs_conn_ref *cr, const uint64_t *leases, size_t n)
@@ -545,7 +519,11 @@ out:
     free(early);
 }
 
-static int get_batch(kvs_client *c, kvs_item *items, size_t n, int need_reg)
+/* Checks every item (key, buffer, and with need_reg that the buffer lies in
+ * registered memory), then moves the batch chunk by chunk: puts with
+ * put_chunk, gets with get_chunk. Returns the number of items with KVS_OK
+ * or, when the client cannot be used, its error. */
+static int run_batch(kvs_client *c, kvs_item *items, size_t n, int need_reg, int put)
 {
     if (!c || (!items && n)) return KVS_ERR_INVALID;
     int rc = kvs_enter(c);
@@ -554,7 +532,7 @@ static int get_batch(kvs_client *c, kvs_item *items, size_t n, int need_reg)
     for (size_t i = 0; i < n; i++) {
         kvs_item *it = &items[i];
         it->status = KVS_OK;
-        it->size = 0;
+        it->size = put ? it->len : 0;
         if (!key_ok(it->key.data, it->key.len) || (!it->buf && it->len))
             it->status = KVS_ERR_INVALID;
         else if (need_reg && !registered_locked(c, it->buf, it->len))
@@ -563,12 +541,22 @@ static int get_batch(kvs_client *c, kvs_item *items, size_t n, int need_reg)
     if (need_reg) pthread_mutex_unlock(&c->reg_mu);
     for (size_t s = 0, e; s < n; s = e) {
         e = chunk_end(items, s, n);
-        get_chunk(c, items + s, e - s);
+        (put ? put_chunk : get_chunk)(c, items + s, e - s);
     }
     int ok = 0;
     for (size_t i = 0; i < n; i++) ok += items[i].status == KVS_OK;
     kvs_leave(c);
     return ok;
+}
+
+static int put_batch(kvs_client *c, kvs_item *items, size_t n, int need_reg)
+{
+    return run_batch(c, items, n, need_reg, 1);
+}
+
+static int get_batch(kvs_client *c, kvs_item *items, size_t n, int need_reg)
+{
+    return run_batch(c, items, n, need_reg, 0);
 }
 
 int kvs_put_batch(kvs_client *c, kvs_item *items, size_t n) { return put_batch(c, items, n, 0); }
