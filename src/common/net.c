@@ -231,6 +231,23 @@ int kvs_write_full(int fd, const void *buf, size_t n)
     return kvs_writev_full(fd, &iov, 1);
 }
 
+void kvs_iov_advance(struct iovec **iov, int *iovcnt, size_t n)
+{
+    struct iovec *v = *iov;
+    int c = *iovcnt;
+    while (c > 0 && n >= v->iov_len) {
+        n -= v->iov_len;
+        v++;
+        c--;
+    }
+    if (c > 0) {
+        v->iov_base = (uint8_t *)v->iov_base + n;
+        v->iov_len -= n;
+    }
+    *iov = v;
+    *iovcnt = c;
+}
+
 int kvs_writev_full(int fd, struct iovec *iov, int iovcnt)
 {
     while (iovcnt > 0) {
@@ -240,16 +257,7 @@ int kvs_writev_full(int fd, struct iovec *iov, int iovcnt)
             if (errno == EAGAIN || errno == EWOULDBLOCK) return KVS_ERR_TIMEOUT;
             return KVS_ERR_CONN;
         }
-        size_t left = (size_t)w;
-        while (iovcnt > 0 && left >= iov->iov_len) {
-            left -= iov->iov_len;
-            iov++;
-            iovcnt--;
-        }
-        if (iovcnt > 0) {
-            iov->iov_base = (uint8_t *)iov->iov_base + left;
-            iov->iov_len -= left;
-        }
+        kvs_iov_advance(&iov, &iovcnt, (size_t)w);
     }
     return KVS_OK;
 }

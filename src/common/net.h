@@ -47,6 +47,11 @@ int kvs_read_full(int fd, void *buf, size_t n);
 int kvs_write_full(int fd, const void *buf, size_t n);
 int kvs_writev_full(int fd, struct iovec *iov, int iovcnt);
 
+/* Drops the first n bytes of an iovec array after a short write: moves *iov
+ * and *iovcnt past the entries fully written and trims the next one (the
+ * array is modified). n must not exceed the bytes the array holds. */
+void kvs_iov_advance(struct iovec **iov, int *iovcnt, size_t n);
+
 /* Sets SO_RCVTIMEO and SO_SNDTIMEO (0 = none). */
 void kvs_set_timeouts(int fd, int timeout_ms);
 

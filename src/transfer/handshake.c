@@ -33,16 +33,7 @@ int kvs_sendv_flags(int fd, struct iovec *iov, int iovcnt, int flags)
             if (errno == EAGAIN || errno == EWOULDBLOCK) return KVS_ERR_TIMEOUT;
             return KVS_ERR_CONN;
         }
-        size_t left = (size_t)w;
-        while (iovcnt > 0 && left >= iov->iov_len) {
-            left -= iov->iov_len;
-            iov++;
-            iovcnt--;
-        }
-        if (iovcnt > 0) {
-            iov->iov_base = (uint8_t *)iov->iov_base + left;
-            iov->iov_len -= left;
-        }
+        kvs_iov_advance(&iov, &iovcnt, (size_t)w);
     }
     return KVS_OK;
 }
