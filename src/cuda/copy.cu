@@ -28,10 +28,10 @@
 #include <string.h>
 
 #include "cuda/kvs_cuda.h"
+#include "cuda/res.cuh"
 #include "kvshelf/errors.h"
 
 #define KC_PIECE (64u * 1024u) /* a kernel work unit copies at most this many bytes */
-#define KC_MAX_STREAMS 8       /* batch mode: streams per worker */
 
 /* ---------------------------------------------------------------- helpers */
 
@@ -134,15 +134,7 @@ struct kvs_cuda_ctx {
 
 struct kvs_cuda_worker {
     kvs_cuda_ctx *x;
-    cudaStream_t stream; /* == streams[0] */
-    cudaStream_t streams[KC_MAX_STREAMS];
-    int nstreams;
-    uint64_t *out_gen; /* pinned, mapped */
-    uint64_t *out_gen_dev;
-    /* batch mode arrays */
-    void **dsts, **srcs;
-    size_t *sizes;
-    size_t cap;
+    kvs_cuda_res r; /* kernels run on r.streams[0]; batch mode uses them all */
 };
 
 extern "C" int kvs_cuda_device_count(void)
@@ -197,7 +189,7 @@ static int kc_ctx_create(int device, int mode, kvs_cuda_ctx **out, char *err, si
     x->threads = kc_env_int("KVSHELF_CUDA_THREADS", 512, 64, 1024) / 32 * 32;
     x->per_sm = kc_env_int("KVSHELF_CUDA_CTAS_PER_SM", 4, 1, 32);
     x->unroll = kc_env_int("KVSHELF_CUDA_UNROLL", 4, 1, 8) > 4 ? 8 : 4;
-    x->streams = kc_env_int("KVSHELF_CUDA_STREAMS", 4, 1, KC_MAX_STREAMS);
+    x->streams = kc_env_int("KVSHELF_CUDA_STREAMS", 4, 1, KVS_CUDA_RES_MAX_STREAMS);
     x->batch_min_chunk = kc_env_int("KVSHELF_CUDA_BATCH_MIN_CHUNK", 32768, 1, 1 << 30);
     *out = x;
     return KVS_OK;
@@ -561,31 +553,13 @@ extern "C" int kvs_cuda_worker_create(kvs_cuda_ctx *x, kvs_cuda_worker **out)
     if (!w) return KVS_ERR_NOMEM;
     w->x = x;
     /* one stream for the kernel; batch mode adds the rest on first use
-     * (kc_batch), so kernel-mode workers hold one stream (and one hardware
-     * queue, of CUDA_DEVICE_MAX_CONNECTIONS) each */
+     * (kvs_cuda_copy), so kernel-mode workers hold one stream (and one
+     * hardware queue, of CUDA_DEVICE_MAX_CONNECTIONS) each */
     int ns = x->mode == KVS_CUDA_BATCH && !x->auto_mode ? x->streams : 1;
-    void *og = NULL, *ogd = NULL;
-    cudaError_t e = cudaSuccess;
-    for (int i = 0; i < ns && e == cudaSuccess; i++) {
-        e = cudaStreamCreateWithFlags(&w->streams[i], cudaStreamNonBlocking);
-        if (e == cudaSuccess) w->nstreams++;
-    }
-    if (e == cudaSuccess) {
-        kvs_cuda_gates_force_open();
-        e = cudaHostAlloc(&og, KVS_CUDA_MAX_JOB_BLOCKS * sizeof(uint64_t),
-                          cudaHostAllocPortable | cudaHostAllocMapped);
-    }
-    if (e == cudaSuccess) e = cudaHostGetDevicePointer(&ogd, og, 0);
-    if (e != cudaSuccess) {
-        cudaGetLastError();
-        for (int i = 0; i < w->nstreams; i++) cudaStreamDestroy(w->streams[i]);
-        if (og) cudaFreeHost(og);
+    if (kvs_cuda_res_init(&w->r, ns) != KVS_OK) {
         free(w);
         return KVS_ERR_CUDA;
     }
-    w->stream = w->streams[0];
-    w->out_gen = (uint64_t *)og;
-    w->out_gen_dev = (uint64_t *)ogd;
     *out = w;
     return KVS_OK;
 }
@@ -593,16 +567,7 @@ extern "C" int kvs_cuda_worker_create(kvs_cuda_ctx *x, kvs_cuda_worker **out)
 extern "C" void kvs_cuda_worker_destroy(kvs_cuda_worker *w)
 {
     if (!w) return;
-    for (int i = 0; i < w->nstreams; i++) {
-        cudaStreamSynchronize(w->streams[i]);
-        cudaStreamDestroy(w->streams[i]);
-    }
-    kvs_cuda_gates_force_open();
-    cudaFreeHost(w->out_gen);
-    free(w->dsts);
-    free(w->srcs);
-    free(w->sizes);
-    cudaGetLastError();
+    kvs_cuda_res_free(&w->r);
     free(w);
 }
 
@@ -708,17 +673,7 @@ static int kc_batch(kvs_cuda_worker *w, const kc_job *j, size_t n, void *const *
                     const uint32_t *bid)
 {
     kvs_cuda_ctx *x = w->x;
-    size_t need = x->chunks * n;
-    if (need > w->cap) {
-        void **d = (void **)realloc(w->dsts, need * sizeof *d);
-        if (d) w->dsts = d;
-        void **s = (void **)realloc(w->srcs, need * sizeof *s);
-        if (s) w->srcs = s;
-        size_t *z = (size_t *)realloc(w->sizes, need * sizeof *z);
-        if (z) w->sizes = z;
-        if (!d || !s || !z) return KVS_ERR_NOMEM;
-        w->cap = need;
-    }
+    if (kvs_cuda_res_reserve(&w->r, x->chunks * n) != KVS_OK) return KVS_ERR_NOMEM;
     size_t k = 0;
     for (size_t i = 0; i < n; i++) {
         if (!j->obj[i]) continue;
@@ -729,30 +684,13 @@ static int kc_batch(kvs_cuda_worker *w, const kc_job *j, size_t n, void *const *
             char *host = o + T->payload_off;
             for (uint32_t c = 0; c < T->count; c++, k++) {
                 char *dv = dev + (uint64_t)c * T->chunk_stride, *hv = host + (uint64_t)c * T->chunk_bytes;
-                w->dsts[k] = j->dir == KVS_CUDA_DUMP ? hv : dv;
-                w->srcs[k] = j->dir == KVS_CUDA_DUMP ? dv : hv;
-                w->sizes[k] = T->chunk_bytes;
+                w->r.dsts[k] = j->dir == KVS_CUDA_DUMP ? hv : dv;
+                w->r.srcs[k] = j->dir == KVS_CUDA_DUMP ? dv : hv;
+                w->r.sizes[k] = T->chunk_bytes;
             }
         }
     }
-    if (!k) return KVS_OK;
-    struct cudaMemcpyAttributes attr;
-    memset(&attr, 0, sizeof attr);
-    attr.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
-    /* Split over the worker's streams: each stream's batch goes to a copy
-     * engine of its own, and DMA pays per chunk, so parallel engines help. */
-    size_t per = (k + (size_t)w->nstreams - 1) / (size_t)w->nstreams;
-    for (int si = 0; si < w->nstreams; si++) {
-        size_t off = (size_t)si * per;
-        if (off >= k) break;
-        size_t cnt = k - off < per ? k - off : per;
-        size_t idx = 0;
-        cudaError_t e = cudaMemcpyBatchAsync((void *const *)(w->dsts + off),
-                                             (const void *const *)(w->srcs + off), w->sizes + off,
-                                             cnt, &attr, &idx, 1, w->streams[si]);
-        if (e != cudaSuccess) return KVS_ERR_CUDA;
-    }
-    return KVS_OK;
+    return kvs_cuda_res_batch_copy(&w->r, k) == cudaSuccess ? KVS_OK : KVS_ERR_CUDA;
 }
 
 extern "C" int kvs_cuda_copy(kvs_cuda_worker *w, int dir, size_t n, void *const *obj,
@@ -776,7 +714,7 @@ extern "C" int kvs_cuda_copy(kvs_cuda_worker *w, int dir, size_t n, void *const 
     for (size_t i = 0; i < n; i++) {
         j->obj[i] = 0;
         if (out_gen) out_gen[i] = 0;
-        w->out_gen[i] = 0;
+        w->r.out_gen[i] = 0;
         if (ok && !ok[i]) continue;
         if ((uintptr_t)obj[i] % 8) continue; /* the view word must be aligned: fail it */
         j->obj[i] = kc_translate(x, (uintptr_t)obj[i], obj_bytes);
@@ -785,7 +723,7 @@ extern "C" int kvs_cuda_copy(kvs_cuda_worker *w, int dir, size_t n, void *const 
         live += j->obj[i] != 0;
     }
     j->T = x->d_tensors;
-    j->out_gen = w->out_gen_dev;
+    j->out_gen = w->r.out_gen_dev;
     j->stamp_off = x->stamp_off;
     j->n = (uint32_t)n;
     j->nt = x->nt;
@@ -796,20 +734,13 @@ extern "C" int kvs_cuda_copy(kvs_cuda_worker *w, int dir, size_t n, void *const 
     if (live) {
         /* batch mode: the worker's other streams, on first use (before they
          * are told to wait for wait_event) */
-        while (x->mode == KVS_CUDA_BATCH && w->nstreams < x->streams) {
-            if (cudaStreamCreateWithFlags(&w->streams[w->nstreams], cudaStreamNonBlocking) !=
-                cudaSuccess) {
-                cudaGetLastError();
-                break; /* fewer streams: slower, not wrong */
-            }
-            w->nstreams++;
-        }
-        for (int si = 0; wait_event && si < w->nstreams && e == cudaSuccess; si++)
-            e = cudaStreamWaitEvent(w->streams[si], (cudaEvent_t)wait_event, 0);
+        if (x->mode == KVS_CUDA_BATCH) kvs_cuda_res_grow_streams(&w->r, x->streams);
+        for (int si = 0; wait_event && si < w->r.nstreams && e == cudaSuccess; si++)
+            e = cudaStreamWaitEvent(w->r.streams[si], (cudaEvent_t)wait_event, 0);
         if (e == cudaSuccess && x->mode == KVS_CUDA_BATCH) {
             rc = kc_batch(w, j, n, obj, bid);
             if (rc == KVS_OK) {
-                kc_stamp_kernel<<<1, 128, 0, w->stream>>>(*j);
+                kc_stamp_kernel<<<1, 128, 0, w->r.streams[0]>>>(*j);
                 e = cudaGetLastError();
             }
         } else if (e == cudaSuccess) {
@@ -818,16 +749,16 @@ extern "C" int kvs_cuda_copy(kvs_cuda_worker *w, int dir, size_t n, void *const 
             if (grid > units) grid = units;
             if (grid < 1) grid = 1;
             if (x->unroll == 8)
-                kc_kernel<8><<<(unsigned)grid, (unsigned)x->threads, 0, w->stream>>>(*j);
+                kc_kernel<8><<<(unsigned)grid, (unsigned)x->threads, 0, w->r.streams[0]>>>(*j);
             else
-                kc_kernel<4><<<(unsigned)grid, (unsigned)x->threads, 0, w->stream>>>(*j);
+                kc_kernel<4><<<(unsigned)grid, (unsigned)x->threads, 0, w->r.streams[0]>>>(*j);
             e = cudaGetLastError();
         }
-        for (int si = 0; si < w->nstreams && e == cudaSuccess; si++)
-            e = cudaStreamSynchronize(w->streams[si]);
+        for (int si = 0; si < w->r.nstreams && e == cudaSuccess; si++)
+            e = cudaStreamSynchronize(w->r.streams[si]);
         if (e != cudaSuccess) rc = KVS_ERR_CUDA;
         if (rc == KVS_OK && out_gen)
-            for (size_t i = 0; i < n; i++) out_gen[i] = w->out_gen[i];
+            for (size_t i = 0; i < n; i++) out_gen[i] = w->r.out_gen[i];
     }
     if (e != cudaSuccess) {
         static int warned;

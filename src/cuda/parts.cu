@@ -11,20 +11,13 @@
 #include <string.h>
 
 #include "cuda/kvs_cuda.h"
+#include "cuda/res.cuh"
 #include "kvshelf/errors.h"
-
-#define KP_MAX_STREAMS 8
 
 struct kvs_cuda_pworker {
     kvs_cuda_ctx *x;
     int device;
-    cudaStream_t streams[KP_MAX_STREAMS];
-    int nstreams;
-    uint64_t *out_gen; /* pinned, mapped */
-    uint64_t *out_gen_dev;
-    void **dsts, **srcs;
-    size_t *sizes;
-    size_t cap;
+    kvs_cuda_res r;
 };
 
 /* One job's view-check words, passed by value. obj[i] == 0: skip. */
@@ -68,28 +61,11 @@ extern "C" int kvs_cuda_pworker_create(kvs_cuda_ctx *x, int device, kvs_cuda_pwo
     if (!w) return KVS_ERR_NOMEM;
     w->x = x;
     w->device = device;
-    int ns = kp_env_int("KVSHELF_CUDA_STREAMS", 4, 1, KP_MAX_STREAMS);
-    void *og = NULL, *ogd = NULL;
-    cudaError_t e = cudaSuccess;
-    for (int i = 0; i < ns && e == cudaSuccess; i++) {
-        e = cudaStreamCreateWithFlags(&w->streams[i], cudaStreamNonBlocking);
-        if (e == cudaSuccess) w->nstreams++;
-    }
-    if (e == cudaSuccess) {
-        kvs_cuda_gates_force_open();
-        e = cudaHostAlloc(&og, KVS_CUDA_MAX_JOB_BLOCKS * sizeof(uint64_t),
-                          cudaHostAllocPortable | cudaHostAllocMapped);
-    }
-    if (e == cudaSuccess) e = cudaHostGetDevicePointer(&ogd, og, 0);
-    if (e != cudaSuccess) {
-        cudaGetLastError();
-        for (int i = 0; i < w->nstreams; i++) cudaStreamDestroy(w->streams[i]);
-        if (og) cudaFreeHost(og);
+    int ns = kp_env_int("KVSHELF_CUDA_STREAMS", 4, 1, KVS_CUDA_RES_MAX_STREAMS);
+    if (kvs_cuda_res_init(&w->r, ns) != KVS_OK) {
         free(w);
         return KVS_ERR_CUDA;
     }
-    w->out_gen = (uint64_t *)og;
-    w->out_gen_dev = (uint64_t *)ogd;
     *out = w;
     return KVS_OK;
 }
@@ -97,31 +73,8 @@ extern "C" int kvs_cuda_pworker_create(kvs_cuda_ctx *x, int device, kvs_cuda_pwo
 extern "C" void kvs_cuda_pworker_destroy(kvs_cuda_pworker *w)
 {
     if (!w) return;
-    for (int i = 0; i < w->nstreams; i++) {
-        cudaStreamSynchronize(w->streams[i]);
-        cudaStreamDestroy(w->streams[i]);
-    }
-    kvs_cuda_gates_force_open();
-    cudaFreeHost(w->out_gen);
-    free(w->dsts);
-    free(w->srcs);
-    free(w->sizes);
-    cudaGetLastError();
+    kvs_cuda_res_free(&w->r);
     free(w);
-}
-
-static int kp_reserve(kvs_cuda_pworker *w, size_t need)
-{
-    if (need <= w->cap) return KVS_OK;
-    void **d = (void **)realloc(w->dsts, need * sizeof *d);
-    if (d) w->dsts = d;
-    void **s = (void **)realloc(w->srcs, need * sizeof *s);
-    if (s) w->srcs = s;
-    size_t *z = (size_t *)realloc(w->sizes, need * sizeof *z);
-    if (z) w->sizes = z;
-    if (!d || !s || !z) return KVS_ERR_NOMEM;
-    w->cap = need;
-    return KVS_OK;
 }
 
 extern "C" int kvs_cuda_copy_parts(kvs_cuda_pworker *w, int dir, size_t n, void *const *obj,
@@ -133,13 +86,13 @@ extern "C" int kvs_cuda_copy_parts(kvs_cuda_pworker *w, int dir, size_t n, void 
         (dir != KVS_CUDA_DUMP && dir != KVS_CUDA_LOAD))
         return KVS_ERR_INVALID;
     if (n > SIZE_MAX / ppo) return KVS_ERR_INVALID;
-    if (kp_reserve(w, n * ppo) != KVS_OK) return KVS_ERR_NOMEM;
+    if (kvs_cuda_res_reserve(&w->r, n * ppo) != KVS_OK) return KVS_ERR_NOMEM;
     kp_stamps *j = (kp_stamps *)calloc(1, sizeof *j);
     if (!j) return KVS_ERR_NOMEM;
     size_t k = 0, live = 0;
     for (size_t i = 0; i < n; i++) {
         if (out_gen) out_gen[i] = 0;
-        w->out_gen[i] = 0;
+        w->r.out_gen[i] = 0;
         if ((ok && !ok[i]) || !obj[i] || (uintptr_t)obj[i] % 8) continue;
         uint64_t total = payload_off;
         for (size_t p = 0; p < ppo; p++) total += lens[i * ppo + p];
@@ -152,49 +105,34 @@ extern "C" int kvs_cuda_copy_parts(kvs_cuda_pworker *w, int dir, size_t n, void 
             char *dev = (char *)(uintptr_t)addrs[i * ppo + p];
             size_t len = (size_t)lens[i * ppo + p];
             if (!len) continue;
-            w->dsts[k] = dir == KVS_CUDA_DUMP ? (void *)o : (void *)dev;
-            w->srcs[k] = dir == KVS_CUDA_DUMP ? (void *)dev : (void *)o;
-            w->sizes[k] = len;
+            w->r.dsts[k] = dir == KVS_CUDA_DUMP ? (void *)o : (void *)dev;
+            w->r.srcs[k] = dir == KVS_CUDA_DUMP ? (void *)dev : (void *)o;
+            w->r.sizes[k] = len;
             k++;
             o += len;
         }
     }
-    j->out_gen = w->out_gen_dev;
+    j->out_gen = w->r.out_gen_dev;
     j->stamp_off = stamp_off;
     j->n = (uint32_t)n;
     j->dir = (uint32_t)dir;
     int rc = KVS_OK;
     cudaError_t e = cudaSuccess;
     if (live) {
-        for (int si = 0; wait_event && si < w->nstreams && e == cudaSuccess; si++)
-            e = cudaStreamWaitEvent(w->streams[si], (cudaEvent_t)wait_event, 0);
-        if (e == cudaSuccess && k) {
-            struct cudaMemcpyAttributes attr;
-            memset(&attr, 0, sizeof attr);
-            attr.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
-            /* Spread over the streams: each batch goes to a copy engine. */
-            size_t per = (k + (size_t)w->nstreams - 1) / (size_t)w->nstreams;
-            for (int si = 0; si < w->nstreams && e == cudaSuccess; si++) {
-                size_t off = (size_t)si * per;
-                if (off >= k) break;
-                size_t cnt = k - off < per ? k - off : per;
-                size_t idx = 0;
-                e = cudaMemcpyBatchAsync((void *const *)(w->dsts + off),
-                                         (const void *const *)(w->srcs + off), w->sizes + off,
-                                         cnt, &attr, &idx, 1, w->streams[si]);
-            }
-        }
+        for (int si = 0; wait_event && si < w->r.nstreams && e == cudaSuccess; si++)
+            e = cudaStreamWaitEvent(w->r.streams[si], (cudaEvent_t)wait_event, 0);
+        if (e == cudaSuccess) e = kvs_cuda_res_batch_copy(&w->r, k);
         if (e == cudaSuccess) {
-            kp_stamp_kernel<<<1, 128, 0, w->streams[0]>>>(*j);
+            kp_stamp_kernel<<<1, 128, 0, w->r.streams[0]>>>(*j);
             e = cudaGetLastError();
         }
-        for (int si = 0; si < w->nstreams; si++) {
-            cudaError_t s = cudaStreamSynchronize(w->streams[si]);
+        for (int si = 0; si < w->r.nstreams; si++) {
+            cudaError_t s = cudaStreamSynchronize(w->r.streams[si]);
             if (e == cudaSuccess) e = s;
         }
         if (e != cudaSuccess) rc = KVS_ERR_CUDA;
         if (rc == KVS_OK && out_gen)
-            for (size_t i = 0; i < n; i++) out_gen[i] = w->out_gen[i];
+            for (size_t i = 0; i < n; i++) out_gen[i] = w->r.out_gen[i];
     }
     if (e != cudaSuccess) {
         static int warned;
