@@ -1,10 +1,12 @@
 /* kvs_ceilings — the hardware ceilings the store benchmarks are compared with,
  * measured on the machine itself (bench/store_bench.sh runs it):
  *
- *   kvs_ceilings tcp    [--block N] [--seconds S]
+ *   kvs_ceilings tcp    [--block N] [--seconds S] [--sockbuf N]
  *       one TCP stream over loopback: a sender thread write()s blocks of N
  *       bytes (default 1 MiB), the receiver reads them into one N-byte buffer;
- *       bytes received per second. Default socket buffers, like the store.
+ *       bytes received per second. Default socket buffers (the kernel's
+ *       autotuning), like the store; --sockbuf N sets SO_SNDBUF and SO_RCVBUF
+ *       on both ends instead (as KVSHELF_SOCKBUF does in the store).
  *   kvs_ceilings memcpy [--block N] [--region N] [--seconds S]
  *       one thread memcpy()s N-byte blocks (default 1 MiB) from a large source
  *       region (default 512 MiB, walked in order, so reads come from DRAM like
@@ -59,6 +61,15 @@ static void report(const char *test, uint64_t block, uint64_t bytes, double secs
            (double)bytes / secs / 1e9, (double)bytes / secs / (1024.0 * 1024 * 1024));
 }
 
+static int g_sockbuf; /* --sockbuf: 0 = autotuning */
+
+static void set_sockbuf(int fd)
+{
+    if (!g_sockbuf) return;
+    setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &g_sockbuf, sizeof g_sockbuf);
+    setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &g_sockbuf, sizeof g_sockbuf);
+}
+
 struct sender {
     int port;
     uint64_t block;
@@ -80,6 +91,7 @@ static void *send_main(void *arg)
     }
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    set_sockbuf(fd);
     char *buf = malloc(s->block);
     memset(buf, 0xab, s->block);
     while (!s->stop) {
@@ -120,6 +132,7 @@ static int run_tcp(uint64_t block, double seconds)
         perror("accept");
         return 1;
     }
+    set_sockbuf(fd);
     char *buf = malloc(block);
     memset(buf, 0, block);
     /* warm up 0.2 s, then measure whole blocks */
@@ -195,7 +208,7 @@ int main(int argc, char **argv)
 {
     if (argc < 2 || !strcmp(argv[1], "--help")) {
         fprintf(argc < 2 ? stderr : stdout,
-                "usage: kvs_ceilings tcp|memcpy [--block N] [--region N] [--seconds S]\n");
+                "usage: kvs_ceilings tcp|memcpy [--block N] [--region N] [--seconds S] [--sockbuf N]\n");
         return argc < 2 ? 2 : 0;
     }
     uint64_t block = 1 << 20, region = 512ull << 20;
@@ -207,6 +220,8 @@ int main(int argc, char **argv)
             region = parse_size(argv[i + 1]);
         else if (!strcmp(argv[i], "--seconds"))
             seconds = atof(argv[i + 1]);
+        else if (!strcmp(argv[i], "--sockbuf"))
+            g_sockbuf = (int)parse_size(argv[i + 1]);
         else {
             fprintf(stderr, "unknown option %s\n", argv[i]);
             return 2;
