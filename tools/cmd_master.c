@@ -6,6 +6,7 @@
 #include <dirent.h>
 #include <getopt.h>
 #include <pthread.h>
+#include <pwd.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -18,12 +19,14 @@
 #include "common/log.h"
 #include "common/net.h"
 #include "common/util.h"
+#include "client/client_ext.h"
 #include "kvshelf/client.h"
 #include "kvshelf/config.h"
 #include "kvshelf/errors.h"
 #include "master/master.h"
 #include "master/server.h"
 #include "master/web.h"
+#include "segment/segment.h"
 #include "tools/commands.h"
 
 #define MAX_LISTEN 8
@@ -46,8 +49,29 @@ typedef struct opts {
     uint64_t segment_size;
     int embedded, no_metadata, no_local_socket;
     uint32_t busy_poll_us;
+    uint32_t max_conns, hello_ms; /* 0 = defaults */
     kvs_master_opts mo;
 } opts;
+
+/* A uid for --allow-uid: a number or a user name. */
+static int parse_uid(const char *s, uint32_t *out)
+{
+    char *end;
+    errno = 0;
+    unsigned long v = strtoul(s, &end, 10);
+    if (s[0] >= '0' && s[0] <= '9' && !errno && *end == '\0' && v < 0xffffffffUL) {
+        *out = (uint32_t)v;
+        return 0;
+    }
+    struct passwd pw, *res = NULL;
+    char buf[4096];
+    if (getpwnam_r(s, &pw, buf, sizeof buf, &res) == 0 && res) {
+        *out = (uint32_t)res->pw_uid;
+        return 0;
+    }
+    fprintf(stderr, "kvshelf master: --allow-uid: '%s' is not a uid or a user name\n", s);
+    return -1;
+}
 
 static void usage(FILE *f)
 {
@@ -64,7 +88,15 @@ static void usage(FILE *f)
 "                         (default 127.0.0.1:9003; off in --embedded mode)\n"
 "  --no-metadata          do not serve the embedded metadata service at /metadata\n"
 "  --secret S             shared secret clients must prove in HELLO (default: env\n"
-"                         KVSHELF_SECRET). Required when any address is not loopback.\n"
+"                         KVSHELF_SECRET). Required when any address is not loopback;\n"
+"                         then /metadata and every HTTP write need the header\n"
+"                         'Authorization: Bearer S' too. Without it the master uses\n"
+"                         this user's pool secret, <runtime dir>/secret (created once,\n"
+"                         mode 0600), which the user's own clients read from there:\n"
+"                         other users of the host are refused on every port\n"
+"  --allow-uid UID        also accept unix-socket clients of this uid (or user name)\n"
+"                         without the secret, besides the master's own uid and root;\n"
+"                         repeat for several (not with a configured secret)\n"
 "  --client-ttl-ms N      expire a client silent for N ms: unmount its segments,\n"
 "                         drop their objects, revoke its puts (default 10000)\n"
 "  --lease-ms N           read lease granted by GET (default 5000)\n"
@@ -77,6 +109,16 @@ static void usage(FILE *f)
 "                         a master with only TCP listeners also listens on\n"
 "                         <runtime dir>/master-<port>-<pid>.sock and same-host\n"
 "                         clients switch to it during the handshake)\n"
+"  --max-conns N          RPC connections open at once (default: the open-files limit\n"
+"                         less max(32, limit/8), at most 65536). At the limit a new\n"
+"                         connection replaces the oldest one that has not said HELLO\n"
+"                         yet, else it is closed at once; out of descriptors, the\n"
+"                         master stops accepting for 10 ms .. 1 s instead of spinning\n"
+"  --hello-timeout-ms N   close a connection that has not completed HELLO within N ms\n"
+"                         (default 3000)\n"
+"  --disconnect-grace-ms N  expire a client N ms after its connection closed (a\n"
+"                         crashed node: its segment leaves the pool then, not after\n"
+"                         the TTL; default 1000, at most --client-ttl-ms)\n"
 "  --busy-poll-us N       after serving requests, keep polling this long before\n"
 "                         sleeping, so the next request is read without a wake-up\n"
 "                         (default 100, or env KVSHELF_BUSY_POLL_US; 0 = never)\n"
@@ -86,8 +128,10 @@ static void usage(FILE *f)
 "  --embedded             run the host-local pool: listen on unix:DIR/master.sock only\n"
 "                         (plus any --listen), write DIR/master.pid, and serve a shared-\n"
 "                         memory segment of --segment-size bytes from this process\n"
-"  --runtime-dir DIR      the pool's directory (default $XDG_RUNTIME_DIR/kvshelf, else\n"
-"                         /tmp/kvshelf-<uid>); used with --embedded\n"
+"  --runtime-dir DIR      the user's kvshelf directory: pool secret, unix sockets of\n"
+"                         --embedded and of same-host clients (default env\n"
+"                         KVSHELF_RUNTIME_DIR, else $XDG_RUNTIME_DIR/kvshelf, else\n"
+"                         /tmp/kvshelf-<uid>)\n"
 "  --segment-size N       bytes of the embedded pool (default 3355443200; suffixes K, M,\n"
 "                         G, KiB, MiB, GiB...)\n"
 "  -h, --help             show this help\n"
@@ -148,7 +192,8 @@ static int parse_level(const char *s)
 
 enum {
     O_LISTEN = 256, O_HTTP, O_SECRET, O_TTL, O_LEASE, O_PUT_TIMEOUT, O_HIGH, O_LOW, O_NO_MD,
-    O_PORT_FILE, O_LOG, O_EMBEDDED, O_RUNDIR, O_SEGSIZE, O_BUSY_POLL, O_NO_LOCAL
+    O_PORT_FILE, O_LOG, O_EMBEDDED, O_RUNDIR, O_SEGSIZE, O_BUSY_POLL, O_NO_LOCAL, O_ALLOW_UID,
+    O_MAX_CONNS, O_HELLO_MS, O_DISC_GRACE
 };
 
 static int parse_args(int argc, char **argv, opts *o)
@@ -172,6 +217,10 @@ static int parse_args(int argc, char **argv, opts *o)
         {"segment-size", required_argument, 0, O_SEGSIZE},
         {"busy-poll-us", required_argument, 0, O_BUSY_POLL},
         {"no-local-socket", no_argument, 0, O_NO_LOCAL},
+        {"allow-uid", required_argument, 0, O_ALLOW_UID},
+        {"max-conns", required_argument, 0, O_MAX_CONNS},
+        {"hello-timeout-ms", required_argument, 0, O_HELLO_MS},
+        {"disconnect-grace-ms", required_argument, 0, O_DISC_GRACE},
         {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0},
     };
@@ -211,6 +260,20 @@ static int parse_args(int argc, char **argv, opts *o)
             if (parse_busy_poll("--busy-poll-us", optarg, &o->busy_poll_us)) return 2;
             break;
         case O_NO_LOCAL: o->no_local_socket = 1; break;
+        case O_ALLOW_UID:
+            if (o->mo.n_allow_uids >= KVS_MASTER_MAX_ALLOW_UIDS) {
+                fprintf(stderr, "kvshelf master: at most %d --allow-uid\n",
+                        KVS_MASTER_MAX_ALLOW_UIDS);
+                return 2;
+            }
+            if (parse_uid(optarg, &o->mo.allow_uids[o->mo.n_allow_uids])) return 2;
+            o->mo.n_allow_uids++;
+            break;
+        case O_MAX_CONNS: if (parse_u32("--max-conns", optarg, &o->max_conns)) return 2; break;
+        case O_HELLO_MS: if (parse_u32("--hello-timeout-ms", optarg, &o->hello_ms)) return 2; break;
+        case O_DISC_GRACE:
+            if (parse_u32("--disconnect-grace-ms", optarg, &o->mo.disconnect_grace_ms)) return 2;
+            break;
         case O_EMBEDDED: o->embedded = 1; break;
         case O_RUNDIR: o->runtime_dir = optarg; break;
         case O_SEGSIZE:
@@ -439,15 +502,36 @@ int kvs_cmd_master(int argc, char **argv)
     if (check_exposure(&o, http)) return 2;
 
     char rundir[512], sock_path[600], pid_path[600], sock_addr[620], local_path[108] = "";
-    if (o.embedded) {
-        if (!o.runtime_dir) {
-            kvs_config c;
-            kvs_config_init(&c);
-            kvs_strlcpy(rundir, c.runtime_dir, sizeof rundir);
-        } else {
-            kvs_strlcpy(rundir, o.runtime_dir, sizeof rundir);
+    char pool_secret[2 * KVS_POOL_SECRET_BYTES + 1] = "";
+    const char *env_rd = getenv("KVSHELF_RUNTIME_DIR");
+    if (!o.runtime_dir && env_rd && env_rd[0]) o.runtime_dir = env_rd;
+    if (!o.runtime_dir) {
+        kvs_config c;
+        kvs_config_init(&c);
+        kvs_strlcpy(rundir, c.runtime_dir, sizeof rundir);
+    } else if (kvs_strlcpy(rundir, o.runtime_dir, sizeof rundir)) {
+        fprintf(stderr, "kvshelf master: runtime directory path too long: %s\n", o.runtime_dir);
+        return 2;
+    }
+    o.runtime_dir = rundir;
+    if (o.secret && o.mo.n_allow_uids) {
+        fprintf(stderr, "kvshelf master: --allow-uid has no effect with a configured secret "
+                        "(every client must prove the secret)\n");
+        return 2;
+    }
+    if (!o.secret) {
+        /* private by default: this user's pool secret, kept in the runtime dir */
+        kvs_config c;
+        kvs_config_init(&c);
+        kvs_strlcpy(c.runtime_dir, rundir, sizeof c.runtime_dir);
+        char e2[512] = "";
+        if (kvs_pool_secret(&c, pool_secret, sizeof pool_secret, e2, sizeof e2) != KVS_OK) {
+            fprintf(stderr, "kvshelf master: no secret configured and no pool secret: %s\n", e2);
+            return 1;
         }
-        o.runtime_dir = rundir;
+        o.mo.secret_is_pool = 1;
+    }
+    if (o.embedded) {
         if (mkdir(rundir, 0700) != 0 && errno != EEXIST) {
             fprintf(stderr, "kvshelf master: cannot create %s: %s\n", rundir, strerror(errno));
             return 1;
@@ -461,7 +545,7 @@ int kvs_cmd_master(int argc, char **argv)
         }
     }
 
-    o.mo.secret = o.secret;
+    o.mo.secret = o.secret ? o.secret : pool_secret;
     kvs_master *m = NULL;
     kvs_server *srv = NULL;
     kvs_master_web *web = NULL;
@@ -477,6 +561,10 @@ int kvs_cmd_master(int argc, char **argv)
         goto out;
     }
     kvs_server_set_busy_poll(srv, o.busy_poll_us);
+    kvs_server_set_max_conns(srv, o.max_conns);
+    kvs_server_set_hello_ms(srv, o.hello_ms);
+    kvs_server_set_gc(srv, kvs_segment_gc); /* orphaned segment files of dead clients */
+    KVS_LOGI("at most %u RPC connections (--max-conns)", kvs_server_max_conns(srv));
     uint16_t rpc_port = 0, http_port = 0;
     if (o.embedded && kvs_server_listen(srv, sock_addr, NULL, err, sizeof err) != KVS_OK) {
         fprintf(stderr, "kvshelf master: %s\n", err);
@@ -495,7 +583,8 @@ int kvs_cmd_master(int argc, char **argv)
                                                  sizeof local_path) != 0)
         goto out;
     if (http) {
-        rc = kvs_master_web_start(m, http, !o.no_metadata, &http_port, &web, err, sizeof err);
+        rc = kvs_master_web_start(m, http, !o.no_metadata, o.secret, &http_port, &web, err,
+                                  sizeof err);
         if (rc != KVS_OK) {
             fprintf(stderr, "kvshelf master: %s\n", err);
             goto out;
@@ -525,6 +614,17 @@ int kvs_cmd_master(int argc, char **argv)
         status = kvs_server_run(srv, &g_stop, 1) == KVS_OK ? 0 : 1;
     }
     KVS_LOGI("stopping");
+    {
+        kvs_server_counters sc;
+        kvs_server_get_counters(srv, &sc);
+        if (sc.refused || sc.evicted || sc.hello_timeouts || sc.accept_pauses)
+            KVS_LOGW("connections: %llu accepted, %llu refused at the limit, %llu without HELLO "
+                     "closed for newer ones, %llu without HELLO timed out, accepting paused "
+                     "%llu times for want of descriptors",
+                     (unsigned long long)sc.accepted, (unsigned long long)sc.refused,
+                     (unsigned long long)sc.evicted, (unsigned long long)sc.hello_timeouts,
+                     (unsigned long long)sc.accept_pauses);
+    }
 out:
     kvs_master_web_stop(web);
     kvs_server_free(srv); /* removes unix socket files */

@@ -18,10 +18,15 @@
  *                                                          (default 3355443200; 0 = none)
  *   local_buffer_size      KVSHELF_LOCAL_BUFFER_SIZE     bytes of staging buffer (default 1073741824)
  *   secret                 KVSHELF_SECRET                shared secret; required when anything
- *                                                          listens beyond loopback
+ *                                                          listens beyond loopback. Empty: the
+ *                                                          user's pool secret, read from (or
+ *                                                          created in) <runtime_dir>/secret
  *   timeout_ms             KVSHELF_TIMEOUT_MS            per-request timeout (default 5000)
- *   runtime_dir            KVSHELF_RUNTIME_DIR           where the embedded pool keeps its socket
- *                                                          (default $XDG_RUNTIME_DIR/kvshelf or
+ *   runtime_dir            KVSHELF_RUNTIME_DIR           the user's kvshelf directory: the
+ *                                                          embedded pool's socket, and the pool
+ *                                                          secret used when `secret` is empty
+ *                                                          (default $KVSHELF_RUNTIME_DIR, else
+ *                                                          $XDG_RUNTIME_DIR/kvshelf, else
  *                                                          /tmp/kvshelf-<uid>)
  * Sizes accept a JSON number or a string with an optional suffix
  * (K, M, G, T, KB, MB, GB, KiB, MiB, GiB; all powers of 1024), e.g. "3.125GiB".

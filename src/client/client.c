@@ -13,8 +13,12 @@
 #include "common/util.h"
 #include "kvshelf/errors.h"
 
-#define BACKOFF_MIN_MS 50
-#define BACKOFF_MAX_MS 2000
+/* Reconnect attempts after a failed one: exponential back-off with jitter
+ * (a random delay in [b/2, b], b doubling from BACKOFF_MIN_MS to
+ * BACKOFF_MAX_MS), so clients neither spin nor reconnect in lock-step. */
+#define BACKOFF_MIN_MS 10
+#define BACKOFF_MAX_MS 1000
+#define FENCE_RETRY_MS 100 /* heartbeat sooner while a fence waits for a writer */
 #define DEFAULT_TTL_MS 10000
 #define DEFAULT_LEASE_MS 5000
 #define RETIRE_GRACE_MS 30000
@@ -56,9 +60,20 @@ uint32_t kvs_client_gen(kvs_client *c)
 
 /* ---- master connection ---- */
 
-/* MOUNTs our segment on a fresh connection; returns the segment id. */
+/* MOUNTs our segment on a fresh connection; returns the segment id. The
+ * segment is fenced to a new epoch first, so that no write reserved under
+ * an earlier registration (an earlier master, or ours before we expired)
+ * can land in space the master now hands out again. */
 static int mount_segment(kvs_client *c, kvs_rpc *rpc, uint64_t client_id, uint32_t *seg_id)
 {
+    uint64_t epoch = kvs_segment_epoch(&c->seg) + 1;
+    int frc = kvs_segment_fence(&c->seg, epoch);
+    if (frc != KVS_OK) {
+        KVS_LOGW("client: cannot mount the segment yet: a writer of an earlier registration "
+                 "is still inside it (%s); retrying",
+                 kvs_strerror(frc));
+        return frc;
+    }
     kvs_wbuf w;
     kvs_wbuf_init(&w);
     kvs_wbuf_u64(&w, client_id);
@@ -66,6 +81,7 @@ static int mount_segment(kvs_client *c, kvs_rpc *rpc, uint64_t client_id, uint32
     kvs_wbuf_str(&w, c->seg.name);
     kvs_wbuf_str(&w, kvs_xfer_server_addr(c->xsrv));
     kvs_wbuf_put(&w, c->host_id, KVS_HOST_ID_LEN);
+    kvs_wbuf_u64(&w, epoch);
     if (w.err) {
         kvs_wbuf_free(&w);
         return KVS_ERR_NOMEM;
@@ -103,9 +119,10 @@ static void wait_pool_segment(kvs_client *c, kvs_rpc *rpc)
     }
 }
 
-/* Opens a new master connection (HELLO, MOUNT) and installs it. Called
- * with conn_mu held. */
-static int connect_master(kvs_client *c, char *err, size_t errlen)
+/* Opens a new master connection (HELLO, MOUNT) and installs it; timeout_ms
+ * bounds the connect and handshake. Called by one thread at a time: with
+ * conn_mu held (open) or as the thread that set c->connecting. */
+static int connect_master(kvs_client *c, int timeout_ms, char *err, size_t errlen)
 {
     if (c->embedded) {
         char e2[512] = "";
@@ -117,7 +134,7 @@ static int connect_master(kvs_client *c, char *err, size_t errlen)
     }
     kvs_rpc *rpc;
     kvs_hello_info hi;
-    int rc = kvs_rpc_open(&c->master, c->cfg.secret, c->opts.role, c->timeout_ms, &rpc, &hi);
+    int rc = kvs_rpc_open(&c->master, c->cfg.secret, c->opts.role, timeout_ms, &rpc, &hi);
     if (rc) {
         seterr(err, errlen, "cannot reach the master at %s: %s", c->master_text,
                kvs_strerror(rc));
@@ -155,7 +172,7 @@ static int connect_master(kvs_client *c, char *err, size_t errlen)
     pthread_mutex_unlock(&c->mu);
     if (c->have_seg) {
         if (old_seg && old_seg != seg_id) kvs_xfer_server_remove_segment(c->xsrv, old_seg);
-        kvs_xfer_server_add_segment(c->xsrv, seg_id, c->seg.base, c->seg.size);
+        kvs_xfer_server_add_segment(c->xsrv, seg_id, &c->seg);
     }
     if (old) {
         kvs_rpc_kill(old, KVS_ERR_CONN);
@@ -185,31 +202,76 @@ static int conn_take(kvs_client *c, kvs_conn_ref *out)
     return ok;
 }
 
+/* The delay before the next reconnect attempt after a failed one (see
+ * BACKOFF_MIN_MS). Caller holds conn_mu. */
+static uint64_t next_backoff_locked(kvs_client *c)
+{
+    c->backoff_ms = c->backoff_ms ? KVS_MIN(c->backoff_ms * 2, BACKOFF_MAX_MS) : BACKOFF_MIN_MS;
+    if (!c->jitter) c->jitter = (kvs_now_ns() ^ ((uint64_t)getpid() << 32) ^ (uintptr_t)c) | 1;
+    c->jitter ^= c->jitter << 13; /* xorshift64 */
+    c->jitter ^= c->jitter >> 7;
+    c->jitter ^= c->jitter << 17;
+    uint64_t half = (uint64_t)c->backoff_ms / 2;
+    return (uint64_t)c->backoff_ms - half + c->jitter % (half + 1);
+}
+
+/* Waits on conn_cv until `until_ms` (monotonic) at most. Caller holds conn_mu. */
+static void conn_wait_locked(kvs_client *c, uint64_t until_ms)
+{
+    uint64_t now = kvs_now_ms();
+    if (until_ms <= now) return;
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    uint64_t ns = (uint64_t)ts.tv_nsec + (until_ms - now) * 1000000ull;
+    ts.tv_sec += (time_t)(ns / 1000000000ull);
+    ts.tv_nsec = (long)(ns % 1000000000ull);
+    pthread_cond_timedwait(&c->conn_cv, &c->conn_mu, &ts);
+}
+
 int kvs_conn_get(kvs_client *c, kvs_conn_ref *out)
 {
     memset(out, 0, sizeof *out);
     if (conn_take(c, out)) return KVS_OK;
     if (atomic_load(&c->closing)) return KVS_ERR_CLOSED;
+    /* The master is away: reconnect, or wait (within this call's timeout)
+     * for the attempt in progress or for the next attempt the back-off
+     * allows, instead of failing at once: a caller in a loop then fails
+     * at the pace of the attempts, not as fast as it can call. */
+    uint64_t deadline = kvs_now_ms() + (uint64_t)(c->timeout_ms > 0 ? c->timeout_ms : 1);
+    int rc = KVS_ERR_CONN;
     pthread_mutex_lock(&c->conn_mu);
-    int rc = KVS_OK;
-    if (atomic_load(&c->closing)) rc = KVS_ERR_CLOSED;
-    else if (!conn_take(c, out)) {
+    for (;;) {
+        if (atomic_load(&c->closing)) {
+            rc = KVS_ERR_CLOSED;
+            break;
+        }
+        if (conn_take(c, out)) {
+            rc = KVS_OK;
+            break;
+        }
         uint64_t now = kvs_now_ms();
-        if (now < c->retry_at_ms) {
+        if (now >= deadline) {
             rc = KVS_ERR_CONN;
-        } else {
-            rc = connect_master(c, NULL, 0);
+            break;
+        }
+        if (!c->connecting && now >= c->retry_at_ms) {
+            c->connecting = 1; /* others wait on conn_cv meanwhile */
+            pthread_mutex_unlock(&c->conn_mu);
+            rc = connect_master(c, (int)(deadline - now), NULL, 0);
+            pthread_mutex_lock(&c->conn_mu);
+            c->connecting = 0;
             if (rc) {
-                c->backoff_ms = c->backoff_ms ? KVS_MIN(c->backoff_ms * 2, BACKOFF_MAX_MS)
-                                              : BACKOFF_MIN_MS;
-                c->retry_at_ms = kvs_now_ms() + (uint64_t)c->backoff_ms;
+                c->retry_at_ms = kvs_now_ms() + next_backoff_locked(c);
                 if (rc != KVS_ERR_AUTH && rc != KVS_ERR_CLOSED) rc = KVS_ERR_CONN;
             } else {
                 c->backoff_ms = 0;
                 c->retry_at_ms = 0;
                 if (!conn_take(c, out)) rc = KVS_ERR_CONN;
             }
+            pthread_cond_broadcast(&c->conn_cv);
+            break; /* this call's own attempt decides */
         }
+        conn_wait_locked(c, c->connecting ? deadline : KVS_MIN(deadline, c->retry_at_ms));
     }
     pthread_mutex_unlock(&c->conn_mu);
     return rc;
@@ -302,8 +364,10 @@ static int refresh_segments(kvs_client *c, uint32_t want_gen)
         kvs_rbuf_raw(&r, hid, sizeof hid);
         (void)kvs_rbuf_u64(&r); /* owner */
         if (r.err) break;
-        if (!c->no_shm && !memcmp(hid, c->host_id, sizeof hid) && s->shm_name[0])
-            s->base = kvs_shm_cache_get(c->shm, s->shm_name, s->size);
+        if (!c->no_shm && !memcmp(hid, c->host_id, sizeof hid) && s->shm_name[0]) {
+            s->seg = kvs_shm_cache_get(c->shm, s->shm_name, s->size);
+            s->base = s->seg ? s->seg->base : NULL;
+        }
         if (names) names[k] = s->shm_name;
         k++;
     }
@@ -383,9 +447,52 @@ int kvs_seg_find(kvs_client *c, uint32_t gen, uint32_t id, kvs_seginfo *out)
 
 /* ---- heartbeat thread ---- */
 
+/* Runs the fences a HEARTBEAT reply asks of our segment: fences the
+ * memory (without waiting for writers still inside) and confirms each done
+ * one with FENCE. Returns 1 if a fence is still pending (retry soon). */
+static int run_fences(kvs_client *c, kvs_conn_ref *cr, const uint8_t *resp, uint32_t len)
+{
+    kvs_rbuf r;
+    kvs_rbuf_init(&r, resp, len);
+    uint32_t n = kvs_rbuf_u32(&r);
+    int pending = 0;
+    pthread_mutex_lock(&c->mu);
+    uint32_t my_seg = c->seg_id;
+    pthread_mutex_unlock(&c->mu);
+    for (uint32_t i = 0; i < n && !r.err; i++) {
+        uint32_t seg = kvs_rbuf_u32(&r);
+        uint64_t epoch = kvs_rbuf_u64(&r);
+        if (r.err || !c->have_seg || seg != my_seg) continue;
+        int rc = kvs_segment_fence(&c->seg, epoch);
+        if (rc == KVS_ERR_BUSY) {
+            pending = 1;
+            continue;
+        }
+        if (rc != KVS_OK) {
+            KVS_LOGW("client: fencing segment %u to epoch %llu: %s", seg,
+                     (unsigned long long)epoch, kvs_strerror(rc));
+            continue;
+        }
+        kvs_wbuf w;
+        kvs_wbuf_init(&w);
+        kvs_wbuf_u64(&w, cr->client_id);
+        kvs_wbuf_u32(&w, seg);
+        kvs_wbuf_u64(&w, epoch);
+        uint8_t *fr = NULL;
+        uint32_t flen;
+        rc = kvs_conn_call(c, cr, KVS_MSG_FENCE, &w, 1, &fr, &flen);
+        free(fr);
+        kvs_wbuf_free(&w);
+        if (rc != KVS_OK) pending = 1;
+    }
+    if (r.err) KVS_LOGW("client: malformed HEARTBEAT reply");
+    return pending;
+}
+
 static void *hb_main(void *arg)
 {
     kvs_client *c = arg;
+    int fence_pending = 0;
     pthread_mutex_lock(&c->hb_mu);
     while (!c->hb_stop) {
         pthread_mutex_lock(&c->mu);
@@ -394,6 +501,7 @@ static void *hb_main(void *arg)
         uint64_t retry_at = c->retry_at_ms;
         pthread_mutex_unlock(&c->mu);
         uint64_t wait_ms = connected ? KVS_MAX(ttl / 3, 10u) : BACKOFF_MIN_MS;
+        if (connected && fence_pending) wait_ms = KVS_MIN(wait_ms, FENCE_RETRY_MS);
         if (!connected && retry_at > kvs_now_ms()) wait_ms = retry_at - kvs_now_ms();
         struct timespec ts;
         clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -412,8 +520,9 @@ static void *hb_main(void *arg)
             uint8_t *resp;
             uint32_t len;
             int rc = kvs_conn_call(c, &cr, KVS_MSG_HEARTBEAT, &w, 1, &resp, &len);
-            free(resp);
             kvs_wbuf_free(&w);
+            if (rc == KVS_OK) fence_pending = run_fences(c, &cr, resp, len);
+            free(resp);
             if (rc == KVS_ERR_TIMEOUT) {
                 KVS_LOGW("client: heartbeat timed out; reconnecting to %s", c->master_text);
                 kvs_rpc_kill(cr.rpc, KVS_ERR_CONN);
@@ -458,6 +567,7 @@ static void client_free(kvs_client *c)
     pthread_mutex_destroy(&c->reg_mu);
     pthread_mutex_destroy(&c->hb_mu);
     pthread_cond_destroy(&c->hb_cv);
+    pthread_cond_destroy(&c->conn_cv);
     pthread_rwlock_destroy(&c->tab_lock);
     free(c);
 }
@@ -497,6 +607,7 @@ int kvs_client_open_opts(const kvs_config *cfg, const kvs_client_opts *opts, kvs
     pthread_condattr_init(&ca);
     pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
     pthread_cond_init(&c->hb_cv, &ca);
+    pthread_cond_init(&c->conn_cv, &ca);
     pthread_condattr_destroy(&ca);
     pthread_rwlock_init(&c->tab_lock, NULL);
 
@@ -513,14 +624,26 @@ int kvs_client_open_opts(const kvs_config *cfg, const kvs_client_opts *opts, kvs
         rc = KVS_ERR_CONFIG;
         goto fail;
     }
+    int serves = !c->embedded && !c->opts.no_segment && cfg->global_segment_size > 0;
+    if (!c->cfg.secret[0]) {
+        /* no configured secret: this user's pool secret (its daemons use it too) */
+        char e2[512] = "";
+        rc = kvs_pool_secret(&c->cfg, c->cfg.secret, sizeof c->cfg.secret, e2, sizeof e2);
+        if (rc && serves) { /* never serve a segment without a secret */
+            seterr(err, errlen, "no secret configured and no pool secret: %s", e2);
+            goto fail;
+        }
+        if (rc) KVS_LOGW("client: no secret configured and no pool secret (%s)", e2);
+        rc = KVS_OK;
+    }
     c->shm = kvs_shm_cache_new();
     c->lc = kvs_loccache_new(kvs_loccache_size_from_env()); /* NULL: off (or no memory) */
-    rc = c->shm ? kvs_xfer_client_new(cfg->secret, c->timeout_ms, &c->xc) : KVS_ERR_NOMEM;
+    rc = c->shm ? kvs_xfer_client_new(c->cfg.secret, c->timeout_ms, &c->xc) : KVS_ERR_NOMEM;
     if (rc) goto fail;
 
     /* The embedded pool's own master process owns the pool's segment; other
      * clients in embedded mode contribute none. */
-    if (!c->embedded && !c->opts.no_segment && cfg->global_segment_size > 0) {
+    if (serves) {
         rc = kvs_segment_create(cfg->global_segment_size, &c->seg);
         if (rc) {
             seterr(err, errlen, "cannot create a shared-memory segment of %llu bytes: %s",
@@ -529,17 +652,17 @@ int kvs_client_open_opts(const kvs_config *cfg, const kvs_client_opts *opts, kvs
             goto fail;
         }
         c->have_seg = 1;
-        rc = kvs_xfer_server_start(cfg->local_hostname, cfg->secret, &c->xsrv);
+        rc = kvs_xfer_server_start(cfg->local_hostname, c->cfg.secret, &c->xsrv);
         if (rc) {
             seterr(err, errlen, "cannot start the transfer server on %s: %s",
                    cfg->local_hostname, kvs_strerror(rc));
             goto fail;
         }
-        kvs_shm_cache_add_local(c->shm, c->seg.name, c->seg.base, c->seg.size);
+        kvs_shm_cache_add_local(c->shm, &c->seg);
     }
 
     pthread_mutex_lock(&c->conn_mu);
-    rc = connect_master(c, err, errlen);
+    rc = connect_master(c, c->timeout_ms, err, errlen);
     pthread_mutex_unlock(&c->conn_mu);
     if (rc) goto fail;
     /* the segment table now, so the first get/put needs no extra round trip */
@@ -563,6 +686,10 @@ void kvs_client_close(kvs_client *c)
 {
     if (!c) return;
     if (atomic_exchange(&c->closing, 1)) return;
+    /* calls waiting for a reconnect return now */
+    pthread_mutex_lock(&c->conn_mu);
+    pthread_cond_broadcast(&c->conn_cv);
+    pthread_mutex_unlock(&c->conn_mu);
     /* stop heartbeats/reconnects first */
     pthread_mutex_lock(&c->hb_mu);
     c->hb_stop = 1;

@@ -42,4 +42,18 @@ uint32_t kvs_client_segment_id(kvs_client *c);
  * else /tmp/kvshelf-<uid>), without creating it. */
 void kvs_embedded_runtime_dir(const kvs_config *cfg, char *out, size_t cap);
 
+/* Random bytes of a pool secret (written as twice as many hex digits). */
+#define KVS_POOL_SECRET_BYTES 32
+
+/* The pool secret of this user on this host, used by the daemons and
+ * clients that have no configured secret: the hex text kept in
+ * <runtime dir of cfg>/secret (the directory is created 0700 if missing and
+ * refused if owned by another uid or writable by group/others, as for the
+ * embedded pool). The first process to need it creates the file (mode 0600,
+ * O_EXCL, from random bytes; whole or not at all); every later one reads it.
+ * `out` gets 2 * KVS_POOL_SECRET_BYTES hex digits and a NUL (cap must be
+ * larger). KVS_OK, or KVS_ERR_CONFIG (bad directory or file), KVS_ERR_IO,
+ * KVS_ERR_INVALID, with a message in err. */
+int kvs_pool_secret(const kvs_config *cfg, char *out, size_t cap, char *err, size_t errlen);
+
 #endif

@@ -25,6 +25,7 @@ typedef struct kvs_seginfo {
     char shm_name[KVS_SHM_NAME_MAX];
     char transfer_addr[KVS_XFER_ADDR_MAX];
     uint8_t *base; /* mapped in this process (same host), else NULL */
+    kvs_segment *seg; /* the mapping of base (its write fencing), or NULL */
 } kvs_seginfo;
 
 /* Immutable snapshot of the segment table, sorted by id; replaced whole. */
@@ -67,9 +68,12 @@ struct kvs_client {
     uint32_t gen;
     uint32_t ttl_ms, lease_ms;
     uint64_t connected_ms;
-    pthread_mutex_t conn_mu; /* serializes (re)connects */
-    uint64_t retry_at_ms;
+    pthread_mutex_t conn_mu; /* serializes (re)connects; guards the fields below */
+    pthread_cond_t conn_cv;  /* an attempt ended, or the client is closing */
+    int connecting;          /* a thread is connecting (conn_mu released meanwhile) */
+    uint64_t retry_at_ms;    /* no attempt before (back-off after a failed one) */
     int backoff_ms;
+    uint64_t jitter;         /* PRNG state of the back-off's jitter */
 
     /* own segment */
     int have_seg;
@@ -112,8 +116,12 @@ struct kvs_client {
 int kvs_enter(kvs_client *c);
 void kvs_leave(kvs_client *c);
 
-/* Gets the live master connection, reconnecting (with backoff) if needed.
- * KVS_OK or KVS_ERR_CONN / KVS_ERR_CLOSED / KVS_ERR_AUTH. */
+/* Gets the live master connection, reconnecting if needed. Reconnect
+ * attempts are paced by an exponential back-off with jitter (10 ms .. 1 s);
+ * a call that finds the master away waits, at most its timeout_ms, for the
+ * attempt in progress or the next one allowed, and returns the result of
+ * its own attempt, or KVS_ERR_CONN at its deadline. KVS_OK or KVS_ERR_CONN
+ * / KVS_ERR_CLOSED / KVS_ERR_AUTH. */
 int kvs_conn_get(kvs_client *c, kvs_conn_ref *out);
 void kvs_conn_put(kvs_conn_ref *cr);
 

@@ -42,8 +42,9 @@ static void seterr(char *err, size_t errlen, const char *fmt, ...)
 
 void kvs_embedded_runtime_dir(const kvs_config *cfg, char *out, size_t cap)
 {
-    const char *xdg = getenv("XDG_RUNTIME_DIR");
+    const char *xdg = getenv("XDG_RUNTIME_DIR"), *rd = getenv("KVSHELF_RUNTIME_DIR");
     if (cfg && cfg->runtime_dir[0]) snprintf(out, cap, "%s", cfg->runtime_dir);
+    else if (rd && rd[0] == '/') snprintf(out, cap, "%s", rd);
     else if (xdg && xdg[0] == '/') snprintf(out, cap, "%s/kvshelf", xdg);
     else snprintf(out, cap, "/tmp/kvshelf-%u", (unsigned)getuid());
     size_t n = strlen(out);
@@ -103,6 +104,135 @@ int kvs_embedded_prepare_dir(const kvs_config *cfg, char *dir, size_t cap, char 
         return KVS_ERR_CONFIG;
     }
     return KVS_OK;
+}
+
+/* ---- the pool secret ---- */
+
+#define SECRET_FILE "secret"
+#define SECRET_HEX (2 * KVS_POOL_SECRET_BYTES)
+
+/* Reads DIR/secret through the open directory `dfd`: KVS_OK (out filled),
+ * KVS_ERR_NOT_FOUND (no such file), KVS_ERR_CONFIG (not a regular file of
+ * ours with mode 0600, or not SECRET_HEX hex digits), KVS_ERR_IO. */
+static int read_secret(int dfd, const char *dir, char *out, size_t cap, char *err,
+                       size_t errlen)
+{
+    int fd = openat(dfd, SECRET_FILE, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
+    if (fd < 0) {
+        if (errno == ENOENT) return KVS_ERR_NOT_FOUND;
+        seterr(err, errlen, "cannot open %s/" SECRET_FILE ": %s", dir, strerror(errno));
+        return errno == ELOOP ? KVS_ERR_CONFIG : KVS_ERR_IO;
+    }
+    struct stat st;
+    char buf[SECRET_HEX + 2];
+    ssize_t n = -1;
+    int rc = KVS_OK;
+    if (fstat(fd, &st) < 0) {
+        seterr(err, errlen, "%s/" SECRET_FILE ": %s", dir, strerror(errno));
+        rc = KVS_ERR_IO;
+    } else if (!S_ISREG(st.st_mode) || st.st_uid != getuid() || (st.st_mode & 077)) {
+        seterr(err, errlen,
+               "%s/" SECRET_FILE " is not a regular file of uid %u with mode 0600; refusing it",
+               dir, (unsigned)getuid());
+        rc = KVS_ERR_CONFIG;
+    } else {
+        do n = read(fd, buf, sizeof buf); while (n < 0 && errno == EINTR);
+        if (n < 0) {
+            seterr(err, errlen, "cannot read %s/" SECRET_FILE ": %s", dir, strerror(errno));
+            rc = KVS_ERR_IO;
+        }
+    }
+    close(fd);
+    if (rc) return rc;
+    if (n == SECRET_HEX + 1 && buf[SECRET_HEX] == '\n') n--;
+    int ok = n == SECRET_HEX && cap > SECRET_HEX;
+    for (ssize_t i = 0; ok && i < n; i++)
+        ok = (buf[i] >= '0' && buf[i] <= '9') || (buf[i] >= 'a' && buf[i] <= 'f');
+    if (!ok) {
+        seterr(err, errlen,
+               "%s/" SECRET_FILE " does not hold %d hex digits; remove it to make a new one",
+               dir, SECRET_HEX);
+        return KVS_ERR_CONFIG;
+    }
+    memcpy(out, buf, SECRET_HEX);
+    out[SECRET_HEX] = '\0';
+    return KVS_OK;
+}
+
+/* Creates DIR/secret from random bytes, whole or not at all: written to a
+ * new file (O_EXCL, 0600) and then linked under its name, which fails if
+ * another process made it first (its secret is then the one kept).
+ * KVS_OK (out filled), KVS_ERR_EXISTS (lost the race) or an error. */
+static int create_secret(int dfd, const char *dir, char *out, size_t cap, char *err,
+                         size_t errlen)
+{
+    uint8_t raw[KVS_POOL_SECRET_BYTES];
+    if (cap <= SECRET_HEX || kvs_random_bytes(raw, sizeof raw) != KVS_OK) {
+        seterr(err, errlen, "cannot draw random bytes for the pool secret");
+        return KVS_ERR_IO;
+    }
+    static const char hex[] = "0123456789abcdef";
+    char text[SECRET_HEX + 1];
+    for (size_t i = 0; i < sizeof raw; i++) {
+        text[2 * i] = hex[raw[i] >> 4];
+        text[2 * i + 1] = hex[raw[i] & 15];
+    }
+    text[SECRET_HEX] = '\n';
+    char tmp[64];
+    snprintf(tmp, sizeof tmp, SECRET_FILE ".%ld.%02x%02x", (long)getpid(), raw[0], raw[1]);
+    int fd = openat(dfd, tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+    if (fd < 0) {
+        seterr(err, errlen, "cannot create %s/%s: %s", dir, tmp, strerror(errno));
+        return KVS_ERR_IO;
+    }
+    int ok = kvs_write_full(fd, text, sizeof text) == KVS_OK && fsync(fd) == 0;
+    ok = close(fd) == 0 && ok;
+    int rc = KVS_OK;
+    if (!ok) {
+        seterr(err, errlen, "cannot write %s/%s: %s", dir, tmp, strerror(errno));
+        rc = KVS_ERR_IO;
+    } else if (linkat(dfd, tmp, dfd, SECRET_FILE, 0) != 0) {
+        if (errno == EEXIST) {
+            rc = KVS_ERR_EXISTS;
+        } else {
+            seterr(err, errlen, "cannot create %s/" SECRET_FILE ": %s", dir, strerror(errno));
+            rc = KVS_ERR_IO;
+        }
+    }
+    unlinkat(dfd, tmp, 0);
+    if (rc == KVS_OK) {
+        memcpy(out, text, SECRET_HEX);
+        out[SECRET_HEX] = '\0';
+    }
+    memset(raw, 0, sizeof raw);
+    memset(text, 0, sizeof text);
+    return rc;
+}
+
+int kvs_pool_secret(const kvs_config *cfg, char *out, size_t cap, char *err, size_t errlen)
+{
+    if (!out || cap <= SECRET_HEX) {
+        seterr(err, errlen, "no room for the pool secret");
+        return KVS_ERR_INVALID;
+    }
+    out[0] = '\0';
+    char dir[PATH_MAX];
+    int rc = kvs_embedded_prepare_dir(cfg, dir, sizeof dir, err, errlen);
+    if (rc) return rc;
+    int dfd = open(dir, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    if (dfd < 0) {
+        seterr(err, errlen, "cannot open runtime_dir '%s': %s", dir, strerror(errno));
+        return KVS_ERR_IO;
+    }
+    rc = read_secret(dfd, dir, out, cap, err, errlen);
+    if (rc == KVS_ERR_NOT_FOUND) {
+        rc = create_secret(dfd, dir, out, cap, err, errlen);
+        if (rc == KVS_ERR_EXISTS) rc = read_secret(dfd, dir, out, cap, err, errlen);
+        if (rc == KVS_OK) KVS_LOGD("pool secret in %s/" SECRET_FILE, dir);
+    }
+    close(dfd);
+    if (rc == KVS_OK && err && errlen) err[0] = '\0';
+    return rc;
 }
 
 /* 1 if a master answers on the socket (connects and sends its CHALLENGE). */

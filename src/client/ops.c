@@ -13,6 +13,7 @@
 
 /* ---- slot handles ----
  * handle[0] = segment_id | lease deadline (ms since client start, 32 bits) << 32
+ *             (reserved slots: write epoch << 32 instead)
  * handle[1] = offset (48 bits) | connection generation (16 bits) << 48
  * handle[2] = obj_id (reserved slots) or lease_id (acquired slots) */
 #define OFF_BITS 48
@@ -122,13 +123,17 @@ typedef struct loc {
     uint32_t seg;
     uint64_t off;
     uint64_t len;
+    uint64_t epoch; /* writes: the reservation's epoch */
 } loc;
 
 /* Moves bytes for `nl` located items: memcpy where the segment is mapped
  * here, one pipelined transfer batch for the rest. Sets st[item] (only on
- * failure). */
+ * failure). Writes are fenced (segment.h): a same-host write whose
+ * reservation went stale writes nothing (KVS_ERR_UNAVAILABLE). When a
+ * remote write failed, its bytes may still be on their way, and
+ * inflight[item] (if not NULL) is set to 1. */
 static void move_bytes(kvs_client *c, uint32_t gen, const loc *ls, size_t nl, void *const *bufs,
-                       int write, int *st)
+                       int write, int *st, uint8_t *inflight)
 {
     kvs_xfer_op *ops = NULL;
     size_t *opitem = NULL, nops = 0;
@@ -145,9 +150,18 @@ static void move_bytes(kvs_client *c, uint32_t gen, const loc *ls, size_t nl, vo
             continue;
         }
         if (!l->len) continue;
+        if (si.base && write) {
+            int wrc = kvs_segment_write_begin(si.seg, l->epoch);
+            if (wrc != KVS_OK) {
+                st[l->item] = wrc == KVS_ERR_UNAVAILABLE ? wrc : KVS_ERR_IO;
+                continue;
+            }
+            memcpy(si.base + l->off, bufs[l->item], l->len);
+            kvs_segment_write_end(si.seg, l->epoch);
+            continue;
+        }
         if (si.base) {
-            if (write) memcpy(si.base + l->off, bufs[l->item], l->len);
-            else memcpy(bufs[l->item], si.base + l->off, l->len);
+            memcpy(bufs[l->item], si.base + l->off, l->len);
             continue;
         }
         if (!si.transfer_addr[0]) {
@@ -169,13 +183,16 @@ static void move_bytes(kvs_client *c, uint32_t gen, const loc *ls, size_t nl, vo
         }
         infos[nops] = si; /* the op points at its transfer_addr */
         ops[nops] = (kvs_xfer_op){infos[nops].transfer_addr, l->seg, l->off, bufs[l->item],
-                                  l->len, write, 0};
+                                  l->len, write, 0, write ? l->epoch : 0};
         opitem[nops++] = l->item;
     }
     if (nops) {
         kvs_xfer_run(c->xc, ops, nops);
-        for (size_t k = 0; k < nops; k++)
-            if (ops[k].status) st[opitem[k]] = ops[k].status;
+        for (size_t k = 0; k < nops; k++) {
+            if (!ops[k].status) continue;
+            st[opitem[k]] = ops[k].status;
+            if (write && inflight) inflight[opitem[k]] = 1;
+        }
     }
     free(ops);
     free(opitem);
@@ -208,13 +225,14 @@ static void put_chunk(kvs_client *c, kvs_item *items, size_t n)
     loc *ls = malloc(n * sizeof *ls);
     void **bufs = malloc(n * sizeof *bufs);
     uint64_t *objs = calloc(n, sizeof *objs);
+    uint8_t *inflight = calloc(n, 1);
     kvs_wbuf w;
     kvs_wbuf_init(&w);
     kvs_conn_ref cr = {0};
     uint8_t *resp = NULL;
     uint32_t rlen;
     size_t k = 0;
-    if (!idx || !st || !ls || !bufs || !objs) {
+    if (!idx || !st || !ls || !bufs || !objs || !inflight) {
         for (size_t i = 0; i < n; i++)
             if (items[i].status == KVS_OK) items[i].status = KVS_ERR_NOMEM;
         goto out;
@@ -249,17 +267,19 @@ static void put_chunk(kvs_client *c, kvs_item *items, size_t n)
         uint32_t seg = kvs_rbuf_u32(&r);
         uint64_t off = kvs_rbuf_u64(&r);
         objs[i] = kvs_rbuf_u64(&r);
+        uint64_t epoch = kvs_rbuf_u64(&r);
         st[i] = s > 0 ? KVS_ERR_PROTO : s;
-        if (s == KVS_OK) ls[nl++] = (loc){i, seg, off, items[i].len};
+        if (s == KVS_OK) ls[nl++] = (loc){i, seg, off, items[i].len, epoch};
     }
     if (kvs_rbuf_finish(&r)) {
         /* cannot tell what was allocated: the master revokes unended puts */
         for (size_t j = 0; j < k; j++) items[idx[j]].status = KVS_ERR_PROTO;
         goto out;
     }
-    move_bytes(c, cr.gen, ls, nl, bufs, 1, st);
+    move_bytes(c, cr.gen, ls, nl, bufs, 1, st, inflight);
 
-    /* PUT_END for every allocated item: ok = its bytes arrived */
+    /* PUT_END for every allocated item: publish what arrived; give up the
+     * rest, saying whether a write of it may still be on its way */
     kvs_wbuf_reset(&w);
     kvs_wbuf_u64(&w, cr.client_id);
     kvs_wbuf_u32(&w, (uint32_t)nl);
@@ -267,7 +287,9 @@ static void put_chunk(kvs_client *c, kvs_item *items, size_t n)
         size_t i = ls[j].item;
         kvs_wbuf_bytes(&w, items[i].key.data, items[i].key.len);
         kvs_wbuf_u64(&w, objs[i]);
-        kvs_wbuf_u8(&w, st[i] == KVS_OK);
+        kvs_wbuf_u8(&w, st[i] == KVS_OK ? KVS_PUT_PUBLISH
+                        : inflight[i]   ? KVS_PUT_ABANDON
+                                        : KVS_PUT_ABANDON_CLEAN);
     }
     free(resp);
     resp = NULL;
@@ -315,6 +337,7 @@ out:
     free(ls);
     free(bufs);
     free(objs);
+    free(inflight);
 }
 
 /* ---- get ---- */
@@ -485,7 +508,7 @@ static void get_chunk(kvs_client *c, kvs_item *items, size_t n)
     }
     if (kept) atomic_fetch_add(&c->n_early_kept, kept);
     if (wasted) atomic_fetch_add(&c->n_early_wasted, wasted);
-    move_bytes(c, cr.gen, ls, nl, bufs, 0, st);
+    move_bytes(c, cr.gen, ls, nl, bufs, 0, st, NULL);
     /* A copy that finished after the lease ran out may have raced with a
      * reuse of the space: report it as a failure, never as data. */
     uint32_t dl = lease_deadline(c, sent, cr.lease_ms);
@@ -703,19 +726,62 @@ int kvs_remove(kvs_client *c, const void *key, uint32_t key_len)
 
 /* ---- zero-copy slots ---- */
 
+/* Ends the write fence a mapped reserved slot holds from reserve_chunk
+ * until its commit (the segment found by the slot's address, whatever
+ * happened to the master connection meanwhile). */
+static void release_slot_fence(kvs_client *c, const kvs_slot *s)
+{
+    if (!s->ptr || s->status != KVS_OK) return;
+    kvs_segment *seg = kvs_shm_cache_find_addr(c->shm, s->ptr);
+    if (seg) kvs_segment_write_end(seg, slot_deadline(s));
+}
+
+static void release_slot_fences(kvs_client *c, const kvs_slot *slots, size_t n)
+{
+    for (size_t i = 0; i < n; i++) release_slot_fence(c, &slots[i]);
+}
+
+/* A reservation reserve_chunk could not hand out. */
+typedef struct abandoned {
+    const void *key;
+    uint32_t key_len;
+    uint64_t obj;
+} abandoned;
+
+/* PUT_END ok=2 (nothing written: free the space now) for reservations a
+ * reserve could not hand out. */
+static void abandon_clean(kvs_client *c, kvs_conn_ref *cr, const abandoned *ab, size_t n)
+{
+    kvs_wbuf w;
+    kvs_wbuf_init(&w);
+    kvs_wbuf_u64(&w, cr->client_id);
+    kvs_wbuf_u32(&w, (uint32_t)n);
+    for (size_t i = 0; i < n; i++) {
+        kvs_wbuf_bytes(&w, ab[i].key, ab[i].key_len);
+        kvs_wbuf_u64(&w, ab[i].obj);
+        kvs_wbuf_u8(&w, KVS_PUT_ABANDON_CLEAN);
+    }
+    uint8_t *resp = NULL;
+    uint32_t rlen;
+    if (!w.err) kvs_conn_call(c, cr, KVS_MSG_PUT_END, &w, 1, &resp, &rlen);
+    free(resp);
+    kvs_wbuf_free(&w);
+}
+
 static int reserve_chunk(kvs_client *c, const kvs_key *keys, const uint64_t *sizes, size_t n,
                          kvs_slot *slots)
 {
     int rc = kvs_enter(c);
     if (rc) return rc;
-    size_t *idx = malloc((n ? n : 1) * sizeof *idx), k = 0;
+    size_t *idx = malloc((n ? n : 1) * sizeof *idx), k = 0, nab = 0;
+    abandoned *abandon = malloc((n ? n : 1) * sizeof *abandon);
     kvs_conn_ref cr = {0};
     kvs_wbuf w;
     kvs_wbuf_init(&w);
     uint8_t *resp = NULL;
     uint32_t rlen;
     int reserved = 0;
-    if (!idx) {
+    if (!idx || !abandon) {
         rc = KVS_ERR_NOMEM;
         goto out;
     }
@@ -745,22 +811,37 @@ static int reserve_chunk(kvs_client *c, const kvs_key *keys, const uint64_t *siz
         uint32_t seg = kvs_rbuf_u32(&r);
         uint64_t off = kvs_rbuf_u64(&r);
         uint64_t obj = kvs_rbuf_u64(&r);
+        uint64_t epoch = kvs_rbuf_u64(&r);
         if (r.err) break;
         s->status = st > 0 ? KVS_ERR_PROTO : st;
         if (st != KVS_OK) continue;
-        if (off > OFF_MASK) {
+        if (off > OFF_MASK || epoch == 0 || epoch > UINT32_MAX) {
             s->status = KVS_ERR_CORRUPT;
+            abandon[nab++] = (abandoned){keys[idx[j]].data, keys[idx[j]].len, obj};
             continue;
         }
-        slot_encode(s, seg, off, cr.gen, 0, obj);
+        slot_encode(s, seg, off, cr.gen, (uint32_t)epoch, obj);
         kvs_seginfo si;
         if (kvs_seg_find(c, cr.gen, seg, &si) == KVS_OK && si.base && off <= si.size &&
-            s->size <= si.size - off)
+            s->size <= si.size - off) {
+            /* the caller writes the mapped slot until commit: hold the
+             * segment's write fence for the whole time (segment.h) */
+            int wrc = kvs_segment_write_begin(si.seg, epoch);
+            if (wrc != KVS_OK) {
+                s->status = KVS_ERR_UNAVAILABLE;
+                abandon[nab++] = (abandoned){keys[idx[j]].data, keys[idx[j]].len, obj};
+                continue;
+            }
             s->ptr = si.base + off;
+        }
         reserved++;
     }
     rc = kvs_rbuf_finish(&r);
-    if (rc) reserved = 0;
+    if (rc) {
+        release_slot_fences(c, slots, n);
+        reserved = 0;
+    }
+    if (!rc && nab) abandon_clean(c, &cr, abandon, nab);
 out:
     if (rc) {
         for (size_t j = 0; j < k; j++) slots[idx[j]].status = rc;
@@ -768,6 +849,7 @@ out:
     }
     free(resp);
     free(idx);
+    free(abandon);
     kvs_wbuf_free(&w);
     kvs_conn_put(&cr);
     kvs_leave(c);
@@ -800,6 +882,8 @@ static int commit_chunk(kvs_client *c, const kvs_key *keys, const kvs_slot *slot
         if (results) results[i] = st;
         if (st == KVS_OK) idx[k++] = i;
     }
+    /* the caller's writes into mapped slots are done: end their fences */
+    release_slot_fences(c, slots, n);
     rc = KVS_OK;
     if (!k) goto out;
     kvs_wbuf_u64(&w, cr.client_id);
@@ -808,7 +892,10 @@ static int commit_chunk(kvs_client *c, const kvs_key *keys, const kvs_slot *slot
         size_t i = idx[j];
         kvs_wbuf_bytes(&w, keys[i].data, keys[i].len);
         kvs_wbuf_u64(&w, slots[i].handle[2]);
-        kvs_wbuf_u8(&w, ok ? (ok[i] != 0) : 1);
+        uint8_t v = KVS_PUT_PUBLISH;
+        if (ok && !ok[i]) /* a remote slot's writes may still be on their way */
+            v = slots[i].ptr ? KVS_PUT_ABANDON_CLEAN : KVS_PUT_ABANDON;
+        kvs_wbuf_u8(&w, v);
     }
     rc = kvs_conn_call(c, &cr, KVS_MSG_PUT_END, &w, 1, &resp, &rlen);
     if (rc) goto out;
@@ -1016,10 +1103,10 @@ static int slot_io(kvs_client *c, const kvs_slot *slot, uint64_t offset, void *b
         if (write) memcpy((uint8_t *)slot->ptr + offset, buf, len);
         else memcpy(buf, (const uint8_t *)slot->ptr + offset, len);
     } else {
-        loc l = {0, slot_seg(slot), slot_off(slot) + offset, len};
+        loc l = {0, slot_seg(slot), slot_off(slot) + offset, len, slot_deadline(slot)};
         void *bufs[1] = {buf};
         int st = KVS_OK;
-        move_bytes(c, gen, &l, 1, bufs, write, &st);
+        move_bytes(c, gen, &l, 1, bufs, write, &st, NULL);
         rc = st;
     }
     if (rc) count_err(c, rc);

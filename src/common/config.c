@@ -97,9 +97,14 @@ void kvs_config_init(kvs_config *cfg)
     cfg->global_segment_size = KVS_DEFAULT_GLOBAL_SEGMENT_SIZE;
     cfg->local_buffer_size = KVS_DEFAULT_LOCAL_BUFFER_SIZE;
     cfg->timeout_ms = KVS_DEFAULT_TIMEOUT_MS;
+    /* KVSHELF_RUNTIME_DIR is the default too (not only an overlay of
+     * kvs_config_load_env), so that every process of the user, configured
+     * or not, finds the same pool secret and sockets there */
+    const char *rd = getenv("KVSHELF_RUNTIME_DIR");
     const char *xdg = getenv("XDG_RUNTIME_DIR");
     int n = -1;
-    if (xdg && xdg[0] == '/')
+    if (rd && rd[0] == '/') n = snprintf(cfg->runtime_dir, sizeof cfg->runtime_dir, "%s", rd);
+    if ((n < 0 || (size_t)n >= sizeof cfg->runtime_dir) && xdg && xdg[0] == '/')
         n = snprintf(cfg->runtime_dir, sizeof cfg->runtime_dir, "%s/kvshelf", xdg);
     if (n < 0 || (size_t)n >= sizeof cfg->runtime_dir)
         snprintf(cfg->runtime_dir, sizeof cfg->runtime_dir, "/tmp/kvshelf-%u",

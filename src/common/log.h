@@ -13,6 +13,21 @@ void kvs_log_set_level(int level);
 void kvs_log_set_name(const char *name);
 void kvs_log(int level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
+/* Rate limit of one kind of message (a flood of refused connections must not
+ * become a flood of log lines). Zero-initialize it (static storage or a
+ * struct member); thread-safe. */
+typedef struct kvs_log_limit {
+    unsigned long long next_ms;    /* no line before this (monotonic ms) */
+    unsigned long long suppressed; /* lines dropped since the last one written */
+} kvs_log_limit;
+
+/* Logs like kvs_log, but at most one line per interval_ms through `lim`;
+ * the lines dropped meanwhile are counted and the next line written says how
+ * many ("(N more like this suppressed since the last one)"). Returns 1 if the line was written
+ * (or would have been, below the log level), 0 if it was suppressed. */
+int kvs_log_limited(kvs_log_limit *lim, unsigned interval_ms, int level, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+
 #define KVS_LOGE(...) kvs_log(KVS_LOG_ERROR, __VA_ARGS__)
 #define KVS_LOGW(...) kvs_log(KVS_LOG_WARN, __VA_ARGS__)
 #define KVS_LOGI(...) kvs_log(KVS_LOG_INFO, __VA_ARGS__)

@@ -82,8 +82,8 @@ static int map_curl(CURLcode cc)
 }
 
 /* One request. method: "GET", "PUT", "DELETE". */
-static int request(const char *method, const char *url, const char *key, const void *body,
-                   size_t body_len, int timeout_ms, char **val, size_t *len)
+static int request(const char *method, const char *url, const char *key, const char *secret,
+                   const void *body, size_t body_len, int timeout_ms, char **val, size_t *len)
 {
     if (val) *val = NULL;
     if (!url || !key || !*key || (body_len && !body)) return KVS_ERR_INVALID;
@@ -103,6 +103,21 @@ static int request(const char *method, const char *url, const char *key, const v
     }
     struct curl_slist *hdrs = NULL;
     sink s = {0};
+    if (secret && *secret) {
+        size_t al = strlen(secret) + sizeof "Authorization: Bearer ";
+        char *auth = malloc(al);
+        if (auth) snprintf(auth, al, "Authorization: Bearer %s", secret);
+        hdrs = auth ? curl_slist_append(NULL, auth) : NULL;
+        if (auth) {
+            memset(auth, 0, al);
+            free(auth);
+        }
+        if (!hdrs) {
+            free(full);
+            curl_easy_cleanup(c);
+            return KVS_ERR_NOMEM;
+        }
+    }
     curl_easy_setopt(c, CURLOPT_URL, full);
     curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
     curl_easy_setopt(c, CURLOPT_TIMEOUT_MS, (long)timeout_ms);
@@ -116,16 +131,15 @@ static int request(const char *method, const char *url, const char *key, const v
     curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, on_data);
     curl_easy_setopt(c, CURLOPT_WRITEDATA, &s);
     if (!strcmp(method, "PUT")) {
-        hdrs = curl_slist_append(hdrs, "Content-Type: application/json");
-        struct curl_slist *h2 = hdrs ? curl_slist_append(hdrs, "Expect:") : NULL;
+        struct curl_slist *h1 = curl_slist_append(hdrs, "Content-Type: application/json");
+        struct curl_slist *h2 = h1 ? curl_slist_append(h1, "Expect:") : NULL;
         if (!h2) {
-            curl_slist_free_all(hdrs);
+            curl_slist_free_all(h1 ? h1 : hdrs);
             free(full);
             curl_easy_cleanup(c);
             return KVS_ERR_NOMEM;
         }
         hdrs = h2;
-        curl_easy_setopt(c, CURLOPT_HTTPHEADER, hdrs);
         curl_easy_setopt(c, CURLOPT_CUSTOMREQUEST, "PUT");
         curl_easy_setopt(c, CURLOPT_POSTFIELDS, body_len ? (const char *)body : "");
         curl_easy_setopt(c, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)body_len);
@@ -133,6 +147,7 @@ static int request(const char *method, const char *url, const char *key, const v
         curl_easy_setopt(c, CURLOPT_CUSTOMREQUEST, "DELETE");
     }
 
+    if (hdrs) curl_easy_setopt(c, CURLOPT_HTTPHEADER, hdrs);
     CURLcode cc = curl_easy_perform(c);
     long status = 0;
     if (cc == CURLE_OK) curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &status);
@@ -148,6 +163,8 @@ static int request(const char *method, const char *url, const char *key, const v
         case 404: rc = KVS_ERR_NOT_FOUND; break;
         case 413: rc = KVS_ERR_TOO_LARGE; break;
         case 507: rc = KVS_ERR_NO_SPACE; break;
+        case 401:
+        case 403: rc = KVS_ERR_AUTH; break;
         case 400: rc = !strcmp(method, "PUT") ? KVS_ERR_EXISTS : KVS_ERR_PROTO; break;
         default: rc = KVS_ERR_PROTO; break;
         }
@@ -174,20 +191,22 @@ static int request(const char *method, const char *url, const char *key, const v
 }
 
 /* GETs `key`; see metaclient.h. */
-int kvs_meta_get(const char *url, const char *key, int timeout_ms, char **val, size_t *len)
+int kvs_meta_get(const char *url, const char *key, const char *secret, int timeout_ms,
+                 char **val, size_t *len)
 {
     if (!val) return KVS_ERR_INVALID;
-    return request("GET", url, key, NULL, 0, timeout_ms, val, len);
+    return request("GET", url, key, secret, NULL, 0, timeout_ms, val, len);
 }
 
 /* PUTs `key`; see metaclient.h. */
-int kvs_meta_put(const char *url, const char *key, const void *val, size_t len, int timeout_ms)
+int kvs_meta_put(const char *url, const char *key, const char *secret, const void *val,
+                 size_t len, int timeout_ms)
 {
-    return request("PUT", url, key, val, len, timeout_ms, NULL, NULL);
+    return request("PUT", url, key, secret, val, len, timeout_ms, NULL, NULL);
 }
 
 /* DELETEs `key`; see metaclient.h. */
-int kvs_meta_delete(const char *url, const char *key, int timeout_ms)
+int kvs_meta_delete(const char *url, const char *key, const char *secret, int timeout_ms)
 {
-    return request("DELETE", url, key, NULL, 0, timeout_ms, NULL, NULL);
+    return request("DELETE", url, key, secret, NULL, 0, timeout_ms, NULL, NULL);
 }

@@ -101,6 +101,7 @@ void kvs_clients_remove(kvs_clients *C, kvs_mclient *c)
         if (*p == c) {
             *p = c->hnext;
             C->count--;
+            if (c->disconnected_ms) C->ndisconnected--;
             break;
         }
     }
@@ -112,6 +113,26 @@ kvs_mclient *kvs_clients_find_stale(const kvs_clients *C, uint64_t deadline_ms)
     for (size_t i = 0; i <= C->mask; i++)
         for (kvs_mclient *c = C->buckets[i]; c; c = c->hnext)
             if (c->last_seen_ms < deadline_ms) return c;
+    return NULL;
+}
+
+void kvs_clients_set_disconnected(kvs_clients *C, kvs_mclient *c, uint64_t now_ms)
+{
+    if (!now_ms) {
+        if (c->disconnected_ms) C->ndisconnected--;
+        c->disconnected_ms = 0;
+        return;
+    }
+    if (!c->disconnected_ms) C->ndisconnected++;
+    c->disconnected_ms = now_ms;
+}
+
+kvs_mclient *kvs_clients_find_disconnected(const kvs_clients *C, uint64_t deadline_ms)
+{
+    if (!C->ndisconnected) return NULL;
+    for (size_t i = 0; i <= C->mask; i++)
+        for (kvs_mclient *c = C->buckets[i]; c; c = c->hnext)
+            if (c->disconnected_ms && c->disconnected_ms <= deadline_ms) return c;
     return NULL;
 }
 

@@ -15,12 +15,14 @@ typedef struct kvs_mclient {
     uint32_t uid;
     uint32_t role;
     uint64_t last_seen_ms;
+    uint64_t disconnected_ms; /* its connection closed at this time; 0 = connected */
 } kvs_mclient;
 
 typedef struct kvs_clients {
     kvs_mclient **buckets;
     size_t mask;
     size_t count, max;
+    size_t ndisconnected; /* clients with disconnected_ms != 0 */
     uint64_t next_id;
 } kvs_clients;
 
@@ -45,6 +47,14 @@ void kvs_clients_remove(kvs_clients *C, kvs_mclient *c);
 
 /* Returns one client last seen before `deadline_ms` (for expiry), or NULL. */
 kvs_mclient *kvs_clients_find_stale(const kvs_clients *C, uint64_t deadline_ms);
+
+/* Marks c as disconnected since now_ms (its connection closed); now_ms 0
+ * clears the mark. */
+void kvs_clients_set_disconnected(kvs_clients *C, kvs_mclient *c, uint64_t now_ms);
+
+/* Returns one client disconnected at or before `deadline_ms`, or NULL.
+ * Costs nothing while no client is disconnected. */
+kvs_mclient *kvs_clients_find_disconnected(const kvs_clients *C, uint64_t deadline_ms);
 
 /* Calls fn on every client (fn must not add or remove clients). */
 void kvs_clients_foreach(const kvs_clients *C, void (*fn)(kvs_mclient *c, void *ud), void *ud);

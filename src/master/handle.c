@@ -58,6 +58,16 @@ static int read_count(kvs_rbuf *r, size_t min_entry, uint32_t *n)
     return 1;
 }
 
+/* 1 if a unix-socket peer of this uid may connect without the secret: the
+ * master's own uid, root, or one named in opts.allow_uids. */
+static int uid_allowed(const kvs_master *m, uint32_t uid)
+{
+    if (uid == (uint32_t)geteuid() || uid == 0) return 1;
+    for (uint32_t i = 0; i < m->o.n_allow_uids && i < KVS_MASTER_MAX_ALLOW_UIDS; i++)
+        if (m->o.allow_uids[i] == uid) return 1;
+    return 0;
+}
+
 static int on_hello(kvs_master *m, kvs_mconn *c, const kvs_frame_hdr *h, kvs_rbuf *r,
                     kvs_wbuf *out)
 {
@@ -70,9 +80,19 @@ static int on_hello(kvs_master *m, kvs_mconn *c, const kvs_frame_hdr *h, kvs_rbu
     kvs_rbuf_raw(r, host_id, sizeof host_id);
     kvs_rbuf_raw(r, auth, sizeof auth);
     if (kvs_rbuf_finish(r) != KVS_OK) return KVS_ERR_PROTO;
-    if (m->secret[0] && !kvs_auth_check(m->secret, c->nonce, auth)) {
+    /* the uid in the body is the peer's claim: never trusted (see master.h) */
+    int by_secret = m->secret[0] && kvs_auth_check(m->secret, c->nonce, auth);
+    int by_uid = c->peer_uid >= 0 && (!m->secret[0] || m->o.secret_is_pool) &&
+                 uid_allowed(m, (uint32_t)c->peer_uid);
+    if (!by_secret && !by_uid) {
         m->cnt.auth_failures++;
-        KVS_LOGW("HELLO from %s pid %llu: wrong secret", hostname, (unsigned long long)pid);
+        if (c->peer_uid >= 0)
+            KVS_LOGW("HELLO from %s pid %llu (uid %d on a unix socket): refused (uid not "
+                     "allowed, no secret)",
+                     hostname, (unsigned long long)pid, c->peer_uid);
+        else
+            KVS_LOGW("HELLO from %s pid %llu: wrong or missing secret", hostname,
+                     (unsigned long long)pid);
         reply_status(out, h, KVS_ERR_AUTH);
         return KVS_ERR_AUTH;
     }
@@ -83,6 +103,7 @@ static int on_hello(kvs_master *m, kvs_mconn *c, const kvs_frame_hdr *h, kvs_rbu
         return KVS_ERR_UNSUPPORTED;
     }
     uint64_t id = 0;
+    if (c->peer_uid >= 0) uid = (uint32_t)c->peer_uid; /* the kernel's word, for reports */
     int rc = kvs_m_hello(m, hostname, host_id, pid, uid, role, &id);
     if (rc != KVS_OK) {
         reply_status(out, h, rc);
@@ -90,7 +111,7 @@ static int on_hello(kvs_master *m, kvs_mconn *c, const kvs_frame_hdr *h, kvs_rbu
     }
     c->authed = 1;
     c->client_id = id;
-    c->hello_uid = uid;
+    c->by_secret = by_secret;
     size_t f = begin(out, h, KVS_OK);
     kvs_wbuf_u64(out, id);
     kvs_wbuf_u32(out, m->o.client_ttl_ms);
@@ -103,7 +124,28 @@ static int on_heartbeat(kvs_master *m, const kvs_frame_hdr *h, kvs_rbuf *r, kvs_
 {
     uint64_t id = kvs_rbuf_u64(r);
     if (kvs_rbuf_finish(r) != KVS_OK) return KVS_ERR_PROTO;
-    reply_status(out, h, kvs_m_heartbeat(m, id));
+    int rc = kvs_m_heartbeat(m, id);
+    size_t f = begin(out, h, rc);
+    if (rc == KVS_OK) {
+        kvs_m_fence_req want[64];
+        size_t n = kvs_m_fences_wanted(m, id, want, 64);
+        kvs_wbuf_u32(out, (uint32_t)n);
+        for (size_t i = 0; i < n; i++) {
+            kvs_wbuf_u32(out, want[i].segment_id);
+            kvs_wbuf_u64(out, want[i].epoch);
+        }
+    }
+    kvs_wbuf_end_frame(out, f);
+    return KVS_OK;
+}
+
+static int on_fence(kvs_master *m, const kvs_frame_hdr *h, kvs_rbuf *r, kvs_wbuf *out)
+{
+    uint64_t id = kvs_rbuf_u64(r);
+    uint32_t seg = kvs_rbuf_u32(r);
+    uint64_t epoch = kvs_rbuf_u64(r);
+    if (kvs_rbuf_finish(r) != KVS_OK) return KVS_ERR_PROTO;
+    reply_status(out, h, kvs_m_fence(m, id, seg, epoch));
     return KVS_OK;
 }
 
@@ -115,9 +157,10 @@ static int on_mount(kvs_master *m, const kvs_frame_hdr *h, kvs_rbuf *r, kvs_wbuf
     kvs_rbuf_str(r, shm, sizeof shm);
     kvs_rbuf_str(r, taddr, sizeof taddr);
     kvs_rbuf_raw(r, host_id, sizeof host_id);
+    uint64_t epoch = kvs_rbuf_u64(r);
     if (kvs_rbuf_finish(r) != KVS_OK) return KVS_ERR_PROTO;
     uint32_t seg = 0;
-    int rc = kvs_m_mount(m, id, size, shm, taddr, host_id, &seg);
+    int rc = kvs_m_mount(m, id, size, shm, taddr, host_id, epoch, &seg);
     size_t f = begin(out, h, rc);
     if (rc == KVS_OK) kvs_wbuf_u32(out, seg);
     kvs_wbuf_end_frame(out, f);
@@ -179,12 +222,14 @@ static int on_put_start(kvs_master *m, const kvs_frame_hdr *h, kvs_rbuf *r, kvs_
     kvs_wbuf_u32(out, n);
     for (uint32_t i = 0; i < n; i++) {
         uint32_t seg = 0;
-        uint64_t off = 0, obj = 0;
-        int rc = kvs_m_put_start(m, id, e[i].key, e[i].key_len, e[i].v, &seg, &off, &obj);
+        uint64_t off = 0, obj = 0, epoch = 0;
+        int rc =
+            kvs_m_put_start(m, id, e[i].key, e[i].key_len, e[i].v, &seg, &off, &obj, &epoch);
         kvs_wbuf_i32(out, rc);
         kvs_wbuf_u32(out, seg);
         kvs_wbuf_u64(out, off);
         kvs_wbuf_u64(out, obj);
+        kvs_wbuf_u64(out, epoch);
     }
     kvs_wbuf_end_frame(out, f);
     free(e);
@@ -313,11 +358,13 @@ static int on_shutdown(kvs_master *m, kvs_mconn *c, const kvs_frame_hdr *h, kvs_
                        kvs_wbuf *out)
 {
     if (kvs_rbuf_finish(r) != KVS_OK) return KVS_ERR_PROTO;
-    uint32_t me = (uint32_t)getuid();
-    int same_uid = c->peer_uid >= 0 ? (uint32_t)c->peer_uid == me : c->hello_uid == me;
-    if (!((c->local && same_uid) || m->secret[0])) {
-        KVS_LOGW("SHUTDOWN refused (client %llu not local with the same uid)",
-                 (unsigned long long)c->client_id);
+    /* the secret, or the kernel's word for a unix peer: never a uid from HELLO */
+    int owner = c->peer_uid >= 0 &&
+                ((uint32_t)c->peer_uid == (uint32_t)geteuid() || c->peer_uid == 0);
+    if (!(c->by_secret || owner)) {
+        m->cnt.auth_failures++;
+        KVS_LOGW("SHUTDOWN refused (client %llu: no secret, not a unix peer of uid %u or root)",
+                 (unsigned long long)c->client_id, (unsigned)geteuid());
         reply_status(out, h, KVS_ERR_AUTH);
         return KVS_OK;
     }
@@ -363,6 +410,7 @@ static int handle_one(kvs_master *m, kvs_mconn *c, const kvs_frame_hdr *h, const
     case KVS_MSG_SEGMENTS: rc = on_segments(m, h, &r, out); break;
     case KVS_MSG_STATS: rc = on_stats(m, h, &r, out); break;
     case KVS_MSG_SHUTDOWN: rc = on_shutdown(m, c, h, &r, out); break;
+    case KVS_MSG_FENCE: rc = on_fence(m, h, &r, out); break;
     default: rc = KVS_ERR_PROTO; break;
     }
     if (rc == KVS_ERR_PROTO) {

@@ -120,6 +120,67 @@ void kvs_m_obj_drop(kvs_master *m, kvs_obj *o)
     if (o->leases == 0) obj_destroy(m, o);
 }
 
+void kvs_m_obj_abandon(kvs_master *m, kvs_obj *o)
+{
+    kvs_seg *s = o->seg;
+    if (!s || o->state != KVS_OBJ_WRITING) { /* no space left to protect */
+        kvs_m_obj_drop(m, o);
+        return;
+    }
+    if (o->linked) kvs_index_remove(&m->ix, o);
+    kvs_list_remove(&o->lru);
+    if (o->epoch < s->fenced_to) { /* the owner already fenced past it */
+        obj_destroy(m, o);
+        return;
+    }
+    if (o->epoch >= s->epoch) {
+        s->epoch = o->epoch + 1;
+        KVS_LOGI("segment %u: a put was given up with writes possibly in flight; asking its "
+                 "owner to fence to epoch %llu",
+                 s->id, (unsigned long long)s->epoch);
+    }
+    kvs_list_push_back(&s->fenced, &o->lru);
+    s->nfenced++;
+    s->fenced_bytes += o->size;
+    m->cnt.fenced_puts++;
+}
+
+size_t kvs_m_fences_wanted(kvs_master *m, uint64_t client_id, kvs_m_fence_req *out, size_t cap)
+{
+    size_t n = 0;
+    for (size_t i = 0; i < m->segs.n && n < cap; i++) {
+        const kvs_seg *s = m->segs.v[i];
+        if (s->owner == client_id && s->fenced_to < s->epoch)
+            out[n++] = (kvs_m_fence_req){s->id, s->epoch};
+    }
+    return n;
+}
+
+int kvs_m_fence(kvs_master *m, uint64_t client_id, uint32_t segment_id, uint64_t epoch)
+{
+    kvs_seg *s = kvs_segs_find(&m->segs, segment_id);
+    if (!s) return KVS_ERR_NOT_FOUND;
+    if (s->owner != client_id || epoch > s->epoch) return KVS_ERR_INVALID;
+    if (epoch <= s->fenced_to) return KVS_OK;
+    s->fenced_to = epoch;
+    uint64_t freed = 0;
+    kvs_list *e = s->fenced.next;
+    while (e != &s->fenced) {
+        kvs_obj *o = KVS_CONTAINER_OF(e, kvs_obj, lru);
+        e = e->next;
+        if (o->epoch >= epoch) continue;
+        kvs_list_remove(&o->lru);
+        s->nfenced--;
+        s->fenced_bytes -= o->size;
+        obj_destroy(m, o);
+        freed++;
+    }
+    m->cnt.fences++;
+    KVS_LOGI("segment %u fenced to epoch %llu: %llu given-up puts freed", s->id,
+             (unsigned long long)epoch, (unsigned long long)freed);
+    return KVS_OK;
+}
+
 void kvs_m_obj_lease_ended(kvs_master *m, kvs_obj *o)
 {
     if (o->leases == 0 && !o->linked) obj_destroy(m, o);
@@ -138,7 +199,7 @@ void kvs_master_tick(kvs_master *m)
         if (o->put_deadline_ms > now) break;
         KVS_LOGI("revoking put of object %llu (deadline passed)", (unsigned long long)o->obj_id);
         m->cnt.revoked_puts++;
-        kvs_m_obj_drop(m, o);
+        kvs_m_obj_abandon(m, o);
     }
     if (now > m->o.client_ttl_ms) {
         kvs_mclient *c;
@@ -148,5 +209,6 @@ void kvs_master_tick(kvs_master *m)
             kvs_m_client_expire(m, c);
         }
     }
+    kvs_m_expire_disconnected(m, now);
     for (size_t i = 0; i < m->segs.n; i++) kvs_m_evict_watermark(m, m->segs.v[i]);
 }

@@ -17,8 +17,18 @@
 
 typedef struct kvs_master kvs_master;
 
+#define KVS_MASTER_MAX_ALLOW_UIDS 32
+
 typedef struct kvs_master_opts {
-    const char *secret;        /* shared secret (copied); NULL/"" = none */
+    const char *secret;        /* shared secret (copied); NULL/"" = none. A connection
+                                  proves it in HELLO; see kvs_master_handle for who
+                                  may connect without it */
+    int secret_is_pool;        /* the secret is this user's generated pool secret,
+                                  not a configured one: unix-socket peers with an
+                                  allowed uid need not prove it */
+    uint32_t allow_uids[KVS_MASTER_MAX_ALLOW_UIDS]; /* more uids allowed on unix
+                                  sockets besides the master's own uid and root */
+    uint32_t n_allow_uids;
     uint32_t client_ttl_ms;    /* default 10000 */
     uint32_t lease_ms;         /* default 5000 */
     uint32_t put_timeout_ms;   /* default 30000 */
@@ -28,6 +38,9 @@ typedef struct kvs_master_opts {
     uint32_t max_segments;     /* default 4096 */
     uint64_t max_leases;       /* default 1048576 */
     uint64_t max_objects;      /* default 67108864 */
+    uint32_t disconnect_grace_ms; /* a client whose connection closed is expired
+                                     after this (0 = default 1000; never more
+                                     than client_ttl_ms) */
     uint64_t id_base;          /* 0 (default): client, segment, object and lease ids
                                   start at random values; else they all start here
                                   (tests, fuzzing) */
@@ -35,7 +48,10 @@ typedef struct kvs_master_opts {
 
 typedef struct kvs_master_counters {
     uint64_t puts, gets, hits, misses, evictions, removes, expired_clients, revoked_puts,
+        fenced_puts, fences,
         bad_frames, auth_failures, expired_leases;
+    uint64_t disconnected_clients; /* expired because their connection closed
+                                      (also counted in expired_clients) */
 } kvs_master_counters;
 
 /* Fills *o with the defaults above. */
@@ -61,6 +77,15 @@ void kvs_master_set_time(kvs_master *m, uint64_t now_ms);
  * past their deadline, expires silent clients, enforces watermarks. */
 void kvs_master_tick(kvs_master *m);
 
+/* The connection of client `client_id` closed (its process may have died:
+ * the kernel closes the sockets of a killed process; a live client that
+ * lost its connection says HELLO again and gets a new id). Unless a request
+ * names it again meanwhile (it then lives on by its TTL), kvs_master_tick
+ * expires the client after the disconnect grace
+ * (kvs_master_opts.disconnect_grace_ms) instead of its TTL, so the segments
+ * of a crashed node leave the pool at once. Unknown ids are ignored. */
+void kvs_master_client_disconnected(kvs_master *m, uint64_t client_id);
+
 /* 1 once a SHUTDOWN request was accepted. */
 int kvs_master_shutdown_requested(const kvs_master *m);
 
@@ -75,8 +100,8 @@ typedef struct kvs_mconn {
     uint64_t client_id; /* client registered by this connection's HELLO; 0 before */
     int authed;         /* a HELLO succeeded */
     int local;          /* unix socket or loopback TCP peer */
-    int peer_uid;       /* kernel-reported uid (unix sockets), -1 if unknown */
-    uint32_t hello_uid; /* uid claimed in HELLO */
+    int peer_uid;       /* kernel-reported uid (unix sockets, SO_PEERCRED), -1 if unknown */
+    int by_secret;      /* the HELLO proved the secret (else: allowed by peer_uid) */
 } kvs_mconn;
 
 /* Starts a connection: picks a random nonce and appends the CHALLENGE frame
@@ -97,7 +122,16 @@ int kvs_master_set_local_path(kvs_master *m, const char *path);
  * to keep the connection, or a negative error meaning "flush `out`, then
  * close": KVS_ERR_PROTO (malformed/unexpected frame; nothing appended),
  * KVS_ERR_AUTH / KVS_ERR_UNSUPPORTED (refused HELLO; a reply was appended),
- * KVS_ERR_NOMEM. */
+ * KVS_ERR_NOMEM.
+ *
+ * Who may connect (HELLO): a peer that proves the secret; or a unix-socket
+ * peer whose kernel-reported uid (peer_uid) is the master's own, root or
+ * one of opts.allow_uids, when the master has no secret or only the pool
+ * secret (opts.secret_is_pool). A TCP peer always needs the secret: with
+ * none, the master accepts no TCP peer. The uid a HELLO claims is never
+ * trusted. SHUTDOWN is accepted from a connection that proved the secret
+ * or from a unix peer of the master's own uid or root; else KVS_ERR_AUTH
+ * (the connection stays open). */
 int kvs_master_handle(kvs_master *m, kvs_mconn *c, const kvs_frame_hdr *h, const uint8_t *body,
                       size_t len, kvs_wbuf *out);
 

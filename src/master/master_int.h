@@ -47,17 +47,33 @@ int kvs_m_hello(kvs_master *m, const char *hostname, const uint8_t host_id[16], 
                 uint32_t uid, uint32_t role, uint64_t *client_id);
 int kvs_m_heartbeat(kvs_master *m, uint64_t client_id);
 int kvs_m_mount(kvs_master *m, uint64_t client_id, uint64_t size, const char *shm_name,
-                const char *transfer_addr, const uint8_t host_id[16], uint32_t *segment_id);
+                const char *transfer_addr, const uint8_t host_id[16], uint64_t epoch,
+                uint32_t *segment_id);
+/* A fence the master wants of a segment (HEARTBEAT reply). */
+typedef struct kvs_m_fence_req {
+    uint32_t segment_id;
+    uint64_t epoch;
+} kvs_m_fence_req;
+/* Fences wanted of client_id's segments: up to cap into out; returns the count. */
+size_t kvs_m_fences_wanted(kvs_master *m, uint64_t client_id, kvs_m_fence_req *out, size_t cap);
+/* The owner fenced segment_id to epoch: frees the space of given-up puts
+ * with older reservations. KVS_OK, KVS_ERR_NOT_FOUND (no such segment),
+ * KVS_ERR_INVALID (not the owner, or epoch above the segment's). */
+int kvs_m_fence(kvs_master *m, uint64_t client_id, uint32_t segment_id, uint64_t epoch);
 int kvs_m_unmount(kvs_master *m, uint64_t client_id, uint32_t segment_id);
 /* Drops a segment and every object in it (leased objects stay as records
  * without a segment until their leases end). */
 void kvs_m_segment_drop(kvs_master *m, kvs_seg *s);
 /* Expires a client: unmounts its segments, revokes its puts, forgets it. */
 void kvs_m_client_expire(kvs_master *m, kvs_mclient *c);
+/* Expires the clients whose connection closed more than the disconnect
+ * grace ago (liveness.c; called by kvs_master_tick). */
+void kvs_m_expire_disconnected(kvs_master *m, uint64_t now);
 
 /* Objects (ops_obj.c). */
 int kvs_m_put_start(kvs_master *m, uint64_t client_id, const void *key, uint32_t key_len,
-                    uint64_t size, uint32_t *segment_id, uint64_t *offset, uint64_t *obj_id);
+                    uint64_t size, uint32_t *segment_id, uint64_t *offset, uint64_t *obj_id,
+                    uint64_t *epoch);
 int kvs_m_put_end(kvs_master *m, uint64_t client_id, const void *key, uint32_t key_len,
                   uint64_t obj_id, int ok);
 int kvs_m_get(kvs_master *m, uint64_t client_id, const void *key, uint32_t key_len,
@@ -71,6 +87,10 @@ int kvs_m_remove(kvs_master *m, const void *key, uint32_t key_len);
 /* Unlinks o from the key index and its lists; frees it (and its space) at
  * once unless leased, then when the last lease ends. */
 void kvs_m_obj_drop(kvs_master *m, kvs_obj *o);
+/* Gives up a WRITING object whose writes may still be in flight: unlinks
+ * it, keeps its space until the segment's owner fenced past its epoch
+ * (raising the segment's epoch and asking for a fence if needed). */
+void kvs_m_obj_abandon(kvs_master *m, kvs_obj *o);
 /* Called after a lease on o ended: frees o if unlinked and unleased. */
 void kvs_m_obj_lease_ended(kvs_master *m, kvs_obj *o);
 

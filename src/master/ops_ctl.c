@@ -28,11 +28,13 @@ int kvs_m_heartbeat(kvs_master *m, uint64_t client_id)
 }
 
 int kvs_m_mount(kvs_master *m, uint64_t client_id, uint64_t size, const char *shm_name,
-                const char *transfer_addr, const uint8_t host_id[16], uint32_t *segment_id)
+                const char *transfer_addr, const uint8_t host_id[16], uint64_t epoch,
+                uint32_t *segment_id)
 {
     kvs_mclient *c = kvs_clients_find(&m->clients, client_id);
     if (!c) return KVS_ERR_NOT_FOUND;
     if (size < KVS_ALLOC_GRAIN || size > KVS_MSEG_MAX_SIZE) return KVS_ERR_INVALID;
+    if (epoch == 0 || epoch >= (1ull << 60)) return KVS_ERR_INVALID;
     /* The same memory mounted again (its owner reconnected before its old
      * registration expired): drop the stale registration first, or two
      * allocators would hand out the same bytes. */
@@ -47,7 +49,7 @@ int kvs_m_mount(kvs_master *m, uint64_t client_id, uint64_t size, const char *sh
     }
     int err;
     kvs_seg *s = kvs_segs_add(&m->segs, size, client_id, c->hostname, shm_name, transfer_addr,
-                              host_id, &err);
+                              host_id, epoch, &err);
     if (!s) return err;
     *segment_id = s->id;
     KVS_LOGI("segment %u mounted by client %llu: %llu bytes, shm '%s', transfer '%s'", s->id,
@@ -63,7 +65,7 @@ void kvs_m_segment_drop(kvs_master *m, kvs_seg *s)
         kvs_list_remove(&o->seg_link);
         s->nobjs--;
         o->seg = NULL; /* its bytes are gone with the segment */
-        if (o->state == KVS_OBJ_WRITING) m->cnt.revoked_puts++;
+        if (o->state == KVS_OBJ_WRITING && o->linked) m->cnt.revoked_puts++;
         kvs_m_obj_drop(m, o);
     }
     KVS_LOGI("segment %u unmounted", s->id);
@@ -90,7 +92,7 @@ void kvs_m_client_expire(kvs_master *m, kvs_mclient *c)
         e = e->next;
         if (o->writer == id) {
             m->cnt.revoked_puts++;
-            kvs_m_obj_drop(m, o);
+            kvs_m_obj_abandon(m, o);
         }
     }
     kvs_clients_remove(&m->clients, c);

@@ -62,7 +62,8 @@ static kvs_seg *evict_for(kvs_master *m, const kvs_mclient *w, uint64_t need)
 }
 
 int kvs_m_put_start(kvs_master *m, uint64_t client_id, const void *key, uint32_t key_len,
-                    uint64_t size, uint32_t *segment_id, uint64_t *offset, uint64_t *obj_id)
+                    uint64_t size, uint32_t *segment_id, uint64_t *offset, uint64_t *obj_id,
+                    uint64_t *epoch)
 {
     kvs_mclient *w = kvs_clients_find(&m->clients, client_id);
     if (!w) return KVS_ERR_NOT_FOUND;
@@ -89,6 +90,7 @@ int kvs_m_put_start(kvs_master *m, uint64_t client_id, const void *key, uint32_t
     o->seg = s;
     o->obj_id = o->generation = m->next_obj_id++;
     o->writer = client_id;
+    o->epoch = s->epoch;
     o->put_deadline_ms = now + m->o.put_timeout_ms;
     o->last_access_ms = now;
     o->state = KVS_OBJ_WRITING;
@@ -101,6 +103,7 @@ int kvs_m_put_start(kvs_master *m, uint64_t client_id, const void *key, uint32_t
     *segment_id = s->id;
     *offset = off;
     *obj_id = o->obj_id;
+    *epoch = o->epoch;
     return KVS_OK;
 }
 
@@ -108,13 +111,23 @@ int kvs_m_put_end(kvs_master *m, uint64_t client_id, const void *key, uint32_t k
                   uint64_t obj_id, int ok)
 {
     (void)client_id;
-    if (!key_ok(key_len)) return KVS_ERR_INVALID;
+    if (!key_ok(key_len) || (unsigned)ok > KVS_PUT_ABANDON_CLEAN) return KVS_ERR_INVALID;
     kvs_obj *o = kvs_index_find(&m->ix, key, key_len);
     if (!o || o->obj_id != obj_id) return KVS_ERR_NOT_FOUND;
-    if (o->state == KVS_OBJ_COMPLETE) return ok ? KVS_OK : KVS_ERR_INVALID; /* a retry */
-    if (!ok) {
+    if (o->state == KVS_OBJ_COMPLETE) return ok == 1 ? KVS_OK : KVS_ERR_INVALID; /* a retry */
+    if (ok == KVS_PUT_ABANDON_CLEAN) { /* nothing in flight: the space is free now */
         kvs_m_obj_drop(m, o);
         return KVS_OK;
+    }
+    if (ok != KVS_PUT_PUBLISH) {
+        kvs_m_obj_abandon(m, o);
+        return KVS_OK;
+    }
+    if (o->seg && o->epoch < o->seg->epoch) {
+        /* the segment was fenced since this reservation: some of its
+         * writes may have been dropped, so it is never published */
+        kvs_m_obj_abandon(m, o);
+        return KVS_ERR_UNAVAILABLE;
     }
     kvs_list_remove(&o->lru);
     o->state = KVS_OBJ_COMPLETE;

@@ -26,7 +26,7 @@ void kvs_segs_destroy(kvs_segs *S)
 
 kvs_seg *kvs_segs_add(kvs_segs *S, uint64_t size, uint64_t owner, const char *hostname,
                       const char *shm_name, const char *transfer_addr,
-                      const uint8_t host_id[16], int *err)
+                      const uint8_t host_id[16], uint64_t epoch, int *err)
 {
     if (S->n >= S->max) {
         *err = KVS_ERR_BUSY;
@@ -58,6 +58,8 @@ kvs_seg *kvs_segs_add(kvs_segs *S, uint64_t size, uint64_t owner, const char *ho
     memcpy(s->host_id, host_id, 16);
     kvs_list_init(&s->objs);
     kvs_list_init(&s->lru);
+    kvs_list_init(&s->fenced);
+    s->epoch = s->fenced_to = epoch;
     S->v[S->n++] = s;
     *err = KVS_OK;
     return s;

@@ -25,6 +25,11 @@ typedef struct kvs_seg {
     kvs_list objs;   /* every object placed here */
     kvs_list lru;    /* complete objects, least recently used first */
     uint64_t nobjs;  /* objects in objs */
+    /* write fencing (proto.h "Write epochs") */
+    uint64_t epoch;        /* epoch of new reservations */
+    uint64_t fenced_to;    /* highest epoch the owner confirmed with FENCE */
+    kvs_list fenced;       /* given-up puts whose space waits for a fence (via lru) */
+    uint64_t nfenced, fenced_bytes;
 } kvs_seg;
 
 typedef struct kvs_segs {
@@ -40,12 +45,13 @@ void kvs_segs_init(kvs_segs *S, size_t max, uint32_t first_id);
 /* Frees every segment record and allocator (objects must be gone). */
 void kvs_segs_destroy(kvs_segs *S);
 
-/* Creates and registers a segment of `size` bytes. Strings are copied
+/* Creates and registers a segment of `size` bytes whose owner fenced it to
+ * `epoch` (> 0). Strings are copied
  * (truncated to KVS_SEG_STR_MAX-1). Returns it, or NULL with *err set to
  * KVS_ERR_BUSY (registry full) or KVS_ERR_NOMEM. */
 kvs_seg *kvs_segs_add(kvs_segs *S, uint64_t size, uint64_t owner, const char *hostname,
                       const char *shm_name, const char *transfer_addr,
-                      const uint8_t host_id[16], int *err);
+                      const uint8_t host_id[16], uint64_t epoch, int *err);
 
 /* Finds a segment by id, or NULL. */
 kvs_seg *kvs_segs_find(const kvs_segs *S, uint32_t id);

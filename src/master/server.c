@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <unistd.h>
@@ -21,12 +22,11 @@
 #include "kvshelf/errors.h"
 
 #define MAX_LISTENERS 16
-#define MAX_CONNS 16384
 #define READ_CHUNK (64u * 1024)
 #define OUT_PAUSE (16u << 20) /* stop reading a client with this much unsent */
 #define TICK_MS 100
 
-enum { TAG_LISTEN = 1, TAG_CONN = 2 };
+enum { TAG_LISTEN = 1, TAG_CONN = 2, TAG_CLOSED = 3 };
 
 typedef struct listener {
     int tag;
@@ -45,6 +45,9 @@ typedef struct conn {
     size_t out_off;
     uint32_t events; /* registered epoll interest */
     struct conn *prev, *next;
+    /* connections that have not completed HELLO, oldest first */
+    struct conn *pprev, *pnext; /* both NULL once authenticated */
+    uint64_t hello_deadline_ms;
 } conn;
 
 struct kvs_server {
@@ -53,9 +56,34 @@ struct kvs_server {
     listener *lis[MAX_LISTENERS];
     size_t nlis;
     conn head; /* sentinel of the connection list */
+    conn pre;  /* sentinel of the pre-HELLO list (pnext/pprev), oldest first */
+    conn *closed; /* closed, freed after the batch of events (linked by next) */
     size_t nconns;
+    uint32_t max_conns;
+    uint32_t hello_ms;
     uint64_t busy_poll_ns;
+    /* accepting paused after EMFILE/ENFILE (listeners out of epoll) */
+    int accept_paused;
+    uint64_t accept_resume_ms;
+    uint32_t accept_backoff_ms;
+    kvs_server_counters cnt;
+    int (*gc)(void); /* called after clients expired (see kvs_server_set_gc) */
+    uint64_t expired_seen;
 };
+
+static kvs_log_limit g_refuse_log, g_hello_log, g_evict_log;
+
+uint32_t kvs_server_default_max_conns(void)
+{
+    struct rlimit rl;
+    uint64_t nofile = 1024;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY) nofile = rl.rlim_cur;
+    else if (getrlimit(RLIMIT_NOFILE, &rl) == 0) nofile = 1u << 20;
+    /* keep descriptors for listeners, epoll, the HTTP server, logs, files */
+    uint64_t reserve = KVS_MAX((uint64_t)32, nofile / 8);
+    uint64_t cap = nofile > reserve + 8 ? nofile - reserve : 8;
+    return (uint32_t)KVS_MIN(cap, (uint64_t)KVS_SERVER_MAX_CONNS);
+}
 
 int kvs_server_new(kvs_master *m, kvs_server **out)
 {
@@ -63,12 +91,15 @@ int kvs_server_new(kvs_master *m, kvs_server **out)
     if (!s) return KVS_ERR_NOMEM;
     s->m = m;
     s->busy_poll_ns = KVS_SERVER_BUSY_POLL_US * 1000ull;
+    s->max_conns = kvs_server_default_max_conns();
+    s->hello_ms = KVS_SERVER_HELLO_MS;
     s->ep = epoll_create1(EPOLL_CLOEXEC);
     if (s->ep < 0) {
         free(s);
         return KVS_ERR_IO;
     }
     s->head.prev = s->head.next = &s->head;
+    s->pre.pprev = s->pre.pnext = &s->pre;
     *out = s;
     return KVS_OK;
 }
@@ -110,16 +141,45 @@ int kvs_server_listen(kvs_server *s, const char *addr, uint16_t *port, char *err
     return KVS_OK;
 }
 
+/* Takes c off the pre-HELLO list (it authenticated, or is closing). */
+static void pre_unlink(conn *c)
+{
+    if (!c->pnext) return;
+    c->pprev->pnext = c->pnext;
+    c->pnext->pprev = c->pprev;
+    c->pprev = c->pnext = NULL;
+}
+
 static void conn_close(kvs_server *s, conn *c)
 {
     epoll_ctl(s->ep, EPOLL_CTL_DEL, c->fd, NULL);
     close(c->fd);
     c->prev->next = c->next;
     c->next->prev = c->prev;
+    pre_unlink(c);
     s->nconns--;
+    c->tag = TAG_CLOSED; /* events of this batch may still name it: freed later */
+    if (c->st.authed && c->st.client_id) {
+        /* the client's connection is gone (a crash closes it too): the
+         * master expires it after a short grace instead of its TTL */
+        kvs_master_lock(s->m);
+        kvs_master_client_disconnected(s->m, c->st.client_id);
+        kvs_master_unlock(s->m);
+    }
     free(c->in);
+    c->in = NULL;
     kvs_wbuf_free(&c->out);
-    free(c);
+    c->next = s->closed;
+    s->closed = c;
+}
+
+static void free_closed(kvs_server *s)
+{
+    while (s->closed) {
+        conn *c = s->closed;
+        s->closed = c->next;
+        free(c);
+    }
 }
 
 static size_t pending_out(const conn *c) { return c->out.len - c->out_off; }
@@ -173,6 +233,7 @@ static int conn_process(kvs_server *s, conn *c)
         c->in = NULL;
         c->in_cap = 0;
     }
+    if (c->st.authed) pre_unlink(c);
     if (rc != KVS_OK) {
         conn_flush(c); /* best effort: e.g. the AUTH refusal */
         return -1;
@@ -226,17 +287,71 @@ static void peer_info(int fd, int is_unix, int *local, int *uid)
     }
 }
 
+/* Stops accepting (listeners out of epoll) for the current back-off, which
+ * doubles up to KVS_SERVER_ACCEPT_BACKOFF_MAX_MS: with no descriptor left,
+ * a level-triggered listener would otherwise wake the loop at once, again
+ * and again. */
+static void pause_accepting(kvs_server *s, int err)
+{
+    s->accept_backoff_ms = s->accept_backoff_ms
+                               ? KVS_MIN(s->accept_backoff_ms * 2, KVS_SERVER_ACCEPT_BACKOFF_MAX_MS)
+                               : KVS_SERVER_ACCEPT_BACKOFF_MIN_MS;
+    s->accept_resume_ms = kvs_now_ms() + s->accept_backoff_ms;
+    s->cnt.accept_pauses++;
+    if (!s->accept_paused)
+        for (size_t i = 0; i < s->nlis; i++) epoll_ctl(s->ep, EPOLL_CTL_DEL, s->lis[i]->fd, NULL);
+    s->accept_paused = 1;
+    /* one line per pause at most, and the pauses grow */
+    KVS_LOGW("accept: %s (%zu connections open); not accepting for %u ms", strerror(err),
+             s->nconns, s->accept_backoff_ms);
+}
+
+static void resume_accepting(kvs_server *s)
+{
+    for (size_t i = 0; i < s->nlis; i++) {
+        struct epoll_event ev = {.events = EPOLLIN, .data.ptr = s->lis[i]};
+        epoll_ctl(s->ep, EPOLL_CTL_ADD, s->lis[i]->fd, &ev);
+    }
+    s->accept_paused = 0;
+}
+
+/* Closes the oldest connection that has not said HELLO yet, to make room.
+ * 1 if there was one. */
+static int evict_oldest_pre(kvs_server *s)
+{
+    if (s->pre.pnext == &s->pre) return 0;
+    s->cnt.evicted++;
+    kvs_log_limited(&g_evict_log, 1000, KVS_LOG_WARN,
+                    "out of room (%zu connections open): closing the oldest connection that "
+                    "has not said HELLO",
+                    s->nconns);
+    conn_close(s, s->pre.pnext);
+    return 1;
+}
+
 static void on_accept(kvs_server *s, listener *l)
 {
     for (int i = 0; i < 64; i++) {
         int fd = accept4(l->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
         if (fd < 0) {
-            if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
-                KVS_LOGW("accept: %s", strerror(errno));
+            if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+                /* out of descriptors: an unauthenticated connection makes
+                 * room; with none, stop accepting for a while */
+                int e = errno;
+                if (evict_oldest_pre(s)) continue;
+                pause_accepting(s, e);
+            } else if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR &&
+                       errno != ECONNABORTED) {
+                kvs_log_limited(&g_refuse_log, 1000, KVS_LOG_WARN, "accept: %s", strerror(errno));
+            }
             return;
         }
-        if (s->nconns >= MAX_CONNS) {
-            KVS_LOGW("too many connections (%d): refusing one", MAX_CONNS);
+        s->accept_backoff_ms = 0;
+        if (s->nconns >= s->max_conns && !evict_oldest_pre(s)) {
+            s->cnt.refused++;
+            kvs_log_limited(&g_refuse_log, 1000, KVS_LOG_WARN,
+                            "%u connections open (--max-conns): refusing a new one",
+                            s->max_conns);
             close(fd);
             continue;
         }
@@ -267,9 +382,26 @@ static void on_accept(kvs_server *s, listener *l)
         c->prev = &s->head;
         s->head.next->prev = c;
         s->head.next = c;
+        c->hello_deadline_ms = kvs_now_ms() + s->hello_ms;
+        c->pnext = &s->pre; /* newest last */
+        c->pprev = s->pre.pprev;
+        s->pre.pprev->pnext = c;
+        s->pre.pprev = c;
         s->nconns++;
+        s->cnt.accepted++;
         if (conn_flush(c) < 0) conn_close(s, c);
         else update_events(s, c);
+    }
+}
+
+/* Closes the connections that did not complete HELLO in time. */
+static void expire_pre(kvs_server *s, uint64_t now)
+{
+    while (s->pre.pnext != &s->pre && s->pre.pnext->hello_deadline_ms <= now) {
+        s->cnt.hello_timeouts++;
+        kvs_log_limited(&g_hello_log, 1000, KVS_LOG_WARN,
+                        "closing a connection that sent no HELLO within %u ms", s->hello_ms);
+        conn_close(s, s->pre.pnext);
     }
 }
 
@@ -296,6 +428,23 @@ static void on_conn_event(kvs_server *s, conn *c, uint32_t ev)
 
 void kvs_server_set_busy_poll(kvs_server *s, uint32_t us) { s->busy_poll_ns = us * 1000ull; }
 
+void kvs_server_set_max_conns(kvs_server *s, uint32_t n)
+{
+    s->max_conns = n ? KVS_MIN(n, (uint32_t)KVS_SERVER_MAX_CONNS) : kvs_server_default_max_conns();
+}
+
+uint32_t kvs_server_max_conns(const kvs_server *s) { return s->max_conns; }
+
+void kvs_server_set_hello_ms(kvs_server *s, uint32_t ms) { s->hello_ms = ms ? ms : KVS_SERVER_HELLO_MS; }
+
+void kvs_server_set_gc(kvs_server *s, int (*gc)(void)) { s->gc = gc; }
+
+void kvs_server_get_counters(const kvs_server *s, kvs_server_counters *out)
+{
+    *out = s->cnt;
+    out->open = s->nconns;
+}
+
 int kvs_server_run(kvs_server *s, volatile sig_atomic_t *stop, int stop_on_shutdown)
 {
     struct epoll_event evs[256];
@@ -311,7 +460,9 @@ int kvs_server_run(kvs_server *s, volatile sig_atomic_t *stop, int stop_on_shutd
             if (sd) break;
         }
         uint64_t now = kvs_now_ms();
-        int timeout = next_tick > now ? (int)(next_tick - now) : 0;
+        if (s->accept_paused && now >= s->accept_resume_ms) resume_accepting(s);
+        uint64_t wake = s->accept_paused ? KVS_MIN(next_tick, s->accept_resume_ms) : next_tick;
+        int timeout = wake > now ? (int)(wake - now) : 0;
         if (poll_until && kvs_now_ns() < poll_until) timeout = 0;
         else poll_until = 0;
         int n = epoll_wait(s->ep, evs, (int)KVS_ARRAY_LEN(evs), timeout);
@@ -325,13 +476,27 @@ int kvs_server_run(kvs_server *s, volatile sig_atomic_t *stop, int stop_on_shutd
         for (int i = 0; i < n; i++) {
             int tag = *(int *)evs[i].data.ptr;
             if (tag == TAG_LISTEN) on_accept(s, evs[i].data.ptr);
-            else on_conn_event(s, evs[i].data.ptr, evs[i].events);
+            else if (tag == TAG_CONN) on_conn_event(s, evs[i].data.ptr, evs[i].events);
         }
+        free_closed(s);
         now = kvs_now_ms();
         if (now >= next_tick) {
+            expire_pre(s, now);
+            kvs_master_counters k;
             kvs_master_lock(s->m);
             kvs_master_tick(s->m);
+            kvs_master_get_counters(s->m, &k);
             kvs_master_unlock(s->m);
+            /* a client expired: if it died on this host its segment file is
+             * an orphan now (removed only once its owner is gone) */
+            if (k.expired_clients != s->expired_seen) {
+                s->expired_seen = k.expired_clients;
+                if (s->gc) {
+                    int n = s->gc();
+                    if (n > 0) KVS_LOGI("removed %d orphaned segment file(s)", n);
+                }
+            }
+            free_closed(s);
             next_tick = now + TICK_MS;
         }
     }
@@ -343,6 +508,7 @@ void kvs_server_free(kvs_server *s)
 {
     if (!s) return;
     while (s->head.next != &s->head) conn_close(s, s->head.next);
+    free_closed(s);
     for (size_t i = 0; i < s->nlis; i++) {
         close(s->lis[i]->fd);
         if (s->lis[i]->is_unix) unlink(s->lis[i]->path);

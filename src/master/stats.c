@@ -101,7 +101,10 @@ char *kvs_master_stats_json(kvs_master *m)
         cJSON_AddNumberToObject(c, "evictions", (double)k->evictions);
         cJSON_AddNumberToObject(c, "removes", (double)k->removes);
         cJSON_AddNumberToObject(c, "expired_clients", (double)k->expired_clients);
+        cJSON_AddNumberToObject(c, "disconnected_clients", (double)k->disconnected_clients);
         cJSON_AddNumberToObject(c, "revoked_puts", (double)k->revoked_puts);
+        cJSON_AddNumberToObject(c, "fenced_puts", (double)k->fenced_puts);
+        cJSON_AddNumberToObject(c, "fences", (double)k->fences);
         cJSON_AddNumberToObject(c, "expired_leases", (double)k->expired_leases);
         cJSON_AddNumberToObject(c, "bad_frames", (double)k->bad_frames);
         cJSON_AddNumberToObject(c, "auth_failures", (double)k->auth_failures);
@@ -152,8 +155,17 @@ char *kvs_master_metrics_text(kvs_master *m, long extra_metadata_keys, size_t *l
     metric(&w, "kvshelf_removes_total", "counter", "Objects removed.", (double)k->removes);
     metric(&w, "kvshelf_expired_clients_total", "counter", "Clients expired (silent for TTL).",
            (double)k->expired_clients);
+    metric(&w, "kvshelf_disconnected_clients_total", "counter",
+           "Clients expired soon after their connection closed (also in expired_clients).",
+           (double)k->disconnected_clients);
     metric(&w, "kvshelf_revoked_puts_total", "counter",
            "Puts revoked (timeout or writer expired).", (double)k->revoked_puts);
+    metric(&w, "kvshelf_fenced_puts_total", "counter",
+           "Given-up puts whose space was held until the segment's owner fenced it.",
+           (double)k->fenced_puts);
+    metric(&w, "kvshelf_fences_total", "counter",
+           "Fences confirmed by segment owners (space of given-up puts freed).",
+           (double)k->fences);
     metric(&w, "kvshelf_expired_leases_total", "counter", "Leases that timed out.",
            (double)k->expired_leases);
     metric(&w, "kvshelf_bad_frames_total", "counter", "Malformed frames (connection closed).",

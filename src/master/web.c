@@ -13,6 +13,8 @@ struct kvs_master_web {
     kvs_master *m;
     kvs_metadata *md;
     kvs_http_server *http;
+    char secret[256]; /* configured secret ("" = none) */
+    int public_addr;  /* the HTTP address is not loopback */
 };
 
 static void text(kvs_http_response *resp, int status, const char *ctype, const char *s)
@@ -29,7 +31,18 @@ void kvs_master_web_route(kvs_master_web *w, const kvs_http_request *req,
 {
     const char *p = req->path ? req->path : "";
     int is_get = req->method && (!strcmp(req->method, "GET") || !strcmp(req->method, "HEAD"));
-    if (!strcmp(p, "/metadata") || !strncmp(p, "/metadata/", 10)) {
+    int is_md = !strcmp(p, "/metadata") || !strncmp(p, "/metadata/", 10);
+    /* with a secret: /metadata and every write; beyond loopback: all but /health */
+    int guarded = w->secret[0] && (is_md || !is_get || (w->public_addr && strcmp(p, "/health")));
+    if (guarded && !kvs_http_bearer_ok(req, w->secret)) {
+        if (req->authorization)
+            text(resp, 403, "text/plain", "forbidden: wrong credentials\n");
+        else
+            text(resp, 401, "text/plain",
+                 "unauthorized: send the header 'Authorization: Bearer <secret>'\n");
+        return;
+    }
+    if (is_md) {
         if (w->md) kvs_metadata_handle(w->md, req, resp);
         else text(resp, 404, "text/plain", "metadata service disabled (--no-metadata)\n");
         return;
@@ -81,17 +94,26 @@ static void handler(void *ud, const kvs_http_request *req, kvs_http_response *re
     kvs_master_web_route(ud, req, resp);
 }
 
-int kvs_master_web_start(kvs_master *m, const char *addr, int with_metadata, uint16_t *port,
-                         kvs_master_web **out, char *err, size_t errlen)
+int kvs_master_web_start(kvs_master *m, const char *addr, int with_metadata,
+                         const char *secret, uint16_t *port, kvs_master_web **out, char *err,
+                         size_t errlen)
 {
     kvs_addr a;
     if (kvs_addr_parse(addr, 9003, &a) != KVS_OK || a.is_unix) {
         snprintf(err, errlen, "invalid HTTP address '%s' (want host:port)", addr);
         return KVS_ERR_CONFIG;
     }
+    int public_addr = !kvs_addr_is_loopback(&a);
+    if ((public_addr && (!secret || !*secret)) || (secret && strlen(secret) >= 256)) {
+        snprintf(err, errlen, "refusing to serve HTTP on '%s' without a secret (or too long)",
+                 addr);
+        return KVS_ERR_CONFIG;
+    }
     kvs_master_web *w = calloc(1, sizeof *w);
     if (!w) return KVS_ERR_NOMEM;
     w->m = m;
+    w->public_addr = public_addr;
+    if (secret) snprintf(w->secret, sizeof w->secret, "%s", secret);
     if (with_metadata && !(w->md = kvs_metadata_new())) {
         free(w);
         return KVS_ERR_NOMEM;

@@ -14,6 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/socket.h>
 
 #include "common/log.h"
@@ -140,6 +141,8 @@ static kvs_mhd_result access_handler(void *cls, struct MHD_Connection *c, const 
         .key = MHD_lookup_connection_value(c, MHD_GET_ARGUMENT_KIND, "key"),
         .body = ctx->buf,
         .body_len = ctx->len,
+        .authorization = MHD_lookup_connection_value(c, MHD_HEADER_KIND,
+                                                     MHD_HTTP_HEADER_AUTHORIZATION),
     };
     kvs_http_response resp = {0};
     s->fn(s->ud, &req, &resp);
@@ -156,9 +159,25 @@ static kvs_mhd_result access_handler(void *cls, struct MHD_Connection *c, const 
     MHD_add_response_header(r, MHD_HTTP_HEADER_CONTENT_TYPE,
                             resp.content_type ? resp.content_type : "text/plain; charset=utf-8");
     unsigned status = resp.status >= 100 && resp.status <= 599 ? (unsigned)resp.status : 500u;
+    if (status == 401) MHD_add_response_header(r, "WWW-Authenticate", "Bearer realm=\"kvshelf\"");
     kvs_mhd_result ret = MHD_queue_response(c, status, r);
     MHD_destroy_response(r);
     return ret;
+}
+
+/* Checks "Authorization: Bearer <secret>"; see http.h. */
+int kvs_http_bearer_ok(const kvs_http_request *req, const char *secret)
+{
+    if (!req || !req->authorization || !secret || !*secret) return 0;
+    const char *a = req->authorization;
+    if (strncasecmp(a, "Bearer ", 7) != 0) return 0;
+    a += 7;
+    while (*a == ' ') a++;
+    size_t n = strlen(a), m = strlen(secret);
+    while (n > 0 && (a[n - 1] == ' ' || a[n - 1] == '\t')) n--;
+    unsigned char diff = (unsigned char)(n != m);
+    for (size_t i = 0; i < m; i++) diff |= (unsigned char)(secret[i] ^ (i < n ? a[i] : 0));
+    return diff == 0;
 }
 
 /* Starts an HTTP server on host:*port; see http.h. `host` NULL or "" means

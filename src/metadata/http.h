@@ -16,6 +16,7 @@ typedef struct kvs_http_request {
     const char *key;      /* value of the `key` query parameter, or NULL */
     const uint8_t *body;  /* request body (may be NULL when body_len == 0) */
     size_t body_len;
+    const char *authorization; /* the Authorization header, or NULL */
 } kvs_http_request;
 
 typedef struct kvs_http_response {
@@ -37,5 +38,11 @@ int kvs_http_start(const char *host, uint16_t *port, kvs_http_handler fn, void *
 
 /* Stops the server and frees it (waits for running handlers). Safe with NULL. */
 void kvs_http_stop(kvs_http_server *s);
+
+/* 1 if `req` carries the header "Authorization: Bearer <secret>" (the
+ * scheme case-insensitive, compared in constant time), else 0; 0 when
+ * secret is NULL or empty. A handler answers 401 when this fails (the
+ * server adds "WWW-Authenticate: Bearer" to every 401). */
+int kvs_http_bearer_ok(const kvs_http_request *req, const char *secret);
 
 #endif

@@ -39,20 +39,27 @@
  *   resp: u64 client_id, u32 ttl_ms, u32 lease_ms
  * HEARTBEAT
  *   req:  u64 client_id
- *   resp: (empty); status KVS_ERR_NOT_FOUND when the master does not know
+ *   resp: u32 n, n x { u32 segment_id, u64 epoch }: fences the master asks of
+ *         this client's segments (fence to epoch, then send FENCE);
+ *         status KVS_ERR_NOT_FOUND when the master does not know
  *         the client (expired or master restarted): the client says HELLO
  *         again and re-mounts its segment.
  * MOUNT
- *   req:  u64 client_id, u64 size, str shm_name, str transfer_addr, u8[16] host_id
+ *   req:  u64 client_id, u64 size, str shm_name, str transfer_addr, u8[16] host_id,
+ *         u64 epoch (the owner fenced the segment to it just before: > 0)
  *   resp: u32 segment_id
  * UNMOUNT
  *   req:  u64 client_id, u32 segment_id
  *   resp: (empty)
  * PUT_START
  *   req:  u64 client_id, u32 n, n x { bytes key, u64 size }
- *   resp: u32 n, n x { i32 status, u32 segment_id, u64 offset, u64 obj_id }
+ *   resp: u32 n, n x { i32 status, u32 segment_id, u64 offset, u64 obj_id,
+ *                      u64 epoch }
  * PUT_END
  *   req:  u64 client_id, u32 n, n x { bytes key, u64 obj_id, u8 ok }
+ *         ok: 1 = every byte written, publish; 0 = given up, writes may
+ *         still be in flight (the space is fenced before reuse); 2 = given
+ *         up, no write in flight (the space is freed at once)
  *   resp: u32 n, n x { i32 status }
  * GET (locate + read lease)
  *   req:  u64 client_id, u32 n, n x { bytes key }
@@ -79,12 +86,32 @@
  *          or with the secret)
  *   req:  (empty)
  *   resp: (empty)
+ * FENCE (the owner of a segment, after it fenced the segment's memory to
+ *        `epoch`: no write with an older reservation can land any more)
+ *   req:  u64 client_id, u32 segment_id, u64 epoch
+ *   resp: (empty); KVS_ERR_NOT_FOUND (no such segment), KVS_ERR_INVALID
+ *         (not the owner, or an epoch the master never asked for)
  * T_READ (transfer server)
- *   req:  u32 segment_id, u64 offset, u64 len    (len <= KVS_MAX_CHUNK)
+ *   req:  u32 segment_id, u64 offset, u64 len, u64 epoch (0, unused)
+ *         (len <= KVS_MAX_CHUNK)
  *   resp: len raw bytes
  * T_WRITE (transfer server)
- *   req:  u32 segment_id, u64 offset, u64 len, then len raw bytes
- *   resp: (empty)
+ *   req:  u32 segment_id, u64 offset, u64 len, u64 epoch, then len raw bytes
+ *   resp: (empty); KVS_ERR_UNAVAILABLE when the segment is unknown or the
+ *         reservation's epoch is stale (the payload is then discarded)
+ *
+ * Write epochs (never a late write over another object): every segment has
+ * a write epoch kept by its owner in the segment's memory (segment.h).
+ * MOUNT tells the master the epoch the owner fenced the segment to; each
+ * PUT_START reservation carries the segment's current epoch, and every write
+ * (same-host memcpy or T_WRITE) is applied only while that epoch is still
+ * current. A put given up with writes possibly in flight (PUT_END ok=0, a
+ * put timeout, an expired writer) is not freed: the master raises the
+ * segment's epoch, asks the owner to fence through HEARTBEAT replies, and
+ * frees the space once the owner's FENCE confirms that no write of an older
+ * epoch can land. PUT_END ok=1 of a reservation older than the segment's
+ * epoch is refused (KVS_ERR_UNAVAILABLE): some of its writes may have been
+ * dropped.
  */
 #ifndef KVS_PROTO_H
 #define KVS_PROTO_H
@@ -93,13 +120,16 @@
 #include <stdint.h>
 
 #define KVS_MAGIC 0x3153564Bu /* "KVS1" read as little-endian u32 */
-#define KVS_PROTO_VERSION 1u
+#define KVS_PROTO_VERSION 2u
 #define KVS_FRAME_HDR 24u
 #define KVS_MAX_BODY (64u << 20)  /* 64 MiB: larger frames close the connection */
 #define KVS_MAX_CHUNK (4u << 20)  /* transfer engine splits values into 4 MiB pieces */
 #define KVS_MAX_BATCH 65536u      /* entries per batch message */
 #define KVS_F_RESPONSE 0x1u
 #define KVS_F_NOREPLY 0x2u /* request: send no response */
+#define KVS_PUT_ABANDON 0u       /* PUT_END ok: given up, writes may be in flight */
+#define KVS_PUT_PUBLISH 1u       /* PUT_END ok: complete */
+#define KVS_PUT_ABANDON_CLEAN 2u /* PUT_END ok: given up, nothing in flight */
 #define KVS_NONCE_LEN 16u
 #define KVS_AUTH_LEN 32u
 #define KVS_HOST_ID_LEN 16u
@@ -119,6 +149,7 @@ enum kvs_msg_type {
     KVS_MSG_SEGMENTS = 12,
     KVS_MSG_STATS = 13,
     KVS_MSG_SHUTDOWN = 14,
+    KVS_MSG_FENCE = 15,
     KVS_MSG_T_READ = 32,
     KVS_MSG_T_WRITE = 33,
 };

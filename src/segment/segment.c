@@ -12,6 +12,8 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "common/log.h"
@@ -44,6 +46,43 @@ static int shm_path(const char *name, char *out, size_t cap)
     return n > 0 && (size_t)n < cap ? KVS_OK : KVS_ERR_INVALID;
 }
 
+/* The control page, after the data. Written once by the creator (all but
+ * epoch), epoch raised only by the owner's kvs_segment_fence. */
+struct kvs_seg_ctl {
+    char magic[8];           /* SEG_MAGIC */
+    uint64_t nonce;          /* the 16 hex digits of the name */
+    uint64_t size;           /* data bytes before this page */
+    _Atomic uint64_t epoch;  /* write epoch: reservations below it are stale */
+};
+
+#define SEG_MAGIC "KVSSEG1"
+/* Lock bytes (far beyond any data: POSIX locks may lie past the end of file). */
+#define LOCK_ALIVE ((off_t)1 << 60)
+#define LOCK_BASE ((off_t)1 << 61)
+#define EPOCH_MAX ((uint64_t)1 << 60)
+#define GC_MIN_AGE_S 2 /* files younger than this may still be taking their owner lock */
+
+static int lock_range(int fd, int cmd, short type, off_t start, off_t len)
+{
+    struct flock fl;
+    memset(&fl, 0, sizeof fl);
+    fl.l_type = type;
+    fl.l_whence = SEEK_SET;
+    fl.l_start = start;
+    fl.l_len = len;
+    int rc;
+    do rc = fcntl(fd, cmd, &fl);
+    while (rc < 0 && errno == EINTR);
+    return rc;
+}
+
+/* Parses the trailing nonce of a valid name. */
+static uint64_t name_nonce(const char *name)
+{
+    const char *dash = strrchr(name, '-');
+    return dash ? strtoull(dash + 1, NULL, 16) : 0;
+}
+
 int kvs_segment_name_valid(const char *name)
 {
     static const char prefix[] = "kvshelf-";
@@ -52,12 +91,12 @@ int kvs_segment_name_valid(const char *name)
     for (int part = 0; part < 3; part++) {
         const char *start = p;
         while (*p >= '0' && *p <= '9') p++;
-        if (p == start || p - start > 20) return 0;
-        if (part < 2) {
-            if (*p != '-') return 0;
-            p++;
-        }
+        if (p == start || p - start > 10) return 0;
+        if (*p != '-') return 0;
+        p++;
     }
+    for (int i = 0; i < 16; i++, p++)
+        if (!((*p >= '0' && *p <= '9') || (*p >= 'a' && *p <= 'f'))) return 0;
     return *p == '\0' && strlen(name) < KVS_SHM_NAME_MAX;
 }
 
@@ -69,16 +108,25 @@ int kvs_segment_gc(void)
     int pl = snprintf(prefix, sizeof prefix, "kvshelf-%u-", (unsigned)getuid());
     int removed = 0;
     struct dirent *e;
+    time_t now = time(NULL);
     while ((e = readdir(d))) {
         if (strncmp(e->d_name, prefix, (size_t)pl) || !kvs_segment_name_valid(e->d_name)) continue;
-        long pid = strtol(e->d_name + pl, NULL, 10);
-        if (pid <= 0 || pid == (long)getpid()) continue;
-        if (kill((pid_t)pid, 0) == 0 || errno != ESRCH) continue; /* alive (or not ours to ask) */
         char path[128];
         if (shm_path(e->d_name, path, sizeof path)) continue;
+        int fd = open(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+        if (fd < 0) continue;
         struct stat st;
-        if (lstat(path, &st) || !S_ISREG(st.st_mode) || st.st_uid != getuid()) continue;
-        if (unlink(path) == 0) {
+        struct flock fl;
+        memset(&fl, 0, sizeof fl);
+        fl.l_type = F_WRLCK;
+        fl.l_whence = SEEK_SET;
+        fl.l_start = LOCK_ALIVE;
+        fl.l_len = 1;
+        int orphan = fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_uid == getuid() &&
+                     now - st.st_ctime >= GC_MIN_AGE_S && fcntl(fd, F_OFD_GETLK, &fl) == 0 &&
+                     fl.l_type == F_UNLCK;
+        close(fd);
+        if (orphan && unlink(path) == 0) {
             removed++;
             KVS_LOGI("segment: removed %s, left by a process that no longer runs", path);
         }
@@ -87,19 +135,48 @@ int kvs_segment_gc(void)
     return removed;
 }
 
+/* Maps fd's data + control page; checks the control page against `nonce`.
+ * On success fills base/size/ctl of out. */
+static int map_file(int fd, uint64_t data, uint64_t nonce, kvs_segment *out)
+{
+    uint64_t ps = kvs_page_size();
+    void *p = mmap(NULL, data + ps, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fd, 0);
+    if (p == MAP_FAILED) return errno == ENOMEM ? KVS_ERR_NO_SPACE : KVS_ERR_IO;
+    struct kvs_seg_ctl *ctl = (struct kvs_seg_ctl *)((uint8_t *)p + data);
+    if (memcmp(ctl->magic, SEG_MAGIC, sizeof ctl->magic) || ctl->nonce != nonce ||
+        ctl->size != data) {
+        munmap(p, data + ps);
+        return KVS_ERR_CORRUPT;
+    }
+    out->base = p;
+    out->size = data;
+    out->ctl = ctl;
+    return KVS_OK;
+}
+
+static void seg_init(kvs_segment *out)
+{
+    memset(out, 0, sizeof *out);
+    out->fd = out->fence_fd = -1;
+    pthread_mutex_init(&out->wmu, NULL);
+}
+
 int kvs_segment_create(uint64_t size, kvs_segment *out)
 {
     static atomic_int gc_done;
     if (!atomic_exchange(&gc_done, 1)) kvs_segment_gc();
-    memset(out, 0, sizeof *out);
+    seg_init(out);
     if (size == 0 || size > (1ull << 50)) return KVS_ERR_INVALID;
     size = round_page(size);
+    uint64_t ps = kvs_page_size();
     char path[128];
     int fd = -1;
+    uint64_t nonce = 0;
     for (int tries = 0; tries < 64; tries++) {
         unsigned n = atomic_fetch_add(&seg_counter, 1);
-        snprintf(out->name, sizeof out->name, "kvshelf-%u-%ld-%u", (unsigned)getuid(),
-                 (long)getpid(), n);
+        if (kvs_random_bytes(&nonce, sizeof nonce) != KVS_OK) nonce = kvs_now_ns() ^ (uint64_t)n;
+        snprintf(out->name, sizeof out->name, "kvshelf-%u-%ld-%u-%016llx", (unsigned)getuid(),
+                 (long)getpid(), n, (unsigned long long)nonce);
         if (shm_path(out->name, path, sizeof path)) return KVS_ERR_INVALID;
         fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
         if (fd >= 0) break;
@@ -107,35 +184,53 @@ int kvs_segment_create(uint64_t size, kvs_segment *out)
             KVS_LOGE("segment: create %s: %s", path, strerror(errno));
             return KVS_ERR_IO;
         }
-        /* A leftover from a process that had our pid before: try the next n. */
     }
     if (fd < 0) return KVS_ERR_IO;
-    if (ftruncate(fd, (off_t)size) < 0) {
-        int e = errno;
-        KVS_LOGE("segment: size %s to %llu: %s", path, (unsigned long long)size, strerror(e));
+    /* owner lock first: kvs_segment_gc of other processes leaves the file alone */
+    int rc = lock_range(fd, F_OFD_SETLK, F_WRLCK, LOCK_ALIVE, 1) == 0 ? KVS_OK : KVS_ERR_IO;
+    int e = 0;
+    if (rc == KVS_OK && (e = posix_fallocate(fd, 0, (off_t)(size + ps))) != 0) {
+        struct statvfs vs;
+        unsigned long long avail =
+            statvfs(SHM_DIR, &vs) == 0 ? (unsigned long long)vs.f_bavail * vs.f_frsize : 0;
+        KVS_LOGE("segment: cannot reserve %llu bytes in " SHM_DIR " (%s; %llu bytes free there): "
+                 "ask for a smaller segment or make " SHM_DIR " larger",
+                 (unsigned long long)(size + ps), strerror(e), avail);
+        rc = e == ENOSPC || e == EFBIG || e == ENOMEM ? KVS_ERR_NO_SPACE : KVS_ERR_IO;
+    }
+    if (rc == KVS_OK) {
+        /* the control page (fresh tmpfs pages read as zeros) */
+        struct kvs_seg_ctl ctl;
+        memset(&ctl, 0, sizeof ctl);
+        memcpy(ctl.magic, SEG_MAGIC, sizeof ctl.magic);
+        ctl.nonce = nonce;
+        ctl.size = size;
+        atomic_init(&ctl.epoch, 1);
+        if (pwrite(fd, &ctl, sizeof ctl, (off_t)size) != (ssize_t)sizeof ctl) rc = KVS_ERR_IO;
+    }
+    if (rc == KVS_OK) rc = map_file(fd, size, nonce, out);
+    if (rc == KVS_OK) {
+        out->fence_fd = open(path, O_RDWR | O_NOFOLLOW | O_CLOEXEC);
+        if (out->fence_fd < 0) rc = KVS_ERR_IO;
+    }
+    if (rc != KVS_OK) {
+        if (rc == KVS_ERR_IO) KVS_LOGE("segment: set up %s: %s", path, strerror(errno));
+        if (out->base) munmap(out->base, size + ps);
         close(fd);
         unlink(path);
-        return e == EFBIG || e == ENOSPC ? KVS_ERR_NO_SPACE : KVS_ERR_IO;
+        pthread_mutex_destroy(&out->wmu);
+        seg_init(out);
+        return rc;
     }
-    void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fd, 0);
-    int e = errno;
-    close(fd);
-    if (p == MAP_FAILED) {
-        KVS_LOGE("segment: mmap %s (%llu bytes): %s", path, (unsigned long long)size,
-                 strerror(e));
-        unlink(path);
-        return e == ENOMEM ? KVS_ERR_NO_SPACE : KVS_ERR_IO;
-    }
-    out->base = p;
-    out->size = size;
+    out->fd = fd;
     out->owner = 1;
-    out->prefault = kvs_prefault_start(p, size);
+    out->prefault = kvs_prefault_start(out->base, size);
     return KVS_OK;
 }
 
 int kvs_segment_map(const char *name, uint64_t size, kvs_segment *out)
 {
-    memset(out, 0, sizeof *out);
+    seg_init(out);
     if (!kvs_segment_name_valid(name)) return KVS_ERR_INVALID;
     char path[128];
     if (shm_path(name, path, sizeof path)) return KVS_ERR_INVALID;
@@ -154,20 +249,88 @@ int kvs_segment_map(const char *name, uint64_t size, kvs_segment *out)
         close(fd);
         return KVS_ERR_AUTH;
     }
-    uint64_t fsize = (uint64_t)st.st_size;
-    if (fsize == 0 || fsize < size) {
+    uint64_t fsize = (uint64_t)st.st_size, ps = kvs_page_size();
+    if (fsize <= ps || fsize % ps || fsize - ps < size) {
         close(fd);
         return KVS_ERR_CORRUPT;
     }
-    uint64_t msize = size ? round_page(size) : fsize;
-    if (msize > fsize) msize = fsize;
-    void *p = mmap(NULL, msize, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fd, 0);
-    close(fd);
-    if (p == MAP_FAILED) return KVS_ERR_IO;
-    out->base = p;
-    out->size = msize;
+    int rc = map_file(fd, fsize - ps, name_nonce(name), out);
+    if (rc != KVS_OK) {
+        close(fd);
+        return rc;
+    }
+    out->fd = fd;
     kvs_strlcpy(out->name, name, sizeof out->name);
-    out->prefault = kvs_prefault_start(p, msize);
+    out->prefault = kvs_prefault_start(out->base, out->size);
+    return KVS_OK;
+}
+
+uint64_t kvs_segment_epoch(const kvs_segment *s)
+{
+    return s && s->ctl ? atomic_load(&s->ctl->epoch) : 0;
+}
+
+int kvs_segment_write_begin(kvs_segment *s, uint64_t epoch)
+{
+    if (!s || !s->ctl || s->fd < 0 || epoch == 0 || epoch >= EPOCH_MAX) return KVS_ERR_INVALID;
+    pthread_mutex_lock(&s->wmu);
+    int slot = -1, free_slot = -1;
+    for (int i = 0; i < KVS_SEG_HELD_MAX; i++) {
+        if (s->held[i].count && s->held[i].epoch == epoch) slot = i;
+        else if (!s->held[i].count && free_slot < 0) free_slot = i;
+    }
+    if (slot < 0) {
+        if (free_slot < 0) {
+            pthread_mutex_unlock(&s->wmu);
+            return KVS_ERR_BUSY;
+        }
+        /* blocks only while an owner's fence holds its exclusive lock (a
+         * non-blocking try, released at once) */
+        if (lock_range(s->fd, F_OFD_SETLKW, F_RDLCK, LOCK_BASE + (off_t)epoch, 1) < 0) {
+            KVS_LOGW("segment %s: write lock: %s", s->name, strerror(errno));
+            pthread_mutex_unlock(&s->wmu);
+            return KVS_ERR_IO;
+        }
+        slot = free_slot;
+        s->held[slot].epoch = epoch;
+        s->held[slot].count = 0;
+    }
+    s->held[slot].count++;
+    int rc = KVS_OK;
+    /* checked under the lock: a fence that raised the epoch before we took it
+     * is seen here; one that raises it later waits for our write_end */
+    if (atomic_load(&s->ctl->epoch) > epoch) {
+        rc = KVS_ERR_UNAVAILABLE;
+        if (--s->held[slot].count == 0)
+            lock_range(s->fd, F_OFD_SETLK, F_UNLCK, LOCK_BASE + (off_t)epoch, 1);
+    }
+    pthread_mutex_unlock(&s->wmu);
+    return rc;
+}
+
+void kvs_segment_write_end(kvs_segment *s, uint64_t epoch)
+{
+    if (!s || s->fd < 0) return;
+    pthread_mutex_lock(&s->wmu);
+    for (int i = 0; i < KVS_SEG_HELD_MAX; i++) {
+        if (!s->held[i].count || s->held[i].epoch != epoch) continue;
+        if (--s->held[i].count == 0)
+            lock_range(s->fd, F_OFD_SETLK, F_UNLCK, LOCK_BASE + (off_t)epoch, 1);
+        break;
+    }
+    pthread_mutex_unlock(&s->wmu);
+}
+
+int kvs_segment_fence(kvs_segment *s, uint64_t epoch)
+{
+    if (!s || !s->owner || !s->ctl || s->fence_fd < 0 || epoch == 0 || epoch >= EPOCH_MAX)
+        return KVS_ERR_INVALID;
+    uint64_t cur = atomic_load(&s->ctl->epoch);
+    while (cur < epoch && !atomic_compare_exchange_weak(&s->ctl->epoch, &cur, epoch)) {
+    }
+    if (lock_range(s->fence_fd, F_OFD_SETLK, F_WRLCK, LOCK_BASE, (off_t)epoch) < 0)
+        return errno == EAGAIN || errno == EACCES ? KVS_ERR_BUSY : KVS_ERR_IO;
+    lock_range(s->fence_fd, F_OFD_SETLK, F_UNLCK, LOCK_BASE, (off_t)epoch);
     return KVS_OK;
 }
 
@@ -186,10 +349,14 @@ void kvs_segment_destroy(kvs_segment *s)
     if (!s) return;
     kvs_prefault_stop(s->prefault);
     s->prefault = NULL;
-    if (s->base) munmap(s->base, s->size);
+    if (s->base) munmap(s->base, s->size + (s->ctl ? kvs_page_size() : 0));
     if (s->owner && s->name[0]) {
         char path[128];
         if (!shm_path(s->name, path, sizeof path)) unlink(path);
     }
+    if (s->fd >= 0 && s->base) close(s->fd);
+    if (s->fence_fd >= 0 && s->base) close(s->fence_fd);
+    if (s->base) pthread_mutex_destroy(&s->wmu);
     memset(s, 0, sizeof *s);
+    s->fd = s->fence_fd = -1;
 }

@@ -1,56 +1,93 @@
 /* Shared-memory segments: the host memory a process contributes to the pool.
  *
- * A segment is a file under /dev/shm named "kvshelf-<uid>-<pid>-<n>" (created
- * O_EXCL, mode 0600), sized with ftruncate and mapped MAP_SHARED |
- * MAP_NORESERVE; a background thread then populates its pages (prefault.h,
- * KVSHELF_PREFAULT=0 keeps them lazy). Its owner
- * unlinks the file when it destroys the segment; another process of the same
- * user on the same host can map it read-write by name (kvs_segment_map) and
- * copy bytes with memcpy, with no socket.
+ * A segment is a file under /dev/shm named "kvshelf-<uid>-<pid>-<n>-<nonce>"
+ * (nonce: 16 hex digits of a random 64-bit id; created O_EXCL, mode 0600).
+ * Its length is the data size plus one control page at the end holding a
+ * magic, the nonce, the data size and the write epoch (below). The whole
+ * file is reserved with posix_fallocate at creation, so a full /dev/shm is an
+ * error at creation (KVS_ERR_NO_SPACE) and never a SIGBUS later. It is mapped
+ * MAP_SHARED; a background thread then populates its page tables
+ * (prefault.h, KVSHELF_PREFAULT=0 keeps them lazy). Its owner unlinks the
+ * file when it destroys the segment; another process of the same user on the
+ * same host can map it read-write by name (kvs_segment_map), which checks
+ * that the memory carries the nonce of the name (a file of the same name in
+ * another mount namespace, e.g. another container's /dev/shm, is refused).
  *
- * All functions are thread-safe (they share no state except an atomic counter
- * for names). Sizes are rounded up to the page size.
+ * Write fencing. Space inside a segment is handed out by the master with a
+ * write *epoch*: a writer may put bytes into its reservation only while the
+ * segment's epoch (in the control page, raised only by the owner) is not
+ * above the reservation's. Every writer in every process brackets its writes
+ * with kvs_segment_write_begin/end, which hold a shared OFD lock on the byte
+ * `KVS_SEG_LOCK_BASE + epoch` of the file; the owner fences with
+ * kvs_segment_fence(E): it raises the epoch to E, then succeeds only once it
+ * can take an exclusive lock over the bytes of every epoch below E, i.e.
+ * when no writer holding an older reservation is still inside (a writer that
+ * died releases its locks with its file descriptors). After a successful
+ * fence no write with an epoch below E can ever land, so the master may
+ * reuse the space of abandoned reservations.
+ *
+ * The owner also holds an exclusive lock on KVS_SEG_LOCK_ALIVE for as long as
+ * it lives; kvs_segment_gc removes only files whose owner lock is free, which
+ * works across PID namespaces.
+ *
+ * All functions are thread-safe except create/map/destroy on the same
+ * struct. Sizes are rounded up to the page size.
  */
 #ifndef KVS_SEGMENT_H
 #define KVS_SEGMENT_H
 
+#include <pthread.h>
 #include <stddef.h>
 #include <stdint.h>
 
 #define KVS_SHM_NAME_MAX 64
+#define KVS_SEG_HELD_MAX 8 /* distinct epochs one process writes under at once */
+
+struct kvs_seg_ctl; /* the control page (segment.c) */
 
 typedef struct kvs_segment {
     void *base;                  /* page-aligned mapping, NULL when not mapped */
-    uint64_t size;               /* mapped bytes (page multiple) */
+    uint64_t size;               /* data bytes (page multiple), control page excluded */
     char name[KVS_SHM_NAME_MAX]; /* shm name without the leading '/' */
     int owner;                   /* 1: created here, unlinked by kvs_segment_destroy */
+    int fd;                      /* open file (locks); -1 when not open */
+    int fence_fd;                /* owner: a second open file for fencing; else -1 */
+    struct kvs_seg_ctl *ctl;     /* control page, NULL when not mapped */
     struct kvs_prefault *prefault; /* background page population (prefault.h), or NULL */
+    pthread_mutex_t wmu;         /* guards held[] */
+    struct {
+        uint64_t epoch;
+        uint32_t count;
+    } held[KVS_SEG_HELD_MAX];    /* shared locks this process holds, with writers inside */
 } kvs_segment;
 
-/* Creates and maps a new segment of at least `size` bytes (> 0). Returns
- * KVS_OK, KVS_ERR_INVALID, KVS_ERR_NO_SPACE (the shm file system refused the
- * size) or KVS_ERR_IO. */
+/* Creates and maps a new segment of at least `size` bytes (> 0), reserving
+ * its memory. Returns KVS_OK, KVS_ERR_INVALID, KVS_ERR_NO_SPACE (the shm file
+ * system cannot hold it: the log says how much was asked and where) or
+ * KVS_ERR_IO. The new segment's epoch is 1. */
 int kvs_segment_create(uint64_t size, kvs_segment *out);
 
-/* Unlinks segment files of this uid whose creating process no longer runs
- * (left by a crash or SIGKILL; the memory stays in use while any process
- * still maps them). Called once per process by kvs_segment_create. Assumes
- * processes sharing /dev/shm share a pid namespace. Returns the count. */
+/* Unlinks segment files of this uid whose owner no longer runs (left by a
+ * crash or SIGKILL; the memory stays in use while any process still maps
+ * them): files whose owner lock is free. Called once per process by
+ * kvs_segment_create. Returns the count. */
 int kvs_segment_gc(void);
 
 /* 1 if `name` has the form of a kvshelf segment name ("kvshelf-<digits>-
- * <digits>-<digits>"), else 0. Names from the network are checked with this
- * before anything is opened. */
+ * <digits>-<digits>-<16 hex>"), else 0. Names from the network are checked
+ * with this before anything is opened. */
 int kvs_segment_name_valid(const char *name);
 
 /* Maps the existing segment `name` read-write. Fails with KVS_ERR_INVALID if
  * the name is not a segment name, KVS_ERR_NOT_FOUND if no such file,
  * KVS_ERR_AUTH if it is not owned by this uid, KVS_ERR_CORRUPT if it is
- * smaller than `size` (size 0 = map the whole file), KVS_ERR_IO otherwise. */
+ * smaller than `size` (size 0 = map all its data) or its control page does
+ * not carry the name's nonce (another file of the same name), KVS_ERR_IO
+ * otherwise. */
 int kvs_segment_map(const char *name, uint64_t size, kvs_segment *out);
 
 /* Unmaps `s` (created or mapped); the owner also unlinks the file. Safe on a
- * zeroed struct. */
+ * zeroed struct. No writer of this process may be inside. */
 void kvs_segment_destroy(kvs_segment *s);
 
 /* Releases the memory of a mapped (not owned) segment while keeping its
@@ -59,6 +96,25 @@ void kvs_segment_destroy(kvs_segment *s);
  * zeros instead of faulting. Used when a peer's segment disappears while slots may still
  * point into it. The range stays reserved until kvs_segment_destroy. */
 void kvs_segment_retire(kvs_segment *s);
+
+/* The segment's current write epoch (0 if not mapped). */
+uint64_t kvs_segment_epoch(const kvs_segment *s);
+
+/* Enters a write under a reservation of epoch `epoch` (> 0): KVS_OK (the
+ * caller may write its reservation's bytes until kvs_segment_write_end with
+ * the same epoch), or KVS_ERR_UNAVAILABLE when the reservation is stale (the
+ * owner fenced the segment past it: write nothing), KVS_ERR_BUSY (too many
+ * distinct epochs held at once by this process), KVS_ERR_IO / KVS_ERR_INVALID. */
+int kvs_segment_write_begin(kvs_segment *s, uint64_t epoch);
+
+/* Leaves a write entered with kvs_segment_write_begin(s, epoch). */
+void kvs_segment_write_end(kvs_segment *s, uint64_t epoch);
+
+/* Owner only: raises the epoch to `epoch` (never lowers it) and checks that
+ * no writer with an older reservation is inside, without waiting. KVS_OK:
+ * fenced (no write below `epoch` can land any more); KVS_ERR_BUSY: a writer
+ * is still inside (call again later); KVS_ERR_INVALID: not the owner. */
+int kvs_segment_fence(kvs_segment *s, uint64_t epoch);
 
 /* Page size of the host (cached). */
 size_t kvs_page_size(void);

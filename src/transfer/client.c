@@ -18,12 +18,17 @@
 #include "proto/proto.h"
 #include "transfer.h"
 
-#define REQ_BODY 20u
+#define REQ_BODY 28u /* u32 segment_id, u64 offset, u64 len, u64 epoch */
 #define FRAME_LEN (KVS_FRAME_HDR + REQ_BODY)
 #define BACKOFF_MIN_MS 100
 #define BACKOFF_MAX_MS 2000
 /* A batch moving more bytes than this waits without busy-polling. */
 #define SPIN_MAX_BYTES (256u << 10)
+/* A peer whose connection made no progress for timeout_ms (stopped,
+ * partitioned) is not tried again for this long: the same call's next
+ * attempt (a get re-reading what its early read could not) fails at once
+ * instead of waiting a second timeout. */
+#define STALL_MS 1000u
 
 
 /* One request on the wire (one chunk of one op). */
@@ -56,6 +61,7 @@ typedef struct kvs_xfer_batch xbatch_t;
 
 struct xconn {
     kvs_xfer_client *xc;
+    struct xpeer *peer; /* its entry (entries live as long as the client) */
     int fd;
     pthread_mutex_t send_mu; /* one sender at a time; held while enqueueing + sending */
     pthread_mutex_t mu;      /* pending list, dead */
@@ -73,6 +79,7 @@ struct xpeer {
     uint64_t retry_at_ms;
     int backoff_ms;
     int last_err;
+    atomic_uint_fast64_t stalled_until_ms; /* see STALL_MS */
 };
 
 struct kvs_xfer_client {
@@ -299,6 +306,10 @@ static int get_conn(kvs_xfer_client *xc, const char *peer, struct xconn **out)
         p->conn = NULL;
         conn_unref(c);
     }
+    if (kvs_now_ms() < atomic_load(&p->stalled_until_ms)) {
+        pthread_mutex_unlock(&p->mu);
+        return KVS_ERR_UNAVAILABLE;
+    }
     if (p->retry_at_ms && kvs_now_ms() < p->retry_at_ms) {
         int e = p->last_err;
         pthread_mutex_unlock(&p->mu);
@@ -314,6 +325,7 @@ static int get_conn(kvs_xfer_client *xc, const char *peer, struct xconn **out)
     }
     p->backoff_ms = 0;
     p->retry_at_ms = 0;
+    c->peer = p;
     p->conn = c;
     pthread_mutex_unlock(&p->mu);
     *out = c;
@@ -359,6 +371,7 @@ static void send_group(struct xconn *c, struct xreq **reqs, size_t n, kvs_xfer_o
         put_le(f + KVS_FRAME_HDR, op->segment_id, 4);
         put_le(f + KVS_FRAME_HDR + 4, op->offset + (uint64_t)(r->buf - (uint8_t *)op->buf), 8);
         put_le(f + KVS_FRAME_HDR + 12, r->len, 8);
+        put_le(f + KVS_FRAME_HDR + 20, wr ? op->epoch : 0, 8);
         if (niov && (uint8_t *)iov[niov - 1].iov_base + iov[niov - 1].iov_len == f) {
             iov[niov - 1].iov_len += FRAME_LEN; /* consecutive frames: one iovec */
         } else {
@@ -510,7 +523,15 @@ int kvs_xfer_wait(kvs_xfer_batch *b)
             pthread_mutex_unlock(&b->mu);
             KVS_LOGW("transfer: no progress for %d ms; dropping %zu connection(s)",
                      xc->timeout_ms, b->nused);
-            for (size_t u = 0; u < b->nused; u++) conn_kill(b->used[u]);
+            for (size_t u = 0; u < b->nused; u++) {
+                struct xconn *c = b->used[u];
+                pthread_mutex_lock(&c->mu);
+                int stuck = c->head != NULL && !c->dead; /* replies still owed */
+                pthread_mutex_unlock(&c->mu);
+                conn_kill(c);
+                if (stuck && c->peer)
+                    atomic_store(&c->peer->stalled_until_ms, kvs_now_ms() + STALL_MS);
+            }
             pthread_mutex_lock(&b->mu);
             killed = 1;
             continue;

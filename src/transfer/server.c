@@ -1,4 +1,5 @@
-/* Transfer server: one accept thread, one thread per connection (see
+/* Transfer server: one accept thread, one thread per connection, at most
+ * kvs_xfer_server_max_conns() of them, HELLO within a deadline (see
  * transfer.h). Replies to T_READ are gathered (header + segment memory) and
  * sent with one sendmsg per burst of pipelined requests; T_WRITE payloads
  * are received straight into segment memory (only the bytes that arrived
@@ -15,6 +16,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -23,28 +25,31 @@
 #include "common/util.h"
 #include "kvshelf/errors.h"
 #include "proto/proto.h"
+#include "segment/segment.h"
 #include "transfer.h"
 
 #define MAX_SEGS 16
-#define MAX_CONNS 1024
 #define IN_BUF (64u << 10)
 #define OUT_MAX 128         /* replies gathered before a forced flush */
 #define FLUSH_BYTES (256u << 10) /* start sending once this much is gathered */
-#define REQ_BODY 20u        /* u32 segment_id, u64 offset, u64 len */
+#define REQ_BODY 28u        /* u32 segment_id, u64 offset, u64 len, u64 epoch */
 #define HS_TIMEOUT_MS 10000 /* a peer must finish its HELLO within this */
 
 struct seg_ent {
     uint32_t id;
     int used;
-    uint8_t *base;
-    uint64_t size;
+    kvs_segment *seg;
 };
+
+enum { C_HELLO = 0, C_AUTHED = 1, C_KICKED = 2 }; /* sconn.state */
 
 struct sconn {
     kvs_xfer_server *srv;
     int fd;
     pthread_t th;
     atomic_int done;
+    atomic_int state;           /* C_HELLO until the handshake succeeded */
+    uint64_t hello_deadline_ms; /* kicked if still in C_HELLO then */
     struct sconn *next;
 };
 
@@ -57,14 +62,20 @@ struct kvs_xfer_server {
     pthread_mutex_t mu; /* segs and conns */
     struct seg_ent segs[MAX_SEGS];
     struct sconn *conns;
-    int nconns;
+    int nconns;  /* threads not joined yet */
+    int nkicked; /* of which told to go (shut down, exiting) */
+    int max_conns;
+    uint32_t hello_ms;
+    uint32_t backoff_ms;   /* accept paused after EMFILE/ENFILE (accept thread only) */
+    uint64_t resume_ms;
+    atomic_uint_fast64_t refused, kicked_hello, timed_out_hello, accept_pauses;
     atomic_int stopping;
-    atomic_uint_fast64_t requests, bytes, bad;
+    atomic_uint_fast64_t requests, bytes, bad, fenced;
 };
 
 /* ---- segment table ---- */
 
-int kvs_xfer_server_add_segment(kvs_xfer_server *s, uint32_t id, void *base, uint64_t size)
+int kvs_xfer_server_add_segment(kvs_xfer_server *s, uint32_t id, kvs_segment *seg)
 {
     int rc = KVS_ERR_NO_SPACE;
     pthread_mutex_lock(&s->mu);
@@ -76,8 +87,7 @@ int kvs_xfer_server_add_segment(kvs_xfer_server *s, uint32_t id, void *base, uin
     if (free_ent) {
         free_ent->used = 1;
         free_ent->id = id;
-        free_ent->base = base;
-        free_ent->size = size;
+        free_ent->seg = seg;
         rc = KVS_OK;
     }
     pthread_mutex_unlock(&s->mu);
@@ -92,20 +102,18 @@ void kvs_xfer_server_remove_segment(kvs_xfer_server *s, uint32_t id)
     pthread_mutex_unlock(&s->mu);
 }
 
-/* Looks up segment `id`: 1 found (base/size set), 0 unknown. */
-static int seg_lookup(kvs_xfer_server *s, uint32_t id, uint8_t **base, uint64_t *size)
+/* Looks up segment `id`: the segment, or NULL if unknown. */
+static kvs_segment *seg_lookup(kvs_xfer_server *s, uint32_t id)
 {
-    int found = 0;
+    kvs_segment *seg = NULL;
     pthread_mutex_lock(&s->mu);
     for (int i = 0; i < MAX_SEGS; i++)
         if (s->segs[i].used && s->segs[i].id == id) {
-            *base = s->segs[i].base;
-            *size = s->segs[i].size;
-            found = 1;
+            seg = s->segs[i].seg;
             break;
         }
     pthread_mutex_unlock(&s->mu);
-    return found;
+    return seg;
 }
 
 /* ---- per-connection service ---- */
@@ -156,7 +164,7 @@ static int server_handshake(kvs_xfer_server *s, int fd)
     if (kvs_rbuf_finish(&r)) return KVS_ERR_PROTO;
     int status = KVS_OK;
     if (version != KVS_PROTO_VERSION) status = KVS_ERR_PROTO;
-    else if (s->secret[0] && !kvs_auth_check(s->secret, nonce, auth)) status = KVS_ERR_AUTH;
+    else if (!s->secret[0] || !kvs_auth_check(s->secret, nonce, auth)) status = KVS_ERR_AUTH;
 
     kvs_wbuf_init(&w);
     f = kvs_wbuf_begin_frame(&w, KVS_MSG_HELLO, KVS_F_RESPONSE, status, h.req_id);
@@ -296,7 +304,7 @@ static void serve(kvs_xfer_server *s, int fd)
         }
         const uint8_t *b = ib + pos + KVS_FRAME_HDR;
         uint32_t seg_id = (uint32_t)get_le(b, 4);
-        uint64_t off = get_le(b + 4, 8), len = get_le(b + 12, 8);
+        uint64_t off = get_le(b + 4, 8), len = get_le(b + 12, 8), epoch = get_le(b + 20, 8);
         if (len > KVS_MAX_CHUNK) {
             why = "chunk too large";
             break;
@@ -306,9 +314,10 @@ static void serve(kvs_xfer_server *s, int fd)
             break;
         }
         pos += KVS_FRAME_HDR + REQ_BODY;
-        uint8_t *base = NULL;
-        uint64_t size = 0;
-        int found = seg_lookup(s, seg_id, &base, &size);
+        kvs_segment *seg = seg_lookup(s, seg_id);
+        int found = seg != NULL;
+        uint8_t *base = found ? seg->base : NULL;
+        uint64_t size = found ? seg->size : 0;
         if (found && (off > size || len > size - off)) {
             why = "access outside the segment";
             break;
@@ -322,13 +331,19 @@ static void serve(kvs_xfer_server *s, int fd)
                 add_reply(o, KVS_MSG_T_READ, KVS_ERR_UNAVAILABLE, h.req_id, NULL, 0);
             }
         } else {
+            /* fenced: a write whose reservation went stale is drained, not applied */
+            int wst = found ? kvs_segment_write_begin(seg, epoch) : KVS_ERR_UNAVAILABLE;
+            if (wst != KVS_OK) {
+                wst = KVS_ERR_UNAVAILABLE;
+                atomic_fetch_add(&s->fenced, 1);
+            }
             uint8_t scratch[4096];
-            if (recv_payload(fd, ib, &pos, &end, found ? base + off : NULL, len, scratch,
-                             sizeof scratch))
-                break;
-            add_reply(o, KVS_MSG_T_WRITE, found ? KVS_OK : KVS_ERR_UNAVAILABLE, h.req_id, NULL,
-                      0);
-            if (found) atomic_fetch_add(&s->bytes, len);
+            int rrc = recv_payload(fd, ib, &pos, &end, wst == KVS_OK ? base + off : NULL, len,
+                                   scratch, sizeof scratch);
+            if (wst == KVS_OK) kvs_segment_write_end(seg, epoch);
+            if (rrc) break;
+            add_reply(o, KVS_MSG_T_WRITE, wst, h.req_id, NULL, 0);
+            if (wst == KVS_OK) atomic_fetch_add(&s->bytes, len);
         }
         if ((o->nhdr == OUT_MAX || o->bytes >= FLUSH_BYTES) && flush_out(fd, o)) break;
     }
@@ -346,10 +361,62 @@ out:
 static void *conn_main(void *arg)
 {
     struct sconn *c = arg;
-    if (server_handshake(c->srv, c->fd) == KVS_OK) serve(c->srv, c->fd);
+    int st = C_HELLO;
+    /* authenticated only if not kicked meanwhile (deadline, or room for a
+     * newer connection): then the connection holds its thread until the
+     * peer closes it */
+    if (server_handshake(c->srv, c->fd) == KVS_OK &&
+        atomic_compare_exchange_strong(&c->state, &st, C_AUTHED))
+        serve(c->srv, c->fd);
     shutdown(c->fd, SHUT_RDWR);
     atomic_store(&c->done, 1);
     return NULL;
+}
+
+/* Tells a connection still in its handshake to go: its thread's blocking
+ * I/O fails at once and it exits (joined and closed by reap). 1 if it was
+ * still in the handshake. Caller holds s->mu. */
+static int kick_locked(kvs_xfer_server *s, struct sconn *c)
+{
+    int st = C_HELLO;
+    if (!atomic_compare_exchange_strong(&c->state, &st, C_KICKED)) return 0;
+    shutdown(c->fd, SHUT_RDWR);
+    s->nkicked++;
+    return 1;
+}
+
+static kvs_log_limit g_refuse_log, g_hello_log;
+
+/* Kicks the oldest connection still in its handshake, to make room for a
+ * new one. 1 if there was one. */
+static int kick_oldest_hello(kvs_xfer_server *s)
+{
+    pthread_mutex_lock(&s->mu);
+    struct sconn *old = NULL;
+    for (struct sconn *c = s->conns; c; c = c->next)
+        if (atomic_load(&c->state) == C_HELLO &&
+            (!old || c->hello_deadline_ms < old->hello_deadline_ms))
+            old = c;
+    int kicked = old && kick_locked(s, old);
+    pthread_mutex_unlock(&s->mu);
+    if (kicked) atomic_fetch_add(&s->kicked_hello, 1);
+    return kicked;
+}
+
+/* Kicks the connections that did not complete HELLO by their deadline. */
+static void expire_hello(kvs_xfer_server *s, uint64_t now)
+{
+    int n = 0;
+    pthread_mutex_lock(&s->mu);
+    for (struct sconn *c = s->conns; c; c = c->next)
+        if (c->hello_deadline_ms <= now && atomic_load(&c->state) == C_HELLO)
+            n += kick_locked(s, c);
+    pthread_mutex_unlock(&s->mu);
+    if (!n) return;
+    atomic_fetch_add(&s->timed_out_hello, (uint64_t)n);
+    kvs_log_limited(&g_hello_log, 1000, KVS_LOG_WARN,
+                    "transfer: closed %d connection(s) without HELLO within %u ms", n,
+                    s->hello_ms);
 }
 
 /* Joins and frees finished connections (all of them when `all`). */
@@ -363,6 +430,7 @@ static void reap(kvs_xfer_server *s, int all)
         if (all || atomic_load(&c->done)) {
             *pp = c->next;
             s->nconns--;
+            if (atomic_load(&c->state) == C_KICKED) s->nkicked--;
             pthread_mutex_unlock(&s->mu);
             pthread_join(c->th, NULL);
             close(c->fd);
@@ -376,22 +444,56 @@ static void reap(kvs_xfer_server *s, int all)
     pthread_mutex_unlock(&s->mu);
 }
 
+/* No descriptor for accept (EMFILE/ENFILE): makes room by kicking the
+ * oldest connection still in its handshake (its descriptor is closed once
+ * its thread has gone), and pauses accepting for a back-off that doubles
+ * from 10 ms to 1 s, logged once per pause, instead of polling a listener
+ * that stays readable. */
+static void accept_starved(kvs_xfer_server *s, int err)
+{
+    kick_oldest_hello(s);
+    s->backoff_ms = s->backoff_ms ? KVS_MIN(s->backoff_ms * 2, 1000u) : 10u;
+    s->resume_ms = kvs_now_ms() + s->backoff_ms;
+    atomic_fetch_add(&s->accept_pauses, 1);
+    pthread_mutex_lock(&s->mu);
+    int n = s->nconns;
+    pthread_mutex_unlock(&s->mu);
+    KVS_LOGW("transfer: accept: %s (%d connections); not accepting for %u ms", strerror(err), n,
+             s->backoff_ms);
+}
+
 static void *accept_main(void *arg)
 {
     kvs_xfer_server *s = arg;
-    struct pollfd p[2] = {{s->lfd, POLLIN, 0}, {s->wake[0], POLLIN, 0}};
     while (!atomic_load(&s->stopping)) {
-        int pr = poll(p, 2, 1000);
+        uint64_t now = kvs_now_ms();
+        int paused = s->resume_ms > now;
+        /* wake up often enough to close connections past their HELLO deadline */
+        int timeout = (int)KVS_MIN(s->hello_ms / 4 + 1, 250u);
+        if (paused) timeout = (int)KVS_MIN((uint64_t)timeout, s->resume_ms - now);
+        struct pollfd p[2] = {{paused ? -1 : s->lfd, POLLIN, 0}, {s->wake[0], POLLIN, 0}};
+        int pr = poll(p, 2, timeout);
         reap(s, 0);
+        expire_hello(s, kvs_now_ms());
         if (pr <= 0 || atomic_load(&s->stopping)) continue;
         if (!(p[0].revents & POLLIN)) continue;
         int fd = accept4(s->lfd, NULL, NULL, SOCK_CLOEXEC);
-        if (fd < 0) continue;
+        if (fd < 0) {
+            if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM)
+                accept_starved(s, errno);
+            continue;
+        }
+        s->backoff_ms = 0;
         pthread_mutex_lock(&s->mu);
-        int full = s->nconns >= MAX_CONNS;
+        int full = s->nconns - s->nkicked >= s->max_conns;
         pthread_mutex_unlock(&s->mu);
-        if (full) {
-            KVS_LOGW("transfer: too many connections, refusing one");
+        if (full && !kick_oldest_hello(s)) {
+            /* every thread serves an authenticated peer: refuse at once */
+            atomic_fetch_add(&s->refused, 1);
+            kvs_log_limited(&g_refuse_log, 1000, KVS_LOG_WARN,
+                            "transfer: %d connections (KVSHELF_XFER_MAX_CONNS), all "
+                            "authenticated: refusing a new one",
+                            s->max_conns);
             close(fd);
             continue;
         }
@@ -405,6 +507,7 @@ static void *accept_main(void *arg)
         }
         c->srv = s;
         c->fd = fd;
+        c->hello_deadline_ms = kvs_now_ms() + s->hello_ms;
         pthread_attr_t at;
         pthread_attr_init(&at);
         pthread_attr_setstacksize(&at, 256u << 10);
@@ -423,11 +526,24 @@ static void *accept_main(void *arg)
     return NULL;
 }
 
+int kvs_xfer_server_max_conns(void)
+{
+    int n = (int)kvs_env_u64("KVSHELF_XFER_MAX_CONNS", KVS_XFER_MAX_CONNS, 1, 65536,
+                             "connections");
+    /* each connection holds a descriptor: leave room for everything else */
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY) {
+        uint64_t fit = rl.rlim_cur > 40 ? (rl.rlim_cur - 32) / 2 : 4;
+        if ((uint64_t)n > fit) n = (int)fit;
+    }
+    return n;
+}
+
 int kvs_xfer_server_start(const char *host, const char *secret, kvs_xfer_server **out)
 {
     *out = NULL;
     if (!host || !*host) host = "127.0.0.1";
-    if (!kvs_host_is_loopback(host) && (!secret || !*secret)) {
+    if (!secret || !*secret) { /* on loopback too: other users of this host */
         KVS_LOGE("transfer: refusing to listen on %s without a secret", host);
         return KVS_ERR_CONFIG;
     }
@@ -449,6 +565,9 @@ int kvs_xfer_server_start(const char *host, const char *secret, kvs_xfer_server 
     }
     kvs_addr_format(&a, s->addr, sizeof s->addr);
     if (secret) kvs_strlcpy(s->secret, secret, sizeof s->secret);
+    s->max_conns = kvs_xfer_server_max_conns();
+    s->hello_ms = (uint32_t)kvs_env_u64("KVSHELF_XFER_HELLO_MS", KVS_XFER_HELLO_MS, 100, 600000,
+                                        "milliseconds");
     if (pipe2(s->wake, O_CLOEXEC) < 0) {
         close(s->lfd);
         free(s);
@@ -476,6 +595,17 @@ void kvs_xfer_server_counters(const kvs_xfer_server *s, uint64_t *requests, uint
     if (requests) *requests = atomic_load(&m->requests);
     if (bytes) *bytes = atomic_load(&m->bytes);
     if (bad_frames) *bad_frames = atomic_load(&m->bad);
+}
+
+void kvs_xfer_server_conn_counters(const kvs_xfer_server *s, uint64_t *refused,
+                                   uint64_t *kicked, uint64_t *hello_timeouts,
+                                   uint64_t *accept_pauses)
+{
+    kvs_xfer_server *m = (kvs_xfer_server *)s;
+    if (refused) *refused = atomic_load(&m->refused);
+    if (kicked) *kicked = atomic_load(&m->kicked_hello);
+    if (hello_timeouts) *hello_timeouts = atomic_load(&m->timed_out_hello);
+    if (accept_pauses) *accept_pauses = atomic_load(&m->accept_pauses);
 }
 
 void kvs_xfer_server_stop(kvs_xfer_server *s)

@@ -12,6 +12,15 @@
  * connection only. An unknown segment id (e.g. a stale id after the master
  * restarted) is answered with KVS_ERR_UNAVAILABLE.
  *
+ * Bounded: at most kvs_xfer_server_max_conns() connection threads. A
+ * connection must complete HELLO within KVSHELF_XFER_HELLO_MS (default
+ * KVS_XFER_HELLO_MS) or is closed. At the limit a new connection takes the
+ * place of the oldest one still in its handshake, or is closed at once when
+ * every thread serves an authenticated peer (counted; logged at most once a
+ * second); so idle connections that never say HELLO cannot lock others
+ * out. Out of descriptors (EMFILE/ENFILE), accepting pauses for 10 ms .. 1 s
+ * (doubling; one log line per pause) instead of spinning.
+ *
  * Client side (kvs_xfer_client): one persistent connection per peer address,
  * shared by all threads. A batch call enqueues and sends all its requests
  * (values larger than KVS_MAX_CHUNK are split into pieces) before waiting;
@@ -19,7 +28,11 @@
  * caller's buffer. A failed connection fails its pending requests with
  * KVS_ERR_UNAVAILABLE and is replaced on next use. A batch that makes no
  * progress for timeout_ms kills the connections it waits on, so callers
- * never hang and buffers are never written after the call returns.
+ * never hang and buffers are never written after the call returns; a peer
+ * that owed replies then is not tried again for 1 s (requests to it fail at
+ * once with KVS_ERR_UNAVAILABLE), so a call that would try a stopped or
+ * partitioned peer twice (a get whose early read failed) waits one timeout,
+ * not two.
  *
  * Same-host mappings (kvs_shm_cache): segments of other processes of this
  * user on this host, mapped by shm name and cached, so bytes move with
@@ -31,6 +44,8 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/uio.h>
+
+struct kvs_segment; /* segment/segment.h */
 
 #define KVS_XFER_ADDR_MAX 280 /* "host:port" as kvs_addr_format writes it */
 
@@ -71,22 +86,42 @@ int kvs_sendv_flags(int fd, struct iovec *iov, int iovcnt, int flags);
 
 typedef struct kvs_xfer_server kvs_xfer_server;
 
-/* Starts a server listening on host:0 (a free port). A host beyond loopback
- * requires a non-empty secret (else KVS_ERR_CONFIG). Returns KVS_OK or an
- * error; the address peers use ("host:port") is kvs_xfer_server_addr(). */
+/* Starts a server listening on host:0 (a free port). It needs a non-empty
+ * secret, on loopback too (else KVS_ERR_CONFIG): every peer must prove it in
+ * HELLO before any T_READ/T_WRITE, so other users of the host get nothing.
+ * Returns KVS_OK or an error; the address peers use ("host:port") is
+ * kvs_xfer_server_addr(). */
 int kvs_xfer_server_start(const char *host, const char *secret, kvs_xfer_server **out);
 
 /* "host:port" of the listening socket (valid until stop). */
 const char *kvs_xfer_server_addr(const kvs_xfer_server *s);
 
-/* Serves [base, base+size) as segment `id` (at most 16 segments). An id
- * already present is replaced. KVS_OK or KVS_ERR_NO_SPACE. */
-int kvs_xfer_server_add_segment(kvs_xfer_server *s, uint32_t id, void *base, uint64_t size);
+/* Serves the memory of `seg` (not copied: it must stay mapped until stop)
+ * as segment `id` (at most 16 segments). An id already present is replaced.
+ * Every T_WRITE is fenced like a same-host write: applied only while its
+ * epoch is current (kvs_segment_write_begin), else answered
+ * KVS_ERR_UNAVAILABLE with its payload discarded. KVS_OK or KVS_ERR_NO_SPACE. */
+int kvs_xfer_server_add_segment(kvs_xfer_server *s, uint32_t id, struct kvs_segment *seg);
 
 /* Stops serving segment `id` (in-flight requests on it finish first only if
  * they already passed the lookup: the memory itself must stay mapped until
  * kvs_xfer_server_stop). */
 void kvs_xfer_server_remove_segment(kvs_xfer_server *s, uint32_t id);
+
+#define KVS_XFER_MAX_CONNS 256 /* default connection threads per server */
+#define KVS_XFER_HELLO_MS 3000 /* default HELLO deadline of a new connection */
+
+/* Connection threads a server allows: KVSHELF_XFER_MAX_CONNS (1..65536,
+ * default KVS_XFER_MAX_CONNS), lowered to (RLIMIT_NOFILE - 32) / 2 (at
+ * least 4) so the process keeps descriptors for everything else. */
+int kvs_xfer_server_max_conns(void);
+
+/* Connections refused at the limit (all authenticated), closed in their
+ * handshake to make room for newer ones, closed for missing their HELLO
+ * deadline, and accept pauses for want of descriptors. Any may be NULL. */
+void kvs_xfer_server_conn_counters(const kvs_xfer_server *s, uint64_t *refused,
+                                   uint64_t *kicked, uint64_t *hello_timeouts,
+                                   uint64_t *accept_pauses);
 
 /* Closes the listener and every connection, joins all threads, frees. NULL ok. */
 void kvs_xfer_server_stop(kvs_xfer_server *s);
@@ -107,8 +142,9 @@ typedef struct kvs_xfer_op {
     void *buf;           /* read: destination; write: source (not modified) */
     uint64_t len;        /* bytes to move (any size; split into KVS_MAX_CHUNK pieces) */
     int write;           /* 1 = T_WRITE (buf -> segment), 0 = T_READ (segment -> buf) */
-    int status;          /* out: KVS_OK, KVS_ERR_UNAVAILABLE (peer unreachable or
-                            segment gone), KVS_ERR_AUTH, ... */
+    int status;          /* out: KVS_OK, KVS_ERR_UNAVAILABLE (peer unreachable,
+                            segment gone, or a write refused as stale), KVS_ERR_AUTH, ... */
+    uint64_t epoch;      /* write: the reservation's epoch (PUT_START); read: unused */
 } kvs_xfer_op;
 
 /* Creates a client that authenticates with `secret` (may be empty) and
@@ -155,15 +191,20 @@ kvs_shm_cache *kvs_shm_cache_new(void);
 /* Unmaps everything and frees. Pointers handed out become invalid. NULL ok. */
 void kvs_shm_cache_free(kvs_shm_cache *sc);
 
-/* Returns the base address of segment `name` mapped read-write (size bytes
- * at least), mapping and caching it on first use; NULL if it cannot be
- * mapped (the failure is cached too, and retried after a while). Returned
- * pointers stay valid until kvs_shm_cache_free (see retire). */
-void *kvs_shm_cache_get(kvs_shm_cache *sc, const char *name, uint64_t size);
+/* Returns segment `name` mapped read-write (size bytes at least; its memory
+ * checked to be that segment, see kvs_segment_map), mapping and caching it
+ * on first use; NULL if it cannot be mapped (the failure is cached too, and
+ * retried after a while). Returned segments (and their base addresses) stay
+ * valid until kvs_shm_cache_free (see retire). */
+struct kvs_segment *kvs_shm_cache_get(kvs_shm_cache *sc, const char *name, uint64_t size);
 
-/* Registers memory of this process as segment `name` (e.g. its own
- * segment) so get() returns it without mapping it twice. */
-void kvs_shm_cache_add_local(kvs_shm_cache *sc, const char *name, void *base, uint64_t size);
+/* Registers this process's own segment `seg` (not copied: it must outlive
+ * the cache) so get() returns it without mapping it twice. */
+void kvs_shm_cache_add_local(kvs_shm_cache *sc, struct kvs_segment *seg);
+
+/* The cached segment whose data contains address p (retired ones too), or
+ * NULL. */
+struct kvs_segment *kvs_shm_cache_find_addr(kvs_shm_cache *sc, const void *p);
 
 /* Releases the memory of every cached mapping whose name is not in
  * names[0..n) (its segment left the pool), keeping the address range

@@ -95,7 +95,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         if ((mode & 2) && c.client_id) {
             uint8_t hid[16] = {1};
             uint32_t seg;
-            kvs_m_mount(m, c.client_id, 64u << 20, "fuzz-shm", "127.0.0.1:1", hid, &seg);
+            kvs_m_mount(m, c.client_id, 64u << 20, "fuzz-shm", "127.0.0.1:1", hid, 1, &seg);
         }
     }
     /* the connection's input buffer, as in server.c */

@@ -79,7 +79,7 @@ def auth_for(secret, nonce):
     return hmac.new(secret.encode(), nonce, hashlib.sha256).digest()
 
 
-def hello_body(nonce, secret=None, role=ROLE_TOOL, version=1, auth=None, hostname="it-test"):
+def hello_body(nonce, secret=None, role=ROLE_TOOL, version=2, auth=None, hostname="it-test"):
     a = auth if auth is not None else auth_for(secret, nonce)
     return (u32(version) + u32(role) + u64(os.getpid()) + u32(os.getuid()) +
             wbytes(hostname.encode()) + b"\0" * 16 + a)

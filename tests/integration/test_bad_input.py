@@ -56,7 +56,7 @@ def abuse_frames(port, secret, transfer=False):
         s.close()
     # 6. a real request before HELLO
     s = fresh()
-    req = w.frame(w.T_READ, w.u32(1) + w.u64(0) + w.u64(16)) if transfer else \
+    req = w.frame(w.T_READ, w.u32(1) + w.u64(0) + w.u64(16) + w.u64(0)) if transfer else \
         w.frame(w.EXISTS, w.u32(1) + w.wbytes(b"k"))
     w.send_quietly(s, req)
     assert w.closed_within(s), "request before HELLO accepted"
@@ -95,10 +95,10 @@ def abuse_frames(port, secret, transfer=False):
     bad_after_hello = []
     if transfer:
         bad_after_hello = [
-            w.frame(w.T_READ, w.u32(1) + w.u64(1 << 60) + w.u64(4096)),      # out of bounds
-            w.frame(w.T_READ, w.u32(1) + w.u64(0) + w.u64(1 << 40)),         # len > chunk
-            w.frame(w.T_WRITE, w.u32(1) + w.u64(1 << 62) + w.u64(8) + b"\0" * 8),
-            w.frame(w.T_WRITE, w.u32(1) + w.u64(0) + w.u64(4096) + b"\0" * 10),  # short payload
+            w.frame(w.T_READ, w.u32(1) + w.u64(1 << 60) + w.u64(4096) + w.u64(0)),  # out of bounds
+            w.frame(w.T_READ, w.u32(1) + w.u64(0) + w.u64(1 << 40) + w.u64(0)),     # len > chunk
+            w.frame(w.T_WRITE, w.u32(1) + w.u64(1 << 62) + w.u64(8) + w.u64(1) + b"\0" * 8),
+            w.frame(w.T_WRITE, w.u32(1) + w.u64(0) + w.u64(4096) + w.u64(1) + b"\0" * 10),  # short payload
             w.frame(w.T_READ, w.u32(1) + w.u64(0)),                          # short body
         ]
     else:
@@ -108,7 +108,7 @@ def abuse_frames(port, secret, transfer=False):
             w.frame(w.EXISTS, w.u32(2) + w.wbytes(b"k")),                    # count > entries
             w.frame(w.EXISTS, w.u32(1) + w.wbytes(b"k") + b"trailing"),      # trailing bytes
             w.frame(w.PUT_START, w.u64(1) + w.u32(1) + w.wbytes(b"k") + w.u64(1 << 62)),
-            w.frame(w.T_READ, w.u32(1) + w.u64(0) + w.u64(16)),              # wrong server
+            w.frame(w.T_READ, w.u32(1) + w.u64(0) + w.u64(16) + w.u64(0)),   # wrong server
         ]
     for req in bad_after_hello:
         s, st = w.handshake(port, secret)
@@ -202,7 +202,7 @@ def test_hostile_bytes_to_every_port(kv):
     s, st = w.handshake(xfer_port, SECRET)
     assert st == 0
     s.sendall(w.frame(w.T_READ, w.u32(segs[0]["id"] if "id" in segs[0] else segs[0]["segment_id"])
-                      + w.u64(0) + w.u64(4096), req_id=7))
+                      + w.u64(0) + w.u64(4096) + w.u64(0), req_id=7))
     f = w.read_frame(s)
     assert f is not None and f[0][4] == 0 and f[0][5] == 7 and len(f[1]) == 4096, f and f[0]
     s.close()

@@ -70,6 +70,16 @@ static void test_runtime_dir_default(void **state)
     setenv("XDG_RUNTIME_DIR", "relative/dir", 1); /* not absolute: ignored */
     kvs_config_init(&c);
     assert_string_equal(c.runtime_dir, want);
+    /* KVSHELF_RUNTIME_DIR is the default before XDG (all processes agree on
+     * where the pool secret is); a relative one is ignored */
+    setenv("XDG_RUNTIME_DIR", "/run/user/4242", 1);
+    setenv("KVSHELF_RUNTIME_DIR", "/tmp/kvs-rd", 1);
+    kvs_config_init(&c);
+    assert_string_equal(c.runtime_dir, "/tmp/kvs-rd");
+    setenv("KVSHELF_RUNTIME_DIR", "rel", 1);
+    kvs_config_init(&c);
+    assert_string_equal(c.runtime_dir, "/run/user/4242/kvshelf");
+    unsetenv("KVSHELF_RUNTIME_DIR");
     unsetenv("XDG_RUNTIME_DIR");
 }
 

@@ -7,6 +7,7 @@
 #include <spawn.h>
 #include <stdio.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 
 #include <cjson/cJSON.h>
@@ -81,11 +82,14 @@ static void test_run_and_stop(void **st)
     (void)st;
     const char *b = bin();
     if (!b) skip();
-    char pf[128];
+    char pf[128], rd[64] = "/tmp/kvs-test-rd-XXXXXX", sp[128];
     snprintf(pf, sizeof pf, "/tmp/kvs-test-master-ports-%d.json", (int)getpid());
     unlink(pf);
+    assert_non_null(mkdtemp(rd));
+    snprintf(sp, sizeof sp, "%s/secret", rd);
     char *argv[] = {(char *)b, "master", "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0",
-                    "--port-file", pf, "--lease-ms", "1234", "--client-ttl-ms", "4321", NULL};
+                    "--port-file", pf, "--lease-ms", "1234", "--client-ttl-ms", "4321",
+                    "--runtime-dir", rd, NULL};
     pid_t pid;
     assert_int_equal(posix_spawn(&pid, b, NULL, NULL, argv, environ), 0);
     char text[256] = "";
@@ -113,40 +117,60 @@ static void test_run_and_stop(void **st)
     assert_non_null(strstr(h, "# TYPE kvshelf_hits_total counter"));
     free(h);
 
-    /* RPC: CHALLENGE, HELLO -> ttl and lease from the flags */
+    /* no secret configured: the master made a pool secret, 0600, in its dir */
+    struct stat sst;
+    assert_int_equal(stat(sp, &sst), 0);
+    assert_int_equal(sst.st_mode & 0777, 0600);
+    char secret[80] = "";
+    FILE *sf = fopen(sp, "r");
+    assert_non_null(sf);
+    assert_non_null(fgets(secret, sizeof secret, sf));
+    fclose(sf);
+    secret[strcspn(secret, "\n")] = '\0';
+    assert_int_equal(strlen(secret), 64);
+
+    /* RPC: CHALLENGE, HELLO -> ttl and lease from the flags. TCP needs the
+     * secret: first without it (refused), then with it. */
     kvs_addr a;
     memset(&a, 0, sizeof a);
     snprintf(a.host, sizeof a.host, "127.0.0.1");
     a.port = rpc;
-    int fd = kvs_connect(&a, 2000);
-    assert_true(fd >= 0);
-    kvs_set_timeouts(fd, 5000);
-    uint8_t hb[KVS_FRAME_HDR], body[512];
-    kvs_frame_hdr fh;
-    assert_int_equal(kvs_read_full(fd, hb, sizeof hb), KVS_OK);
-    assert_int_equal(kvs_frame_hdr_decode(hb, KVS_MAX_BODY, &fh), KVS_OK);
-    assert_int_equal(fh.type, KVS_MSG_CHALLENGE);
-    /* flags, nonce, then (TCP) host tag + the unix socket for same-host clients */
-    assert_true(fh.body_len > 20 + 32 + 4 && fh.body_len <= sizeof body);
-    assert_int_equal(kvs_read_full(fd, body, fh.body_len), KVS_OK);
-    kvs_wbuf w;
-    kvs_wbuf_init(&w);
-    size_t s = kvs_wbuf_begin_frame(&w, KVS_MSG_HELLO, 0, 0, 5);
-    tm_hello_body(&w, NULL, body + 4, KVS_PROTO_VERSION);
-    kvs_wbuf_end_frame(&w, s);
-    assert_int_equal(kvs_write_full(fd, w.data, w.len), KVS_OK);
-    kvs_wbuf_free(&w);
-    assert_int_equal(kvs_read_full(fd, hb, sizeof hb), KVS_OK);
-    assert_int_equal(kvs_frame_hdr_decode(hb, KVS_MAX_BODY, &fh), KVS_OK);
-    assert_int_equal(fh.status, KVS_OK);
-    assert_int_equal(fh.body_len, 16);
-    assert_int_equal(kvs_read_full(fd, body, 16), KVS_OK);
-    kvs_rbuf r;
-    kvs_rbuf_init(&r, body, 16);
-    (void)kvs_rbuf_u64(&r);
-    assert_int_equal(kvs_rbuf_u32(&r), 4321);
-    assert_int_equal(kvs_rbuf_u32(&r), 1234);
-    close(fd);
+    for (int with = 0; with < 2; with++) {
+        int fd = kvs_connect(&a, 2000);
+        assert_true(fd >= 0);
+        kvs_set_timeouts(fd, 5000);
+        uint8_t hb[KVS_FRAME_HDR], body[512];
+        kvs_frame_hdr fh;
+        assert_int_equal(kvs_read_full(fd, hb, sizeof hb), KVS_OK);
+        assert_int_equal(kvs_frame_hdr_decode(hb, KVS_MAX_BODY, &fh), KVS_OK);
+        assert_int_equal(fh.type, KVS_MSG_CHALLENGE);
+        /* flags, nonce, then (TCP) host tag + the unix socket for same-host clients */
+        assert_true(fh.body_len > 20 + 32 + 4 && fh.body_len <= sizeof body);
+        assert_int_equal(kvs_read_full(fd, body, fh.body_len), KVS_OK);
+        kvs_wbuf w;
+        kvs_wbuf_init(&w);
+        size_t s = kvs_wbuf_begin_frame(&w, KVS_MSG_HELLO, 0, 0, 5);
+        tm_hello_body(&w, with ? secret : NULL, body + 4, KVS_PROTO_VERSION);
+        kvs_wbuf_end_frame(&w, s);
+        assert_int_equal(kvs_write_full(fd, w.data, w.len), KVS_OK);
+        kvs_wbuf_free(&w);
+        assert_int_equal(kvs_read_full(fd, hb, sizeof hb), KVS_OK);
+        assert_int_equal(kvs_frame_hdr_decode(hb, KVS_MAX_BODY, &fh), KVS_OK);
+        if (!with) {
+            assert_int_equal(fh.status, KVS_ERR_AUTH);
+            close(fd);
+            continue;
+        }
+        assert_int_equal(fh.status, KVS_OK);
+        assert_int_equal(fh.body_len, 16);
+        assert_int_equal(kvs_read_full(fd, body, 16), KVS_OK);
+        kvs_rbuf r;
+        kvs_rbuf_init(&r, body, 16);
+        (void)kvs_rbuf_u64(&r);
+        assert_int_equal(kvs_rbuf_u32(&r), 4321);
+        assert_int_equal(kvs_rbuf_u32(&r), 1234);
+        close(fd);
+    }
 
     kill(pid, SIGTERM);
     int stt;
@@ -154,6 +178,8 @@ static void test_run_and_stop(void **st)
     assert_true(WIFEXITED(stt));
     assert_int_equal(WEXITSTATUS(stt), 0);
     unlink(pf);
+    unlink(sp);
+    rmdir(rd);
 }
 
 int main(void)

@@ -53,7 +53,7 @@ static void test_never_leased_or_writing(void **st)
     assert_int_equal(tm_put(m, c, "a", MIB), KVS_OK);
     uint32_t seg;
     uint64_t off, objb;
-    assert_int_equal(kvs_m_put_start(m, c, "b", 1, MIB, &seg, &off, &objb), KVS_OK);
+    assert_int_equal(kvs_m_put_start(m, c, "b", 1, MIB, &seg, &off, &objb, &tm_ep), KVS_OK);
     assert_int_equal(tm_put(m, c, "x", MIB), KVS_OK);
     assert_int_equal(tm_put(m, c, "y", MIB), KVS_OK);
     kvs_m_loc la;
@@ -113,21 +113,21 @@ static void test_placement(void **st)
     uint32_t seg;
     uint64_t off, obj;
     /* writer on host A: its own segment although others have more room */
-    assert_int_equal(kvs_m_put_start(m, ca, "a1", 1, MIB, &seg, &off, &obj), KVS_OK);
+    assert_int_equal(kvs_m_put_start(m, ca, "a1", 1, MIB, &seg, &off, &obj, &tm_ep), KVS_OK);
     assert_int_equal(seg, sa);
     /* writer on host C (no segment): the one with most free space */
-    assert_int_equal(kvs_m_put_start(m, cc, "c1", 2, MIB, &seg, &off, &obj), KVS_OK);
+    assert_int_equal(kvs_m_put_start(m, cc, "c1", 2, MIB, &seg, &off, &obj, &tm_ep), KVS_OK);
     assert_int_equal(seg, sb2);
     /* writer on host B: among its two, most free first */
-    assert_int_equal(kvs_m_put_start(m, cb, "b1", 2, 12 * MIB, &seg, &off, &obj), KVS_OK);
+    assert_int_equal(kvs_m_put_start(m, cb, "b1", 2, 12 * MIB, &seg, &off, &obj, &tm_ep), KVS_OK);
     assert_int_equal(seg, sb2);
-    assert_int_equal(kvs_m_put_start(m, cb, "b2", 2, 4 * MIB, &seg, &off, &obj), KVS_OK);
+    assert_int_equal(kvs_m_put_start(m, cb, "b2", 2, 4 * MIB, &seg, &off, &obj, &tm_ep), KVS_OK);
     assert_int_equal(seg, sb1);
     /* host A full locally (7 MiB free) for 8 MiB: goes elsewhere, nothing evicted */
-    assert_int_equal(kvs_m_put_start(m, ca, "a2", 2, 8 * MIB, &seg, &off, &obj), KVS_ERR_NO_SPACE);
-    assert_int_equal(kvs_m_put_start(m, ca, "a3", 2, 4 * MIB, &seg, &off, &obj), KVS_OK);
+    assert_int_equal(kvs_m_put_start(m, ca, "a2", 2, 8 * MIB, &seg, &off, &obj, &tm_ep), KVS_ERR_NO_SPACE);
+    assert_int_equal(kvs_m_put_start(m, ca, "a3", 2, 4 * MIB, &seg, &off, &obj, &tm_ep), KVS_OK);
     assert_int_equal(seg, sa);
-    assert_int_equal(kvs_m_put_start(m, ca, "a4", 2, 4 * MIB, &seg, &off, &obj), KVS_OK);
+    assert_int_equal(kvs_m_put_start(m, ca, "a4", 2, 4 * MIB, &seg, &off, &obj, &tm_ep), KVS_OK);
     assert_int_equal(seg, sb1);
     kvs_master_free(m);
 }

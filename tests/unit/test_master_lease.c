@@ -106,7 +106,7 @@ static void test_client_expiry(void **st)
     assert_int_equal(tm_put(m, owner, "stored", MIB), KVS_OK);
     uint32_t seg;
     uint64_t off, obj;
-    assert_int_equal(kvs_m_put_start(m, writer, "inflight", 8, MIB, &seg, &off, &obj), KVS_OK);
+    assert_int_equal(kvs_m_put_start(m, writer, "inflight", 8, MIB, &seg, &off, &obj, &tm_ep), KVS_OK);
     assert_int_equal(seg, seg2);
     /* owner keeps heartbeating, writer goes silent */
     kvs_master_set_time(m, T0 + 900);
@@ -139,10 +139,10 @@ static void test_put_timeout(void **st)
     uint32_t sg = tm_mount(m, c, 8 * MIB, 1);
     uint32_t seg;
     uint64_t off, o1, o2;
-    assert_int_equal(kvs_m_put_start(m, c, "slow", 4, MIB, &seg, &off, &o1), KVS_OK);
+    assert_int_equal(kvs_m_put_start(m, c, "slow", 4, MIB, &seg, &off, &o1, &tm_ep), KVS_OK);
     kvs_master_set_time(m, T0 + 500);
-    assert_int_equal(kvs_m_put_start(m, c, "slow2", 5, MIB, &seg, &off, &o2), KVS_OK);
-    assert_int_equal(kvs_m_put_start(m, c, "slow", 4, MIB, &seg, &off, &o2), KVS_ERR_EXISTS);
+    assert_int_equal(kvs_m_put_start(m, c, "slow2", 5, MIB, &seg, &off, &o2, &tm_ep), KVS_OK);
+    assert_int_equal(kvs_m_put_start(m, c, "slow", 4, MIB, &seg, &off, &o2, &tm_ep), KVS_ERR_EXISTS);
     for (uint64_t t = 600; t <= 3000; t += 200) { /* heartbeats keep the client */
         kvs_master_set_time(m, T0 + t);
         kvs_m_heartbeat(m, c);
@@ -150,10 +150,18 @@ static void test_put_timeout(void **st)
     }
     assert_int_equal(m->cnt.revoked_puts, 1);
     assert_int_equal(kvs_m_put_end(m, c, "slow", 4, o1, 1), KVS_ERR_NOT_FOUND);
+    /* the revoked put's space waits for its owner's fence (a write may still land) */
+    assert_int_equal(seg_used(m, sg), 2 * MIB);
+    kvs_m_fence_req want[4];
+    assert_int_equal(kvs_m_fences_wanted(m, c, want, 4), 1);
+    assert_int_equal(want[0].segment_id, sg);
+    assert_int_equal(want[0].epoch, 2);
+    assert_int_equal(kvs_m_fence(m, c, sg, 2), KVS_OK);
     assert_int_equal(seg_used(m, sg), MIB);
     kvs_master_set_time(m, T0 + 3500);
     kvs_master_tick(m);
     assert_int_equal(m->cnt.revoked_puts, 2);
+    /* slow2's reservation (epoch 1) is already below the fence: freed at once */
     assert_int_equal(seg_used(m, sg), 0);
     assert_int_equal(m->clients.count, 1);
     kvs_master_free(m);
@@ -195,16 +203,16 @@ static void test_remount_same_memory(void **st)
     uint8_t hid[16] = {7};
     uint64_t c1 = tm_client(m, 7), other = tm_client(m, 8);
     uint32_t s1 = 0, s2 = 0, s3 = 0;
-    assert_int_equal(kvs_m_mount(m, c1, 8 << 20, "kvshelf-0-1-0", "127.0.0.1:1", hid, &s1),
+    assert_int_equal(kvs_m_mount(m, c1, 8 << 20, "kvshelf-0-1-0", "127.0.0.1:1", hid, 1, &s1),
                      KVS_OK);
     assert_int_equal(tm_put(m, c1, "old", 4096), KVS_OK);
     assert_true(tm_exists(m, "old"));
     /* same name on another host is other memory: kept */
     uint8_t hid8[16] = {8};
-    assert_int_equal(kvs_m_mount(m, other, 8 << 20, "kvshelf-0-1-0", "127.0.0.1:2", hid8, &s3),
+    assert_int_equal(kvs_m_mount(m, other, 8 << 20, "kvshelf-0-1-0", "127.0.0.1:2", hid8, 1, &s3),
                      KVS_OK);
     uint64_t c2 = tm_client(m, 7); /* the same process after a reconnect */
-    assert_int_equal(kvs_m_mount(m, c2, 8 << 20, "kvshelf-0-1-0", "127.0.0.1:1", hid, &s2),
+    assert_int_equal(kvs_m_mount(m, c2, 8 << 20, "kvshelf-0-1-0", "127.0.0.1:1", hid, 1, &s2),
                      KVS_OK);
     assert_int_not_equal(s1, s2);
     assert_false(tm_exists(m, "old"));

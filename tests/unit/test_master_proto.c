@@ -16,6 +16,7 @@ static void mount_seg(tm_conn *c, uint64_t size, uint32_t *seg)
     kvs_wbuf_str(&b, "kvshelf-test-shm");
     kvs_wbuf_str(&b, "127.0.0.1:7777");
     kvs_wbuf_put(&b, hid, 16);
+    kvs_wbuf_u64(&b, 1); /* epoch */
     assert_int_equal(tm_send(c, KVS_MSG_MOUNT, &b, 2), KVS_OK);
     kvs_wbuf_free(&b);
     tm_resp r = tm_next(c);
@@ -77,7 +78,9 @@ static void test_all_messages(void **st)
         uint32_t sg = kvs_rbuf_u32(&rb);
         offs[i] = kvs_rbuf_u64(&rb);
         objs[i] = kvs_rbuf_u64(&rb);
+        uint64_t ep = kvs_rbuf_u64(&rb);
         if (sts[i] == KVS_OK) assert_int_equal(sg, seg);
+        if (sts[i] == KVS_OK) assert_int_equal(ep, 1); /* the epoch MOUNT gave */
     }
     assert_int_equal(kvs_rbuf_finish(&rb), KVS_OK);
     assert_int_equal(sts[0], KVS_OK);
@@ -118,6 +121,36 @@ static void test_all_messages(void **st)
     assert_int_equal(kvs_rbuf_i32(&rb), KVS_OK);
     assert_int_equal(kvs_rbuf_i32(&rb), KVS_ERR_NOT_FOUND);
     assert_int_equal(kvs_rbuf_finish(&rb), KVS_OK);
+
+    /* "b" was given up with writes possibly in flight: the next HEARTBEAT
+     * asks the owner (this client) to fence its segment to epoch 2 */
+    kvs_wbuf_reset(&b);
+    kvs_wbuf_u64(&b, C.client_id);
+    tm_send(&C, KVS_MSG_HEARTBEAT, &b, 40);
+    r = tm_next(&C);
+    assert_int_equal(r.h.status, KVS_OK);
+    kvs_rbuf_init(&rb, r.body, r.h.body_len);
+    assert_int_equal(kvs_rbuf_u32(&rb), 1);
+    assert_int_equal(kvs_rbuf_u32(&rb), seg);
+    assert_int_equal(kvs_rbuf_u64(&rb), 2);
+    assert_int_equal(kvs_rbuf_finish(&rb), KVS_OK);
+    /* FENCE above the asked epoch, of an unknown segment, then the right one */
+    uint64_t fences[3][2] = {{seg, 3}, {seg + 1000, 2}, {seg, 2}};
+    int fence_st[3] = {KVS_ERR_INVALID, KVS_ERR_NOT_FOUND, KVS_OK};
+    for (int i = 0; i < 3; i++) {
+        kvs_wbuf_reset(&b);
+        kvs_wbuf_u64(&b, C.client_id);
+        kvs_wbuf_u32(&b, (uint32_t)fences[i][0]);
+        kvs_wbuf_u64(&b, fences[i][1]);
+        tm_send(&C, KVS_MSG_FENCE, &b, 41 + (uint64_t)i);
+        r = tm_next(&C);
+        assert_int_equal(r.h.status, fence_st[i]);
+    }
+    kvs_wbuf_reset(&b);
+    kvs_wbuf_u64(&b, C.client_id);
+    tm_send(&C, KVS_MSG_HEARTBEAT, &b, 44);
+    r = tm_next(&C);
+    assert_int_equal(r.h.body_len, 4); /* no fence wanted any more */
 
     /* EXISTS over 9 keys: only index 0 ("a") and 8 ("a") set */
     kvs_wbuf_reset(&b);
@@ -275,15 +308,90 @@ static void test_all_messages(void **st)
     kvs_master_free(m);
 }
 
+static void allow_4242(kvs_master_opts *o)
+{
+    o->allow_uids[0] = 4242;
+    o->n_allow_uids = 1;
+}
+
+static void pool_secret_4242(kvs_master_opts *o)
+{
+    allow_4242(o);
+    o->secret_is_pool = 1;
+}
+
+/* HELLO claiming uid 0, whatever the peer is. */
+static int hello_claiming_root(tm_conn *c, const char *secret)
+{
+    uint8_t hid[16] = {1}, auth[32];
+    kvs_auth_compute(secret, c->nonce, auth);
+    kvs_wbuf b;
+    kvs_wbuf_init(&b);
+    kvs_wbuf_u32(&b, KVS_PROTO_VERSION);
+    kvs_wbuf_u32(&b, KVS_ROLE_TOOL);
+    kvs_wbuf_u64(&b, 1);
+    kvs_wbuf_u32(&b, 0);
+    kvs_wbuf_str(&b, "claims-root");
+    kvs_wbuf_put(&b, hid, 16);
+    kvs_wbuf_put(&b, auth, 32);
+    tm_send(c, KVS_MSG_HELLO, &b, 1);
+    kvs_wbuf_free(&b);
+    return tm_next(c).h.status;
+}
+
 static void test_shutdown_refused_remote(void **st)
 {
     (void)st;
-    kvs_master *m = tm_master(NULL, NULL);
+    /* no secret: a TCP peer is refused outright, even claiming uid 0 */
+    kvs_master *m = tm_master(NULL, allow_4242);
     tm_open(&C, m, 0);
-    assert_int_equal(tm_hello(&C, NULL), KVS_OK);
+    assert_int_equal(hello_claiming_root(&C, NULL), KVS_ERR_AUTH);
+    assert_true(C.closed);
+    tm_close(&C);
+    /* a unix peer of a uid not allowed: refused */
+    tm_open_peer(&C, m, 1, 4243);
+    assert_int_equal(hello_claiming_root(&C, NULL), KVS_ERR_AUTH);
+    assert_true(C.closed);
+    tm_close(&C);
+    /* an allowed uid may connect, but not SHUTDOWN (not the master's uid) */
+    tm_open_peer(&C, m, 1, 4242);
+    assert_int_equal(hello_claiming_root(&C, NULL), KVS_OK);
     tm_send(&C, KVS_MSG_SHUTDOWN, NULL, 2);
     assert_int_equal(tm_next(&C).h.status, KVS_ERR_AUTH);
+    assert_false(C.closed);
     assert_false(kvs_master_shutdown_requested(m));
+    tm_close(&C);
+    kvs_master_free(m);
+
+    /* the pool secret: TCP needs it; allowed unix uids do not */
+    m = tm_master("pool-s", pool_secret_4242);
+    tm_open(&C, m, 0);
+    assert_int_equal(hello_claiming_root(&C, NULL), KVS_ERR_AUTH);
+    tm_close(&C);
+    tm_open_peer(&C, m, 1, 4242);
+    assert_int_equal(hello_claiming_root(&C, NULL), KVS_OK);
+    tm_send(&C, KVS_MSG_SHUTDOWN, NULL, 2);
+    assert_int_equal(tm_next(&C).h.status, KVS_ERR_AUTH);
+    tm_close(&C);
+    tm_open_peer(&C, m, 1, 4243);
+    assert_int_equal(hello_claiming_root(&C, "pool-s"), KVS_OK); /* the secret: any uid */
+    tm_close(&C);
+    assert_false(kvs_master_shutdown_requested(m));
+    tm_open(&C, m, 0);
+    assert_int_equal(hello_claiming_root(&C, "pool-s"), KVS_OK);
+    tm_send(&C, KVS_MSG_SHUTDOWN, NULL, 2); /* proved the secret */
+    assert_int_equal(tm_next(&C).h.status, KVS_OK);
+    assert_true(kvs_master_shutdown_requested(m));
+    tm_close(&C);
+    kvs_master_free(m);
+
+    /* a configured secret: needed on unix sockets too, whatever the uid */
+    m = tm_master("s3cret", NULL);
+    tm_open(&C, m, 1);
+    assert_int_equal(hello_claiming_root(&C, NULL), KVS_ERR_AUTH);
+    tm_close(&C);
+    tm_open(&C, m, 1);
+    assert_int_equal(hello_claiming_root(&C, "s3cret"), KVS_OK);
     tm_close(&C);
     kvs_master_free(m);
 }

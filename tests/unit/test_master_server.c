@@ -54,8 +54,9 @@ static void send_frame(int fd, uint16_t type, uint64_t req_id, const kvs_wbuf *b
     kvs_wbuf_free(&f);
 }
 
-/* CHALLENGE + HELLO; returns the client id. */
-static uint64_t handshake(int fd)
+/* CHALLENGE + HELLO with `secret` (NULL: none); checks the reply's status
+ * is `want`; returns the client id (0 when refused). */
+static uint64_t handshake_as(int fd, const char *secret, int want)
 {
     kvs_frame_hdr h;
     uint8_t body[4096];
@@ -63,20 +64,25 @@ static uint64_t handshake(int fd)
     assert_int_equal(h.type, KVS_MSG_CHALLENGE);
     kvs_wbuf b;
     kvs_wbuf_init(&b);
-    tm_hello_body(&b, NULL, body + 4, KVS_PROTO_VERSION);
+    tm_hello_body(&b, secret, body + 4, KVS_PROTO_VERSION);
     send_frame(fd, KVS_MSG_HELLO, 1, &b);
     kvs_wbuf_free(&b);
     read_frame(fd, &h, body, sizeof body);
-    assert_int_equal(h.status, KVS_OK);
+    assert_int_equal(h.status, want);
+    if (want != KVS_OK) return 0;
     kvs_rbuf r;
     kvs_rbuf_init(&r, body, h.body_len);
     return kvs_rbuf_u64(&r);
 }
 
+#define POOL_SECRET "unit-pool-secret"
+
+static void pool_secret(kvs_master_opts *o) { o->secret_is_pool = 1; }
+
 static void test_server(void **st)
 {
     (void)st;
-    kvs_master *m = tm_master(NULL, NULL);
+    kvs_master *m = tm_master(POOL_SECRET, pool_secret);
     kvs_master_set_time(m, 0); /* real clock: the loop ticks */
     kvs_server *srv;
     assert_int_equal(kvs_server_new(m, &srv), KVS_OK);
@@ -93,9 +99,15 @@ static void test_server(void **st)
     pthread_t th;
     pthread_create(&th, NULL, run, &x);
 
+    /* TCP needs the secret; the unix socket takes our uid (SO_PEERCRED) */
     int a = dial(taddr), u = dial(uaddr);
-    uint64_t ida = handshake(a);
-    uint64_t idu = handshake(u);
+    assert_int_equal(handshake_as(a, NULL, KVS_ERR_AUTH), 0);
+    uint8_t c0;
+    assert_true(recv(a, &c0, 1, 0) <= 0); /* closed by the master */
+    close(a);
+    a = dial(taddr);
+    uint64_t ida = handshake_as(a, POOL_SECRET, KVS_OK);
+    uint64_t idu = handshake_as(u, NULL, KVS_OK);
     assert_true(ida && idu && ida != idu);
 
     /* garbage on a third connection: closed, others unaffected */
@@ -156,7 +168,7 @@ static void test_web_routes(void **st)
     kvs_master_web *w = NULL;
     char err[256];
     uint16_t port = 0;
-    int rc = kvs_master_web_start(m, "127.0.0.1:0", 1, &port, &w, err, sizeof err);
+    int rc = kvs_master_web_start(m, "127.0.0.1:0", 1, NULL, &port, &w, err, sizeof err);
     if (rc != KVS_OK) {
         print_message("HTTP not available here (%s): skipping\n", err);
         kvs_master_free(m);
@@ -193,11 +205,68 @@ static void test_web_routes(void **st)
     kvs_master_free(m);
 }
 
+/* Routes one request; returns the status (body freed). */
+static int route1(kvs_master_web *w, const char *method, const char *path, const char *key,
+                  const char *auth, const char *body)
+{
+    kvs_http_request rq = {method, path, key, (const uint8_t *)body, body ? strlen(body) : 0,
+                           auth};
+    kvs_http_response rs;
+    memset(&rs, 0, sizeof rs);
+    kvs_master_web_route(w, &rq, &rs);
+    free(rs.body);
+    return rs.status;
+}
+
+/* With a secret: /metadata and every write need "Authorization: Bearer";
+ * loopback reads of /health and /metrics stay open; beyond loopback only
+ * /health does, and no secret there refuses to start. */
+static void test_web_auth(void **st)
+{
+    (void)st;
+    kvs_master *m = tm_master(NULL, NULL);
+    kvs_master_web *w = NULL;
+    char err[256];
+    uint16_t port = 0;
+    int rc = kvs_master_web_start(m, "127.0.0.1:0", 1, "websec", &port, &w, err, sizeof err);
+    if (rc != KVS_OK) {
+        print_message("HTTP not available here (%s): skipping\n", err);
+        kvs_master_free(m);
+        skip();
+    }
+    const char *ok = "Bearer websec";
+    assert_int_equal(route1(w, "PUT", "/metadata", "k", NULL, "v1"), 401);
+    assert_int_equal(route1(w, "PUT", "/metadata", "k", "Bearer nope", "v1"), 403);
+    assert_int_equal(route1(w, "PUT", "/metadata", "k", ok, "v1"), 200);
+    assert_int_equal(route1(w, "GET", "/metadata", "k", NULL, NULL), 401);
+    assert_int_equal(route1(w, "DELETE", "/metadata", "k", "websec", NULL), 403);
+    assert_int_equal(route1(w, "GET", "/metadata", "k", ok, NULL), 200);
+    assert_int_equal(route1(w, "GET", "/health", NULL, NULL, NULL), 200);
+    assert_int_equal(route1(w, "GET", "/metrics", NULL, NULL, NULL), 200);
+    assert_int_equal(route1(w, "POST", "/health", NULL, NULL, "x"), 401);
+    assert_int_equal(route1(w, "DELETE", "/metadata", "k", ok, NULL), 200);
+    kvs_master_web_stop(w);
+    w = NULL;
+    /* beyond loopback: a secret is required, and guards /metrics too */
+    assert_int_equal(kvs_master_web_start(m, "0.0.0.0:0", 1, NULL, &port, &w, err, sizeof err),
+                     KVS_ERR_CONFIG);
+    assert_null(w);
+    assert_int_equal(kvs_master_web_start(m, "0.0.0.0:0", 1, "websec", &port, &w, err,
+                                          sizeof err),
+                     KVS_OK);
+    assert_int_equal(route1(w, "GET", "/metrics", NULL, NULL, NULL), 401);
+    assert_int_equal(route1(w, "GET", "/metrics", NULL, ok, NULL), 200);
+    assert_int_equal(route1(w, "GET", "/health", NULL, NULL, NULL), 200);
+    kvs_master_web_stop(w);
+    kvs_master_free(m);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_server),
         cmocka_unit_test(test_web_routes),
+        cmocka_unit_test(test_web_auth),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -22,6 +22,8 @@
 
 #define T0 1000000ull /* fake clock start (ms) */
 
+static uint64_t tm_ep; /* write epoch of the last kvs_m_put_start (tests) */
+
 static inline kvs_master *tm_master(const char *secret, void (*tweak)(kvs_master_opts *))
 {
     kvs_master_opts o;
@@ -53,7 +55,7 @@ static inline uint32_t tm_mount(kvs_master *m, uint64_t client, uint64_t size, u
     static unsigned n; /* each segment has its own memory, so its own name */
     char name[32];
     snprintf(name, sizeof name, "shm-%u", n++);
-    assert_int_equal(kvs_m_mount(m, client, size, name, "127.0.0.1:1", hid, &seg), KVS_OK);
+    assert_int_equal(kvs_m_mount(m, client, size, name, "127.0.0.1:1", hid, 1, &seg), KVS_OK);
     return seg;
 }
 
@@ -62,7 +64,7 @@ static inline int tm_put(kvs_master *m, uint64_t client, const char *key, uint64
 {
     uint32_t seg;
     uint64_t off, obj;
-    int rc = kvs_m_put_start(m, client, key, (uint32_t)strlen(key), size, &seg, &off, &obj);
+    int rc = kvs_m_put_start(m, client, key, (uint32_t)strlen(key), size, &seg, &off, &obj, &tm_ep);
     if (rc != KVS_OK) return rc;
     assert_int_equal(kvs_m_put_end(m, client, key, (uint32_t)strlen(key), obj, 1), KVS_OK);
     return KVS_OK;
@@ -90,13 +92,14 @@ typedef struct tm_resp {
     const uint8_t *body;
 } tm_resp;
 
-/* Starts a connection and reads the CHALLENGE. */
-static inline void tm_open(tm_conn *c, kvs_master *m, int local)
+/* Starts a connection from a peer with kernel-reported uid `peer_uid` (-1:
+ * a TCP peer) and reads the CHALLENGE. */
+static inline void tm_open_peer(tm_conn *c, kvs_master *m, int local, int peer_uid)
 {
     memset(c, 0, sizeof *c);
     c->m = m;
     kvs_wbuf_init(&c->out);
-    kvs_mconn_init(m, &c->st, local, local ? (int)getuid() : -1, &c->out);
+    kvs_mconn_init(m, &c->st, local, peer_uid, &c->out);
     kvs_frame_hdr h;
     assert_true(c->out.len >= KVS_FRAME_HDR);
     assert_int_equal(kvs_frame_hdr_decode(c->out.data, KVS_MAX_BODY, &h), KVS_OK);
@@ -104,6 +107,13 @@ static inline void tm_open(tm_conn *c, kvs_master *m, int local)
     assert_int_equal(h.body_len, 20);
     memcpy(c->nonce, c->out.data + KVS_FRAME_HDR + 4, 16);
     c->out_pos = KVS_FRAME_HDR + h.body_len;
+}
+
+/* Starts a connection (local: a unix peer of our own uid; else a TCP peer)
+ * and reads the CHALLENGE. */
+static inline void tm_open(tm_conn *c, kvs_master *m, int local)
+{
+    tm_open_peer(c, m, local, local ? (int)getuid() : -1);
 }
 
 static inline void tm_close(tm_conn *c) { kvs_wbuf_free(&c->out); }

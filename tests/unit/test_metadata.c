@@ -204,6 +204,17 @@ typedef struct server {
 static void route(void *ud, const kvs_http_request *req, kvs_http_response *resp)
 {
     server *s = ud;
+    if (req->path && !strcmp(req->path, "/private")) { /* needs "Bearer tok" */
+        if (!kvs_http_bearer_ok(req, "tok")) {
+            resp->status = req->authorization ? 403 : 401;
+            resp->content_type = "text/plain";
+            resp->body = strdup("no");
+            resp->body_len = resp->body ? 2 : 0;
+            return;
+        }
+        kvs_metadata_handle(s->md, req, resp);
+        return;
+    }
     if (req->path && !strcmp(req->path, "/metadata")) {
         kvs_metadata_handle(s->md, req, resp);
         return;
@@ -274,40 +285,76 @@ static long raw(const char *method, const char *url, const void *body, size_t le
     return status;
 }
 
+/* The metadata client sends "Authorization: Bearer <secret>"; a server
+ * that checks it refuses missing or wrong credentials (KVS_ERR_AUTH) and
+ * changes nothing. */
+static void test_http_bearer(void **state)
+{
+    server *s = *state;
+    char url[160], *v = NULL;
+    size_t n = 0;
+    snprintf(url, sizeof url, "http://127.0.0.1:%u/private", (unsigned)s->port);
+    assert_int_equal(kvs_meta_put(url, "k", "tok", "v1", 2, 2000), KVS_OK);
+    assert_int_equal(kvs_meta_put(url, "k", NULL, "v2", 2, 2000), KVS_ERR_AUTH);
+    assert_int_equal(kvs_meta_put(url, "k", "tok2", "v2", 2, 2000), KVS_ERR_AUTH);
+    assert_int_equal(kvs_meta_put(url, "k", "to", "v2", 2, 2000), KVS_ERR_AUTH);
+    assert_int_equal(kvs_meta_get(url, "k", NULL, 2000, &v, &n), KVS_ERR_AUTH);
+    assert_null(v);
+    assert_int_equal(kvs_meta_delete(url, "k", "", 2000), KVS_ERR_AUTH);
+    assert_int_equal(kvs_meta_get(url, "k", "tok", 2000, &v, &n), KVS_OK);
+    assert_int_equal(n, 2);
+    assert_memory_equal(v, "v1", 2);
+    free(v);
+    char kurl[180];
+    snprintf(kurl, sizeof kurl, "%s?key=k", url);
+    assert_int_equal(raw("GET", kurl, NULL, 0, "Authorization: bearer tok"), 200);
+    assert_int_equal(raw("GET", kurl, NULL, 0, "Authorization: Basic dG9r"), 403);
+    assert_int_equal(raw("GET", kurl, NULL, 0, NULL), 401);
+    assert_int_equal(kvs_meta_delete(url, "k", "tok", 2000), KVS_OK);
+    kvs_http_request rq = {"GET", "/", NULL, NULL, 0, NULL};
+    assert_false(kvs_http_bearer_ok(&rq, "tok"));
+    rq.authorization = "Bearer tok";
+    assert_false(kvs_http_bearer_ok(&rq, ""));
+    assert_false(kvs_http_bearer_ok(&rq, NULL));
+    assert_true(kvs_http_bearer_ok(&rq, "tok"));
+    rq.authorization = "Bearer tokk";
+    assert_false(kvs_http_bearer_ok(&rq, "tok"));
+}
+
 static void test_http_roundtrip(void **state)
 {
     server *s = *state;
     char *v = NULL;
     size_t n = 0;
-    assert_int_equal(kvs_meta_get(s->url, "k", 2000, &v, &n), KVS_ERR_NOT_FOUND);
+    assert_int_equal(kvs_meta_get(s->url, "k", NULL, 2000, &v, &n), KVS_ERR_NOT_FOUND);
     assert_null(v);
-    assert_int_equal(kvs_meta_put(s->url, "k", "{\"a\":1}", 7, 2000), KVS_OK);
-    assert_int_equal(kvs_meta_get(s->url, "k", 2000, &v, &n), KVS_OK);
+    assert_int_equal(kvs_meta_put(s->url, "k", NULL, "{\"a\":1}", 7, 2000), KVS_OK);
+    assert_int_equal(kvs_meta_get(s->url, "k", NULL, 2000, &v, &n), KVS_OK);
     assert_int_equal(n, 7);
     assert_string_equal(v, "{\"a\":1}");
     free(v);
-    assert_int_equal(kvs_meta_put(s->url, "k", "", 0, 2000), KVS_OK);
-    assert_int_equal(kvs_meta_get(s->url, "k", 2000, &v, &n), KVS_OK);
+    assert_int_equal(kvs_meta_put(s->url, "k", NULL, "", 0, 2000), KVS_OK);
+    assert_int_equal(kvs_meta_get(s->url, "k", NULL, 2000, &v, &n), KVS_OK);
     assert_int_equal(n, 0);
     assert_string_equal(v, "");
     free(v);
-    assert_int_equal(kvs_meta_delete(s->url, "k", 2000), KVS_OK);
-    assert_int_equal(kvs_meta_delete(s->url, "k", 2000), KVS_ERR_NOT_FOUND);
+    assert_int_equal(kvs_meta_delete(s->url, "k", NULL, 2000), KVS_OK);
+    assert_int_equal(kvs_meta_delete(s->url, "k", NULL, 2000), KVS_ERR_NOT_FOUND);
 
     /* Keys with characters that need escaping travel intact. */
     const char *odd = "mooncake/ram/host:1234 a&b=c?d#e%f+g/ü";
-    assert_int_equal(kvs_meta_put(s->url, odd, "x", 1, 2000), KVS_OK);
+    assert_int_equal(kvs_meta_put(s->url, odd, NULL, "x", 1, 2000), KVS_OK);
     assert_int_equal(kvs_metadata_get(s->md, odd, &v, NULL), KVS_OK);
     free(v);
-    assert_int_equal(kvs_meta_get(s->url, odd, 2000, &v, NULL), KVS_OK);
+    assert_int_equal(kvs_meta_get(s->url, odd, NULL, 2000, &v, NULL), KVS_OK);
     assert_string_equal(v, "x");
     free(v);
 
     /* Binary values, NUL bytes included. */
     uint8_t bin[1000];
     for (size_t i = 0; i < sizeof bin; i++) bin[i] = (uint8_t)(i * 13);
-    assert_int_equal(kvs_meta_put(s->url, "bin", bin, sizeof bin, 2000), KVS_OK);
-    assert_int_equal(kvs_meta_get(s->url, "bin", 2000, &v, &n), KVS_OK);
+    assert_int_equal(kvs_meta_put(s->url, "bin", NULL, bin, sizeof bin, 2000), KVS_OK);
+    assert_int_equal(kvs_meta_get(s->url, "bin", NULL, 2000, &v, &n), KVS_OK);
     assert_int_equal(n, sizeof bin);
     assert_memory_equal(v, bin, sizeof bin);
     free(v);
@@ -315,20 +362,20 @@ static void test_http_roundtrip(void **state)
     /* A URL with a query of its own. */
     char u2[160];
     snprintf(u2, sizeof u2, "%s?x=1", s->url);
-    assert_int_equal(kvs_meta_get(u2, "bin", 2000, &v, &n), KVS_OK);
+    assert_int_equal(kvs_meta_get(u2, "bin", NULL, 2000, &v, &n), KVS_OK);
     free(v);
 
     /* rpc_meta conflict maps to KVS_ERR_EXISTS. */
-    assert_int_equal(kvs_meta_put(s->url, "rpc_meta/x", "1", 1, 2000), KVS_OK);
-    assert_int_equal(kvs_meta_put(s->url, "rpc_meta/x", "1", 1, 2000), KVS_OK);
-    assert_int_equal(kvs_meta_put(s->url, "rpc_meta/x", "2", 1, 2000), KVS_ERR_EXISTS);
+    assert_int_equal(kvs_meta_put(s->url, "rpc_meta/x", NULL, "1", 1, 2000), KVS_OK);
+    assert_int_equal(kvs_meta_put(s->url, "rpc_meta/x", NULL, "1", 1, 2000), KVS_OK);
+    assert_int_equal(kvs_meta_put(s->url, "rpc_meta/x", NULL, "2", 1, 2000), KVS_ERR_EXISTS);
 
     /* Argument errors. */
-    assert_int_equal(kvs_meta_get(NULL, "k", 1000, &v, &n), KVS_ERR_INVALID);
-    assert_int_equal(kvs_meta_get(s->url, "", 1000, &v, &n), KVS_ERR_INVALID);
-    assert_int_equal(kvs_meta_get(s->url, "k", 1000, NULL, &n), KVS_ERR_INVALID);
-    assert_int_equal(kvs_meta_put("file:///etc/passwd", "k", "x", 1, 1000), KVS_ERR_INVALID);
-    assert_int_equal(kvs_meta_put(s->url, "k", NULL, 5, 1000), KVS_ERR_INVALID);
+    assert_int_equal(kvs_meta_get(NULL, "k", NULL, 1000, &v, &n), KVS_ERR_INVALID);
+    assert_int_equal(kvs_meta_get(s->url, "", NULL, 1000, &v, &n), KVS_ERR_INVALID);
+    assert_int_equal(kvs_meta_get(s->url, "k", NULL, 1000, NULL, &n), KVS_ERR_INVALID);
+    assert_int_equal(kvs_meta_put("file:///etc/passwd", "k", NULL, "x", 1, 1000), KVS_ERR_INVALID);
+    assert_int_equal(kvs_meta_put(s->url, "k", NULL, NULL, 5, 1000), KVS_ERR_INVALID);
 }
 
 static void test_http_status_codes(void **state)
@@ -367,15 +414,15 @@ static void test_http_large(void **state)
     uint8_t *big = malloc(n + 1);
     assert_non_null(big);
     for (size_t i = 0; i < n + 1; i++) big[i] = (uint8_t)(i * 2654435761u >> 24);
-    assert_int_equal(kvs_meta_put(s->url, "big", big, n, 20000), KVS_OK);
+    assert_int_equal(kvs_meta_put(s->url, "big", NULL, big, n, 20000), KVS_OK);
     char *v = NULL;
     size_t got = 0;
-    assert_int_equal(kvs_meta_get(s->url, "big", 20000, &v, &got), KVS_OK);
+    assert_int_equal(kvs_meta_get(s->url, "big", NULL, 20000, &v, &got), KVS_OK);
     assert_int_equal(got, n);
     assert_memory_equal(v, big, n);
     free(v);
     /* One byte more: 413, declared (Content-Length) or chunked. */
-    assert_int_equal(kvs_meta_put(s->url, "big2", big, n + 1, 20000), KVS_ERR_TOO_LARGE);
+    assert_int_equal(kvs_meta_put(s->url, "big2", NULL, big, n + 1, 20000), KVS_ERR_TOO_LARGE);
     char u[256];
     snprintf(u, sizeof u, "%s?key=big3", s->url);
     assert_int_equal(raw("PUT", u, big, n + 1, "Transfer-Encoding: chunked"), 413);
@@ -383,7 +430,7 @@ static void test_http_large(void **state)
     assert_int_equal(kvs_metadata_get(s->md, "big3", &v, NULL), KVS_ERR_NOT_FOUND);
     free(big);
     /* The server still works. */
-    assert_int_equal(kvs_meta_put(s->url, "after", "1", 1, 2000), KVS_OK);
+    assert_int_equal(kvs_meta_put(s->url, "after", NULL, "1", 1, 2000), KVS_OK);
 }
 
 typedef struct worker_arg {
@@ -398,16 +445,16 @@ static void *worker(void *p)
     for (int i = 0; i < a->ops; i++) {
         snprintf(key, sizeof key, "w%d/k%d", a->id, i);
         int vl = snprintf(val, sizeof val, "{\"worker\":%d,\"i\":%d}", a->id, i);
-        if (kvs_meta_put(a->s->url, key, val, (size_t)vl, 5000) != KVS_OK) a->failures++;
+        if (kvs_meta_put(a->s->url, key, NULL, val, (size_t)vl, 5000) != KVS_OK) a->failures++;
         char *got = NULL;
         size_t n = 0;
-        if (kvs_meta_get(a->s->url, key, 5000, &got, &n) != KVS_OK || n != (size_t)vl ||
+        if (kvs_meta_get(a->s->url, key, NULL, 5000, &got, &n) != KVS_OK || n != (size_t)vl ||
             memcmp(got, val, n) != 0)
             a->failures++;
         free(got);
-        if (i % 2 == 0 && kvs_meta_delete(a->s->url, key, 5000) != KVS_OK) a->failures++;
+        if (i % 2 == 0 && kvs_meta_delete(a->s->url, key, NULL, 5000) != KVS_OK) a->failures++;
         /* A key every worker writes. */
-        if (kvs_meta_put(a->s->url, "shared", val, (size_t)vl, 5000) != KVS_OK) a->failures++;
+        if (kvs_meta_put(a->s->url, "shared", NULL, val, (size_t)vl, 5000) != KVS_OK) a->failures++;
     }
     return NULL;
 }
@@ -469,9 +516,9 @@ static void test_http_garbage(void **state)
         }
         close(fd);
     }
-    assert_int_equal(kvs_meta_put(s->url, "alive", "1", 1, 2000), KVS_OK);
+    assert_int_equal(kvs_meta_put(s->url, "alive", NULL, "1", 1, 2000), KVS_OK);
     char *v = NULL;
-    assert_int_equal(kvs_meta_get(s->url, "alive", 2000, &v, NULL), KVS_OK);
+    assert_int_equal(kvs_meta_get(s->url, "alive", NULL, 2000, &v, NULL), KVS_OK);
     free(v);
     for (int i = 0; i < 8; i++) close(idle[i]);
 }
@@ -502,7 +549,7 @@ static void test_http_start_errors(void **state)
     if (kvs_http_start("::1", &port, route, s, &h) == KVS_OK) {
         char url[128];
         snprintf(url, sizeof url, "http://[::1]:%u/metadata", (unsigned)port);
-        assert_int_equal(kvs_meta_put(url, "v6", "1", 1, 2000), KVS_OK);
+        assert_int_equal(kvs_meta_put(url, "v6", NULL, "1", 1, 2000), KVS_OK);
         kvs_http_stop(h);
     }
 }
@@ -521,7 +568,7 @@ static void test_client_unreachable(void **state)
     char url[128];
     snprintf(url, sizeof url, "http://127.0.0.1:%u/metadata", (unsigned)ntohs(sa.sin_port));
     char *v = NULL;
-    assert_int_equal(kvs_meta_get(url, "k", 1000, &v, NULL), KVS_ERR_CONN);
+    assert_int_equal(kvs_meta_get(url, "k", NULL, 1000, &v, NULL), KVS_ERR_CONN);
 
     /* A server that accepts and never answers: timeout. */
     fd = socket(AF_INET, SOCK_STREAM, 0);
@@ -531,7 +578,7 @@ static void test_client_unreachable(void **state)
     sl = sizeof sa;
     getsockname(fd, (struct sockaddr *)&sa, &sl);
     snprintf(url, sizeof url, "http://127.0.0.1:%u/metadata", (unsigned)ntohs(sa.sin_port));
-    assert_int_equal(kvs_meta_put(url, "k", "1", 1, 300), KVS_ERR_TIMEOUT);
+    assert_int_equal(kvs_meta_put(url, "k", NULL, "1", 1, 300), KVS_ERR_TIMEOUT);
     close(fd);
 }
 
@@ -552,6 +599,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_http_garbage, server_setup, server_teardown),
         cmocka_unit_test_setup_teardown(test_http_start_errors, server_setup, server_teardown),
         cmocka_unit_test(test_client_unreachable),
+        cmocka_unit_test_setup_teardown(test_http_bearer, server_setup, server_teardown),
     };
     int rc = cmocka_run_group_tests_name("metadata", tests, NULL, NULL);
     curl_global_cleanup();

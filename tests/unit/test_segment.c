@@ -1,6 +1,7 @@
 /* Shared-memory segments: create, map by name from another process, bounds
  * of name validation, unlink on destroy, retire. */
 #include <fcntl.h>
+#include <signal.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -88,7 +89,11 @@ static void test_create_map_destroy(void **state)
 static void test_names(void **state)
 {
     (void)state;
-    assert_true(kvs_segment_name_valid("kvshelf-1000-42-0"));
+    assert_true(kvs_segment_name_valid("kvshelf-1000-42-0-0123456789abcdef"));
+    assert_false(kvs_segment_name_valid("kvshelf-1000-42-0"));              /* no nonce */
+    assert_false(kvs_segment_name_valid("kvshelf-1000-42-0-0123456789abcde")); /* 15 hex */
+    assert_false(kvs_segment_name_valid("kvshelf-1000-42-0-0123456789ABCDEF"));
+    assert_false(kvs_segment_name_valid("kvshelf-1000-42-0-0123456789abcdef0"));
     assert_false(kvs_segment_name_valid("kvshelf-1000-42"));
     assert_false(kvs_segment_name_valid("kvshelf-1000-42-0/../x"));
     assert_false(kvs_segment_name_valid("../kvshelf-1-2-3"));
@@ -136,9 +141,19 @@ static void test_gc(void **state)
     char path[128];
     snprintf(path, sizeof path, "/dev/shm/%s", name);
     struct stat st;
+    /* younger than 2 s: left alone (its owner may still be taking its lock) */
+    kvs_segment_gc();
     assert_int_equal(stat(path, &st), 0);
-    assert_true(kvs_segment_gc() >= 1);
+    /* a live segment of this process, as old as the orphan */
+    kvs_segment live;
+    assert_int_equal(kvs_segment_create(1 << 20, &live), KVS_OK);
+    char lpath[128];
+    snprintf(lpath, sizeof lpath, "/dev/shm/%s", live.name);
+    sleep(3);
+    kvs_segment_gc(); /* (another test process may have removed the orphan first) */
     assert_int_not_equal(stat(path, &st), 0);
+    assert_int_equal(stat(lpath, &st), 0); /* its owner holds its lock: kept */
+    kvs_segment_destroy(&live);
 }
 
 /* The owner's background thread populates every page without changing the
@@ -178,11 +193,101 @@ static void test_prefault(void **state)
     unsetenv("KVSHELF_PREFAULT");
 }
 
+/* A file of the same name whose memory is another segment (another
+ * container's /dev/shm, a leftover) is refused: the name's nonce must be the
+ * one written in the memory. */
+static void test_identity(void **state)
+{
+    (void)state;
+    setenv("KVSHELF_PREFAULT", "0", 1);
+    kvs_segment a, b, m;
+    assert_int_equal(kvs_segment_create(1 << 20, &a), KVS_OK);
+    assert_int_equal(kvs_segment_create(1 << 20, &b), KVS_OK);
+    assert_string_not_equal(a.name + strlen(a.name) - 16, b.name + strlen(b.name) - 16);
+    /* b's memory under a name that carries another nonce */
+    char fake[KVS_SHM_NAME_MAX], pa[128], pb[128];
+    snprintf(fake, sizeof fake, "%.*s%016llx", (int)(strlen(b.name) - 16), b.name,
+             (unsigned long long)0x1122334455667788ull);
+    assert_true(kvs_segment_name_valid(fake));
+    snprintf(pa, sizeof pa, "/dev/shm/%s", fake);
+    snprintf(pb, sizeof pb, "/dev/shm/%s", b.name);
+    assert_int_equal(link(pb, pa), 0);
+    assert_int_equal(kvs_segment_map(fake, 0, &m), KVS_ERR_CORRUPT);
+    unlink(pa);
+    /* the real names map, each its own memory */
+    memcpy(a.base, "AAAA", 4);
+    assert_int_equal(kvs_segment_map(a.name, a.size, &m), KVS_OK);
+    assert_memory_equal(m.base, "AAAA", 4);
+    assert_int_equal(kvs_segment_epoch(&m), 1);
+    kvs_segment_destroy(&m);
+    kvs_segment_destroy(&a);
+    kvs_segment_destroy(&b);
+    unsetenv("KVSHELF_PREFAULT");
+}
+
+/* Write fencing: a writer inside under an old epoch holds a fence back; once
+ * fenced, writes under older epochs are refused, in this process and in
+ * others; a writer that dies releases its hold. */
+static void test_fence(void **state)
+{
+    (void)state;
+    setenv("KVSHELF_PREFAULT", "0", 1);
+    kvs_segment s, m;
+    assert_int_equal(kvs_segment_create(1 << 20, &s), KVS_OK);
+    assert_int_equal(kvs_segment_epoch(&s), 1);
+    assert_int_equal(kvs_segment_write_begin(&s, 0), KVS_ERR_INVALID);
+    assert_int_equal(kvs_segment_write_begin(&s, 1), KVS_OK);
+    assert_int_equal(kvs_segment_write_begin(&s, 1), KVS_OK); /* nested: counted */
+    assert_int_equal(kvs_segment_fence(&s, 2), KVS_ERR_BUSY);  /* writers inside */
+    assert_int_equal(kvs_segment_epoch(&s), 2);                /* raised anyway */
+    assert_int_equal(kvs_segment_write_begin(&s, 1), KVS_ERR_UNAVAILABLE); /* stale now */
+    kvs_segment_write_end(&s, 1);
+    assert_int_equal(kvs_segment_fence(&s, 2), KVS_ERR_BUSY);
+    kvs_segment_write_end(&s, 1);
+    assert_int_equal(kvs_segment_fence(&s, 2), KVS_OK);
+    assert_int_equal(kvs_segment_write_begin(&s, 2), KVS_OK); /* current epoch: fine */
+    assert_int_equal(kvs_segment_fence(&s, 2), KVS_OK);       /* holds only older ones back */
+    kvs_segment_write_end(&s, 2);
+    /* a mapper is not the owner: it cannot fence */
+    assert_int_equal(kvs_segment_map(s.name, 0, &m), KVS_OK);
+    assert_int_equal(kvs_segment_fence(&m, 5), KVS_ERR_INVALID);
+    assert_int_equal(kvs_segment_write_begin(&m, 1), KVS_ERR_UNAVAILABLE);
+    kvs_segment_destroy(&m);
+
+    /* another process enters under epoch 2 and stops there (SIGSTOP); the
+     * fence to 3 waits for it; killing it releases the hold */
+    int pfd[2];
+    assert_int_equal(pipe(pfd), 0);
+    pid_t pid = fork();
+    if (pid == 0) {
+        kvs_segment c;
+        if (kvs_segment_map(s.name, 0, &c)) _exit(1);
+        char ok = kvs_segment_write_begin(&c, 2) == KVS_OK ? 'y' : 'n';
+        if (write(pfd[1], &ok, 1) != 1) _exit(2);
+        for (;;) pause();
+    }
+    close(pfd[1]);
+    char ok = 0;
+    assert_int_equal(read(pfd[0], &ok, 1), 1);
+    close(pfd[0]);
+    assert_int_equal(ok, 'y');
+    kill(pid, SIGSTOP);
+    assert_int_equal(kvs_segment_fence(&s, 3), KVS_ERR_BUSY);
+    assert_int_equal(kvs_segment_write_begin(&s, 2), KVS_ERR_UNAVAILABLE);
+    kill(pid, SIGKILL);
+    waitpid(pid, NULL, 0);
+    assert_int_equal(kvs_segment_fence(&s, 3), KVS_OK);
+    kvs_segment_destroy(&s);
+    unsetenv("KVSHELF_PREFAULT");
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_create_map_destroy),
         cmocka_unit_test(test_names),
+        cmocka_unit_test(test_identity),
+        cmocka_unit_test(test_fence),
         cmocka_unit_test(test_many_and_large),
         cmocka_unit_test(test_gc),
         cmocka_unit_test(test_prefault),

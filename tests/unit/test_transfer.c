@@ -37,13 +37,15 @@ static int setup_secret(void **state, const char *secret, const char *client_sec
     assert_non_null(f);
     assert_int_equal(kvs_segment_create(SEG_SIZE, &f->seg), KVS_OK);
     assert_int_equal(kvs_xfer_server_start("127.0.0.1", secret, &f->srv), KVS_OK);
-    assert_int_equal(kvs_xfer_server_add_segment(f->srv, SEG_ID, f->seg.base, f->seg.size), KVS_OK);
+    assert_int_equal(kvs_xfer_server_add_segment(f->srv, SEG_ID, &f->seg), KVS_OK);
     assert_int_equal(kvs_xfer_client_new(client_secret, 2000, &f->xc), KVS_OK);
     *state = f;
     return 0;
 }
 
-static int setup(void **state) { return setup_secret(state, "", ""); }
+#define SECRET "unit-pool-secret" /* a transfer server always has one */
+
+static int setup(void **state) { return setup_secret(state, SECRET, SECRET); }
 static int setup_with_secret(void **state) { return setup_secret(state, "s3cret", "s3cret"); }
 
 static int teardown(void **state)
@@ -69,7 +71,7 @@ static void fill(uint8_t *p, size_t n, uint64_t seed)
 
 static int xfer1(struct fix *f, int write, uint64_t off, void *buf, uint64_t len)
 {
-    kvs_xfer_op op = {kvs_xfer_server_addr(f->srv), SEG_ID, off, buf, len, write, 0};
+    kvs_xfer_op op = {kvs_xfer_server_addr(f->srv), SEG_ID, off, buf, len, write, 0, 1};
     kvs_xfer_run(f->xc, &op, 1);
     return op.status;
 }
@@ -104,12 +106,12 @@ static void test_batch_pipelined(void **state)
     kvs_xfer_op ops[N];
     for (int i = 0; i < N; i++)
         ops[i] = (kvs_xfer_op){kvs_xfer_server_addr(f->srv), SEG_ID, (uint64_t)i * SZ,
-                               in + (size_t)i * SZ, SZ, 1, -1};
+                               in + (size_t)i * SZ, SZ, 1, -1, 1};
     assert_int_equal(kvs_xfer_run(f->xc, ops, N), N);
     for (int i = 0; i < N; i++) {
         /* read back in reverse order, into distinct buffers */
         ops[i] = (kvs_xfer_op){kvs_xfer_server_addr(f->srv), SEG_ID,
-                               (uint64_t)(N - 1 - i) * SZ, out + (size_t)i * SZ, SZ, 0, -1};
+                               (uint64_t)(N - 1 - i) * SZ, out + (size_t)i * SZ, SZ, 0, -1, 0};
     }
     assert_int_equal(kvs_xfer_run(f->xc, ops, N), N);
     for (int i = 0; i < N; i++)
@@ -161,7 +163,7 @@ static void test_unknown_segment(void **state)
 {
     struct fix *f = *state;
     uint8_t buf[100];
-    kvs_xfer_op op = {kvs_xfer_server_addr(f->srv), 12345, 0, buf, sizeof buf, 0, 0};
+    kvs_xfer_op op = {kvs_xfer_server_addr(f->srv), 12345, 0, buf, sizeof buf, 0, 0, 1};
     assert_int_equal(kvs_xfer_run(f->xc, &op, 1), 0);
     assert_int_equal(op.status, KVS_ERR_UNAVAILABLE);
     op.write = 1; /* the payload is drained and the connection stays usable */
@@ -219,11 +221,11 @@ static void test_garbage_frames(void **state)
     uint8_t buf[4096];
     fill(buf, sizeof buf, 5);
     assert_int_equal(xfer1(f, 1, 0, buf, sizeof buf), KVS_OK);
-    int keep = raw_conn(f, ""); /* open across all the bad connections below */
+    int keep = raw_conn(f, SECRET); /* open across all the bad connections below */
     assert_true(keep >= 0);
 
     /* 1: random bytes */
-    int fd = raw_conn(f, "");
+    int fd = raw_conn(f, SECRET);
     uint8_t junk[64];
     fill(junk, sizeof junk, 77);
     assert_int_equal(kvs_write_full(fd, junk, sizeof junk), KVS_OK);
@@ -231,50 +233,53 @@ static void test_garbage_frames(void **state)
     close(fd);
 
     /* 2: valid header, wrong type (a master message) */
-    fd = raw_conn(f, "");
+    fd = raw_conn(f, SECRET);
     kvs_wbuf w;
     kvs_wbuf_init(&w);
     size_t s = kvs_wbuf_begin_frame(&w, KVS_MSG_GET, 0, 0, 1);
-    kvs_wbuf_put(&w, junk, 20);
+    kvs_wbuf_put(&w, junk, 28);
     kvs_wbuf_end_frame(&w, s);
     assert_int_equal(kvs_write_full(fd, w.data, w.len), KVS_OK);
     assert_true(closed_by_server(fd));
     close(fd);
 
     /* 3: T_READ with a body length that does not match */
-    fd = raw_conn(f, "");
+    fd = raw_conn(f, SECRET);
     kvs_wbuf_reset(&w);
     s = kvs_wbuf_begin_frame(&w, KVS_MSG_T_READ, 0, 0, 1);
     kvs_wbuf_u32(&w, SEG_ID);
     kvs_wbuf_u64(&w, 0);
     kvs_wbuf_u64(&w, 16);
     kvs_wbuf_u64(&w, 0);
+    kvs_wbuf_u64(&w, 0); /* 8 bytes too many */
     kvs_wbuf_end_frame(&w, s);
     assert_int_equal(kvs_write_full(fd, w.data, w.len), KVS_OK);
     assert_true(closed_by_server(fd));
     close(fd);
 
     /* 4: T_READ beyond the segment end */
-    fd = raw_conn(f, "");
+    fd = raw_conn(f, SECRET);
     kvs_wbuf_reset(&w);
     s = kvs_wbuf_begin_frame(&w, KVS_MSG_T_READ, 0, 0, 1);
     kvs_wbuf_u32(&w, SEG_ID);
     kvs_wbuf_u64(&w, SEG_SIZE);
     kvs_wbuf_u64(&w, 1);
+    kvs_wbuf_u64(&w, 0);
     kvs_wbuf_end_frame(&w, s);
     assert_int_equal(kvs_write_full(fd, w.data, w.len), KVS_OK);
     assert_true(closed_by_server(fd));
     close(fd);
 
     /* 5: T_WRITE larger than a chunk */
-    fd = raw_conn(f, "");
+    fd = raw_conn(f, SECRET);
     kvs_wbuf_reset(&w);
     s = kvs_wbuf_begin_frame(&w, KVS_MSG_T_WRITE, 0, 0, 1);
     kvs_wbuf_u32(&w, SEG_ID);
     kvs_wbuf_u64(&w, 0);
     kvs_wbuf_u64(&w, KVS_MAX_CHUNK + 1ull);
+    kvs_wbuf_u64(&w, 1);
     kvs_wbuf_end_frame(&w, s);
-    /* body_len claims 20 but len says more: mismatch */
+    /* body_len claims 28 but len says more: mismatch */
     assert_int_equal(kvs_write_full(fd, w.data, w.len), KVS_OK);
     assert_true(closed_by_server(fd));
     close(fd);
@@ -300,6 +305,7 @@ static void test_garbage_frames(void **state)
     kvs_wbuf_u32(&w, SEG_ID);
     kvs_wbuf_u64(&w, 0);
     kvs_wbuf_u64(&w, 100);
+    kvs_wbuf_u64(&w, 0);
     kvs_wbuf_end_frame(&w, s);
     assert_int_equal(kvs_write_full(keep, w.data, w.len), KVS_OK);
     uint8_t hb[KVS_FRAME_HDR], body[100];
@@ -320,6 +326,27 @@ static void test_garbage_frames(void **state)
     assert_memory_equal(out, buf, sizeof buf);
 }
 
+/* T_WRITE is fenced: a write under a stale epoch is answered
+ * KVS_ERR_UNAVAILABLE and its bytes never land; the connection goes on. */
+static void test_fenced_write(void **state)
+{
+    struct fix *f = *state;
+    uint8_t in[8192], out[8192];
+    fill(in, sizeof in, 5);
+    memset(f->seg.base, 0xab, sizeof in);
+    assert_int_equal(kvs_segment_fence(&f->seg, 3), KVS_OK);
+    kvs_xfer_op op = {kvs_xfer_server_addr(f->srv), SEG_ID, 0, in, sizeof in, 1, 0, 2};
+    assert_int_equal(kvs_xfer_run(f->xc, &op, 1), 0);
+    assert_int_equal(op.status, KVS_ERR_UNAVAILABLE);
+    for (size_t i = 0; i < sizeof in; i++) assert_int_equal(((uint8_t *)f->seg.base)[i], 0xab);
+    op.epoch = 0; /* no epoch at all: refused too */
+    assert_int_equal(kvs_xfer_run(f->xc, &op, 1), 0);
+    op.epoch = 3; /* the current epoch: lands */
+    assert_int_equal(kvs_xfer_run(f->xc, &op, 1), 1);
+    assert_int_equal(xfer1(f, 0, 0, out, sizeof out), KVS_OK);
+    assert_memory_equal(out, in, sizeof in);
+}
+
 static void test_wrong_secret(void **state)
 {
     struct fix *f = *state;
@@ -328,7 +355,7 @@ static void test_wrong_secret(void **state)
     kvs_xfer_client *bad;
     assert_int_equal(kvs_xfer_client_new("nope", 1000, &bad), KVS_OK);
     uint8_t buf[16];
-    kvs_xfer_op op = {kvs_xfer_server_addr(f->srv), SEG_ID, 0, buf, sizeof buf, 0, 0};
+    kvs_xfer_op op = {kvs_xfer_server_addr(f->srv), SEG_ID, 0, buf, sizeof buf, 0, 0, 0};
     kvs_xfer_run(bad, &op, 1);
     assert_int_equal(op.status, KVS_ERR_AUTH);
     kvs_xfer_client_free(bad);
@@ -351,7 +378,7 @@ static void test_dead_peer(void **state)
     char peer[64];
     snprintf(peer, sizeof peer, "127.0.0.1:%u", a.port);
     uint8_t buf[16];
-    kvs_xfer_op ops[2] = {{peer, 1, 0, buf, sizeof buf, 0, 0},
+    kvs_xfer_op ops[2] = {{peer, 1, 0, buf, sizeof buf, 0, 0, 0},
                           {kvs_xfer_server_addr(f->srv), SEG_ID, 0, buf, sizeof buf, 0, 0}};
     uint64_t t0 = kvs_now_ms();
     assert_int_equal(kvs_xfer_run(f->xc, ops, 2), 1);
@@ -368,11 +395,11 @@ static void test_server_stops_midway(void **state)
     char addr[KVS_XFER_ADDR_MAX];
     kvs_strlcpy(addr, kvs_xfer_server_addr(f->srv), sizeof addr);
     kvs_xfer_server_stop(f->srv);
-    kvs_xfer_op op = {addr, SEG_ID, 0, buf, sizeof buf, 0, 0};
+    kvs_xfer_op op = {addr, SEG_ID, 0, buf, sizeof buf, 0, 0, 0};
     kvs_xfer_run(f->xc, &op, 1);
     assert_int_equal(op.status, KVS_ERR_UNAVAILABLE);
     /* restart for teardown */
-    assert_int_equal(kvs_xfer_server_start("127.0.0.1", "", &f->srv), KVS_OK);
+    assert_int_equal(kvs_xfer_server_start("127.0.0.1", SECRET, &f->srv), KVS_OK);
 }
 
 static void test_refuse_public_without_secret(void **state)
@@ -380,6 +407,11 @@ static void test_refuse_public_without_secret(void **state)
     (void)state;
     kvs_xfer_server *s = NULL;
     assert_int_equal(kvs_xfer_server_start("0.0.0.0", "", &s), KVS_ERR_CONFIG);
+    assert_null(s);
+    /* loopback too: other users of the host must not read or write segments */
+    assert_int_equal(kvs_xfer_server_start("127.0.0.1", "", &s), KVS_ERR_CONFIG);
+    assert_null(s);
+    assert_int_equal(kvs_xfer_server_start("127.0.0.1", NULL, &s), KVS_ERR_CONFIG);
     assert_null(s);
     assert_int_equal(kvs_xfer_server_start("0.0.0.0", "x", &s), KVS_OK);
     kvs_xfer_server_stop(s);
@@ -394,6 +426,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_unknown_segment, setup, teardown),
         cmocka_unit_test_setup_teardown(test_out_of_bounds, setup, teardown),
         cmocka_unit_test_setup_teardown(test_garbage_frames, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_fenced_write, setup, teardown),
         cmocka_unit_test_setup_teardown(test_wrong_secret, setup_with_secret, teardown),
         cmocka_unit_test_setup_teardown(test_dead_peer, setup, teardown),
         cmocka_unit_test_setup_teardown(test_server_stops_midway, setup, teardown),
