@@ -159,7 +159,12 @@ def http_request(port, raw, timeout=5.0, half_close=False):
     return status, data.partition(b"\r\n\r\n")[2]
 
 
-def http(port, method, path, body=b"", timeout=5.0):
-    req = ("%s %s HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n"
-           % (method, path, len(body))).encode() + body
+def http(port, method, path, body=b"", timeout=5.0, secret=None, auth=None):
+    """One request; with `secret`, the header "Authorization: Bearer <secret>"
+    (or any Authorization value given as `auth`)."""
+    if secret is not None:
+        auth = "Bearer " + secret
+    extra = "Authorization: %s\r\n" % auth if auth is not None else ""
+    req = ("%s %s HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n%sContent-Length: %d\r\n\r\n"
+           % (method, path, extra, len(body))).encode() + body
     return http_request(port, req, timeout)

@@ -131,7 +131,9 @@ def abuse_frames(port, secret, transfer=False):
     return hang
 
 
-def abuse_http(port):
+def abuse_http(port, secret=None):
+    """Hostile HTTP; `secret` (the master's) is sent where the bytes must get
+    past the credential check to reach the parser behind it."""
     hang = []
     st, _ = w.http_request(port, os.urandom(4096), half_close=True)
     assert st in (None, 400, 405, 505), st
@@ -147,11 +149,11 @@ def abuse_http(port):
     st, _ = w.http_request(port, b"PUT /metadata?key=c HTTP/1.1\r\nHost: x\r\n"
                                  b"Transfer-Encoding: chunked\r\n\r\nFFFFFFFFFFFFFFFF\r\nxx",
                            half_close=True, timeout=1.0)
-    st, _ = w.http(port, "BREW", "/metadata?key=k")
+    st, _ = w.http(port, "BREW", "/metadata?key=k", secret=secret)
     assert st in (None, 400, 405, 501), st
-    st, _ = w.http(port, "GET", "/metadata?key=%ff%00%zz")
+    st, _ = w.http(port, "GET", "/metadata?key=%ff%00%zz", secret=secret)
     assert st in (None, 200, 400, 404), st
-    st, _ = w.http(port, "PUT", "/metadata?key=" + "k" * 10000, b"{}")
+    st, _ = w.http(port, "PUT", "/metadata?key=" + "k" * 10000, b"{}", secret=secret)
     assert st in (None, 400, 413, 414, 431), st
     s = w.connect(port)
     w.send_quietly(s, b"PUT /metadata?key=slow HTTP/1.1\r\nContent-Length: 10\r\n\r\nab")
@@ -159,13 +161,13 @@ def abuse_http(port):
     return hang
 
 
-def check_http_serving(port, health=True):
+def check_http_serving(port, health=True, secret=None):
     if health:
         st, body = w.http(port, "GET", "/health")
         assert st == 200, (st, body)
-    st, body = w.http(port, "PUT", "/metadata?key=after-abuse", b'{"ok": 1}')
+    st, body = w.http(port, "PUT", "/metadata?key=after-abuse", b'{"ok": 1}', secret=secret)
     assert st == 200, (st, body)
-    st, body = w.http(port, "GET", "/metadata?key=after-abuse")
+    st, body = w.http(port, "GET", "/metadata?key=after-abuse", secret=secret)
     assert st == 200 and json.loads(body) == {"ok": 1}, (st, body)
 
 
@@ -187,7 +189,7 @@ def test_hostile_bytes_to_every_port(kv):
     hang = []
     hang += abuse_frames(m.rpc, SECRET)
     hang += abuse_frames(xfer_port, SECRET, transfer=True)
-    hang += abuse_http(m.http)
+    hang += abuse_http(m.http, SECRET)
     hang += abuse_http(md_port)
 
     # everyone is alive and serving, with the half-open connections still open
@@ -196,7 +198,7 @@ def test_hostile_bytes_to_every_port(kv):
     r = kv.bench(m, "--mode", "put,get,exists", "--sizes", "64K", "--count", 200, "--verify")
     assert r["fatal"] == 0 and r["totals"]["errors"] == 0 and r["totals"]["mismatches"] == 0
     assert row(r, "get")["ok"] == 200
-    check_http_serving(m.http)
+    check_http_serving(m.http, secret=SECRET)
     check_http_serving(md_port)
     # the node's transfer server still reads its segment for an honest peer
     s, st = w.handshake(xfer_port, SECRET)
