@@ -27,6 +27,7 @@
 #include "master/server.h"
 #include "master/web.h"
 #include "segment/segment.h"
+#include "segment/prefault.h"
 #include "tools/commands.h"
 
 #define MAX_LISTEN 8
@@ -452,6 +453,7 @@ static int run_embedded(kvs_master *m, kvs_server *srv, const opts *o, const cha
     cfg.global_segment_size = o->segment_size;
     char err[512] = "";
     kvs_client *client = NULL;
+    kvs_prefault_set_default(1); /* the pool's memory: populate it now */
     int rc = kvs_client_open(&cfg, &client, err, sizeof err);
     int status = 0;
     if (rc != KVS_OK) {

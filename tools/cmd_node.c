@@ -11,6 +11,7 @@
 #include "common/log.h"
 #include "common/util.h"
 #include "kvshelf/kvshelf.h"
+#include "segment/prefault.h"
 #include "tools/commands.h"
 
 static void usage(FILE *f)
@@ -133,6 +134,7 @@ int kvs_cmd_node(int argc, char **argv)
 
     kvs_client_opts o = {KVS_ROLE_NODE, 0, 1};
     kvs_client *c = NULL;
+    kvs_prefault_set_default(1); /* holding memory is this process's job */
     int rc = kvs_client_open_opts(&cfg, &o, &c, err, sizeof err);
     if (rc) {
         fprintf(stderr, "kvshelf node: %s (%s)\n", err[0] ? err : kvs_strerror(rc),

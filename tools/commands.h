@@ -20,5 +20,6 @@ int kvs_cmd_put(int argc, char **argv);      /* tools/cmd_kv.c */
 int kvs_cmd_get(int argc, char **argv);      /* tools/cmd_kv.c */
 int kvs_cmd_rm(int argc, char **argv);       /* tools/cmd_kv.c */
 int kvs_cmd_demo(int argc, char **argv);     /* tools/cmd_demo.c */
+int kvs_cmd_verify(int argc, char **argv);   /* tools/cmd_verify.c */
 
 #endif

@@ -13,6 +13,8 @@ static const struct kvs_command commands[] = {
     {"status", "show the pool: segments, capacity and use, objects, clients", kvs_cmd_status},
     {"stop", "stop the embedded host-local pool (or a master given with --master)", kvs_cmd_stop},
     {"bench", "measure put/get/exists throughput and latency", kvs_cmd_bench},
+    {"verify", "check that no read returns wrong bytes, under faults (key+version values)",
+     kvs_cmd_verify},
     {"put", "store a value (debugging)", kvs_cmd_put},
     {"get", "fetch a value (debugging)", kvs_cmd_get},
     {"rm", "remove keys (debugging)", kvs_cmd_rm},

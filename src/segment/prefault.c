@@ -37,10 +37,15 @@ static void *run(void *arg)
     return NULL;
 }
 
+static atomic_int default_on; /* kvs_prefault_set_default */
+
+void kvs_prefault_set_default(int on) { atomic_store(&default_on, on ? 1 : 0); }
+
 kvs_prefault *kvs_prefault_start(void *base, uint64_t size)
 {
     const char *e = getenv("KVSHELF_PREFAULT");
-    if ((e && !strcmp(e, "0")) || !base || !size) return NULL;
+    int on = e && *e ? strcmp(e, "0") != 0 : atomic_load(&default_on);
+    if (!on || !base || !size) return NULL;
     kvs_prefault *p = calloc(1, sizeof *p);
     if (!p) return NULL;
     p->base = base;

@@ -79,10 +79,64 @@ def auth_for(secret, nonce):
     return hmac.new(secret.encode(), nonce, hashlib.sha256).digest()
 
 
-def hello_body(nonce, secret=None, role=ROLE_TOOL, version=2, auth=None, hostname="it-test"):
+def hello_body(nonce, secret=None, role=ROLE_TOOL, version=2, auth=None, hostname="it-test",
+               uid=None):
+    """HELLO body; `uid` is the uid it claims (default: ours; servers must
+    not believe it)."""
     a = auth if auth is not None else auth_for(secret, nonce)
-    return (u32(version) + u32(role) + u64(os.getpid()) + u32(os.getuid()) +
+    claim = os.getuid() if uid is None else uid
+    return (u32(version) + u32(role) + u64(os.getpid()) + u32(claim) +
             wbytes(hostname.encode()) + b"\0" * 16 + a)
+
+
+def t_read(seg_id, offset, length, epoch=0, req_id=1):
+    """A T_READ request frame."""
+    return frame(T_READ, u32(seg_id) + u64(offset) + u64(length) + u64(epoch), req_id=req_id)
+
+
+def t_write(seg_id, offset, data, epoch=0, req_id=1):
+    """A T_WRITE request frame with its payload."""
+    return frame(T_WRITE, u32(seg_id) + u64(offset) + u64(len(data)) + u64(epoch),
+                 req_id=req_id) + data
+
+
+def connect_unix(path, timeout=5.0):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    s.connect(path)
+    return s
+
+
+def challenge_unix_path(body):
+    """The unix socket path a master's CHALLENGE body offers, or None."""
+    if len(body) <= 20 + 32 + 4:
+        return None
+    (n,) = struct.unpack("<I", body[52:56])
+    return body[56:56 + n].decode(errors="replace")
+
+
+def pool_secret(runtime_dir):
+    """The pool secret a daemon with no configured secret keeps in its
+    runtime directory (<dir>/secret, hex text)."""
+    with open(os.path.join(runtime_dir, "secret")) as f:
+        return f.read().strip()
+
+
+def replies(s, timeout=3.0):
+    """Every frame the peer sends until it closes or stays silent for
+    `timeout`: ([(header, body)...], closed). A reset counts as a close."""
+    out = []
+    s.settimeout(timeout)
+    while True:
+        try:
+            f = read_frame(s)
+        except socket.timeout:
+            return out, False
+        except OSError:
+            return out, True
+        if f is None:
+            return out, True
+        out.append(f)
 
 
 def handshake(port, secret=None, role=ROLE_TOOL):
