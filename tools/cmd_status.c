@@ -17,6 +17,7 @@
 #include "common/util.h"
 #include "kvshelf/kvshelf.h"
 #include "tools/commands.h"
+#include "tools/table.h"
 
 typedef struct tool_opts {
     const char *master, *config, *secret;
@@ -167,30 +168,44 @@ static void print_table(const char *master, int embedded, const cJSON *root)
     int ns = cJSON_IsArray(segs) ? cJSON_GetArraySize(segs) : 0;
     printf("\nsegments (%d)\n", ns);
     if (ns) {
-        printf("  %-5s %-12s %-12s %6s %9s  %-16s %-22s %s\n", "ID", "SIZE", "USED", "USE%",
-               "OBJECTS", "HOST", "TRANSFER", "SHM");
+        static const char *const cols[] = {"ID",   "SIZE", "USED",     "USE%",
+                                           "OBJECTS", "HOST", "TRANSFER", "SHM"};
+        kvs_table *t = kvs_table_new(8, cols, 0x1 | 0x8 | 0x10);
         const cJSON *s;
         cJSON_ArrayForEach(s, segs)
         {
             double sz = num(s, "size"), us = num(s, "used");
+            char id[32], pct[16], nobj[32];
             human(sz, a, sizeof a);
             human(us, b, sizeof b);
-            printf("  %-5.0f %-12s %-12s %5.1f%% %9.0f  %-16s %-22s %s\n", num(s, "id"), a, b,
-                   sz > 0 ? 100.0 * us / sz : 0.0, num(s, "objects"), str(s, "hostname"),
-                   str(s, "transfer_addr"), str(s, "shm_name"));
+            snprintf(id, sizeof id, "%.0f", num(s, "id"));
+            snprintf(pct, sizeof pct, "%.1f%%", sz > 0 ? 100.0 * us / sz : 0.0);
+            snprintf(nobj, sizeof nobj, "%.0f", num(s, "objects"));
+            const char *row[] = {id, a, b, pct, nobj, str(s, "hostname"),
+                                 str(s, "transfer_addr"), str(s, "shm_name")};
+            kvs_table_add(t, row);
         }
+        kvs_table_print(t, stdout, 2);
+        kvs_table_free(t);
     }
     const cJSON *cls = cJSON_GetObjectItemCaseSensitive(root, "clients");
     int nc = cJSON_IsArray(cls) ? cJSON_GetArraySize(cls) : 0;
     printf("\nclients (%d)\n", nc);
     if (nc) {
-        printf("  %-6s %-7s %-16s %-8s %s\n", "ID", "ROLE", "HOST", "PID", "LAST SEEN");
+        static const char *const cols[] = {"ID", "ROLE", "HOST", "PID", "LAST SEEN"};
+        kvs_table *t = kvs_table_new(5, cols, 0x1 | 0x8);
         const cJSON *cl;
         cJSON_ArrayForEach(cl, cls)
         {
-            printf("  %-6.0f %-7s %-16s %-8.0f %.1f s ago\n", num(cl, "id"), str(cl, "role"),
-                   str(cl, "hostname"), num(cl, "pid"), num(cl, "last_seen_ms_ago") / 1000.0);
+            char id[32], pid[32], seen[48];
+            snprintf(id, sizeof id, "%.0f", num(cl, "id"));
+            snprintf(pid, sizeof pid, "%.0f", num(cl, "pid"));
+            snprintf(seen, sizeof seen, "%.1f s ago", num(cl, "last_seen_ms_ago") / 1000.0);
+            const char *row[] = {id, str(cl, "role"), str(cl, "hostname"), pid, seen};
+            kvs_table_add(t, row);
         }
+        kvs_table_print(t, stdout, 2);
+        kvs_table_free(t);
     }
     const cJSON *cn = cJSON_GetObjectItemCaseSensitive(root, "counters");
     if (cJSON_IsObject(cn)) {
