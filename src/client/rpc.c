@@ -35,7 +35,7 @@ struct kvs_rpc {
     kvs_frame_hdr h;
     uint8_t *body;
     size_t body_have;
-    uint64_t spin_ns; /* busy-poll for a reply this long before sleeping in poll */
+    uint64_t spin_ns; /* 0: never busy-poll for a reply; else kvs_spin_ns() per wait */
     atomic_int refs;
 };
 
@@ -76,7 +76,8 @@ static void unlink_waiter(kvs_rpc *r, struct waiter *w)
  * partial frame stays in r for the next leader. */
 static int read_frame(kvs_rpc *r, uint64_t deadline_ms)
 {
-    uint64_t spin_until = r->spin_ns ? kvs_now_ns() + r->spin_ns : 0;
+    uint64_t spin_ns = r->spin_ns ? kvs_spin_ns() : 0; /* adapts to the host's load */
+    uint64_t spin_until = spin_ns ? kvs_now_ns() + spin_ns : 0;
     for (;;) {
         void *dst;
         size_t want;

@@ -98,9 +98,6 @@ int kvs_strlcpy(char *dst, const char *src, size_t cap)
     return KVS_OK;
 }
 
-static uint64_t g_spin_ns;
-static pthread_once_t g_spin_once = PTHREAD_ONCE_INIT;
-
 uint64_t kvs_env_u64(const char *name, uint64_t def, uint64_t lo, uint64_t hi, const char *unit)
 {
     const char *e = getenv(name);
@@ -116,13 +113,4 @@ uint64_t kvs_env_u64(const char *name, uint64_t def, uint64_t lo, uint64_t hi, c
     return (uint64_t)v;
 }
 
-static void spin_init(void)
-{
-    g_spin_ns = kvs_env_u64("KVSHELF_SPIN_US", 50, 0, 10000, "microseconds") * 1000u;
-}
 
-uint64_t kvs_spin_ns(void)
-{
-    pthread_once(&g_spin_once, spin_init);
-    return g_spin_ns;
-}

@@ -18,11 +18,8 @@ extern "C" {
 uint64_t kvs_now_ns(void);
 uint64_t kvs_now_ms(void);
 
-/* How long a thread waiting for a reply busy-polls before it sleeps, in ns:
- * KVSHELF_SPIN_US (0..10000 microseconds, default 50; 0 = never), read once.
- * Waking a sleeping thread costs tens of microseconds (far more in a VM);
- * replies on a fast link usually come sooner than that. */
-uint64_t kvs_spin_ns(void);
+/* kvs_spin_ns(), how long a waiting thread busy-polls: see common/spin.h. */
+#include "common/spin.h"
 
 /* One pause of a busy-poll loop. */
 static inline void kvs_cpu_relax(void)
