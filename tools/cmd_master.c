@@ -48,7 +48,7 @@ typedef struct opts {
     const char *port_file;
     const char *runtime_dir;
     uint64_t segment_size;
-    int embedded, no_metadata, no_local_socket;
+    int embedded, no_metadata, no_local_socket, detach;
     uint32_t busy_poll_us;
     uint32_t max_conns, hello_ms; /* 0 = defaults */
     kvs_master_opts mo;
@@ -129,6 +129,9 @@ static void usage(FILE *f)
 "  --embedded             run the host-local pool: listen on unix:DIR/master.sock only\n"
 "                         (plus any --listen), write DIR/master.pid, and serve a shared-\n"
 "                         memory segment of --segment-size bytes from this process\n"
+"  --detach               fork and let the started process exit at once, so the master\n"
+"                         is nobody's child (clients start the embedded pool this way:\n"
+"                         an engine that kills its process tree leaves the pool alone)\n"
 "  --runtime-dir DIR      the user's kvshelf directory: pool secret, unix sockets of\n"
 "                         --embedded and of same-host clients (default env\n"
 "                         KVSHELF_RUNTIME_DIR, else $XDG_RUNTIME_DIR/kvshelf, else\n"
@@ -194,7 +197,7 @@ static int parse_level(const char *s)
 enum {
     O_LISTEN = 256, O_HTTP, O_SECRET, O_TTL, O_LEASE, O_PUT_TIMEOUT, O_HIGH, O_LOW, O_NO_MD,
     O_PORT_FILE, O_LOG, O_EMBEDDED, O_RUNDIR, O_SEGSIZE, O_BUSY_POLL, O_NO_LOCAL, O_ALLOW_UID,
-    O_MAX_CONNS, O_HELLO_MS, O_DISC_GRACE
+    O_MAX_CONNS, O_HELLO_MS, O_DISC_GRACE, O_DETACH
 };
 
 static int parse_args(int argc, char **argv, opts *o)
@@ -214,6 +217,7 @@ static int parse_args(int argc, char **argv, opts *o)
         {"port-file", required_argument, 0, O_PORT_FILE},
         {"log-level", required_argument, 0, O_LOG},
         {"embedded", no_argument, 0, O_EMBEDDED},
+        {"detach", no_argument, 0, O_DETACH},
         {"runtime-dir", required_argument, 0, O_RUNDIR},
         {"segment-size", required_argument, 0, O_SEGSIZE},
         {"busy-poll-us", required_argument, 0, O_BUSY_POLL},
@@ -276,6 +280,7 @@ static int parse_args(int argc, char **argv, opts *o)
             if (parse_u32("--disconnect-grace-ms", optarg, &o->mo.disconnect_grace_ms)) return 2;
             break;
         case O_EMBEDDED: o->embedded = 1; break;
+        case O_DETACH: o->detach = 1; break;
         case O_RUNDIR: o->runtime_dir = optarg; break;
         case O_SEGSIZE:
             if (kvs_parse_size(optarg, &o->segment_size) != KVS_OK || o->segment_size == 0) {
@@ -496,6 +501,15 @@ int kvs_cmd_master(int argc, char **argv)
     signal(SIGPIPE, SIG_IGN);
     int prc = parse_args(argc, argv, &o);
     if (prc) return prc == 1 ? 0 : prc;
+    if (o.detach) { /* before any thread exists */
+        pid_t child = fork();
+        if (child < 0) {
+            fprintf(stderr, "kvshelf master: --detach: fork: %s\n", strerror(errno));
+            return 1;
+        }
+        if (child > 0) _exit(0); /* the launcher; the master goes on in the child */
+        setsid();                /* no-op if the launcher already led a session */
+    }
     if (!o.secret) o.secret = getenv("KVSHELF_SECRET");
     if (o.secret && !o.secret[0]) o.secret = NULL;
     const char *http = o.http ? o.http : (o.embedded ? NULL : "127.0.0.1:9003");

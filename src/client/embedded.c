@@ -255,9 +255,12 @@ static int pool_answers(const char *dir)
 
 static int executable(const char *p) { return p && access(p, X_OK) == 0; }
 
-/* Finds the kvshelf binary: $KVSHELF_BIN, then next to libkvshelf
- * (../bin/kvshelf, bin/kvshelf, or the binary itself when statically
- * linked), else "kvshelf" from PATH (*use_path = 1). */
+/* Finds the kvshelf binary: $KVSHELF_BIN; this very program when it is
+ * the kvshelf command (/proc/self/exe: however it was invoked, relative
+ * path or not, whatever PATH says); next to the code of libkvshelf
+ * (../bin/kvshelf or bin/kvshelf beside the shared library or the Python
+ * extension, whose path is made absolute); else "kvshelf" from PATH
+ * (*use_path = 1). */
 static void find_binary(char *out, size_t cap, int *use_path)
 {
     *use_path = 0;
@@ -266,14 +269,26 @@ static void find_binary(char *out, size_t cap, int *use_path)
         snprintf(out, cap, "%s", env);
         return;
     }
+    char exe[PATH_MAX];
+    ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
+    if (n > 0) {
+        exe[n] = '\0';
+        const char *b = strrchr(exe, '/');
+        if (b && !strcmp(b + 1, "kvshelf") && executable(exe)) {
+            kvs_strlcpy(out, exe, cap);
+            return;
+        }
+    }
     Dl_info di;
-    if (dladdr((void *)&kvs_embedded_ensure, &di) && di.dli_fname && di.dli_fname[0] == '/') {
+    char lib[PATH_MAX];
+    if (dladdr((void *)&kvs_embedded_ensure, &di) && di.dli_fname && di.dli_fname[0] &&
+        realpath(di.dli_fname, lib)) {
         char dir[PATH_MAX];
-        snprintf(dir, sizeof dir, "%s", di.dli_fname);
+        snprintf(dir, sizeof dir, "%s", lib);
         char *slash = strrchr(dir, '/');
         const char *base = slash ? slash + 1 : dir;
         char self[PATH_MAX];
-        snprintf(self, sizeof self, "%s", di.dli_fname);
+        snprintf(self, sizeof self, "%s", lib);
         if (slash) *slash = '\0';
         if (!strcmp(base, "kvshelf") && executable(self)) { /* the CLI itself */
             snprintf(out, cap, "%s", self);
@@ -312,7 +327,10 @@ static int spawn_master(const kvs_config *cfg, const char *dir, pid_t *pid, char
                                           : KVS_DEFAULT_GLOBAL_SEGMENT_SIZE;
     snprintf(size, sizeof size, "%llu", (unsigned long long)n);
     snprintf(log, sizeof log, "%s/master.log", dir);
-    char *argv[] = {bin, "master", "--embedded", "--runtime-dir", (char *)dir,
+    /* --detach: the master forks once more and the process we start exits,
+     * so the pool is nobody's child: an engine that kills its process tree
+     * at shutdown (vLLM does) leaves it and its objects alone. */
+    char *argv[] = {bin, "master", "--embedded", "--detach", "--runtime-dir", (char *)dir,
                     "--segment-size", size, NULL};
 
     posix_spawn_file_actions_t fa;
@@ -346,8 +364,7 @@ static int spawn_master(const kvs_config *cfg, const char *dir, pid_t *pid, char
                bin, strerror(rc));
         return KVS_ERR_IO;
     }
-    KVS_LOGI("client: started the embedded pool (%s, pid %ld, %s bytes) in %s", bin, (long)*pid,
-             size, dir);
+    KVS_LOGI("client: starting the embedded pool (%s, %s bytes) in %s", bin, size, dir);
     return KVS_OK;
 }
 
@@ -374,22 +391,25 @@ int kvs_embedded_ensure(const kvs_config *cfg, const char *dir, int spawn, char 
     rc = spawn_master(cfg, dir, &pid, err, errlen);
     if (rc) goto out;
     uint64_t deadline = kvs_now_ms() + START_WAIT_MS;
-    int exited = 0, wst = 0;
+    int exited = 0, reaped = 0, wst = 0;
     rc = KVS_ERR_CONN;
     while (kvs_now_ms() < deadline) {
+        if (!reaped && waitpid(pid, &wst, WNOHANG) == pid) {
+            reaped = 1; /* the launcher ends once the pool runs on its own */
+            if (!WIFEXITED(wst) || WEXITSTATUS(wst) != 0) {
+                exited = 1;
+                break;
+            }
+        }
         if (pool_answers(dir)) {
             rc = KVS_OK;
-            break;
-        }
-        if (waitpid(pid, &wst, WNOHANG) == pid) {
-            exited = 1;
             break;
         }
         struct timespec ts = {0, 20 * 1000000L};
         nanosleep(&ts, NULL);
     }
-    if (rc == KVS_OK) {
-        /* reap it when it ends, so it never lingers as a zombie of ours */
+    if (!reaped && rc == KVS_OK) {
+        /* reap the launcher when it ends, so it never lingers as a zombie */
         pthread_t th;
         pthread_attr_t pa;
         pthread_attr_init(&pa);

@@ -1,0 +1,98 @@
+"""What a newcomer meets first (issue 13 items 1 and 2).
+
+1. The embedded pool starts whatever way the kvshelf command was invoked
+   (relative path, another directory, nothing on PATH, no KVSHELF_BIN).
+2. The pool is nobody's child: a process that started it can be killed with
+   its whole process tree (as vLLM does to its workers at shutdown) and the
+   pool, with its objects, is still there for the next engine.
+"""
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from conftest import row
+
+
+def newcomer_env(kv):
+    """The harness env without KVSHELF_BIN and with a PATH that has no kvshelf."""
+    env = dict(kv.env)
+    env.pop("KVSHELF_BIN", None)
+    env["PATH"] = "/usr/bin:/bin"
+    env["KVSHELF_GLOBAL_SEGMENT_SIZE"] = "64M"
+    return env
+
+
+def test_pool_starts_from_a_relative_invocation(kv):
+    env = newcomer_env(kv)
+    bindir = Path(kv.bin).parent
+    # invoked as "./kvshelf" from its own directory, then as "bin/kvshelf" from above
+    r = subprocess.run(["./kvshelf", "put", "first-key", "first-value"], cwd=bindir, env=env,
+                       capture_output=True, timeout=60)
+    assert r.returncode == 0, r.stderr.decode(errors="replace")
+    r = subprocess.run([os.path.join(bindir.name, "kvshelf"), "get", "first-key"],
+                       cwd=bindir.parent, env=env, capture_output=True, timeout=60)
+    assert r.returncode == 0, r.stderr.decode(errors="replace")
+    assert r.stdout.strip() == b"first-value"
+    assert kv.embedded_pids(), "no embedded pool process"
+
+
+def children_of(pid):
+    """Every descendant of pid (by the ppid of each process in /proc)."""
+    kids = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+        kids.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        for c in kids.get(p, []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def test_pool_outlives_the_process_tree_that_started_it(kv):
+    env = newcomer_env(kv)
+    env["KVSHELF_BIN"] = kv.bin  # (found either way; see the test above)
+    # an "engine": a shell whose child starts the pool and keeps using it
+    engine = subprocess.Popen(
+        ["sh", "-c", '"$0" bench --mode rw --sizes 64K --duration 60 --quiet; sleep 60', kv.bin],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 30
+    while time.time() < deadline and not kv.embedded_pids():
+        time.sleep(0.1)
+    pool = kv.embedded_pids()
+    assert pool, "the engine did not start the embedded pool"
+    # blocks the next engine will want, written while the first one runs
+    w = kv.bench(None, "--mode", "put", "--sizes", "64K", "--count", 50, "--prefix", "tree",
+                 "--verify", "--keep", env=env)
+    assert w["fatal"] == 0 and row(w, "put")["ok"] == 50, w["totals"]
+    tree = children_of(engine.pid)
+    assert not set(pool) & set(tree), "the pool is a descendant of the engine: %s in %s" % (
+        pool, tree)
+    # kill the engine's whole tree, as vLLM's shutdown does, and its session
+    for p in tree + [engine.pid]:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except OSError:
+            pass
+    try:
+        os.killpg(engine.pid, signal.SIGKILL)
+    except OSError:
+        pass
+    engine.wait(timeout=10)
+    time.sleep(0.3)
+    assert sorted(kv.embedded_pids()) == sorted(pool), "the pool died with its starter"
+    # the next engine finds every block
+    g = kv.bench(None, "--mode", "get", "--sizes", "64K", "--count", 50, "--prefix", "tree",
+                 "--verify", "--keep", env=env)
+    assert g["fatal"] == 0 and g["totals"]["mismatches"] == 0
+    assert row(g, "get")["ok"] == 50, g["totals"]
