@@ -167,6 +167,80 @@ static void test_put_timeout(void **st)
     kvs_master_free(m);
 }
 
+/* Given-up puts and write epochs (proto.h "Write epochs"): space whose
+ * writes may still be in flight is never handed out again before the owner
+ * fenced the segment; a reservation older than a fence is never published;
+ * a put given up with nothing in flight frees its space at once. */
+static void test_fenced_reuse(void **st)
+{
+    (void)st;
+    kvs_master *m = tm_master(NULL, NULL);
+    uint64_t owner = tm_client(m, 1), writer = tm_client(m, 1);
+    uint32_t sg = tm_mount(m, owner, 8 * MIB, 1);
+    uint32_t seg;
+    uint64_t offa, offb, offc, offd, offe, a, b, c, d, e, ep;
+    kvs_m_fence_req want[4];
+    /* A: given up with writes in flight (ok=0) */
+    assert_int_equal(kvs_m_put_start(m, writer, "A", 1, MIB, &seg, &offa, &a, &ep), KVS_OK);
+    assert_int_equal(ep, 1);
+    assert_int_equal(kvs_m_put_end(m, writer, "A", 1, a, KVS_PUT_ABANDON), KVS_OK);
+    assert_false(tm_exists(m, "A"));
+    assert_int_equal(seg_used(m, sg), MIB); /* held */
+    assert_int_equal(m->cnt.fenced_puts, 1);
+    assert_int_equal(kvs_m_fences_wanted(m, owner, want, 4), 1);
+    assert_int_equal(want[0].epoch, 2);
+    assert_int_equal(kvs_m_fences_wanted(m, writer, want, 4), 0); /* only the owner fences */
+    /* the key can be written again at once, elsewhere, under the new epoch */
+    assert_int_equal(kvs_m_put_start(m, writer, "A", 1, MIB, &seg, &offb, &b, &ep), KVS_OK);
+    assert_int_equal(ep, 2);
+    assert_true(offb != offa);
+    assert_int_equal(kvs_m_put_end(m, writer, "A", 1, b, KVS_PUT_PUBLISH), KVS_OK);
+    /* C reserved before the next give-up, published after it: refused */
+    assert_int_equal(kvs_m_put_start(m, writer, "C", 1, MIB, &seg, &offc, &c, &ep), KVS_OK);
+    assert_int_equal(kvs_m_put_start(m, writer, "D", 1, MIB, &seg, &offd, &d, &ep), KVS_OK);
+    assert_int_equal(kvs_m_put_end(m, writer, "D", 1, d, KVS_PUT_ABANDON), KVS_OK); /* -> 3 */
+    assert_int_equal(kvs_m_put_end(m, writer, "C", 1, c, KVS_PUT_PUBLISH), KVS_ERR_UNAVAILABLE);
+    assert_false(tm_exists(m, "C"));
+    assert_int_equal(seg_used(m, sg), 4 * MIB); /* A-old, A, C, D */
+    /* held space is never handed out again before the fence */
+    for (int i = 0; i < 4; i++) {
+        char k[8];
+        snprintf(k, sizeof k, "F%d", i);
+        assert_int_equal(kvs_m_put_start(m, writer, k, (uint32_t)strlen(k), MIB, &seg, &offe, &e, &ep),
+                         KVS_OK);
+        assert_true(offe != offa && offe != offc && offe != offd);
+        assert_int_equal(kvs_m_put_end(m, writer, k, (uint32_t)strlen(k), e, KVS_PUT_ABANDON_CLEAN),
+                         KVS_OK);
+    }
+    /* a fence below the wanted epoch frees what it covers: A-old (1) */
+    assert_int_equal(kvs_m_fence(m, owner, sg, 2), KVS_OK);
+    assert_int_equal(seg_used(m, sg), 3 * MIB);
+    assert_int_equal(kvs_m_fence(m, writer, sg, 3), KVS_ERR_INVALID); /* not the owner */
+    assert_int_equal(kvs_m_fence(m, owner, sg, 4), KVS_ERR_INVALID);  /* never asked */
+    assert_int_equal(kvs_m_fences_wanted(m, owner, want, 4), 1);
+    assert_int_equal(kvs_m_fence(m, owner, sg, 3), KVS_OK); /* C and D */
+    assert_int_equal(seg_used(m, sg), MIB);
+    assert_int_equal(kvs_m_fences_wanted(m, owner, want, 4), 0);
+    assert_int_equal(m->cnt.fences, 2);
+    /* given up with nothing in flight (ok=2): freed at once, no fence */
+    assert_int_equal(kvs_m_put_start(m, writer, "E", 1, MIB, &seg, &offe, &e, &ep), KVS_OK);
+    assert_int_equal(ep, 3);
+    assert_int_equal(kvs_m_put_end(m, writer, "E", 1, e, KVS_PUT_ABANDON_CLEAN), KVS_OK);
+    assert_int_equal(seg_used(m, sg), MIB);
+    assert_int_equal(kvs_m_fences_wanted(m, owner, want, 4), 0);
+    assert_int_equal(kvs_m_put_end(m, writer, "E", 1, e, 3), KVS_ERR_INVALID); /* bad ok */
+    /* the owner unmounts: held space goes with the segment */
+    assert_int_equal(kvs_m_put_start(m, writer, "G", 1, MIB, &seg, &offe, &e, &ep), KVS_OK);
+    assert_int_equal(kvs_m_put_end(m, writer, "G", 1, e, KVS_PUT_ABANDON), KVS_OK);
+    assert_int_equal(kvs_m_unmount(m, owner, sg), KVS_OK);
+    assert_int_equal(m->n_objs, 0);
+    /* a MOUNT without an epoch is refused */
+    uint8_t hid[16] = {1};
+    assert_int_equal(kvs_m_mount(m, owner, 4 * MIB, "shm-x", "127.0.0.1:1", hid, 0, &seg),
+                     KVS_ERR_INVALID);
+    kvs_master_free(m);
+}
+
 static void test_closed_connection_keeps_client(void **st)
 {
     (void)st;
@@ -230,6 +304,7 @@ int main(void)
         cmocka_unit_test(test_unmount_under_lease),
         cmocka_unit_test(test_client_expiry),
         cmocka_unit_test(test_put_timeout),
+        cmocka_unit_test(test_fenced_reuse),
         cmocka_unit_test(test_closed_connection_keeps_client),
         cmocka_unit_test(test_remount_same_memory),
     };
