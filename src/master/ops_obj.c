@@ -123,9 +123,10 @@ int kvs_m_put_end(kvs_master *m, uint64_t client_id, const void *key, uint32_t k
         kvs_m_obj_abandon(m, o);
         return KVS_OK;
     }
-    if (o->seg && o->epoch < o->seg->epoch) {
-        /* the segment was fenced since this reservation: some of its
-         * writes may have been dropped, so it is never published */
+    if (o->seg && o->epoch < o->seg->fenced_to) {
+        /* the owner fenced the segment past this reservation: a write of
+         * it after the fence was dropped (a writer that saw the refusal
+         * never says ok=1, so this is a stale or careless commit) */
         kvs_m_obj_abandon(m, o);
         return KVS_ERR_UNAVAILABLE;
     }

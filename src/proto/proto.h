@@ -21,8 +21,13 @@
  * Connection start (master and transfer server alike): the server sends a
  * CHALLENGE frame at once; the client answers HELLO with
  * auth = HMAC-SHA256(secret, nonce) (32 zero bytes when it has no secret).
- * A server with a secret rejects a wrong auth with status KVS_ERR_AUTH and
- * closes. No other message is accepted before a successful HELLO.
+ * The secret is the configured one or, when none is configured, the user's
+ * pool secret (<runtime_dir>/secret, read by daemons and clients alike).
+ * A wrong auth gets status KVS_ERR_AUTH and a close, except on a master's
+ * unix socket when the master has no configured secret and the peer's
+ * kernel-reported uid (SO_PEERCRED) is the master's, root or an
+ * --allow-uid one. Transfer servers always require the secret; a master's
+ * TCP port too. No other message is accepted before a successful HELLO.
  *
  * Message bodies (request -> response):
  *
@@ -35,7 +40,8 @@
  *     TCP stack); if that fails it goes on here.
  * HELLO
  *   req:  u32 version (KVS_PROTO_VERSION), u32 role (enum kvs_role), u64 pid,
- *         u32 uid, str hostname, u8[16] host_id, u8[32] auth
+ *         u32 uid (informational: never trusted), str hostname, u8[16] host_id,
+ *         u8[32] auth
  *   resp: u64 client_id, u32 ttl_ms, u32 lease_ms
  * HEARTBEAT
  *   req:  u64 client_id
@@ -82,8 +88,9 @@
  * STATS
  *   req:  (empty)
  *   resp: str json
- * SHUTDOWN (stops the master; only from a client on the same host and uid,
- *          or with the secret)
+ * SHUTDOWN (stops the master; only from a connection that proved the secret
+ *          or a unix-socket peer of the master's uid or root: KVS_ERR_AUTH
+ *          otherwise, the connection stays open)
  *   req:  (empty)
  *   resp: (empty)
  * FENCE (the owner of a segment, after it fenced the segment's memory to
@@ -109,9 +116,9 @@
  * put timeout, an expired writer) is not freed: the master raises the
  * segment's epoch, asks the owner to fence through HEARTBEAT replies, and
  * frees the space once the owner's FENCE confirms that no write of an older
- * epoch can land. PUT_END ok=1 of a reservation older than the segment's
- * epoch is refused (KVS_ERR_UNAVAILABLE): some of its writes may have been
- * dropped.
+ * epoch can land. A refused write is an error to its writer, which then
+ * never sends PUT_END ok=1; PUT_END ok=1 of a reservation the owner already
+ * fenced past is refused anyway (KVS_ERR_UNAVAILABLE).
  */
 #ifndef KVS_PROTO_H
 #define KVS_PROTO_H

@@ -195,20 +195,25 @@ static void test_fenced_reuse(void **st)
     assert_int_equal(ep, 2);
     assert_true(offb != offa);
     assert_int_equal(kvs_m_put_end(m, writer, "A", 1, b, KVS_PUT_PUBLISH), KVS_OK);
-    /* C reserved before the next give-up, published after it: refused */
+    /* C and D reserved under epoch 2; D given up (-> 3); C, all of whose
+     * writes landed before any fence, is published; H (epoch 2 too) is
+     * committed only after the owner fenced past it: refused */
     assert_int_equal(kvs_m_put_start(m, writer, "C", 1, MIB, &seg, &offc, &c, &ep), KVS_OK);
+    assert_int_equal(kvs_m_put_start(m, writer, "H", 1, MIB, &seg, &offe, &e, &ep), KVS_OK);
     assert_int_equal(kvs_m_put_start(m, writer, "D", 1, MIB, &seg, &offd, &d, &ep), KVS_OK);
     assert_int_equal(kvs_m_put_end(m, writer, "D", 1, d, KVS_PUT_ABANDON), KVS_OK); /* -> 3 */
-    assert_int_equal(kvs_m_put_end(m, writer, "C", 1, c, KVS_PUT_PUBLISH), KVS_ERR_UNAVAILABLE);
-    assert_false(tm_exists(m, "C"));
-    assert_int_equal(seg_used(m, sg), 4 * MIB); /* A-old, A, C, D */
+    assert_int_equal(kvs_m_put_end(m, writer, "C", 1, c, KVS_PUT_PUBLISH), KVS_OK);
+    assert_true(tm_exists(m, "C"));
+    assert_int_equal(kvs_m_remove(m, "C", 1), KVS_OK);
+    uint64_t offh = offe, h = e;
+    assert_int_equal(seg_used(m, sg), 4 * MIB); /* A-old, A, H, D */
     /* held space is never handed out again before the fence */
     for (int i = 0; i < 4; i++) {
         char k[8];
         snprintf(k, sizeof k, "F%d", i);
         assert_int_equal(kvs_m_put_start(m, writer, k, (uint32_t)strlen(k), MIB, &seg, &offe, &e, &ep),
                          KVS_OK);
-        assert_true(offe != offa && offe != offc && offe != offd);
+        assert_true(offe != offa && offe != offh && offe != offd);
         assert_int_equal(kvs_m_put_end(m, writer, k, (uint32_t)strlen(k), e, KVS_PUT_ABANDON_CLEAN),
                          KVS_OK);
     }
@@ -218,8 +223,10 @@ static void test_fenced_reuse(void **st)
     assert_int_equal(kvs_m_fence(m, writer, sg, 3), KVS_ERR_INVALID); /* not the owner */
     assert_int_equal(kvs_m_fence(m, owner, sg, 4), KVS_ERR_INVALID);  /* never asked */
     assert_int_equal(kvs_m_fences_wanted(m, owner, want, 4), 1);
-    assert_int_equal(kvs_m_fence(m, owner, sg, 3), KVS_OK); /* C and D */
-    assert_int_equal(seg_used(m, sg), MIB);
+    assert_int_equal(kvs_m_fence(m, owner, sg, 3), KVS_OK); /* D */
+    assert_int_equal(kvs_m_put_end(m, writer, "H", 1, h, KVS_PUT_PUBLISH), KVS_ERR_UNAVAILABLE);
+    assert_false(tm_exists(m, "H"));
+    assert_int_equal(seg_used(m, sg), MIB); /* H was below the fence: freed at once */
     assert_int_equal(kvs_m_fences_wanted(m, owner, want, 4), 0);
     assert_int_equal(m->cnt.fences, 2);
     /* given up with nothing in flight (ok=2): freed at once, no fence */
