@@ -3,7 +3,8 @@
 # Debian packages via apt-get; Python test tools via pip (into the user's Python).
 set -euo pipefail
 pkgs=(build-essential cmake pkg-config clang libclang-rt-14-dev
-      libxxhash-dev libcjson-dev libmicrohttpd-dev libcurl4-openssl-dev libssl-dev libcmocka-dev)
+      libxxhash-dev libcjson-dev libmicrohttpd-dev libcurl4-openssl-dev libssl-dev libcmocka-dev
+      nftables)  # nftables: the network partition of tests/integration/test_faults.py
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

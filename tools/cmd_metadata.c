@@ -19,6 +19,7 @@ typedef struct md_route {
     kvs_metadata *md;
     const char *path;
     size_t path_len;
+    const char *secret; /* NULL: no credentials asked */
 } md_route;
 
 static void route(void *ud, const kvs_http_request *req, kvs_http_response *resp)
@@ -28,6 +29,15 @@ static void route(void *ud, const kvs_http_request *req, kvs_http_response *resp
     size_t pl = strlen(p);
     if (pl > 1 && p[pl - 1] == '/') pl--; /* "/metadata/" == "/metadata" */
     if (pl == r->path_len && !strncmp(p, r->path, pl)) {
+        if (r->secret && !kvs_http_bearer_ok(req, r->secret)) {
+            resp->status = req->authorization ? 403 : 401;
+            resp->content_type = "text/plain; charset=utf-8";
+            resp->body = strdup(req->authorization ? "forbidden: wrong credentials\n"
+                                                   : "unauthorized: send the header "
+                                                     "'Authorization: Bearer <secret>'\n");
+            resp->body_len = resp->body ? strlen(resp->body) : 0;
+            return;
+        }
         kvs_metadata_handle(r->md, req, resp);
         KVS_LOGD("%s %s key=%s body=%zu -> %d", req->method, p, req->key ? req->key : "-",
                  req->body_len, resp->status);
@@ -48,16 +58,19 @@ static void usage(FILE *f)
 {
     fprintf(f,
             "usage: kvshelf metadata [--addr HOST:PORT] [--path /metadata] [--port-file FILE]\n"
-            "                        [--allow-remote] [--max-keys N] [--verbose]\n\n"
+            "                        [--secret S] [--allow-remote] [--max-keys N] [--verbose]\n\n"
             "Runs the Mooncake-compatible HTTP metadata service (GET|PUT|DELETE\n"
             "<path>?key=K) alone, in memory. Set metadata_server to\n"
             "http://HOST:PORT/metadata in clients' configurations.\n\n"
             "  --addr HOST:PORT   listen address (default 127.0.0.1:%d; port 0 picks one)\n"
             "  --path PATH        URL path of the service (default /metadata)\n"
             "  --port-file FILE   after binding, write {\"http\":PORT} to FILE\n"
-            "  --allow-remote     allow a non-loopback address (the HTTP metadata protocol\n"
-            "                     has no authentication: anyone who can reach it can\n"
-            "                     read and change it)\n"
+            "  --secret S         require the header 'Authorization: Bearer S' on every\n"
+            "                     request to PATH (401 without it, 403 if wrong); then a\n"
+            "                     non-loopback address needs no --allow-remote\n"
+            "  --allow-remote     allow a non-loopback address without --secret (Mooncake's\n"
+            "                     HTTP metadata protocol has no authentication: anyone who\n"
+            "                     can reach it can read and change it)\n"
             "  --max-keys N       most keys stored (default 65536)\n"
             "  -v, --verbose      log requests and more\n"
             "  -h, --help         this text\n\n"
@@ -90,12 +103,14 @@ int kvs_cmd_metadata(int argc, char **argv)
         {"addr", required_argument, NULL, 'a'},     {"path", required_argument, NULL, 'p'},
         {"port-file", required_argument, NULL, 'f'}, {"allow-remote", no_argument, NULL, 'r'},
         {"max-keys", required_argument, NULL, 'k'}, {"verbose", no_argument, NULL, 'v'},
+        {"secret", required_argument, NULL, 's'},
         {"help", no_argument, NULL, 'h'},           {NULL, 0, NULL, 0},
     };
     const char *addr_text = "127.0.0.1";
     const char *path = "/metadata";
     const char *port_file = NULL;
     int allow_remote = 0;
+    const char *secret = NULL;
     kvs_metadata_limits lim = {0};
     optind = 1;
     opterr = 0;
@@ -106,6 +121,13 @@ int kvs_cmd_metadata(int argc, char **argv)
         case 'p': path = optarg; break;
         case 'f': port_file = optarg; break;
         case 'r': allow_remote = 1; break;
+        case 's':
+            if (!optarg[0]) {
+                fprintf(stderr, "kvshelf metadata: --secret must not be empty\n");
+                return 2;
+            }
+            secret = optarg;
+            break;
         case 'k': {
             char *end = NULL;
             errno = 0;
@@ -142,11 +164,11 @@ int kvs_cmd_metadata(int argc, char **argv)
         fprintf(stderr, "kvshelf metadata: bad --addr '%s' (expected HOST:PORT)\n", addr_text);
         return 2;
     }
-    if (!kvs_addr_is_loopback(&addr) && !allow_remote) {
+    if (!kvs_addr_is_loopback(&addr) && !allow_remote && !secret) {
         fprintf(stderr,
-                "kvshelf metadata: refusing to listen on non-loopback address '%s': the HTTP\n"
-                "metadata protocol has no authentication. Add --allow-remote if this network\n"
-                "is trusted.\n",
+                "kvshelf metadata: refusing to listen on non-loopback address '%s' without\n"
+                "--secret (clients then send 'Authorization: Bearer <secret>'). Add\n"
+                "--allow-remote instead if this network is trusted.\n",
                 addr_text);
         return 2;
     }
@@ -161,7 +183,8 @@ int kvs_cmd_metadata(int argc, char **argv)
     pthread_sigmask(SIG_BLOCK, &stop, NULL);
     signal(SIGPIPE, SIG_IGN);
 
-    md_route r = {.md = kvs_metadata_new_ex(&lim), .path = path, .path_len = strlen(path)};
+    md_route r = {.md = kvs_metadata_new_ex(&lim), .path = path, .path_len = strlen(path),
+                  .secret = secret};
     if (r.path_len > 1 && path[r.path_len - 1] == '/') r.path_len--;
     if (!r.md) {
         fprintf(stderr, "kvshelf metadata: out of memory\n");

@@ -29,10 +29,16 @@ static void usage(FILE *f)
             "                         global_segment_size of the configuration)\n"
             "  --local-hostname H     address peers use to reach this node (default\n"
             "                         127.0.0.1; anything beyond loopback needs a secret)\n"
-            "  --secret S             shared secret (or KVSHELF_SECRET)\n"
+            "  --secret S             shared secret (or KVSHELF_SECRET; default: this user's\n"
+            "                         pool secret, <runtime dir>/secret; it also guards this\n"
+            "                         node's transfer server)\n"
             "  --config FILE          JSON configuration (Mooncake keys)\n"
             "  -v, --verbose          log more\n"
             "  -h, --help             this text\n\n"
+            "Transfer server limits (environment): KVSHELF_XFER_MAX_CONNS connections,\n"
+            "one thread each (default 256, at most (open-files limit - 32) / 2); a\n"
+            "connection must say HELLO within KVSHELF_XFER_HELLO_MS (default 3000) or is\n"
+            "closed. If the node dies, the master drops its segment within about a second.\n\n"
             "Configuration: --config FILE, then KVSHELF_* environment variables, then\n"
             "these options. Exit status: 0 stopped by a signal, 1 failure, 2 bad usage.\n");
 }

@@ -1,11 +1,14 @@
 /* `kvshelf status` (the pool's state from the master's STATS) and
  * `kvshelf stop` (SHUTDOWN; for the embedded host-local pool). Neither
  * starts an embedded pool. */
+#include <dirent.h>
+#include <errno.h>
 #include <getopt.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/time.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -122,7 +125,8 @@ static void status_usage(FILE *f)
             "(it never starts one).\n\n"
             "  --master ADDR   master address, host:port or unix:/path\n"
             "  --json          print the master's STATS JSON document as is\n"
-            "  --secret S      shared secret (or KVSHELF_SECRET)\n"
+            "  --secret S      shared secret (or KVSHELF_SECRET; default: this user's pool\n"
+            "                  secret, <runtime dir>/secret)\n"
             "  --config FILE   JSON configuration (Mooncake keys)\n"
             "  -v, --verbose   log more\n"
             "  -h, --help      this text\n\n"
@@ -222,6 +226,78 @@ static void print_table(const char *master, int embedded, const cJSON *root)
     }
 }
 
+/* ---- engines: the vLLM connectors' own view (kvshelf.vllm) ----
+ * Each process running a kvshelf.vllm connector rewrites
+ * <runtime dir>/engines/<pid>.json every few seconds: its pool address,
+ * whether it reaches it, the last error and its counters. Files of dead
+ * pids are removed here. Prints nothing when the folder does not exist. */
+static void print_engines(const char *runtime_dir)
+{
+    char dir[1024];
+    if (snprintf(dir, sizeof dir, "%s/engines", runtime_dir) >= (int)sizeof dir) return;
+    DIR *d = opendir(dir);
+    if (!d) return;
+    static const char *const cols[] = {"PID",    "ROLE",  "POOL",  "STATE",   "HITS",
+                                       "MISSES", "LOADS", "SAVES", "UPDATED", "LAST ERROR"};
+    kvs_table *t = kvs_table_new(10, cols, 0x1 | 0x10 | 0x20 | 0x40 | 0x80);
+    struct timeval tv;
+    gettimeofday(&tv, NULL);
+    double now = (double)tv.tv_sec + tv.tv_usec / 1e6;
+    int n = 0, pruned = 0;
+    struct dirent *e;
+    while (t && (e = readdir(d))) {
+        const char *nm = e->d_name;
+        size_t len = strlen(nm), digits = strspn(nm, "0123456789");
+        if (digits == 0 || digits > 10 || len != digits + 5 || strcmp(nm + digits, ".json")) continue;
+        long pid = strtol(nm, NULL, 10);
+        char path[1400];
+        snprintf(path, sizeof path, "%s/%s", dir, nm);
+        if (pid <= 0 || (kill((pid_t)pid, 0) < 0 && errno == ESRCH)) {
+            if (unlink(path) == 0) pruned++;
+            continue;
+        }
+        FILE *f = fopen(path, "r");
+        if (!f) continue;
+        char buf[65536];
+        size_t got = fread(buf, 1, sizeof buf - 1, f);
+        fclose(f);
+        buf[got] = '\0';
+        cJSON *j = cJSON_Parse(buf);
+        if (!cJSON_IsObject(j)) { /* being replaced, or not ours */
+            cJSON_Delete(j);
+            continue;
+        }
+        const cJSON *c = cJSON_GetObjectItemCaseSensitive(j, "counters");
+        double upd = num(j, "updated"), every = num(j, "interval_s");
+        if (every < 1) every = 5;
+        char spid[32], hits[32], miss[32], loads[32], saves[32], ago[48], state[48];
+        snprintf(spid, sizeof spid, "%ld", pid);
+        snprintf(hits, sizeof hits, "%.0f", num(c, "hit_blocks"));
+        snprintf(miss, sizeof miss, "%.0f", num(c, "miss_blocks"));
+        snprintf(loads, sizeof loads, "%.0f", num(c, "loaded"));
+        snprintf(saves, sizeof saves, "%.0f", num(c, "saved"));
+        snprintf(ago, sizeof ago, "%.1f s ago", now - upd > 0 ? now - upd : 0.0);
+        const cJSON *r = cJSON_GetObjectItemCaseSensitive(j, "reachable");
+        if (upd <= 0 || now - upd > 3 * every + 10)
+            snprintf(state, sizeof state, "stale");
+        else if (cJSON_IsTrue(r))
+            snprintf(state, sizeof state, "ok");
+        else
+            snprintf(state, sizeof state, "UNREACHABLE %.0f s", num(j, "unreachable_s"));
+        const char *err = str(j, "last_error");
+        const char *row[] = {spid, str(j, "role"), str(j, "pool"), state, hits,
+                             miss, loads,          saves,          ago,   cJSON_IsTrue(r) ? "-" : err};
+        kvs_table_add(t, row);
+        n++;
+        cJSON_Delete(j);
+    }
+    closedir(d);
+    printf("\nengines (%d)%s\n", n, n ? "  (vLLM connectors: kvshelf.vllm; HITS/MISSES/LOADS/SAVES in blocks)" : "");
+    if (n) kvs_table_print(t, stdout, 2);
+    if (pruned) printf("  (removed %d file%s of engines that are gone)\n", pruned, pruned > 1 ? "s" : "");
+    kvs_table_free(t);
+}
+
 int kvs_cmd_status(int argc, char **argv)
 {
     tool_opts o;
@@ -251,9 +327,15 @@ int kvs_cmd_status(int argc, char **argv)
                 "It starts with the first program that opens a client without a master\n"
                 "address; give --master ADDR to ask a standalone master.\n",
                 dir);
+        if (!o.json) print_engines(dir);
         return 3;
     }
-    if (orc) return orc;
+    if (orc) {
+        char dir[512];
+        kvs_embedded_runtime_dir(&cfg, dir, sizeof dir);
+        if (!o.json) print_engines(dir);
+        return orc;
+    }
     char *json = NULL;
     int rc = kvs_client_stats_json(c, &json);
     int status = 0;
@@ -271,6 +353,9 @@ int kvs_cmd_status(int argc, char **argv)
         } else {
             print_table(kvs_client_master_addr(c), kvs_client_is_embedded(c), root);
             cJSON_Delete(root);
+            char dir[512];
+            kvs_embedded_runtime_dir(&cfg, dir, sizeof dir);
+            print_engines(dir);
         }
     }
     free(json);
@@ -289,7 +374,8 @@ static void stop_usage(FILE *f)
             "secret). Waits until it is gone. Programs still using the embedded pool\n"
             "start a new one when they next need it.\n\n"
             "  --master ADDR   master address, host:port or unix:/path\n"
-            "  --secret S      shared secret (or KVSHELF_SECRET)\n"
+            "  --secret S      shared secret (or KVSHELF_SECRET; default: this user's pool\n"
+            "                  secret, <runtime dir>/secret)\n"
             "  --config FILE   JSON configuration (Mooncake keys)\n"
             "  -v, --verbose   log more\n"
             "  -h, --help      this text\n\n"

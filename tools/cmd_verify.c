@@ -197,7 +197,7 @@ static void count_err(int rc)
 
 typedef struct vopts {
     kvs_config cfg;
-    int threads, keys, rewrite, json, quiet, script, zero_copy;
+    int threads, keys, rewrite, json, quiet, script, zero_copy, write_delay_us;
     uint64_t lo, hi, ops_limit, seed;
     double duration;
     char prefix[128];
@@ -275,7 +275,19 @@ static int op_put(vctx *x, const char *key, uint32_t klen, uint64_t ver, uint64_
         if (rc >= 0) rc = s.status;
         if (rc == KVS_OK) {
             int w = KVS_OK;
-            if (s.ptr) {
+            if (x->o->write_delay_us) {
+                /* a slow writer (a device copy in flight): 64 KiB pieces with
+                 * a pause after each, in place or through the transfer engine */
+                make_value(x->buf, len, kh, ver);
+                for (uint64_t off = 0; off < len && w == KVS_OK; off += 65536) {
+                    uint64_t n = len - off < 65536 ? len - off : 65536;
+                    if (s.ptr)
+                        memcpy((uint8_t *)s.ptr + off, x->buf + off, n);
+                    else
+                        w = kvs_slot_write(x->c, &s, off, x->buf + off, n);
+                    usleep((useconds_t)x->o->write_delay_us);
+                }
+            } else if (s.ptr) {
                 make_value(s.ptr, len, kh, ver); /* straight into the segment */
             } else {
                 make_value(x->buf, len, kh, ver);
@@ -604,6 +616,9 @@ static void usage(FILE *f)
 "  --ops N             stop after N operations\n"
 "  --zero-copy         write through kvs_reserve_batch/commit (in place when the\n"
 "                      segment is mapped) and read through kvs_acquire_batch\n"
+"  --write-delay-us N  implies --zero-copy: write values in 64 KiB pieces with a\n"
+"                      pause of N us after each (a slow writer, e.g. a device\n"
+"                      copy still in flight when the put is given up)\n"
 "  --script            run the operations given on stdin (see the source header)\n"
 "  --progress FILE     rewrite the JSON report into FILE every 100 ms\n"
 "  --prefix P          key prefix (default verify-<pid>-<time>)\n"
@@ -634,7 +649,7 @@ int kvs_cmd_verify(int argc, char **argv)
     enum {
         O_THREADS = 256, O_KEYS, O_SIZES, O_REWRITE, O_DURATION, O_OPS, O_ZC, O_SCRIPT, O_PROGRESS,
         O_PREFIX, O_SEED, O_MASTER, O_CONFIG, O_SEGSIZE, O_SECRET, O_TIMEOUT, O_JSON, O_QUIET,
-        O_HELP
+        O_HELP, O_WDELAY
     };
     static const struct option lo[] = {
         {"threads", required_argument, 0, O_THREADS},   {"keys", required_argument, 0, O_KEYS},
@@ -647,6 +662,7 @@ int kvs_cmd_verify(int argc, char **argv)
         {"segment-size", required_argument, 0, O_SEGSIZE},
         {"secret", required_argument, 0, O_SECRET},     {"timeout-ms", required_argument, 0, O_TIMEOUT},
         {"json", no_argument, 0, O_JSON},               {"quiet", no_argument, 0, O_QUIET},
+        {"write-delay-us", required_argument, 0, O_WDELAY},
         {"help", no_argument, 0, O_HELP},               {0, 0, 0, 0}};
     const char *config_file = NULL, *master = NULL, *secret = NULL, *segsize = NULL;
     long timeout_ms = -1;
@@ -699,6 +715,16 @@ int kvs_cmd_verify(int argc, char **argv)
             }
             break;
         case O_ZC: o.zero_copy = 1; break;
+        case O_WDELAY: {
+            long v = strtol(optarg, &end, 10);
+            if (!*optarg || *end || v < 0 || v > 1000000) {
+                fprintf(stderr, "kvshelf verify: bad --write-delay-us '%s'\n", optarg);
+                return 2;
+            }
+            o.write_delay_us = (int)v;
+            o.zero_copy = 1;
+            break;
+        }
         case O_SCRIPT: o.script = 1; break;
         case O_PROGRESS: o.progress = optarg; break;
         case O_PREFIX:

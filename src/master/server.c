@@ -7,6 +7,7 @@
 #include <errno.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -25,6 +26,7 @@
 #define READ_CHUNK (64u * 1024)
 #define OUT_PAUSE (16u << 20) /* stop reading a client with this much unsent */
 #define TICK_MS 100
+#define KVS_SERVER_GC_RUNS 4 /* gc passes, 1 s apart, after clients expired */
 
 enum { TAG_LISTEN = 1, TAG_CONN = 2, TAG_CLOSED = 3 };
 
@@ -69,6 +71,8 @@ struct kvs_server {
     kvs_server_counters cnt;
     int (*gc)(void); /* called after clients expired (see kvs_server_set_gc) */
     uint64_t expired_seen;
+    int gc_runs_left; /* gc once a second while > 0 */
+    uint64_t gc_next_ms;
 };
 
 static kvs_log_limit g_refuse_log, g_hello_log, g_evict_log;
@@ -93,6 +97,7 @@ int kvs_server_new(kvs_master *m, kvs_server **out)
     s->busy_poll_ns = KVS_SERVER_BUSY_POLL_US * 1000ull;
     s->max_conns = kvs_server_default_max_conns();
     s->hello_ms = KVS_SERVER_HELLO_MS;
+    s->gc_runs_left = 1; /* at start: files left by owners that died before */
     s->ep = epoll_create1(EPOLL_CLOEXEC);
     if (s->ep < 0) {
         free(s);
@@ -335,9 +340,12 @@ static void on_accept(kvs_server *s, listener *l)
         int fd = accept4(l->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
         if (fd < 0) {
             if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
-                /* out of descriptors: an unauthenticated connection makes
-                 * room; with none, stop accepting for a while */
+                /* out of descriptors (accept4 says so before it looks for a
+                 * connection): if one waits, the oldest connection without
+                 * HELLO makes room; with none, stop accepting for a while */
                 int e = errno;
+                struct pollfd p = {l->fd, POLLIN, 0};
+                if (poll(&p, 1, 0) <= 0) return; /* nobody waiting */
                 if (evict_oldest_pre(s)) continue;
                 pause_accepting(s, e);
             } else if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR &&
@@ -488,13 +496,18 @@ int kvs_server_run(kvs_server *s, volatile sig_atomic_t *stop, int stop_on_shutd
             kvs_master_get_counters(s->m, &k);
             kvs_master_unlock(s->m);
             /* a client expired: if it died on this host its segment file is
-             * an orphan now (removed only once its owner is gone) */
+             * an orphan now. The gc leaves files younger than ~2 s alone (an
+             * owner may still be taking its lock), so it runs once a second
+             * for a few seconds. */
             if (k.expired_clients != s->expired_seen) {
                 s->expired_seen = k.expired_clients;
-                if (s->gc) {
-                    int n = s->gc();
-                    if (n > 0) KVS_LOGI("removed %d orphaned segment file(s)", n);
-                }
+                s->gc_runs_left = KVS_SERVER_GC_RUNS;
+            }
+            if (s->gc && s->gc_runs_left > 0 && now >= s->gc_next_ms) {
+                s->gc_runs_left--;
+                s->gc_next_ms = now + 1000;
+                int removed = s->gc();
+                if (removed > 0) KVS_LOGI("removed %d orphaned segment file(s)", removed);
             }
             free_closed(s);
             next_tick = now + TICK_MS;

@@ -69,10 +69,11 @@ uint32_t kvs_server_max_conns(const kvs_server *s);
  * default, KVS_SERVER_HELLO_MS). */
 void kvs_server_set_hello_ms(kvs_server *s, uint32_t ms);
 
-/* Sets a function the loop calls after its tick expired clients (NULL:
- * none): the master process passes kvs_segment_gc, which removes the
- * shared-memory files of segment owners that died on this host. It returns
- * how many it removed (logged). */
+/* Sets a function the loop calls at start and, after its tick expired
+ * clients, once a second for the next few seconds (NULL: none): the master
+ * process passes kvs_segment_gc, which removes the shared-memory files of
+ * segment owners that died on this host. It returns how many it removed
+ * (logged). */
 void kvs_server_set_gc(kvs_server *s, int (*gc)(void));
 
 /* Connection counters of the loop. */

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 import kvswire
-from conftest import row, segments_of
+from conftest import Master, row, segments_of
 
 SECRET = "limits-secret-1"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -80,7 +80,6 @@ def start_limited_master(kv, nofile, extra=(), ttl_ms=10000):
         try:
             d = json.loads(pf.read_text())
             if d.get("rpc"):
-                from conftest import Master
                 return Master(p, int(d["rpc"]), int(d["http"]), SECRET, args)
         except (OSError, ValueError):
             pass
@@ -174,14 +173,20 @@ def test_master_authenticated_flood_at_fd_limit(kv, many_fds, max_conns):
     cpu0, log0 = cpu_seconds(m.proc.pid), log_size(m.proc)
     held, refused = [], 0
     for _ in range(120):
+        s = None
         try:
-            s, st = kvswire.handshake(m.rpc, SECRET)
-        except (OSError, AssertionError, socket.timeout):
-            refused += 1
-            if refused >= 8:
+            s = kvswire.connect(m.rpc, timeout=1.0)
+            _, nonce = kvswire.read_challenge(s)
+            s.sendall(kvswire.frame(kvswire.HELLO, kvswire.hello_body(nonce, SECRET)))
+            f = kvswire.read_frame(s)
+            assert f is not None and f[0][4] == 0, f
+        except (OSError, AssertionError):
+            if s is not None:
+                s.close()
+            refused += 1  # closed at once, or left waiting (no CHALLENGE within 1 s)
+            if refused >= 4:
                 break
             continue
-        assert st == 0
         held.append(s)
     try:
         assert refused >= 1, "the master accepted all of %d authenticated connections" % len(held)
@@ -190,6 +195,9 @@ def test_master_authenticated_flood_at_fd_limit(kv, many_fds, max_conns):
         cpu = cpu_seconds(m.proc.pid) - cpu0
         assert cpu < 1.0, "master used %.2f s of CPU while full" % cpu
         assert log_size(m.proc) - log0 < 100 * 1024
+        # the path taken: out of descriptors (paused), or at the limit (refused)
+        want = "not accepting for" if max_conns else "refusing a new one"
+        assert want in m.proc.log_text(), m.proc.log_text()
     finally:
         close_all(held)
     args = ["--sizes", "16K", "--count", 100, "--prefix", "ma", "--verify"]
@@ -262,35 +270,38 @@ def test_transfer_idle_connections_bounded(kv, many_fds):
 @pytest.mark.parametrize("how", ["kill", "stop"])
 def test_client_backs_off_while_master_away(kv, how):
     """A client reading in a loop (timeout 400 ms) while its master is killed
-    or stopped: it fails at a bounded rate (hundreds per second at most, not
-    hundreds of thousands), no call takes much longer than its timeout, and
-    once a master answers again the calls reach it."""
-    m = kv.start_master(secret=SECRET, ttl_ms=10000)
+    (and restarted 3 s later) or stopped with SIGSTOP for 5 s (its heartbeat
+    then times out and it reconnects): it fails at a bounded rate (tens per
+    second at most, not one per call as fast as it can call), no call takes
+    much longer than its timeout, and once a master answers again the calls
+    reach it. (`kvshelf bench` itself sleeps 1 ms after a failed call, so an
+    unpaced client shows here as ~1,000 errors/s.)"""
+    ttl = 10000 if how == "kill" else 6000  # heartbeats every ttl/3
+    m = kv.start_master(secret=SECRET, ttl_ms=ttl)
     kv.start_node(m, "64M")
     args = ["--sizes", "4K", "--count", 50, "--prefix", "mo", "--keep"]
     assert_clean(kv.bench(m, "--mode", "put", *args), "put")
-    p = kv.bench_bg(m, "--mode", "get", "--duration", 7, "--timeout-ms", 400, *args)
+    p = kv.bench_bg(m, "--mode", "get", "--duration", 7 if how == "kill" else 9,
+                    "--timeout-ms", 400, *args)
     time.sleep(1.5)
     if how == "kill":
         m.proc.kill()
         time.sleep(3.0)
         kv.start_master(name="master", listen=m.addr, http=m.http_addr, secret=SECRET,
-                        ttl_ms=10000)
+                        ttl_ms=ttl)
     else:
         m.proc.signal(signal.SIGSTOP)
-        time.sleep(3.0)
+        time.sleep(5.0)
         m.proc.signal(signal.SIGCONT)
     rep = kv.bench_result(p, timeout=60)
     assert rep["fatal"] == 0, rep.get("fatal_message")
     r = row(rep, "get")
-    errs = rep["timeline"]["err"]
-    assert r["err"] > 0, "no call failed while the master was away"
-    assert max(errs) <= 300, "errors per second: %s" % errs
+    tl = rep["timeline"]
+    assert r["errors"] > 0, "no call failed while the master was away"
+    assert max(tl["err"]) <= 100, "errors per second: %s" % tl["err"]
     assert r["lat_us"]["max"] <= 1.5 * 400 * 1000, "slowest call: %.0f us" % r["lat_us"]["max"]
-    # calls reached a master again (the new one has no objects: misses)
-    ok_or_miss = [a + b for a, b in zip(rep["timeline"]["ok"], rep["timeline"].get(
-        "miss", [0] * len(errs)))]
-    assert ok_or_miss[-1] > 0, "no call succeeded after the master came back: %s" % rep["timeline"]
+    # calls reached a master again (a restarted one has no objects: misses)
+    assert tl["ok"][-2] + tl["miss"][-2] > 0, "no call reached the master again: %s" % tl
 
 
 def test_get_from_stopped_node_within_timeout(kv):
@@ -312,7 +323,7 @@ def test_get_from_stopped_node_within_timeout(kv):
         node.signal(signal.SIGCONT)
     assert rep["totals"]["mismatches"] == 0
     r = row(rep, "get")
-    assert r["ok"] > 0 and r["err"] > 0, (r["ok"], r["err"], r["error_codes"])
+    assert r["ok"] > 0 and r["errors"] > 0, (r["ok"], r["errors"], r["error_codes"])
     assert r["lat_us"]["max"] <= 1.5 * 1000 * 1000, "slowest get: %.0f us" % r["lat_us"]["max"]
 
 

@@ -48,6 +48,15 @@ def unix_conns(path):
     return n
 
 
+def settled_conns(kv, path, want):
+    """unix_conns(path) once it is `want`: connections of the `kvshelf status`
+    commands the harness ran may still be open on the master's side for a
+    moment after those commands exited."""
+    kv.wait_for(lambda: unix_conns(path) == want, 5, "%d sockets on %s" % (want, path),
+                interval=0.01)
+    return want
+
+
 def test_same_host_client_switches_to_unix_socket(kv):
     m = kv.start_master()
     _, path = challenge_offer(m.rpc)
@@ -64,12 +73,12 @@ def test_same_host_client_switches_to_unix_socket(kv):
     assert f is not None and f[0][1] == w.CHALLENGE and len(f[1]) == 20
 
     kv.start_node(m, segment_size="64M")
-    base = unix_conns(path)
+    base = settled_conns(kv, path, 2)  # the listener and the node
     # a long-running client: its master connection must be a unix one
     p = kv.bench_bg(m, "--mode", "rw", "--sizes", "64K", "--count", 64, "--duration", 3,
                          "--verify", "--segment-size", 0)
     kv.wait_for(lambda: unix_conns(path) > base, 10, "a client connection on %s" % path,
-                     proc=p)
+                     proc=p, interval=0.01)
     d = kv.bench_result(p)
     assert d["_rc"] == 0, d
     assert row(d, "rw_get")["ok"] > 0
@@ -91,7 +100,7 @@ def test_no_local_socket_option(kv):
 def test_switch_can_be_refused_by_the_client(kv):
     m = kv.start_master()
     _, path = challenge_offer(m.rpc)
-    base = unix_conns(path)
+    base = settled_conns(kv, path, 1)  # the listener
     env = dict(kv.env, KVSHELF_NO_LOCAL_SOCKET="1")
     p = kv.bench_bg(m, "--mode", "rw", "--sizes", "4K", "--count", 16, "--duration", 2,
                          "--segment-size", "16M", env=env)
@@ -107,7 +116,7 @@ def test_other_host_client_stays_on_tcp(kv):
     m = kv.start_master()
     _, path = challenge_offer(m.rpc)
     kv.start_node(m, segment_size="64M")
-    base = unix_conns(path)
+    base = settled_conns(kv, path, 2)  # the listener and the node
     p = kv.bench_bg(m, "--mode", "rw", "--sizes", "64K", "--count", 32, "--duration", 2,
                          "--verify", other_host=True)
     time.sleep(1.0)
