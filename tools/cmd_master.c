@@ -542,7 +542,10 @@ int kvs_cmd_master(int argc, char **argv)
         kvs_strlcpy(c.runtime_dir, rundir, sizeof c.runtime_dir);
         char e2[512] = "";
         if (kvs_pool_secret(&c, pool_secret, sizeof pool_secret, e2, sizeof e2) != KVS_OK) {
-            fprintf(stderr, "kvshelf master: no secret configured and no pool secret: %s\n", e2);
+            fprintf(stderr,
+                    "kvshelf master: no secret configured and no pool secret: %s (give --secret, "
+                    "or a usable --runtime-dir)\n",
+                    e2);
             return 1;
         }
         o.mo.secret_is_pool = 1;

@@ -607,6 +607,7 @@ class EngineStatusBoard:
         return {
             "version": STATUS_VERSION,
             "pid": self.pid,
+            "ppid": os.getppid(),
             "host": socket.gethostname(),
             "role": "+".join(str(e.get("role", "?")) for e in entries) or "-",
             "pool": ", ".join(pools) or "-",
@@ -947,7 +948,14 @@ class KVShelfConnector(KVConnectorBase_V1):
         self._counters[k] += n
 
     def status(self) -> dict[str, Any]:
-        """This connector's entry in the status file."""
+        """This connector's entry in the status file (saves that finished
+        are counted first, also while the engine idles)."""
+        lock = getattr(self, "_tasks_lock", None)
+        if lock is not None and lock.acquire(blocking=False):
+            try:
+                self._reap_locked()
+            finally:
+                lock.release()
         link = self._link
         st = link.state() if link is not None else {"pool": pool_address(self._store_cfg), "reachable": False,
                                                      "last_error": "not opened"}
@@ -984,12 +992,13 @@ class KVShelfConnector(KVConnectorBase_V1):
         link = self._link
         if link is not None:
             self._counters["open_failures"] = link.failures
+        snap = dict(self._counters)  # the status thread may count saves meanwhile
         data: dict[str, Any] = {}
-        for k, v in self._counters.items():
+        for k, v in snap.items():
             d = v - self._reported.get(k, 0)
             if d:
                 data[k] = d
-        self._reported = dict(self._counters)
+        self._reported = snap
         down = 0 if (link is not None and link.reachable) else 1
         if down or down != self._reported_unreachable:
             data["pool_unreachable"] = down
@@ -1171,6 +1180,9 @@ class KVShelfConnector(KVConnectorBase_V1):
             self._rank = 0
         self._lock = threading.Lock()
         self._invalid: set[int] = set()
+        # saves in flight; also reaped by the status writer thread, so their
+        # counters are current while the engine idles
+        self._tasks_lock = threading.Lock()
         self._save_tasks: dict[str, list[kvshelf.Task]] = {}
         self._known_save_reqs: set[str] = set()
         self._finishing: set[str] = set()
@@ -1213,9 +1225,12 @@ class KVShelfConnector(KVConnectorBase_V1):
         if not isinstance(kv_connector_metadata, KVShelfConnectorMetadata):
             return
         for rid in kv_connector_metadata.preempted:
-            for t in self._save_tasks.pop(rid, []):
+            with self._tasks_lock:
+                tasks = self._save_tasks.pop(rid, [])
+            for t in tasks:
                 t.wait()
-                self._account_save(t)
+                with self._tasks_lock:
+                    self._account_save(t)
 
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
         meta = self._connector_metadata
@@ -1288,7 +1303,8 @@ class KVShelfConnector(KVConnectorBase_V1):
                 self._link.op_failed(e)
                 self._count("save_failed", len(tr.hashes))
                 continue
-            self._save_tasks.setdefault(tr.req_id, []).append(t)
+            with self._tasks_lock:
+                self._save_tasks.setdefault(tr.req_id, []).append(t)
         self._reap()
 
     def _account_save(self, t: kvshelf.Task) -> None:
@@ -1300,6 +1316,10 @@ class KVShelfConnector(KVConnectorBase_V1):
         self._count("save_failed", len(failed))
 
     def _reap(self) -> None:
+        with self._tasks_lock:
+            self._reap_locked()
+
+    def _reap_locked(self) -> None:
         for rid in list(self._save_tasks):
             left = []
             for t in self._save_tasks[rid]:
@@ -1316,8 +1336,9 @@ class KVShelfConnector(KVConnectorBase_V1):
         if not hasattr(self, "_save_tasks"):
             return None, None
         self._finishing |= {r for r in finished_req_ids if r in self._known_save_reqs}
-        self._reap()
-        done = {r for r in self._finishing if r not in self._save_tasks}
+        with self._tasks_lock:
+            self._reap_locked()
+            done = {r for r in self._finishing if r not in self._save_tasks}
         self._finishing -= done
         self._known_save_reqs -= done
         return (done or None), None

@@ -221,6 +221,80 @@ static void test_unsafe_runtime_dir(void **state)
     assert_null(c);
 }
 
+/* The pool secret: made once (0600, 64 hex digits, in a 0700 directory),
+ * the same for every later caller, the same for racing first callers, no
+ * temporary file left behind; a file that is not private, not a regular
+ * file or not hex is refused. */
+static void test_pool_secret(void **state)
+{
+    fix *f = *state;
+    kvs_config cfg;
+    cfg_for(f, &cfg);
+    /* racing first callers (fresh directory) all get one secret */
+    int fds[4][2];
+    for (int i = 0; i < 4; i++) {
+        assert_int_equal(pipe(fds[i]), 0);
+        pid_t pid = fork();
+        assert_true(pid >= 0);
+        if (pid == 0) {
+            char s[80] = "";
+            int rc = kvs_pool_secret(&cfg, s, sizeof s, NULL, 0);
+            if (rc != KVS_OK) snprintf(s, sizeof s, "error %d", rc);
+            ssize_t n = write(fds[i][1], s, strlen(s));
+            _exit(n > 0 ? 0 : 1);
+        }
+        close(fds[i][1]);
+    }
+    char first[80] = "", err[512];
+    for (int i = 0; i < 4; i++) {
+        char got[80] = "";
+        ssize_t n = read(fds[i][0], got, sizeof got - 1);
+        close(fds[i][0]);
+        assert_true(n == 64);
+        if (!first[0]) memcpy(first, got, sizeof got);
+        assert_string_equal(got, first);
+        int st;
+        assert_true(wait(&st) > 0);
+    }
+    char s[80];
+    assert_int_equal(kvs_pool_secret(&cfg, s, sizeof s, err, sizeof err), KVS_OK);
+    assert_string_equal(s, first);
+    for (int i = 0; i < 64; i++) assert_non_null(strchr("0123456789abcdef", s[i]));
+    char p[320];
+    struct stat st;
+    snprintf(p, sizeof p, "%s/rt", f->dir);
+    assert_int_equal(stat(p, &st), 0);
+    assert_int_equal(st.st_mode & 0777, 0700);
+    snprintf(p, sizeof p, "%s/rt/secret", f->dir);
+    assert_int_equal(stat(p, &st), 0);
+    assert_int_equal(st.st_mode & 0777, 0600);
+    char cmd[400];
+    snprintf(cmd, sizeof cmd, "test $(ls -A %s/rt | wc -l) -eq 1", f->dir);
+    assert_int_equal(system(cmd), 0); /* only "secret" */
+    assert_int_equal(kvs_pool_secret(&cfg, s, 64, err, sizeof err), KVS_ERR_INVALID);
+    /* readable by others: refused */
+    assert_int_equal(chmod(p, 0644), 0);
+    assert_int_equal(kvs_pool_secret(&cfg, s, sizeof s, err, sizeof err), KVS_ERR_CONFIG);
+    assert_non_null(strstr(err, "0600"));
+    /* not hex: refused */
+    assert_int_equal(unlink(p), 0);
+    int fd = open(p, O_WRONLY | O_CREAT | O_EXCL, 0600);
+    assert_true(fd >= 0);
+    assert_int_equal(write(fd, "short\n", 6), 6);
+    close(fd);
+    assert_int_equal(kvs_pool_secret(&cfg, s, sizeof s, err, sizeof err), KVS_ERR_CONFIG);
+    /* a symlink (to a private file): refused */
+    char target[320];
+    snprintf(target, sizeof target, "%s/real-secret", f->dir);
+    assert_int_equal(rename(p, target), 0);
+    assert_int_equal(symlink(target, p), 0);
+    assert_int_equal(kvs_pool_secret(&cfg, s, sizeof s, err, sizeof err), KVS_ERR_CONFIG);
+    /* gone: a new one is made, different from the first */
+    assert_int_equal(unlink(p), 0);
+    assert_int_equal(kvs_pool_secret(&cfg, s, sizeof s, err, sizeof err), KVS_OK);
+    assert_string_not_equal(s, first);
+}
+
 int main(void)
 {
     if (!getenv("KVSHELF_BIN")) fprintf(stderr, "note: KVSHELF_BIN not set; using PATH\n");
@@ -228,6 +302,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_start_share_stop, setup, teardown),
         cmocka_unit_test_setup_teardown(test_racing_starters, setup, teardown),
         cmocka_unit_test_setup_teardown(test_unsafe_runtime_dir, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_pool_secret, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
