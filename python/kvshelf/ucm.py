@@ -163,16 +163,40 @@ except Exception:  # pragma: no cover - depends on the environment
             self.config = config
 
 
+try:  # the error classes UCM's connector tests for (rank_consistency.py)
+    from ucm.store.pipeline.errors import StoreNotFoundError as _UcmStoreNotFoundError  # type: ignore
+    from ucm.store.pipeline.errors import StoreUnhealthyError as _UcmStoreUnhealthyError  # type: ignore
+except Exception:  # pragma: no cover - depends on the environment
+
+    class _UcmStoreNotFoundError(RuntimeError):  # type: ignore[no-redef]
+        """Local stand-in for ucm.store.pipeline.errors.StoreNotFoundError."""
+
+    class _UcmStoreUnhealthyError(RuntimeError):  # type: ignore[no-redef]
+        """Local stand-in for ucm.store.pipeline.errors.StoreUnhealthyError."""
+
+
 class TransferError(Error, RuntimeError):
     """A load/dump task had failed entries (UCM V1 ``wait`` raises this; UCM's
     connectors catch RuntimeError). ``.statuses`` has every entry's code,
-    ``.failed`` the indices that failed, ``.messages`` one line per failure."""
+    ``.failed`` the indices that failed, ``.messages`` one line per failure.
+    ``wait`` raises the subclasses below where UCM looks for its own classes."""
 
     def __init__(self, message: str, statuses: List[int], failed: List[int], messages: List[str]):
         super().__init__(message)
         self.statuses = statuses
         self.failed = failed
         self.messages = messages
+
+
+class BlocksNotFound(TransferError, _UcmStoreNotFoundError):
+    """A load found blocks missing: also UCM's ``StoreNotFoundError``, which
+    UCM's RankConsistencyManager turns into "recompute and dump again"."""
+
+
+class StoreUnhealthy(TransferError, _UcmStoreUnhealthyError):
+    """The pool could not take or serve the blocks (full, unreachable, timed
+    out, closed): also UCM's ``StoreUnhealthyError``, which UCM's connector
+    counts as a failed dump without raising it further."""
 
 
 OK = 0
@@ -340,6 +364,29 @@ class KVShelfTask(_UcmTask, _UcmTaskV1 if _UcmTaskV1 is not _UcmTask else object
         return f"<KVShelfTask {self.kind} id={self.task_id} n={self.n} {state}>"
 
 
+class _ConnFuture:
+    """The Future interface over connector tasks (CUDA copies already running)."""
+
+    __slots__ = ("_n", "_tasks", "_describe", "_res")
+
+    def __init__(self, n: int, tasks: List[Tuple[List[int], Any]], describe) -> None:
+        self._n = n
+        self._tasks = tasks
+        self._describe = describe
+        self._res: Any = None
+
+    def done(self) -> bool:
+        return self._res is not None or all(t.check() for _, t in self._tasks)
+
+    def cancel(self) -> bool:  # copies in flight cannot be cancelled
+        return False
+
+    def result(self, timeout: float | None = None):
+        if self._res is None:
+            self._res = _StoreCore._merge_job(self._n, [], None, self._tasks, self._describe)
+        return self._res
+
+
 class _StoreCore:
     """Shared machinery: a client, I/O threads, task bookkeeping."""
 
@@ -417,6 +464,18 @@ class _StoreCore:
             tid = self._next_id
             fut = self._io.submit(fn, *args)
             task = KVShelfTask(tid, kind, n, fut)
+            self._tasks[tid] = task
+        return task
+
+    def _submit_direct(self, kind: str, n: int, dev_tasks: List[Tuple[List[int], Any]], describe) -> KVShelfTask:
+        """A task made only of connector tasks (device memory): no I/O thread
+        in between; wait() collects them in the caller's thread."""
+        with self._lock:
+            if self._shutting_down:
+                raise _k.Closed(f"{self._name} is shutting down")
+            self._next_id += 1
+            tid = self._next_id
+            task = KVShelfTask(tid, kind, n, _ConnFuture(n, dev_tasks, describe))
             self._tasks[tid] = task
         return task
 
@@ -650,49 +709,212 @@ UcmMooncakeStore = UcmKVShelfStore
 # --------------------------------------------------------------------------
 
 
+#: Shard field of the key of a block's last shard. lookup tests this key: a
+#: block is present once its last shard is stored, as UCM's Posix store
+#: commits a block file when its last shard is written, and a scheduler-side
+#: store (which UCM creates without sizes) needs no shard count to look it up.
+_LAST_SHARD = 0xFFFFFFFF
+
+#: Dump failures that mean "the pool cannot take it now" (UCM's StoreUnhealthyError).
+_UNHEALTHY = frozenset(
+    getattr(_k, n) for n in ("ERR_NO_SPACE", "ERR_NOMEM", "ERR_UNAVAILABLE", "ERR_CONN",
+                             "ERR_TIMEOUT", "ERR_CLOSED", "ERR_BUSY") if hasattr(_k, n))
+
+#: Keys UCM 0.8's connector adds to ``ucm_connector_config`` that kvshelf reads
+#: (the rest -- share_buffer_enable, cache_buffer_capacity_gb, storage_backends,
+#: unique_id, tensor_layout, local_rank_size, gpu_kv_buffer_addrs/sizes,
+#: cpu_affinity_cores, posix_gc_enable, store_pipeline, ... -- is ignored).
+V1_KEYS = ("tensor_size_list", "tensor_size", "shard_size", "block_size", "device_id")
+
+
+def _cfg_int(name: str, v: Any, minimum: int = 1) -> int:
+    import operator
+
+    if isinstance(v, bool):
+        raise _k.ConfigError(f"UcmKVShelfStoreV1: {name} must be an integer, not {v!r}")
+    try:
+        i = operator.index(v)
+    except TypeError:
+        if isinstance(v, str) and v.strip().lstrip("-").isdigit():
+            i = int(v)
+        else:
+            raise _k.ConfigError(f"UcmKVShelfStoreV1: {name} must be an integer, not {v!r}") from None
+    if i < minimum:
+        raise _k.ConfigError(f"UcmKVShelfStoreV1: {name} must be >= {minimum}, got {i}")
+    return i
+
+
+def _cfg_sizes(name: str, v: Any, scalar_ok: bool) -> List[int]:
+    if hasattr(v, "tolist") and not isinstance(v, (str, bytes)):
+        v = v.tolist()
+    if isinstance(v, (list, tuple)):
+        if not v:
+            raise _k.ConfigError(f"UcmKVShelfStoreV1: {name} is empty")
+        return [_cfg_int(f"{name}[{i}]", x) for i, x in enumerate(v)]
+    if not scalar_ok:
+        raise _k.ConfigError(f"UcmKVShelfStoreV1: {name} must be a list of byte sizes, not {v!r}")
+    return [_cfg_int(name, v)]
+
+
+class _Geometry:
+    """What a V1 store learns from UCM's configuration (checked at creation).
+
+    ``sizes``: bytes of each tensor of one shard (UCM's ``tensor_size_list``;
+    the older ``tensor_size``: one size for every tensor, or a list);
+    ``n_shards``: shards per block (``block_size // shard_size``, UCM pads
+    ``shard_size`` up to 4 KiB, so it may exceed the sum of the sizes);
+    ``device_id``: the worker's CUDA device (UCM's workers), -1 if not given."""
+
+    __slots__ = ("sizes", "scalar", "shard_size", "block_size", "n_shards", "device_id")
+
+    def __init__(self, config: Dict[str, Any] | None) -> None:
+        cfg = config or {}
+        tsl, ts = cfg.get("tensor_size_list"), cfg.get("tensor_size")
+        self.sizes: List[int] | None = None
+        self.scalar = False  # one size for every tensor, count unknown
+        if tsl is not None:
+            self.sizes = _cfg_sizes("tensor_size_list", tsl, scalar_ok=False)
+        if ts is not None:
+            legacy = _cfg_sizes("tensor_size", ts, scalar_ok=True)
+            if self.sizes is None:
+                self.sizes = legacy
+                self.scalar = not isinstance(ts, (list, tuple)) and not hasattr(ts, "tolist")
+            elif legacy != self.sizes and not (len(legacy) == 1 and set(self.sizes) == set(legacy)):
+                raise _k.ConfigError(
+                    f"UcmKVShelfStoreV1: tensor_size {legacy} contradicts tensor_size_list {self.sizes}")
+        self.shard_size = _cfg_int("shard_size", cfg["shard_size"]) if cfg.get("shard_size") is not None else None
+        self.block_size = _cfg_int("block_size", cfg["block_size"]) if cfg.get("block_size") is not None else None
+        self.n_shards: int | None = None
+        if self.shard_size is not None and self.block_size is not None:
+            if self.block_size % self.shard_size:
+                raise _k.ConfigError(
+                    f"UcmKVShelfStoreV1: block_size {self.block_size} is not a multiple of shard_size "
+                    f"{self.shard_size}")
+            self.n_shards = self.block_size // self.shard_size
+        elif cfg.get("lookup_shards") is not None:  # kvshelf <= 0.1's name for the shard count
+            self.n_shards = _cfg_int("lookup_shards", cfg["lookup_shards"])
+        if self.sizes is not None and self.shard_size is not None:
+            if self.scalar:  # UCM's older convention: shard_size = m * tensor_size
+                if self.shard_size % self.sizes[0]:
+                    raise _k.ConfigError(
+                        f"UcmKVShelfStoreV1: shard_size {self.shard_size} is not a multiple of "
+                        f"tensor_size {self.sizes[0]}")
+                self.sizes = self.sizes * (self.shard_size // self.sizes[0])
+                self.scalar = False
+            elif sum(self.sizes) > self.shard_size:
+                raise _k.ConfigError(
+                    f"UcmKVShelfStoreV1: tensor_size_list {self.sizes} holds {sum(self.sizes)} bytes, "
+                    f"more than shard_size {self.shard_size}")
+        dev = cfg.get("device_id")
+        self.device_id = _cfg_int("device_id", dev, minimum=-1) if dev is not None else -1
+        if self.device_id >= 0 and self.sizes is None:
+            raise _k.ConfigError(
+                "UcmKVShelfStoreV1: device_id is set (a UCM worker) but tensor_size_list is missing: "
+                "UCM's connector passes both to its workers; without the sizes no block can move")
+
+
 class UcmKVShelfStoreV1(_StoreCore, UcmKVStoreBaseV1):
-    """``UcmKVStoreBaseV1`` over kvshelf."""
+    """``UcmKVStoreBaseV1`` over kvshelf, as UCM 0.8's connector drives it.
+
+    Created by UCM's V1 factory from the dict ``_create_store`` builds: the
+    ``ucm_connector_config`` of the ``ucm_connectors`` entry (Mooncake/kvshelf
+    keys) plus what UCM adds. Workers get ``device_id``, ``tensor_size_list``,
+    ``shard_size`` and ``block_size``; the scheduler gets none of them (it only
+    looks up). Wrong or contradictory values raise ``kvshelf.ConfigError``
+    (a ValueError) here, and a worker's CUDA device is opened here."""
 
     def __init__(self, config: Dict[str, object]) -> None:
         UcmKVStoreBaseV1.__init__(self, config)
+        geo = _Geometry(config)  # before anything is opened: config errors first
         self._core_init(config, "UcmKVShelfStoreV1")
-        ts = config.get("tensor_size") if config else None
-        self._sizes: List[int] | None = None
-        if ts is not None:
-            self._sizes = [int(x) for x in ts] if isinstance(ts, (list, tuple)) else [int(ts)]
+        self._geo = geo
+        self._sizes: List[int] | None = None if geo.scalar else geo.sizes
+        self._scalar_size: int | None = geo.sizes[0] if geo.scalar else None
+        self._n_shards = geo.n_shards
+        self._last = (geo.n_shards or 1) - 1
         self._dtype: str | None = str(config.get("dtype")) if config and config.get("dtype") else None
-        self._lookup_shards = int(config.get("lookup_shards", 1)) if config else 1
+        self._hdr_cache: Dict[Tuple[int, ...], bytes] = {}
+        if geo.device_id >= 0:
+            try:
+                self._connector(geo.device_id)
+            except BaseException:
+                self._shutdown_core()
+                raise
 
-    # keys ----------------------------------------------------------------
-    @staticmethod
-    def _keys(block_ids: Sequence[bytes], shard_index: Sequence[int]) -> List[bytes]:
-        if len(block_ids) != len(shard_index):
-            raise ValueError(f"{len(block_ids)} block ids but {len(shard_index)} shard indexes")
+    # ---- native handle ----------------------------------------------------
+    def cc_store(self) -> int:
+        """Refused: UCM's native consumers of ``cc_store()`` cast it to one of
+        UCM's C++ store classes (``UC::StoreV1``/``UC::CCStore``; in UCM 0.8
+        only the GSA sparse prefetch engine does, and it aborts the process on
+        0), and kvshelf has none. Raises NotImplementedError so that such a
+        mode stops with this message instead of crashing in native code; the
+        prefix-cache connectors never call it. ``native_client()`` gives the
+        ``kvs_client*`` for kvshelf's own C API."""
+        raise NotImplementedError(
+            "UcmKVShelfStoreV1.cc_store(): kvshelf is not a UCM C++ store (UC::StoreV1/CCStore), so "
+            "UCM's native sparse modes (GSA prefetch) cannot drive it; use UCM's prefix-cache "
+            "connectors (UCMDirectConnector/UCMLayerWiseConnector) with kvshelf")
+
+    def native_client(self) -> int:
+        """Address of the store's ``kvs_client`` (kvshelf's C API; 0 after shutdown)."""
+        return int(self._client.handle or 0)
+
+    # ---- keys ----------------------------------------------------------------
+    def _keys(self, block_ids: Sequence[bytes], shard_index: Sequence[int]) -> List[bytes]:
+        """One key per (block id, shard): id + 4-byte shard (the last shard: _LAST_SHARD)."""
+        n = len(block_ids)
+        if n != len(shard_index):
+            raise ValueError(f"{n} block ids but {len(shard_index)} shard indexes")
+        if not n:
+            return []
+        idx = shard_index.tolist() if hasattr(shard_index, "tolist") else shard_index
+        s0 = idx[0]
         p = struct.Struct("<I").pack
-        return [bytes(b) + p(s) for b, s in zip(block_ids, shard_index)]
+        if (idx.count(s0) == n) if isinstance(idx, list) else all(s == s0 for s in idx):
+            suffix = p(self._shard_field(s0))  # UCM's calls: one shard for every block
+            try:
+                return [b + suffix for b in block_ids]
+            except TypeError:
+                return [bytes(b) + suffix for b in block_ids]
+        return [bytes(b) + p(self._shard_field(s)) for b, s in zip(block_ids, idx)]
 
-    @staticmethod
-    def _geometry_header(sizes: Sequence[int]) -> bytes:
+    def _shard_field(self, s: int) -> int:
+        s = int(s)
+        if s < 0 or s >= _LAST_SHARD or (self._n_shards is not None and s >= self._n_shards):
+            raise ValueError(
+                f"shard index {s} out of range: this store's blocks have "
+                f"{self._n_shards if self._n_shards is not None else 'up to 2**32-1'} shards "
+                "(block_size // shard_size)")
+        return _LAST_SHARD if s == self._last else s
+
+    def _lookup_keys(self, block_ids: Sequence[bytes]) -> List[bytes]:
+        suffix = struct.pack("<I", _LAST_SHARD)
+        try:
+            return [b + suffix for b in block_ids]
+        except TypeError:
+            return [bytes(b) + suffix for b in block_ids]
+
+    def _geometry_header(self, sizes: Sequence[int]) -> bytes:
         """64-byte header: tensor count and sizes (hashed when they do not fit)."""
-        h = b"KVSV1|%d|%s|" % (len(sizes), ",".join(str(int(s)) for s in sizes).encode())
-        if len(h) > 64:
-            import hashlib
+        key = tuple(int(s) for s in sizes)
+        h = self._hdr_cache.get(key)
+        if h is None:
+            txt = ",".join(str(s) for s in key).encode()
+            h = b"KVSV1|%d|%s|" % (len(key), txt)
+            if len(h) > 64:
+                import hashlib
 
-            txt = ",".join(str(int(s)) for s in sizes).encode()
-            h = b"KVSV1|%d|total=%d;%s|" % (len(sizes), sum(sizes), hashlib.sha1(txt).hexdigest()[:16].encode())
-        return h.ljust(64, b" ")
+                h = b"KVSV1|%d|total=%d;%s|" % (len(key), sum(key), hashlib.sha1(txt).hexdigest()[:16].encode())
+            h = h.ljust(64, b" ")
+            self._hdr_cache[key] = h
+        return h
 
-    # lookups ---------------------------------------------------------------
+    # ---- lookups -----------------------------------------------------------
     def lookup(self, block_ids: List[bytes]) -> List[bool]:
+        """Hit mask: the block's last shard is stored."""
         if not block_ids:
             return []
-        k = self._lookup_shards
-        keys = self._keys([b for b in block_ids for _ in range(k)], list(range(k)) * len(block_ids)) if k > 1 \
-            else self._keys(block_ids, [0] * len(block_ids))
-        hits = self._client.exists_batch(keys)
-        if k == 1:
-            return hits
-        return [all(hits[i * k:(i + 1) * k]) for i in range(len(block_ids))]
+        return self._client.exists_batch(self._lookup_keys(block_ids))
 
     def lookup_on_prefix(self, block_ids: List[bytes]) -> int:
         """Index of the last block of the leading run present, -1 if none."""
@@ -711,13 +933,33 @@ class UcmKVShelfStoreV1(_StoreCore, UcmKVStoreBaseV1):
         return -1
 
     def prefetch(self, block_ids: List[bytes]) -> None:
+        """No-op: the pool is host memory already (UCM calls it as a GC hint)."""
         return None
 
     def register_memory(self, base_addr: int, total_size: int) -> None:
         """Registers host memory the transfers will use (optional)."""
         self._client.register_memory(int(base_addr), int(total_size))
 
-    # tensors ---------------------------------------------------------------
+    # ---- sizes -------------------------------------------------------------
+    def _sizes_for(self, what: str, m: int) -> List[int]:
+        """The m tensor sizes of one shard (m addresses per block)."""
+        if self._sizes is not None:
+            sizes = self._sizes
+            if len(sizes) == 1 and m > 1:
+                sizes = sizes * m
+        elif self._scalar_size is not None:
+            sizes = [self._scalar_size] * m
+        else:
+            raise ValueError(
+                f"{what}: tensor sizes unknown: UCM's workers pass 'tensor_size_list' (this store got "
+                "none: a scheduler-side store only looks up); by hand set 'tensor_size_list' or call "
+                "load/dump with tensors first")
+        if len(sizes) != m:
+            raise ValueError(
+                f"{what}: {m} addresses per block but tensor_size_list has {len(sizes)} sizes {sizes}")
+        return sizes
+
+    # ---- tensors -----------------------------------------------------------
     def _check_rows(self, what: str, block_ids, rows) -> None:
         if len(block_ids) != len(rows):
             raise ValueError(f"{what}: {len(block_ids)} block ids but {len(rows)} tensor rows")
@@ -733,13 +975,7 @@ class UcmKVShelfStoreV1(_StoreCore, UcmKVStoreBaseV1):
                 f"{what}: tensors of dtype {sorted(dtypes)} given, this store holds {self._dtype}"
             )
 
-    def _job(self, kind: str, keys: List[bytes], addrs: Any, sizes: Any, event: int = 0):
-        m = len(addrs[0]) if len(addrs) else 0
-        sizes = list(sizes or [])
-        if len(sizes) == 1 and m > 1:  # one tensor_size for every tensor
-            sizes = sizes * m
-        if len(sizes) != m:
-            raise ValueError(f"{len(sizes)} tensor sizes known but {m} addresses per block")
+    def _job(self, kind: str, keys: List[bytes], addrs: Any, sizes: List[int], event: int = 0):
         hdr = self._geometry_header(sizes)
         if kind == "dump":
             _cuda_event_sync(event)
@@ -754,14 +990,23 @@ class UcmKVShelfStoreV1(_StoreCore, UcmKVStoreBaseV1):
                 except Error:
                     stored_s = "unreadable"
                 msgs.append(
-                    f"load block {keys[i][:-4].hex()} shard {struct.unpack('<I', keys[i][-4:])[0]}:"
-                    f" stored tensor sizes [{stored_s}], destination {self._sizes} (nothing copied)"
+                    f"load block {keys[i][:-4].hex()} shard {self._shard_name(keys[i])}:"
+                    f" stored tensor sizes [{stored_s}], destination {sizes} (nothing copied)"
                 )
         return st, msgs
 
+    @staticmethod
+    def _shard_name(key: bytes) -> str:
+        s = struct.unpack("<I", key[-4:])[0]
+        return "last" if s == _LAST_SHARD else str(s)
+
     def _learn_sizes(self, what: str, rows) -> None:
         sizes = [int(t.nbytes) if hasattr(t, "nbytes") else memoryview(t).nbytes for t in rows[0]]
-        if self._sizes is None or (len(self._sizes) == 1 and set(sizes) == set(self._sizes)):
+        if self._sizes is None and self._scalar_size is not None:
+            if set(sizes) != {self._scalar_size}:
+                raise ValueError(f"{what}: tensors of {sizes} bytes given, tensor_size is {self._scalar_size}")
+            self._sizes = sizes
+        elif self._sizes is None or (len(self._sizes) == 1 and set(sizes) == set(self._sizes)):
             self._sizes = sizes
         elif sizes != self._sizes:
             raise ValueError(
@@ -769,10 +1014,10 @@ class UcmKVShelfStoreV1(_StoreCore, UcmKVStoreBaseV1):
                 f"{self._sizes} bytes"
             )
 
-    def _describe_v1(self, keys: List[bytes]):
+    def _describe_v1(self, keys: List[bytes], sizes: Any):
         def describe(i: int) -> str:
-            return (f"load block {keys[i][:-4].hex()} shard {struct.unpack('<I', keys[i][-4:])[0]}:"
-                    f" stored tensor sizes differ from destination {self._sizes} (nothing copied)")
+            return (f"load block {keys[i][:-4].hex()} shard {self._shard_name(keys[i])}:"
+                    f" stored tensor sizes differ from destination {sizes} (nothing copied)")
         return describe
 
     def _rows_task(self, kind: str, keys: List[bytes], rows: List[List[Any]], event: int = 0) -> KVShelfTask:
@@ -782,38 +1027,48 @@ class UcmKVShelfStoreV1(_StoreCore, UcmKVStoreBaseV1):
             if len(ds) > 1:
                 raise ValueError(f"{kind}: the tensors of row {i} are on different devices {sorted(ds)}")
             devs.append(ds.pop() if ds else -2)
-        sizes = self._sizes
-        if all(d == -2 for d in devs):  # host memory: as before
+        sizes = self._sizes or []
+        if all(d == -2 for d in devs):  # host memory
             return self._submit(kind, len(keys), self._job, kind, keys, rows, sizes, event)
+        describe = self._describe_v1(keys, sizes)
 
         def start_dev(d: int, idx: List[int]):
             return self._start_device(kind, d, [keys[i] for i in idx], [rows[i] for i in idx],
                                       event=event if kind == "dump" else None)
 
+        if len(set(devs)) == 1:  # one device: the connector task alone
+            return self._submit_direct(kind, len(keys), [(list(range(len(keys))), start_dev(devs[0], list(range(len(keys)))))],
+                                       describe)
+
         def host_fn(idx: List[int]):
             return self._job(kind, [keys[i] for i in idx], [rows[i] for i in idx], sizes, event)
 
-        return self._submit_mixed(kind, len(keys), devs, start_dev, host_fn, self._describe_v1(keys))
+        return self._submit_mixed(kind, len(keys), devs, start_dev, host_fn, describe)
 
-    def _addr_task(self, kind: str, keys: List[bytes], addrs: Any, sizes: List[int], event: int = 0) -> KVShelfTask:
+    def _addr_task(self, what: str, kind: str, keys: List[bytes], addrs: Any, event: int = 0) -> KVShelfTask:
         """Addresses: device memory (cudaPointerGetAttributes on the first
         address) goes through the connector of that device, host memory
         through the client."""
-        try:
-            first = int(addrs[0][0]) if len(addrs) else 0
-        except (TypeError, IndexError):
-            first = 0
+        n = len(keys)
+        if len(addrs) != n:
+            raise ValueError(f"{what}: {n} block ids but {len(addrs)} address rows")
+        if not n:
+            return self._submit(kind, 0, lambda: ([], []))
+        shape = getattr(addrs, "shape", None)
+        if shape is not None:
+            if len(shape) != 2:
+                raise ValueError(f"{what}: addresses must be 2-D (blocks x tensors), got shape {tuple(shape)}")
+            m = int(shape[1])
+            first = int(addrs[0, 0]) if m else 0
+        else:
+            m = len(addrs[0])
+            first = int(addrs[0][0]) if m else 0
+        sizes = self._sizes_for(what, m)
         dev = _addr_device(first)
         if dev < 0:
-            return self._submit(kind, len(keys), self._job, kind, keys, addrs, sizes, event)
-        m = len(addrs[0])
-        if len(sizes) == 1 and m > 1:
-            sizes = sizes * m
-        if len(sizes) != m:
-            raise ValueError(f"{len(sizes)} tensor sizes known but {m} addresses per block")
+            return self._submit(kind, n, self._job, kind, keys, addrs, sizes, event)
         t = self._start_device(kind, dev, keys, addrs, sizes=sizes, event=event if kind == "dump" else None)
-        return self._submit(kind, len(keys), self._merge_job, len(keys), [], None,
-                            [(list(range(len(keys))), t)], self._describe_v1(keys))
+        return self._submit_direct(kind, n, [(list(range(n)), t)], self._describe_v1(keys, sizes))
 
     def load(self, block_ids: List[bytes], shard_index: List[int], dst_tensor: List[List[Any]]) -> KVShelfTask:
         keys = self._keys(block_ids, shard_index)
@@ -829,44 +1084,54 @@ class UcmKVShelfStoreV1(_StoreCore, UcmKVStoreBaseV1):
             self._learn_sizes("dump", src_tensor)
         return self._rows_task("dump", keys, [list(r) for r in src_tensor])
 
-    # addresses -------------------------------------------------------------
-    def _need_sizes(self, what: str) -> List[int]:
-        if self._sizes is None:
-            raise ValueError(
-                f"{what}: tensor sizes unknown: set config 'tensor_size' (bytes per tensor, or a "
-                "list) or call load/dump with tensors first"
-            )
-        return self._sizes
-
+    # ---- addresses ---------------------------------------------------------
     def load_data(self, block_ids: List[bytes], shard_index: List[int], dst_addr: Any) -> KVShelfTask:
+        """Loads shard ``shard_index[i]`` of block ``block_ids[i]`` into the
+        addresses ``dst_addr[i]`` (a 2-D list or numpy uint64 array: one row
+        per block, one address per tensor of ``tensor_size_list``)."""
         keys = self._keys(block_ids, shard_index)
-        sizes = self._need_sizes("load_data")
-        return self._addr_task("load", keys, dst_addr, sizes)
+        return self._addr_task("load_data", "load", keys, dst_addr)
 
-    def dump_data(self, block_ids: List[bytes], shard_index: List[int], src_addr: Any, prerequisite_handle: int = 0) -> KVShelfTask:
+    def dump_data(self, block_ids: List[bytes], shard_index: List[int], src_addr: Any,
+                  prerequisite_handle: int = 0) -> KVShelfTask:
+        """Stores shard ``shard_index[i]`` of block ``block_ids[i]`` from the
+        addresses ``src_addr[i]``; ``prerequisite_handle``: a cudaEvent_t (UCM
+        passes ``int(torch.cuda.Event.cuda_event)`` recorded on the compute
+        stream) that the copies wait for on the GPU; 0: none."""
         keys = self._keys(block_ids, shard_index)
-        sizes = self._need_sizes("dump_data")
-        return self._addr_task("dump", keys, src_addr, sizes, int(prerequisite_handle or 0))
+        return self._addr_task("dump_data", "dump", keys, src_addr, int(prerequisite_handle or 0))
 
     fetch_data = load_data
 
-    # completion --------------------------------------------------------------
+    # ---- completion ----------------------------------------------------------
     def wait(self, task: KVShelfTask) -> None:
-        """Returns when every entry succeeded; raises TransferError (a
-        RuntimeError) naming the failed entries otherwise."""
+        """Returns when every entry succeeded (a dump of a block already stored
+        counts). Otherwise raises, as UCM's pipeline stores do:
+        ``BlocksNotFound`` (UCM's ``StoreNotFoundError``) when a load missed
+        blocks, ``StoreUnhealthy`` (UCM's ``StoreUnhealthyError``) when the
+        pool could not take or serve them (full, unreachable, timed out,
+        closed), else ``TransferError``; all are RuntimeErrors naming the
+        failed entries."""
+        if not isinstance(task, KVShelfTask):
+            raise TypeError(f"wait: not a task of this store: {task!r}")
         st = self._collect(task)
         failed = [i for i, s in enumerate(st) if not self._ok(s, task.kind)]
-        if failed:
-            lines = self._failure_lines(task)
-            raise TransferError(
-                f"kvshelf {task.kind} task {task.task_id}: {len(failed)} of {len(st)} blocks failed: "
-                + "; ".join(lines[:4]),
-                st,
-                failed,
-                lines,
-            )
+        if not failed:
+            return None
+        codes = {st[i] for i in failed}
+        lines = self._failure_lines(task)
+        msg = (f"kvshelf {task.kind} task {task.task_id}: {len(failed)} of {len(st)} blocks failed: "
+               + "; ".join(lines[:4]))
+        if task.kind == "load" and ERR_NOT_FOUND in codes:
+            cls: type = BlocksNotFound
+        elif codes <= _UNHEALTHY:
+            cls = StoreUnhealthy
+        else:
+            cls = TransferError
+        raise cls(msg, st, failed, lines)
 
     def check(self, task: KVShelfTask) -> bool:
+        """True once the task finished (successfully or not); never blocks."""
         return task.statuses is not None or task.future.done()
 
     def shutdown(self) -> None:
@@ -878,33 +1143,49 @@ class UcmKVShelfStoreV1(_StoreCore, UcmKVStoreBaseV1):
 # --------------------------------------------------------------------------
 
 
+#: (factory module, factory class, name, class of this module). UCM >= 0.2
+#: creates stores only through the V1 factory, so there the name
+#: ``UcmKVShelfStore`` (what a UCM user writes in place of ``UcmMooncakeStore``)
+#: creates the V1 store; the legacy factory (still shipped by UCM 0.8, used by
+#: UCM <= 0.1) creates the legacy store under the same name.
+_REGISTRATIONS = (
+    ("ucm.store.factory", "UcmConnectorFactory", "UcmKVShelfStore", "UcmKVShelfStore"),
+    ("ucm.store.factory_v1", "UcmConnectorFactoryV1", "UcmKVShelfStore", "UcmKVShelfStoreV1"),
+    ("ucm.store.factory_v1", "UcmConnectorFactoryV1", "UcmKVShelfStoreV1", "UcmKVShelfStoreV1"),
+)
+
+
 def register_with_ucm() -> bool:
-    """Registers ``UcmKVShelfStore`` (legacy factory) and
-    ``UcmKVShelfStoreV1`` (V1 factory) so UCM configs can name them in
-    ``ucm_connector_name``. Idempotent; False if UCM is not installed."""
+    """Registers kvshelf's stores with UCM's factories (see _REGISTRATIONS) so
+    that a ``ucm_connectors`` entry can name them in ``ucm_connector_name``.
+    Idempotent; False if UCM is not installed. Without importing kvshelf.ucm
+    first, UCM's own ``ucm_connector_module_path: kvshelf.ucm`` with
+    ``ucm_connector_name: UcmKVShelfStoreV1`` works as well."""
     done = False
-    for mod, cls_name, name, target in (
-        ("ucm.store.factory", "UcmConnectorFactory", "UcmKVShelfStore", "UcmKVShelfStore"),
-        ("ucm.store.factory_v1", "UcmConnectorFactoryV1", "UcmKVShelfStoreV1", "UcmKVShelfStoreV1"),
-    ):
+    for mod, cls_name, name, target in _REGISTRATIONS:
         try:
             m = __import__(mod, fromlist=[cls_name])
             fac = getattr(m, cls_name)
-            if name not in getattr(fac, "_registry", {}):
-                fac.register_connector(name, __name__, target)
-            done = True
         except Exception:
             continue
+        if name not in getattr(fac, "_registry", {}):
+            fac.register_connector(name, __name__, target)
+        done = True
     return done
 
 
 if HAVE_UCM or HAVE_UCM_V1:  # pragma: no cover - depends on the environment
-    register_with_ucm()
+    try:
+        register_with_ucm()
+    except Exception as _e:  # never make `import kvshelf.ucm` fail for this
+        logger.warning("kvshelf.ucm: could not register with UCM's factories: %s", _e)
 
 __all__ = [
     "HAVE_UCM",
     "HAVE_UCM_V1",
+    "BlocksNotFound",
     "KVShelfTask",
+    "StoreUnhealthy",
     "TransferError",
     "UcmKVShelfStore",
     "UcmKVShelfStoreV1",

@@ -4,6 +4,7 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <sys/statvfs.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
@@ -645,10 +646,20 @@ int kvs_client_open_opts(const kvs_config *cfg, const kvs_client_opts *opts, kvs
      * clients in embedded mode contribute none. */
     if (serves) {
         rc = kvs_segment_create(cfg->global_segment_size, &c->seg);
+        if (rc == KVS_ERR_NO_SPACE) {
+            struct statvfs vs;
+            unsigned long long avail =
+                statvfs("/dev/shm", &vs) == 0 ? (unsigned long long)vs.f_bavail * vs.f_frsize : 0;
+            seterr(err, errlen,
+                   "cannot reserve a shared-memory segment of %llu bytes: /dev/shm has %llu "
+                   "bytes free (set a smaller global_segment_size, or make /dev/shm larger)",
+                   (unsigned long long)cfg->global_segment_size, avail);
+            goto fail;
+        }
         if (rc) {
             seterr(err, errlen, "cannot create a shared-memory segment of %llu bytes: %s",
                    (unsigned long long)cfg->global_segment_size, kvs_strerror(rc));
-            rc = rc == KVS_ERR_NO_SPACE ? KVS_ERR_NOMEM : KVS_ERR_IO;
+            rc = KVS_ERR_IO;
             goto fail;
         }
         c->have_seg = 1;
