@@ -26,6 +26,7 @@ restarted engine, another engine). On a machine without a GPU (the
 """
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -51,8 +52,10 @@ def prompt_ids(llm, skip_tokenizer, want):
     usable = [i for i in range(vocab) if i not in special]
     if not usable:
         sys.exit("the model's vocabulary has no usable token id")
-    # deterministic, varied ids (a prime stride over the usable ones)
-    return [usable[(i * 7919 + 13) % len(usable)] for i in range(want)]
+    # deterministic, varied ids: a stride over the usable ones that visits all of them
+    n = len(usable)
+    stride = next(s for s in (7919, 7907, 7901) if math.gcd(s, n) == 1)
+    return [usable[(i * stride + 13) % n] for i in range(want)]
 
 
 def wait_for_saves(extra, blocks, timeout=60.0):

@@ -1301,7 +1301,8 @@ class KVShelfConnector(KVConnectorBase_V1):
             except kvshelf.Error as e:
                 logger.warning("kvshelf: dump of %d blocks not started: %s", len(tr.hashes), e)
                 self._link.op_failed(e)
-                self._count("save_failed", len(tr.hashes))
+                with self._tasks_lock:
+                    self._count("save_failed", len(tr.hashes))
                 continue
             with self._tasks_lock:
                 self._save_tasks.setdefault(tr.req_id, []).append(t)

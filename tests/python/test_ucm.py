@@ -225,7 +225,10 @@ def test_v1_every_method(v1, uniq, T):
     assert v1.lookup(ids[4:]) == [False, False]  # shard 0 absent
     buf = np.zeros(1 << 16, np.uint8)
     v1.register_memory(buf.ctypes.data, buf.nbytes)
-    assert v1.cc_store() != 0
+    # no UCM C++ store behind it: refused with a message, never a pointer of another kind
+    with pytest.raises(NotImplementedError, match="UC::StoreV1"):
+        v1.cc_store()
+    assert v1.native_client() != 0
 
 
 def test_v1_misses_raise(v1, uniq, T):
