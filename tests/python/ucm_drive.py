@@ -141,6 +141,9 @@ def cpu_device():
         def destroy_event_handle(self, h: int):
             self.events.pop(h, None)
 
+        def get_cpu_affinity(self, local_rank: int):
+            return None
+
     return CpuDevice()
 
 
