@@ -36,7 +36,7 @@ from vllm.config import KVTransferConfig
 from vllm.inputs import TokensPrompt
 
 import kvshelf
-from kvshelf.vllm import read_status_files, store_config_from_extra
+from kvshelf.vllm import pool_address, read_status_files, store_config_from_extra
 
 GENERATED = 16
 
@@ -56,6 +56,20 @@ def prompt_ids(llm, skip_tokenizer, want):
     n = len(usable)
     stride = next(s for s in (7919, 7907, 7901) if math.gcd(s, n) == 1)
     return [usable[(i * stride + 13) % n] for i in range(want)]
+
+
+def open_pool(extra):
+    """Opens the pool once before the engine starts: says at once if it
+    cannot be reached, and starts the host's embedded pool from this process
+    rather than from a vLLM CPU worker (vLLM pins those to cores through
+    LD_PRELOAD/GOMP_CPU_AFFINITY, which a pool process started there would
+    inherit, and outlive the engine with)."""
+    store = store_config_from_extra(extra)
+    try:
+        kvshelf.Connector(store, device=-1, namespace="offline-inference-probe").close()
+    except kvshelf.Error as e:
+        print(f"kvshelf: the pool at {pool_address(store)} cannot be reached ({e}); the engine "
+              f"runs without offload until it can", file=sys.stderr)
 
 
 def wait_for_saves(extra, blocks, timeout=60.0):
@@ -105,6 +119,7 @@ def main():
         kv_role="kv_both",
         kv_connector_extra_config=extra,
     )
+    open_pool(extra)
     kw = {}
     if a.max_model_len:
         kw["max_model_len"] = a.max_model_len

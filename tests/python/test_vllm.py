@@ -98,6 +98,11 @@ if VLLM_HERE is None and not INNER:
         """Runs this file inside the provisioned vLLM environment."""
         py = _provision(_venv_dir())
         env = dict(os.environ, KVSHELF_TEST_VLLM_INNER="1")
+        # `import kvshelf` pointed KVSHELF_BIN at this interpreter's copy of the package; the venv
+        # has its own build of this tree, whose binary must spawn the embedded pools there
+        own = os.path.join(os.path.dirname(kvshelf.__file__), "bin", "kvshelf")
+        if env.get("KVSHELF_BIN") and os.path.realpath(env["KVSHELF_BIN"]) == os.path.realpath(own):
+            env.pop("KVSHELF_BIN")
         r = subprocess.run([str(py), "-m", "pytest", "-q", "-p", "no:cacheprovider", str(HERE / "test_vllm.py")],
                            env=env, cwd=str(REPO))
         assert r.returncode == 0, "the vLLM tests failed inside %s" % _venv_dir()
@@ -446,7 +451,8 @@ else:
         r = subprocess.run([sys.executable, str(EXAMPLE), tiny_model, "--skip-tokenizer-init", "--dtype",
                             "float32", "--enforce-eager", "--block-size", "32", "--max-model-len", "512"],
                            capture_output=True, text=True, env=env, timeout=900)
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+        said = "\n".join(ln for ln in (r.stdout + r.stderr).splitlines() if "kvshelf" in ln.lower())
+        assert r.returncode == 0, said[-8000:]
         assert "prompt capped to 495 tokens (max_model_len 512)" in r.stdout, r.stdout
         m = re.search(r"the second request loaded (\d+) of (\d+) prompt tokens; same output: (\w+)", r.stdout)
         assert m, r.stdout

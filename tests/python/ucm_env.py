@@ -78,6 +78,12 @@ def _vllm_requirements(py: Path) -> list[str]:
     return keep
 
 
+def _run(cmd: list, **kw) -> None:
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)  # the venv's own packages only
+    subprocess.run(cmd, check=True, env=env, **kw)
+
+
 def provision(quiet: bool = True) -> Path:
     """Creates the venv once (pins above), then (re)installs kvshelf into it.
     Returns the venv's python."""
@@ -93,15 +99,14 @@ def provision(quiet: bool = True) -> Path:
         if venv.exists():
             shutil.rmtree(venv)
         venv.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run([base, "-m", "venv", str(venv)], check=True)
-        subprocess.run(pip + [UCM_REQ, TORCH_REQ, "numpy", "pytest", "pyyaml", "scikit-build-core", "xxhash"],
-                       check=True)
-        subprocess.run(pip + ["--no-deps", VLLM_REQ], check=True)
+        _run([base, "-m", "venv", str(venv)])
+        _run(pip + [UCM_REQ, TORCH_REQ, "numpy", "pytest", "pyyaml", "scikit-build-core", "xxhash"])
+        _run(pip + ["--no-deps", VLLM_REQ])
         req_file = venv / "vllm-reqs.txt"
         req_file.write_text("\n".join(_vllm_requirements(py)) + "\n")
-        subprocess.run(pip + [TORCH_REQ, "-r", str(req_file)], check=True)
+        _run(pip + [TORCH_REQ, "-r", str(req_file)])
         stamp.write_text(STAMP_TEXT)
-    subprocess.run(pip + ["--no-build-isolation", str(REPO)], check=True)
+    _run(pip + ["--no-build-isolation", str(REPO)])
     return py
 
 
