@@ -144,8 +144,11 @@ int kvs_reserve_batch(kvs_client *c, const kvs_key *keys, const uint64_t *sizes,
                       kvs_slot *slots);
 
 /* Publishes (ok[i] != 0) or abandons (ok[i] == 0; ok may be NULL = all
- * publish) reserved slots. results[i] (may be NULL) gets the outcome.
- * Returns the number published or a negative error. */
+ * publish) reserved slots. results[i] (may be NULL) gets the outcome. A
+ * slot into which a kvs_slot_write failed is never published: it is
+ * abandoned and its result is KVS_ERR_UNAVAILABLE. Committing a slot a
+ * second time changes nothing of other slots. Returns the number published
+ * or a negative error. */
 int kvs_commit_batch(kvs_client *c, const kvs_key *keys, const kvs_slot *slots,
                      const uint8_t *ok, size_t n, int *results);
 

@@ -61,19 +61,24 @@ uint32_t kvs_client_gen(kvs_client *c)
 
 /* ---- master connection ---- */
 
-/* MOUNTs our segment on a fresh connection; returns the segment id. The
- * segment is fenced to a new epoch first, so that no write reserved under
- * an earlier registration (an earlier master, or ours before we expired)
- * can land in space the master now hands out again. */
+/* MOUNTs our segment on a fresh connection; returns the segment id. A
+ * segment mounted before is fenced first past every epoch any earlier
+ * registration handed out (an earlier master, or ours before we expired:
+ * at most its control page's epoch + 1, proto.h "Write epochs"), so that no
+ * write reserved under one can land in space the master hands out again. A
+ * fresh segment (epoch 1, never mounted) had no writers: no fence. */
 static int mount_segment(kvs_client *c, kvs_rpc *rpc, uint64_t client_id, uint32_t *seg_id)
 {
-    uint64_t epoch = kvs_segment_epoch(&c->seg) + 1;
-    int frc = kvs_segment_fence(&c->seg, epoch);
-    if (frc != KVS_OK) {
-        KVS_LOGW("client: cannot mount the segment yet: a writer of an earlier registration "
-                 "is still inside it (%s); retrying",
-                 kvs_strerror(frc));
-        return frc;
+    uint64_t epoch = kvs_segment_epoch(&c->seg);
+    if (atomic_load(&c->seg_mounted)) {
+        epoch += 2;
+        int frc = kvs_segment_fence(&c->seg, epoch);
+        if (frc != KVS_OK) {
+            KVS_LOGW("client: cannot mount the segment yet: a writer of an earlier "
+                     "registration is still inside it (%s); retrying",
+                     kvs_strerror(frc));
+            return frc;
+        }
     }
     kvs_wbuf w;
     kvs_wbuf_init(&w);
@@ -89,6 +94,8 @@ static int mount_segment(kvs_client *c, kvs_rpc *rpc, uint64_t client_id, uint32
     }
     uint8_t *resp;
     uint32_t len;
+    /* from here on a master may have registered it (even if no answer comes) */
+    atomic_store(&c->seg_mounted, 1);
     int rc = kvs_rpc_call(rpc, KVS_MSG_MOUNT, w.data, w.len, c->timeout_ms, &resp, &len);
     kvs_wbuf_free(&w);
     if (rc) return rc;
@@ -559,6 +566,7 @@ static void client_free(kvs_client *c)
     kvs_xfer_client_free(c->xc);
     kvs_shm_cache_free(c->shm);
     kvs_loccache_free(c->lc);
+    kvs_resv_free(c->resv);
     if (c->have_seg) kvs_segment_destroy(&c->seg);
     free(c->tab);
     free(c->regs);
@@ -639,7 +647,8 @@ int kvs_client_open_opts(const kvs_config *cfg, const kvs_client_opts *opts, kvs
     }
     c->shm = kvs_shm_cache_new();
     c->lc = kvs_loccache_new(kvs_loccache_size_from_env()); /* NULL: off (or no memory) */
-    rc = c->shm ? kvs_xfer_client_new(c->cfg.secret, c->timeout_ms, &c->xc) : KVS_ERR_NOMEM;
+    c->resv = kvs_resv_new();
+    rc = c->shm && c->resv ? kvs_xfer_client_new(c->cfg.secret, c->timeout_ms, &c->xc) : KVS_ERR_NOMEM;
     if (rc) goto fail;
 
     /* The embedded pool's own master process owns the pool's segment; other

@@ -11,6 +11,7 @@
 
 #include "client/client_ext.h"
 #include "client/loccache.h"
+#include "client/resv.h"
 #include "client/rpc.h"
 #include "common/net.h"
 #include "kvshelf/client.h"
@@ -77,6 +78,7 @@ struct kvs_client {
 
     /* own segment */
     int have_seg;
+    atomic_int seg_mounted; /* a MOUNT of seg was ever sent (client.c mount_segment) */
     kvs_segment seg;
     kvs_xfer_server *xsrv;
     uint32_t seg_id; /* under mu; 0 = not mounted */
@@ -88,6 +90,7 @@ struct kvs_client {
     kvs_shm_cache *shm;
     kvs_xfer_client *xc;
     kvs_loccache *lc; /* where recently used objects lie; NULL = off */
+    kvs_resv_table *resv; /* mapped reservations holding a write fence (resv.h) */
 
     /* registered memory (sorted by start) */
     pthread_mutex_t reg_mu;

@@ -731,14 +731,31 @@ int kvs_remove(kvs_client *c, const void *key, uint32_t key_len)
  * happened to the master connection meanwhile). */
 static void release_slot_fence(kvs_client *c, const kvs_slot *s)
 {
-    if (!s->ptr || s->status != KVS_OK) return;
+    uint64_t epoch;
+    /* only a reservation still outstanding (resv.h): never twice */
+    if (!s->ptr || s->status != KVS_OK || !kvs_resv_take(c->resv, s->handle[2], s->ptr, &epoch))
+        return;
     kvs_segment *seg = kvs_shm_cache_find_addr(c->shm, s->ptr);
-    if (seg) kvs_segment_write_end(seg, slot_deadline(s));
+    if (seg) kvs_segment_write_end(seg, epoch);
 }
 
 static void release_slot_fences(kvs_client *c, const kvs_slot *slots, size_t n)
 {
     for (size_t i = 0; i < n; i++) release_slot_fence(c, &slots[i]);
+}
+
+/* A remote (unmapped) reserved slot: a kvs_slot_write into it failed (its
+ * bytes may be partly missing, partly still on their way). Recorded in the
+ * reservation table with no address; taken out (once) by its commit. */
+static void mark_slot_write_failed(kvs_client *c, const kvs_slot *s)
+{
+    if (!s->ptr) (void)kvs_resv_add(c->resv, s->handle[2], NULL, 0);
+}
+
+static int slot_write_failed(kvs_client *c, const kvs_slot *s)
+{
+    uint64_t unused;
+    return !s->ptr && s->status == KVS_OK && kvs_resv_take(c->resv, s->handle[2], NULL, &unused);
 }
 
 /* A reservation reserve_chunk could not hand out. */
@@ -827,8 +844,12 @@ static int reserve_chunk(kvs_client *c, const kvs_key *keys, const uint64_t *siz
             /* the caller writes the mapped slot until commit: hold the
              * segment's write fence for the whole time (segment.h) */
             int wrc = kvs_segment_write_begin(si.seg, epoch);
+            if (wrc == KVS_OK && kvs_resv_add(c->resv, obj, si.base + off, epoch) != KVS_OK) {
+                kvs_segment_write_end(si.seg, epoch);
+                wrc = KVS_ERR_NOMEM;
+            }
             if (wrc != KVS_OK) {
-                s->status = KVS_ERR_UNAVAILABLE;
+                s->status = wrc == KVS_ERR_NOMEM ? wrc : KVS_ERR_UNAVAILABLE;
                 abandon[nab++] = (abandoned){keys[idx[j]].data, keys[idx[j]].len, obj};
                 continue;
             }
@@ -868,7 +889,14 @@ static int commit_chunk(kvs_client *c, const kvs_key *keys, const kvs_slot *slot
     uint8_t *resp = NULL;
     uint32_t rlen;
     int published = 0;
-    if (!idx) {
+    /* the caller's writes into mapped slots are done: end their fences
+     * (each once, whatever happens next) */
+    release_slot_fences(c, slots, n);
+    /* remote slots with a failed kvs_slot_write: never published */
+    uint8_t *failed = calloc(n ? n : 1, 1);
+    for (size_t i = 0; failed && i < n; i++)
+        failed[i] = slot_write_failed(c, &slots[i]);
+    if (!idx || !failed) {
         rc = KVS_ERR_NOMEM;
         goto out;
     }
@@ -882,8 +910,6 @@ static int commit_chunk(kvs_client *c, const kvs_key *keys, const kvs_slot *slot
         if (results) results[i] = st;
         if (st == KVS_OK) idx[k++] = i;
     }
-    /* the caller's writes into mapped slots are done: end their fences */
-    release_slot_fences(c, slots, n);
     rc = KVS_OK;
     if (!k) goto out;
     kvs_wbuf_u64(&w, cr.client_id);
@@ -893,7 +919,9 @@ static int commit_chunk(kvs_client *c, const kvs_key *keys, const kvs_slot *slot
         kvs_wbuf_bytes(&w, keys[i].data, keys[i].len);
         kvs_wbuf_u64(&w, slots[i].handle[2]);
         uint8_t v = KVS_PUT_PUBLISH;
-        if (ok && !ok[i]) /* a remote slot's writes may still be on their way */
+        if (failed[i]) /* part of it may be missing, part still on its way */
+            v = KVS_PUT_ABANDON;
+        else if (ok && !ok[i]) /* a remote slot's writes may still be on their way */
             v = slots[i].ptr ? KVS_PUT_ABANDON_CLEAN : KVS_PUT_ABANDON;
         kvs_wbuf_u8(&w, v);
     }
@@ -907,6 +935,7 @@ static int commit_chunk(kvs_client *c, const kvs_key *keys, const kvs_slot *slot
         if (r.err) break;
         if (st > 0) st = KVS_ERR_PROTO;
         size_t i = idx[j];
+        if (st == KVS_OK && failed[i] && (!ok || ok[i])) st = KVS_ERR_UNAVAILABLE;
         if (results) results[i] = st;
         if (st == KVS_OK && (!ok || ok[i])) {
             published++;
@@ -923,6 +952,7 @@ out:
     }
     free(resp);
     free(idx);
+    free(failed);
     kvs_wbuf_free(&w);
     kvs_conn_put(&cr);
     kvs_leave(c);
@@ -1108,6 +1138,7 @@ static int slot_io(kvs_client *c, const kvs_slot *slot, uint64_t offset, void *b
         int st = KVS_OK;
         move_bytes(c, gen, &l, 1, bufs, write, &st, NULL);
         rc = st;
+        if (rc && write) mark_slot_write_failed(c, slot);
     }
     if (rc) count_err(c, rc);
     kvs_leave(c);

@@ -120,6 +120,27 @@ void kvs_m_obj_drop(kvs_master *m, kvs_obj *o)
     if (o->leases == 0) obj_destroy(m, o);
 }
 
+/* Asks for the next fence of s if a given-up put still waits for one. The
+ * epoch handed out is raised only one step past the last fence its owner
+ * confirmed (s->epoch <= fenced_to + 1 <= the owner's control page + 1), so
+ * an owner that mounts again fences every epoch any registration of its
+ * memory handed out by fencing to its control page + 2 (proto.h). A put
+ * given up under the raised epoch waits for the fence after next. */
+static void seg_want_fence(kvs_seg *s)
+{
+    if (s->epoch != s->fenced_to) return; /* a fence is asked already */
+    for (kvs_list *e = s->fenced.next; e != &s->fenced; e = e->next) {
+        const kvs_obj *o = KVS_CONTAINER_OF(e, kvs_obj, lru);
+        if (o->epoch >= s->fenced_to) {
+            s->epoch = s->fenced_to + 1;
+            KVS_LOGI("segment %u: a put was given up with writes possibly in flight; asking "
+                     "its owner to fence to epoch %llu",
+                     s->id, (unsigned long long)s->epoch);
+            return;
+        }
+    }
+}
+
 void kvs_m_obj_abandon(kvs_master *m, kvs_obj *o)
 {
     kvs_seg *s = o->seg;
@@ -133,16 +154,11 @@ void kvs_m_obj_abandon(kvs_master *m, kvs_obj *o)
         obj_destroy(m, o);
         return;
     }
-    if (o->epoch >= s->epoch) {
-        s->epoch = o->epoch + 1;
-        KVS_LOGI("segment %u: a put was given up with writes possibly in flight; asking its "
-                 "owner to fence to epoch %llu",
-                 s->id, (unsigned long long)s->epoch);
-    }
     kvs_list_push_back(&s->fenced, &o->lru);
     s->nfenced++;
     s->fenced_bytes += o->size;
     m->cnt.fenced_puts++;
+    seg_want_fence(s);
 }
 
 size_t kvs_m_fences_wanted(kvs_master *m, uint64_t client_id, kvs_m_fence_req *out, size_t cap)
@@ -178,6 +194,7 @@ int kvs_m_fence(kvs_master *m, uint64_t client_id, uint32_t segment_id, uint64_t
     m->cnt.fences++;
     KVS_LOGI("segment %u fenced to epoch %llu: %llu given-up puts freed", s->id,
              (unsigned long long)epoch, (unsigned long long)freed);
+    seg_want_fence(s); /* puts given up under the epoch just fenced to */
     return KVS_OK;
 }
 

@@ -17,6 +17,8 @@
 
 #define KVS_MSEG_MAX_SIZE (1ull << 50) /* 1 PiB: larger MOUNTs are invalid */
 
+#define KVS_M_RETIRED_MAX 64
+
 struct kvs_master {
     pthread_mutex_t lock;
     kvs_master_opts o;
@@ -34,6 +36,16 @@ struct kvs_master {
     uint64_t start_ms;
     int shutdown;
     kvs_master_counters cnt;
+    /* memory whose registration ended (unmount, expiry): until when read
+     * leases granted on it may run, so that mounting it again waits exactly
+     * that long (ops_ctl.c); a bounded ring, forgetting is safe (memory not
+     * found here waits a whole lease) */
+    struct kvs_m_retired {
+        char shm_name[KVS_SEG_STR_MAX];
+        uint8_t host_id[16];
+        uint64_t leases_until_ms;
+    } retired[KVS_M_RETIRED_MAX];
+    unsigned n_retired, retired_next;
 };
 
 /* Where a found object lives, as GET returns it. */

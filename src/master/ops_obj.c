@@ -30,9 +30,10 @@ static kvs_seg *pick_fitting(kvs_master *m, const kvs_mclient *w, uint64_t need)
     kvs_seg *best = NULL;
     int best_local = 0;
     uint64_t best_free = 0;
+    uint64_t now = kvs_master_now(m);
     for (size_t i = 0; i < m->segs.n; i++) {
         kvs_seg *s = m->segs.v[i];
-        if (!kvs_alloc_fits(s->alloc, need)) continue;
+        if (now < s->quiet_until_ms || !kvs_alloc_fits(s->alloc, need)) continue;
         int local = same_host(s, w);
         uint64_t f = seg_free(s);
         if (!best || local > best_local || (local == best_local && f > best_free)) {
@@ -47,10 +48,11 @@ static kvs_seg *pick_fitting(kvs_master *m, const kvs_mclient *w, uint64_t need)
 /* Evicts in segments (the writer's host first) until `need` fits in one. */
 static kvs_seg *evict_for(kvs_master *m, const kvs_mclient *w, uint64_t need)
 {
+    uint64_t now = kvs_master_now(m);
     for (int pass = 1; pass >= 0; pass--) {
         for (size_t i = 0; i < m->segs.n; i++) {
             kvs_seg *s = m->segs.v[i];
-            if (same_host(s, w) != pass || s->alloc == NULL) continue;
+            if (same_host(s, w) != pass || s->alloc == NULL || now < s->quiet_until_ms) continue;
             kvs_alloc_stats st;
             kvs_alloc_get_stats(s->alloc, &st);
             if (st.capacity < need) continue;
@@ -152,6 +154,7 @@ int kvs_m_get(kvs_master *m, uint64_t client_id, const void *key, uint32_t key_l
     uint64_t now = kvs_master_now(m);
     uint64_t lease = kvs_leases_grant(&m->leases, o, client_id, now, m->o.lease_ms);
     if (!lease) return KVS_ERR_BUSY;
+    o->seg->last_grant_ms = now;
     m->cnt.hits++;
     o->last_access_ms = now;
     kvs_list_remove(&o->lru);

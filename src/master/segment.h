@@ -30,6 +30,11 @@ typedef struct kvs_seg {
     uint64_t fenced_to;    /* highest epoch the owner confirmed with FENCE */
     kvs_list fenced;       /* given-up puts whose space waits for a fence (via lru) */
     uint64_t nfenced, fenced_bytes;
+    /* read leases (proto.h "Write epochs"): memory mounted again takes no
+     * placements until every read lease granted on its earlier
+     * registrations has run out */
+    uint64_t last_grant_ms; /* master time of the last lease granted here; 0 = none */
+    uint64_t quiet_until_ms;
 } kvs_seg;
 
 typedef struct kvs_segs {

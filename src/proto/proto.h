@@ -119,6 +119,19 @@
  * epoch can land. A refused write is an error to its writer, which then
  * never sends PUT_END ok=1; PUT_END ok=1 of a reservation the owner already
  * fenced past is refused anyway (KVS_ERR_UNAVAILABLE).
+ * The master raises the epoch it hands out only one step past the last
+ * epoch its owner confirmed (a put given up under the raised epoch waits for
+ * the fence after that), so every epoch a registration hands out is at most
+ * the control page's epoch + 1, and writers refuse any higher one. The first
+ * MOUNT of a fresh segment carries epoch 1 (nobody ever wrote there); a
+ * segment mounted again is first fenced to its control page's epoch + 2,
+ * past everything any earlier registration (an earlier master, or the same
+ * one before its owner expired) handed out.
+ * Reads are guarded by leases, not epochs: a reader keeps a copy only if it
+ * ended within its lease. So memory mounted again (epoch > 1) takes no
+ * placements until the read leases of its earlier registrations ran out:
+ * until the last lease granted on the registration it replaces ends, or a
+ * whole lease time when the master does not know the earlier registration.
  */
 #ifndef KVS_PROTO_H
 #define KVS_PROTO_H

@@ -299,7 +299,9 @@ int kvs_segment_write_begin(kvs_segment *s, uint64_t epoch)
     int rc = KVS_OK;
     /* checked under the lock: a fence that raised the epoch before we took it
      * is seen here; one that raises it later waits for our write_end */
-    if (atomic_load(&s->ctl->epoch) > epoch) {
+    uint64_t cur = atomic_load(&s->ctl->epoch);
+    if (cur > epoch || epoch > cur + 1) { /* fenced past, or never handed out by a
+                                             registration the owner made (proto.h) */
         rc = KVS_ERR_UNAVAILABLE;
         if (--s->held[slot].count == 0)
             lock_range(s->fd, F_OFD_SETLK, F_UNLCK, LOCK_BASE + (off_t)epoch, 1);

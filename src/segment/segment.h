@@ -103,7 +103,9 @@ uint64_t kvs_segment_epoch(const kvs_segment *s);
 /* Enters a write under a reservation of epoch `epoch` (> 0): KVS_OK (the
  * caller may write its reservation's bytes until kvs_segment_write_end with
  * the same epoch), or KVS_ERR_UNAVAILABLE when the reservation is stale (the
- * owner fenced the segment past it: write nothing), KVS_ERR_BUSY (too many
+ * owner fenced the segment past it: write nothing) or from the future (above
+ * the current epoch + 1, which no registration of the segment hands out),
+ * KVS_ERR_BUSY (too many
  * distinct epochs held at once by this process), KVS_ERR_IO / KVS_ERR_INVALID. */
 int kvs_segment_write_begin(kvs_segment *s, uint64_t epoch);
 

@@ -34,6 +34,10 @@
 #define FLUSH_BYTES (256u << 10) /* start sending once this much is gathered */
 #define REQ_BODY 28u        /* u32 segment_id, u64 offset, u64 len, u64 epoch */
 #define HS_TIMEOUT_MS 10000 /* a peer must finish its HELLO within this */
+/* A T_WRITE's payload that makes no progress for this long (a writer
+ * paused or cut off mid-send) closes its connection: the segment's write
+ * fence it holds must not be held forever. KVSHELF_XFER_STALL_MS overrides. */
+#define PAYLOAD_STALL_MS 5000
 
 struct seg_ent {
     uint32_t id;
@@ -241,8 +245,21 @@ static ssize_t fill_in(int fd, uint8_t *buf, size_t cap, struct outq *o)
     }
 }
 
+/* Milliseconds a payload may stall (PAYLOAD_STALL_MS, or the environment's). */
+static int stall_ms(void)
+{
+    static atomic_int v;
+    int ms = atomic_load(&v);
+    if (!ms) {
+        ms = (int)kvs_env_u64("KVSHELF_XFER_STALL_MS", PAYLOAD_STALL_MS, 10, 3600000, "ms");
+        atomic_store(&v, ms);
+    }
+    return ms;
+}
+
 /* Receives exactly n bytes into dst (straight into segment memory, or a
- * scratch buffer when draining), first from the input buffer. */
+ * scratch buffer when draining), first from the input buffer. Fails with
+ * KVS_ERR_TIMEOUT when no byte arrives for stall_ms(). */
 static int recv_payload(int fd, uint8_t *ib, size_t *pos, size_t *end, uint8_t *dst,
                         uint64_t n, uint8_t *scratch, size_t scratch_len)
 {
@@ -259,7 +276,14 @@ static int recv_payload(int fd, uint8_t *ib, size_t *pos, size_t *end, uint8_t *
             to = scratch;
             want = KVS_MIN(want, scratch_len);
         }
-        ssize_t r = recv(fd, to, want, MSG_WAITALL);
+        ssize_t r = recv(fd, to, want, MSG_DONTWAIT);
+        if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            struct pollfd p = {fd, POLLIN, 0};
+            int pr = poll(&p, 1, stall_ms());
+            if (pr == 0) return KVS_ERR_TIMEOUT;
+            if (pr < 0 && errno != EINTR) return KVS_ERR_CONN;
+            continue;
+        }
         if (r <= 0) {
             if (r < 0 && errno == EINTR) continue;
             return KVS_ERR_CONN;
@@ -341,6 +365,7 @@ static void serve(kvs_xfer_server *s, int fd)
             int rrc = recv_payload(fd, ib, &pos, &end, wst == KVS_OK ? base + off : NULL, len,
                                    scratch, sizeof scratch);
             if (wst == KVS_OK) kvs_segment_write_end(seg, epoch);
+            if (rrc == KVS_ERR_TIMEOUT) why = "a write's payload stalled";
             if (rrc) break;
             add_reply(o, KVS_MSG_T_WRITE, wst, h.req_id, NULL, 0);
             if (wst == KVS_OK) atomic_fetch_add(&s->bytes, len);

@@ -95,6 +95,39 @@ def test_late_write_to_paused_node_never_lands_on_reused_space(kv):
         assert_never_wrong(s.finish(), s.name)
 
 
+def test_half_sent_write_does_not_hold_the_fence(kv):
+    """A T_WRITE whose payload stops half way (its writer paused or cut off
+    mid-send) holds the segment's write fence while its bytes come in; if
+    no byte comes for KVSHELF_XFER_STALL_MS the node closes that connection
+    and the fence is free again, so the owner can fence (and mount again)
+    instead of waiting forever. The store goes on meanwhile."""
+    import kvswire as w
+    m = kv.start_master(ttl_ms=TTL_MS, secret=SECRET)
+    kv.env["KVSHELF_XFER_STALL_MS"] = "1000"
+    try:
+        node = kv.start_node(m, "64M")
+    finally:
+        del kv.env["KVSHELF_XFER_STALL_MS"]
+    seg = segment_of(kv, m)
+    seg_id = seg["id"] if "id" in seg else seg["segment_id"]
+    s, st = w.handshake(port_of(seg["transfer_addr"]), SECRET)
+    assert st == 0, st
+    n = 1 << 20
+    head = w.frame(w.T_WRITE, w.u32(seg_id) + w.u64(0) + w.u64(n) + w.u64(1),
+                   body_len=28 + n)
+    assert w.send_quietly(s, head + b"\x5a" * (n // 2))  # half the payload, then nothing
+    t0 = time.time()
+    assert w.closed_within(s, 10.0), "the node kept a stalled write (and its fence) open"
+    waited = time.time() - t0
+    s.close()
+    assert waited < 8.0, waited
+    assert "payload stalled" in node.log_text(), node.log_text()[-2000:]
+    local = script(kv, m, "local", "--sizes", "64-1M")
+    assert local.do("put after 1 256K")["status"] == "KVS_OK"
+    assert local.do("get after 1")["result"] == "hit"
+    assert_never_wrong(local.finish(), "local")
+
+
 # ------------------------------------------------------------------- b
 def run_load_with_faults(kv, verifiers, inject, rounds):
     """Runs `inject(i)` `rounds` times while the verifiers run; after each

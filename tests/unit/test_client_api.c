@@ -24,6 +24,7 @@
 #include <cmocka.h>
 
 #include "client/client_ext.h"
+#include "client/client_internal.h"
 #include "kvshelf/kvshelf.h"
 
 extern char **environ;
@@ -403,6 +404,41 @@ static void test_slots(void **state)
     kvs_client_close(b);
 }
 
+/* A mapped slot holds its segment's write fence from reserve to commit,
+ * and a commit ends it exactly once: committing a slot twice (or a forged
+ * copy of it) ends no other slot's fence, so the owner still cannot fence
+ * past a slot whose writer is inside. */
+static void test_double_commit(void **state)
+{
+    fix *f = *state;
+    kvs_client *b = open_client(&f->m, 0); /* mapped writes into f->c's segment */
+    kvs_key keys[2] = {{"dc-x", 4}, {"dc-y", 4}};
+    uint64_t sizes2[2] = {4096, 4096};
+    kvs_slot s[2];
+    assert_int_equal(kvs_reserve_batch(b, keys, sizes2, 2, s), 2);
+    assert_non_null(s[0].ptr);
+    assert_non_null(s[1].ptr);
+    assert_int_equal(kvs_resv_count(b->resv), 2);
+    memset(s[0].ptr, 1, 4096);
+    assert_int_equal(kvs_commit_batch(b, &keys[0], &s[0], NULL, 1, NULL), 1);
+    /* again: the master answers as it likes (publishing is idempotent) */
+    assert_true(kvs_commit_batch(b, &keys[0], &s[0], NULL, 1, NULL) >= 0);
+    assert_int_equal(kvs_resv_count(b->resv), 1);
+    kvs_slot forged = s[1];
+    forged.ptr = s[0].ptr; /* another slot's handle with this one's address */
+    assert_int_equal(kvs_commit_batch(b, &keys[1], &forged, NULL, 1, NULL) >= 0, 1);
+    assert_int_equal(kvs_resv_count(b->resv), 1); /* y's reservation still outstanding */
+    /* y's writer is still inside: the owner cannot fence past it */
+    kvs_segment *seg = &f->c->seg;
+    uint64_t e = kvs_segment_epoch(seg);
+    assert_int_equal(kvs_segment_fence(seg, e + 1), KVS_ERR_BUSY);
+    memset(s[1].ptr, 2, 4096); /* y's bytes, written under its fence */
+    assert_true(kvs_commit_batch(b, &keys[1], &s[1], NULL, 1, NULL) >= 0);
+    assert_int_equal(kvs_resv_count(b->resv), 0);
+    assert_int_equal(kvs_segment_fence(seg, e + 1), KVS_OK);
+    kvs_client_close(b);
+}
+
 static void test_stats_counters(void **state)
 {
     fix *f = *state;
@@ -506,6 +542,49 @@ static void test_threads(void **state)
         pthread_join(th[i], NULL);
         assert_int_equal(t[i].errors, 0);
     }
+    kvs_client_close(b);
+}
+
+/* A remote slot whose kvs_slot_write failed (its node stopped mid-write:
+ * part of the bytes missing, part maybe still on their way) is never
+ * published, even when the caller commits it with ok: the commit reports
+ * KVS_ERR_UNAVAILABLE and the key stays absent. */
+static void test_failed_slot_write_not_published(void **state)
+{
+    fix *f = *state;
+    memcpy(f->m2.dir, f->m.dir, sizeof f->m2.dir);
+    assert_int_equal(start_master(&f->m2, 0, NULL, NULL), 0);
+    char addr[64];
+    master_addr(&f->m2, addr, sizeof addr);
+    proc *node = &f->node;
+    char *argv[] = {(char *)bin(), "node", "--master", addr, "--segment-size", "64MiB", NULL};
+    assert_int_equal(posix_spawnp(&node->pid, argv[0], NULL, NULL, argv, environ), 0);
+    setenv("KVSHELF_NO_SHM", "1", 1);
+    kvs_client *b = open_client(&f->m2, 0); /* timeout 2000 ms */
+    unsetenv("KVSHELF_NO_SHM");
+    kvs_key k = {"fsw", 3};
+    uint64_t sz = 32u << 20;
+    kvs_slot s;
+    int got = 0;
+    for (int i = 0; i < 200 && got != 1; i++) { /* until the node's segment is mounted */
+        got = kvs_reserve_batch(b, &k, &sz, 1, &s);
+        if (got != 1) sleep_ms(25);
+    }
+    assert_int_equal(got, 1);
+    assert_null(s.ptr);
+    uint8_t *in = malloc(sz);
+    fill(in, sz, 9);
+    assert_int_equal(kvs_slot_write(b, &s, 0, in, 4096), KVS_OK);
+    kill(node->pid, SIGSTOP);
+    assert_int_not_equal(kvs_slot_write(b, &s, 0, in, sz), KVS_OK); /* times out */
+    kill(node->pid, SIGCONT);
+    int res = KVS_OK;
+    assert_int_equal(kvs_commit_batch(b, &k, &s, NULL, 1, &res), 0);
+    assert_int_equal(res, KVS_ERR_UNAVAILABLE);
+    assert_int_equal(kvs_exists(b, "fsw", 3), 0);
+    /* the key can be written again, in full */
+    assert_int_equal(kvs_put(b, "fsw", 3, in, 1 << 20), KVS_OK);
+    free(in);
     kvs_client_close(b);
 }
 
@@ -779,6 +858,8 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_batches, setup, teardown),
         cmocka_unit_test_setup_teardown(test_registered, setup, teardown),
         cmocka_unit_test_setup_teardown(test_slots, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_double_commit, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_failed_slot_write_not_published, setup, teardown),
         cmocka_unit_test_setup_teardown(test_stats_counters, setup, teardown),
         cmocka_unit_test_setup_teardown(test_invalid_args, setup, teardown),
         cmocka_unit_test_setup_teardown(test_threads, setup, teardown),

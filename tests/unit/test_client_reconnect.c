@@ -174,7 +174,11 @@ static void *hammer_main(void *arg)
         int rc2 = kvs_get(h->c, key, (uint32_t)kl, buf, sizeof buf, &size);
         uint64_t el = now_ms() - t0;
         if (el > h->longest_ms) h->longest_ms = el;
-        if (rc != KVS_OK && rc != KVS_ERR_CONN && rc != KVS_ERR_TIMEOUT) h->bad_status = rc;
+        /* NO_SPACE: after a master restart the pool's only segment takes no
+         * placements for one lease time (read leases the old master granted
+         * may still run: proto.h "Write epochs") */
+        if (rc != KVS_OK && rc != KVS_ERR_CONN && rc != KVS_ERR_TIMEOUT && rc != KVS_ERR_NO_SPACE)
+            h->bad_status = rc;
         if (rc2 != KVS_OK && rc2 != KVS_ERR_CONN && rc2 != KVS_ERR_NOT_FOUND &&
             rc2 != KVS_ERR_TIMEOUT)
             h->bad_status = rc2;
@@ -211,7 +215,7 @@ static void test_master_restart(void **state)
     /* same port, new master: the clients come back on their own */
     assert_int_equal(start_master(&f->m, port, NULL), 0);
     int rc = KVS_ERR_CONN;
-    for (uint64_t end = now_ms() + 8000; now_ms() < end && rc != KVS_OK;) {
+    for (uint64_t end = now_ms() + 15000; now_ms() < end && rc != KVS_OK;) {
         rc = kvs_put(b, "after", 5, "v2", 2);
         if (rc != KVS_OK) sleep_ms(50);
     }

@@ -201,7 +201,11 @@ static void test_fenced_reuse(void **st)
     assert_int_equal(kvs_m_put_start(m, writer, "C", 1, MIB, &seg, &offc, &c, &ep), KVS_OK);
     assert_int_equal(kvs_m_put_start(m, writer, "H", 1, MIB, &seg, &offe, &e, &ep), KVS_OK);
     assert_int_equal(kvs_m_put_start(m, writer, "D", 1, MIB, &seg, &offd, &d, &ep), KVS_OK);
-    assert_int_equal(kvs_m_put_end(m, writer, "D", 1, d, KVS_PUT_ABANDON), KVS_OK); /* -> 3 */
+    assert_int_equal(kvs_m_put_end(m, writer, "D", 1, d, KVS_PUT_ABANDON), KVS_OK);
+    /* the epoch handed out stays one step past the last confirmed fence (1):
+     * D waits for the fence after next (3), asked once 2 is confirmed */
+    assert_int_equal(kvs_m_fences_wanted(m, owner, want, 4), 1);
+    assert_int_equal(want[0].epoch, 2);
     assert_int_equal(kvs_m_put_end(m, writer, "C", 1, c, KVS_PUT_PUBLISH), KVS_OK);
     assert_true(tm_exists(m, "C"));
     assert_int_equal(kvs_m_remove(m, "C", 1), KVS_OK);
@@ -223,6 +227,7 @@ static void test_fenced_reuse(void **st)
     assert_int_equal(kvs_m_fence(m, writer, sg, 3), KVS_ERR_INVALID); /* not the owner */
     assert_int_equal(kvs_m_fence(m, owner, sg, 4), KVS_ERR_INVALID);  /* never asked */
     assert_int_equal(kvs_m_fences_wanted(m, owner, want, 4), 1);
+    assert_int_equal(want[0].epoch, 3); /* D, given up under 2 */
     assert_int_equal(kvs_m_fence(m, owner, sg, 3), KVS_OK); /* D */
     assert_int_equal(kvs_m_put_end(m, writer, "H", 1, h, KVS_PUT_PUBLISH), KVS_ERR_UNAVAILABLE);
     assert_false(tm_exists(m, "H"));
@@ -303,6 +308,75 @@ static void test_remount_same_memory(void **st)
     kvs_master_free(m);
 }
 
+/* Read leases outlive a registration: memory mounted again takes no
+ * placements until the leases granted on its earlier registration ran out
+ * (exactly, when this master knew it; a whole lease when it did not), so a
+ * reader still inside its lease never sees its bytes overwritten. A fresh
+ * segment (epoch 1) takes placements at once. */
+static void test_remount_waits_for_leases(void **st)
+{
+    (void)st;
+    kvs_master *m = tm_master(NULL, NULL); /* lease_ms 5000 */
+    uint8_t hid[16] = {7};
+    uint64_t c1 = tm_client(m, 7), reader = tm_client(m, 9);
+    uint32_t s1 = 0, s2 = 0, s3 = 0, seg;
+    uint64_t off, obj, ep;
+    assert_int_equal(kvs_m_mount(m, c1, 8 << 20, "mem-a", "127.0.0.1:1", hid, 1, &s1), KVS_OK);
+    assert_int_equal(tm_put(m, c1, "k", 4096), KVS_OK);
+    kvs_m_loc loc;
+    kvs_master_set_time(m, T0 + 1000);
+    assert_int_equal(kvs_m_get(m, reader, "k", 1, &loc), KVS_OK); /* lease to T0+6000 */
+    /* the owner reconnects at T0+2000 and mounts the same memory (fenced to 3) */
+    kvs_master_set_time(m, T0 + 2000);
+    uint64_t c2 = tm_client(m, 7);
+    assert_int_equal(kvs_m_mount(m, c2, 8 << 20, "mem-a", "127.0.0.1:1", hid, 3, &s2), KVS_OK);
+    assert_int_equal(kvs_m_put_start(m, c2, "n", 1, 4096, &seg, &off, &obj, &ep), KVS_ERR_NO_SPACE);
+    kvs_master_set_time(m, T0 + 5999);
+    assert_int_equal(kvs_m_put_start(m, c2, "n", 1, 4096, &seg, &off, &obj, &ep), KVS_ERR_NO_SPACE);
+    kvs_master_set_time(m, T0 + 6000);
+    assert_int_equal(kvs_m_put_start(m, c2, "n", 1, 4096, &seg, &off, &obj, &ep), KVS_OK);
+    assert_int_equal(seg, s2);
+    assert_int_equal(ep, 3);
+    /* mounted again with no lease ever granted on it: placements at once */
+    uint64_t c3 = tm_client(m, 7);
+    assert_int_equal(kvs_m_mount(m, c3, 8 << 20, "mem-a", "127.0.0.1:1", hid, 5, &s3), KVS_OK);
+    assert_int_equal(kvs_m_put_start(m, c3, "p", 1, 4096, &seg, &off, &obj, &ep), KVS_OK);
+    assert_int_equal(seg, s3);
+    /* memory this master never saw, mounted before (epoch > 1: a master
+     * before a restart): one whole lease */
+    uint8_t hid2[16] = {2};
+    uint64_t c4 = tm_client(m, 2);
+    assert_int_equal(kvs_m_mount(m, c4, 8 << 20, "mem-b", "127.0.0.1:2", hid2, 7, &s1), KVS_OK);
+    assert_int_equal(kvs_m_unmount(m, c3, s3), KVS_OK);
+    assert_int_equal(kvs_m_put_start(m, c4, "q", 1, 4096, &seg, &off, &obj, &ep), KVS_ERR_NO_SPACE);
+    kvs_master_set_time(m, T0 + 6000 + 5000);
+    assert_int_equal(kvs_m_put_start(m, c4, "q", 1, 4096, &seg, &off, &obj, &ep), KVS_OK);
+    assert_int_equal(seg, s1);
+    /* a fresh segment: at once */
+    uint64_t c5 = tm_client(m, 3);
+    uint8_t hid3[16] = {3};
+    assert_int_equal(kvs_m_unmount(m, c4, s1), KVS_OK);
+    assert_int_equal(kvs_m_mount(m, c5, 8 << 20, "mem-c", "127.0.0.1:3", hid3, 1, &s1), KVS_OK);
+    assert_int_equal(kvs_m_put_start(m, c5, "r", 1, 4096, &seg, &off, &obj, &ep), KVS_OK);
+    /* its registration ends (unmount, or the owner expired) and the memory
+     * comes back: this master remembers it, so it waits exactly for the
+     * leases granted on it -- none here: at once; one granted: until it ends */
+    assert_int_equal(kvs_m_put_end(m, c5, "r", 1, obj, KVS_PUT_PUBLISH), KVS_OK);
+    assert_int_equal(kvs_m_unmount(m, c5, s1), KVS_OK);
+    assert_int_equal(kvs_m_mount(m, c5, 8 << 20, "mem-c", "127.0.0.1:3", hid3, 3, &s1), KVS_OK);
+    assert_int_equal(kvs_m_put_start(m, c5, "r", 1, 4096, &seg, &off, &obj, &ep), KVS_OK);
+    assert_int_equal(kvs_m_put_end(m, c5, "r", 1, obj, KVS_PUT_PUBLISH), KVS_OK);
+    uint64_t t = kvs_master_now(m);
+    assert_int_equal(kvs_m_get(m, reader, "r", 1, &loc), KVS_OK);
+    assert_int_equal(kvs_m_unmount(m, c5, s1), KVS_OK);
+    kvs_master_set_time(m, t + 100);
+    assert_int_equal(kvs_m_mount(m, c5, 8 << 20, "mem-c", "127.0.0.1:3", hid3, 5, &s1), KVS_OK);
+    assert_int_equal(kvs_m_put_start(m, c5, "s", 1, 4096, &seg, &off, &obj, &ep), KVS_ERR_NO_SPACE);
+    kvs_master_set_time(m, t + 5000);
+    assert_int_equal(kvs_m_put_start(m, c5, "s", 1, 4096, &seg, &off, &obj, &ep), KVS_OK);
+    kvs_master_free(m);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -314,6 +388,7 @@ int main(void)
         cmocka_unit_test(test_fenced_reuse),
         cmocka_unit_test(test_closed_connection_keeps_client),
         cmocka_unit_test(test_remount_same_memory),
+        cmocka_unit_test(test_remount_waits_for_leases),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -277,6 +277,15 @@ static void test_fence(void **state)
     kill(pid, SIGKILL);
     waitpid(pid, NULL, 0);
     assert_int_equal(kvs_segment_fence(&s, 3), KVS_OK);
+    /* epochs above the current one + 1 were never handed out: refused */
+    assert_int_equal(kvs_segment_write_begin(&s, 5), KVS_ERR_UNAVAILABLE);
+    /* a re-mount fences to the control page + 2: a writer that entered
+     * under current + 1 (the most a registration hands out) holds it back */
+    assert_int_equal(kvs_segment_write_begin(&s, 4), KVS_OK);
+    assert_int_equal(kvs_segment_fence(&s, kvs_segment_epoch(&s) + 2), KVS_ERR_BUSY);
+    kvs_segment_write_end(&s, 4);
+    assert_int_equal(kvs_segment_fence(&s, 5), KVS_OK);
+    assert_int_equal(kvs_segment_write_begin(&s, 4), KVS_ERR_UNAVAILABLE);
     kvs_segment_destroy(&s);
     unsetenv("KVSHELF_PREFAULT");
 }
