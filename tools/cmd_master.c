@@ -7,6 +7,7 @@
 #include <getopt.h>
 #include <pthread.h>
 #include <pwd.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -131,7 +132,9 @@ static void usage(FILE *f)
 "                         memory segment of --segment-size bytes from this process\n"
 "  --detach               fork and let the started process exit at once, so the master\n"
 "                         is nobody's child (clients start the embedded pool this way:\n"
-"                         an engine that kills its process tree leaves the pool alone)\n"
+"                         an engine that kills its process tree leaves the pool alone);\n"
+"                         it also leaves the CPU pinning it was started with (runs on\n"
+"                         every CPU its cgroup allows)\n"
 "  --runtime-dir DIR      the user's kvshelf directory: pool secret, unix sockets of\n"
 "                         --embedded and of same-host clients (default env\n"
 "                         KVSHELF_RUNTIME_DIR, else $XDG_RUNTIME_DIR/kvshelf, else\n"
@@ -482,6 +485,25 @@ static int run_embedded(kvs_master *m, kvs_server *srv, const opts *o, const cha
     return status ? status : (la.rc == KVS_OK ? 0 : 1);
 }
 
+/* A detached master is nobody's child, and keeps nobody's CPU pinning
+ * either: an engine worker that starts the pool is often pinned to one core
+ * (vLLM's CPU workers are), and the pool would inherit that and serve every
+ * engine of the host from that one core. Widens to every CPU the cgroup
+ * allows (the kernel keeps the mask within the cpuset). */
+static void widen_affinity(void)
+{
+    cpu_set_t before, all;
+    if (sched_getaffinity(0, sizeof before, &before)) return;
+    CPU_ZERO(&all);
+    long n = sysconf(_SC_NPROCESSORS_CONF);
+    for (long i = 0; i < n && i < CPU_SETSIZE; i++) CPU_SET((int)i, &all);
+    if (sched_setaffinity(0, sizeof all, &all)) return;
+    cpu_set_t after;
+    if (!sched_getaffinity(0, sizeof after, &after) && CPU_COUNT(&after) != CPU_COUNT(&before))
+        fprintf(stderr, "kvshelf master: --detach: CPU affinity widened from %d to %d CPUs\n",
+                CPU_COUNT(&before), CPU_COUNT(&after));
+}
+
 int kvs_cmd_master(int argc, char **argv)
 {
     opts o;
@@ -509,6 +531,7 @@ int kvs_cmd_master(int argc, char **argv)
         }
         if (child > 0) _exit(0); /* the launcher; the master goes on in the child */
         setsid();                /* no-op if the launcher already led a session */
+        widen_affinity();
     }
     if (!o.secret) o.secret = getenv("KVSHELF_SECRET");
     if (o.secret && !o.secret[0]) o.secret = NULL;

@@ -353,8 +353,21 @@ static int spawn_master(const kvs_config *cfg, const char *dir, pid_t *pid, char
     posix_spawnattr_setsigdefault(&at, &defs);
     posix_spawnattr_setflags(&at, POSIX_SPAWN_SETSID | POSIX_SPAWN_SETSIGMASK |
                                       POSIX_SPAWN_SETSIGDEF);
-    int rc = use_path ? posix_spawnp(pid, bin, &fa, &at, argv, environ)
-                      : posix_spawn(pid, bin, &fa, &at, argv, environ);
+    /* the engine's preloads (vLLM's CPU workers preload an OpenMP runtime
+     * and an allocator) are not the pool's: it runs without LD_PRELOAD */
+    size_t ne = 0;
+    while (environ[ne]) ne++;
+    char **envp = malloc((ne + 1) * sizeof *envp);
+    int rc = envp ? 0 : ENOMEM;
+    if (envp) {
+        size_t k = 0;
+        for (size_t i = 0; i < ne; i++)
+            if (strncmp(environ[i], "LD_PRELOAD=", 11)) envp[k++] = environ[i];
+        envp[k] = NULL;
+        rc = use_path ? posix_spawnp(pid, bin, &fa, &at, argv, envp)
+                      : posix_spawn(pid, bin, &fa, &at, argv, envp);
+        free(envp);
+    }
     posix_spawn_file_actions_destroy(&fa);
     posix_spawnattr_destroy(&at);
     if (rc) {

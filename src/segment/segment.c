@@ -24,6 +24,72 @@
 
 static atomic_uint seg_counter;
 
+/* ---- fork: a child never holds this process's write locks ----
+ * Write fences are OFD locks, owned by the open file description, which a
+ * fork() shares with the child: a child (forked without exec, e.g. by a
+ * Python worker pool) would keep every lock held at fork time for as long
+ * as it lives, and a fence would wait for it forever if the parent died
+ * mid-write. The child closes its copies of every segment's descriptors
+ * (the parent's locks stay the parent's); segments are not usable in a
+ * forked child. posix_spawn and vfork run no fork handlers (and need none:
+ * the descriptors are close-on-exec). */
+static pthread_mutex_t reg_mu = PTHREAD_MUTEX_INITIALIZER;
+static kvs_segment **reg_v;
+static size_t reg_n, reg_cap;
+static pthread_once_t reg_once = PTHREAD_ONCE_INIT;
+
+static void fork_prepare(void) { pthread_mutex_lock(&reg_mu); }
+static void fork_parent(void) { pthread_mutex_unlock(&reg_mu); }
+static void fork_child(void)
+{
+    for (size_t i = 0; i < reg_n; i++) {
+        kvs_segment *sg = reg_v[i];
+        /* the writers' locks live on wlock_fd, which is never mapped: with
+         * the child's copy closed, only this process holds them (the
+         * mapping inherited by the child keeps fd's description alive) */
+        if (sg->wlock_fd >= 0) close(sg->wlock_fd);
+        if (sg->fence_fd >= 0) close(sg->fence_fd);
+        sg->wlock_fd = sg->fence_fd = -1;
+        memset(sg->held, 0, sizeof sg->held);
+        pthread_mutex_init(&sg->wmu, NULL); /* a thread of the parent may have held it */
+    }
+    reg_n = 0;
+    pthread_mutex_unlock(&reg_mu);
+}
+
+static void reg_init(void) { pthread_atfork(fork_prepare, fork_parent, fork_child); }
+
+static int reg_add(kvs_segment *sg)
+{
+    pthread_once(&reg_once, reg_init);
+    pthread_mutex_lock(&reg_mu);
+    if (reg_n == reg_cap) {
+        size_t cap = reg_cap ? reg_cap * 2 : 16;
+        kvs_segment **v = realloc(reg_v, cap * sizeof *v);
+        if (!v) {
+            pthread_mutex_unlock(&reg_mu);
+            return KVS_ERR_NOMEM;
+        }
+        reg_v = v;
+        reg_cap = cap;
+    }
+    reg_v[reg_n++] = sg;
+    pthread_mutex_unlock(&reg_mu);
+    return KVS_OK;
+}
+
+static void reg_remove(kvs_segment *sg)
+{
+    pthread_mutex_lock(&reg_mu);
+    for (size_t i = 0; i < reg_n; i++) {
+        if (reg_v[i] == sg) {
+            reg_v[i] = reg_v[--reg_n];
+            break;
+        }
+    }
+    pthread_mutex_unlock(&reg_mu);
+}
+
 size_t kvs_page_size(void)
 {
     static size_t ps;
@@ -157,7 +223,7 @@ static int map_file(int fd, uint64_t data, uint64_t nonce, kvs_segment *out)
 static void seg_init(kvs_segment *out)
 {
     memset(out, 0, sizeof *out);
-    out->fd = out->fence_fd = -1;
+    out->fd = out->fence_fd = out->wlock_fd = -1;
     pthread_mutex_init(&out->wmu, NULL);
 }
 
@@ -211,11 +277,14 @@ int kvs_segment_create(uint64_t size, kvs_segment *out)
     if (rc == KVS_OK) rc = map_file(fd, size, nonce, out);
     if (rc == KVS_OK) {
         out->fence_fd = open(path, O_RDWR | O_NOFOLLOW | O_CLOEXEC);
-        if (out->fence_fd < 0) rc = KVS_ERR_IO;
+        out->wlock_fd = open(path, O_RDWR | O_NOFOLLOW | O_CLOEXEC);
+        if (out->fence_fd < 0 || out->wlock_fd < 0) rc = KVS_ERR_IO;
     }
     if (rc != KVS_OK) {
         if (rc == KVS_ERR_IO) KVS_LOGE("segment: set up %s: %s", path, strerror(errno));
         if (out->base) munmap(out->base, size + ps);
+        if (out->fence_fd >= 0) close(out->fence_fd);
+        if (out->wlock_fd >= 0) close(out->wlock_fd);
         close(fd);
         unlink(path);
         pthread_mutex_destroy(&out->wmu);
@@ -224,6 +293,7 @@ int kvs_segment_create(uint64_t size, kvs_segment *out)
     }
     out->fd = fd;
     out->owner = 1;
+    if (reg_add(out)) KVS_LOGW("segment %s: no memory to track it across fork()", out->name);
     out->prefault = kvs_prefault_start(out->base, size);
     return KVS_OK;
 }
@@ -259,8 +329,21 @@ int kvs_segment_map(const char *name, uint64_t size, kvs_segment *out)
         close(fd);
         return rc;
     }
+    /* a second open file for the writers' locks (see fork_child), of the
+     * very same file */
+    int wfd = open(path, O_RDWR | O_NOFOLLOW | O_CLOEXEC);
+    struct stat wst;
+    if (wfd < 0 || fstat(wfd, &wst) < 0 || wst.st_dev != st.st_dev || wst.st_ino != st.st_ino) {
+        if (wfd >= 0) close(wfd);
+        munmap(out->base, out->size + ps);
+        close(fd);
+        seg_init(out);
+        return wfd < 0 ? KVS_ERR_IO : KVS_ERR_CORRUPT;
+    }
+    out->wlock_fd = wfd;
     out->fd = fd;
     kvs_strlcpy(out->name, name, sizeof out->name);
+    if (reg_add(out)) KVS_LOGW("segment %s: no memory to track it across fork()", out->name);
     out->prefault = kvs_prefault_start(out->base, out->size);
     return KVS_OK;
 }
@@ -272,7 +355,8 @@ uint64_t kvs_segment_epoch(const kvs_segment *s)
 
 int kvs_segment_write_begin(kvs_segment *s, uint64_t epoch)
 {
-    if (!s || !s->ctl || s->fd < 0 || epoch == 0 || epoch >= EPOCH_MAX) return KVS_ERR_INVALID;
+    if (!s || !s->ctl || s->wlock_fd < 0 || epoch == 0 || epoch >= EPOCH_MAX)
+        return KVS_ERR_INVALID;
     pthread_mutex_lock(&s->wmu);
     int slot = -1, free_slot = -1;
     for (int i = 0; i < KVS_SEG_HELD_MAX; i++) {
@@ -286,7 +370,7 @@ int kvs_segment_write_begin(kvs_segment *s, uint64_t epoch)
         }
         /* blocks only while an owner's fence holds its exclusive lock (a
          * non-blocking try, released at once) */
-        if (lock_range(s->fd, F_OFD_SETLKW, F_RDLCK, LOCK_BASE + (off_t)epoch, 1) < 0) {
+        if (lock_range(s->wlock_fd, F_OFD_SETLKW, F_RDLCK, LOCK_BASE + (off_t)epoch, 1) < 0) {
             KVS_LOGW("segment %s: write lock: %s", s->name, strerror(errno));
             pthread_mutex_unlock(&s->wmu);
             return KVS_ERR_IO;
@@ -304,7 +388,7 @@ int kvs_segment_write_begin(kvs_segment *s, uint64_t epoch)
                                              registration the owner made (proto.h) */
         rc = KVS_ERR_UNAVAILABLE;
         if (--s->held[slot].count == 0)
-            lock_range(s->fd, F_OFD_SETLK, F_UNLCK, LOCK_BASE + (off_t)epoch, 1);
+            lock_range(s->wlock_fd, F_OFD_SETLK, F_UNLCK, LOCK_BASE + (off_t)epoch, 1);
     }
     pthread_mutex_unlock(&s->wmu);
     return rc;
@@ -312,12 +396,12 @@ int kvs_segment_write_begin(kvs_segment *s, uint64_t epoch)
 
 void kvs_segment_write_end(kvs_segment *s, uint64_t epoch)
 {
-    if (!s || s->fd < 0) return;
+    if (!s || s->wlock_fd < 0) return;
     pthread_mutex_lock(&s->wmu);
     for (int i = 0; i < KVS_SEG_HELD_MAX; i++) {
         if (!s->held[i].count || s->held[i].epoch != epoch) continue;
         if (--s->held[i].count == 0)
-            lock_range(s->fd, F_OFD_SETLK, F_UNLCK, LOCK_BASE + (off_t)epoch, 1);
+            lock_range(s->wlock_fd, F_OFD_SETLK, F_UNLCK, LOCK_BASE + (off_t)epoch, 1);
         break;
     }
     pthread_mutex_unlock(&s->wmu);
@@ -349,6 +433,7 @@ void kvs_segment_retire(kvs_segment *s)
 void kvs_segment_destroy(kvs_segment *s)
 {
     if (!s) return;
+    if (s->base) reg_remove(s);
     kvs_prefault_stop(s->prefault);
     s->prefault = NULL;
     if (s->base) munmap(s->base, s->size + (s->ctl ? kvs_page_size() : 0));
@@ -358,7 +443,8 @@ void kvs_segment_destroy(kvs_segment *s)
     }
     if (s->fd >= 0 && s->base) close(s->fd);
     if (s->fence_fd >= 0 && s->base) close(s->fence_fd);
+    if (s->wlock_fd >= 0 && s->base) close(s->wlock_fd);
     if (s->base) pthread_mutex_destroy(&s->wmu);
     memset(s, 0, sizeof *s);
-    s->fd = s->fence_fd = -1;
+    s->fd = s->fence_fd = s->wlock_fd = -1;
 }

@@ -52,6 +52,7 @@ typedef struct kvs_segment {
     int owner;                   /* 1: created here, unlinked by kvs_segment_destroy */
     int fd;                      /* open file (locks); -1 when not open */
     int fence_fd;                /* owner: a second open file for fencing; else -1 */
+    int wlock_fd;                /* a third (never mapped) for the writers' locks */
     struct kvs_seg_ctl *ctl;     /* control page, NULL when not mapped */
     struct kvs_prefault *prefault; /* background page population (prefault.h), or NULL */
     pthread_mutex_t wmu;         /* guards held[] */
@@ -60,6 +61,10 @@ typedef struct kvs_segment {
         uint32_t count;
     } held[KVS_SEG_HELD_MAX];    /* shared locks this process holds, with writers inside */
 } kvs_segment;
+
+/* (A process forked without exec closes its copies of every segment's
+ * descriptors at once, so it never holds its parent's write locks;
+ * segments are not usable in such a child.) */
 
 /* Creates and maps a new segment of at least `size` bytes (> 0), reserving
  * its memory. Returns KVS_OK, KVS_ERR_INVALID, KVS_ERR_NO_SPACE (the shm file

@@ -98,3 +98,35 @@ def test_pool_outlives_the_process_tree_that_started_it(kv):
                  "--verify", "--keep", env=env)
     assert g["fatal"] == 0 and g["totals"]["mismatches"] == 0
     assert row(g, "get")["ok"] == 50, g["totals"]
+
+
+def test_pool_leaves_the_starters_pinning_and_preloads(kv):
+    """An engine worker pinned to one CPU, with libraries preloaded (vLLM's
+    CPU workers are both), starts the pool: the pool runs on every CPU this
+    test may use and without the worker's LD_PRELOAD."""
+    import ctypes.util
+    import pytest
+    allowed = os.sched_getaffinity(0)
+    if len(allowed) < 2:
+        pytest.skip("needs 2 CPUs to see a pinning left behind")
+    lib = ctypes.util.find_library("m")
+    preload = None
+    for d in ("/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib64", "/usr/lib64"):
+        if lib and os.path.exists(os.path.join(d, lib)):
+            preload = os.path.join(d, lib)
+    env = newcomer_env(kv)
+    env["KVSHELF_BIN"] = kv.bin
+    if preload:
+        env["LD_PRELOAD"] = preload
+    one = min(allowed)
+    r = subprocess.run([kv.bin, "put", "pinned-key", "v"], env=env, capture_output=True,
+                       timeout=60, preexec_fn=lambda: os.sched_setaffinity(0, {one}))
+    assert r.returncode == 0, r.stderr.decode(errors="replace")
+    pool = kv.embedded_pids()
+    assert pool, "no embedded pool process"
+    pid = pool[0]
+    assert os.sched_getaffinity(pid) == allowed, (
+        "the pool kept its starter's pinning: %s (allowed %s)" % (os.sched_getaffinity(pid),
+                                                                  allowed))
+    penv = Path("/proc/%d/environ" % pid).read_bytes().split(b"\0")
+    assert not any(e.startswith(b"LD_PRELOAD=") for e in penv), "the pool kept LD_PRELOAD"

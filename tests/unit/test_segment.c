@@ -290,6 +290,42 @@ static void test_fence(void **state)
     unsetenv("KVSHELF_PREFAULT");
 }
 
+/* A child forked (without exec) while this process writes under a fence
+ * does not keep the write lock: when this process's writer goes away
+ * (closed mid-write here, as if it died), the owner can fence although the
+ * child still runs. */
+static void test_fork_child_holds_no_lock(void **state)
+{
+    (void)state;
+    setenv("KVSHELF_PREFAULT", "0", 1);
+    kvs_segment s, m;
+    assert_int_equal(kvs_segment_create(1 << 20, &s), KVS_OK);
+    assert_int_equal(kvs_segment_map(s.name, 0, &m), KVS_OK);
+    assert_int_equal(kvs_segment_write_begin(&m, 1), KVS_OK);
+    int pfd[2];
+    assert_int_equal(pipe(pfd), 0);
+    pid_t pid = fork();
+    if (pid == 0) {
+        close(pfd[0]);
+        /* the child's copies are closed: it cannot write through them */
+        char ok = m.wlock_fd < 0 && kvs_segment_write_begin(&m, 1) != KVS_OK ? 'y' : 'n';
+        if (write(pfd[1], &ok, 1) != 1) _exit(2);
+        for (;;) pause();
+    }
+    close(pfd[1]);
+    char ok = 0;
+    assert_int_equal(read(pfd[0], &ok, 1), 1);
+    close(pfd[0]);
+    assert_int_equal(ok, 'y');
+    assert_int_equal(kvs_segment_fence(&s, 2), KVS_ERR_BUSY); /* our writer is inside */
+    kvs_segment_destroy(&m);                                   /* ... and goes away */
+    assert_int_equal(kvs_segment_fence(&s, 2), KVS_OK);        /* the child holds nothing */
+    kill(pid, SIGKILL);
+    waitpid(pid, NULL, 0);
+    kvs_segment_destroy(&s);
+    unsetenv("KVSHELF_PREFAULT");
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -297,6 +333,7 @@ int main(void)
         cmocka_unit_test(test_names),
         cmocka_unit_test(test_identity),
         cmocka_unit_test(test_fence),
+        cmocka_unit_test(test_fork_child_holds_no_lock),
         cmocka_unit_test(test_many_and_large),
         cmocka_unit_test(test_gc),
         cmocka_unit_test(test_prefault),
