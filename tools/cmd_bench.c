@@ -27,6 +27,7 @@
 #include <cjson/cJSON.h>
 
 #include "kvshelf/kvshelf.h"
+#include "tools/client_config.h"
 #include "tools/commands.h"
 
 /* ------------------------------------------------------------------ */
@@ -1219,29 +1220,8 @@ int kvs_cmd_bench(int argc, char **argv)
     }
 
     /* configuration: file, environment, then options */
-    if (config_file && kvs_config_load_file(&o.cfg, config_file, err, sizeof err) < 0) {
-        fprintf(stderr, "kvshelf bench: %s\n", err);
-        return 2;
-    }
-    if (kvs_config_load_env(&o.cfg, err, sizeof err) < 0) {
-        fprintf(stderr, "kvshelf bench: %s\n", err);
-        return 2;
-    }
-    if (master) snprintf(o.cfg.master_server_address, sizeof o.cfg.master_server_address, "%s", master);
-    /* A bench client contributes no memory unless asked, so reads of data held
-     * by nodes go through the transfer engine. In the embedded pool the size
-     * is the pool's own (the embedded master owns the segment): kept. */
-    if (o.cfg.master_server_address[0]) o.cfg.global_segment_size = 0;
-    if (segsize && kvs_parse_size(segsize, &o.cfg.global_segment_size) < 0) {
-        fprintf(stderr, "kvshelf bench: bad --segment-size '%s'\n", segsize);
-        return 2;
-    }
-    if (secret) snprintf(o.cfg.secret, sizeof o.cfg.secret, "%s", secret);
-    if (timeout_ms > 0) o.cfg.timeout_ms = timeout_ms;
-    if (kvs_config_validate(&o.cfg, err, sizeof err) < 0) {
-        fprintf(stderr, "kvshelf bench: %s\n", err);
-        return 2;
-    }
+    kvs_cli_client_opts co = {config_file, master, segsize, secret, timeout_ms};
+    if (kvs_cli_client_config("bench", &co, &o.cfg)) return 2;
     if (!o.prefix[0])
         snprintf(o.prefix, sizeof o.prefix, "bench-%ld-%llx", (long)getpid(),
                  (unsigned long long)(now_ns() & 0xffffffffffull));

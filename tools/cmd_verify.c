@@ -47,6 +47,7 @@
 #include <unistd.h>
 
 #include "kvshelf/kvshelf.h"
+#include "tools/client_config.h"
 #include "tools/commands.h"
 
 #define VHDR 32u
@@ -757,26 +758,8 @@ int kvs_cmd_verify(int argc, char **argv)
         fprintf(stderr, "kvshelf verify: unexpected argument '%s'\n", argv[optind]);
         return 2;
     }
-    if (config_file && kvs_config_load_file(&o.cfg, config_file, err, sizeof err) < 0) {
-        fprintf(stderr, "kvshelf verify: %s\n", err);
-        return 2;
-    }
-    if (kvs_config_load_env(&o.cfg, err, sizeof err) < 0) {
-        fprintf(stderr, "kvshelf verify: %s\n", err);
-        return 2;
-    }
-    if (master) snprintf(o.cfg.master_server_address, sizeof o.cfg.master_server_address, "%s", master);
-    if (o.cfg.master_server_address[0]) o.cfg.global_segment_size = 0;
-    if (segsize && kvs_parse_size(segsize, &o.cfg.global_segment_size) < 0) {
-        fprintf(stderr, "kvshelf verify: bad --segment-size '%s'\n", segsize);
-        return 2;
-    }
-    if (secret) snprintf(o.cfg.secret, sizeof o.cfg.secret, "%s", secret);
-    if (timeout_ms > 0) o.cfg.timeout_ms = (int)timeout_ms;
-    if (kvs_config_validate(&o.cfg, err, sizeof err) < 0) {
-        fprintf(stderr, "kvshelf verify: %s\n", err);
-        return 2;
-    }
+    kvs_cli_client_opts co = {config_file, master, segsize, secret, timeout_ms};
+    if (kvs_cli_client_config("verify", &co, &o.cfg)) return 2;
     if (!o.prefix[0])
         snprintf(o.prefix, sizeof o.prefix, "verify-%ld-%llx", (long)getpid(),
                  (unsigned long long)(vnow_ns() & 0xffffffffffull));

@@ -26,90 +26,15 @@
 #include "client/client_ext.h"
 #include "client/client_internal.h"
 #include "kvshelf/kvshelf.h"
-
-extern char **environ;
+#include "test_proc_util.h"
 
 /* ---- helpers: processes ---- */
-
-typedef struct proc {
-    pid_t pid;
-    char dir[256];
-    int rpc_port;
-} proc;
-
-static const char *bin(void)
-{
-    const char *b = getenv("KVSHELF_BIN");
-    return b && *b ? b : "kvshelf";
-}
-
-static void sleep_ms(int ms)
-{
-    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
-    nanosleep(&ts, NULL);
-}
 
 /* Starts `kvshelf master` on 127.0.0.1:port (0 = any) with extra args. */
 static int start_master(proc *p, int port, const char *extra1, const char *extra2)
 {
-    if (!p->dir[0]) {
-        snprintf(p->dir, sizeof p->dir, "/tmp/kvs-test-XXXXXX");
-        if (!mkdtemp(p->dir)) return -1;
-    }
-    char pf[300], listen[64], log[300];
-    snprintf(pf, sizeof pf, "%s/ports.json", p->dir);
-    snprintf(log, sizeof log, "%s/master.log", p->dir);
-    snprintf(listen, sizeof listen, "127.0.0.1:%d", port);
-    unlink(pf);
-    char *argv[16];
-    int a = 0;
-    argv[a++] = (char *)bin();
-    argv[a++] = "master";
-    argv[a++] = "--listen";
-    argv[a++] = listen;
-    argv[a++] = "--http";
-    argv[a++] = "127.0.0.1:0";
-    argv[a++] = "--port-file";
-    argv[a++] = pf;
-    if (extra1) argv[a++] = (char *)extra1;
-    if (extra2) argv[a++] = (char *)extra2;
-    argv[a] = NULL;
-    posix_spawn_file_actions_t fa;
-    posix_spawn_file_actions_init(&fa);
-    posix_spawn_file_actions_addopen(&fa, 2, log, O_WRONLY | O_CREAT | O_APPEND, 0600);
-    int rc = posix_spawnp(&p->pid, argv[0], &fa, NULL, argv, environ);
-    posix_spawn_file_actions_destroy(&fa);
-    if (rc) return -1;
-    for (int i = 0; i < 500; i++) {
-        FILE *f = fopen(pf, "r");
-        if (f) {
-            char buf[256] = "";
-            size_t n = fread(buf, 1, sizeof buf - 1, f);
-            fclose(f);
-            buf[n] = '\0';
-            cJSON *j = cJSON_Parse(buf);
-            cJSON *r = cJSON_GetObjectItem(j, "rpc");
-            if (cJSON_IsNumber(r)) p->rpc_port = r->valueint;
-            cJSON_Delete(j);
-            if (p->rpc_port > 0) return 0;
-        }
-        sleep_ms(20);
-    }
-    return -1;
-}
-
-static void stop_proc(proc *p, int sig)
-{
-    if (p->pid > 0) {
-        kill(p->pid, sig);
-        waitpid(p->pid, NULL, 0);
-        p->pid = 0;
-    }
-}
-
-static void master_addr(const proc *p, char *out, size_t cap)
-{
-    snprintf(out, cap, "127.0.0.1:%d", p->rpc_port);
+    const char *extra[] = {extra1, extra1 ? extra2 : NULL, NULL};
+    return start_master_argv(p, port, extra);
 }
 
 static kvs_client *open_client(const proc *m, uint64_t seg)

@@ -23,76 +23,12 @@
 #include <cmocka.h>
 
 #include "kvshelf/kvshelf.h"
-
-extern char **environ;
-
-typedef struct proc {
-    pid_t pid;
-    char dir[256];
-    int rpc_port;
-} proc;
-
-static uint64_t now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
-}
-
-static void sleep_ms(int ms)
-{
-    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
-    nanosleep(&ts, NULL);
-}
+#include "test_proc_util.h"
 
 static int start_master(proc *p, int port, const char *ttl_ms)
 {
-    if (!p->dir[0]) {
-        snprintf(p->dir, sizeof p->dir, "/tmp/kvs-test-XXXXXX");
-        if (!mkdtemp(p->dir)) return -1;
-    }
-    char pf[300], listen[64], log[300];
-    snprintf(pf, sizeof pf, "%s/ports.json", p->dir);
-    snprintf(log, sizeof log, "%s/master.log", p->dir);
-    snprintf(listen, sizeof listen, "127.0.0.1:%d", port);
-    unlink(pf);
-    const char *b = getenv("KVSHELF_BIN");
-    char *argv[] = {(char *)(b && *b ? b : "kvshelf"), "master", "--listen", listen, "--http",
-                    "127.0.0.1:0", "--port-file", pf, "--client-ttl-ms",
-                    (char *)(ttl_ms ? ttl_ms : "10000"), NULL};
-    posix_spawn_file_actions_t fa;
-    posix_spawn_file_actions_init(&fa);
-    posix_spawn_file_actions_addopen(&fa, 2, log, O_WRONLY | O_CREAT | O_APPEND, 0600);
-    int rc = posix_spawnp(&p->pid, argv[0], &fa, NULL, argv, environ);
-    posix_spawn_file_actions_destroy(&fa);
-    if (rc) return -1;
-    p->rpc_port = 0;
-    for (int i = 0; i < 500; i++) {
-        FILE *f = fopen(pf, "r");
-        if (f) {
-            char buf[256] = "";
-            size_t n = fread(buf, 1, sizeof buf - 1, f);
-            fclose(f);
-            buf[n] = '\0';
-            cJSON *j = cJSON_Parse(buf);
-            cJSON *r = cJSON_GetObjectItem(j, "rpc");
-            if (cJSON_IsNumber(r)) p->rpc_port = r->valueint;
-            cJSON_Delete(j);
-            if (p->rpc_port > 0) return 0;
-        }
-        sleep_ms(20);
-    }
-    return -1;
-}
-
-static void stop_proc(proc *p, int sig)
-{
-    if (p->pid > 0) {
-        kill(p->pid, SIGCONT);
-        kill(p->pid, sig);
-        waitpid(p->pid, NULL, 0);
-        p->pid = 0;
-    }
+    const char *extra[] = {"--client-ttl-ms", ttl_ms ? ttl_ms : "10000", NULL};
+    return start_master_argv(p, port, extra);
 }
 
 static kvs_client *open_client(const proc *m, uint64_t seg, int timeout_ms)
