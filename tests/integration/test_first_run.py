@@ -116,8 +116,11 @@ def test_pool_leaves_the_starters_pinning_and_preloads(kv):
             preload = os.path.join(d, lib)
     env = newcomer_env(kv)
     env["KVSHELF_BIN"] = kv.bin
+    # (an ASan build must have its runtime first in any preload list)
+    ldd = subprocess.run(["ldd", kv.bin], capture_output=True, text=True).stdout
+    asan = [l.split("=>")[1].split()[0] for l in ldd.splitlines() if "libasan" in l and "=>" in l]
     if preload:
-        env["LD_PRELOAD"] = preload
+        env["LD_PRELOAD"] = " ".join(asan + [preload])
     one = min(allowed)
     r = subprocess.run([kv.bin, "put", "pinned-key", "v"], env=env, capture_output=True,
                        timeout=60, preexec_fn=lambda: os.sched_setaffinity(0, {one}))
