@@ -4,7 +4,8 @@
 set -euo pipefail
 pkgs=(build-essential cmake pkg-config clang libclang-rt-14-dev
       libxxhash-dev libcjson-dev libmicrohttpd-dev libcurl4-openssl-dev libssl-dev libcmocka-dev
-      nftables)  # nftables: the network partition of tests/integration/test_faults.py
+      nftables    # nftables: the network partition of tests/integration/test_faults.py
+      libibverbs1)  # libibverbs1: Mooncake's wheel loads it (tests/integration/mooncake_env.py)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

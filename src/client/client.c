@@ -143,6 +143,14 @@ static int connect_master(kvs_client *c, int timeout_ms, char *err, size_t errle
     kvs_rpc *rpc;
     kvs_hello_info hi;
     int rc = kvs_rpc_open(&c->master, c->cfg.secret, c->opts.role, timeout_ms, &rpc, &hi);
+    if (rc == KVS_ERR_PROTO) {
+        seterr(err, errlen,
+               "the server at %s does not speak kvshelf's protocol (a Mooncake master, or "
+               "another service, on that port?): master_server_address must name a `kvshelf "
+               "master` (or be empty for the host-local pool)",
+               c->master_text);
+        return KVS_ERR_PROTO;
+    }
     if (rc) {
         seterr(err, errlen, "cannot reach the master at %s: %s", c->master_text,
                kvs_strerror(rc));

@@ -175,6 +175,38 @@ static int open_local(const kvs_challenge *tcp_ch, const char *secret, uint32_t 
     return fd;
 }
 
+/* Reads the master's CHALLENGE. Over TCP, if none came within
+ * KVS_PROBE_AFTER_MS, sends PROBE (proto.h) so that a server of another
+ * protocol (a Mooncake master on the same port, say) shows itself at once:
+ * a close or bytes that are not a frame then mean KVS_ERR_PROTO, instead of
+ * a wait for the whole timeout. */
+static int read_challenge_probing(int fd, const kvs_addr *a, int timeout_ms, kvs_challenge *ch)
+{
+    int probed = 0;
+    uint64_t t0 = kvs_now_ms();
+    if (!a->is_unix) {
+        struct pollfd p = {fd, POLLIN, 0};
+        int pr;
+        do {
+            pr = poll(&p, 1, KVS_MIN(timeout_ms, KVS_PROBE_AFTER_MS));
+        } while (pr < 0 && errno == EINTR);
+        if (pr == 0) {
+            /* the body ends a line and a header block: an HTTP server
+             * answers "400" at once instead of waiting for more */
+            kvs_frame_hdr h = {KVS_MAGIC, KVS_MSG_PROBE, 0, 4, 0, 0};
+            uint8_t b[KVS_FRAME_HDR + 4];
+            kvs_frame_hdr_encode(&h, b);
+            memcpy(b + KVS_FRAME_HDR, "\r\n\r\n", 4);
+            probed = send(fd, b, sizeof b, MSG_NOSIGNAL) == (ssize_t)sizeof b;
+        }
+    }
+    uint64_t spent = kvs_now_ms() - t0; /* the whole read within timeout_ms */
+    int left = spent < (uint64_t)timeout_ms ? timeout_ms - (int)spent : 1;
+    int rc = kvs_hs_read_challenge(fd, left, ch);
+    if (probed && rc == KVS_ERR_CONN) rc = KVS_ERR_PROTO;
+    return rc;
+}
+
 int kvs_rpc_open(const kvs_addr *a, const char *secret, uint32_t role, int timeout_ms,
                  kvs_rpc **out, kvs_hello_info *hello)
 {
@@ -185,7 +217,7 @@ int kvs_rpc_open(const kvs_addr *a, const char *secret, uint32_t role, int timeo
     uint8_t resp[64];
     uint32_t rlen = 0;
     kvs_challenge ch;
-    int rc = kvs_hs_read_challenge(fd, timeout_ms, &ch);
+    int rc = read_challenge_probing(fd, a, timeout_ms, &ch);
     if (rc == KVS_OK && ch.local_path[0] && !a->is_unix) {
         int ufd = open_local(&ch, secret, role, timeout_ms, resp, sizeof resp, &rlen);
         if (ufd >= 0) {

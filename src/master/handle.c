@@ -385,6 +385,7 @@ static int handle_one(kvs_master *m, kvs_mconn *c, const kvs_frame_hdr *h, const
                  kvs_msg_name(h->type));
         return KVS_ERR_PROTO;
     }
+    if (!c->authed && h->type == KVS_MSG_PROBE) return KVS_OK; /* proto.h: ignored */
     if (!c->authed && h->type != KVS_MSG_HELLO) {
         m->cnt.auth_failures++;
         KVS_LOGW("%s before HELLO: refused", kvs_msg_name(h->type));

@@ -334,6 +334,20 @@ static int evict_oldest_pre(kvs_server *s)
     return 1;
 }
 
+/* Closes a connection refused for lack of room, telling a kvshelf client
+ * why (a CHALLENGE frame with status KVS_ERR_BUSY, best effort: the socket
+ * is new, its buffer empty), so it does not mistake the close for a server
+ * of another protocol (proto.h PROBE). */
+static void refuse_fd(int fd)
+{
+    kvs_frame_hdr h = {KVS_MAGIC, KVS_MSG_CHALLENGE, 0, 0, KVS_ERR_BUSY, 0};
+    uint8_t b[KVS_FRAME_HDR];
+    kvs_frame_hdr_encode(&h, b);
+    ssize_t w = send(fd, b, sizeof b, MSG_NOSIGNAL | MSG_DONTWAIT);
+    (void)w;
+    close(fd);
+}
+
 static void on_accept(kvs_server *s, listener *l)
 {
     for (int i = 0; i < 64; i++) {
@@ -360,7 +374,7 @@ static void on_accept(kvs_server *s, listener *l)
             kvs_log_limited(&g_refuse_log, 1000, KVS_LOG_WARN,
                             "%u connections open (--max-conns): refusing a new one",
                             s->max_conns);
-            close(fd);
+            refuse_fd(fd);
             continue;
         }
         conn *c = calloc(1, sizeof *c);

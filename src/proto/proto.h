@@ -93,6 +93,12 @@
  *          otherwise, the connection stays open)
  *   req:  (empty)
  *   resp: (empty)
+ * PROBE (a client that got no CHALLENGE within KVS_PROBE_AFTER_MS of
+ *        connecting; no reply, ignored by masters before HELLO: a
+ *        server of another protocol closes the connection or answers bytes
+ *        that are not a frame, and the client says so at once instead of
+ *        waiting out its timeout)
+ *   req:  "\r\n\r\n" (an HTTP server takes it for a bad request and says so)
  * FENCE (the owner of a segment, after it fenced the segment's memory to
  *        `epoch`: no write with an older reservation can land any more)
  *   req:  u64 client_id, u32 segment_id, u64 epoch
@@ -153,6 +159,7 @@
 #define KVS_NONCE_LEN 16u
 #define KVS_AUTH_LEN 32u
 #define KVS_HOST_ID_LEN 16u
+#define KVS_PROBE_AFTER_MS 250 /* see PROBE */
 
 enum kvs_msg_type {
     KVS_MSG_CHALLENGE = 1,
@@ -170,6 +177,7 @@ enum kvs_msg_type {
     KVS_MSG_STATS = 13,
     KVS_MSG_SHUTDOWN = 14,
     KVS_MSG_FENCE = 15,
+    KVS_MSG_PROBE = 16,
     KVS_MSG_T_READ = 32,
     KVS_MSG_T_WRITE = 33,
 };

@@ -58,6 +58,8 @@ int kvs_hs_read_challenge(int fd, int timeout_ms, kvs_challenge *ch)
     int rc = read_frame(fd, &h, body, sizeof body);
     if (rc) return rc;
     if (h.type != KVS_MSG_CHALLENGE || (h.flags & KVS_F_RESPONSE)) return KVS_ERR_PROTO;
+    /* a server refusing us for lack of room says so (KVS_ERR_BUSY) */
+    if (h.status) return h.status < 0 && h.status >= -64 ? h.status : KVS_ERR_PROTO;
     kvs_rbuf r;
     kvs_rbuf_init(&r, body, h.body_len);
     (void)kvs_rbuf_u32(&r);

@@ -69,6 +69,8 @@ def read_challenge(s):
     assert f is not None, "server closed before sending CHALLENGE"
     hdr, body = f
     assert hdr[0] == MAGIC and hdr[1] == CHALLENGE, "first frame is not a CHALLENGE: %r" % (hdr,)
+    # a server refusing the connection (no room) says why in the status
+    assert hdr[4] == 0, "refused with status %d" % hdr[4]
     flags, nonce = struct.unpack("<I", body[:4])[0], body[4:20]
     return flags, nonce
 

@@ -199,10 +199,23 @@ static void test_server_limits(void **st)
     assert_true(open_and_quiet(fd[1]) && open_and_quiet(fd[2]));
 
     /* once all three have said HELLO, a new connection is closed at once,
-     * before any CHALLENGE */
+     * with a CHALLENGE frame whose status says why (KVS_ERR_BUSY) and
+     * nothing else, so that a client does not take the close for a server
+     * of another protocol */
     for (int i = 1; i < 4; i++) hello(fd[i], nonce[i]);
     int extra = dial(port);
-    uint8_t c;
+    uint8_t hb[KVS_FRAME_HDR], c;
+    size_t got = 0;
+    while (got < sizeof hb) {
+        ssize_t r = recv(extra, hb + got, sizeof hb - got, 0);
+        assert_true(r > 0);
+        got += (size_t)r;
+    }
+    kvs_frame_hdr rh;
+    assert_int_equal(kvs_frame_hdr_decode(hb, KVS_MAX_BODY, &rh), KVS_OK);
+    assert_int_equal(rh.type, KVS_MSG_CHALLENGE);
+    assert_int_equal(rh.status, KVS_ERR_BUSY);
+    assert_int_equal(rh.body_len, 0);
     assert_int_equal(recv(extra, &c, 1, 0), 0);
     close(extra);
     size_t before = clients_now(m);
