@@ -185,12 +185,46 @@ int kvs_connector_load(kvs_connector *c, const kvs_key *hashes, const uint32_t *
  * copying (then nothing was copied), an object that is not KVS_OK may have
  * been partly written. */
 
+/* Striped objects (opts->stripes > 1), for callers that move one slice of
+ * every object per call, e.g. UCM's layerwise mode (one call per layer, the
+ * object a whole KV block of every layer):
+ *
+ * object i is `stripes` stripes stored back to back after the header, each
+ * laid out as the call's ppo parts of object i (every call must give the
+ * same part lengths for an object). Payload and fingerprint are those of an
+ * object of stripes*ppo parts, the lengths repeated: a striped object is
+ * byte for byte the object a whole-object call giving every stripe's parts
+ * in order stores, so either kind of call loads the other's objects. A call
+ * moves stripe opts->stripe (< stripes) of each of its objects.
+ *   dump: the first call that reaches an object reserves it (one master
+ *         round trip for the job's new objects) and every call copies its
+ *         stripe into the reserved space; the object is published once all
+ *         its stripes are copied, and only then do lookups and loads see it.
+ *         A call's result is KVS_OK once its stripe is copied (the object
+ *         may still wait for other stripes); a stripe already copied (or
+ *         being copied) is not copied again (KVS_OK); an object that is
+ *         already stored is skipped (KVS_OK, as whole objects). An object
+ *         with a failed stripe is abandoned, never published, and its later
+ *         stripes fail with the same error. An object left incomplete
+ *         (stripes that never come) is abandoned once no call held it for
+ *         KVSHELF_STRIPE_IDLE_MS (default 10000 for dumps, 2000 for loads),
+ *         or at close.
+ *   load: the first call that reaches an object takes its read lease and
+ *         checks its header; later calls copy their stripe without asking the
+ *         master. The lease is ended once every stripe was loaded, or when
+ *         no call held it for KVSHELF_STRIPE_IDLE_MS, or at close; a
+ *         lease that runs out meanwhile (the master's lease time, 5 s by
+ *         default) makes later stripes misses. Results as for whole objects.
+ * At most 65536 stripes; an object of at most 1 GiB - 64 in all. */
+
 /* Options of kvs_connector_dump_parts_ex / load_parts_ex. Zero-initialise. */
 typedef struct kvs_parts_opts {
     const uint64_t *tags; /* n per-object tags mixed into the fingerprint (a load
                              must give the tag the dump gave, e.g. a hash of the
                              dtype and shape), or NULL: all 0 */
     int raw_keys;         /* 1: hashes[i] is the whole store key (no namespace) */
+    uint32_t stripe;      /* striped objects: the stripe this call moves */
+    uint32_t stripes;     /* stripes per object (see above); 0 or 1: whole objects */
 } kvs_parts_opts;
 
 /* Starts storing n objects made of parts (see above). after_event as for

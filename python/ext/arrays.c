@@ -53,6 +53,20 @@ static int u64_array_from_buffer(PyObject *obj, const char *what, uint64_t **out
         PyErr_NoMemory();
         return -1;
     }
+    const char *f = v.format ? v.format : "B";
+    if (*f == '@' || *f == '=' || *f == '<')
+        f++;
+    if (v.itemsize == 8 && (*f == 'Q' || *f == 'L' || *f == 'N' || *f == 'P') && !f[1] &&
+        PyBuffer_IsContiguous(&v, 'C')) {
+        /* uint64 in C order (numpy address rows): one copy */
+        memcpy(a, v.buf, r * c * sizeof(uint64_t));
+        *is_2d = v.ndim == 2;
+        PyBuffer_Release(&v);
+        *out = a;
+        *rows = r;
+        *cols = c;
+        return 0;
+    }
     for (size_t i = 0; i < r; i++)
         for (size_t j = 0; j < c; j++) {
             const char *p = (const char *)v.buf + (Py_ssize_t)i * v.strides[0] +

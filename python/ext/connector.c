@@ -475,15 +475,19 @@ static PyMethodDef Connector_methods[] = {
      "load(hashes, block_ids) -> Task: copy blocks from the pool."},
     {"dump_parts", METH_KW(Connector_dump_parts), METH_VARARGS | METH_KEYWORDS,
      "dump_parts(hashes, parts, event=None, *, sizes=None, parts_per_obj=0, tags=None, "
-     "raw_keys=False) -> Task: store object i = its parts back to back. parts: n rows of "
-     "tensors/buffers, a flat list with parts_per_obj, or integer addresses (nested or a 2-D "
-     "array) with sizes (per part, one for all, or n x ppo). Device memory of the connector's "
-     "device (host memory for device -2); no layout needed. tags: n ints a load must match; "
-     "raw_keys: the hashes are whole store keys."},
+     "raw_keys=False, stripe=0, stripes=1) -> Task: store object i = its parts back to back. "
+     "parts: n rows of tensors/buffers, a flat list with parts_per_obj, or integer addresses "
+     "(nested or a 2-D array) with sizes (per part, one for all, or n x ppo). Device memory of "
+     "the connector's device (host memory for device -2); no layout needed. tags: n ints a load "
+     "must match; raw_keys: the hashes are whole store keys. stripes > 1: objects of `stripes` "
+     "such stripes, this call storing stripe `stripe` of each; an object is published once all "
+     "its stripes are in (see kvs_parts_opts)."},
     {"load_parts", METH_KW(Connector_load_parts), METH_VARARGS | METH_KEYWORDS,
-     "load_parts(hashes, parts, *, sizes=None, parts_per_obj=0, tags=None, raw_keys=False) -> "
-     "Task: load objects into their parts. Per-object results: 0 loaded, ERR_NOT_FOUND miss, "
-     "ERR_TOO_LARGE / ERR_CORRUPT stored with other sizes or tag (nothing copied)."},
+     "load_parts(hashes, parts, *, sizes=None, parts_per_obj=0, tags=None, raw_keys=False, "
+     "stripe=0, stripes=1) -> Task: load objects into their parts. Per-object results: 0 "
+     "loaded, ERR_NOT_FOUND miss, ERR_TOO_LARGE / ERR_CORRUPT stored with other sizes or tag "
+     "(nothing copied). stripes > 1: stripe `stripe` of striped objects (one lease per object "
+     "for all its stripes)."},
     {"counters", (PyCFunction)Connector_counters, METH_NOARGS, "counters() -> dict"},
     {"close", METH_KW(Connector_close), METH_VARARGS | METH_KEYWORDS,
      "close(timeout=5.0): wait up to timeout s for tasks in flight, cancel the rest, close."},

@@ -77,23 +77,34 @@ creates and drives it (tested against UCM 0.8.1: tests/python/ucm_suite.py)::
     check(self, task: Task) -> bool          # finished?
     register_memory(self, base_addr: int, total_size: int) -> None
 
-  Block ids are raw bytes (UCM uses 16-byte MD5 digests). One object per
-  (block id, shard index) holds the block's tensors ``[0..m-1]`` back to
-  back; its key is the id + the shard index (4 bytes), the block's last
-  shard (``block_size // shard_size - 1``) under the index 0xFFFFFFFF. A
-  block is "present" for lookup once its last shard is stored (UCM's Posix
-  store commits a block with its last shard too), which a scheduler-side
-  store, made without sizes, can test. Layerwise (UCM's default): a shard is
-  a layer, ``tensor_size_list`` its K and V; direct: one shard, every
-  layer's K and V. Addresses given without tensors need the sizes:
-  ``tensor_size_list`` (or the older ``tensor_size``: bytes of every tensor,
-  or a list), else the sizes learnt from an earlier ``load``/``dump`` with
-  tensors.
+  Block ids are raw bytes (UCM uses 16-byte MD5 digests). Layerwise (UCM's
+  default): a shard is a layer, ``tensor_size_list`` its K and V; direct:
+  one shard, every layer's K and V. Device memory (below) is stored as one
+  object per block: a striped object (``Connector.dump_parts`` with
+  ``stripes=block_size // shard_size``) whose shard ``s`` holds tensors
+  ``[0..m-1]`` of that shard back to back; the first call that reaches a
+  block reserves it (dump) or takes its lease (load), later calls copy
+  their shard with no master round trip, and the block is published once
+  all its shards are in (byte for byte what a direct-mode dump stores, so
+  either mode loads the other's blocks). Host memory (the client path) is
+  stored as one object per (block id, shard index). Keys: the id + the
+  shard index (4 bytes), a whole block and a block's last shard
+  (``block_size // shard_size - 1``) under the index 0xFFFFFFFF. A block is
+  "present" for lookup once that key is stored (its last shard, or the
+  whole striped block; UCM's Posix store commits a block with its last
+  shard too), which a scheduler-side store, made without sizes, can test.
+  Addresses given without tensors need the sizes: ``tensor_size_list`` (or
+  the older ``tensor_size``: bytes of every tensor, or a list), else the
+  sizes learnt from an earlier ``load``/``dump`` with tensors. kvshelf's
+  own keys: ``striped`` (default true; false: one object per shard for
+  device memory too), ``host_connector`` (default false; true: host memory
+  through a host-memory connector as striped objects, as device memory).
 
 Memory: host memory (CPU tensors, numpy arrays, or addresses of host
 memory) moves through the store's client as before. CUDA tensors (legacy
 ``load``/``dump``; V1 ``load``/``dump``) and, for V1 ``load_data``/
-``dump_data``, addresses of device memory (recognised with
+``dump_data``, addresses of device memory (inside the KV buffers UCM names
+in ``gpu_kv_buffer_addrs``, else recognised with
 ``cudaPointerGetAttributes``) move through a ``kvshelf.Connector`` opened
 lazily on their device (one per device; ``Connector.dump_parts`` /
 ``load_parts`` with the store's keys as raw keys: GPU copies straight
@@ -117,6 +128,7 @@ local base classes are used.
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import ctypes.util
 import logging
@@ -439,9 +451,17 @@ class _StoreCore:
             return c
 
     def _start_device(self, kind: str, device: int, keys: List[Any], parts: Any,
-                      sizes: Any = None, tags: Any = None, event: Any = None):
-        """Starts a connector parts task (the copies begin now)."""
+                      sizes: Any = None, tags: Any = None, event: Any = None,
+                      stripe: int = 0, stripes: int = 1):
+        """Starts a connector parts task (the copies begin now); stripes > 1:
+        stripe ``stripe`` of striped objects (one object per block)."""
         conn = self._connector(device)
+        if stripes > 1:
+            if kind == "dump":
+                return conn.dump_parts(keys, parts, event or None, sizes=sizes, tags=tags, raw_keys=True,
+                                       stripe=stripe, stripes=stripes)
+            return conn.load_parts(keys, parts, sizes=sizes, tags=tags, raw_keys=True,
+                                   stripe=stripe, stripes=stripes)
         if kind == "dump":
             return conn.dump_parts(keys, parts, event or None, sizes=sizes, tags=tags, raw_keys=True)
         return conn.load_parts(keys, parts, sizes=sizes, tags=tags, raw_keys=True)
@@ -785,6 +805,39 @@ def _cfg_sizes(name: str, v: Any, scalar_ok: bool) -> List[int]:
     return [_cfg_int(name, v)]
 
 
+def _cfg_bool(cfg: Dict[str, Any] | None, name: str, default: bool = False) -> bool:
+    v = (cfg or {}).get(name, default)
+    if isinstance(v, str):
+        if v.strip().lower() in ("1", "true", "yes", "on"):
+            return True
+        if v.strip().lower() in ("", "0", "false", "no", "off"):
+            return False
+        raise _k.ConfigError(f"UcmKVShelfStoreV1: {name} must be a boolean, not {v!r}")
+    return bool(v)
+
+
+#: Most shards per block stored as one striped object (the connector's limit;
+#: more shards: one object per shard, as before).
+_MAX_STRIPES = 65536
+
+
+def _kv_ranges(cfg: Dict[str, Any] | None, device_id: int) -> Any:
+    """(sorted starts, ends, device) of the KV buffers UCM's connector names
+    in gpu_kv_buffer_addrs / gpu_kv_buffer_sizes (device memory of the
+    worker's device), or None."""
+    cfg = cfg or {}
+    a, z = cfg.get("gpu_kv_buffer_addrs"), cfg.get("gpu_kv_buffer_sizes")
+    if device_id < 0 or not a or not z:
+        return None
+    try:
+        pairs = sorted((int(x), int(x) + int(y)) for x, y in zip(list(a), list(z)) if int(x) and int(y) > 0)
+    except (TypeError, ValueError):
+        return None
+    if not pairs or len(list(a)) != len(list(z)):
+        return None
+    return ([p[0] for p in pairs], [p[1] for p in pairs], device_id)
+
+
 try:
     import numpy as _np
 except ImportError:  # pragma: no cover - UCM itself needs numpy
@@ -890,6 +943,14 @@ class UcmKVShelfStoreV1(_StoreCore, UcmKVStoreBaseV1):
         self._last = (geo.n_shards or 1) - 1
         self._dtype: str | None = str(config.get("dtype")) if config and config.get("dtype") else None
         self._hdr_cache: Dict[Tuple[int, ...], bytes] = {}
+        # Device memory (and host memory with host_connector) moves as striped
+        # objects: one object per block holding all its shards, each call
+        # moving one shard of every block (see the module docstring).
+        n = geo.n_shards or 0
+        self._stripes = n if 1 < n <= _MAX_STRIPES and _cfg_bool(config, "striped", True) else 1
+        self._host_conn = _cfg_bool(config, "host_connector")
+        self._bkeys: Any = None  # (ids of the last call, their block keys)
+        self._dev_ranges = _kv_ranges(config, geo.device_id)
         if geo.device_id >= 0:
             try:
                 self._connector(geo.device_id)
@@ -1087,7 +1148,8 @@ class UcmKVShelfStoreV1(_StoreCore, UcmKVStoreBaseV1):
                     f" stored tensor sizes differ from destination {sizes} (nothing copied)")
         return describe
 
-    def _rows_task(self, kind: str, keys: List[bytes], rows: List[List[Any]], event: int = 0) -> KVShelfTask:
+    def _rows_task(self, kind: str, keys: List[bytes], rows: List[List[Any]], event: int = 0,
+                   block_ids: Any = None, shard_index: Any = None) -> KVShelfTask:
         devs = []
         for i, r in enumerate(rows):
             ds = {_tensor_device(t) for t in r}
@@ -1095,6 +1157,8 @@ class UcmKVShelfStoreV1(_StoreCore, UcmKVStoreBaseV1):
                 raise ValueError(f"{kind}: the tensors of row {i} are on different devices {sorted(ds)}")
             devs.append(ds.pop() if ds else -2)
         sizes = self._sizes or []
+        if all(d == -2 for d in devs) and self._host_conn and self._stripes > 1 and block_ids is not None:
+            return self._striped_task(kind, -2, block_ids, shard_index, rows, None, event)
         if all(d == -2 for d in devs):  # host memory
             return self._submit(kind, len(keys), self._job, kind, keys, rows, sizes, event)
         describe = self._describe_v1(keys, sizes)
@@ -1103,6 +1167,8 @@ class UcmKVShelfStoreV1(_StoreCore, UcmKVStoreBaseV1):
             return self._start_device(kind, d, [keys[i] for i in idx], [rows[i] for i in idx],
                                       event=event if kind == "dump" else None)
 
+        if len(set(devs)) == 1 and self._stripes > 1 and block_ids is not None:  # striped objects
+            return self._striped_task(kind, devs[0], block_ids, shard_index, rows, None, event)
         if len(set(devs)) == 1:  # one device: the connector task alone
             t = self._start_device(kind, devs[0], keys, rows, event=event if kind == "dump" else None)
             return self._submit_direct(kind, len(keys), [(list(range(len(keys))), t)], describe)
@@ -1112,14 +1178,19 @@ class UcmKVShelfStoreV1(_StoreCore, UcmKVStoreBaseV1):
 
         return self._submit_mixed(kind, len(keys), devs, start_dev, host_fn, describe)
 
-    def _addr_task(self, what: str, kind: str, keys: List[bytes], addrs: Any, event: int = 0) -> KVShelfTask:
-        """Addresses: device memory (cudaPointerGetAttributes on the first
+    def _addr_task(self, what: str, kind: str, block_ids: Sequence[bytes], shard_index: Sequence[int],
+                   addrs: Any, event: int = 0) -> KVShelfTask:
+        """Addresses: device memory (inside the KV buffers UCM named in
+        gpu_kv_buffer_addrs, else cudaPointerGetAttributes on the first
         address) goes through the connector of that device, host memory
-        through the client."""
-        n = len(keys)
+        through the client (or the host connector with host_connector)."""
+        n = len(block_ids)
         if len(addrs) != n:
+            if len(shard_index) != n:
+                raise ValueError(f"{n} block ids but {len(shard_index)} shard indexes")
             raise ValueError(f"{what}: {n} block ids but {len(addrs)} address rows")
         if not n:
+            self._keys(block_ids, shard_index)
             return self._submit(kind, 0, lambda: ([], []))
         shape = getattr(addrs, "shape", None)
         if shape is not None:
@@ -1131,33 +1202,105 @@ class UcmKVShelfStoreV1(_StoreCore, UcmKVStoreBaseV1):
             m = len(addrs[0])
             first = int(addrs[0][0]) if m else 0
         sizes = self._sizes_for(what, m)
-        dev = _addr_device(first)
-        if dev < 0:
+        dev = self._memory_device(first)
+        if dev == -2 and not self._host_conn:
+            keys = self._keys(block_ids, shard_index)
             return self._submit(kind, n, self._job, kind, keys, addrs, sizes, event)
+        if self._stripes > 1:
+            return self._striped_task(kind, dev, block_ids, shard_index, addrs, sizes, event)
+        keys = self._keys(block_ids, shard_index)
         t = self._start_device(kind, dev, keys, addrs, sizes=sizes, event=event if kind == "dump" else None)
-        return self._submit_direct(kind, n, [(list(range(n)), t)], self._describe_v1(keys, sizes))
+        return self._submit_direct(kind, n, [(range(n), t)], self._describe_v1(keys, sizes))
+
+    def _memory_device(self, addr: int) -> int:
+        """CUDA ordinal of the memory at addr (-2: host memory): the worker's
+        device for addresses inside UCM's KV buffers, else asked of CUDA."""
+        r = self._dev_ranges
+        if r is not None:
+            i = bisect.bisect_right(r[0], addr) - 1
+            if i >= 0 and addr < r[1][i]:
+                return r[2]
+        return _addr_device(addr)
+
+    def _block_keys(self, block_ids: Sequence[bytes]) -> Any:
+        """Keys of whole (striped) blocks: id + _LAST_SHARD, the key lookup
+        tests. Cached for the ids of the last call (UCM's layerwise calls give
+        the same ids for every layer)."""
+        c = self._bkeys
+        if c is not None and type(block_ids) is list:
+            try:
+                if c[0] == block_ids:
+                    return c[1]
+            except Exception:  # ids that do not compare as bytes: no cache
+                pass
+        keys = self._lookup_keys(block_ids)
+        if type(block_ids) is list:
+            self._bkeys = (list(block_ids), keys)
+        return keys
+
+    def _stripe_of(self, s: Any) -> int:
+        s = int(s)
+        if s < 0 or s >= self._stripes:
+            raise ValueError(
+                f"shard index {s} out of range: this store's blocks have {self._stripes} shards "
+                "(block_size // shard_size)")
+        return s
+
+    def _striped_task(self, kind: str, dev: int, block_ids: Sequence[bytes], shard_index: Sequence[int],
+                      parts: Any, sizes: Any, event: int = 0) -> KVShelfTask:
+        """One connector task per shard index in the call (UCM's calls: one)
+        moving that stripe of each block's object."""
+        n = len(block_ids)
+        idx = shard_index.tolist() if hasattr(shard_index, "tolist") else shard_index
+        if len(idx) != n:
+            raise ValueError(f"{n} block ids but {len(idx)} shard indexes")
+        keys = self._block_keys(block_ids)
+        ev = event if kind == "dump" else None
+        s0 = idx[0]
+        if (idx.count(s0) == n) if isinstance(idx, list) else all(s == s0 for s in idx):
+            groups = [(range(n), self._stripe_of(s0))]
+        else:
+            by: Dict[int, List[int]] = {}
+            for i, s in enumerate(idx):
+                by.setdefault(self._stripe_of(s), []).append(i)
+            groups = [(ii, s) for s, ii in by.items()]
+        tasks = []
+        for ii, s in groups:
+            if len(groups) == 1:
+                k, p = keys, parts
+            else:
+                k = keys[ii] if hasattr(keys, "shape") else [keys[i] for i in ii]
+                p = parts[ii] if hasattr(parts, "shape") else [parts[i] for i in ii]
+            tasks.append((ii, self._start_device(kind, dev, k, p, sizes=sizes, event=ev, stripe=s,
+                                                 stripes=self._stripes)))
+        return self._submit_direct(kind, n, tasks, self._describe_striped(keys, idx, sizes))
+
+    def _describe_striped(self, keys: Any, idx: Sequence[int], sizes: Any):
+        def describe(i: int) -> str:
+            return (f"load block {bytes(keys[i][:-4]).hex()} shard {idx[i]}: stored block holds other tensor "
+                    f"sizes or shard count than destination {sizes} x {self._stripes} shards (nothing copied)")
+        return describe
 
     def load(self, block_ids: List[bytes], shard_index: List[int], dst_tensor: List[List[Any]]) -> KVShelfTask:
         keys = self._keys(block_ids, shard_index)
         self._check_rows("load", block_ids, dst_tensor)
         if dst_tensor:
             self._learn_sizes("load", dst_tensor)
-        return self._rows_task("load", keys, [list(r) for r in dst_tensor])
+        return self._rows_task("load", keys, [list(r) for r in dst_tensor], 0, block_ids, shard_index)
 
     def dump(self, block_ids: List[bytes], shard_index: List[int], src_tensor: List[List[Any]]) -> KVShelfTask:
         keys = self._keys(block_ids, shard_index)
         self._check_rows("dump", block_ids, src_tensor)
         if src_tensor:
             self._learn_sizes("dump", src_tensor)
-        return self._rows_task("dump", keys, [list(r) for r in src_tensor])
+        return self._rows_task("dump", keys, [list(r) for r in src_tensor], 0, block_ids, shard_index)
 
     # ---- addresses ---------------------------------------------------------
     def load_data(self, block_ids: List[bytes], shard_index: List[int], dst_addr: Any) -> KVShelfTask:
         """Loads shard ``shard_index[i]`` of block ``block_ids[i]`` into the
         addresses ``dst_addr[i]`` (a 2-D list or numpy uint64 array: one row
         per block, one address per tensor of ``tensor_size_list``)."""
-        keys = self._keys(block_ids, shard_index)
-        return self._addr_task("load_data", "load", keys, dst_addr)
+        return self._addr_task("load_data", "load", block_ids, shard_index, dst_addr)
 
     def dump_data(self, block_ids: List[bytes], shard_index: List[int], src_addr: Any,
                   prerequisite_handle: int = 0) -> KVShelfTask:
@@ -1165,8 +1308,8 @@ class UcmKVShelfStoreV1(_StoreCore, UcmKVStoreBaseV1):
         addresses ``src_addr[i]``; ``prerequisite_handle``: a cudaEvent_t (UCM
         passes ``int(torch.cuda.Event.cuda_event)`` recorded on the compute
         stream) that the copies wait for on the GPU; 0: none."""
-        keys = self._keys(block_ids, shard_index)
-        return self._addr_task("dump_data", "dump", keys, src_addr, int(prerequisite_handle or 0))
+        return self._addr_task("dump_data", "dump", block_ids, shard_index, src_addr,
+                               int(prerequisite_handle or 0))
 
     fetch_data = load_data
 

@@ -10,6 +10,7 @@
  *   load.c       one load job (blocks and parts)
  *   blocks.c     block dump/load entry points (registered layout)
  *   parts.c      parts dump/load entry points (explicit parts)
+ *   stripes.c    striped parts objects: open-object tables, stripe jobs
  *   lookup.c     lookup and lookup_prefix
  *   profile.c    KVSHELF_CONNECTOR_PROFILE timings
  * CUDA copy backends live in src/cuda/. Not installed; not a public interface.
@@ -108,7 +109,9 @@ struct kvs_task {
     uint64_t *paddrs; /* n*ppo part addresses */
     uint64_t *plens;  /* n*ppo part lengths */
     uint64_t *pfp;    /* n fingerprints (part sizes and tag) */
-    uint64_t *pbytes; /* n payload lengths (sum of the object's parts) */
+    uint64_t *pbytes; /* n payload lengths (sum of the object's parts, x stripes) */
+    uint32_t stripe;  /* striped parts tasks (stripes > 1; stripes.c): the stripe moved */
+    uint32_t stripes; /* stripes per object; 1: whole objects */
 };
 
 typedef struct conn_worker {
@@ -132,6 +135,9 @@ typedef struct conn_worker {
     uint64_t got[CONN_JOB_MAX_BLOCKS];
     uint64_t sizes[CONN_JOB_MAX_BLOCKS];
     void *pcw; /* kvs_cuda_pworker for parts jobs, created on first use */
+    /* stripe jobs (stripes.c) */
+    struct conn_sent *ent[CONN_JOB_MAX_BLOCKS]; /* open object of each job object */
+    uint64_t poff[CONN_JOB_MAX_BLOCKS];        /* offset of the stripe in w->obj[i] */
 } conn_worker;
 
 struct kvs_connector {
@@ -167,6 +173,8 @@ struct kvs_connector {
 
     uint64_t gen_base;
     atomic_uint_fast64_t gen_ctr;
+    /* open striped objects (stripes.c): dumps being filled, loads under lease */
+    struct conn_stab *stab_dump, *stab_load;
     /* KVSHELF_CONNECTOR_PROFILE=1: time spent per phase, printed at close */
     int profile;
     atomic_uint_fast64_t t_meta, t_copy, t_finish, n_jobs;
@@ -323,6 +331,32 @@ void conn_fail_live(conn_worker *w, size_t n, int *res, int status);
 void conn_host_copy_blocks(conn_worker *w, int dir, const uint32_t *bids, size_t n);
 void conn_host_copy_parts(conn_worker *w, int dir, const uint64_t *addrs, const uint64_t *lens,
                           size_t ppo, size_t n);
+
+/* stripes.c ------------------------------------------------------------- */
+
+#define CONN_MAX_STRIPES 65536u
+
+/* Creates the open-object tables of c (KVS_OK or KVS_ERR_NOMEM). */
+int conn_stripes_init(kvs_connector *c);
+
+/* At close, after the queue stopped: abandons the dumps still open and
+ * releases the loads still leased, then frees the tables. Safe when
+ * conn_stripes_init did not run or failed. */
+void conn_stripes_close(kvs_connector *c);
+
+/* Runs one dump / load job of a striped parts task (t->stripes > 1). */
+void conn_run_stripe_dump(conn_worker *w, struct conn_job *j);
+void conn_run_stripe_load(conn_worker *w, struct conn_job *j);
+
+/* Host backend of a stripe job: ppo parts of each object i with w->ok[i]
+ * at w->obj[i] + w->poff[i]; dump: gen[i] written at the stamp and the
+ * generation word read back into got[i]; load: got[i] = the stamp. */
+void conn_host_copy_stripes(conn_worker *w, int dir, const uint64_t *addrs,
+                            const uint64_t *lens, size_t ppo, size_t n);
+
+/* Fingerprint of a striped parts object: that of an object of reps*ppo
+ * parts, lens repeated reps times (conn_parts_fp of the whole list). */
+uint64_t conn_parts_fp_rep(size_t ppo, const uint64_t *lens, uint32_t reps, uint64_t tag);
 
 /* dump.c / load.c ------------------------------------------------------- */
 

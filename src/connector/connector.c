@@ -103,6 +103,10 @@ int kvs_connector_open(const kvs_config *cfg, int device, const kvs_connector_op
     }
     for (uint32_t r = 0; r < nprefix; r++)
         conn_make_prefix(c->ns, world, device == -1 ? r : c->rank, c->prefixes[r]);
+    if (conn_stripes_init(c) != KVS_OK) {
+        kvs_connector_close(c);
+        return KVS_ERR_NOMEM;
+    }
     if (kvs_random_bytes(&c->gen_base, sizeof c->gen_base) != KVS_OK)
         c->gen_base = kvs_now_ns() ^ ((uint64_t)getpid() << 32);
     atomic_init(&c->gen_ctr, 1);
@@ -131,6 +135,12 @@ int kvs_connector_open(const kvs_config *cfg, int device, const kvs_connector_op
         return rc;
     }
 
+#ifdef KVS_HAVE_CUDA
+    /* Pin the pool's segments now (seconds per ten GiB): a parts connector
+     * (UCM's stores) registers no layout, and its first dump must not stall
+     * (register_layout does the same for block connectors). */
+    if (backend == BK_CUDA) kvs_cuda_preregister(c->cx);
+#endif
     if (device != -1) {
         c->nworkers = opts->num_workers         ? opts->num_workers
                       : backend == BK_CUDA ? CONN_DEFAULT_CUDA_WORKERS
@@ -156,6 +166,7 @@ void kvs_connector_close(kvs_connector *c)
     if (!c) return;
     conn_profile_print(c);
     conn_queue_close(c);
+    conn_stripes_close(c); /* open objects given up while the client still works */
     free(c->workers);
 #ifdef KVS_HAVE_CUDA
     /* Unregister segment mappings before the client unmaps them. */

@@ -21,7 +21,7 @@ conn_obj conn_task_obj(const kvs_connector *c, const kvs_task *t, size_t i)
     if (t->parts)
         return (conn_obj){.bytes = CONN_HDR_BYTES + t->pbytes[i],
                           .payload = t->pbytes[i],
-                          .n_tensors = (uint32_t)t->ppo,
+                          .n_tensors = (uint32_t)(t->ppo * (t->stripes ? t->stripes : 1)),
                           .flags = CONN_FLAG_PARTS,
                           .fp = t->pfp[i]};
     return (conn_obj){.bytes = c->block_bytes,

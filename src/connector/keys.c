@@ -88,3 +88,25 @@ uint64_t conn_parts_fp(size_t ppo, const uint64_t *lens, uint64_t tag)
     }
     return fp ? fp : 1;
 }
+
+uint64_t conn_parts_fp_rep(size_t ppo, const uint64_t *lens, uint32_t reps, uint64_t tag)
+{
+    if (reps <= 1) return conn_parts_fp(ppo, lens, tag);
+    size_t total = ppo * reps;
+    if (total <= 64) {
+        uint64_t buf[64];
+        for (uint32_t r = 0; r < reps; r++) memcpy(buf + (size_t)r * ppo, lens, ppo * sizeof *lens);
+        return conn_parts_fp(total, buf, tag);
+    }
+    /* the streaming hash of the repeated lengths equals the one-shot hash of
+     * the whole list (conn_parts_fp's path for more than 64 parts) */
+    XXH3_state_t *st = XXH3_createState();
+    if (!st) return 0;
+    XXH3_64bits_reset_withSeed(st, PARTS_FP_SEED);
+    for (uint32_t r = 0; r < reps; r++) XXH3_64bits_update(st, lens, ppo * sizeof *lens);
+    uint64_t h = XXH3_64bits_digest(st);
+    XXH3_freeState(st);
+    uint64_t t3[3] = {h, (uint64_t)total, tag};
+    uint64_t fp = XXH3_64bits_withSeed(t3, sizeof t3, PARTS_FP_SEED ^ 1);
+    return fp ? fp : 1;
+}

@@ -2,7 +2,7 @@
  * (kvs_connector_dump_parts / load_parts; see include/kvshelf/connector.h):
  * arguments checked, parts' addresses, lengths and fingerprints copied into
  * a task. No registered layout: each task carries its parts. The jobs run
- * as block jobs do (dump.c, load.c). */
+ * as block jobs do (dump.c, load.c); those of striped objects in stripes.c. */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -24,6 +24,11 @@ static int start_parts(kvs_connector *c, int kind, const kvs_key *hashes, size_t
     if (c->device == -1) return KVS_ERR_UNSUPPORTED;
     if (ev && c->backend != BK_CUDA) return KVS_ERR_INVALID;
     int raw = opts && opts->raw_keys;
+    uint32_t stripes = opts && opts->stripes > 1 ? opts->stripes : 1;
+    uint32_t stripe = stripes > 1 ? opts->stripe : 0;
+    if (stripes > CONN_MAX_STRIPES || stripe >= stripes || (uint64_t)ppo * stripes > (1u << 24))
+        return KVS_ERR_INVALID;
+    if (stripes > 1 && c->backend == BK_NONE) return KVS_ERR_UNSUPPORTED;
     uint64_t max_obj = CONN_HDR_BYTES;
     for (size_t i = 0; i < n; i++) {
         if (raw ? !hashes[i].data || hashes[i].len < 1 || hashes[i].len > KVS_KEY_MAX
@@ -37,7 +42,10 @@ static int start_parts(kvs_connector *c, int kind, const kvs_key *hashes, size_t
                 return KVS_ERR_TOO_LARGE;
             sum += l;
         }
-        if (sum > max_obj) max_obj = sum;
+        /* a striped object holds `stripes` of these */
+        if (stripes > 1 && (sum - CONN_HDR_BYTES) * stripes > CONN_MAX_BLOCK_BYTES - CONN_HDR_BYTES)
+            return KVS_ERR_TOO_LARGE;
+        if (sum > max_obj) max_obj = sum; /* a job moves one stripe of each object */
     }
 
     int rc = conn_enter(c);
@@ -46,6 +54,8 @@ static int start_parts(kvs_connector *c, int kind, const kvs_key *hashes, size_t
     if (t) {
         t->parts = 1;
         t->ppo = ppo;
+        t->stripe = stripe;
+        t->stripes = stripes;
         size_t np = n * ppo;
         if (!np) np = 1;
         t->paddrs = malloc(np * sizeof *t->paddrs);
@@ -59,11 +69,19 @@ static int start_parts(kvs_connector *c, int kind, const kvs_key *hashes, size_t
     if (rc == KVS_OK) {
         memcpy(t->paddrs, addrs, n * ppo * sizeof *addrs);
         memcpy(t->plens, lens, n * ppo * sizeof *lens);
+        const uint64_t *tags = opts ? opts->tags : NULL;
         for (size_t i = 0; i < n; i++) {
+            const uint64_t *li = lens + i * ppo;
             uint64_t sum = 0;
-            for (size_t k = 0; k < ppo; k++) sum += lens[i * ppo + k];
-            t->pbytes[i] = sum;
-            t->pfp[i] = conn_parts_fp(ppo, lens + i * ppo, opts && opts->tags ? opts->tags[i] : 0);
+            for (size_t k = 0; k < ppo; k++) sum += li[k];
+            t->pbytes[i] = sum * stripes;
+            /* objects of the same lengths and tag as the one before share its
+             * fingerprint (the common case: every object alike) */
+            if (i && (tags ? tags[i] == tags[i - 1] : 1) && !memcmp(li, li - ppo, ppo * sizeof *li))
+                t->pfp[i] = t->pfp[i - 1];
+            else
+                t->pfp[i] = conn_parts_fp_rep(ppo, li, stripes, tags ? tags[i] : 0);
+            if (!t->pfp[i]) rc = KVS_ERR_NOMEM;
         }
     }
     if (rc != KVS_OK) {

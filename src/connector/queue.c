@@ -75,6 +75,8 @@ static void run_job(conn_worker *w, struct conn_job *j)
 {
     if (atomic_load(&j->task->cancelled))
         conn_job_set_all(j, KVS_ERR_CLOSED);
+    else if (j->task->stripes > 1)
+        (j->task->kind == TASK_DUMP ? conn_run_stripe_dump : conn_run_stripe_load)(w, j);
     else if (j->task->kind == TASK_DUMP)
         conn_run_dump(w, j);
     else

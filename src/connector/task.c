@@ -73,11 +73,15 @@ kvs_task *conn_task_new(kvs_connector *c, int kind, const kvs_key *hashes, const
     const size_t pfx = prefix ? KVS_CONNECTOR_PREFIX_BYTES : 0;
     size_t keybytes = 0;
     for (size_t i = 0; i < n; i++) keybytes += pfx + hashes[i].len;
-    /* Jobs of at most job_blocks, but spread over every worker when the
-     * task is small, so all of them copy at once. */
+    /* Jobs of at most job_blocks, as many as a multiple of the workers and
+     * of even sizes, so all of them copy at once to the last round (13 jobs
+     * on 4 workers left one copying alone at the end of a dump). */
     size_t jb = job_blocks ? job_blocks : 1;
-    size_t share = c->nworkers ? (n + c->nworkers - 1) / c->nworkers : n;
-    if (share < jb) jb = share ? share : 1;
+    size_t nw = c->nworkers ? c->nworkers : 1;
+    size_t nj = (n + jb - 1) / jb;
+    nj = (nj + nw - 1) / nw * nw;
+    if (nj > n) nj = n;
+    jb = nj ? (n + nj - 1) / nj : 1;
     t->njobs = (n + jb - 1) / jb;
     t->keymem = malloc(keybytes ? keybytes : 1);
     t->keys = calloc(n ? n : 1, sizeof *t->keys);

@@ -738,6 +738,8 @@ extern "C" int kvs_cuda_copy(kvs_cuda_worker *w, int dir, size_t n, void *const 
         for (int si = 0; wait_event && si < w->r.nstreams && e == cudaSuccess; si++)
             e = cudaStreamWaitEvent(w->r.streams[si], (cudaEvent_t)wait_event, 0);
         if (e == cudaSuccess && x->mode == KVS_CUDA_BATCH) {
+            /* a failed batch may have left copies running on the streams
+             * before the one that failed: synchronized below all the same */
             rc = kc_batch(w, j, n, obj, bid);
             if (rc == KVS_OK) {
                 kc_stamp_kernel<<<1, 128, 0, w->r.streams[0]>>>(*j);
@@ -754,18 +756,27 @@ extern "C" int kvs_cuda_copy(kvs_cuda_worker *w, int dir, size_t n, void *const 
                 kc_kernel<4><<<(unsigned)grid, (unsigned)x->threads, 0, w->r.streams[0]>>>(*j);
             e = cudaGetLastError();
         }
-        for (int si = 0; si < w->r.nstreams && e == cudaSuccess; si++)
-            e = cudaStreamSynchronize(w->r.streams[si]);
-        if (e != cudaSuccess) rc = KVS_ERR_CUDA;
+        /* Every stream, whatever failed: on an error, copies enqueued on the
+         * other streams may still be moving bytes to or from the objects,
+         * which the caller abandons or releases (and the pool hands out
+         * again) once this returns. So nothing returns before they end, as
+         * in parts.cu. */
+        for (int si = 0; si < w->r.nstreams; si++) {
+            cudaError_t s = cudaStreamSynchronize(w->r.streams[si]);
+            if (e == cudaSuccess) e = s;
+        }
+        if (e != cudaSuccess && rc == KVS_OK) rc = KVS_ERR_CUDA;
         if (rc == KVS_OK && out_gen)
             for (size_t i = 0; i < n; i++) out_gen[i] = w->r.out_gen[i];
     }
-    if (e != cudaSuccess) {
+    if (e != cudaSuccess || rc == KVS_ERR_CUDA) {
         static int warned;
         if (!warned) {
             warned = 1;
-            fprintf(stderr, "kvshelf: CUDA copy failed: %s\n", cudaGetErrorString(e));
+            fprintf(stderr, "kvshelf: CUDA copy failed: %s\n",
+                    cudaGetErrorString(e != cudaSuccess ? e : cudaGetLastError()));
         }
+        cudaGetLastError(); /* clear a non-sticky error for the next job */
     }
     free(j);
     return rc;

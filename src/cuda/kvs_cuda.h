@@ -131,6 +131,21 @@ int kvs_cuda_copy_parts(kvs_cuda_pworker *w, int dir, size_t n, void *const *obj
                         uint64_t payload_off, uint64_t stamp_off, const uint8_t *ok,
                         const uint64_t *gen, uint64_t *out_gen, void *wait_event);
 
+/* kvs_cuda_copy_parts for the stripes of striped objects: dobj[i] (may be
+ * NULL) is the GPU's address of obj[i] from an earlier kvs_cuda_translate
+ * (0: translated here); object i's parts start at obj[i] + poffs[i] (per
+ * object; poffs NULL: payload_off for all),
+ * and a dump with check_off != 0 also reads, after writing gen[i] at
+ * obj[i]+stamp_off, the word at obj[i]+check_off through the GPU's view into
+ * out_gen[i] (the stamp alone proves nothing once an earlier stripe wrote
+ * it; a word the CPU wrote, read back by the GPU, does). The rest as
+ * kvs_cuda_copy_parts. */
+int kvs_cuda_copy_parts_ex(kvs_cuda_pworker *w, int dir, size_t n, void *const *obj,
+                           const uint64_t *dobj, const uint64_t *poffs, const uint64_t *addrs, const uint64_t *lens,
+                           size_t ppo, uint64_t payload_off, uint64_t stamp_off,
+                           uint64_t check_off, const uint8_t *ok, const uint64_t *gen,
+                           uint64_t *out_gen, void *wait_event);
+
 /* Forgets (unregisters) the mapping containing host address p after a failed
  * view check, so the next use registers the current mapping afresh. */
 void kvs_cuda_forget(kvs_cuda_ctx *x, const void *p);

@@ -26,6 +26,7 @@ struct kp_stamps {
     uint64_t gen[KVS_CUDA_MAX_JOB_BLOCKS];
     uint64_t *out_gen;
     uint64_t stamp_off;
+    uint64_t check_off; /* dump: 0, or the word read back after the stamp */
     uint32_t n, dir;
 };
 
@@ -34,10 +35,12 @@ __global__ void kp_stamp_kernel(const __grid_constant__ kp_stamps j)
     for (uint32_t i = threadIdx.x; i < j.n; i += blockDim.x) {
         if (!j.obj[i]) continue;
         volatile uint64_t *s = (volatile uint64_t *)(j.obj[i] + j.stamp_off);
-        if (j.dir == KVS_CUDA_DUMP)
-            *s = j.gen[i];
-        else
+        if (j.dir != KVS_CUDA_DUMP) {
             j.out_gen[i] = *s;
+            continue;
+        }
+        *s = j.gen[i];
+        if (j.check_off) j.out_gen[i] = *(volatile uint64_t *)(j.obj[i] + j.check_off);
     }
 }
 
@@ -82,6 +85,17 @@ extern "C" int kvs_cuda_copy_parts(kvs_cuda_pworker *w, int dir, size_t n, void 
                                    uint64_t payload_off, uint64_t stamp_off, const uint8_t *ok,
                                    const uint64_t *gen, uint64_t *out_gen, void *wait_event)
 {
+    return kvs_cuda_copy_parts_ex(w, dir, n, obj, NULL, NULL, addrs, lens, ppo, payload_off,
+                                  stamp_off, 0, ok, gen, out_gen, wait_event);
+}
+
+extern "C" int kvs_cuda_copy_parts_ex(kvs_cuda_pworker *w, int dir, size_t n, void *const *obj,
+                                      const uint64_t *dobj, const uint64_t *poffs,
+                                      const uint64_t *addrs, const uint64_t *lens, size_t ppo,
+                                      uint64_t payload_off,
+                                      uint64_t stamp_off, uint64_t check_off, const uint8_t *ok,
+                                      const uint64_t *gen, uint64_t *out_gen, void *wait_event)
+{
     if (!w || n > KVS_CUDA_MAX_JOB_BLOCKS || !obj || !addrs || !lens || !ppo ||
         (dir != KVS_CUDA_DUMP && dir != KVS_CUDA_LOAD))
         return KVS_ERR_INVALID;
@@ -94,13 +108,15 @@ extern "C" int kvs_cuda_copy_parts(kvs_cuda_pworker *w, int dir, size_t n, void 
         if (out_gen) out_gen[i] = 0;
         w->r.out_gen[i] = 0;
         if ((ok && !ok[i]) || !obj[i] || (uintptr_t)obj[i] % 8) continue;
-        uint64_t total = payload_off;
+        uint64_t poff = poffs ? poffs[i] : payload_off;
+        uint64_t total = poff;
         for (size_t p = 0; p < ppo; p++) total += lens[i * ppo + p];
-        j->obj[i] = kvs_cuda_translate(w->x, obj[i], total);
+        if (total < stamp_off + 8) total = stamp_off + 8;
+        j->obj[i] = dobj && dobj[i] ? dobj[i] : kvs_cuda_translate(w->x, obj[i], total);
         if (!j->obj[i]) continue; /* unreachable: its check word stays 0, the object fails */
         j->gen[i] = gen ? gen[i] : 0;
         live++;
-        char *o = (char *)obj[i] + payload_off;
+        char *o = (char *)obj[i] + poff;
         for (size_t p = 0; p < ppo; p++) {
             char *dev = (char *)(uintptr_t)addrs[i * ppo + p];
             size_t len = (size_t)lens[i * ppo + p];
@@ -114,6 +130,7 @@ extern "C" int kvs_cuda_copy_parts(kvs_cuda_pworker *w, int dir, size_t n, void 
     }
     j->out_gen = w->r.out_gen_dev;
     j->stamp_off = stamp_off;
+    j->check_off = dir == KVS_CUDA_DUMP ? check_off : 0;
     j->n = (uint32_t)n;
     j->dir = (uint32_t)dir;
     int rc = KVS_OK;
