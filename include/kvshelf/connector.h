@@ -204,11 +204,16 @@ int kvs_connector_load(kvs_connector *c, const kvs_key *hashes, const uint32_t *
  *         may still wait for other stripes); a stripe already copied (or
  *         being copied) is not copied again (KVS_OK); an object that is
  *         already stored is skipped (KVS_OK, as whole objects). An object
- *         with a failed stripe is abandoned, never published, and its later
- *         stripes fail with the same error. An object left incomplete
- *         (stripes that never come) is abandoned once no call held it for
- *         KVSHELF_STRIPE_IDLE_MS (default 10000 for dumps, 2000 for loads),
- *         or at close.
+ *         with a failed stripe is abandoned, never published; its later
+ *         stripes fail with the same error until the idle time below has
+ *         passed, after which a stripe of it starts a new object (which
+ *         needs all its stripes again before it is published). An object
+ *         left incomplete (stripes that never come) is abandoned once no
+ *         call held it for KVSHELF_STRIPE_IDLE_MS (default 10000 for dumps,
+ *         2000 for loads; checked by a worker every second even when no call
+ *         comes), or at close. opts.checksum is not applied to striped
+ *         objects in segments this process does not map (they move through
+ *         staging): their header is still checked.
  *   load: the first call that reaches an object takes its read lease and
  *         checks its header; later calls copy their stripe without asking the
  *         master. The lease is ended once every stripe was loaded, or when

@@ -47,6 +47,11 @@ static int u64_array_from_buffer(PyObject *obj, const char *what, uint64_t **out
         return -1;
     }
     size_t r = (size_t)v.shape[0], c = v.ndim == 2 ? (size_t)v.shape[1] : 1;
+    if (c && r > SIZE_MAX / sizeof(uint64_t) / c) { /* (a broadcast array can claim anything) */
+        PyErr_Format(PyExc_ValueError, "%s: array too large", what);
+        PyBuffer_Release(&v);
+        return -1;
+    }
     uint64_t *a = PyMem_RawMalloc(sizeof(uint64_t) * ((r * c) > 0 ? r * c : 1));
     if (!a) {
         PyBuffer_Release(&v);

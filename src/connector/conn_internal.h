@@ -345,6 +345,9 @@ int conn_stripes_init(kvs_connector *c);
 void conn_stripes_close(kvs_connector *c);
 
 /* Runs one dump / load job of a striped parts task (t->stripes > 1). */
+/* Gives up every striped object no call held for its table's idle time
+ * (dumps abandoned, loads released); a worker calls it while no job comes. */
+void conn_stripes_reap_idle(kvs_connector *c);
 void conn_run_stripe_dump(conn_worker *w, struct conn_job *j);
 void conn_run_stripe_load(conn_worker *w, struct conn_job *j);
 

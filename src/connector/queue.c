@@ -1,6 +1,8 @@
 /* KV connector: the job queue — public calls entering and leaving,
  * backpressure (max_inflight objects queued or copying), worker threads that
  * run the jobs, and the queue's shutdown at close. */
+#include <errno.h>
+#include <time.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdlib.h>
@@ -83,14 +85,32 @@ static void run_job(conn_worker *w, struct conn_job *j)
         conn_run_load(w, j);
 }
 
+#define REAP_EVERY_S 1 /* idle striped objects checked this often without jobs */
+
 static void *worker_main(void *arg)
 {
     conn_worker *w = arg;
     kvs_connector *c = w->c;
     conn_worker_init(w);
+    /* the first worker also gives up striped objects left idle (stripes.c)
+     * while no job comes: their reservations hold segment write fences */
+    const int reaper = w == &c->workers[0];
     pthread_mutex_lock(&c->mu);
     for (;;) {
-        while (!c->qhead && !c->stop) pthread_cond_wait(&c->work_cv, &c->mu);
+        while (!c->qhead && !c->stop) {
+            if (!reaper) {
+                pthread_cond_wait(&c->work_cv, &c->mu);
+                continue;
+            }
+            struct timespec ts;
+            clock_gettime(CLOCK_REALTIME, &ts);
+            ts.tv_sec += REAP_EVERY_S;
+            if (pthread_cond_timedwait(&c->work_cv, &c->mu, &ts) == ETIMEDOUT && !c->stop) {
+                pthread_mutex_unlock(&c->mu);
+                conn_stripes_reap_idle(c);
+                pthread_mutex_lock(&c->mu);
+            }
+        }
         if (!c->qhead) break;
         struct conn_job *j = c->qhead;
         c->qhead = j->next;

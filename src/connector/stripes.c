@@ -307,15 +307,20 @@ static void finish_entries(kvs_connector *c, conn_sent **es, const int *act, siz
 
 /* Gives up entries nobody reached for the idle time (at most one job's
  * worth per call): incomplete dumps abandoned, loads released. */
-static void reap(kvs_connector *c, struct conn_stab *tb, int dump, uint64_t now)
+static size_t reap(kvs_connector *c, struct conn_stab *tb, int dump)
 {
     conn_sent *es[CONN_JOB_MAX_BLOCKS];
     int act[CONN_JOB_MAX_BLOCKS];
     size_t k = 0;
     pthread_mutex_lock(&tb->mu);
+    /* the time now, under the lock: stamps are set under it, so none is
+     * later (a time taken before the lock could be, and its difference
+     * would wrap into "idle for ages") */
+    uint64_t now = kvs_now_ns();
     for (conn_sent *e = tb->oldest, *nx; e && k < CONN_JOB_MAX_BLOCKS; e = nx) {
         nx = e->newer;
-        if (now - e->t_touch < tb->idle_ns) break; /* the rest were reached later */
+        if (e->t_touch >= now || now - e->t_touch < tb->idle_ns)
+            break; /* the rest were reached later */
         if (e->users) continue;
         stab_unlink(tb, e);
         es[k] = e;
@@ -324,6 +329,15 @@ static void reap(kvs_connector *c, struct conn_stab *tb, int dump, uint64_t now)
     }
     pthread_mutex_unlock(&tb->mu);
     if (k) finish_entries(c, es, act, k, NULL, NULL);
+    return k;
+}
+
+void conn_stripes_reap_idle(kvs_connector *c)
+{
+    while (c->stab_dump && reap(c, c->stab_dump, 1) == CONN_JOB_MAX_BLOCKS) {
+    }
+    while (c->stab_load && reap(c, c->stab_load, 0) == CONN_JOB_MAX_BLOCKS) {
+    }
 }
 
 /* ------------------------------------------------------ init / close */
@@ -501,7 +515,7 @@ void conn_run_stripe_dump(conn_worker *w, struct conn_job *j)
     const size_t n = j->n;
     const uint32_t s = t->stripe;
     uint64_t t0 = kvs_now_ns();
-    reap(c, tb, 1, t0);
+    reap(c, tb, 1);
 
     /* 1: each object's entry; the new ones are this job's to reserve */
     conn_sent *re[CONN_JOB_MAX_BLOCKS];
@@ -590,8 +604,8 @@ void conn_run_stripe_dump(conn_worker *w, struct conn_job *j)
     if (live) {
         conn_assign_staging(w, t, n, res);
         for (size_t i = 0; i < n; i++) {
-            if (!w->ok[i] || !w->staged[i]) continue;
-            if (!w->obj[i]) { /* no staging memory: res[i] says so */
+            if (!w->ok[i] || !w->ent[i]->staged) continue;
+            if (!w->staged[i] || !w->obj[i]) { /* no staging memory: res[i] says so */
                 w->ok[i] = 0;
                 continue;
             }
@@ -734,7 +748,7 @@ void conn_run_stripe_load(conn_worker *w, struct conn_job *j)
     const size_t n = j->n;
     const uint32_t s = t->stripe;
     uint64_t t0 = kvs_now_ns();
-    reap(c, tb, 0, t0);
+    reap(c, tb, 0);
 
     /* 1: each object's entry; the new ones are this job's to acquire */
     conn_sent *ae[CONN_JOB_MAX_BLOCKS];
@@ -752,6 +766,10 @@ void conn_run_stripe_load(conn_worker *w, struct conn_job *j)
         conn_sent *e = stab_get(tb, &keys[i], hs[i], t->stripes, &g, t0);
         if (!e) {
             res[i] = KVS_ERR_NOMEM;
+            continue;
+        }
+        if (e->stripes != t->stripes) {
+            res[i] = KVS_ERR_INVALID; /* an open load of this key has another stripe count */
             continue;
         }
         e->users++;
@@ -838,8 +856,8 @@ void conn_run_stripe_load(conn_worker *w, struct conn_job *j)
     if (live) {
         conn_assign_staging(w, t, n, res);
         for (size_t i = 0; i < n; i++) {
-            if (!w->ok[i] || !w->staged[i]) continue;
-            if (!w->obj[i]) {
+            if (!w->ok[i] || !w->ent[i]->staged) continue;
+            if (!w->staged[i] || !w->obj[i]) { /* no staging memory: res[i] says so */
                 w->ok[i] = 0;
                 continue;
             }

@@ -178,6 +178,31 @@ def test_incomplete_striped_dump_is_never_published(cfg, uniq, monkeypatch):
         c.close()
 
 
+def test_idle_striped_dump_is_given_up_without_another_call(cfg, uniq, monkeypatch):
+    """Stripes that never come, and no other call either: a worker gives the
+    objects up after the idle time on its own (their reservations hold
+    segment write fences), so another writer can store them whole."""
+    monkeypatch.setenv("KVSHELF_STRIPE_IDLE_MS", "200")
+    c = _k.Connector(cfg, namespace=uniq, device=-2)
+    c2 = _k.Connector(cfg, namespace=uniq, device=-2)
+    try:
+        k = keys(uniq, N, "idle")
+        src = data(8)
+        for layer in range(L - 1):
+            assert dump_layer(c, k, src, layer) == [0] * N
+        time.sleep(2.5)  # no call on c meanwhile
+        for layer in range(L):
+            assert dump_layer(c2, k, src, layer) == [0] * N
+        assert stored(cfg, k) == [True] * N
+        out = np.zeros_like(src)
+        for layer in range(L):
+            assert load_layer(c2, k, out, layer) == [0] * N
+        assert np.array_equal(src, out)
+    finally:
+        c.close()
+        c2.close()
+
+
 def test_close_gives_open_objects_up(cfg, uniq):
     c = _k.Connector(cfg, namespace=uniq, device=-2)
     k = keys(uniq, N)
