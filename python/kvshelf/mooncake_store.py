@@ -1,0 +1,1284 @@
+"""kvshelf blocks in a real Mooncake Store (issue 16, first increment).
+
+``MooncakeBlockStore`` keeps the connector's blocks in a Mooncake Store
+(``mooncake_master`` with its HTTP metadata service, and Mooncake's client,
+the Python package ``mooncake.store`` from ``mooncake-transfer-engine``),
+with kvshelf's semantics on top:
+
+- one Mooncake object per block, written as a 64-byte kvshelf header
+  followed by the block's bytes; the header is checked on every load (magic,
+  a hash of the key, the length, a checksum of the payload), and anything
+  that does not match -- an object written by another program, another
+  geometry, torn or corrupted bytes -- is a miss, never wrong bytes;
+- staging memory registered with Mooncake once (``register_buffer``): dumps
+  copy blocks into it and move them with ``batch_put_from``, loads move them
+  with ``batch_get_into`` and copy them out only after the header checked;
+- asynchronous tasks with per-block results (0 stored/loaded,
+  ``ERR_NOT_FOUND`` miss, other kvshelf error codes), two worker threads in a
+  pipeline (one batch's copies overlap the next batch's transfer), a bounded
+  queue of tasks (backpressure) and bounded staging;
+- errors are kvshelf exceptions that say what failed (``ConfigError`` for a
+  bad key or value, ``ConnectionFailed`` when the master cannot be reached,
+  ...); while the master is unreachable, calls fail at once instead of each
+  waiting out Mooncake's RPC timeout.
+
+This increment moves host memory only (numpy arrays, bytearray/memoryview,
+CPU torch tensors, ``(address, size)`` pairs). CUDA tensors through kvshelf's
+copy path (C/CUDA), and the vLLM and UCM adapters over this store, are the
+next steps of issue 16.
+
+Configuration: the same dict as the rest of kvshelf (Mooncake's keys) plus
+``"store": "mooncake"``::
+
+    {"store": "mooncake",
+     "local_hostname": "10.0.0.5",              # default: the address that routes to the master
+     "metadata_server": "http://10.0.0.1:8080/metadata",   # or "P2PHANDSHAKE", or etcd host:port
+     "master_server_address": "10.0.0.1:50051",
+     "protocol": "tcp",                         # or "rdma" (device_name: "mlx5_0,mlx5_1")
+     "device_name": "",
+     "global_segment_size": "3GiB",             # memory this client gives the pool (0: none)
+     "local_buffer_size": "1GiB",               # Mooncake's own transfer buffer
+     # this store's keys (defaults shown):
+     "replica_num": 1, "staging_size": "256MiB", "batch_size": 64,
+     "max_inflight": 64, "timeout_ms": 5000, "retry_interval_ms": 1000,
+     "setup_timeout_ms": 30000}
+
+``timeout_ms`` bounds the checks of the master and metadata addresses made
+before Mooncake's client starts and the wait for room in the task queue;
+``setup_timeout_ms`` bounds Mooncake's setup (left alone, it retries an
+unreachable master for about 90 s); ``retry_interval_ms`` is how long calls
+fail at once after the master was found unreachable.
+
+Object layout (little endian)::
+
+    0   8  magic b"KVSHMC01"
+    8   2  version (1)
+    10  2  checksum algorithm (1 = XXH3-64, 2 = BLAKE2b-64)
+    12  4  header size (64)
+    16  8  payload length
+    24 16  BLAKE2b-128 of the Mooncake key (UTF-8)
+    40  8  checksum of the payload
+    48 16  zero
+    64  .. payload
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import difflib
+import hashlib
+import json
+import logging
+import mmap
+import os
+import queue
+import socket
+import struct
+import threading
+import time
+from typing import Any, Iterable, Sequence
+
+from . import (
+    Busy,
+    Closed,
+    ConfigError,
+    ConnectionFailed,
+    Error,
+    InternalError,
+    InvalidArgument,
+    IOFailure,
+    NoMemory,
+    NoSpace,
+    NotFound,
+    Timeout,
+    TooLarge,
+    Unavailable,
+    Unsupported,
+    parse_size,
+)
+from . import _kvshelf as _k
+
+log = logging.getLogger("kvshelf.mooncake_store")
+
+__all__ = [
+    "MOONCAKE_KEYS",
+    "STORE_KEYS",
+    "BlockTask",
+    "MooncakeBlockStore",
+    "is_mooncake",
+    "mooncake_key",
+    "parse_config",
+]
+
+# ---------------------------------------------------------------- config
+
+#: Mooncake's own keys (the seed's configuration), passed to Mooncake's setup.
+MOONCAKE_KEYS = (
+    "local_hostname",
+    "metadata_server",
+    "master_server_address",
+    "protocol",
+    "device_name",
+    "global_segment_size",
+    "local_buffer_size",
+)
+#: This store's keys, with their defaults.
+STORE_DEFAULTS: dict[str, Any] = {
+    "store": "mooncake",
+    "replica_num": 1,
+    "staging_size": 256 << 20,
+    "batch_size": 64,
+    "max_inflight": 64,
+    "timeout_ms": 5000,
+    "retry_interval_ms": 1000,
+    "setup_timeout_ms": 30000,
+}
+STORE_KEYS = tuple(STORE_DEFAULTS)
+VALID_KEYS = MOONCAKE_KEYS + STORE_KEYS
+#: kvshelf keys that mean nothing to a Mooncake Store: named in the error.
+_KVSHELF_ONLY = {
+    "secret": "Mooncake has no shared secret; protect the master's port instead",
+    "runtime_dir": "it is the directory of kvshelf's embedded pool",
+}
+_SIZE_KEYS = ("global_segment_size", "local_buffer_size", "staging_size")
+_INT_KEYS = {"replica_num": (1, 64), "batch_size": (1, 4096), "max_inflight": (1, 1 << 20),
+             "timeout_ms": (1, 86_400_000), "retry_interval_ms": (0, 3_600_000),
+             "setup_timeout_ms": (1, 86_400_000)}
+
+
+def is_mooncake(config: dict[str, Any] | None) -> bool:
+    """True if ``config`` selects the Mooncake store (``"store": "mooncake"``)."""
+    return bool(config) and str(config.get("store", "")).strip().lower() == "mooncake"
+
+
+def _read_config(config: dict[str, Any] | str | os.PathLike | None) -> dict[str, Any]:
+    if config is None:
+        path = os.environ.get("KVSHELF_CONFIG") or os.environ.get("MOONCAKE_CONFIG_PATH")
+        if not path:
+            return {}
+        config = path
+    if isinstance(config, (str, os.PathLike)):
+        try:
+            with open(config, encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ConfigError("kvshelf.mooncake_store: cannot read the configuration file %s: %s"
+                              % (config, e)) from None
+        if not isinstance(data, dict):
+            raise ConfigError("kvshelf.mooncake_store: %s does not hold a JSON object" % config)
+        return data
+    if not isinstance(config, dict):
+        raise ConfigError("kvshelf.mooncake_store: the configuration must be a dict or the path "
+                          "of a JSON file, not %s" % type(config).__name__)
+    return dict(config)
+
+
+def _route_to(host: str) -> str | None:
+    """The local address the kernel would use to reach ``host``."""
+    try:
+        infos = socket.getaddrinfo(host, 9, socket.AF_INET, socket.SOCK_DGRAM)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(infos[0][4])
+            return s.getsockname()[0]
+    except OSError:
+        return None
+
+
+def _split_hostport(addr: str, what: str) -> tuple[str, int]:
+    host, _, port = addr.rpartition(":")
+    host = host.strip("[]")
+    try:
+        p = int(port)
+        if not host or not 0 < p < 65536:
+            raise ValueError
+    except ValueError:
+        raise ConfigError("kvshelf.mooncake_store: %s=%r must be host:port" % (what, addr)) from None
+    return host, p
+
+
+def _probe(addr: str, what: str, timeout: float, greet_s: float = 0.0) -> None:
+    """Fails at once (kvshelf.ConnectionFailed) when nothing listens at addr,
+    instead of letting Mooncake's client retry it for ~90 s. With greet_s:
+    a server that sends bytes before any request (kvshelf's master greets
+    every connection with a CHALLENGE) is not a mooncake_master."""
+    host, port = _split_hostport(addr, what)
+    try:
+        conn = socket.create_connection((host, port), timeout)
+    except socket.timeout:
+        raise ConnectionFailed("kvshelf.mooncake_store: %s %s did not answer within %.1f s"
+                               % (what, addr, timeout)) from None
+    except OSError as e:
+        raise ConnectionFailed("kvshelf.mooncake_store: cannot reach %s %s: %s (is it running, "
+                               "and listening on that address?)"
+                               % (what, addr, e.strerror or e)) from None
+    with conn:
+        if greet_s <= 0:
+            return
+        conn.settimeout(greet_s)
+        try:
+            data = conn.recv(64)
+        except (socket.timeout, BlockingIOError):
+            return
+        except OSError:
+            return
+        if data:
+            raise ConnectionFailed(
+                "kvshelf.mooncake_store: %s %s sent %d bytes before any request: it is not a "
+                "mooncake_master (kvshelf's own master greets first: to use it, drop "
+                "\"store\": \"mooncake\")" % (what, addr, len(data)))
+
+
+def parse_config(config: dict[str, Any] | str | os.PathLike | None) -> dict[str, Any]:
+    """Checks a configuration for the Mooncake store and returns it with the
+    defaults filled in (sizes in bytes). Raises ``kvshelf.ConfigError`` (a
+    ``ValueError``) naming every unknown key (with the nearest valid one) and
+    listing the valid keys, or naming a bad value."""
+    raw = _read_config(config)
+    raw = {k: v for k, v in raw.items() if v is not None}
+    unknown = [k for k in raw if k not in VALID_KEYS]
+    if unknown:
+        parts = []
+        for k in unknown:
+            if k in _KVSHELF_ONLY:
+                parts.append("'%s' (a key of kvshelf's own pool, not used with "
+                             "store 'mooncake': %s)" % (k, _KVSHELF_ONLY[k]))
+                continue
+            near = difflib.get_close_matches(str(k), VALID_KEYS, n=1, cutoff=0.75)
+            parts.append("'%s'%s" % (k, " (did you mean '%s'?)" % near[0] if near else ""))
+        raise ConfigError(
+            "kvshelf.mooncake_store: unknown key%s %s. Valid keys -- Mooncake's: %s; "
+            "this store's: %s" % ("s" if len(unknown) > 1 else "", ", ".join(parts),
+                                  ", ".join(MOONCAKE_KEYS), ", ".join(STORE_KEYS)))
+    out: dict[str, Any] = dict(STORE_DEFAULTS)
+    out.update({"local_hostname": "", "metadata_server": "", "master_server_address": "",
+                "protocol": "tcp", "device_name": "",
+                "global_segment_size": int(_k.DEFAULTS["global_segment_size"]),
+                "local_buffer_size": int(_k.DEFAULTS["local_buffer_size"])})
+    for k, v in raw.items():
+        if k in _SIZE_KEYS:
+            try:
+                if isinstance(v, bool):
+                    raise ValueError("a boolean")
+                n = int(v) if isinstance(v, int) else int(parse_size(str(v)))
+                if n < 0:
+                    raise ValueError("negative")
+            except (ValueError, TypeError, Error) as e:
+                raise ConfigError("kvshelf.mooncake_store: %s=%r is not a size in bytes "
+                                  "(an integer or a string such as '256MiB'): %s" % (k, v, e)) from None
+            out[k] = n
+        elif k in _INT_KEYS:
+            lo, hi = _INT_KEYS[k]
+            if isinstance(v, bool) or not isinstance(v, (int, str)):
+                raise ConfigError("kvshelf.mooncake_store: %s=%r must be an integer" % (k, v))
+            try:
+                n = int(v)
+            except ValueError:
+                raise ConfigError("kvshelf.mooncake_store: %s=%r must be an integer" % (k, v)) from None
+            if not lo <= n <= hi:
+                raise ConfigError("kvshelf.mooncake_store: %s=%d is out of range [%d, %d]"
+                                  % (k, n, lo, hi))
+            out[k] = n
+        else:
+            if not isinstance(v, str):
+                raise ConfigError("kvshelf.mooncake_store: %s=%r must be a string" % (k, v))
+            out[k] = v.strip()
+    if out["store"].lower() != "mooncake":
+        raise ConfigError("kvshelf.mooncake_store: store=%r: this store is Mooncake's; set "
+                          "\"store\": \"mooncake\" (or leave the key out), or use kvshelf's own "
+                          "pool through kvshelf.Client / kvshelf.Connector" % out["store"])
+    out["store"] = "mooncake"
+    if out["protocol"] not in ("tcp", "rdma"):
+        raise ConfigError("kvshelf.mooncake_store: protocol=%r: Mooncake's store takes 'tcp' or "
+                          "'rdma'" % out["protocol"])
+    if not out["master_server_address"]:
+        raise ConfigError("kvshelf.mooncake_store: store 'mooncake' needs master_server_address: "
+                          "the host:port of a mooncake_master (its --rpc_port, 50051 by default); "
+                          "an empty address means kvshelf's embedded pool, which is not Mooncake")
+    if not out["metadata_server"]:
+        raise ConfigError("kvshelf.mooncake_store: store 'mooncake' needs metadata_server: "
+                          "http://HOST:PORT/metadata of mooncake_master "
+                          "--enable_http_metadata_server, an etcd host:port, or P2PHANDSHAKE")
+    _split_hostport(out["master_server_address"], "master_server_address")
+    if not out["local_hostname"]:
+        host = out["master_server_address"].rsplit(":", 1)[0].strip("[]")
+        out["local_hostname"] = _route_to(host) or socket.gethostname()
+    if out["staging_size"] < 2 * _ALIGN:
+        raise ConfigError("kvshelf.mooncake_store: staging_size=%d is too small (at least %d)"
+                          % (out["staging_size"], 2 * _ALIGN))
+    return out
+
+
+# ---------------------------------------------------------------- header
+
+MAGIC = b"KVSHMC01"
+HEADER = 64
+_ALIGN = 4096
+_HDR = struct.Struct("<8sHHIQ16sQ16x")
+assert _HDR.size == HEADER
+ALGO_XXH3 = 1
+ALGO_BLAKE2B = 2
+
+
+def _load_xxh3():
+    """XXH3-64 from libxxhash (libkvshelf links it, so it is in the process
+    once the extension is loaded); None if absent. ctypes releases the GIL
+    during the call."""
+    for name in ("libxxhash.so.0", "libxxhash.so"):
+        try:
+            lib = ctypes.CDLL(name)
+            f = lib.XXH3_64bits
+        except (OSError, AttributeError):
+            continue
+        f.restype = ctypes.c_uint64
+        f.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        return f
+    return None
+
+
+_xxh3 = _load_xxh3()
+_memmove = ctypes.memmove
+
+
+def _checksum(algo: int, addr: int, n: int) -> int | None:
+    if algo == ALGO_XXH3:
+        return int(_xxh3(addr, n)) if _xxh3 is not None else None
+    if algo == ALGO_BLAKE2B:
+        view = (ctypes.c_char * n).from_address(addr) if n else b""
+        return int.from_bytes(hashlib.blake2b(memoryview(view), digest_size=8).digest(), "little")
+    return None
+
+
+def _key_hash(mkey: str) -> bytes:
+    return hashlib.blake2b(mkey.encode("utf-8"), digest_size=16).digest()
+
+
+def mooncake_key(key: bytes | str) -> str:
+    """The Mooncake key of a kvshelf key: a ``str`` as it is; ``bytes`` of
+    printable ASCII as that text; other ``bytes`` (raw block hashes) as
+    ``"#"`` + hex. Keys that map to the same string are the same object."""
+    if isinstance(key, str):
+        if not key:
+            raise InvalidArgument("kvshelf.mooncake_store: empty key")
+        return key
+    if isinstance(key, (bytes, bytearray, memoryview)):
+        b = bytes(key)
+        if not b:
+            raise InvalidArgument("kvshelf.mooncake_store: empty key")
+        if all(0x21 <= c < 0x7F for c in b) and b[:1] != b"#":
+            return b.decode("ascii")
+        return "#" + b.hex()
+    raise InvalidArgument("kvshelf.mooncake_store: a key must be bytes or str, not %s"
+                          % type(key).__name__)
+
+
+# ------------------------------------------------------- Mooncake errors
+
+MC_ERRORS = {
+    -1: "INTERNAL_ERROR", -10: "BUFFER_OVERFLOW", -100: "SHARD_INDEX_OUT_OF_RANGE",
+    -101: "SEGMENT_NOT_FOUND", -102: "SEGMENT_ALREADY_EXISTS", -103: "CLIENT_NOT_FOUND",
+    -200: "NO_AVAILABLE_HANDLE", -300: "INVALID_VERSION", -400: "INVALID_KEY",
+    -500: "WRITE_FAIL", -600: "INVALID_PARAMS", -601: "ILLEGAL_CLIENT", -700: "INVALID_WRITE",
+    -701: "INVALID_READ", -702: "INVALID_REPLICA", -703: "REPLICA_IS_NOT_READY",
+    -704: "OBJECT_NOT_FOUND", -705: "OBJECT_ALREADY_EXISTS", -706: "OBJECT_HAS_LEASE",
+    -707: "LEASE_EXPIRED", -800: "TRANSFER_FAIL", -900: "RPC_FAIL", -901: "RPC_TIMEOUT",
+    -1010: "UNAVAILABLE_IN_CURRENT_STATUS", -1011: "UNAVAILABLE_IN_CURRENT_MODE",
+    -1700: "TENANT_QUOTA_EXCEEDED",
+}
+_MC_RPC = (-900, -901)
+# Codes Mooncake returns before any transfer touched the buffer, or after it
+# completed: the staging memory of such a get is safe to reuse. After any
+# other failure a transfer may still be writing into it, so it is retired.
+_SAFE_GET = {-200, -600, -703, -704, -707, -900, -901}
+
+
+def mc_name(code: int) -> str:
+    return "%s (%d)" % (MC_ERRORS.get(code, "error"), code)
+
+
+def _kv_code(mc: int, op: str) -> int:
+    """A kvshelf status code for a negative Mooncake status."""
+    if mc in (-704, -707) or (op == "get" and mc in (-600, -703)):
+        return _k.ERR_NOT_FOUND
+    if mc in (-200, -1700):
+        return _k.ERR_NO_SPACE
+    if mc == -900:
+        return _k.ERR_CONN
+    if mc == -901:
+        return _k.ERR_TIMEOUT
+    if mc in (-800, -500, -701, -700):
+        return _k.ERR_IO
+    if mc in (-703, -706):
+        return _k.ERR_BUSY
+    if mc in (-600, -400, -10):
+        return _k.ERR_INVALID
+    if mc in (-1010, -1011):
+        return _k.ERR_UNAVAILABLE
+    return _k.ERR_INTERNAL
+
+
+_EXC = {
+    _k.ERR_NOT_FOUND: NotFound, _k.ERR_NO_SPACE: NoSpace, _k.ERR_CONN: ConnectionFailed,
+    _k.ERR_TIMEOUT: Timeout, _k.ERR_IO: IOFailure, _k.ERR_BUSY: Busy,
+    _k.ERR_INVALID: InvalidArgument, _k.ERR_UNAVAILABLE: Unavailable, _k.ERR_CLOSED: Closed,
+    _k.ERR_NOMEM: NoMemory, _k.ERR_TOO_LARGE: TooLarge, _k.ERR_INTERNAL: InternalError,
+}
+
+
+def _exc(code: int, msg: str) -> Error:
+    return _EXC.get(code, Error)(msg)
+
+
+# ---------------------------------------------------------------- memory
+
+def _buffer(obj: Any, writable: bool, what: str) -> tuple[int, int, Any]:
+    """(address, size, keep-alive) of a host buffer."""
+    if isinstance(obj, tuple) and len(obj) == 2 and all(isinstance(x, int) for x in obj):
+        addr, size = obj
+        if addr <= 0 or size < 0:
+            raise InvalidArgument("%s: bad (address, size) %r" % (what, obj))
+        return addr, size, None
+    if hasattr(obj, "data_ptr") and hasattr(obj, "is_cuda"):  # torch
+        if getattr(obj, "is_cuda", False) or str(getattr(obj, "device", "cpu")) != "cpu":
+            raise Unsupported("%s: a tensor on %s: the Mooncake store moves host memory in this "
+                              "version (CUDA tensors through kvshelf's copy path come next)"
+                              % (what, obj.device))
+        if not obj.is_contiguous():
+            raise InvalidArgument("%s: the tensor is not contiguous" % what)
+        return int(obj.data_ptr()), int(obj.numel() * obj.element_size()), obj
+    if hasattr(obj, "__cuda_array_interface__"):
+        raise Unsupported("%s: device memory: the Mooncake store moves host memory in this version"
+                          % what)
+    try:
+        mv = memoryview(obj)
+    except TypeError:
+        raise InvalidArgument("%s: %s is not a buffer (numpy array, bytearray, memoryview, CPU "
+                              "tensor or (address, size))" % (what, type(obj).__name__)) from None
+    if not mv.c_contiguous:
+        raise InvalidArgument("%s: the buffer is not contiguous" % what)
+    if writable and mv.readonly:
+        raise InvalidArgument("%s: the buffer is read-only" % what)
+    n = mv.nbytes
+    if n == 0:
+        return 0, 0, mv
+    mv = mv.cast("B")
+    if mv.readonly:
+        import numpy as np  # read-only buffers (bytes): numpy gives their address
+        a = np.frombuffer(mv, dtype=np.uint8)
+        return int(a.ctypes.data), n, (mv, a)
+    c = (ctypes.c_char * n).from_buffer(mv)
+    return ctypes.addressof(c), n, (mv, c)
+
+
+class _Staging:
+    """Registered staging memory: first-fit extents, freed extents merged;
+    extents whose transfer failed in a way that may still write them are
+    retired for good."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.map = mmap.mmap(-1, size)
+        self._c = ctypes.c_char.from_buffer(self.map)
+        self.base = ctypes.addressof(self._c)
+        ctypes.memset(self.base, 0, size)  # fault the pages in now, not in the first transfer
+        self.free = [(0, size)]
+        self.retired = 0
+        self.cv = threading.Condition()
+
+    def usable(self) -> int:
+        return self.size - self.retired
+
+    def alloc(self, n: int, stop: threading.Event) -> int | None:
+        """Offset of n bytes; waits until space is freed. None once ``stop``
+        is set or when n can never fit."""
+        with self.cv:
+            while True:
+                if n > self.usable():
+                    return None
+                for i, (off, sz) in enumerate(self.free):
+                    if sz >= n:
+                        if sz == n:
+                            del self.free[i]
+                        else:
+                            self.free[i] = (off + n, sz - n)
+                        return off
+                if stop.is_set():
+                    return None
+                self.cv.wait(0.1)
+
+    def release(self, off: int, n: int, retire: bool = False) -> None:
+        with self.cv:
+            if retire:
+                self.retired += n
+            else:
+                self.free.append((off, n))
+                self.free.sort()
+                merged = []
+                for o, s in self.free:
+                    if merged and merged[-1][0] + merged[-1][1] == o:
+                        merged[-1] = (merged[-1][0], merged[-1][1] + s)
+                    else:
+                        merged.append((o, s))
+                self.free = merged
+            self.cv.notify_all()
+
+    def close(self) -> None:
+        del self._c
+        try:
+            self.map.close()
+        except BufferError:
+            pass
+
+
+def _slot(n: int) -> int:
+    return (HEADER + n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+# ------------------------------------------------------------------ tasks
+
+_PENDING = 1
+
+
+class BlockTask:
+    """A dump or load: ``wait(timeout)`` -> bool, ``check()``, ``results()``
+    (per block: 0 done, ``kvshelf.ERR_NOT_FOUND`` a miss, other negative
+    kvshelf codes errors), ``failed()``, ``misses()``, ``errors()``,
+    ``exception()`` / ``raise_for_errors()`` for the first error that is not a
+    miss. ``done``, ``ok`` and ``error`` (a message) are attributes."""
+
+    def __init__(self, op: str, keys: list[str], bufs: list[tuple[int, int, Any]]):
+        self.op = op
+        self.keys = keys
+        self._bufs = bufs
+        self._res = [_PENDING] * len(keys)
+        self._left = len(keys)
+        self._lock = threading.Lock()
+        self._ev = threading.Event()
+        self.error: str | None = None
+        self._error_code = 0
+        self.submitted = time.monotonic()
+        self.finished: float | None = None
+        if not keys:
+            self._finish()
+
+    def __repr__(self) -> str:
+        return "<kvshelf.mooncake_store.BlockTask %s of %d blocks, %s>" % (
+            self.op, len(self.keys), "done: %d ok" % self.ok if self.done else "running")
+
+    def _set(self, idx: Iterable[int], code: int, msg: str | None = None) -> None:
+        changed = False
+        with self._lock:
+            for i in idx:
+                if self._res[i] == _PENDING:
+                    self._res[i] = code
+                    self._left -= 1
+                    changed = True
+            if changed and msg and code not in (0, _k.ERR_NOT_FOUND) and self.error is None:
+                self.error, self._error_code = msg, code
+            fin = changed and self._left == 0
+        if fin:
+            self._finish()
+
+    def _finish(self) -> None:
+        self.finished = time.monotonic()
+        self._bufs = []
+        self._ev.set()
+
+    @property
+    def done(self) -> bool:
+        return self._ev.is_set()
+
+    def check(self) -> bool:
+        return self._ev.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._ev.wait(timeout)
+
+    def results(self) -> list[int]:
+        with self._lock:
+            return list(self._res)
+
+    @property
+    def ok(self) -> int:
+        return sum(1 for r in self.results() if r == 0)
+
+    def failed(self) -> list[int]:
+        return [i for i, r in enumerate(self.results()) if r not in (0, _PENDING)]
+
+    def misses(self) -> list[int]:
+        return [i for i, r in enumerate(self.results()) if r == _k.ERR_NOT_FOUND]
+
+    def errors(self) -> list[int]:
+        return [i for i, r in enumerate(self.results())
+                if r not in (0, _PENDING, _k.ERR_NOT_FOUND)]
+
+    def exception(self) -> Error | None:
+        if self.error is None:
+            return None
+        return _exc(self._error_code, self.error)
+
+    def raise_for_errors(self) -> None:
+        e = self.exception()
+        if e is not None:
+            raise e
+
+
+class _Batch:
+    __slots__ = ("task", "idx", "off", "size", "slots", "mkeys", "sizes", "t_submit")
+
+    def __init__(self, task: BlockTask, idx: list[int]):
+        self.task = task
+        self.idx = idx
+        self.off = -1
+        self.slots = [_slot(task._bufs[i][1]) for i in idx]
+        self.size = sum(self.slots)
+        self.mkeys = [task.keys[i] for i in idx]
+        self.sizes = [HEADER + task._bufs[i][1] for i in idx]
+
+
+# ------------------------------------------------------------------ store
+
+class MooncakeBlockStore:
+    """kvshelf blocks in a Mooncake Store; host memory (see the module's
+    documentation for the configuration and the object layout).
+
+    ``dump(keys, buffers)`` / ``load(keys, buffers)`` -> ``BlockTask``;
+    ``wait(task, timeout=None)`` -> per-block results (raises
+    ``kvshelf.Timeout`` if the task is not done in time); ``lookup(keys)`` ->
+    list of bool; ``lookup_prefix(keys)`` -> number of leading keys stored;
+    ``remove(keys)``; ``stats()``; ``close()``. A dump of a key that is
+    already stored succeeds without writing it again (Mooncake's put keeps
+    the first object). ``lookup`` says whether an object exists under the key;
+    only ``load`` checks its header, so an object written by someone else
+    shows in ``lookup`` and loads as a miss.
+
+    ``client`` replaces Mooncake's client (an object with the methods of
+    ``mooncake.store.MooncakeDistributedStore``, already set up)."""
+
+    def __init__(self, config: dict[str, Any] | str | os.PathLike | None = None, *,
+                 client: Any = None):
+        self.config = parse_config(config)
+        c = self.config
+        self._closed = False
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._down_until = 0.0
+        self._down_msg = ""
+        self._st = collections.Counter()
+        self._bad: collections.OrderedDict = collections.OrderedDict()
+        self._algo = ALGO_XXH3 if _xxh3 is not None else ALGO_BLAKE2B
+        self._replicate = None
+        self._own_client = client is None
+        self._client_closed = False
+        if client is None:
+            client = self._setup(c)
+        self._mc = client
+        try:
+            self._staging = _Staging(c["staging_size"])
+        except (OSError, ValueError) as e:
+            self._close_client(10)
+            raise NoMemory("kvshelf.mooncake_store: cannot map %d bytes of staging memory: %s"
+                           % (c["staging_size"], e)) from None
+        rc = self._mc.register_buffer(self._staging.base, self._staging.size)
+        if rc != 0:
+            self._close_client(10)
+            self._staging.close()
+            raise InternalError("kvshelf.mooncake_store: Mooncake's register_buffer of %d bytes of "
+                                "staging memory failed: %s" % (self._staging.size, mc_name(rc)))
+        # Half the staging per batch at most, so two batches (one per stage) fit.
+        self._batch_bytes = max(_ALIGN, self._staging.size // 2)
+        self._tasks: queue.Queue = queue.Queue(maxsize=c["max_inflight"])
+        self._mid: queue.Queue = queue.Queue(maxsize=2)
+        self._t1 = threading.Thread(target=self._stage1_loop, name="kvshelf-mc-stage1", daemon=True)
+        self._t2 = threading.Thread(target=self._stage2_loop, name="kvshelf-mc-stage2", daemon=True)
+        self._t1.start()
+        self._t2.start()
+
+    # ------------------------------------------------------------ setup
+    def _setup(self, c: dict[str, Any]) -> Any:
+        try:
+            from mooncake.store import MooncakeDistributedStore, ReplicateConfig
+        except ImportError as e:
+            raise Unsupported(
+                "kvshelf.mooncake_store: store 'mooncake' needs Mooncake's Python package "
+                "(pip install mooncake-transfer-engine, or mooncake-transfer-engine-non-cuda; "
+                "its store library also needs libibverbs1): %s" % e) from None
+        if c["replica_num"] != 1:
+            rc_cfg = ReplicateConfig()
+            rc_cfg.replica_num = c["replica_num"]
+            self._replicate = rc_cfg
+        mc = MooncakeDistributedStore()
+        args = {
+            "local_hostname": c["local_hostname"],
+            "metadata_server": c["metadata_server"],
+            "global_segment_size": c["global_segment_size"],
+            "local_buffer_size": c["local_buffer_size"],
+            "protocol": c["protocol"],
+            "rdma_devices": c["device_name"],
+            "master_server_addr": c["master_server_address"],
+        }
+        tmo = c["timeout_ms"] / 1000.0
+        _probe(c["master_server_address"], "master_server_address", tmo, greet_s=0.25)
+        meta = c["metadata_server"]
+        if meta.startswith("http://"):
+            _probe(meta[len("http://"):].split("/", 1)[0], "metadata_server", tmo)
+        t0 = time.monotonic()
+        box: dict[str, Any] = {}
+
+        def run_setup():
+            try:
+                try:
+                    box["rc"] = mc.setup(args)
+                except TypeError:  # releases without the dict form
+                    box["rc"] = mc.setup(args["local_hostname"], args["metadata_server"],
+                                         args["global_segment_size"], args["local_buffer_size"],
+                                         args["protocol"], args["rdma_devices"],
+                                         args["master_server_addr"])
+            except Exception as e:  # noqa: BLE001
+                box["exc"] = e
+
+        th = threading.Thread(target=run_setup, name="kvshelf-mc-setup", daemon=True)
+        th.start()
+        th.join(c["setup_timeout_ms"] / 1000.0)
+        if th.is_alive():
+            raise ConnectionFailed(
+                "kvshelf.mooncake_store: Mooncake's client did not start within setup_timeout_ms="
+                "%d (master %s, metadata %s, local_hostname %s): it is still retrying; Mooncake's "
+                "log on stderr names what it waits for" % (
+                    c["setup_timeout_ms"], c["master_server_address"], c["metadata_server"],
+                    c["local_hostname"]))
+        if "exc" in box:
+            raise ConnectionFailed("kvshelf.mooncake_store: Mooncake's setup raised %s: %s"
+                                   % (type(box["exc"]).__name__, box["exc"])) from None
+        rc = box["rc"]
+        if rc != 0:
+            try:
+                mc.close()
+            except Exception:  # noqa: BLE001 - the setup error is the one to report
+                pass
+            raise ConnectionFailed(
+                "kvshelf.mooncake_store: Mooncake's client did not start (setup returned %s after "
+                "%.1f s): master %s, metadata %s, local_hostname %s, protocol %s. Is "
+                "mooncake_master running there with its metadata service "
+                "(--enable_http_metadata_server), and is local_hostname an address of a "
+                "non-loopback interface of this host? Mooncake's log on stderr names the cause."
+                % (rc, time.monotonic() - t0, c["master_server_address"], c["metadata_server"],
+                   c["local_hostname"], c["protocol"]))
+        return mc
+
+    # ----------------------------------------------------------- health
+    def _unreachable(self) -> str | None:
+        """A message while the master is known to be unreachable, else None."""
+        now = time.monotonic()
+        with self._lock:
+            if now < self._down_until:
+                return self._down_msg
+        try:
+            h = self._mc.health_check()
+        except Exception:  # noqa: BLE001 - older clients: no health_check
+            return None
+        if h == 2:
+            self._mark_down("health_check: master unreachable")
+            with self._lock:
+                return self._down_msg
+        return None
+
+    def _mark_down(self, why: str) -> None:
+        with self._lock:
+            self._down_until = time.monotonic() + self.config["retry_interval_ms"] / 1000.0
+            self._down_msg = ("kvshelf.mooncake_store: Mooncake master %s unreachable (%s); calls "
+                              "fail at once for %d ms, then try again"
+                              % (self.config["master_server_address"], why,
+                                 self.config["retry_interval_ms"]))
+            self._st["unreachable_events"] += 1
+            self._st["last_error"] = self._down_msg
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise Closed("kvshelf.mooncake_store: the store is closed")
+
+    # ----------------------------------------------------------- public
+    def _submit(self, op: str, keys: Sequence[bytes | str], buffers: Sequence[Any],
+                block: bool, timeout: float | None) -> BlockTask:
+        self._check_open()
+        keys = list(keys)
+        buffers = list(buffers)
+        if len(keys) != len(buffers):
+            raise InvalidArgument("kvshelf.mooncake_store: %s: %d keys but %d buffers"
+                                  % (op, len(keys), len(buffers)))
+        mkeys = [mooncake_key(k) for k in keys]
+        bufs = [_buffer(b, op == "load", "kvshelf.mooncake_store: %s: buffer %d" % (op, i))
+                for i, b in enumerate(buffers)]
+        for i, (_, n, _) in enumerate(bufs):
+            if _slot(n) > self._batch_bytes:
+                raise TooLarge("kvshelf.mooncake_store: %s: block %d is %d bytes; staging_size=%d "
+                               "holds blocks of at most %d bytes (staging_size/2 less the header)"
+                               % (op, i, n, self._staging.size, self._batch_bytes - HEADER))
+        task = BlockTask(op, mkeys, bufs)
+        if not mkeys:
+            return task
+        if timeout is None:
+            timeout = self.config["timeout_ms"] / 1000.0
+        try:
+            self._tasks.put(task, block=block, timeout=timeout if block else None)
+        except queue.Full:
+            with self._lock:
+                self._st["busy"] += 1
+            raise Busy("kvshelf.mooncake_store: %d tasks already queued (max_inflight); the %s "
+                       "of %d blocks was not accepted%s" % (
+                           self.config["max_inflight"], op, len(mkeys),
+                           " within %.1f s" % timeout if block else "")) from None
+        if self._closed:  # closed while we queued: make sure it finishes
+            self._drain_queue()
+        return task
+
+    def dump(self, keys: Sequence[bytes | str], buffers: Sequence[Any], *, block: bool = True,
+             timeout: float | None = None) -> BlockTask:
+        """Stores ``buffers[i]`` under ``keys[i]``. Returns a task at once;
+        while ``max_inflight`` tasks are queued it waits for room (up to
+        ``timeout``, default ``timeout_ms``; ``block=False``: not at all) and
+        then raises ``kvshelf.Busy``. The buffers must stay unchanged until
+        the task is done."""
+        return self._submit("dump", keys, buffers, block, timeout)
+
+    def load(self, keys: Sequence[bytes | str], buffers: Sequence[Any], *, block: bool = True,
+             timeout: float | None = None) -> BlockTask:
+        """Reads the block under ``keys[i]`` into ``buffers[i]`` (its size is
+        the block's). A block missing, or whose stored object does not match
+        (header, length, key, checksum), is a miss: ``ERR_NOT_FOUND``, its
+        buffer untouched."""
+        return self._submit("load", keys, buffers, block, timeout)
+
+    def wait(self, task: BlockTask, timeout: float | None = None) -> list[int]:
+        """Waits for ``task`` and returns its per-block results. Raises
+        ``kvshelf.Timeout`` if it is not done within ``timeout`` seconds
+        (None: no limit)."""
+        if not task.wait(timeout):
+            raise Timeout("kvshelf.mooncake_store: the %s of %d blocks is not done after %.1f s "
+                          "(%d blocks left)" % (task.op, len(task.keys), timeout,
+                                                task.results().count(_PENDING)))
+        return task.results()
+
+    def _exist(self, mkeys: list[str]) -> list[int]:
+        msg = self._unreachable()
+        if msg:
+            raise ConnectionFailed(msg)
+        try:
+            r = list(self._mc.batch_is_exist(mkeys))
+        except Exception as e:  # noqa: BLE001
+            raise InternalError("kvshelf.mooncake_store: Mooncake's batch_is_exist raised %s: %s"
+                                % (type(e).__name__, e)) from None
+        bad = [x for x in r if x < 0]
+        if bad:
+            code = bad[0]
+            if code in _MC_RPC or code == -1:
+                self._mark_down("batch_is_exist: %s" % mc_name(code))
+            with self._lock:
+                self._st["lookup_errors"] += 1
+            kc = _kv_code(code, "exist") if code != -1 else _k.ERR_CONN
+            raise _exc(kc, "kvshelf.mooncake_store: lookup of %d keys: %d failed in Mooncake "
+                       "(%s), master %s" % (len(mkeys), len(bad), mc_name(code),
+                                            self.config["master_server_address"]))
+        return r
+
+    def lookup(self, keys: Sequence[bytes | str]) -> list[bool]:
+        """Which keys have an object (one ``batch_is_exist``). Raises a
+        kvshelf error (``ConnectionFailed`` when the master is unreachable)."""
+        self._check_open()
+        mkeys = [mooncake_key(k) for k in keys]
+        if not mkeys:
+            return []
+        r = self._exist(mkeys)
+        with self._lock:
+            self._st["lookups"] += len(mkeys)
+            self._st["lookup_hits"] += sum(1 for x in r if x == 1)
+        return [x == 1 for x in r]
+
+    def lookup_prefix(self, keys: Sequence[bytes | str], chunk: int = 256) -> int:
+        """How many leading keys have an object (stops at the first miss;
+        ``chunk`` keys per round trip)."""
+        self._check_open()
+        mkeys = [mooncake_key(k) for k in keys]
+        n = 0
+        for s in range(0, len(mkeys), chunk):
+            part = mkeys[s:s + chunk]
+            r = self._exist(part)
+            lead = 0
+            for x in r:
+                if x != 1:
+                    break
+                lead += 1
+            with self._lock:
+                self._st["lookups"] += len(part)
+                self._st["lookup_hits"] += lead
+            n += lead
+            if lead < len(part):
+                return n
+        return n
+
+    def remove(self, keys: Sequence[bytes | str], force: bool = False) -> list[int]:
+        """Removes the objects; per key 0 or a kvshelf code (``ERR_NOT_FOUND``,
+        ``ERR_BUSY`` while a reader holds a lease on it, ...)."""
+        self._check_open()
+        mkeys = [mooncake_key(k) for k in keys]
+        if not mkeys:
+            return []
+        msg = self._unreachable()
+        if msg:
+            raise ConnectionFailed(msg)
+        r = list(self._mc.batch_remove(mkeys, force))
+        return [0 if x == 0 else _kv_code(x, "remove") for x in r]
+
+    #: keys remembered as holding an object that failed the header check
+    BAD_KEYS = 65536
+
+    #: counters stats() always reports
+    COUNTERS = ("dumped", "dumped_bytes", "dump_errors", "dump_misses", "loaded", "loaded_bytes",
+                "load_misses", "load_errors", "mismatch", "lookups", "lookup_hits",
+                "lookup_errors", "rewritten", "put_calls", "put_seconds", "get_calls",
+                "get_seconds", "busy", "unreachable_events", "staging_retire_events")
+
+    def stats(self) -> dict[str, Any]:
+        """Counters (blocks, bytes, Mooncake calls and their seconds, misses,
+        ``mismatch``: objects whose header did not match, errors, ...),
+        ``last_error`` and the staging memory's state."""
+        with self._lock:
+            d = {k: 0 for k in self.COUNTERS}
+            d.update(self._st)
+        d.setdefault("last_error", None)
+        d["staging_size"] = self._staging.size
+        d["staging_retired"] = self._staging.retired
+        d["queued_tasks"] = self._tasks.qsize()
+        d["checksum"] = "xxh3" if self._algo == ALGO_XXH3 else "blake2b"
+        return d
+
+    @property
+    def client(self) -> Any:
+        """Mooncake's client (``MooncakeDistributedStore``)."""
+        return self._mc
+
+    # ------------------------------------------------------------ close
+    def _drain_queue(self) -> None:
+        while True:
+            try:
+                t = self._tasks.get_nowait()
+            except queue.Empty:
+                return
+            t._set(range(len(t.keys)), _k.ERR_CLOSED, "kvshelf.mooncake_store: closed")
+
+    def _close_client(self, timeout: float) -> bool:
+        if not self._own_client or self._client_closed:
+            return True
+        done = threading.Event()
+
+        def run():
+            try:
+                self._mc.close()
+            except Exception:  # noqa: BLE001
+                pass
+            done.set()
+
+        threading.Thread(target=run, name="kvshelf-mc-close", daemon=True).start()
+        ok = done.wait(timeout)
+        self._client_closed = ok
+        return ok
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Finishes the queued tasks that can finish within ``timeout``
+        seconds, fails the others with ``ERR_CLOSED``, then closes Mooncake's
+        client (it unmounts this client's segment from the pool: the blocks
+        stored there go with it) and frees the staging memory."""
+        if self._closed:
+            return
+        self._closed = True
+        deadline = time.monotonic() + timeout
+        try:
+            self._tasks.put(None, timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Full:
+            pass
+        self._t1.join(max(0.0, deadline - time.monotonic()))
+        self._stop.set()
+        with self._staging.cv:
+            self._staging.cv.notify_all()
+        self._drain_queue()
+        try:
+            self._tasks.put_nowait(None)  # in case the first one found the queue full
+        except queue.Full:
+            pass
+        self._t1.join(max(0.1, deadline - time.monotonic()))
+        self._t2.join(max(0.1, deadline - time.monotonic()))
+        quiet = not self._t1.is_alive() and not self._t2.is_alive()
+        if quiet:
+            try:
+                self._mc.unregister_buffer(self._staging.base)
+            except Exception:  # noqa: BLE001
+                pass
+        closed = self._close_client(max(1.0, deadline - time.monotonic()))
+        if quiet and closed:
+            self._staging.close()
+        else:
+            log.warning("kvshelf.mooncake_store: closing took longer than %.0f s (Mooncake's "
+                        "client is still busy); its staging memory is left mapped", timeout)
+
+    def __enter__(self) -> "MooncakeBlockStore":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ---------------------------------------------------------- workers
+    def _batches(self, task: BlockTask) -> list[_Batch]:
+        out, cur, cur_bytes = [], [], 0
+        for i, (_, n, _) in enumerate(task._bufs):
+            s = _slot(n)
+            if cur and (len(cur) >= self.config["batch_size"] or cur_bytes + s > self._batch_bytes):
+                out.append(_Batch(task, cur))
+                cur, cur_bytes = [], 0
+            cur.append(i)
+            cur_bytes += s
+        if cur:
+            out.append(_Batch(task, cur))
+        return out
+
+    def _fail(self, b: _Batch, code: int, msg: str) -> None:
+        self._count_fail(b.task.op, len(b.idx), code, msg)
+        b.task._set(b.idx, code, msg)
+
+    def _count_fail(self, op: str, n: int, code: int, msg: str | None) -> None:
+        with self._lock:
+            if code == _k.ERR_NOT_FOUND:
+                self._st[op + "_misses"] += n
+            else:
+                self._st[op + "_errors"] += n
+                if msg:
+                    self._st["last_error"] = msg
+
+    def _stage1_loop(self) -> None:
+        while True:
+            task = self._tasks.get()
+            if task is None:
+                self._mid.put(None)
+                return
+            for b in self._batches(task):
+                if self._stop.is_set():
+                    self._fail(b, _k.ERR_CLOSED, "kvshelf.mooncake_store: closed")
+                    continue
+                try:
+                    self._stage1(b)
+                except Exception as e:  # noqa: BLE001 - a bug must not stop the worker
+                    log.exception("kvshelf.mooncake_store: stage 1")
+                    self._release(b, retire=True)
+                    self._fail(b, _k.ERR_INTERNAL, "kvshelf.mooncake_store: %s: %s: %s"
+                               % (task.op, type(e).__name__, e))
+
+    def _stage2_loop(self) -> None:
+        while True:
+            item = self._mid.get()
+            if item is None:
+                return
+            b = item if isinstance(item, _Batch) else item[0]
+            try:
+                self._stage2(item)
+            except Exception as e:  # noqa: BLE001
+                log.exception("kvshelf.mooncake_store: stage 2")
+                self._release(b, retire=True)
+                self._fail(b, _k.ERR_INTERNAL, "kvshelf.mooncake_store: %s: %s: %s"
+                           % (b.task.op, type(e).__name__, e))
+
+    def _release(self, b: _Batch, retire: bool = False) -> None:
+        if b.off >= 0:
+            self._staging.release(b.off, b.size, retire)
+            b.off = -1
+
+    def _stage1(self, b: _Batch) -> None:
+        """dump: staging <- blocks, headers, checksums; load: the transfer."""
+        msg = self._unreachable()
+        if msg:
+            self._fail(b, _k.ERR_CONN, msg)
+            return
+        off = self._staging.alloc(b.size, self._stop)
+        if off is None:
+            if self._stop.is_set():
+                self._fail(b, _k.ERR_CLOSED, "kvshelf.mooncake_store: closed")
+            else:
+                self._fail(b, _k.ERR_NOMEM, "kvshelf.mooncake_store: staging memory exhausted: "
+                           "%d of %d bytes retired after failed transfers"
+                           % (self._staging.retired, self._staging.size))
+            return
+        b.off = off
+        base = self._staging.base + off
+        task = b.task
+        if task.op == "dump":
+            pos = base
+            for j, i in enumerate(b.idx):
+                addr, n, _ = task._bufs[i]
+                if n:
+                    _memmove(pos + HEADER, addr, n)
+                cs = _checksum(self._algo, pos + HEADER, n)
+                hdr = _HDR.pack(MAGIC, 1, self._algo, HEADER, n, _key_hash(b.mkeys[j]), cs)
+                ctypes.memmove(pos, hdr, HEADER)
+                pos += b.slots[j]
+            self._mid.put(b)
+            return
+        # load: the transfer now, the checks and copies in stage 2
+        ptrs, pos = [], base
+        for s in b.slots:
+            ptrs.append(pos)
+            pos += s
+        self._transfer_get(b, ptrs)
+
+    def _transfer_get(self, b: _Batch, ptrs: list[int]) -> None:
+        t0 = time.monotonic()
+        try:
+            r = list(self._mc.batch_get_into(b.mkeys, ptrs, b.sizes))
+        except Exception as e:  # noqa: BLE001
+            self._release(b, retire=True)
+            self._fail(b, _k.ERR_INTERNAL, "kvshelf.mooncake_store: Mooncake's batch_get_into "
+                       "raised %s: %s" % (type(e).__name__, e))
+            return
+        with self._lock:
+            self._st["get_calls"] += 1
+            self._st["get_seconds"] += time.monotonic() - t0
+        self._mid.put((b, ptrs, r))
+
+    def _stage2(self, item: Any) -> None:
+        if isinstance(item, _Batch):
+            self._finish_dump(item)
+        else:
+            self._finish_load(*item)
+
+    def _finish_dump(self, b: _Batch) -> None:
+        task = b.task
+        msg = self._unreachable()
+        if msg:
+            self._release(b)
+            self._fail(b, _k.ERR_CONN, msg)
+            return
+        ptrs, pos = [], self._staging.base + b.off
+        for s in b.slots:
+            ptrs.append(pos)
+            pos += s
+        # Keys whose object failed the header check on a load are written
+        # with upsert (Mooncake's put keeps an existing object, so a foreign
+        # or corrupted one would otherwise stay under the key for good).
+        with self._lock:
+            bad = [j for j, k in enumerate(b.mkeys) if k in self._bad]
+        if bad and not hasattr(self._mc, "batch_upsert_from"):
+            bad = []
+        t0 = time.monotonic()
+        try:
+            if not bad:
+                r = self._put("batch_put_from", b.mkeys, ptrs, b.sizes)
+            else:
+                badset = set(bad)
+                good = [j for j in range(len(b.mkeys)) if j not in badset]
+                r = [0] * len(b.mkeys)
+                for sel, fn in ((good, "batch_put_from"), (bad, "batch_upsert_from")):
+                    if sel:
+                        rr = self._put(fn, [b.mkeys[j] for j in sel], [ptrs[j] for j in sel],
+                                       [b.sizes[j] for j in sel])
+                        for j, x in zip(sel, rr):
+                            r[j] = x
+                with self._lock:
+                    self._st["rewritten"] += sum(1 for j in bad if r[j] == 0)
+                    for j in bad:
+                        if r[j] == 0:
+                            self._bad.pop(b.mkeys[j], None)
+        except Exception as e:  # noqa: BLE001
+            self._release(b)
+            self._fail(b, _k.ERR_INTERNAL, "kvshelf.mooncake_store: Mooncake's batch_put_from "
+                       "raised %s: %s" % (type(e).__name__, e))
+            return
+        dt = time.monotonic() - t0
+        # Mooncake has read the staging memory once the call returned.
+        self._release(b)
+        ok, rpc = [], 0
+        for j, i in enumerate(b.idx):
+            rc = r[j] if j < len(r) else -1
+            if rc in (0, -705):  # stored, or already stored
+                ok.append(i)
+                continue
+            rpc += rc in _MC_RPC
+            code = _kv_code(rc, "put")
+            m = ("kvshelf.mooncake_store: dump of %r: Mooncake's batch_put_from: %s, master %s"
+                 % (b.mkeys[j], mc_name(rc), self.config["master_server_address"]))
+            self._count_fail("dump", 1, code, m)
+            task._set([i], code, m)
+        if rpc:
+            self._mark_down("batch_put_from: %s" % mc_name(-900))
+        with self._lock:
+            self._st["put_calls"] += 1
+            self._st["put_seconds"] += dt
+            self._st["dumped"] += len(ok)
+            self._st["dumped_bytes"] += sum(task._bufs[i][1] for i in ok) if ok else 0
+        task._set(ok, 0)
+
+    def _put(self, fn: str, keys: list[str], ptrs: list[int], sizes: list[int]) -> list[int]:
+        call = getattr(self._mc, fn)
+        if self._replicate is not None:
+            r = call(keys, ptrs, sizes, self._replicate)
+        else:
+            r = call(keys, ptrs, sizes)
+        r = list(r)
+        return r + [-1] * (len(keys) - len(r))
+
+    def _mark_bad(self, mkey: str) -> None:
+        with self._lock:
+            self._st["mismatch"] += 1
+            self._bad[mkey] = None
+            self._bad.move_to_end(mkey)
+            while len(self._bad) > self.BAD_KEYS:
+                self._bad.popitem(last=False)
+
+    def _finish_load(self, b: _Batch, ptrs: list[int], r: list[int]) -> None:
+        task = b.task
+        ok, miss, retire, rpc = [], [], False, 0
+        for j, i in enumerate(b.idx):
+            rc = r[j] if j < len(r) else -1
+            addr, n, _ = task._bufs[i]
+            if rc < 0:
+                if rc not in _SAFE_GET:
+                    retire = True
+                rpc += rc in _MC_RPC
+                code = _kv_code(rc, "get")
+                if code == _k.ERR_NOT_FOUND:
+                    if rc == -600:  # larger than the block: not ours
+                        self._mark_bad(b.mkeys[j])
+                    miss.append(i)
+                else:
+                    m = ("kvshelf.mooncake_store: load of %r: Mooncake's batch_get_into: %s, "
+                         "master %s" % (b.mkeys[j], mc_name(rc),
+                                        self.config["master_server_address"]))
+                    self._count_fail("load", 1, code, m)
+                    task._set([i], code, m)
+                continue
+            if not self._check(ptrs[j], rc, b.mkeys[j], n):
+                miss.append(i)
+                self._mark_bad(b.mkeys[j])
+                continue
+            if n:
+                _memmove(addr, ptrs[j] + HEADER, n)
+            ok.append(i)
+        self._release(b, retire=retire)
+        if retire:
+            with self._lock:
+                self._st["staging_retire_events"] += 1
+        if rpc:
+            self._mark_down("batch_get_into: %s" % mc_name(-900))
+        with self._lock:
+            self._st["loaded"] += len(ok)
+            self._st["loaded_bytes"] += sum(task._bufs[i][1] for i in ok) if ok else 0
+        if miss:
+            self._count_fail("load", len(miss), _k.ERR_NOT_FOUND, None)
+            task._set(miss, _k.ERR_NOT_FOUND)
+        task._set(ok, 0)
+
+    def _check(self, p: int, got: int, mkey: str, n: int) -> bool:
+        """Is the object at p (got bytes) this key's block of n bytes?"""
+        if got != HEADER + n:
+            return False
+        magic, ver, algo, hsz, length, kh, cs = _HDR.unpack(ctypes.string_at(p, HEADER))
+        if magic != MAGIC or ver != 1 or hsz != HEADER or length != n or kh != _key_hash(mkey):
+            return False
+        want = _checksum(algo, p + HEADER, n)
+        return want is not None and want == cs
