@@ -146,9 +146,11 @@ int kvs_reserve_batch(kvs_client *c, const kvs_key *keys, const uint64_t *sizes,
 /* Publishes (ok[i] != 0) or abandons (ok[i] == 0; ok may be NULL = all
  * publish) reserved slots. results[i] (may be NULL) gets the outcome. A
  * slot into which a kvs_slot_write failed is never published: it is
- * abandoned and its result is KVS_ERR_UNAVAILABLE. Committing a slot a
- * second time changes nothing of other slots. Returns the number published
- * or a negative error. */
+ * abandoned and its result is KVS_ERR_UNAVAILABLE. A remote slot (ptr NULL)
+ * this client no longer holds (committed already) is refused with
+ * KVS_ERR_INVALID; committing a slot a second time changes nothing of other
+ * slots. A commit that fails before reaching the master (KVS_ERR_NOMEM) may
+ * be retried. Returns the number published or a negative error. */
 int kvs_commit_batch(kvs_client *c, const kvs_key *keys, const kvs_slot *slots,
                      const uint8_t *ok, size_t n, int *results);
 

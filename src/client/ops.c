@@ -745,17 +745,32 @@ static void release_slot_fences(kvs_client *c, const kvs_slot *slots, size_t n)
 }
 
 /* A remote (unmapped) reserved slot: a kvs_slot_write into it failed (its
- * bytes may be partly missing, partly still on their way). Recorded in the
- * reservation table with no address; taken out (once) by its commit. */
+ * bytes may be partly missing, partly still on their way). Marked in place
+ * in its reservation entry (no allocation: the mark cannot be lost). */
 static void mark_slot_write_failed(kvs_client *c, const kvs_slot *s)
 {
-    if (!s->ptr) (void)kvs_resv_add(c->resv, s->handle[2], NULL, 0);
+    if (!s->ptr) (void)kvs_resv_mark_failed(c->resv, s->handle[2], NULL);
 }
 
-static int slot_write_failed(kvs_client *c, const kvs_slot *s)
+/* For commit_chunk: 0 a remote slot that may be published, 1 one whose
+ * write failed, -1 one this client does not hold (never reserved here, or
+ * committed already): never published either. Mapped slots: 0. */
+static int remote_slot_state(kvs_client *c, const kvs_slot *s)
+{
+    int failed = 0;
+    if (s->ptr || s->status != KVS_OK) return 0;
+    if (!kvs_resv_get(c->resv, s->handle[2], NULL, &failed)) return -1;
+    return failed;
+}
+
+/* Takes remote slots' entries out once their PUT_END was sent (or their
+ * reservation died with its connection). */
+static void drop_remote_entries(kvs_client *c, const kvs_slot *slots, size_t n)
 {
     uint64_t unused;
-    return !s->ptr && s->status == KVS_OK && kvs_resv_take(c->resv, s->handle[2], NULL, &unused);
+    for (size_t i = 0; i < n; i++)
+        if (!slots[i].ptr && slots[i].status == KVS_OK)
+            (void)kvs_resv_take(c->resv, slots[i].handle[2], NULL, &unused);
 }
 
 /* A reservation reserve_chunk could not hand out. */
@@ -854,6 +869,12 @@ static int reserve_chunk(kvs_client *c, const kvs_key *keys, const uint64_t *siz
                 continue;
             }
             s->ptr = si.base + off;
+        } else if (kvs_resv_add(c->resv, obj, NULL, 0) != KVS_OK) {
+            /* a remote slot is recorded too (its failed writes are marked
+             * there): without room for that, it is not handed out */
+            s->status = KVS_ERR_NOMEM;
+            abandon[nab++] = (abandoned){keys[idx[j]].data, keys[idx[j]].len, obj};
+            continue;
         }
         reserved++;
     }
@@ -892,10 +913,13 @@ static int commit_chunk(kvs_client *c, const kvs_key *keys, const kvs_slot *slot
     /* the caller's writes into mapped slots are done: end their fences
      * (each once, whatever happens next) */
     release_slot_fences(c, slots, n);
-    /* remote slots with a failed kvs_slot_write: never published */
-    uint8_t *failed = calloc(n ? n : 1, 1);
+    /* remote slots with a failed kvs_slot_write, or not held here: never
+     * published (their entries stay until a PUT_END is sent: a commit that
+     * fails before that can be retried and still knows) */
+    signed char *failed = calloc(n ? n : 1, 1);
     for (size_t i = 0; failed && i < n; i++)
-        failed[i] = slot_write_failed(c, &slots[i]);
+        failed[i] = (signed char)remote_slot_state(c, &slots[i]);
+    int sent = 0;
     if (!idx || !failed) {
         rc = KVS_ERR_NOMEM;
         goto out;
@@ -903,6 +927,7 @@ static int commit_chunk(kvs_client *c, const kvs_key *keys, const kvs_slot *slot
     rc = kvs_conn_get(c, &cr);
     for (size_t i = 0; i < n; i++) {
         int st = slots[i].status;
+        if (st == KVS_OK && failed[i] < 0) st = KVS_ERR_INVALID;
         if (st == KVS_OK && !key_ok(keys[i].data, keys[i].len)) st = KVS_ERR_INVALID;
         /* a reservation of an earlier connection died with it */
         if (st == KVS_OK && (rc || slot_gen16(&slots[i]) != (cr.gen & 0xffff)))
@@ -919,13 +944,14 @@ static int commit_chunk(kvs_client *c, const kvs_key *keys, const kvs_slot *slot
         kvs_wbuf_bytes(&w, keys[i].data, keys[i].len);
         kvs_wbuf_u64(&w, slots[i].handle[2]);
         uint8_t v = KVS_PUT_PUBLISH;
-        if (failed[i]) /* part of it may be missing, part still on its way */
+        if (failed[i] > 0) /* part of it may be missing, part still on its way */
             v = KVS_PUT_ABANDON;
         else if (ok && !ok[i]) /* a remote slot's writes may still be on their way */
             v = slots[i].ptr ? KVS_PUT_ABANDON_CLEAN : KVS_PUT_ABANDON;
         kvs_wbuf_u8(&w, v);
     }
-    rc = kvs_conn_call(c, &cr, KVS_MSG_PUT_END, &w, 1, &resp, &rlen);
+    rc = w.err ? KVS_ERR_NOMEM : kvs_conn_call(c, &cr, KVS_MSG_PUT_END, &w, 1, &resp, &rlen);
+    sent = rc != KVS_ERR_NOMEM; /* (a request never built was never sent) */
     if (rc) goto out;
     kvs_rbuf r;
     kvs_rbuf_init(&r, resp, rlen);
@@ -935,7 +961,7 @@ static int commit_chunk(kvs_client *c, const kvs_key *keys, const kvs_slot *slot
         if (r.err) break;
         if (st > 0) st = KVS_ERR_PROTO;
         size_t i = idx[j];
-        if (st == KVS_OK && failed[i] && (!ok || ok[i])) st = KVS_ERR_UNAVAILABLE;
+        if (st == KVS_OK && failed[i] > 0 && (!ok || ok[i])) st = KVS_ERR_UNAVAILABLE;
         if (results) results[i] = st;
         if (st == KVS_OK && (!ok || ok[i])) {
             published++;
@@ -950,6 +976,10 @@ out:
             for (size_t j = 0; j < k; j++) results[idx[j]] = rc;
         count_err(c, rc);
     }
+    /* entries of remote slots go once a PUT_END went out for them, or
+     * when nothing will ever be sent (no connection: the reservations died
+     * with it); a commit that failed before sending keeps them for a retry */
+    if (sent || (rc != KVS_ERR_NOMEM && k == 0)) drop_remote_entries(c, slots, n);
     free(resp);
     free(idx);
     free(failed);

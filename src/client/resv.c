@@ -13,6 +13,7 @@ typedef struct ent {
     uint64_t obj_id;
     const void *ptr;
     uint64_t epoch;
+    int failed;
 } ent;
 
 struct kvs_resv_table {
@@ -96,7 +97,7 @@ int kvs_resv_add(kvs_resv_table *t, uint64_t obj_id, const void *ptr, uint64_t e
     }
     if (t->n >= t->nb * 2) grow(t);
     size_t k = bucket(t, obj_id);
-    *e = (ent){t->b[k], obj_id, ptr, epoch};
+    *e = (ent){t->b[k], obj_id, ptr, epoch, 0};
     t->b[k] = e;
     t->n++;
     pthread_mutex_unlock(&t->mu);
@@ -119,6 +120,34 @@ int kvs_resv_take(kvs_resv_table *t, uint64_t obj_id, const void *ptr, uint64_t 
     }
     pthread_mutex_unlock(&t->mu);
     return 0;
+}
+
+/* The entry of (obj_id, ptr), or NULL. Caller holds t->mu. */
+static ent *find_locked(kvs_resv_table *t, uint64_t obj_id, const void *ptr)
+{
+    for (ent *e = t->b[bucket(t, obj_id)]; e; e = e->next)
+        if (e->obj_id == obj_id && e->ptr == ptr) return e;
+    return NULL;
+}
+
+int kvs_resv_mark_failed(kvs_resv_table *t, uint64_t obj_id, const void *ptr)
+{
+    if (!t) return 0;
+    pthread_mutex_lock(&t->mu);
+    ent *e = find_locked(t, obj_id, ptr);
+    if (e) e->failed = 1;
+    pthread_mutex_unlock(&t->mu);
+    return e != NULL;
+}
+
+int kvs_resv_get(kvs_resv_table *t, uint64_t obj_id, const void *ptr, int *failed)
+{
+    if (!t) return 0;
+    pthread_mutex_lock(&t->mu);
+    ent *e = find_locked(t, obj_id, ptr);
+    if (e) *failed = e->failed;
+    pthread_mutex_unlock(&t->mu);
+    return e != NULL;
 }
 
 uint64_t kvs_resv_count(kvs_resv_table *t)

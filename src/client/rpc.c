@@ -180,7 +180,8 @@ static int open_local(const kvs_challenge *tcp_ch, const char *secret, uint32_t 
  * protocol (a Mooncake master on the same port, say) shows itself at once:
  * a close or bytes that are not a frame then mean KVS_ERR_PROTO, instead of
  * a wait for the whole timeout. */
-static int read_challenge_probing(int fd, const kvs_addr *a, int timeout_ms, kvs_challenge *ch)
+static int read_challenge_probing(int fd, const kvs_addr *a, int timeout_ms, kvs_challenge *ch,
+                                  int *probed_out)
 {
     int probed = 0;
     uint64_t t0 = kvs_now_ms();
@@ -204,6 +205,7 @@ static int read_challenge_probing(int fd, const kvs_addr *a, int timeout_ms, kvs
     int left = spent < (uint64_t)timeout_ms ? timeout_ms - (int)spent : 1;
     int rc = kvs_hs_read_challenge(fd, left, ch);
     if (probed && rc == KVS_ERR_CONN) rc = KVS_ERR_PROTO;
+    *probed_out = probed;
     return rc;
 }
 
@@ -217,7 +219,20 @@ int kvs_rpc_open(const kvs_addr *a, const char *secret, uint32_t role, int timeo
     uint8_t resp[64];
     uint32_t rlen = 0;
     kvs_challenge ch;
-    int rc = read_challenge_probing(fd, a, timeout_ms, &ch);
+    int probed = 0;
+    uint64_t t0 = kvs_now_ms();
+    int rc = read_challenge_probing(fd, a, timeout_ms, &ch, &probed);
+    if (rc == KVS_OK && probed) {
+        /* a kvshelf master after all, only slow: one that predates PROBE
+         * answers it with an error and closes, so start again on a fresh
+         * connection, without probing */
+        close(fd);
+        uint64_t spent = kvs_now_ms() - t0;
+        int left = spent < (uint64_t)timeout_ms ? timeout_ms - (int)spent : 1;
+        fd = kvs_connect(a, left);
+        if (fd < 0) return fd == KVS_ERR_TIMEOUT ? KVS_ERR_TIMEOUT : KVS_ERR_CONN;
+        rc = kvs_hs_read_challenge(fd, left, &ch);
+    }
     if (rc == KVS_OK && ch.local_path[0] && !a->is_unix) {
         int ufd = open_local(&ch, secret, role, timeout_ms, resp, sizeof resp, &rlen);
         if (ufd >= 0) {

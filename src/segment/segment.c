@@ -50,6 +50,7 @@ static void fork_child(void)
         if (sg->wlock_fd >= 0) close(sg->wlock_fd);
         if (sg->fence_fd >= 0) close(sg->fence_fd);
         sg->wlock_fd = sg->fence_fd = -1;
+        sg->owner = 0; /* the parent's: a child's destroy must not unlink it */
         memset(sg->held, 0, sizeof sg->held);
         pthread_mutex_init(&sg->wmu, NULL); /* a thread of the parent may have held it */
     }
@@ -59,22 +60,25 @@ static void fork_child(void)
 
 static void reg_init(void) { pthread_atfork(fork_prepare, fork_parent, fork_child); }
 
-static int reg_add(kvs_segment *sg)
+/* Locks the registry: descriptors a fork() must not leak are opened and
+ * registered under it (the fork handler waits for it). */
+static void reg_lock(void)
 {
     pthread_once(&reg_once, reg_init);
     pthread_mutex_lock(&reg_mu);
+}
+
+/* Registers sg; the caller holds reg_mu. KVS_OK or KVS_ERR_NOMEM. */
+static int reg_add_locked(kvs_segment *sg)
+{
     if (reg_n == reg_cap) {
         size_t cap = reg_cap ? reg_cap * 2 : 16;
         kvs_segment **v = realloc(reg_v, cap * sizeof *v);
-        if (!v) {
-            pthread_mutex_unlock(&reg_mu);
-            return KVS_ERR_NOMEM;
-        }
+        if (!v) return KVS_ERR_NOMEM;
         reg_v = v;
         reg_cap = cap;
     }
     reg_v[reg_n++] = sg;
-    pthread_mutex_unlock(&reg_mu);
     return KVS_OK;
 }
 
@@ -276,9 +280,13 @@ int kvs_segment_create(uint64_t size, kvs_segment *out)
     }
     if (rc == KVS_OK) rc = map_file(fd, size, nonce, out);
     if (rc == KVS_OK) {
+        reg_lock(); /* no fork() between these opens and the registration */
         out->fence_fd = open(path, O_RDWR | O_NOFOLLOW | O_CLOEXEC);
         out->wlock_fd = open(path, O_RDWR | O_NOFOLLOW | O_CLOEXEC);
         if (out->fence_fd < 0 || out->wlock_fd < 0) rc = KVS_ERR_IO;
+        else
+            rc = reg_add_locked(out); /* the last step: nothing to undo after it */
+        pthread_mutex_unlock(&reg_mu);
     }
     if (rc != KVS_OK) {
         if (rc == KVS_ERR_IO) KVS_LOGE("segment: set up %s: %s", path, strerror(errno));
@@ -293,7 +301,6 @@ int kvs_segment_create(uint64_t size, kvs_segment *out)
     }
     out->fd = fd;
     out->owner = 1;
-    if (reg_add(out)) KVS_LOGW("segment %s: no memory to track it across fork()", out->name);
     out->prefault = kvs_prefault_start(out->base, size);
     return KVS_OK;
 }
@@ -331,19 +338,26 @@ int kvs_segment_map(const char *name, uint64_t size, kvs_segment *out)
     }
     /* a second open file for the writers' locks (see fork_child), of the
      * very same file */
+    reg_lock(); /* no fork() between this open and the registration */
     int wfd = open(path, O_RDWR | O_NOFOLLOW | O_CLOEXEC);
     struct stat wst;
-    if (wfd < 0 || fstat(wfd, &wst) < 0 || wst.st_dev != st.st_dev || wst.st_ino != st.st_ino) {
+    int mrc = KVS_OK;
+    if (wfd < 0 || fstat(wfd, &wst) < 0 || wst.st_dev != st.st_dev || wst.st_ino != st.st_ino)
+        mrc = wfd < 0 ? KVS_ERR_IO : KVS_ERR_CORRUPT;
+    else
+        mrc = reg_add_locked(out);
+    if (mrc != KVS_OK) {
+        pthread_mutex_unlock(&reg_mu);
         if (wfd >= 0) close(wfd);
         munmap(out->base, out->size + ps);
         close(fd);
         seg_init(out);
-        return wfd < 0 ? KVS_ERR_IO : KVS_ERR_CORRUPT;
+        return mrc;
     }
     out->wlock_fd = wfd;
+    pthread_mutex_unlock(&reg_mu);
     out->fd = fd;
     kvs_strlcpy(out->name, name, sizeof out->name);
-    if (reg_add(out)) KVS_LOGW("segment %s: no memory to track it across fork()", out->name);
     out->prefault = kvs_prefault_start(out->base, out->size);
     return KVS_OK;
 }

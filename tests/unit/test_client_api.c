@@ -507,6 +507,12 @@ static void test_failed_slot_write_not_published(void **state)
     assert_int_equal(kvs_commit_batch(b, &k, &s, NULL, 1, &res), 0);
     assert_int_equal(res, KVS_ERR_UNAVAILABLE);
     assert_int_equal(kvs_exists(b, "fsw", 3), 0);
+    /* committed again (the mark is gone with the first commit): still never
+     * published -- a remote slot this client no longer holds is refused */
+    assert_int_equal(kvs_commit_batch(b, &k, &s, NULL, 1, &res), 0);
+    assert_int_equal(res, KVS_ERR_INVALID);
+    assert_int_equal(kvs_exists(b, "fsw", 3), 0);
+    assert_int_equal(kvs_resv_count(b->resv), 0);
     /* the key can be written again, in full */
     assert_int_equal(kvs_put(b, "fsw", 3, in, 1 << 20), KVS_OK);
     free(in);
