@@ -1160,7 +1160,10 @@ static int slot_io(kvs_client *c, const kvs_slot *slot, uint64_t offset, void *b
     } else if (!len) {
         rc = KVS_OK;
     } else if (slot->ptr) {
-        if (write) memcpy((uint8_t *)slot->ptr + offset, buf, len);
+        int unused;
+        if (write && !kvs_resv_get(c->resv, slot->handle[2], slot->ptr, &unused))
+            rc = KVS_ERR_INVALID; /* committed (or never reserved here): not ours to write */
+        else if (write) memcpy((uint8_t *)slot->ptr + offset, buf, len);
         else memcpy(buf, (const uint8_t *)slot->ptr + offset, len);
     } else {
         loc l = {0, slot_seg(slot), slot_off(slot) + offset, len, slot_deadline(slot)};

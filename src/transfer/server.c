@@ -38,6 +38,7 @@
  * paused or cut off mid-send) closes its connection: the segment's write
  * fence it holds must not be held forever. KVSHELF_XFER_STALL_MS overrides. */
 #define PAYLOAD_STALL_MS 5000
+#define MIN_RATE_BYTES_PER_MS 1000u /* 1 MB/s: slower whole payloads are cut off too */
 
 struct seg_ent {
     uint32_t id;
@@ -259,7 +260,9 @@ static int stall_ms(void)
 
 /* Receives exactly n bytes into dst (straight into segment memory, or a
  * scratch buffer when draining), first from the input buffer. Fails with
- * KVS_ERR_TIMEOUT when no byte arrives for stall_ms(). */
+ * KVS_ERR_TIMEOUT when no byte arrives for stall_ms(), or when the whole
+ * payload takes longer than stall_ms() plus its length at MIN_RATE (a
+ * writer trickling bytes must not hold the write fence either). */
 static int recv_payload(int fd, uint8_t *ib, size_t *pos, size_t *end, uint8_t *dst,
                         uint64_t n, uint8_t *scratch, size_t scratch_len)
 {
@@ -269,6 +272,7 @@ static int recv_payload(int fd, uint8_t *ib, size_t *pos, size_t *end, uint8_t *
     *pos += take;
     n -= take;
     if (dst) dst += take;
+    uint64_t deadline = kvs_now_ms() + (uint64_t)stall_ms() + n / MIN_RATE_BYTES_PER_MS;
     while (n) {
         size_t want = (size_t)n;
         uint8_t *to = dst;
@@ -278,8 +282,10 @@ static int recv_payload(int fd, uint8_t *ib, size_t *pos, size_t *end, uint8_t *
         }
         ssize_t r = recv(fd, to, want, MSG_DONTWAIT);
         if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            uint64_t now = kvs_now_ms();
+            if (now >= deadline) return KVS_ERR_TIMEOUT;
             struct pollfd p = {fd, POLLIN, 0};
-            int pr = poll(&p, 1, stall_ms());
+            int pr = poll(&p, 1, (int)KVS_MIN((uint64_t)stall_ms(), deadline - now));
             if (pr == 0) return KVS_ERR_TIMEOUT;
             if (pr < 0 && errno != EINTR) return KVS_ERR_CONN;
             continue;

@@ -21,6 +21,7 @@ Needs root (signals to other processes, namespaces, mounts); nftables for
 the partition (scripts/deps.sh).
 """
 import signal
+import socket
 import time
 
 import pytest
@@ -122,6 +123,28 @@ def test_half_sent_write_does_not_hold_the_fence(kv):
     s.close()
     assert waited < 8.0, waited
     assert "payload stalled" in node.log_text(), node.log_text()[-2000:]
+    # a payload that trickles in (a byte every 0.4 s, never a stall of 1 s)
+    # is cut off too: its whole time is bounded by the stall time plus its
+    # length at 1 MB/s (here ~2 s)
+    s, st = w.handshake(port_of(seg["transfer_addr"]), SECRET)
+    assert st == 0, st
+    assert w.send_quietly(s, head + b"\x5a" * 1024)
+    t0 = time.time()
+    closed = False
+    while time.time() - t0 < 10 and not closed:
+        time.sleep(0.4)
+        closed = not w.send_quietly(s, b"\x5a")
+        if not closed:
+            s.settimeout(0.01)
+            try:
+                closed = s.recv(1) == b""
+            except socket.timeout:
+                pass
+            except OSError:
+                closed = True
+    s.close()
+    assert closed, "a trickling payload kept its connection (and its fence) for 10 s"
+    assert time.time() - t0 < 6.0, time.time() - t0
     local = script(kv, m, "local", "--sizes", "64-1M")
     assert local.do("put after 1 256K")["status"] == "KVS_OK"
     assert local.do("get after 1")["result"] == "hit"

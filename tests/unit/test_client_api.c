@@ -346,6 +346,9 @@ static void test_double_commit(void **state)
     assert_int_equal(kvs_resv_count(b->resv), 2);
     memset(s[0].ptr, 1, 4096);
     assert_int_equal(kvs_commit_batch(b, &keys[0], &s[0], NULL, 1, NULL), 1);
+    uint8_t sixteen[16] = {0};
+    /* committed: no longer ours to write into */
+    assert_int_equal(kvs_slot_write(b, &s[0], 0, sixteen, sizeof sixteen), KVS_ERR_INVALID);
     /* again: the master answers as it likes (publishing is idempotent) */
     assert_true(kvs_commit_batch(b, &keys[0], &s[0], NULL, 1, NULL) >= 0);
     assert_int_equal(kvs_resv_count(b->resv), 1);
