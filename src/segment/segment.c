@@ -369,9 +369,12 @@ uint64_t kvs_segment_epoch(const kvs_segment *s)
 
 int kvs_segment_write_begin(kvs_segment *s, uint64_t epoch)
 {
-    if (!s || !s->ctl || s->wlock_fd < 0 || epoch == 0 || epoch >= EPOCH_MAX)
-        return KVS_ERR_INVALID;
+    if (!s || !s->ctl || epoch == 0 || epoch >= EPOCH_MAX) return KVS_ERR_INVALID;
     pthread_mutex_lock(&s->wmu);
+    if (s->wlock_fd < 0) { /* retired (its owner left), or not open */
+        pthread_mutex_unlock(&s->wmu);
+        return KVS_ERR_UNAVAILABLE;
+    }
     int slot = -1, free_slot = -1;
     for (int i = 0; i < KVS_SEG_HELD_MAX; i++) {
         if (s->held[i].count && s->held[i].epoch == epoch) slot = i;
@@ -410,9 +413,9 @@ int kvs_segment_write_begin(kvs_segment *s, uint64_t epoch)
 
 void kvs_segment_write_end(kvs_segment *s, uint64_t epoch)
 {
-    if (!s || s->wlock_fd < 0) return;
+    if (!s || !s->ctl) return;
     pthread_mutex_lock(&s->wmu);
-    for (int i = 0; i < KVS_SEG_HELD_MAX; i++) {
+    for (int i = 0; s->wlock_fd >= 0 && i < KVS_SEG_HELD_MAX; i++) {
         if (!s->held[i].count || s->held[i].epoch != epoch) continue;
         if (--s->held[i].count == 0)
             lock_range(s->wlock_fd, F_OFD_SETLK, F_UNLCK, LOCK_BASE + (off_t)epoch, 1);
@@ -439,9 +442,22 @@ void kvs_segment_retire(kvs_segment *s)
     if (!s || !s->base || s->owner) return;
     kvs_prefault_stop(s->prefault);
     s->prefault = NULL;
-    void *p = mmap(s->base, s->size, PROT_READ | PROT_WRITE,
+    /* data and control page: after this no write of ours reaches the file */
+    void *p = mmap(s->base, s->size + kvs_page_size(), PROT_READ | PROT_WRITE,
                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0);
-    if (p == MAP_FAILED) KVS_LOGW("segment: retire %s: %s", s->name, strerror(errno));
+    if (p == MAP_FAILED) {
+        KVS_LOGW("segment: retire %s: %s", s->name, strerror(errno));
+        return;
+    }
+    /* so the descriptors can go (the file's memory is not pinned by a dead
+     * owner's peers any more); a writer still inside writes zero pages, and
+     * its write_end finds nothing to unlock */
+    pthread_mutex_lock(&s->wmu);
+    if (s->wlock_fd >= 0) close(s->wlock_fd);
+    if (s->fd >= 0) close(s->fd);
+    s->wlock_fd = s->fd = -1;
+    memset(s->held, 0, sizeof s->held);
+    pthread_mutex_unlock(&s->wmu);
 }
 
 void kvs_segment_destroy(kvs_segment *s)

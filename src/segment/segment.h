@@ -99,7 +99,10 @@ void kvs_segment_destroy(kvs_segment *s);
  * address range reserved: the range is replaced by private anonymous
  * zero pages (allocated only if written), so stale pointers into it read
  * zeros instead of faulting. Used when a peer's segment disappears while slots may still
- * point into it. The range stays reserved until kvs_segment_destroy. */
+ * point into it. The range stays reserved until kvs_segment_destroy. Its
+ * descriptors are closed (the file's memory is no longer pinned here): a
+ * write entered before writes zero pages, later ones are refused
+ * (KVS_ERR_UNAVAILABLE). */
 void kvs_segment_retire(kvs_segment *s);
 
 /* The segment's current write epoch (0 if not mapped). */

@@ -326,6 +326,34 @@ static void test_fork_child_holds_no_lock(void **state)
     unsetenv("KVSHELF_PREFAULT");
 }
 
+/* A peer's segment retired (its owner left the pool): the range reads
+ * zeros, its descriptors are closed -- a writer's lock goes with them, so
+ * the owner can fence -- and later writes are refused. */
+static void test_retire_closes(void **state)
+{
+    (void)state;
+    setenv("KVSHELF_PREFAULT", "0", 1);
+    kvs_segment s, m;
+    assert_int_equal(kvs_segment_create(1 << 20, &s), KVS_OK);
+    memset(s.base, 7, 4096);
+    assert_int_equal(kvs_segment_map(s.name, 0, &m), KVS_OK);
+    assert_int_equal(((uint8_t *)m.base)[100], 7);
+    assert_int_equal(kvs_segment_write_begin(&m, 1), KVS_OK);
+    assert_int_equal(kvs_segment_fence(&s, 2), KVS_ERR_BUSY);
+    kvs_segment_retire(&m);
+    assert_int_equal(m.fd, -1);
+    assert_int_equal(m.wlock_fd, -1);
+    assert_int_equal(((uint8_t *)m.base)[100], 0);         /* zero pages now */
+    ((uint8_t *)m.base)[200] = 9;                          /* lands nowhere */
+    assert_int_equal(((uint8_t *)s.base)[200], 7);
+    assert_int_equal(kvs_segment_fence(&s, 2), KVS_OK);    /* the lock went with the fd */
+    kvs_segment_write_end(&m, 1);                          /* nothing to unlock */
+    assert_int_equal(kvs_segment_write_begin(&m, 2), KVS_ERR_UNAVAILABLE);
+    kvs_segment_destroy(&m);
+    kvs_segment_destroy(&s);
+    unsetenv("KVSHELF_PREFAULT");
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -334,6 +362,7 @@ int main(void)
         cmocka_unit_test(test_identity),
         cmocka_unit_test(test_fence),
         cmocka_unit_test(test_fork_child_holds_no_lock),
+        cmocka_unit_test(test_retire_closes),
         cmocka_unit_test(test_many_and_large),
         cmocka_unit_test(test_gc),
         cmocka_unit_test(test_prefault),
