@@ -92,6 +92,26 @@ def verify_argv(h, m, *extra, secret=None, master_addr=None):
     return a + [str(x) for x in extra]
 
 
+def wait_stopped(pid, timeout=10.0):
+    """Waits until every thread of pid is stopped (state T after SIGSTOP):
+    kill() returns before the threads reach the stop, and a thread that was
+    running may still serve a request in between."""
+    from pathlib import Path
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        states = []
+        for t in Path("/proc/%d/task" % pid).iterdir():
+            try:
+                st = (t / "stat").read_text()
+            except OSError:
+                continue
+            states.append(st[st.rindex(")") + 2])
+        if states and all(c in "Tt" for c in states):
+            return
+        time.sleep(0.005)
+    raise AssertionError("process %d did not stop within %.0f s" % (pid, timeout))
+
+
 def remote_env(h, env=None):
     """A client that maps no other process's segment: every byte through the
     owner's transfer server (as from another host)."""

@@ -65,6 +65,7 @@ def test_late_write_to_paused_node_never_lands_on_reused_space(kv):
 
     node.signal(signal.SIGSTOP)
     try:
+        faults.wait_stopped(node.pid)
         late = remote.do("put A 1 256K")
         assert late["status"] != "KVS_OK", late  # the node cannot answer
         queued = queued_bytes(node.pid, xport)
