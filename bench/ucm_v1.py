@@ -253,9 +253,14 @@ class Runner:
                 1e6 * submit / calls, 1e6 * lsubmit / calls, 1e6 * t_load / calls)
 
 
+STORE_ENV = {"kvshelf-noahead": {"KVSHELF_READAHEAD_MB": "0"}}
+
 STORES = {
     "kvshelf": ("UcmKVShelfStore", lambda a: dict({"master_server_address": "", "runtime_dir": a.runtime_dir,
                                                     "global_segment_size": a.pool_size}, **a.kvshelf_config)),
+    # the same store with the CUDA read-ahead of layerwise loads off (its
+    # connector reads KVSHELF_READAHEAD_MB when it opens: at the first call)
+    "kvshelf-noahead": ("UcmKVShelfStore", lambda a: STORES["kvshelf"][1](a)),
     "cache-empty": ("UcmPipelineStore", lambda a: {"store_pipeline": "Cache|Empty", "share_buffer_enable": True,
                                                     "cache_buffer_capacity_gb": a.cache_gb}),
     "cache-posix": ("UcmPipelineStore", lambda a: {"store_pipeline": "Cache|Posix", "share_buffer_enable": True,
@@ -270,7 +275,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tokens", default="8192,32768")
     p.add_argument("--modes", default="layerwise,direct")
-    p.add_argument("--stores", default="kvshelf,cache-empty,cache-posix")
+    p.add_argument("--stores", default="kvshelf,kvshelf-noahead,cache-empty,cache-posix",
+                   help="contenders (kvshelf-noahead: kvshelf with KVSHELF_READAHEAD_MB=0)")
     p.add_argument("--layers", type=int, default=48)
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
@@ -325,11 +331,13 @@ def main(argv=None) -> int:
         print(f"# ceiling {t} tokens ({(t // a.block) * block_bytes / 1e9:.3f} GB): "
               f"D2H {ceil[t][0]:.1f} GB/s, H2D {ceil[t][1]:.1f} GB/s"
               + (" (pinned cudaMemcpy)" if r.cuda else " (host memcpy)"))
-    hdr = f"{'store':<12} {'mode':<10} {'tokens':>6} {'dump GB/s':>10} {'%ceil':>6} {'load GB/s':>10} {'%ceil':>6} {'hits':>6}  check"
+    hdr = f"{'store':<15} {'mode':<10} {'tokens':>6} {'dump GB/s':>10} {'%ceil':>6} {'load GB/s':>10} {'%ceil':>6} {'hits':>6}  check"
     print(hdr)
     rows = []
     for name in stores:
         factory_name, user = STORES[name]
+        saved_env = {k: os.environ.get(k) for k in STORE_ENV.get(name, {})}
+        os.environ.update(STORE_ENV.get(name, {}))
         for mode in modes:
             layout = Layout(kv, mode == "layerwise")
             cfg = store_config(user(a), layout, 0 if r.cuda else -1, "bench-" + secrets.token_hex(4))
@@ -337,10 +345,10 @@ def main(argv=None) -> int:
                 store = UcmConnectorFactoryV1.create_connector(factory_name, cfg)
             except Exception as e:
                 if not r.cuda and name != "kvshelf":
-                    print(f"{name:<12} {mode:<10} unavailable without a CUDA device: creation failed: "
+                    print(f"{name:<15} {mode:<10} unavailable without a CUDA device: creation failed: "
                           f"{type(e).__name__}: {e}")
                 else:
-                    print(f"{name:<12} {mode:<10} FAILED to create: {type(e).__name__}: {e}")
+                    print(f"{name:<15} {mode:<10} FAILED to create: {type(e).__name__}: {e}")
                 rows.append({"store": name, "mode": mode, "error": str(e)})
                 continue
             try:
@@ -357,9 +365,9 @@ def main(argv=None) -> int:
                     if err is not None:
                         msg = f"{type(err).__name__}: {err}"
                         if not r.cuda and name != "kvshelf":
-                            print(f"{name:<12} {mode:<10} {t:>6} unavailable without a CUDA device: {msg}")
+                            print(f"{name:<15} {mode:<10} {t:>6} unavailable without a CUDA device: {msg}")
                         else:
-                            print(f"{name:<12} {mode:<10} {t:>6} FAILED: {msg}")
+                            print(f"{name:<15} {mode:<10} {t:>6} FAILED: {msg}")
                         rows.append({"store": name, "mode": mode, "tokens": t, "error": msg})
                         break
                     d = statistics.median(x[0] for x in res)
@@ -369,11 +377,11 @@ def main(argv=None) -> int:
                     check = "exact" if exact else "MISMATCH"
                     if hits != n:
                         check += f" (lookup found {hits} of {n})"
-                    print(f"{name:<12} {mode:<10} {t:>6} {d:>10.2f} {100 * d / ceil[t][0]:>5.0f}% "
+                    print(f"{name:<15} {mode:<10} {t:>6} {d:>10.2f} {100 * d / ceil[t][0]:>5.0f}% "
                           f"{lo:>10.2f} {100 * lo / ceil[t][1]:>5.0f}% {hits:>6}  {check}")
                     us = [statistics.median(x[k] for x in res) for k in (5, 6, 7)]
                     if layout.layerwise:
-                        print(f"{'':<12} {'':<10} {'':>6} per layer call: dump_data {us[0]:.0f} us, "
+                        print(f"{'':<15} {'':<10} {'':>6} per layer call: dump_data {us[0]:.0f} us, "
                               f"load_data {us[1]:.0f} us, load (submit to wait) {us[2]:.0f} us; "
                               f"{n * layout.shard_size / 1e6:.1f} MB a layer")
                     rows.append({"store": name, "label": a.label, "mode": mode, "tokens": t, "dump_gbps": d,
@@ -381,10 +389,20 @@ def main(argv=None) -> int:
                                  "hits": hits, "blocks": n, "exact": exact, "dump_submit_us": us[0],
                                  "load_submit_us": us[1], "load_us_per_call": us[2]})
             finally:
+                conns = getattr(store, "_conns", None)
+                if conns:  # kvshelf: how many layer loads came from the CUDA read-ahead
+                    k = [c.counters() for c in conns.values()]
+                    print(f"{'':<15} {mode:<10} kvshelf counters: loaded {sum(x['loaded_blocks'] for x in k)} "
+                          f"(block stripes), from read-ahead {sum(x.get('readahead_stripes', 0) for x in k)}")
                 shutdown = getattr(store, "shutdown", None)
                 if shutdown:
                     shutdown()
                 del store
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     if a.json:
         Path(a.json).write_text(json.dumps({"ucm": ucm_version, "rows": rows}, indent=1))
     if own_rt:
@@ -392,7 +410,7 @@ def main(argv=None) -> int:
         shutil.rmtree(a.runtime_dir, ignore_errors=True)
     if own_posix:
         shutil.rmtree(a.posix_dir, ignore_errors=True)
-    bad = [x for x in rows if x.get("exact") is False or (x["store"] == "kvshelf" and "error" in x)]
+    bad = [x for x in rows if x.get("exact") is False or (x["store"].startswith("kvshelf") and "error" in x)]
     return 1 if bad else 0
 
 

@@ -43,8 +43,9 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
     grep -E '^\[  (PASSED|FAILED)|FAILED|skipped' "$OUT/$(basename "$t").log" | tail -8
   done
   log "pytest: GPU tests of the UCM stores and parts"
-  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/python/test_ucm_striped.py \
-    tests/python/test_connector_parts.py 2>&1 | tail -15 || status=1
+  timeout 200 python3 -m pytest -q -p no:cacheprovider tests/python/test_ucm_striped.py \
+    tests/python/test_connector_parts.py >"$OUT/pytest.txt" 2>&1 || status=1
+  tail -15 "$OUT/pytest.txt"
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
   log "bench/ucm_v1.py"

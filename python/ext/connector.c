@@ -417,7 +417,7 @@ static PyObject *Connector_counters(ConnectorObject *self, PyObject *Py_UNUSED(a
     kvs_connector_counters k;
     memset(&k, 0, sizeof k);
     kvs_connector_get_counters(self->c, &k);
-    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K}", "dumped_blocks",
+    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K}", "dumped_blocks",
                          (unsigned long long)k.dumped_blocks, "loaded_blocks",
                          (unsigned long long)k.loaded_blocks, "missed_blocks",
                          (unsigned long long)k.missed_blocks, "failed_blocks",
@@ -425,7 +425,8 @@ static PyObject *Connector_counters(ConnectorObject *self, PyObject *Py_UNUSED(a
                          (unsigned long long)k.dropped_blocks, "skipped_blocks",
                          (unsigned long long)k.skipped_blocks, "bytes_dumped",
                          (unsigned long long)k.bytes_dumped, "bytes_loaded",
-                         (unsigned long long)k.bytes_loaded);
+                         (unsigned long long)k.bytes_loaded, "readahead_stripes",
+                         (unsigned long long)k.readahead_stripes);
 }
 
 static PyObject *Connector_get_block_bytes(ConnectorObject *self, void *Py_UNUSED(c)) {

@@ -46,6 +46,9 @@
 #define CONN_JOB_MAX_BLOCKS 128
 #define CONN_MAX_BLOCK_BYTES (1ull << 30)
 #define CONN_DEFAULT_WORKERS 2      /* host backend */
+#define CONN_RA_MAX_DEPTH 4         /* stripes read ahead of the one loaded (KVSHELF_READAHEAD_DEPTH) */
+#define CONN_RA_SLOTS 4             /* read-ahead buffers an open load object keeps */
+#define CONN_RA_RETIRE (CONN_JOB_MAX_BLOCKS * (CONN_RA_SLOTS + 1) + CONN_RA_MAX_DEPTH)
 #define CONN_DEFAULT_CUDA_WORKERS 4 /* CUDA: 2 left the link ~5% idle in RPC gaps */
 #define CONN_DEFAULT_INFLIGHT 65536
 #define CONN_KEY_MAX (KVS_CONNECTOR_PREFIX_BYTES + KVS_HASH_MAX)
@@ -138,6 +141,17 @@ typedef struct conn_worker {
     /* stripe jobs (stripes.c) */
     struct conn_sent *ent[CONN_JOB_MAX_BLOCKS]; /* open object of each job object */
     uint64_t poff[CONN_JOB_MAX_BLOCKS];        /* offset of the stripe in w->obj[i] */
+    /* read-ahead of stripe loads (stripes.c, CUDA): the buffer each object
+     * loads from (NULL: its host memory); the stripes s+d this job reads
+     * ahead for each object (bit d-1 of ra_want) and the buffer of each
+     * depth; references to drop once the job's results are out */
+    struct kvs_cuda_ahead *ra[CONN_JOB_MAX_BLOCKS];
+    uint64_t ra_off[CONN_JOB_MAX_BLOCKS];
+    uint8_t ra_want[CONN_JOB_MAX_BLOCKS];
+    struct kvs_cuda_ahead *ra_new[CONN_RA_MAX_DEPTH];
+    uint64_t ra_new_off[CONN_RA_MAX_DEPTH][CONN_JOB_MAX_BLOCKS];
+    struct kvs_cuda_ahead *retire[CONN_RA_RETIRE];
+    size_t nretire;
 } conn_worker;
 
 struct kvs_connector {
@@ -175,11 +189,13 @@ struct kvs_connector {
     atomic_uint_fast64_t gen_ctr;
     /* open striped objects (stripes.c): dumps being filled, loads under lease */
     struct conn_stab *stab_dump, *stab_load;
+    uint64_t readahead; /* bytes of device memory for stripe loads' read-ahead (0: off) */
+    uint32_t ra_depth;  /* stripes read ahead (1..CONN_RA_MAX_DEPTH) */
     /* KVSHELF_CONNECTOR_PROFILE=1: time spent per phase, printed at close */
     int profile;
     atomic_uint_fast64_t t_meta, t_copy, t_finish, n_jobs;
     atomic_uint_fast64_t n_dumped, n_loaded, n_missed, n_failed, n_dropped, n_skipped,
-        n_bytes_dumped, n_bytes_loaded;
+        n_bytes_dumped, n_bytes_loaded, n_readahead;
 };
 
 /* What the header of one object of a task must say (header.c). */
@@ -344,12 +360,18 @@ int conn_stripes_init(kvs_connector *c);
  * conn_stripes_init did not run or failed. */
 void conn_stripes_close(kvs_connector *c);
 
-/* Runs one dump / load job of a striped parts task (t->stripes > 1). */
 /* Gives up every striped object no call held for its table's idle time
  * (dumps abandoned, loads released); a worker calls it while no job comes. */
 void conn_stripes_reap_idle(kvs_connector *c);
+
+/* Runs one dump / load job of a striped parts task (t->stripes > 1). */
 void conn_run_stripe_dump(conn_worker *w, struct conn_job *j);
 void conn_run_stripe_load(conn_worker *w, struct conn_job *j);
+
+/* Drops the read-ahead references a load job left to w (w->retire): the
+ * worker calls it after the job's results are out, so the waits for
+ * copies and the frees are off the caller's path. */
+void conn_stripes_retire(conn_worker *w);
 
 /* Host backend of a stripe job: ppo parts of each object i with w->ok[i]
  * at w->obj[i] + w->poff[i]; dump: gen[i] written at the stamp and the

@@ -299,6 +299,7 @@ void kvs_connector_get_counters(kvs_connector *c, kvs_connector_counters *out)
     out->skipped_blocks = atomic_load(&c->n_skipped);
     out->bytes_dumped = atomic_load(&c->n_bytes_dumped);
     out->bytes_loaded = atomic_load(&c->n_bytes_loaded);
+    out->readahead_stripes = atomic_load(&c->n_readahead);
 }
 
 const char *kvs_connector_backend(const kvs_connector *c)

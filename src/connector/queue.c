@@ -118,6 +118,7 @@ static void *worker_main(void *arg)
         pthread_mutex_unlock(&c->mu);
         run_job(w, j);
         job_retire(c, j);
+        conn_stripes_retire(w);
         pthread_mutex_lock(&c->mu);
     }
     pthread_mutex_unlock(&c->mu);

@@ -27,6 +27,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cuda/ahead.cuh"
 #include "cuda/kvs_cuda.h"
 #include "cuda/res.cuh"
 #include "kvshelf/errors.h"
@@ -130,6 +131,7 @@ struct kvs_cuda_ctx {
     /* mappings this context holds a reference on */
     struct kc_map **maps;
     size_t nmaps, capmaps;
+    struct kc_arena *arena; /* read-ahead of striped loads (ahead.cu), created on first use */
 };
 
 struct kvs_cuda_worker {
@@ -301,10 +303,20 @@ extern "C" void kvs_cuda_ctx_destroy(kvs_cuda_ctx *x)
         cudaFree(x->d_tensors);
     }
     free(x->h_tensors);
+    kc_arena_destroy(x->arena);
     cudaStreamDestroy(x->gate);
     pthread_mutex_destroy(&x->mu);
     kc_dev_restore(prev);
     free(x);
+}
+
+struct kc_arena *kc_ctx_arena(kvs_cuda_ctx *x, uint64_t bytes)
+{
+    pthread_mutex_lock(&x->mu);
+    if (!x->arena) x->arena = kc_arena_new(x->device, bytes);
+    struct kc_arena *a = x->arena;
+    pthread_mutex_unlock(&x->mu);
+    return a;
 }
 
 /* Makes room for one more mapping reference in x->maps. */

@@ -146,6 +146,41 @@ int kvs_cuda_copy_parts_ex(kvs_cuda_pworker *w, int dir, size_t n, void *const *
                            uint64_t check_off, const uint8_t *ok, const uint64_t *gen,
                            uint64_t *out_gen, void *wait_event);
 
+/* ---- read-ahead of striped loads (ahead.cu; see there for why) ----
+ * A buffer of device memory (carved from the context's arena of
+ * KVSHELF_READAHEAD_MB) holding the next stripe of a job's objects, copied
+ * before the call that loads it arrives. Reference counted: the last
+ * reference waits for its copies, then gives the memory back. */
+typedef struct kvs_cuda_ahead kvs_cuda_ahead;
+
+/* Takes / drops a reference (NULL: nothing). Unref may wait for copies. */
+void kvs_cuda_ahead_ref(kvs_cuda_ahead *b);
+void kvs_cuda_ahead_unref(kvs_cuda_ahead *b);
+
+/* Starts copying, on w's read-ahead streams (never waited for by a copy
+ * job), the stripe [off[i], off[i]+len[i]) of every object i with want[i]
+ * (host memory obj[i], its GPU address dobj[i] or 0: translated here) into
+ * a new buffer, and the object's view-check word (obj + stamp_off) after
+ * it. budget: the arena's bytes if it is created now. Returns KVS_OK with
+ * *out (one reference) and off_out[i] (where object i's stripe starts in it;
+ * UINT64_MAX: not read ahead), or KVS_ERR_NO_SPACE (arena full or no device
+ * memory), KVS_ERR_INVALID (nothing to read), KVS_ERR_NOMEM, KVS_ERR_CUDA,
+ * with *out NULL and nothing enqueued. */
+int kvs_cuda_ahead_start(kvs_cuda_pworker *w, size_t n, const uint8_t *want, void *const *obj,
+                         const uint64_t *dobj, const uint64_t *off, const uint64_t *len,
+                         uint64_t stamp_off, uint64_t budget, kvs_cuda_ahead **out,
+                         uint64_t *off_out);
+
+/* kvs_cuda_copy_parts_ex for a stripe load job (KVS_CUDA_LOAD): objects
+ * with ra[i] != NULL are copied from that buffer (stripe at ra_off[i]; their
+ * view-check word is the one read right after the buffer's copy; the GPU
+ * waits for it), the others from obj[i]. Errors as
+ * kvs_cuda_copy_parts_ex. */
+int kvs_cuda_copy_parts_ra(kvs_cuda_pworker *w, size_t n, void *const *obj, const uint64_t *dobj,
+                           const uint64_t *poffs, const uint64_t *addrs, const uint64_t *lens,
+                           size_t ppo, uint64_t stamp_off, const uint8_t *ok, uint64_t *out_gen,
+                           kvs_cuda_ahead *const *ra, const uint64_t *ra_off);
+
 /* Forgets (unregisters) the mapping containing host address p after a failed
  * view check, so the next use registers the current mapping afresh. */
 void kvs_cuda_forget(kvs_cuda_ctx *x, const void *p);

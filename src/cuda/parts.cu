@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cuda/ahead.cuh"
 #include "cuda/kvs_cuda.h"
 #include "cuda/res.cuh"
 #include "kvshelf/errors.h"
@@ -18,6 +19,10 @@ struct kvs_cuda_pworker {
     kvs_cuda_ctx *x;
     int device;
     kvs_cuda_res r;
+    /* read-ahead (ahead.cu): streams never waited for by a job, created on
+     * first use */
+    kvs_cuda_res pf;
+    int pf_state; /* 0: not tried, 1: ready, -1: failed */
 };
 
 /* One job's view-check words, passed by value. obj[i] == 0: skip. */
@@ -77,6 +82,7 @@ extern "C" void kvs_cuda_pworker_destroy(kvs_cuda_pworker *w)
 {
     if (!w) return;
     kvs_cuda_res_free(&w->r);
+    if (w->pf_state == 1) kvs_cuda_res_free(&w->pf);
     free(w);
 }
 
@@ -89,12 +95,52 @@ extern "C" int kvs_cuda_copy_parts(kvs_cuda_pworker *w, int dir, size_t n, void 
                                   stamp_off, 0, ok, gen, out_gen, wait_event);
 }
 
-extern "C" int kvs_cuda_copy_parts_ex(kvs_cuda_pworker *w, int dir, size_t n, void *const *obj,
-                                      const uint64_t *dobj, const uint64_t *poffs,
-                                      const uint64_t *addrs, const uint64_t *lens, size_t ppo,
-                                      uint64_t payload_off,
-                                      uint64_t stamp_off, uint64_t check_off, const uint8_t *ok,
-                                      const uint64_t *gen, uint64_t *out_gen, void *wait_event)
+/* The read-ahead streams of w, created on first use; 0 when unavailable. */
+static int pf_ready(kvs_cuda_pworker *w)
+{
+    if (w->pf_state) return w->pf_state > 0;
+    w->pf_state = -1;
+    if (kvs_cuda_res_init(&w->pf, w->r.nstreams) != KVS_OK) return 0;
+    w->pf_state = 1;
+    return 1;
+}
+
+extern "C" int kvs_cuda_ahead_start(kvs_cuda_pworker *w, size_t n, const uint8_t *want,
+                                    void *const *obj, const uint64_t *dobj, const uint64_t *off,
+                                    const uint64_t *len, uint64_t stamp_off, uint64_t budget,
+                                    kvs_cuda_ahead **out, uint64_t *off_out)
+{
+    *out = NULL;
+    for (size_t i = 0; i < n; i++) off_out[i] = UINT64_MAX;
+    if (!w || n > KVS_CUDA_MAX_JOB_BLOCKS || !budget) return KVS_ERR_INVALID;
+    if (!pf_ready(w)) return KVS_ERR_CUDA;
+    uint8_t ok[KVS_CUDA_MAX_JOB_BLOCKS];
+    void *src[KVS_CUDA_MAX_JOB_BLOCKS];
+    uint64_t dev[KVS_CUDA_MAX_JOB_BLOCKS];
+    size_t m = 0;
+    for (size_t i = 0; i < n; i++) {
+        ok[i] = 0;
+        src[i] = NULL;
+        dev[i] = 0;
+        if (!want[i] || !obj[i] || !len[i]) continue;
+        uint64_t end = off[i] + len[i];
+        dev[i] = dobj && dobj[i] ? dobj[i]
+                                 : kvs_cuda_translate(w->x, obj[i], end > stamp_off + 8 ? end : stamp_off + 8);
+        if (!dev[i]) continue;
+        src[i] = (char *)obj[i] + off[i];
+        ok[i] = 1;
+        m++;
+    }
+    if (!m) return KVS_ERR_INVALID;
+    return kc_ahead_start(w->x, &w->pf, budget, n, ok, src, dev, stamp_off, len, off_out, out);
+}
+
+static int copy_parts(kvs_cuda_pworker *w, int dir, size_t n, void *const *obj,
+                      const uint64_t *dobj, const uint64_t *poffs, const uint64_t *addrs,
+                      const uint64_t *lens, size_t ppo, uint64_t payload_off, uint64_t stamp_off,
+                      uint64_t check_off, const uint8_t *ok, const uint64_t *gen,
+                      uint64_t *out_gen, void *wait_event, kvs_cuda_ahead *const *ra,
+                      const uint64_t *ra_off)
 {
     if (!w || n > KVS_CUDA_MAX_JOB_BLOCKS || !obj || !addrs || !lens || !ppo ||
         (dir != KVS_CUDA_DUMP && dir != KVS_CUDA_LOAD))
@@ -103,11 +149,16 @@ extern "C" int kvs_cuda_copy_parts_ex(kvs_cuda_pworker *w, int dir, size_t n, vo
     if (kvs_cuda_res_reserve(&w->r, n * ppo) != KVS_OK) return KVS_ERR_NOMEM;
     kp_stamps *j = (kp_stamps *)calloc(1, sizeof *j);
     if (!j) return KVS_ERR_NOMEM;
+    const int from_ra = ra && ra_off && dir == KVS_CUDA_LOAD && ppo <= KC_AHEAD_MAX_PPO;
     size_t k = 0, live = 0;
     for (size_t i = 0; i < n; i++) {
         if (out_gen) out_gen[i] = 0;
         w->r.out_gen[i] = 0;
         if ((ok && !ok[i]) || !obj[i] || (uintptr_t)obj[i] % 8) continue;
+        if (from_ra && ra[i]) {
+            live++; /* scattered from its read-ahead buffer below */
+            continue;
+        }
         uint64_t poff = poffs ? poffs[i] : payload_off;
         uint64_t total = poff;
         for (size_t p = 0; p < ppo; p++) total += lens[i * ppo + p];
@@ -143,6 +194,11 @@ extern "C" int kvs_cuda_copy_parts_ex(kvs_cuda_pworker *w, int dir, size_t n, vo
             kp_stamp_kernel<<<1, 128, 0, w->r.streams[0]>>>(*j);
             e = cudaGetLastError();
         }
+    }
+    if (live && e == cudaSuccess && from_ra)
+        e = kc_ahead_scatter(w->r.streams[w->r.nstreams - 1], n, ra, ra_off, addrs, lens, ppo,
+                             w->r.out_gen_dev);
+    if (live) {
         for (int si = 0; si < w->r.nstreams; si++) {
             cudaError_t s = cudaStreamSynchronize(w->r.streams[si]);
             if (e == cudaSuccess) e = s;
@@ -161,4 +217,25 @@ extern "C" int kvs_cuda_copy_parts_ex(kvs_cuda_pworker *w, int dir, size_t n, vo
     }
     free(j);
     return rc;
+}
+
+extern "C" int kvs_cuda_copy_parts_ex(kvs_cuda_pworker *w, int dir, size_t n, void *const *obj,
+                                      const uint64_t *dobj, const uint64_t *poffs,
+                                      const uint64_t *addrs, const uint64_t *lens, size_t ppo,
+                                      uint64_t payload_off, uint64_t stamp_off, uint64_t check_off,
+                                      const uint8_t *ok, const uint64_t *gen, uint64_t *out_gen,
+                                      void *wait_event)
+{
+    return copy_parts(w, dir, n, obj, dobj, poffs, addrs, lens, ppo, payload_off, stamp_off,
+                      check_off, ok, gen, out_gen, wait_event, NULL, NULL);
+}
+
+extern "C" int kvs_cuda_copy_parts_ra(kvs_cuda_pworker *w, size_t n, void *const *obj,
+                                      const uint64_t *dobj, const uint64_t *poffs,
+                                      const uint64_t *addrs, const uint64_t *lens, size_t ppo,
+                                      uint64_t stamp_off, const uint8_t *ok, uint64_t *out_gen,
+                                      kvs_cuda_ahead *const *ra, const uint64_t *ra_off)
+{
+    return copy_parts(w, KVS_CUDA_LOAD, n, obj, dobj, poffs, addrs, lens, ppo, 0, stamp_off, 0, ok,
+                      NULL, out_gen, NULL, ra, ra_off);
 }

@@ -369,3 +369,110 @@ def test_gpu_v1_striped(cfg, uniq, layerwise):
             s.wait(s.load_data([os.urandom(16)], [0], addrs(dst[:1], 0) if layerwise else addrs(dst[:1])))
     finally:
         s.shutdown()
+
+
+def _gpu_layerwise_store(cfg, layers, n):
+    """A V1 store over `layers` KV tensors in vLLM's per-layer layout (as
+    test_gpu_v1_striped), layerwise; returns (store, tensors, addrs)."""
+    kv = _kv(layers, 2 * n + 2)
+    per = 16 * 2 * 64 * 2
+    bufs = sorted({(t[h].data_ptr(), t[h].nbytes) for t in kv for h in (0, 1)})
+    conf = dict(cfg, device_id=0, tensor_size_list=[per, per], shard_size=2 * per,
+                block_size=2 * per * layers, gpu_kv_buffer_addrs=[a for a, _ in bufs],
+                gpu_kv_buffer_sizes=[z for _, z in bufs])
+    s = ucm.UcmKVShelfStoreV1(conf)
+
+    def addrs(blocks, layer):
+        b = np.array(blocks, dtype=np.uint64)
+        t = kv[layer]
+        return np.ascontiguousarray(np.stack([t[0][0].data_ptr() + b * per, t[1][0].data_ptr() + b * per], 1)
+                                    .astype(np.uint64))
+    return s, kv, addrs
+
+
+@gpu
+@pytest.mark.parametrize("order", ["forward", "reverse", "shuffled", "concurrent", "partial"])
+@pytest.mark.parametrize("readahead", ["default", "off"])
+def test_gpu_layerwise_readahead(cfg, uniq, monkeypatch, order, readahead):
+    """Layerwise loads read the next layer ahead into device memory (CUDA
+    backend, KVSHELF_READAHEAD_MB): whatever order UCM's calls come in, every
+    byte lands where it belongs; in UCM's order (layer L+1 after layer L's
+    wait) every later layer comes from the read-ahead; with it off, none."""
+    if readahead == "off":
+        monkeypatch.setenv("KVSHELF_READAHEAD_MB", "0")
+    layers, n = 6, 40
+    s, kv, addrs = _gpu_layerwise_store(cfg, layers, n)
+    try:
+        src, dst = list(range(1, n + 1)), list(range(n + 1, 2 * n + 1))
+        ids = [os.urandom(16) for _ in range(n)]
+        tasks = []
+        for layer in range(layers):
+            ev = torch.cuda.Event()
+            ev.record()
+            tasks.append(s.dump_data(ids, [layer] * n, addrs(src, layer), ev.cuda_event))
+        for t in tasks:
+            s.wait(t)
+        for t in kv:
+            t[:, dst] = 0
+        torch.cuda.synchronize()
+        seq = {"forward": list(range(layers)), "reverse": list(range(layers))[::-1],
+               "shuffled": [0, 2, 1, 3, 5, 4], "concurrent": list(range(layers)),
+               "partial": [0, 1, 2]}[order]
+        if order == "concurrent":
+            for t in [s.load_data(ids, [layer] * n, addrs(dst, layer)) for layer in seq]:
+                s.wait(t)
+        else:
+            for layer in seq:
+                s.wait(s.load_data(ids, [layer] * n, addrs(dst, layer)))
+        torch.cuda.synchronize()
+        for layer, t in enumerate(kv):
+            assert torch.equal(t[:, dst], t[:, src]) == (layer in seq), layer
+        ra = s._conns[0].counters()["readahead_stripes"]
+        if readahead == "off" or order == "reverse":
+            assert ra == 0
+        elif order == "forward":
+            assert ra == n * (layers - 1)
+        elif order == "partial":
+            assert ra == n * 2
+        if order == "partial":
+            # the read-ahead of layer 3 is left in the open entries: a new
+            # sequence on the same blocks gets every layer right
+            for t in kv:
+                t[:, dst] = 0
+            torch.cuda.synchronize()
+            for layer in range(layers):
+                s.wait(s.load_data(ids, [layer] * n, addrs(dst, layer)))
+            torch.cuda.synchronize()
+            assert all(torch.equal(t[:, dst], t[:, src]) for t in kv)
+    finally:
+        s.shutdown()
+
+
+@gpu
+def test_gpu_layerwise_readahead_after_the_blocks_went(cfg, uniq):
+    """A block removed from the pool after its first layer was loaded (its
+    later layers already read ahead) still loads: the lease taken at layer 0
+    holds it; once that load sequence ends, a new one misses."""
+    layers, n = 4, 8
+    s, kv, addrs = _gpu_layerwise_store(cfg, layers, n)
+    cl = kvshelf.Client(cfg)
+    try:
+        src, dst = list(range(1, n + 1)), list(range(n + 1, 2 * n + 1))
+        ids = [os.urandom(16) for _ in range(n)]
+        for layer in range(layers):
+            s.wait(s.dump_data(ids, [layer] * n, addrs(src, layer)))
+        for t in kv:
+            t[:, dst] = 0
+        torch.cuda.synchronize()
+        s.wait(s.load_data(ids, [0] * n, addrs(dst, 0)))
+        for k in s._block_keys(ids):
+            cl.remove(bytes(k))
+        for layer in range(1, layers):
+            s.wait(s.load_data(ids, [layer] * n, addrs(dst, layer)))
+        torch.cuda.synchronize()
+        assert all(torch.equal(t[:, dst], t[:, src]) for t in kv)
+        with pytest.raises(ucm.BlocksNotFound):
+            s.wait(s.load_data(ids, [0] * n, addrs(dst, 0)))
+    finally:
+        cl.close()
+        s.shutdown()
