@@ -340,13 +340,7 @@ def test_gpu_v1_striped(cfg, uniq, layerwise):
             return np.ascontiguousarray(np.concatenate(per_layer, 1))
 
         if layerwise:
-            tasks = []
-            for layer in range(layers):
-                ev = torch.cuda.Event()
-                ev.record()
-                tasks.append(s.dump_data(ids, [layer] * n, addrs(src, layer), ev.cuda_event))
-            for t in tasks:
-                s.wait(t)
+            _dump_layerwise(s, ids, lambda layer: addrs(src, layer), layers)
         else:
             ev = torch.cuda.Event()
             ev.record()
@@ -369,6 +363,18 @@ def test_gpu_v1_striped(cfg, uniq, layerwise):
             s.wait(s.load_data([os.urandom(16)], [0], addrs(dst[:1], 0) if layerwise else addrs(dst[:1])))
     finally:
         s.shutdown()
+
+
+def _dump_layerwise(s, ids, layer_addrs, layers):
+    """UCM's layerwise dumps: one dump_data per layer with its own event
+    recorded on the current stream, every task waited at the end."""
+    tasks = []
+    for layer in range(layers):
+        ev = torch.cuda.Event()
+        ev.record()
+        tasks.append(s.dump_data(ids, [layer] * len(ids), layer_addrs(layer), ev.cuda_event))
+    for t in tasks:
+        s.wait(t)
 
 
 def _gpu_layerwise_store(cfg, layers, n):
@@ -405,13 +411,7 @@ def test_gpu_layerwise_readahead(cfg, uniq, monkeypatch, order, readahead):
     try:
         src, dst = list(range(1, n + 1)), list(range(n + 1, 2 * n + 1))
         ids = [os.urandom(16) for _ in range(n)]
-        tasks = []
-        for layer in range(layers):
-            ev = torch.cuda.Event()
-            ev.record()
-            tasks.append(s.dump_data(ids, [layer] * n, addrs(src, layer), ev.cuda_event))
-        for t in tasks:
-            s.wait(t)
+        _dump_layerwise(s, ids, lambda layer: addrs(src, layer), layers)
         for t in kv:
             t[:, dst] = 0
         torch.cuda.synchronize()
