@@ -194,6 +194,7 @@ struct kvs_connector {
     /* KVSHELF_CONNECTOR_PROFILE=1: time spent per phase, printed at close */
     int profile;
     atomic_uint_fast64_t t_meta, t_copy, t_finish, n_jobs;
+    atomic_uint_fast64_t t_ra, n_ra; /* stripe loads: starting read-ahead (part of t_copy) */
     atomic_uint_fast64_t n_dumped, n_loaded, n_missed, n_failed, n_dropped, n_skipped,
         n_bytes_dumped, n_bytes_loaded, n_readahead;
 };
@@ -394,6 +395,8 @@ void conn_run_load(conn_worker *w, struct conn_job *j);
 /* Adds one block job's phase times (ns stamps; profiling on) / prints the
  * totals (close). */
 void conn_profile_add(kvs_connector *c, uint64_t t0, uint64_t t1, uint64_t t2);
+/* Adds the time a stripe load job spent starting its read-ahead (from t0). */
+void conn_profile_ra(kvs_connector *c, uint64_t t0);
 void conn_profile_print(const kvs_connector *c);
 
 #endif

@@ -15,6 +15,12 @@ void conn_profile_add(kvs_connector *c, uint64_t t0, uint64_t t1, uint64_t t2)
     atomic_fetch_add(&c->n_jobs, 1);
 }
 
+void conn_profile_ra(kvs_connector *c, uint64_t t0)
+{
+    atomic_fetch_add(&c->t_ra, kvs_now_ns() - t0);
+    atomic_fetch_add(&c->n_ra, 1);
+}
+
 void conn_profile_print(const kvs_connector *c)
 {
     if (!c->profile) return;
@@ -25,4 +31,10 @@ void conn_profile_print(const kvs_connector *c)
             "%.1f us, copy %.1f us, commit/release %.1f us\n",
             (unsigned long long)nj, c->job_blocks, atomic_load(&c->t_meta) / 1e3 / nj,
             atomic_load(&c->t_copy) / 1e3 / nj, atomic_load(&c->t_finish) / 1e3 / nj);
+    uint64_t nr = atomic_load(&c->n_ra);
+    if (nr)
+        fprintf(stderr,
+                "kvshelf connector profile: %llu stripe load jobs spent %.1f us each of their "
+                "copy phase taking their read-ahead and starting the next\n",
+                (unsigned long long)nr, atomic_load(&c->t_ra) / 1e3 / nr);
 }

@@ -1032,9 +1032,11 @@ void conn_run_stripe_load(conn_worker *w, struct conn_job *j)
     }
 
     /* 3: copy the stripes out (staged: read from the slot first) */
-    if (live) {
+    if (live && c->backend == BK_CUDA) {
+        uint64_t tr = kvs_now_ns();
         ra_claim(w, t, tb, j->start, n, s);
         ra_start(w, t, j->start, n, s); /* before this job waits for anything */
+        if (c->profile) conn_profile_ra(c, tr);
     }
     if (live) {
         conn_assign_staging(w, t, n, res);
