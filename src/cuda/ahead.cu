@@ -27,6 +27,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/util.h"
 #include "cuda/ahead.cuh"
 #include "cuda/kvs_cuda.h"
 #include "cuda/res.cuh"
@@ -45,6 +46,8 @@ struct kc_arena {
     uint64_t size;
     char *base; /* device memory, NULL until the first buffer */
     int failed; /* the memory could not be had: read-ahead is off */
+    /* KVSHELF_READAHEAD_TRACE=1: sums over the buffers, printed at the end */
+    uint64_t tr_n, tr_copy_ns, tr_wait_ns, tr_nused;
     size_t nfree;
     struct kc_range fr[RA_MAX_FREE]; /* free ranges, sorted, coalesced */
 };
@@ -57,7 +60,25 @@ struct kvs_cuda_ahead {
     cudaEvent_t done[KVS_CUDA_RES_MAX_STREAMS];
     int ndone;
     int refs;
+    /* tracing: recorded on stream 0 before the copies (timing on), the
+     * host time of the enqueue and of the first use */
+    cudaEvent_t t0;
+    uint64_t enq_ns, use_ns;
 };
+
+/* KVSHELF_READAHEAD_TRACE=1: per buffer, how long its copies ran on the GPU
+ * (from stream 0 reaching them to the last stream's event) and how long
+ * after its enqueue a job came to load from it; means printed when the
+ * arena goes (for tuning read-ahead without a timeline profiler). */
+static int ra_trace(void)
+{
+    static int t = -1;
+    if (t < 0) {
+        const char *v = getenv("KVSHELF_READAHEAD_TRACE");
+        t = v && *v == '1';
+    }
+    return t;
+}
 
 /* Waits until b's copies are done. */
 static cudaError_t ahead_wait(const kvs_cuda_ahead *b)
@@ -72,6 +93,8 @@ static cudaError_t ahead_wait(const kvs_cuda_ahead *b)
 
 static void ahead_free_events(kvs_cuda_ahead *b)
 {
+    if (b->t0) cudaEventDestroy(b->t0);
+    b->t0 = NULL;
     for (int i = 0; i < b->ndone; i++) cudaEventDestroy(b->done[i]);
     b->ndone = 0;
 }
@@ -91,6 +114,13 @@ struct kc_arena *kc_arena_new(int device, uint64_t bytes)
 void kc_arena_destroy(struct kc_arena *a)
 {
     if (!a) return;
+    if (a->tr_n)
+        fprintf(stderr,
+                "kvshelf read-ahead trace: %llu buffers, copies %.1f us each on the GPU; "
+                "%llu used, %.1f us after their enqueue\n",
+                (unsigned long long)a->tr_n, a->tr_copy_ns / 1e3 / a->tr_n,
+                (unsigned long long)a->tr_nused,
+                a->tr_nused ? a->tr_wait_ns / 1e3 / a->tr_nused : 0.0);
     if (a->base) {
         int prev = -1;
         cudaGetDevice(&prev);
@@ -185,9 +215,21 @@ void kvs_cuda_ahead_unref(kvs_cuda_ahead *b)
     /* the copies may still run (a buffer nobody loaded from): its memory
      * and the objects it reads stay untouched until they are done */
     ahead_wait(b);
+    float ms = 0, m;
+    if (b->t0)
+        for (int i = 0; i < b->ndone; i++)
+            if (cudaEventElapsedTime(&m, b->t0, b->done[i]) == cudaSuccess && m > ms) ms = m;
     ahead_free_events(b);
     cudaGetLastError();
     pthread_mutex_lock(&b->ar->mu);
+    if (b->enq_ns) {
+        b->ar->tr_n++;
+        b->ar->tr_copy_ns += (uint64_t)(ms * 1e6);
+        if (b->use_ns) {
+            b->ar->tr_nused++;
+            b->ar->tr_wait_ns += b->use_ns - b->enq_ns;
+        }
+    }
     arena_give(b->ar, b->off, b->len);
     pthread_mutex_unlock(&b->ar->mu);
     free(b);
@@ -237,8 +279,15 @@ int kc_ahead_start(kvs_cuda_ctx *x, kvs_cuda_res *pf, uint64_t budget,
     b->len = total;
     b->refs = 1;
     rc = KVS_ERR_CUDA;
+    if (ra_trace()) {
+        if (cudaEventCreate(&b->t0) != cudaSuccess || cudaEventRecord(b->t0, pf->streams[0]) != cudaSuccess) {
+            cudaGetLastError();
+            goto fail;
+        }
+        b->enq_ns = kvs_now_ns();
+    }
     for (int si = 0; si < pf->nstreams; si++) {
-        if (cudaEventCreateWithFlags(&b->done[si], cudaEventDisableTiming) != cudaSuccess) {
+        if (cudaEventCreateWithFlags(&b->done[si], b->t0 ? 0 : cudaEventDisableTiming) != cudaSuccess) {
             cudaGetLastError();
             goto fail;
         }
@@ -333,6 +382,7 @@ cudaError_t kc_ahead_scatter(cudaStream_t s, size_t n, kvs_cuda_ahead *const *ra
      * (77% against 63%; bench/RESULTS.md) */
     for (size_t i = 0; i < n && e == cudaSuccess; i++)
         if (ra[i] && ra[i] != last) {
+            if (ra[i]->enq_ns && !ra[i]->use_ns) ra[i]->use_ns = kvs_now_ns();
             for (int q = 0; q < ra[i]->ndone && e == cudaSuccess; q++)
                 e = cudaStreamWaitEvent(s, ra[i]->done[q], 0);
             last = ra[i];
