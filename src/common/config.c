@@ -332,12 +332,31 @@ static int load_json_into(kvs_config *cfg, const char *text, size_t len, const c
         const field *f = NULL;
         for (size_t i = 0; i < sizeof fields / sizeof fields[0]; i++)
             if (it->string && !strcmp(it->string, fields[i].key)) f = &fields[i];
-        if (!f) {
+        if (!f && it->string && !strcmp(it->string, "store")) {
+            /* the store the configuration selects (the Python package reads
+             * it too): kvshelf's own pool is what this loader configures */
+            char sb[80];
+            if (cJSON_IsString(it) && !strcmp(it->valuestring, "kvshelf")) continue;
+            if (cJSON_IsString(it) && !strcmp(it->valuestring, "mooncake"))
+                seterr(tmp, sizeof tmp,
+                       "'store': 'mooncake' selects a Mooncake Store, which the kvshelf client "
+                       "library and CLI do not speak (Mooncake offers no C interface): use it "
+                       "through the Python package (kvshelf.mooncake_store.MooncakeBlockStore, "
+                       "or the vLLM connector / UCM stores given this configuration), or drop "
+                       "the key for kvshelf's own pool");
+            else if (cJSON_IsString(it))
+                seterr(tmp, sizeof tmp, "'store' must be \"kvshelf\" or \"mooncake\", got '%s'",
+                       shown(it->valuestring, sb));
+            else
+                seterr(tmp, sizeof tmp, "'store' must be \"kvshelf\" or \"mooncake\", got %s",
+                       json_type_name(it));
+            rc = KVS_ERR_CONFIG;
+        } else if (!f) {
             char sb[80];
             seterr(tmp, sizeof tmp,
                    "unknown key '%s' (known: local_hostname, metadata_server, "
                    "master_server_address, protocol, device_name, global_segment_size, "
-                   "local_buffer_size, secret, timeout_ms, runtime_dir)",
+                   "local_buffer_size, secret, timeout_ms, runtime_dir, store)",
                    shown(it->string ? it->string : "", sb));
             rc = KVS_ERR_CONFIG;
         } else {

@@ -161,6 +161,34 @@ static void test_unknown_key(void **state)
     assert_memory_equal(&c, &before, sizeof c);
 }
 
+/* "store": "kvshelf" is this loader's own pool (accepted); "mooncake" is
+ * refused with what to use instead; anything else names the valid values. */
+static void test_store_key(void **state)
+{
+    (void)state;
+    kvs_config c, before;
+    kvs_config_init(&c);
+    char err[512];
+    assert_int_equal(kvs_config_load_json(&c, "{\"store\":\"kvshelf\",\"protocol\":\"tcp\"}", err,
+                                          sizeof err),
+                     KVS_OK);
+    kvs_config_init(&c);
+    before = c;
+    assert_int_equal(kvs_config_load_json(&c,
+                                          "{\"store\":\"mooncake\",\"master_server_address\":"
+                                          "\"127.0.0.1:50051\"}",
+                                          err, sizeof err),
+                     KVS_ERR_CONFIG);
+    assert_non_null(strstr(err, "Mooncake"));
+    assert_non_null(strstr(err, "MooncakeBlockStore"));
+    assert_memory_equal(&c, &before, sizeof c);
+    assert_int_equal(kvs_config_load_json(&c, "{\"store\":\"redis\"}", err, sizeof err),
+                     KVS_ERR_CONFIG);
+    assert_non_null(strstr(err, "'redis'"));
+    assert_int_equal(kvs_config_load_json(&c, "{\"store\":3}", err, sizeof err), KVS_ERR_CONFIG);
+    assert_non_null(strstr(err, "a number"));
+}
+
 static void test_wrong_types(void **state)
 {
     (void)state;
@@ -503,6 +531,7 @@ int main(void)
         cmocka_unit_test_setup(test_env_file_then_vars, clear_env),
         cmocka_unit_test_setup(test_validate, clear_env),
         cmocka_unit_test_setup(test_null_args, clear_env),
+        cmocka_unit_test_setup(test_store_key, clear_env),
     };
     return cmocka_run_group_tests_name("config", tests, NULL, NULL);
 }
