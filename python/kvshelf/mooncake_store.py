@@ -23,9 +23,23 @@ with kvshelf's semantics on top:
   waiting out Mooncake's RPC timeout.
 
 This increment moves host memory only (numpy arrays, bytearray/memoryview,
-CPU torch tensors, ``(address, size)`` pairs). CUDA tensors through kvshelf's
-copy path (C/CUDA), and the vLLM and UCM adapters over this store, are the
-next steps of issue 16.
+CPU torch tensors, ``(address, size)`` pairs, or a *list* of those: the parts
+of one block, gathered on dump and scattered on load). CUDA tensors through
+kvshelf's copy path (C/CUDA) and the vLLM connector over this store are the
+next steps of issue 16; UCM's stores use it through ``kvshelf.ucm_mooncake``.
+
+A block may carry a 64-bit ``tag`` (``dump(..., tags=)``, ``load(...,
+tags=)``): a hash of what the bytes mean to the caller (UCM's stores: the
+tensor sizes of a shard, or a tensor's dtype and shape). A load whose tag
+differs from the stored one is a miss, like any other header mismatch.
+
+Bounded calls: ``finish(task)`` waits at most ``task_timeout_ms`` from the
+task's submission, then fails what is left with ``ERR_TIMEOUT`` and
+guarantees that the task never touches the caller's buffers again; while a
+call into Mooncake has been running longer than ``task_timeout_ms``, new
+tasks fail at once with ``ERR_TIMEOUT`` and lookups raise ``kvshelf.Timeout``
+instead of queueing behind it. A lookup waits for Mooncake's answer at most
+``task_timeout_ms`` too (then ``kvshelf.Timeout``).
 
 Configuration: the same dict as the rest of kvshelf (Mooncake's keys) plus
 ``"store": "mooncake"``::
@@ -41,7 +55,7 @@ Configuration: the same dict as the rest of kvshelf (Mooncake's keys) plus
      # this store's keys (defaults shown):
      "replica_num": 1, "staging_size": "256MiB", "batch_size": 64,
      "max_inflight": 64, "timeout_ms": 5000, "retry_interval_ms": 1000,
-     "setup_timeout_ms": 30000}
+     "setup_timeout_ms": 30000, "task_timeout_ms": 30000}
 
 ``timeout_ms`` bounds the checks of the master and metadata addresses made
 before Mooncake's client starts and the wait for room in the task queue;
@@ -58,13 +72,15 @@ Object layout (little endian)::
     16  8  payload length
     24 16  BLAKE2b-128 of the Mooncake key (UTF-8)
     40  8  checksum of the payload
-    48 16  zero
+    48  8  tag (0: none; compared on load)
+    56  8  zero
     64  .. payload
 """
 
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import ctypes
 import difflib
 import hashlib
@@ -133,6 +149,7 @@ STORE_DEFAULTS: dict[str, Any] = {
     "timeout_ms": 5000,
     "retry_interval_ms": 1000,
     "setup_timeout_ms": 30000,
+    "task_timeout_ms": 30000,
 }
 STORE_KEYS = tuple(STORE_DEFAULTS)
 VALID_KEYS = MOONCAKE_KEYS + STORE_KEYS
@@ -144,7 +161,7 @@ _KVSHELF_ONLY = {
 _SIZE_KEYS = ("global_segment_size", "local_buffer_size", "staging_size")
 _INT_KEYS = {"replica_num": (1, 64), "batch_size": (1, 4096), "max_inflight": (1, 1 << 20),
              "timeout_ms": (1, 86_400_000), "retry_interval_ms": (0, 3_600_000),
-             "setup_timeout_ms": (1, 86_400_000)}
+             "setup_timeout_ms": (1, 86_400_000), "task_timeout_ms": (1, 86_400_000)}
 
 
 def is_mooncake(config: dict[str, Any] | None) -> bool:
@@ -314,7 +331,7 @@ def parse_config(config: dict[str, Any] | str | os.PathLike | None) -> dict[str,
 MAGIC = b"KVSHMC01"
 HEADER = 64
 _ALIGN = 4096
-_HDR = struct.Struct("<8sHHIQ16sQ16x")
+_HDR = struct.Struct("<8sHHIQ16sQQ8x")
 assert _HDR.size == HEADER
 ALGO_XXH3 = 1
 ALGO_BLAKE2B = 2
@@ -470,6 +487,34 @@ def _buffer(obj: Any, writable: bool, what: str) -> tuple[int, int, Any]:
     return ctypes.addressof(c), n, (mv, c)
 
 
+def _block(obj: Any, writable: bool, what: str) -> tuple[list[tuple[int, int]], int, Any]:
+    """(parts [(address, size)], total size, keep-alive) of one block: a host
+    buffer, or a list of them (the block is their concatenation)."""
+    if isinstance(obj, list):
+        parts, keep, n = [], [], 0
+        for j, o in enumerate(obj):
+            a, m, k = _buffer(o, writable, "%s part %d" % (what, j))
+            if m:
+                parts.append((a, m))
+                n += m
+            keep.append(k)
+        return parts, n, keep
+    a, m, k = _buffer(obj, writable, what)
+    return ([(a, m)] if m else []), m, k
+
+
+def _gather(dst: int, parts: list[tuple[int, int]]) -> None:
+    for a, m in parts:
+        _memmove(dst, a, m)
+        dst += m
+
+
+def _scatter(src: int, parts: list[tuple[int, int]]) -> None:
+    for a, m in parts:
+        _memmove(a, src, m)
+        src += m
+
+
 class _Staging:
     """Registered staging memory: first-fit extents, freed extents merged;
     extents whose transfer failed in a way that may still write them are
@@ -546,13 +591,20 @@ class BlockTask:
     ``exception()`` / ``raise_for_errors()`` for the first error that is not a
     miss. ``done``, ``ok`` and ``error`` (a message) are attributes."""
 
-    def __init__(self, op: str, keys: list[str], bufs: list[tuple[int, int, Any]]):
+    def __init__(self, op: str, keys: list[str], bufs: list[tuple[list, int, Any]],
+                 tags: list[int] | None = None):
         self.op = op
         self.keys = keys
         self._bufs = bufs
+        self._tags = tags
         self._res = [_PENDING] * len(keys)
         self._left = len(keys)
         self._lock = threading.Lock()
+        # held while the store reads or writes the caller's buffers; cancel()
+        # takes it, so no access is in progress or to come once it returned
+        self._io = threading.Lock()
+        self._cancelled = False
+        self._mismatch: set[int] = set()
         self._ev = threading.Event()
         self.error: str | None = None
         self._error_code = 0
@@ -605,6 +657,25 @@ class BlockTask:
     def failed(self) -> list[int]:
         return [i for i, r in enumerate(self.results()) if r not in (0, _PENDING)]
 
+    def mismatches(self) -> list[int]:
+        """Misses of a load whose key held an object that did not match
+        (another length, tag, key or checksum; not written by kvshelf)."""
+        with self._lock:
+            return sorted(self._mismatch)
+
+    def cancel(self, code: int = _k.ERR_TIMEOUT, msg: str | None = None) -> list[int]:
+        """Fails the blocks not done yet with ``code`` and returns the
+        results. Once it returned, the task reads and writes none of the
+        caller's buffers any more (a copy in progress finishes first)."""
+        with self._io:
+            self._cancelled = True
+        with self._lock:
+            left = [i for i, r in enumerate(self._res) if r == _PENDING]
+        if left:
+            self._set(left, code, msg or "kvshelf.mooncake_store: the %s was cancelled with %d of %d "
+                      "blocks not done" % (self.op, len(left), len(self.keys)))
+        return self.results()
+
     def misses(self) -> list[int]:
         return [i for i, r in enumerate(self.results()) if r == _k.ERR_NOT_FOUND]
 
@@ -624,16 +695,18 @@ class BlockTask:
 
 
 class _Batch:
-    __slots__ = ("task", "idx", "off", "size", "slots", "mkeys", "sizes", "t_submit")
+    __slots__ = ("task", "idx", "off", "size", "slots", "mkeys", "sizes", "bufs", "tags")
 
     def __init__(self, task: BlockTask, idx: list[int]):
         self.task = task
         self.idx = idx
         self.off = -1
-        self.slots = [_slot(task._bufs[i][1]) for i in idx]
+        self.bufs = [task._bufs[i] for i in idx]  # the batch's own references
+        self.slots = [_slot(b[1]) for b in self.bufs]
         self.size = sum(self.slots)
         self.mkeys = [task.keys[i] for i in idx]
-        self.sizes = [HEADER + task._bufs[i][1] for i in idx]
+        self.sizes = [HEADER + b[1] for b in self.bufs]
+        self.tags = [task._tags[i] for i in idx] if task._tags is not None else [0] * len(idx)
 
 
 # ------------------------------------------------------------------ store
@@ -664,6 +737,9 @@ class MooncakeBlockStore:
         self._lock = threading.Lock()
         self._down_until = 0.0
         self._down_msg = ""
+        self._calls: dict[int, tuple[str, float]] = {}  # Mooncake calls running: thread -> (name, start)
+        # lookups run here, so that the caller waits at most task_timeout_ms
+        self._lookup_pool = concurrent.futures.ThreadPoolExecutor(2, "kvshelf-mc-lookup")
         self._st = collections.Counter()
         self._bad: collections.OrderedDict = collections.OrderedDict()
         self._algo = ALGO_XXH3 if _xxh3 is not None else ALGO_BLAKE2B
@@ -797,9 +873,39 @@ class MooncakeBlockStore:
         if self._closed:
             raise Closed("kvshelf.mooncake_store: the store is closed")
 
+    def _stalled(self) -> str | None:
+        """A message while a call into Mooncake has been running longer than
+        task_timeout_ms (tasks queued behind it could not finish in time)."""
+        limit = self.config["task_timeout_ms"] / 1000.0
+        now = time.monotonic()
+        with self._lock:
+            for name, t0 in self._calls.values():
+                if now - t0 > limit:
+                    return ("kvshelf.mooncake_store: Mooncake's %s has not returned for %.1f s "
+                            "(task_timeout_ms=%d; master %s): new calls fail at once until it does"
+                            % (name, now - t0, self.config["task_timeout_ms"],
+                               self.config["master_server_address"]))
+        return None
+
+    def _call(self, name: str, fn: Any, *args: Any) -> Any:
+        """fn(*args), a call into Mooncake, recorded while it runs."""
+        me = threading.get_ident()
+        with self._lock:
+            self._calls[me] = (name, time.monotonic())
+        try:
+            return fn(*args)
+        finally:
+            with self._lock:
+                self._calls.pop(me, None)
+
     # ----------------------------------------------------------- public
+    @property
+    def max_block(self) -> int:
+        """The largest block (bytes) this store's staging memory moves."""
+        return self._batch_bytes - HEADER
+
     def _submit(self, op: str, keys: Sequence[bytes | str], buffers: Sequence[Any],
-                block: bool, timeout: float | None) -> BlockTask:
+                block: bool, timeout: float | None, tags: Any = None) -> BlockTask:
         self._check_open()
         keys = list(keys)
         buffers = list(buffers)
@@ -807,15 +913,31 @@ class MooncakeBlockStore:
             raise InvalidArgument("kvshelf.mooncake_store: %s: %d keys but %d buffers"
                                   % (op, len(keys), len(buffers)))
         mkeys = [mooncake_key(k) for k in keys]
-        bufs = [_buffer(b, op == "load", "kvshelf.mooncake_store: %s: buffer %d" % (op, i))
+        bufs = [_block(b, op == "load", "kvshelf.mooncake_store: %s: buffer %d" % (op, i))
                 for i, b in enumerate(buffers)]
         for i, (_, n, _) in enumerate(bufs):
             if _slot(n) > self._batch_bytes:
                 raise TooLarge("kvshelf.mooncake_store: %s: block %d is %d bytes; staging_size=%d "
                                "holds blocks of at most %d bytes (staging_size/2 less the header)"
                                % (op, i, n, self._staging.size, self._batch_bytes - HEADER))
-        task = BlockTask(op, mkeys, bufs)
+        if tags is not None:
+            if isinstance(tags, int):
+                tags = [tags] * len(mkeys)
+            else:
+                tags = [int(t) for t in tags]
+                if len(tags) != len(mkeys):
+                    raise InvalidArgument("kvshelf.mooncake_store: %s: %d keys but %d tags"
+                                          % (op, len(mkeys), len(tags)))
+            if any(not 0 <= t < 1 << 64 for t in tags):
+                raise InvalidArgument("kvshelf.mooncake_store: %s: a tag is not a 64-bit "
+                                      "unsigned integer" % op)
+        task = BlockTask(op, mkeys, bufs, tags)
         if not mkeys:
+            return task
+        stall = self._stalled()
+        if stall:
+            self._count_fail(op, len(mkeys), _k.ERR_TIMEOUT, stall)
+            task._set(range(len(mkeys)), _k.ERR_TIMEOUT, stall)
             return task
         if timeout is None:
             timeout = self.config["timeout_ms"] / 1000.0
@@ -833,21 +955,43 @@ class MooncakeBlockStore:
         return task
 
     def dump(self, keys: Sequence[bytes | str], buffers: Sequence[Any], *, block: bool = True,
-             timeout: float | None = None) -> BlockTask:
-        """Stores ``buffers[i]`` under ``keys[i]``. Returns a task at once;
+             timeout: float | None = None, tags: Any = None) -> BlockTask:
+        """Stores ``buffers[i]`` under ``keys[i]`` (a buffer may be a list of
+        buffers: the block is their concatenation). Returns a task at once;
         while ``max_inflight`` tasks are queued it waits for room (up to
         ``timeout``, default ``timeout_ms``; ``block=False``: not at all) and
         then raises ``kvshelf.Busy``. The buffers must stay unchanged until
-        the task is done."""
-        return self._submit("dump", keys, buffers, block, timeout)
+        the task is done (or cancelled). ``tags``: one 64-bit int for every
+        block or one per block, stored in the header and compared on load."""
+        return self._submit("dump", keys, buffers, block, timeout, tags)
+
+    def finish(self, task: BlockTask, timeout: float | None = None) -> list[int]:
+        """Waits for ``task`` at most ``timeout`` seconds (default: until
+        ``task_timeout_ms`` after its submission), then fails the blocks not
+        done with ``ERR_TIMEOUT`` (``BlockTask.cancel``: the caller's buffers
+        are not touched any more) and returns the per-block results. Never
+        raises for the task's own failures."""
+        if timeout is None:
+            timeout = task.submitted + self.config["task_timeout_ms"] / 1000.0 - time.monotonic()
+        if task.wait(max(0.0, timeout)):
+            return task.results()
+        msg = ("kvshelf.mooncake_store: the %s of %d blocks was not done within %.1f s "
+               "(task_timeout_ms=%d, master %s): the blocks left fail with ERR_TIMEOUT"
+               % (task.op, len(task.keys), time.monotonic() - task.submitted,
+                  self.config["task_timeout_ms"], self.config["master_server_address"]))
+        with self._lock:
+            self._st["timeouts"] += 1
+            self._st["last_error"] = msg
+        return task.cancel(_k.ERR_TIMEOUT, msg)
 
     def load(self, keys: Sequence[bytes | str], buffers: Sequence[Any], *, block: bool = True,
-             timeout: float | None = None) -> BlockTask:
+             timeout: float | None = None, tags: Any = None) -> BlockTask:
         """Reads the block under ``keys[i]`` into ``buffers[i]`` (its size is
         the block's). A block missing, or whose stored object does not match
         (header, length, key, checksum), is a miss: ``ERR_NOT_FOUND``, its
-        buffer untouched."""
-        return self._submit("load", keys, buffers, block, timeout)
+        buffer untouched (a list of buffers: the parts the block is scattered
+        into). ``tags``: as for ``dump``; another stored tag is a miss."""
+        return self._submit("load", keys, buffers, block, timeout, tags)
 
     def wait(self, task: BlockTask, timeout: float | None = None) -> list[int]:
         """Waits for ``task`` and returns its per-block results. Raises
@@ -863,8 +1007,21 @@ class MooncakeBlockStore:
         msg = self._unreachable()
         if msg:
             raise ConnectionFailed(msg)
+        msg = self._stalled()
+        if msg:
+            raise Timeout(msg)
+        fut = self._lookup_pool.submit(self._call, "batch_is_exist", self._mc.batch_is_exist, mkeys)
         try:
-            r = list(self._mc.batch_is_exist(mkeys))
+            r = list(fut.result(self.config["task_timeout_ms"] / 1000.0))
+        except concurrent.futures.TimeoutError:
+            msg = ("kvshelf.mooncake_store: lookup of %d keys: Mooncake's batch_is_exist did not "
+                   "return within task_timeout_ms=%d (master %s)"
+                   % (len(mkeys), self.config["task_timeout_ms"], self.config["master_server_address"]))
+            with self._lock:
+                self._st["lookup_errors"] += 1
+                self._st["timeouts"] += 1
+                self._st["last_error"] = msg
+            raise Timeout(msg) from None
         except Exception as e:  # noqa: BLE001
             raise InternalError("kvshelf.mooncake_store: Mooncake's batch_is_exist raised %s: %s"
                                 % (type(e).__name__, e)) from None
@@ -936,7 +1093,7 @@ class MooncakeBlockStore:
     COUNTERS = ("dumped", "dumped_bytes", "dump_errors", "dump_misses", "loaded", "loaded_bytes",
                 "load_misses", "load_errors", "mismatch", "lookups", "lookup_hits",
                 "lookup_errors", "rewritten", "put_calls", "put_seconds", "get_calls",
-                "get_seconds", "busy", "unreachable_events", "staging_retire_events")
+                "get_seconds", "busy", "unreachable_events", "staging_retire_events", "timeouts")
 
     def stats(self) -> dict[str, Any]:
         """Counters (blocks, bytes, Mooncake calls and their seconds, misses,
@@ -1007,6 +1164,7 @@ class MooncakeBlockStore:
             pass
         self._t1.join(max(0.1, deadline - time.monotonic()))
         self._t2.join(max(0.1, deadline - time.monotonic()))
+        self._lookup_pool.shutdown(wait=False)
         quiet = not self._t1.is_alive() and not self._t2.is_alive()
         if quiet:
             try:
@@ -1028,6 +1186,12 @@ class MooncakeBlockStore:
 
     # ---------------------------------------------------------- workers
     def _batches(self, task: BlockTask) -> list[_Batch]:
+        with task._io:
+            if task._cancelled or task.done:
+                return []
+            return self._cut(task)
+
+    def _cut(self, task: BlockTask) -> list[_Batch]:
         out, cur, cur_bytes = [], [], 0
         for i, (_, n, _) in enumerate(task._bufs):
             s = _slot(n)
@@ -1060,6 +1224,8 @@ class MooncakeBlockStore:
                 self._mid.put(None)
                 return
             for b in self._batches(task):
+                if task._cancelled:  # finish() gave up on it: its results are set
+                    continue
                 if self._stop.is_set():
                     self._fail(b, _k.ERR_CLOSED, "kvshelf.mooncake_store: closed")
                     continue
@@ -1109,13 +1275,19 @@ class MooncakeBlockStore:
         base = self._staging.base + off
         task = b.task
         if task.op == "dump":
+            with task._io:  # the caller's buffers are read only here
+                if task._cancelled:
+                    self._release(b)
+                    return
+                pos = base
+                for j, (parts, n, _) in enumerate(b.bufs):
+                    _gather(pos + HEADER, parts)
+                    pos += b.slots[j]
             pos = base
-            for j, i in enumerate(b.idx):
-                addr, n, _ = task._bufs[i]
-                if n:
-                    _memmove(pos + HEADER, addr, n)
+            for j, (parts, n, _) in enumerate(b.bufs):
                 cs = _checksum(self._algo, pos + HEADER, n)
-                hdr = _HDR.pack(MAGIC, 1, self._algo, HEADER, n, _key_hash(b.mkeys[j]), cs)
+                hdr = _HDR.pack(MAGIC, 1, self._algo, HEADER, n, _key_hash(b.mkeys[j]), cs,
+                                b.tags[j])
                 ctypes.memmove(pos, hdr, HEADER)
                 pos += b.slots[j]
             self._mid.put(b)
@@ -1130,7 +1302,7 @@ class MooncakeBlockStore:
     def _transfer_get(self, b: _Batch, ptrs: list[int]) -> None:
         t0 = time.monotonic()
         try:
-            r = list(self._mc.batch_get_into(b.mkeys, ptrs, b.sizes))
+            r = list(self._call("batch_get_into", self._mc.batch_get_into, b.mkeys, ptrs, b.sizes))
         except Exception as e:  # noqa: BLE001
             self._release(b, retire=True)
             self._fail(b, _k.ERR_INTERNAL, "kvshelf.mooncake_store: Mooncake's batch_get_into "
@@ -1210,15 +1382,16 @@ class MooncakeBlockStore:
             self._st["put_calls"] += 1
             self._st["put_seconds"] += dt
             self._st["dumped"] += len(ok)
-            self._st["dumped_bytes"] += sum(task._bufs[i][1] for i in ok) if ok else 0
+            okset = set(ok)
+            self._st["dumped_bytes"] += sum(b.bufs[j][1] for j, i in enumerate(b.idx) if i in okset)
         task._set(ok, 0)
 
     def _put(self, fn: str, keys: list[str], ptrs: list[int], sizes: list[int]) -> list[int]:
         call = getattr(self._mc, fn)
         if self._replicate is not None:
-            r = call(keys, ptrs, sizes, self._replicate)
+            r = self._call(fn, call, keys, ptrs, sizes, self._replicate)
         else:
-            r = call(keys, ptrs, sizes)
+            r = self._call(fn, call, keys, ptrs, sizes)
         r = list(r)
         return r + [-1] * (len(keys) - len(r))
 
@@ -1232,10 +1405,10 @@ class MooncakeBlockStore:
 
     def _finish_load(self, b: _Batch, ptrs: list[int], r: list[int]) -> None:
         task = b.task
-        ok, miss, retire, rpc = [], [], False, 0
+        ok, good, miss, bad, retire, rpc = [], [], [], [], False, 0
         for j, i in enumerate(b.idx):
             rc = r[j] if j < len(r) else -1
-            addr, n, _ = task._bufs[i]
+            n = b.bufs[j][1]
             if rc < 0:
                 if rc not in _SAFE_GET:
                     retire = True
@@ -1244,6 +1417,7 @@ class MooncakeBlockStore:
                 if code == _k.ERR_NOT_FOUND:
                     if rc == -600:  # larger than the block: not ours
                         self._mark_bad(b.mkeys[j])
+                        bad.append(i)
                     miss.append(i)
                 else:
                     m = ("kvshelf.mooncake_store: load of %r: Mooncake's batch_get_into: %s, "
@@ -1252,13 +1426,20 @@ class MooncakeBlockStore:
                     self._count_fail("load", 1, code, m)
                     task._set([i], code, m)
                 continue
-            if not self._check(ptrs[j], rc, b.mkeys[j], n):
+            if not self._check(ptrs[j], rc, b.mkeys[j], n, b.tags[j]):
                 miss.append(i)
+                bad.append(i)
                 self._mark_bad(b.mkeys[j])
                 continue
-            if n:
-                _memmove(addr, ptrs[j] + HEADER, n)
-            ok.append(i)
+            good.append(j)
+        with task._io:  # the caller's buffers are written only here
+            if not task._cancelled:
+                for j in good:
+                    _scatter(ptrs[j] + HEADER, b.bufs[j][0])
+                    ok.append(b.idx[j])
+        if bad:
+            with task._lock:
+                task._mismatch.update(bad)
         self._release(b, retire=retire)
         if retire:
             with self._lock:
@@ -1267,18 +1448,19 @@ class MooncakeBlockStore:
             self._mark_down("batch_get_into: %s" % mc_name(-900))
         with self._lock:
             self._st["loaded"] += len(ok)
-            self._st["loaded_bytes"] += sum(task._bufs[i][1] for i in ok) if ok else 0
+            self._st["loaded_bytes"] += sum(b.bufs[j][1] for j in good) if ok else 0
         if miss:
             self._count_fail("load", len(miss), _k.ERR_NOT_FOUND, None)
             task._set(miss, _k.ERR_NOT_FOUND)
         task._set(ok, 0)
 
-    def _check(self, p: int, got: int, mkey: str, n: int) -> bool:
-        """Is the object at p (got bytes) this key's block of n bytes?"""
+    def _check(self, p: int, got: int, mkey: str, n: int, tag: int = 0) -> bool:
+        """Is the object at p (got bytes) this key's block of n bytes, tag tag?"""
         if got != HEADER + n:
             return False
-        magic, ver, algo, hsz, length, kh, cs = _HDR.unpack(ctypes.string_at(p, HEADER))
-        if magic != MAGIC or ver != 1 or hsz != HEADER or length != n or kh != _key_hash(mkey):
+        magic, ver, algo, hsz, length, kh, cs, stag = _HDR.unpack(ctypes.string_at(p, HEADER))
+        if (magic != MAGIC or ver != 1 or hsz != HEADER or length != n or kh != _key_hash(mkey)
+                or stag != tag):
             return False
         want = _checksum(algo, p + HEADER, n)
         return want is not None and want == cs

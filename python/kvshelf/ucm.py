@@ -117,6 +117,13 @@ vice versa (never wrong bytes). ``lookup``/``commit`` see both kinds. V1
 ``dump_data``'s ``prerequisite_handle`` is handed to the connector (the
 copies wait on the event on the GPU; the caller's thread never blocks).
 
+Mooncake: with ``"store": "mooncake"`` in the configuration (and Mooncake's
+keys: ``master_server_address`` of a ``mooncake_master``, its
+``metadata_server``, ...) both stores keep their blocks in a Mooncake Store
+instead of kvshelf's pool, with the same calls and results; host memory only
+in this version (CUDA memory is refused at the call). See
+``kvshelf.ucm_mooncake``.
+
 If the ``ucm`` package is importable the classes subclass its base classes
 and are registered with its factories: the legacy factory's
 ``UcmKVShelfStore`` is the legacy store, the V1 factory's ``UcmKVShelfStore``
@@ -416,13 +423,25 @@ class _ConnFuture:
         return self._res
 
 
+def _open_client(config: Dict[str, Any], name: str) -> Any:
+    """The store's client: kvshelf's pool (``kvshelf.Client``), or with
+    ``"store": "mooncake"`` a Mooncake Store (``kvshelf.ucm_mooncake.
+    MooncakeClient``: the same methods over ``MooncakeBlockStore``, host
+    memory only). The one place where the two differ."""
+    from . import ucm_mooncake
+
+    if ucm_mooncake.selected_store(config) == "mooncake":
+        return ucm_mooncake.MooncakeClient(config, name)
+    return Client(store_config(config))
+
+
 class _StoreCore:
     """Shared machinery: a client, I/O threads, task bookkeeping."""
 
     def _core_init(self, config: Dict[str, Any] | None, name: str) -> None:
         config = dict(config or {})
         self._name = name
-        self._client = Client(store_config(config))
+        self._client = _open_client(config, name)
         threads = int(config.get("io_threads", 2))
         self._io = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix=f"kvshelf-{name}")
         self._lock = threading.Lock()
@@ -440,6 +459,9 @@ class _StoreCore:
 
     # ---- device memory: one connector per CUDA device, opened on first use ----
     def _connector(self, device: int):
+        refuse = getattr(self._client, "refuse_device", None)
+        if refuse is not None:  # a client that moves host memory only (Mooncake): a clear error
+            refuse(device)
         with self._conn_lock:
             if self._shutting_down:
                 raise _k.Closed(f"{self._name} is shutting down")
@@ -951,7 +973,7 @@ class UcmKVShelfStoreV1(_StoreCore, UcmKVStoreBaseV1):
         self._host_conn = _cfg_bool(config, "host_connector")
         self._bkeys: Any = None  # (ids of the last call, their block keys)
         self._dev_ranges = _kv_ranges(config, geo.device_id)
-        if geo.device_id >= 0:
+        if geo.device_id >= 0 and not getattr(self._client, "host_only", False):
             try:
                 self._connector(geo.device_id)
             except BaseException:

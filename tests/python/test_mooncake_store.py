@@ -12,17 +12,59 @@ Skipped only where a network namespace cannot be made (not root).
 """
 import ctypes
 import hashlib
+import importlib
+import importlib.util
 import os
 import socket
 import struct
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
 import mooncake_net as mn
 
 MOD = "test_mooncake_store"
+SRC = mn.REPO / "python" / "kvshelf"
+#: kvshelf's modules the Mooncake tests take from this tree when the installed
+#: copies differ (the C extension stays the installed one): the tests test
+#: the tree without a rebuild
+OVERLAY = ("mooncake_store.py", "ucm_mooncake.py", "ucm.py")
+
+
+def use_tree_sources() -> bool:
+    """Puts this tree's python/kvshelf first on kvshelf's package path when
+    an installed copy of the modules in OVERLAY differs. Call before
+    importing them. True when the tree's sources are used."""
+    import kvshelf
+
+    inst = Path(kvshelf.__file__).resolve().parent
+    stale = [f for f in OVERLAY
+             if not (inst / f).exists() or (inst / f).read_bytes() != (SRC / f).read_bytes()]
+    if stale and str(SRC) not in kvshelf.__path__:
+        kvshelf.__path__.insert(0, str(SRC))
+    return bool(stale)
+
+
+def import_store(with_mooncake: bool = True):
+    """kvshelf.mooncake_store as this tree has it (see use_tree_sources);
+    with_mooncake: Mooncake's package ($KVSHELF_MC_SITE, else the venv of
+    mooncake_env.py) importable too."""
+    if with_mooncake:
+        site = os.environ.get("KVSHELF_MC_SITE") or str(mn.site_packages())
+        if site not in sys.path:
+            sys.path.append(site)
+    tree = use_tree_sources()
+    mod = importlib.import_module("kvshelf.mooncake_store")
+    if tree and Path(mod.__file__).resolve().parent != SRC:
+        # imported from the installed package earlier in this process: load the tree's copy beside it
+        spec = importlib.util.spec_from_file_location("kvshelf._tree_mooncake_store",
+                                                      SRC / "mooncake_store.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    return mod
 
 
 # ----------------------------------------------------------------- fixtures
@@ -49,7 +91,7 @@ def master(net):
 
 @pytest.fixture(scope="module")
 def ms():
-    return mn.import_store(with_mooncake=False)
+    return import_store(with_mooncake=False)
 
 
 # --------------------------------------------------- helpers (both sides)
@@ -76,7 +118,7 @@ def make_object(mkey, payload, *, magic=b"KVSHMC01", algo=1, length=None, key_fo
 
 
 def open_store(ctx, **over):
-    ms = mn.import_store()
+    ms = import_store()
     return ms, ms.MooncakeBlockStore(dict(ctx.config, **over))
 
 
@@ -167,6 +209,130 @@ def test_bad_arguments_are_clear_errors(ms):
         s.dump([b"a"], [np.zeros(8, np.uint8)])
     with pytest.raises(kvshelf.Closed):
         s.lookup([b"a"])
+
+
+class DictClient(FakeClient):
+    """An in-memory stand-in for Mooncake's client (objects in a dict); its
+    transfers and lookups wait while ``gate`` is clear."""
+
+    def __init__(self):
+        self.objs = {}
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def batch_put_from(self, keys, ptrs, sizes, upsert=False):
+        self.gate.wait()
+        r = []
+        for k, p, n in zip(keys, ptrs, sizes):
+            if k in self.objs and not upsert:
+                r.append(-705)
+            else:
+                self.objs[k] = ctypes.string_at(p, n)
+                r.append(0)
+        return r
+
+    def batch_upsert_from(self, keys, ptrs, sizes):
+        return self.batch_put_from(keys, ptrs, sizes, upsert=True)
+
+    def batch_get_into(self, keys, ptrs, sizes):
+        self.gate.wait()
+        r = []
+        for k, p, n in zip(keys, ptrs, sizes):
+            o = self.objs.get(k)
+            if o is None:
+                r.append(-704)
+            elif len(o) > n:
+                r.append(-600)
+            else:
+                ctypes.memmove(p, o, len(o))
+                r.append(len(o))
+        return r
+
+    def batch_is_exist(self, keys):
+        self.gate.wait()
+        return [1 if k in self.objs else 0 for k in keys]
+
+
+FAKE_CFG = {"master_server_address": "10.1.2.3:50051", "metadata_server": "P2PHANDSHAKE",
+            "local_hostname": "10.1.2.4", "staging_size": "1MiB"}
+
+
+def test_parts_and_tags(ms):
+    """A block given as a list of buffers is their concatenation; a tag
+    stored with a block must match on load, else a miss (nothing copied)."""
+    import kvshelf
+    import numpy as np
+
+    NF = kvshelf._kvshelf.ERR_NOT_FOUND
+    s = ms.MooncakeBlockStore(FAKE_CFG, client=DictClient())
+    try:
+        rng = np.random.default_rng(2)
+        a = rng.integers(0, 256, 1000, dtype=np.uint8)
+        b = rng.integers(0, 256, 3000, dtype=np.uint8)
+        c = rng.integers(0, 256, 96, dtype=np.uint8)
+        whole = np.concatenate([a, b, c])
+        t = s.dump(["p1", "p2"], [[a, b, (int(c.ctypes.data), c.nbytes)], whole], tags=[7, 1 << 63])
+        assert s.wait(t, 10) == [0, 0], t.error
+        one = np.zeros(whole.size, np.uint8)
+        split = [np.zeros(2500, np.uint8), np.zeros(whole.size - 2500, np.uint8)]
+        assert s.wait(s.load(["p1", "p2"], [one, split], tags=[7, 1 << 63]), 10) == [0, 0]
+        assert np.array_equal(one, whole) and np.array_equal(np.concatenate(split), whole)
+        # another tag, or none: a miss, the buffer untouched
+        for tags in (8, None):
+            out = np.full(whole.size, 0xEE, np.uint8)
+            t = s.load(["p1"], [out], tags=tags)
+            assert s.wait(t, 10) == [NF] and t.mismatches() == [0] and (out == 0xEE).all()
+        t = s.load(["absent"], [np.zeros(8, np.uint8)], tags=7)
+        assert s.wait(t, 10) == [NF] and t.mismatches() == []
+        with pytest.raises(kvshelf.InvalidArgument, match="2 keys but 1 tags"):
+            s.dump(["x", "y"], [a, b], tags=[1])
+        with pytest.raises(kvshelf.InvalidArgument, match="64-bit"):
+            s.dump(["x"], [a], tags=-1)
+        assert s.stats()["mismatch"] == 2
+    finally:
+        s.close()
+
+
+def test_finish_cancels_and_stalls_fail_fast(ms):
+    """finish() bounds a task by task_timeout_ms: what is left fails with
+    ERR_TIMEOUT and the caller's buffer is never written afterwards; while a
+    call into Mooncake hangs past task_timeout_ms, new calls fail at once."""
+    import kvshelf
+    import numpy as np
+
+    c = DictClient()
+    s = ms.MooncakeBlockStore(dict(FAKE_CFG, task_timeout_ms=300), client=c)
+    try:
+        src = np.arange(4096, dtype=np.uint32).view(np.uint8)
+        assert s.wait(s.dump(["k"], [src]), 10) == [0]
+        c.gate.clear()  # Mooncake's calls now hang
+        dst = np.full(src.size, 0xEE, np.uint8)
+        t0 = time.monotonic()
+        t = s.load(["k"], [dst])
+        assert s.finish(t) == [kvshelf._kvshelf.ERR_TIMEOUT]
+        took = time.monotonic() - t0
+        assert 0.25 < took < 2.0, took
+        assert isinstance(t.exception(), kvshelf.Timeout) and "task_timeout_ms=300" in t.error
+        time.sleep(0.3)  # the call has hung longer than task_timeout_ms now
+        t0 = time.monotonic()
+        t2 = s.dump(["k2"], [src])
+        assert t2.done and t2.results() == [kvshelf._kvshelf.ERR_TIMEOUT] and "has not returned" in t2.error
+        with pytest.raises(kvshelf.Timeout, match="has not returned"):
+            s.lookup(["k"])
+        assert time.monotonic() - t0 < 0.5
+        c.gate.set()  # the hung call returns: its bytes are not copied into the cancelled task's buffer
+        deadline = time.monotonic() + 5
+        while s._calls and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.1)
+        assert (dst == 0xEE).all()
+        out = np.zeros(src.size, np.uint8)
+        assert s.wait(s.load(["k"], [out]), 10) == [0] and np.array_equal(out, src)
+        assert s.lookup(["k", "k2"]) == [True, False]
+        assert s.stats()["timeouts"] >= 1
+    finally:
+        c.gate.set()
+        s.close()
 
 
 # ==================================================== against Mooncake
@@ -458,7 +624,7 @@ def test_master_killed_clear_errors_no_hang(master):
 def scenario_setup_errors(ctx):
     import kvshelf
 
-    ms = mn.import_store()
+    ms = import_store()
     out = {}
     # nothing listens at the master's address: at once, not after Mooncake's ~90 s
     sock = socket.socket()
