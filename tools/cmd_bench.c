@@ -529,7 +529,7 @@ static void aggregate(result *res, worker *w, int nw, int row)
         a->bytes += r->bytes;
         for (int k = 0; k < NERR; k++) a->errs[k] += r->errs[k];
         if (r->lat_max > a->lat_max) a->lat_max = r->lat_max;
-        if (a->lat) {
+        if (a->lat && r->nlat) { /* a thread that recorded nothing may have no array */
             memcpy(a->lat + a->nlat, r->lat, r->nlat * sizeof(uint64_t));
             a->nlat += r->nlat;
         }

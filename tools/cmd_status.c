@@ -168,6 +168,19 @@ static void print_table(const char *master, int embedded, const cJSON *root)
     printf("capacity    %s, used %s (%.1f%%)\n", a, b, cap > 0 ? 100.0 * used / cap : 0.0);
     printf("objects     %.0f stored, %.0f being written, %.0f read leases\n",
            num(root, "objects"), num(root, "writing"), num(root, "leases"));
+    const cJSON *rec = cJSON_GetObjectItemCaseSensitive(root, "recovery");
+    if (cJSON_IsObject(rec)) {
+        if (cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(rec, "complete")))
+            printf("recovery    complete after %.1f s: %.0f objects taken back from the "
+                   "segments' directories, %.0f entries refused\n",
+                   num(rec, "complete_after_ms") / 1000.0, num(rec, "objects_recovered"),
+                   num(rec, "entries_refused"));
+        else
+            printf("recovery    COLLECTING: %.0f segment(s) handed in their directory, %.0f "
+                   "pending; %.0f objects taken back so far (lookups of the rest miss)\n",
+                   num(rec, "segments_collected"), num(rec, "segments_pending"),
+                   num(rec, "objects_recovered"));
+    }
     const cJSON *segs = cJSON_GetObjectItemCaseSensitive(root, "segments");
     int ns = cJSON_IsArray(segs) ? cJSON_GetArraySize(segs) : 0;
     printf("\nsegments (%d)\n", ns);

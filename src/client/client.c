@@ -24,6 +24,9 @@
 #define DEFAULT_LEASE_MS 5000
 #define RETIRE_GRACE_MS 30000
 #define POOL_SEGMENT_WAIT_MS 5000 /* after a (re)connect, do not retire absent segments */
+#define DIR_LOAD_BATCH 4096 /* directory entries per DIR_LOAD */
+#define DIR_PARK_MS 250     /* a DIR_SYNC with nothing to do waits this long at the master */
+#define DIR_RETRY_MS 100    /* after a failed DIR_SYNC */
 
 static void seterr(char *err, size_t errlen, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
@@ -61,13 +64,86 @@ uint32_t kvs_client_gen(kvs_client *c)
 
 /* ---- master connection ---- */
 
+/* Sends one DIR_LOAD of entries v[0..n) (last: the final, empty one) and
+ * unlists every entry the master refused. KVS_OK or the call's error. */
+static int load_batch(kvs_client *c, kvs_rpc *rpc, uint64_t client_id, uint32_t seg_id,
+                      const kvs_dir_entry *v, uint32_t n, int last, uint64_t *refused)
+{
+    kvs_wbuf w;
+    kvs_wbuf_init(&w);
+    kvs_wbuf_u64(&w, client_id);
+    kvs_wbuf_u32(&w, seg_id);
+    kvs_wbuf_u8(&w, last ? 1 : 0);
+    kvs_wbuf_u32(&w, n);
+    for (uint32_t i = 0; i < n; i++) {
+        kvs_wbuf_bytes(&w, v[i].key, v[i].key_len);
+        kvs_wbuf_u64(&w, v[i].offset);
+        kvs_wbuf_u64(&w, v[i].size);
+    }
+    if (w.err) {
+        kvs_wbuf_free(&w);
+        return KVS_ERR_NOMEM;
+    }
+    uint8_t *resp = NULL;
+    uint32_t len = 0;
+    int rc = kvs_rpc_call(rpc, KVS_MSG_DIR_LOAD, w.data, w.len, c->timeout_ms, &resp, &len);
+    kvs_wbuf_free(&w);
+    if (rc) return rc;
+    kvs_rbuf r;
+    kvs_rbuf_init(&r, resp, len);
+    uint32_t m = kvs_rbuf_u32(&r);
+    if (m != n) r.err = KVS_ERR_PROTO;
+    for (uint32_t i = 0; i < n && !r.err; i++) {
+        int st = kvs_rbuf_i32(&r);
+        if (!r.err && st != KVS_OK) { /* gone from the directory before `last` */
+            kvs_dir_del(c->dir, v[i].offset);
+            (*refused)++;
+        }
+    }
+    rc = kvs_rbuf_finish(&r);
+    free(resp);
+    return rc;
+}
+
+/* Hands the segment's directory (the snapshot v[0..n) taken before MOUNT)
+ * to the master that just mounted it (DIR_LOAD, proto.h): every listed
+ * object becomes a hit again. Entries the master refuses are unlisted
+ * before the final DIR_LOAD, after which the master places new objects in
+ * the segment. */
+static int load_directory(kvs_client *c, kvs_rpc *rpc, uint64_t client_id, uint32_t seg_id,
+                          const kvs_dir_entry *v, uint64_t n)
+{
+    uint64_t refused = 0;
+    uint64_t t0 = kvs_now_ms();
+    int rc = KVS_OK;
+    for (uint64_t i = 0; rc == KVS_OK && i < n; i += DIR_LOAD_BATCH) {
+        uint32_t k = (uint32_t)KVS_MIN(n - i, (uint64_t)DIR_LOAD_BATCH);
+        rc = load_batch(c, rpc, client_id, seg_id, v + i, k, 0, &refused);
+    }
+    if (rc == KVS_OK) rc = load_batch(c, rpc, client_id, seg_id, NULL, 0, 1, &refused);
+    if (rc != KVS_OK)
+        KVS_LOGW("client: handing the segment's directory to the master failed: %s",
+                 kvs_strerror(rc));
+    else
+        KVS_LOGI("client: segment %u: %llu objects of its directory handed to the master "
+                 "(%llu refused) in %llu ms",
+                 seg_id, (unsigned long long)(n - refused), (unsigned long long)refused,
+                 (unsigned long long)(kvs_now_ms() - t0));
+    return rc;
+}
+
 /* MOUNTs our segment on a fresh connection; returns the segment id. A
  * segment mounted before is fenced first past every epoch any earlier
  * registration handed out (an earlier master, or ours before we expired:
  * at most its control page's epoch + 1, proto.h "Write epochs"), so that no
  * write reserved under one can land in space the master hands out again. A
- * fresh segment (epoch 1, never mounted) had no writers: no fence. */
-static int mount_segment(kvs_client *c, kvs_rpc *rpc, uint64_t client_id, uint32_t *seg_id)
+ * fresh segment (epoch 1, never mounted) had no writers: no fence. With a
+ * directory, MOUNT says so and its entries follow (DIR_LOAD): the master
+ * rebuilds its index of this segment from them (a restarted master, or
+ * this one after our registration expired). *reg_out gets the directory
+ * registration this MOUNT started (0 without a directory). */
+static int mount_segment(kvs_client *c, kvs_rpc *rpc, uint64_t client_id, uint32_t *seg_id,
+                         uint64_t *reg_out)
 {
     uint64_t epoch = kvs_segment_epoch(&c->seg);
     if (atomic_load(&c->seg_mounted)) {
@@ -88,7 +164,17 @@ static int mount_segment(kvs_client *c, kvs_rpc *rpc, uint64_t client_id, uint32
     kvs_wbuf_str(&w, kvs_xfer_server_addr(c->xsrv));
     kvs_wbuf_put(&w, c->host_id, KVS_HOST_ID_LEN);
     kvs_wbuf_u64(&w, epoch);
+    /* changes fetched for an earlier registration are refused from now on,
+     * so the snapshot is what this registration starts from */
+    uint64_t dir_reg = c->dir ? kvs_dir_new_registration(c->dir) : 0;
+    *reg_out = dir_reg;
+    kvs_dir_entry *dv = NULL;
+    uint64_t dn = 0;
+    if (c->dir && kvs_dir_snapshot(c->dir, &dv, &dn) != KVS_OK) w.err = KVS_ERR_NOMEM;
+    /* an empty directory needs no DIR_LOAD: the segment is collected at once */
+    kvs_wbuf_u32(&w, !c->dir ? 0 : dn ? KVS_MOUNT_F_DIR : KVS_MOUNT_F_DIR | KVS_MOUNT_F_DIR_EMPTY);
     if (w.err) {
+        free(dv);
         kvs_wbuf_free(&w);
         return KVS_ERR_NOMEM;
     }
@@ -98,12 +184,17 @@ static int mount_segment(kvs_client *c, kvs_rpc *rpc, uint64_t client_id, uint32
     atomic_store(&c->seg_mounted, 1);
     int rc = kvs_rpc_call(rpc, KVS_MSG_MOUNT, w.data, w.len, c->timeout_ms, &resp, &len);
     kvs_wbuf_free(&w);
-    if (rc) return rc;
+    if (rc) {
+        free(dv);
+        return rc;
+    }
     kvs_rbuf r;
     kvs_rbuf_init(&r, resp, len);
     *seg_id = kvs_rbuf_u32(&r);
     rc = kvs_rbuf_finish(&r);
     free(resp);
+    if (rc == KVS_OK && dn) rc = load_directory(c, rpc, client_id, *seg_id, dv, dn);
+    free(dv);
     return rc;
 }
 
@@ -158,8 +249,9 @@ static int connect_master(kvs_client *c, int timeout_ms, char *err, size_t errle
     }
     if (c->embedded && !c->opts.no_spawn) wait_pool_segment(c, rpc);
     uint32_t seg_id = 0;
+    uint64_t dir_reg = 0;
     if (c->have_seg) {
-        rc = mount_segment(c, rpc, hi.client_id, &seg_id);
+        rc = mount_segment(c, rpc, hi.client_id, &seg_id, &dir_reg);
         if (rc) {
             seterr(err, errlen, "cannot mount the segment at the master %s: %s", c->master_text,
                    kvs_strerror(rc));
@@ -183,6 +275,7 @@ static int connect_master(kvs_client *c, int timeout_ms, char *err, size_t errle
     c->lease_ms = hi.lease_ms ? hi.lease_ms : DEFAULT_LEASE_MS;
     c->gen++;
     c->seg_id = seg_id;
+    c->dir_reg = dir_reg;
     c->connected_ms = kvs_now_ms();
     int reconnect = c->gen > 1;
     pthread_mutex_unlock(&c->mu);
@@ -555,6 +648,123 @@ static void *hb_main(void *arg)
     return NULL;
 }
 
+/* ---- directory sync thread ---- */
+
+/* Applies one DIR_SYNC reply under registration `reg`. Returns 1 if the
+ * batch was applied (its seq in *seq, 0 if empty; *dels: it unlisted
+ * something; *more: more changes wait), 0 if it must not be acknowledged
+ * (malformed, or a newer registration started meanwhile). */
+static int apply_dir_batch(kvs_client *c, uint64_t reg, const uint8_t *resp, uint32_t len,
+                           uint64_t *seq, int *dels, int *more)
+{
+    kvs_rbuf r;
+    kvs_rbuf_init(&r, resp, len);
+    *seq = kvs_rbuf_u64(&r);
+    *more = kvs_rbuf_u8(&r) != 0;
+    uint32_t n = kvs_rbuf_u32(&r);
+    *dels = 0;
+    for (uint32_t i = 0; i < n && !r.err; i++) {
+        uint8_t op = kvs_rbuf_u8(&r);
+        uint64_t off = kvs_rbuf_u64(&r), size = kvs_rbuf_u64(&r), obj = kvs_rbuf_u64(&r);
+        uint32_t kl = 0;
+        const uint8_t *key = kvs_rbuf_bytes(&r, KVS_KEY_MAX, &kl);
+        if (r.err) break;
+        if (op == 2) { /* unlisting is always safe, whatever the registration */
+            kvs_dir_del(c->dir, off);
+            *dels = 1;
+        } else if (op == 1) {
+            int rc = kvs_dir_add_if(c->dir, reg, key, kl, off, size, obj);
+            if (rc == KVS_ERR_UNAVAILABLE) return 0;
+            if (rc == KVS_ERR_NO_SPACE) {
+                static kvs_log_limit lim;
+                kvs_log_limited(&lim, 10000, KVS_LOG_WARN,
+                                "client: the segment's directory is full (%llu entries): "
+                                "objects beyond it are not kept across a master restart "
+                                "(KVSHELF_DIR_SLOTS)",
+                                (unsigned long long)kvs_dir_capacity(c->dir));
+            }
+        } else {
+            r.err = KVS_ERR_PROTO;
+        }
+    }
+    if (kvs_rbuf_finish(&r) != KVS_OK) {
+        KVS_LOGW("client: malformed DIR_SYNC reply");
+        return 0;
+    }
+    return 1;
+}
+
+/* Keeps the segment's directory in step with the master (DIR_SYNC): lists
+ * objects the master declared complete, unlists those it dropped, and
+ * acknowledges each batch (in the next request) so that the master may
+ * reuse unlisted space. A request with nothing to do waits at the master
+ * until a change comes (at most DIR_PARK_MS), so removals are heard of at
+ * once without polling. */
+static void *dir_main(void *arg)
+{
+    kvs_client *c = arg;
+    uint64_t my_reg = 0, ack = 0, wait_ms = 0;
+    uint32_t park_ms = (uint32_t)KVS_MIN(DIR_PARK_MS, KVS_MAX(c->timeout_ms / 2, 1));
+    pthread_mutex_lock(&c->hb_mu);
+    while (!c->hb_stop) {
+        if (wait_ms) {
+            struct timespec ts;
+            clock_gettime(CLOCK_MONOTONIC, &ts);
+            uint64_t ns = (uint64_t)ts.tv_nsec + wait_ms * 1000000ull;
+            ts.tv_sec += (time_t)(ns / 1000000000ull);
+            ts.tv_nsec = (long)(ns % 1000000000ull);
+            pthread_cond_timedwait(&c->hb_cv, &c->hb_mu, &ts);
+            if (c->hb_stop) break;
+        }
+        pthread_mutex_unlock(&c->hb_mu);
+        wait_ms = DIR_RETRY_MS; /* unless the call below succeeds */
+        kvs_conn_ref cr;
+        pthread_mutex_lock(&c->mu);
+        int connected = c->rpc && kvs_rpc_alive(c->rpc);
+        uint32_t seg = c->seg_id;
+        uint64_t reg = c->dir_reg;
+        pthread_mutex_unlock(&c->mu);
+        if (!connected) {
+            /* the master went away: reconnect now (paced by the back-off),
+             * not at the next heartbeat, so that a restarted master gets
+             * this segment's directory back within a second or so */
+            if (kvs_conn_get(c, &cr) == KVS_OK) {
+                kvs_conn_put(&cr);
+                wait_ms = 0;
+            }
+        } else if (seg && kvs_conn_get(c, &cr) == KVS_OK) {
+            if (reg != my_reg) { /* a new MOUNT: its batches count from 1 */
+                my_reg = reg;
+                ack = 0;
+            }
+            kvs_wbuf w;
+            kvs_wbuf_init(&w);
+            kvs_wbuf_u64(&w, cr.client_id);
+            kvs_wbuf_u32(&w, seg);
+            kvs_wbuf_u64(&w, ack);
+            kvs_wbuf_u32(&w, park_ms);
+            uint8_t *resp = NULL;
+            uint32_t len = 0;
+            int rc = kvs_conn_call(c, &cr, KVS_MSG_DIR_SYNC, &w, 1, &resp, &len);
+            kvs_wbuf_free(&w);
+            uint64_t seq = 0;
+            int dels = 0, more = 0;
+            pthread_mutex_lock(&c->mu);
+            int same = c->seg_id == seg && c->dir_reg == reg;
+            pthread_mutex_unlock(&c->mu);
+            if (rc == KVS_OK && same && apply_dir_batch(c, reg, resp, len, &seq, &dels, &more)) {
+                if (seq) ack = seq;
+                wait_ms = 0; /* ask again at once: the master paces us */
+            }
+            free(resp);
+            kvs_conn_put(&cr);
+        }
+        pthread_mutex_lock(&c->hb_mu);
+    }
+    pthread_mutex_unlock(&c->hb_mu);
+    return NULL;
+}
+
 /* ---- open / close ---- */
 
 static void client_free(kvs_client *c)
@@ -562,19 +772,26 @@ static void client_free(kvs_client *c)
     if (c->hb_started) {
         pthread_mutex_lock(&c->hb_mu);
         c->hb_stop = 1;
-        pthread_cond_signal(&c->hb_cv);
+        pthread_cond_broadcast(&c->hb_cv);
         pthread_mutex_unlock(&c->hb_mu);
         pthread_join(c->hb, NULL);
     }
-    if (c->rpc) {
-        kvs_rpc_kill(c->rpc, KVS_ERR_CLOSED);
-        kvs_rpc_unref(c->rpc);
+    if (c->rpc) kvs_rpc_kill(c->rpc, KVS_ERR_CLOSED); /* a parked DIR_SYNC returns */
+    if (c->dsync_started) {
+        pthread_mutex_lock(&c->hb_mu);
+        c->hb_stop = 1;
+        pthread_cond_broadcast(&c->hb_cv);
+        pthread_mutex_unlock(&c->hb_mu);
+        pthread_join(c->dsync, NULL);
+        c->dsync_started = 0;
     }
+    if (c->rpc) kvs_rpc_unref(c->rpc);
     kvs_xfer_server_stop(c->xsrv);
     kvs_xfer_client_free(c->xc);
     kvs_shm_cache_free(c->shm);
     kvs_loccache_free(c->lc);
     kvs_resv_free(c->resv);
+    kvs_dir_close(c->dir);
     if (c->have_seg) kvs_segment_destroy(&c->seg);
     free(c->tab);
     free(c->regs);
@@ -680,6 +897,14 @@ int kvs_client_open_opts(const kvs_config *cfg, const kvs_client_opts *opts, kvs
             goto fail;
         }
         c->have_seg = 1;
+        if (c->seg.dir) { /* a fresh directory: this segment lists nothing yet */
+            int drc = kvs_dir_attach(c->seg.dir, c->seg.dir_size, c->seg.size,
+                                     kvs_segment_nonce(&c->seg), 1, &c->dir);
+            if (drc != KVS_OK)
+                KVS_LOGW("client: the segment's directory is unusable (%s): its objects "
+                         "will not survive a master restart",
+                         kvs_strerror(drc));
+        }
         rc = kvs_xfer_server_start(cfg->local_hostname, c->cfg.secret, &c->xsrv);
         if (rc) {
             seterr(err, errlen, "cannot start the transfer server on %s: %s",
@@ -698,6 +923,7 @@ int kvs_client_open_opts(const kvs_config *cfg, const kvs_client_opts *opts, kvs
     refresh_segments(c, 0);
     pthread_mutex_unlock(&c->refresh_mu);
     if (pthread_create(&c->hb, NULL, hb_main, c) == 0) c->hb_started = 1;
+    if (c->dir && pthread_create(&c->dsync, NULL, dir_main, c) == 0) c->dsync_started = 1;
     *out = c;
     return KVS_OK;
 fail:
@@ -721,7 +947,7 @@ void kvs_client_close(kvs_client *c)
     /* stop heartbeats/reconnects first */
     pthread_mutex_lock(&c->hb_mu);
     c->hb_stop = 1;
-    pthread_cond_signal(&c->hb_cv);
+    pthread_cond_broadcast(&c->hb_cv);
     pthread_mutex_unlock(&c->hb_mu);
     if (c->hb_started) pthread_join(c->hb, NULL);
     c->hb_started = 0;
@@ -750,6 +976,8 @@ void kvs_client_close(kvs_client *c)
         kvs_rpc_kill(rpc, KVS_ERR_CLOSED); /* in-flight calls fail with KVS_ERR_CLOSED */
         kvs_rpc_unref(rpc);
     }
+    if (c->dsync_started) pthread_join(c->dsync, NULL); /* its parked call failed just now */
+    c->dsync_started = 0;
     kvs_xfer_client_cancel(c->xc); /* and transfers in flight end now */
     /* wait for calls still running in other threads */
     while (atomic_load(&c->active) > 0) {

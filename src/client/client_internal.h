@@ -16,6 +16,7 @@
 #include "common/net.h"
 #include "kvshelf/client.h"
 #include "proto/proto.h"
+#include "segment/directory.h"
 #include "segment/segment.h"
 #include "transfer/transfer.h"
 
@@ -82,6 +83,10 @@ struct kvs_client {
     kvs_segment seg;
     kvs_xfer_server *xsrv;
     uint32_t seg_id; /* under mu; 0 = not mounted */
+    kvs_dir *dir;    /* the segment's directory of complete objects, or NULL */
+    uint64_t dir_reg; /* under mu: directory registration of seg_id's MOUNT */
+    pthread_t dsync; /* directory sync thread (client.c dir_main) */
+    int dsync_started;
 
     /* pool segments */
     pthread_rwlock_t tab_lock;

@@ -185,6 +185,30 @@ int kvs_alloc_release(kvs_alloc *a, uint64_t offset, uint64_t size)
     return KVS_OK;
 }
 
+int kvs_alloc_claim(kvs_alloc *a, uint64_t offset, uint64_t size)
+{
+    uint64_t len = kvs_alloc_round(size);
+    if (len == 0 || (offset & (KVS_ALLOC_GRAIN - 1)) || offset >= a->capacity ||
+        len > a->capacity - offset)
+        return KVS_ERR_INVALID;
+    /* the free extent holding `offset`: the last one starting at or before it */
+    kvs_tnode *n = kvs_tree_lower(&a->by_off, offset + 1, 0);
+    if (!n) return KVS_ERR_INVALID;
+    extent *e = EXT_OF_OFF(n);
+    uint64_t start = ext_start(e), elen = ext_len(e), end = offset + len;
+    if (start > offset || start + elen < end) return KVS_ERR_INVALID;
+    uint64_t head = offset - start, tail = start + elen - end;
+    extent *t = NULL;
+    if (head && tail && !(t = ext_new(a))) return KVS_ERR_NOMEM;
+    ext_unlink(a, e);
+    if (head) ext_insert(a, e, start, head);
+    if (tail) ext_insert(a, head ? t : e, end, tail);
+    if (!head && !tail) ext_put(a, e);
+    a->used += len;
+    a->allocations++;
+    return KVS_OK;
+}
+
 int kvs_alloc_fits(const kvs_alloc *a, uint64_t size)
 {
     uint64_t len = kvs_alloc_round(size);

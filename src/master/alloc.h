@@ -45,6 +45,13 @@ int kvs_alloc_alloc(kvs_alloc *a, uint64_t size, uint64_t *offset);
  * KVS_ERR_NOMEM if bookkeeping memory ran out (the range then stays used). */
 int kvs_alloc_release(kvs_alloc *a, uint64_t offset, uint64_t size);
 
+/* Reserves exactly [offset, offset+kvs_alloc_round(size)) if that whole
+ * range is free (objects found in a segment's directory after a master
+ * restart). KVS_OK; KVS_ERR_INVALID (size 0, misaligned, out of bounds, or
+ * some of it is in use); KVS_ERR_NOMEM (bookkeeping memory ran out: nothing
+ * reserved). */
+int kvs_alloc_claim(kvs_alloc *a, uint64_t offset, uint64_t size);
+
 /* Whether an allocation of `size` bytes would succeed now. */
 int kvs_alloc_fits(const kvs_alloc *a, uint64_t size);
 

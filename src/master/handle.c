@@ -158,9 +158,10 @@ static int on_mount(kvs_master *m, const kvs_frame_hdr *h, kvs_rbuf *r, kvs_wbuf
     kvs_rbuf_str(r, taddr, sizeof taddr);
     kvs_rbuf_raw(r, host_id, sizeof host_id);
     uint64_t epoch = kvs_rbuf_u64(r);
+    uint32_t flags = r->err == KVS_OK && r->pos < r->len ? kvs_rbuf_u32(r) : 0; /* optional */
     if (kvs_rbuf_finish(r) != KVS_OK) return KVS_ERR_PROTO;
     uint32_t seg = 0;
-    int rc = kvs_m_mount(m, id, size, shm, taddr, host_id, epoch, &seg);
+    int rc = kvs_m_mount_flags(m, id, size, shm, taddr, host_id, epoch, flags, &seg);
     size_t f = begin(out, h, rc);
     if (rc == KVS_OK) kvs_wbuf_u32(out, seg);
     kvs_wbuf_end_frame(out, f);
@@ -173,6 +174,68 @@ static int on_unmount(kvs_master *m, const kvs_frame_hdr *h, kvs_rbuf *r, kvs_wb
     uint32_t seg = kvs_rbuf_u32(r);
     if (kvs_rbuf_finish(r) != KVS_OK) return KVS_ERR_PROTO;
     reply_status(out, h, kvs_m_unmount(m, id, seg));
+    return KVS_OK;
+}
+
+/* DIR_LOAD: decodes the whole body first, then indexes each entry. */
+static int on_dir_load(kvs_master *m, const kvs_frame_hdr *h, kvs_rbuf *r, kvs_wbuf *out)
+{
+    uint64_t id = kvs_rbuf_u64(r);
+    uint32_t segid = kvs_rbuf_u32(r);
+    uint8_t last = kvs_rbuf_u8(r);
+    uint32_t n;
+    if (!read_count(r, 4 + 8 + 8, &n)) return KVS_ERR_PROTO;
+    size_t start = r->pos;
+    for (uint32_t i = 0; i < n && !r->err; i++) { /* validate the layout */
+        uint32_t kl;
+        kvs_rbuf_bytes(r, KVS_KEY_MAX, &kl);
+        kvs_rbuf_u64(r);
+        kvs_rbuf_u64(r);
+    }
+    if (last > 1 || kvs_rbuf_finish(r) != KVS_OK) return KVS_ERR_PROTO;
+    kvs_seg *s = NULL;
+    int rc = kvs_m_dir_load_check(m, id, segid, &s);
+    if (rc != KVS_OK) {
+        reply_status(out, h, rc);
+        return KVS_OK;
+    }
+    r->pos = start;
+    size_t f = begin(out, h, KVS_OK);
+    kvs_wbuf_u32(out, n);
+    for (uint32_t i = 0; i < n; i++) {
+        uint32_t kl;
+        const uint8_t *key = kvs_rbuf_bytes(r, KVS_KEY_MAX, &kl);
+        uint64_t off = kvs_rbuf_u64(r), size = kvs_rbuf_u64(r);
+        kvs_wbuf_i32(out, kvs_m_dir_load_entry(m, s, key, kl, off, size));
+    }
+    if (last) kvs_m_dir_load_end(m, s);
+    kvs_wbuf_end_frame(out, f);
+    return KVS_OK;
+}
+
+/* DIR_SYNC: answers at once when changes wait, else parks the request
+ * (master.h) for up to the wait it asks for. */
+static int on_dir_sync(kvs_master *m, kvs_mconn *c, const kvs_frame_hdr *h, kvs_rbuf *r,
+                       kvs_wbuf *out)
+{
+    uint64_t id = kvs_rbuf_u64(r);
+    uint32_t segid = kvs_rbuf_u32(r);
+    uint64_t ack = kvs_rbuf_u64(r);
+    uint32_t wait_ms = kvs_rbuf_u32(r);
+    if (kvs_rbuf_finish(r) != KVS_OK) return KVS_ERR_PROTO;
+    kvs_seg *s = NULL;
+    int rc = kvs_m_dir_ack(m, id, segid, ack, &s);
+    if (rc != KVS_OK) {
+        reply_status(out, h, rc);
+        return KVS_OK;
+    }
+    if (wait_ms && !(h->flags & KVS_F_NOREPLY) && !s->n_dir_q && !s->n_dir_sent) {
+        kvs_m_dir_park(m, s, c, out, h->req_id, wait_ms);
+        return KVS_OK;
+    }
+    size_t f = begin(out, h, KVS_OK);
+    kvs_m_dir_batch(m, s, out);
+    kvs_wbuf_end_frame(out, f);
     return KVS_OK;
 }
 
@@ -307,15 +370,40 @@ static int on_exists(kvs_master *m, const kvs_frame_hdr *h, kvs_rbuf *r, kvs_wbu
     return KVS_OK;
 }
 
-static int on_remove(kvs_master *m, const kvs_frame_hdr *h, kvs_rbuf *r, kvs_wbuf *out)
+/* REMOVE: a removed object that its segment's directory may list makes
+ * the reply wait until the owner confirmed unlisting it (master.h). */
+static int on_remove(kvs_master *m, kvs_mconn *c, const kvs_frame_hdr *h, kvs_rbuf *r,
+                     kvs_wbuf *out)
 {
     uint32_t n;
     entry *e = read_keys(r, &n, 0, 0);
     if (!e) return nomem_or_proto(r);
-    size_t f = begin(out, h, KVS_OK);
-    kvs_wbuf_u32(out, n);
-    for (uint32_t i = 0; i < n; i++) kvs_wbuf_i32(out, kvs_m_remove(m, e[i].key, e[i].key_len));
-    kvs_wbuf_end_frame(out, f);
+    int32_t *st = malloc(((size_t)n + 1) * sizeof *st);
+    kvs_obj **held = calloc((size_t)n + 1, sizeof *held);
+    int wait = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        kvs_obj *o = NULL;
+        int rc = kvs_m_remove_held(m, e[i].key, e[i].key_len, st && held ? &o : NULL);
+        if (st) st[i] = rc;
+        if (held) held[i] = o;
+        wait |= o != NULL;
+    }
+    if (!st || !held) { /* no memory for the statuses: removed, but say so */
+        free(st);
+        free(held);
+        free(e);
+        reply_status(out, h, KVS_ERR_NOMEM);
+        return KVS_OK;
+    }
+    if (!wait || (h->flags & KVS_F_NOREPLY) ||
+        kvs_m_defer_remove(m, c, out, h->req_id, n, st, held) != KVS_OK) {
+        size_t f = begin(out, h, KVS_OK);
+        kvs_wbuf_u32(out, n);
+        for (uint32_t i = 0; i < n; i++) kvs_wbuf_i32(out, st[i]);
+        kvs_wbuf_end_frame(out, f);
+    }
+    free(st);
+    free(held);
     free(e);
     return KVS_OK;
 }
@@ -407,11 +495,13 @@ static int handle_one(kvs_master *m, kvs_mconn *c, const kvs_frame_hdr *h, const
     case KVS_MSG_GET: rc = on_get(m, h, &r, out); break;
     case KVS_MSG_RELEASE: rc = on_release(m, h, &r, out); break;
     case KVS_MSG_EXISTS: rc = on_exists(m, h, &r, out); break;
-    case KVS_MSG_REMOVE: rc = on_remove(m, h, &r, out); break;
+    case KVS_MSG_REMOVE: rc = on_remove(m, c, h, &r, out); break;
     case KVS_MSG_SEGMENTS: rc = on_segments(m, h, &r, out); break;
     case KVS_MSG_STATS: rc = on_stats(m, h, &r, out); break;
     case KVS_MSG_SHUTDOWN: rc = on_shutdown(m, c, h, &r, out); break;
     case KVS_MSG_FENCE: rc = on_fence(m, h, &r, out); break;
+    case KVS_MSG_DIR_LOAD: rc = on_dir_load(m, h, &r, out); break;
+    case KVS_MSG_DIR_SYNC: rc = on_dir_sync(m, c, h, &r, out); break;
     default: rc = KVS_ERR_PROTO; break;
     }
     if (rc == KVS_ERR_PROTO) {

@@ -11,7 +11,22 @@
 
 #include "master/list.h"
 
-enum kvs_obj_state { KVS_OBJ_WRITING = 1, KVS_OBJ_COMPLETE = 2 };
+/* UNLISTING: dropped (removed, evicted) while its segment's directory may
+ * still list it; it stays linked by key (gets miss, a new put of the key is
+ * KVS_ERR_BUSY, a directory entry of the key is refused) until the owner
+ * confirmed the removal, so no older version can come back (dirsync.c). */
+enum kvs_obj_state { KVS_OBJ_WRITING = 1, KVS_OBJ_COMPLETE = 2, KVS_OBJ_UNLISTING = 3 };
+
+/* Where an object stands with its segment's directory (dirsync.c), for
+ * segments whose owner keeps one. */
+enum kvs_obj_dir {
+    KVS_OD_NONE = 0,     /* not listed, nothing queued */
+    KVS_OD_ADD_Q = 1,    /* complete; its entry waits to be sent (seg->dir_q) */
+    KVS_OD_ADD_SENT = 2, /* entry sent, not yet confirmed (seg->dir_sent) */
+    KVS_OD_LISTED = 3,   /* the owner confirmed the entry */
+    KVS_OD_DEL_Q = 4,    /* dropped; its removal waits to be sent (seg->dir_q) */
+    KVS_OD_DEL_SENT = 5, /* removal sent, not yet confirmed (seg->dir_sent) */
+};
 
 struct kvs_seg;
 
@@ -31,6 +46,11 @@ typedef struct kvs_obj {
     uint32_t leases;         /* live leases */
     uint8_t state;           /* enum kvs_obj_state */
     uint8_t linked;          /* 1 while reachable by key */
+    uint8_t dir;             /* enum kvs_obj_dir: DEL_Q/DEL_SENT keep the space */
+    uint64_t dir_seq;        /* batch its directory change was last sent in */
+    kvs_list dir_link;       /* seg->dir_q or seg->dir_sent */
+    struct kvs_m_reply *waiter; /* a REMOVE reply waiting for its unlisting, or NULL */
+    uint32_t waiter_idx;     /* its entry in that reply */
     kvs_list lru;            /* COMPLETE: segment LRU; WRITING: master's put list */
     kvs_list seg_link;       /* every object (and unlinked leased object) of its segment */
     uint32_t key_len;

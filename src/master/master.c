@@ -19,6 +19,13 @@ void kvs_master_opts_init(kvs_master_opts *o)
     o->max_segments = 4096;
     o->max_leases = 1u << 20;
     o->max_objects = 64u << 20;
+    o->recovery_wait_ms = 5000;
+    const char *w = getenv("KVSHELF_RECOVERY_WAIT_MS");
+    if (w && *w) {
+        char *end;
+        unsigned long v = strtoul(w, &end, 10);
+        if (*end == '\0' && v <= 3600000ul) o->recovery_wait_ms = (uint32_t)v;
+    }
 }
 
 static uint64_t random_base(void)
@@ -44,6 +51,7 @@ int kvs_master_new(const kvs_master_opts *o, kvs_master **out)
     m->o.secret = m->secret;
     pthread_mutex_init(&m->lock, NULL);
     kvs_list_init(&m->writing);
+    kvs_list_init(&m->replies);
     uint64_t b = o->id_base;
     /* segment ids differ across master restarts, so a stale id never names
      * a new segment by accident */
@@ -75,9 +83,16 @@ void kvs_master_free(kvs_master *m)
         while ((o = kvs_leases_reap_one(&m->leases, UINT64_MAX)) != NULL)
             kvs_m_obj_lease_ended(m, o);
     }
+    for (size_t i = 0; i < m->segs.n; i++) { /* their connections may be gone already */
+        m->segs.v[i]->park_conn = NULL;
+        m->segs.v[i]->park_out = NULL;
+    }
+    m->n_parked = 0;
+    kvs_m_replies_free(m);
     while (m->segs.n) kvs_m_segment_drop(m, m->segs.v[m->segs.n - 1]);
     if (m->ix.buckets) kvs_index_foreach(&m->ix, free_obj_cb, NULL);
     kvs_index_destroy(&m->ix);
+    free(m->touched);
     kvs_segs_destroy(&m->segs);
     kvs_clients_destroy(&m->clients);
     if (m->leases.buckets) kvs_leases_destroy(&m->leases);
@@ -95,9 +110,9 @@ int kvs_master_shutdown_requested(const kvs_master *m) { return m->shutdown; }
 
 void kvs_master_get_counters(const kvs_master *m, kvs_master_counters *out) { *out = m->cnt; }
 
-/* Frees o's space and record. o must be unlinked, unleased, off the LRU. */
-static void obj_destroy(kvs_master *m, kvs_obj *o)
+void kvs_m_obj_destroy(kvs_master *m, kvs_obj *o)
 {
+    kvs_m_dir_forget(m, o);
     if (o->seg) {
         int rc = kvs_alloc_release(o->seg->alloc, o->offset, o->size);
         if (rc != KVS_OK)
@@ -112,12 +127,24 @@ static void obj_destroy(kvs_master *m, kvs_obj *o)
 
 void kvs_m_obj_drop(kvs_master *m, kvs_obj *o)
 {
-    if (o->linked) {
-        kvs_index_remove(&m->ix, o);
-        if (o->state == KVS_OBJ_COMPLETE) m->n_complete--;
-    }
+    if (o->linked && o->state == KVS_OBJ_COMPLETE) m->n_complete--;
     kvs_list_remove(&o->lru);
-    if (o->leases == 0) obj_destroy(m, o);
+    if (kvs_m_dir_unlist(m, o)) { /* freed (and unlinked) once the owner unlisted it */
+        if (o->linked && o->state != KVS_OBJ_UNLISTING) {
+            o->state = KVS_OBJ_UNLISTING;
+            m->n_unlisting++;
+        }
+        return;
+    }
+    kvs_m_obj_unlink(m, o);
+    if (o->leases == 0) kvs_m_obj_destroy(m, o);
+}
+
+void kvs_m_obj_unlink(kvs_master *m, kvs_obj *o)
+{
+    if (!o->linked) return;
+    kvs_index_remove(&m->ix, o);
+    if (o->state == KVS_OBJ_UNLISTING) m->n_unlisting--;
 }
 
 /* Asks for the next fence of s if a given-up put still waits for one. The
@@ -148,10 +175,10 @@ void kvs_m_obj_abandon(kvs_master *m, kvs_obj *o)
         kvs_m_obj_drop(m, o);
         return;
     }
-    if (o->linked) kvs_index_remove(&m->ix, o);
+    kvs_m_obj_unlink(m, o);
     kvs_list_remove(&o->lru);
     if (o->epoch < s->fenced_to) { /* the owner already fenced past it */
-        obj_destroy(m, o);
+        kvs_m_obj_destroy(m, o);
         return;
     }
     kvs_list_push_back(&s->fenced, &o->lru);
@@ -188,7 +215,7 @@ int kvs_m_fence(kvs_master *m, uint64_t client_id, uint32_t segment_id, uint64_t
         kvs_list_remove(&o->lru);
         s->nfenced--;
         s->fenced_bytes -= o->size;
-        obj_destroy(m, o);
+        kvs_m_obj_destroy(m, o);
         freed++;
     }
     m->cnt.fences++;
@@ -200,7 +227,7 @@ int kvs_m_fence(kvs_master *m, uint64_t client_id, uint32_t segment_id, uint64_t
 
 void kvs_m_obj_lease_ended(kvs_master *m, kvs_obj *o)
 {
-    if (o->leases == 0 && !o->linked) obj_destroy(m, o);
+    if (o->leases == 0 && !o->linked && !kvs_m_dir_holds(o)) kvs_m_obj_destroy(m, o);
 }
 
 void kvs_master_tick(kvs_master *m)
@@ -228,4 +255,5 @@ void kvs_master_tick(kvs_master *m)
     }
     kvs_m_expire_disconnected(m, now);
     for (size_t i = 0; i < m->segs.n; i++) kvs_m_evict_watermark(m, m->segs.v[i]);
+    kvs_m_recovery_tick(m);
 }

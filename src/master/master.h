@@ -41,6 +41,10 @@ typedef struct kvs_master_opts {
     uint32_t disconnect_grace_ms; /* a client whose connection closed is expired
                                      after this (0 = default 1000; never more
                                      than client_ttl_ms) */
+    uint32_t recovery_wait_ms; /* after a start, how long segments' owners may take to
+                                  come back and hand in their directories before the
+                                  rebuild counts as complete (default 5000, or
+                                  KVSHELF_RECOVERY_WAIT_MS) */
     uint64_t id_base;          /* 0 (default): client, segment, object and lease ids
                                   start at random values; else they all start here
                                   (tests, fuzzing) */
@@ -52,7 +56,24 @@ typedef struct kvs_master_counters {
         bad_frames, auth_failures, expired_leases;
     uint64_t disconnected_clients; /* expired because their connection closed
                                       (also counted in expired_clients) */
+    uint64_t recovered_objects;  /* objects taken back from segments' directories */
+    uint64_t recovery_rejected;  /* directory entries refused (overlap, key taken, bounds) */
+    uint64_t dir_listed;         /* entries the owners confirmed listing */
+    uint64_t dir_unlisted;       /* removals the owners confirmed (space freed then) */
 } kvs_master_counters;
+
+/* Where the rebuild of the index from the segments' directories stands
+ * (rebuild.c). */
+typedef struct kvs_master_recovery {
+    int complete;              /* the wait passed and every segment that keeps a
+                                  directory has handed it in */
+    uint64_t segments_collected, segments_pending;
+    uint64_t objects_recovered, entries_rejected;
+    uint64_t complete_after_ms; /* master uptime when it became complete; 0 = not yet */
+} kvs_master_recovery;
+
+/* Fills *out with the state of the rebuild. */
+void kvs_master_get_recovery(kvs_master *m, kvs_master_recovery *out);
 
 /* Fills *o with the defaults above. */
 void kvs_master_opts_init(kvs_master_opts *o);
@@ -102,6 +123,8 @@ typedef struct kvs_mconn {
     int local;          /* unix socket or loopback TCP peer */
     int peer_uid;       /* kernel-reported uid (unix sockets, SO_PEERCRED), -1 if unknown */
     int by_secret;      /* the HELLO proved the secret (else: allowed by peer_uid) */
+    uint32_t parked_seg; /* segment whose DIR_SYNC waits on this connection; 0 = none */
+    uint32_t deferred;   /* REMOVE replies of this connection waiting (dirsync.c) */
 } kvs_mconn;
 
 /* Starts a connection: picks a random nonce and appends the CHALLENGE frame
@@ -134,6 +157,31 @@ int kvs_master_set_local_path(kvs_master *m, const char *path);
  * (the connection stays open). */
 int kvs_master_handle(kvs_master *m, kvs_mconn *c, const kvs_frame_hdr *h, const uint8_t *body,
                       size_t len, kvs_wbuf *out);
+
+/* A REMOVE of an object its segment's directory may list is answered only
+ * once the owner confirmed unlisting it (else a master restart could bring
+ * the removed value back); kvs_master_flush_parked appends such replies
+ * too, once complete.
+ *
+ * DIR_SYNC requests that find no change wait at the master ("parked", at
+ * most the wait the request asks for, <= KVS_DIR_PARK_MAX_MS) instead of
+ * being answered empty, so an owner hears of a removal at once without
+ * polling. kvs_master_flush_parked appends the answers of parked requests
+ * whose changes came or whose wait ran out to their connection's output
+ * buffer (the `out` given to kvs_master_handle with the request, which
+ * must stay valid until kvs_master_conn_closed) and returns how many it
+ * appended; the caller then sends the pending output of its connections.
+ * Call it after every batch of requests and on every tick. */
+#define KVS_DIR_PARK_MAX_MS 1000u
+int kvs_master_flush_parked(kvs_master *m);
+
+/* Milliseconds until kvs_master_flush_parked has an answer due (0: now;
+ * UINT64_MAX: nothing parked): an event loop sleeps no longer than that. */
+uint64_t kvs_master_park_wait_ms(kvs_master *m);
+
+/* The connection `c` closes: a DIR_SYNC it parked and REMOVE replies it
+ * waits for are forgotten (its output buffer is never written again). */
+void kvs_master_conn_closed(kvs_master *m, kvs_mconn *c);
 
 /* Bodies larger than this before a successful HELLO close the connection
  * (an unauthenticated peer cannot make the master buffer 64 MiB). */

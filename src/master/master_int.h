@@ -46,7 +46,30 @@ struct kvs_master {
         uint64_t leases_until_ms;
     } retired[KVS_M_RETIRED_MAX];
     unsigned n_retired, retired_next;
+    uint64_t recovery_done_ms; /* uptime at which the rebuild became complete; 0 = not yet */
+    uint64_t n_parked;         /* segments with a parked DIR_SYNC */
+    kvs_list replies;          /* deferred REMOVE replies (struct kvs_m_reply) */
+    uint64_t n_replies_ready;  /* of those, complete ones waiting to be written */
+    uint64_t n_unlisting;      /* objects in state KVS_OBJ_UNLISTING */
+    /* keys this master put or removed while the rebuild was not complete
+     * (rebuild.c): a directory entry of such a key may be older than what
+     * the clients were told, so it is refused. Freed once complete. */
+    uint64_t *touched;         /* open addressing set of key hashes (0 = empty) */
+    size_t touched_cap, touched_n;
+    int touched_lost;          /* the set could not grow: refuse every entry */
 };
+
+/* A REMOVE reply deferred until the owners confirmed unlisting the removed
+ * objects (dirsync.c). Owned by the master (m->replies). */
+typedef struct kvs_m_reply {
+    kvs_list link;
+    kvs_mconn *conn;
+    kvs_wbuf *out;   /* the connection's output buffer */
+    uint64_t req_id;
+    uint32_t n, waiting;
+    int32_t *status; /* n per-key statuses */
+    kvs_obj **objs;  /* n: the object entry i waits for, or NULL */
+} kvs_m_reply;
 
 /* Where a found object lives, as GET returns it. */
 typedef struct kvs_m_loc {
@@ -61,6 +84,14 @@ int kvs_m_heartbeat(kvs_master *m, uint64_t client_id);
 int kvs_m_mount(kvs_master *m, uint64_t client_id, uint64_t size, const char *shm_name,
                 const char *transfer_addr, const uint8_t host_id[16], uint64_t epoch,
                 uint32_t *segment_id);
+/* kvs_m_mount with MOUNT's flags: KVS_MOUNT_F_DIR (proto.h): the owner keeps
+ * a directory, hands it in with DIR_LOAD and follows changes with
+ * DIR_SYNC; the segment takes no placements until its DIR_LOAD ended
+ * (KVS_MOUNT_F_DIR_EMPTY: the directory is empty, no DIR_LOAD comes).
+ * Unknown flags: KVS_ERR_INVALID. */
+int kvs_m_mount_flags(kvs_master *m, uint64_t client_id, uint64_t size, const char *shm_name,
+                      const char *transfer_addr, const uint8_t host_id[16], uint64_t epoch,
+                      uint32_t flags, uint32_t *segment_id);
 /* A fence the master wants of a segment (HEARTBEAT reply). */
 typedef struct kvs_m_fence_req {
     uint32_t segment_id;
@@ -94,6 +125,9 @@ int kvs_m_release(kvs_master *m, uint64_t lease_id);
 /* 1 if stored (complete), 0 if not. */
 int kvs_m_exists(kvs_master *m, const void *key, uint32_t key_len);
 int kvs_m_remove(kvs_master *m, const void *key, uint32_t key_len);
+/* kvs_m_remove that also says (*held, may be NULL) which object went
+ * UNLISTING: its removal is final only once its owner confirmed it. */
+int kvs_m_remove_held(kvs_master *m, const void *key, uint32_t key_len, kvs_obj **held);
 
 /* Object lifecycle (master.c). */
 /* Unlinks o from the key index and its lists; frees it (and its space) at
@@ -105,6 +139,86 @@ void kvs_m_obj_drop(kvs_master *m, kvs_obj *o);
 void kvs_m_obj_abandon(kvs_master *m, kvs_obj *o);
 /* Called after a lease on o ended: frees o if unlinked and unleased. */
 void kvs_m_obj_lease_ended(kvs_master *m, kvs_obj *o);
+
+/* Directory rebuild (rebuild.c). */
+/* One entry of segment_id's directory handed in by its owner client_id:
+ * indexes (key, offset, size) as a complete, listed object. KVS_OK;
+ * KVS_ERR_NOT_FOUND (no such segment) / KVS_ERR_INVALID (not the owner, no
+ * directory, already collected, bad bounds or key) for the whole message
+ * (checked by kvs_m_dir_load_check first); per entry: KVS_ERR_INVALID
+ * (bounds, alignment, key length, overlaps space in use), KVS_ERR_EXISTS
+ * (the key is stored or being written already), KVS_ERR_NO_SPACE (object
+ * limit), KVS_ERR_NOMEM. A refused entry must be unlisted by the owner
+ * before it ends the load. */
+int kvs_m_dir_load_check(kvs_master *m, uint64_t client_id, uint32_t segment_id, kvs_seg **out);
+int kvs_m_dir_load_entry(kvs_master *m, kvs_seg *s, const void *key, uint32_t key_len,
+                         uint64_t offset, uint64_t size);
+/* The owner handed in its whole directory: the segment takes placements
+ * from now on (after its quiet time). */
+void kvs_m_dir_load_end(kvs_master *m, kvs_seg *s);
+/* Notes that a client put or removed `key` (before the rebuild is
+ * complete: a directory entry of the key handed in later is refused). */
+void kvs_m_touch(kvs_master *m, const void *key, uint32_t key_len);
+/* 1 if s may take new placements at master time `now`. */
+int kvs_m_seg_placeable(const kvs_seg *s, uint64_t now);
+/* Notes the moment the rebuild became complete (kvs_master_tick). */
+void kvs_m_recovery_tick(kvs_master *m);
+
+/* Directory changes (dirsync.c). */
+/* A complete object was published in a segment with a directory: queues
+ * its entry for the owner. */
+void kvs_m_dir_listed(kvs_master *m, kvs_obj *o);
+/* o leaves the index (drop, eviction, remove): cancels an entry not yet
+ * sent, else queues its removal; returns 1 if the space must wait for the
+ * owner's confirmation (o->dir is then DEL_Q), 0 if it may be freed now. */
+int kvs_m_dir_unlist(kvs_master *m, kvs_obj *o);
+/* Forgets o's directory state (its segment is going away, or o is freed);
+ * a REMOVE waiting for o's unlisting gets KVS_ERR_UNAVAILABLE for it. */
+void kvs_m_dir_forget(kvs_master *m, kvs_obj *o);
+/* DIR_SYNC: the owner client_id applied every batch up to ack_seq of
+ * segment_id; frees the space of confirmed removals and appends the next
+ * batch to `body` (proto.h DIR_SYNC response). KVS_OK, KVS_ERR_NOT_FOUND (no
+ * such segment), KVS_ERR_INVALID (not the owner, no directory, ack from the
+ * future); nothing is appended on error. */
+int kvs_m_dir_sync(kvs_master *m, uint64_t client_id, uint32_t segment_id, uint64_t ack_seq,
+                   kvs_wbuf *body);
+/* The two halves of kvs_m_dir_sync: kvs_m_dir_ack checks the request and
+ * applies the acknowledgement (*out: the segment); kvs_m_dir_batch appends
+ * the next batch (proto.h DIR_SYNC response body) of s. */
+int kvs_m_dir_ack(kvs_master *m, uint64_t client_id, uint32_t segment_id, uint64_t ack_seq,
+                  kvs_seg **out);
+void kvs_m_dir_batch(kvs_master *m, kvs_seg *s, kvs_wbuf *body);
+/* Parks a DIR_SYNC of `c` (request req_id, reply into `out`) on s for up
+ * to wait_ms (master.h); an earlier one parked on s is answered first. */
+void kvs_m_dir_park(kvs_master *m, kvs_seg *s, kvs_mconn *c, kvs_wbuf *out, uint64_t req_id,
+                    uint32_t wait_ms);
+/* Forgets s's parked DIR_SYNC without answering it (s is going away). */
+void kvs_m_dir_unpark(kvs_master *m, kvs_seg *s);
+/* Defers the reply to a REMOVE (req_id, n keys with statuses st[0..n))
+ * until every held[i] != NULL is unlisted (then KVS_OK; KVS_ERR_UNAVAILABLE
+ * if its segment goes first); copies st and held. Returns KVS_OK (nothing
+ * to append now), or KVS_ERR_NOMEM (the caller answers at once). */
+int kvs_m_defer_remove(kvs_master *m, kvs_mconn *c, kvs_wbuf *out, uint64_t req_id,
+                       uint32_t n, const int32_t *st, kvs_obj *const *held);
+/* Frees every deferred reply without writing it (kvs_master_free). */
+void kvs_m_replies_free(kvs_master *m);
+/* 1 if o's segment's directory may list o (its entry was sent): dropping o
+ * then leaves it UNLISTING until the owner confirms (kvs_m_dir_unlist). */
+static inline int kvs_m_dir_may_list(const kvs_obj *o)
+{
+    return o->seg && o->seg->has_dir &&
+           (o->dir == KVS_OD_ADD_SENT || o->dir == KVS_OD_LISTED || o->dir == KVS_OD_DEL_Q ||
+            o->dir == KVS_OD_DEL_SENT);
+}
+/* 1 while o's space must be kept (its removal is not confirmed yet). */
+static inline int kvs_m_dir_holds(const kvs_obj *o)
+{
+    return o->dir == KVS_OD_DEL_Q || o->dir == KVS_OD_DEL_SENT;
+}
+/* Unlinks o from the key index (if linked). */
+void kvs_m_obj_unlink(kvs_master *m, kvs_obj *o);
+/* Frees o's space and record (o unlinked, unleased, not held); master.c. */
+void kvs_m_obj_destroy(kvs_master *m, kvs_obj *o);
 
 /* Eviction (evict.c): evicts least recently used complete, unleased objects
  * of s until its use is below the low watermark and `need` bytes fit

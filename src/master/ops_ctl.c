@@ -32,6 +32,17 @@ int kvs_m_mount(kvs_master *m, uint64_t client_id, uint64_t size, const char *sh
                 const char *transfer_addr, const uint8_t host_id[16], uint64_t epoch,
                 uint32_t *segment_id)
 {
+    return kvs_m_mount_flags(m, client_id, size, shm_name, transfer_addr, host_id, epoch, 0,
+                             segment_id);
+}
+
+int kvs_m_mount_flags(kvs_master *m, uint64_t client_id, uint64_t size, const char *shm_name,
+                      const char *transfer_addr, const uint8_t host_id[16], uint64_t epoch,
+                      uint32_t flags, uint32_t *segment_id)
+{
+    if ((flags & ~(uint32_t)(KVS_MOUNT_F_DIR | KVS_MOUNT_F_DIR_EMPTY)) ||
+        ((flags & KVS_MOUNT_F_DIR_EMPTY) && !(flags & KVS_MOUNT_F_DIR)))
+        return KVS_ERR_INVALID;
     kvs_mclient *c = kvs_clients_find(&m->clients, client_id);
     if (!c) return KVS_ERR_NOT_FOUND;
     if (size < KVS_ALLOC_GRAIN || size > KVS_MSEG_MAX_SIZE) return KVS_ERR_INVALID;
@@ -69,14 +80,18 @@ int kvs_m_mount(kvs_master *m, uint64_t client_id, uint64_t size, const char *sh
                               host_id, epoch, &err);
     if (!s) return err;
     s->quiet_until_ms = quiet > now ? quiet : 0;
+    s->mount_ms = now;
+    s->has_dir = (flags & KVS_MOUNT_F_DIR) != 0;
+    s->dir_collected = (flags & KVS_MOUNT_F_DIR_EMPTY) != 0; /* nothing to hand in */
     if (s->quiet_until_ms)
         KVS_LOGI("segment %u: memory mounted before; no placements for %llu ms (read leases "
                  "of its earlier registration may still run)",
                  s->id, (unsigned long long)(quiet - now));
     *segment_id = s->id;
-    KVS_LOGI("segment %u mounted by client %llu: %llu bytes, shm '%s', transfer '%s'", s->id,
+    KVS_LOGI("segment %u mounted by client %llu: %llu bytes, shm '%s', transfer '%s'%s", s->id,
              (unsigned long long)client_id, (unsigned long long)size, s->shm_name,
-             s->transfer_addr);
+             s->transfer_addr,
+             s->has_dir && !s->dir_collected ? "; waiting for its directory" : "");
     return KVS_OK;
 }
 
@@ -102,8 +117,10 @@ static void retire(kvs_master *m, const kvs_seg *s)
 void kvs_m_segment_drop(kvs_master *m, kvs_seg *s)
 {
     retire(m, s);
+    kvs_m_dir_unpark(m, s); /* its owner's DIR_SYNC times out and finds it gone */
     while (!kvs_list_empty(&s->objs)) {
         kvs_obj *o = KVS_CONTAINER_OF(s->objs.next, kvs_obj, seg_link);
+        kvs_m_dir_forget(m, o); /* the owner's next registration starts afresh */
         kvs_list_remove(&o->seg_link);
         s->nobjs--;
         o->seg = NULL; /* its bytes are gone with the segment */

@@ -33,7 +33,7 @@ static kvs_seg *pick_fitting(kvs_master *m, const kvs_mclient *w, uint64_t need)
     uint64_t now = kvs_master_now(m);
     for (size_t i = 0; i < m->segs.n; i++) {
         kvs_seg *s = m->segs.v[i];
-        if (now < s->quiet_until_ms || !kvs_alloc_fits(s->alloc, need)) continue;
+        if (!kvs_m_seg_placeable(s, now) || !kvs_alloc_fits(s->alloc, need)) continue;
         int local = same_host(s, w);
         uint64_t f = seg_free(s);
         if (!best || local > best_local || (local == best_local && f > best_free)) {
@@ -52,7 +52,8 @@ static kvs_seg *evict_for(kvs_master *m, const kvs_mclient *w, uint64_t need)
     for (int pass = 1; pass >= 0; pass--) {
         for (size_t i = 0; i < m->segs.n; i++) {
             kvs_seg *s = m->segs.v[i];
-            if (same_host(s, w) != pass || s->alloc == NULL || now < s->quiet_until_ms) continue;
+            if (same_host(s, w) != pass || s->alloc == NULL || !kvs_m_seg_placeable(s, now))
+                continue;
             kvs_alloc_stats st;
             kvs_alloc_get_stats(s->alloc, &st);
             if (st.capacity < need) continue;
@@ -70,7 +71,10 @@ int kvs_m_put_start(kvs_master *m, uint64_t client_id, const void *key, uint32_t
     kvs_mclient *w = kvs_clients_find(&m->clients, client_id);
     if (!w) return KVS_ERR_NOT_FOUND;
     if (!key_ok(key_len) || size == 0) return KVS_ERR_INVALID;
-    if (kvs_index_find(&m->ix, key, key_len)) return KVS_ERR_EXISTS;
+    kvs_m_touch(m, key, key_len); /* rebuild.c: its directory entries are older now */
+    const kvs_obj *prev = kvs_index_find(&m->ix, key, key_len);
+    if (prev) /* an earlier version still being unlisted: a moment, not a conflict */
+        return prev->state == KVS_OBJ_UNLISTING ? KVS_ERR_BUSY : KVS_ERR_EXISTS;
     if (m->segs.n == 0) return KVS_ERR_NO_SPACE;
     uint64_t need = kvs_alloc_round(size), maxcap = 0;
     for (size_t i = 0; i < m->segs.n; i++)
@@ -115,7 +119,7 @@ int kvs_m_put_end(kvs_master *m, uint64_t client_id, const void *key, uint32_t k
     (void)client_id;
     if (!key_ok(key_len) || (unsigned)ok > KVS_PUT_ABANDON_CLEAN) return KVS_ERR_INVALID;
     kvs_obj *o = kvs_index_find(&m->ix, key, key_len);
-    if (!o || o->obj_id != obj_id) return KVS_ERR_NOT_FOUND;
+    if (!o || o->obj_id != obj_id || o->state == KVS_OBJ_UNLISTING) return KVS_ERR_NOT_FOUND;
     if (o->state == KVS_OBJ_COMPLETE) return ok == 1 ? KVS_OK : KVS_ERR_INVALID; /* a retry */
     if (ok == KVS_PUT_ABANDON_CLEAN) { /* nothing in flight: the space is free now */
         kvs_m_obj_drop(m, o);
@@ -138,6 +142,7 @@ int kvs_m_put_end(kvs_master *m, uint64_t client_id, const void *key, uint32_t k
     kvs_list_push_back(&o->seg->lru, &o->lru);
     m->n_complete++;
     m->cnt.puts++;
+    kvs_m_dir_listed(m, o);
     return KVS_OK;
 }
 
@@ -184,10 +189,20 @@ int kvs_m_exists(kvs_master *m, const void *key, uint32_t key_len)
 
 int kvs_m_remove(kvs_master *m, const void *key, uint32_t key_len)
 {
+    return kvs_m_remove_held(m, key, key_len, NULL);
+}
+
+int kvs_m_remove_held(kvs_master *m, const void *key, uint32_t key_len, kvs_obj **held)
+{
+    if (held) *held = NULL;
     if (!key_ok(key_len)) return KVS_ERR_INVALID;
+    kvs_m_touch(m, key, key_len); /* rebuild.c: its directory entries are stale now */
     kvs_obj *o = kvs_index_find(&m->ix, key, key_len);
     if (!o || o->state != KVS_OBJ_COMPLETE) return KVS_ERR_NOT_FOUND;
+    /* decided before the drop, which may free o */
+    int stays = kvs_m_dir_may_list(o);
     kvs_m_obj_drop(m, o);
     m->cnt.removes++;
+    if (held && stays) *held = o; /* UNLISTING, still linked */
     return KVS_OK;
 }

@@ -59,6 +59,8 @@ kvs_seg *kvs_segs_add(kvs_segs *S, uint64_t size, uint64_t owner, const char *ho
     kvs_list_init(&s->objs);
     kvs_list_init(&s->lru);
     kvs_list_init(&s->fenced);
+    kvs_list_init(&s->dir_q);
+    kvs_list_init(&s->dir_sent);
     s->epoch = s->fenced_to = epoch;
     S->v[S->n++] = s;
     *err = KVS_OK;

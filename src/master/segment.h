@@ -35,6 +35,23 @@ typedef struct kvs_seg {
      * registrations has run out */
     uint64_t last_grant_ms; /* master time of the last lease granted here; 0 = none */
     uint64_t quiet_until_ms;
+    /* the owner's directory of complete objects (rebuild.c, dirsync.c) */
+    int has_dir;            /* MOUNT said the owner keeps one */
+    int dir_collected;      /* its DIR_LOAD ended: the segment takes placements */
+    uint64_t mount_ms;      /* master time of the MOUNT */
+    uint64_t dir_loaded, dir_rejected; /* DIR_LOAD entries taken / refused */
+    kvs_list dir_q;         /* objects whose entry change waits to be sent */
+    kvs_list dir_sent;      /* sent, not confirmed (oldest batch first) */
+    uint64_t n_dir_q, n_dir_sent;
+    uint64_t n_del_q;       /* removals among dir_q (a parked DIR_SYNC answers at once) */
+    uint64_t dir_q_since_ms; /* master time dir_q last became non-empty */
+    uint64_t dir_seq;       /* last DIR_SYNC batch handed out */
+    uint64_t unlist_bytes;  /* space of dropped objects until their removal is confirmed */
+    /* a DIR_SYNC of the owner waiting for changes (master.h, "parked") */
+    struct kvs_mconn *park_conn; /* NULL = none */
+    struct kvs_wbuf *park_out;   /* its connection's output buffer */
+    uint64_t park_req;           /* its req_id */
+    uint64_t park_until_ms;      /* answered empty at this master time */
 } kvs_seg;
 
 typedef struct kvs_segs {

@@ -171,6 +171,11 @@ static void conn_close(kvs_server *s, conn *c)
         kvs_master_client_disconnected(s->m, c->st.client_id);
         kvs_master_unlock(s->m);
     }
+    if (c->st.parked_seg || c->st.deferred) { /* c->out is freed below: never written again */
+        kvs_master_lock(s->m);
+        kvs_master_conn_closed(s->m, &c->st);
+        kvs_master_unlock(s->m);
+    }
     free(c->in);
     c->in = NULL;
     kvs_wbuf_free(&c->out);
@@ -219,6 +224,24 @@ static int conn_flush(conn *c)
     if (c->out.cap > (4u << 20)) kvs_wbuf_free(&c->out);
     else kvs_wbuf_reset(&c->out);
     return 0;
+}
+
+/* Sends the answers of parked DIR_SYNC requests that are due (master.h):
+ * the master appended them to their connections' output buffers. */
+static void flush_parked(kvs_server *s)
+{
+    kvs_master_lock(s->m);
+    int n = kvs_master_flush_parked(s->m);
+    kvs_master_unlock(s->m);
+    if (!n) return;
+    for (conn *c = s->head.next; c != &s->head;) {
+        conn *next = c->next;
+        if (pending_out(c) && !(c->events & EPOLLOUT)) {
+            if (conn_flush(c) < 0) conn_close(s, c);
+            else update_events(s, c);
+        }
+        c = next;
+    }
 }
 
 /* Handles every complete frame buffered. Returns 0 or -1 (close). */
@@ -484,6 +507,10 @@ int kvs_server_run(kvs_server *s, volatile sig_atomic_t *stop, int stop_on_shutd
         uint64_t now = kvs_now_ms();
         if (s->accept_paused && now >= s->accept_resume_ms) resume_accepting(s);
         uint64_t wake = s->accept_paused ? KVS_MIN(next_tick, s->accept_resume_ms) : next_tick;
+        kvs_master_lock(s->m);
+        uint64_t park = kvs_master_park_wait_ms(s->m); /* a parked DIR_SYNC due */
+        kvs_master_unlock(s->m);
+        if (wake > now && park < wake - now) wake = now + park;
         int timeout = wake > now ? (int)(wake - now) : 0;
         if (poll_until && kvs_now_ns() < poll_until) timeout = 0;
         else poll_until = 0;
@@ -500,6 +527,7 @@ int kvs_server_run(kvs_server *s, volatile sig_atomic_t *stop, int stop_on_shutd
             if (tag == TAG_LISTEN) on_accept(s, evs[i].data.ptr);
             else if (tag == TAG_CONN) on_conn_event(s, evs[i].data.ptr, evs[i].events);
         }
+        flush_parked(s);
         free_closed(s);
         now = kvs_now_ms();
         if (now >= next_tick) {
@@ -523,6 +551,7 @@ int kvs_server_run(kvs_server *s, volatile sig_atomic_t *stop, int stop_on_shutd
                 int removed = s->gc();
                 if (removed > 0) KVS_LOGI("removed %d orphaned segment file(s)", removed);
             }
+            flush_parked(s);
             free_closed(s);
             next_tick = now + TICK_MS;
         }

@@ -64,7 +64,7 @@ char *kvs_master_stats_json(kvs_master *m)
     cJSON_AddNumberToObject(root, "capacity", (double)t.capacity);
     cJSON_AddNumberToObject(root, "used", (double)t.used);
     cJSON_AddNumberToObject(root, "objects", (double)m->n_complete);
-    cJSON_AddNumberToObject(root, "writing", (double)(m->ix.count - m->n_complete));
+    cJSON_AddNumberToObject(root, "writing", (double)(m->ix.count - m->n_complete - m->n_unlisting));
     cJSON_AddNumberToObject(root, "leases", (double)m->leases.count);
     cJSON_AddNumberToObject(root, "lease_ms", (double)m->o.lease_ms);
     cJSON_AddNumberToObject(root, "client_ttl_ms", (double)m->o.client_ttl_ms);
@@ -88,6 +88,29 @@ char *kvs_master_stats_json(kvs_master *m)
         cJSON_AddStringToObject(o, "hostname", s->hostname);
         cJSON_AddStringToObject(o, "shm_name", s->shm_name);
         cJSON_AddStringToObject(o, "transfer_addr", s->transfer_addr);
+        if (s->has_dir) {
+            cJSON *d = cJSON_AddObjectToObject(o, "directory");
+            if (d) {
+                cJSON_AddBoolToObject(d, "collected", s->dir_collected);
+                cJSON_AddNumberToObject(d, "recovered", (double)s->dir_loaded);
+                cJSON_AddNumberToObject(d, "refused", (double)s->dir_rejected);
+                cJSON_AddNumberToObject(d, "pending_changes", (double)(s->n_dir_q + s->n_dir_sent));
+                cJSON_AddNumberToObject(d, "unlisting_bytes", (double)s->unlist_bytes);
+            }
+        }
+    }
+    kvs_master_recovery rv;
+    kvs_master_get_recovery(m, &rv);
+    cJSON *rj = cJSON_AddObjectToObject(root, "recovery");
+    if (rj) {
+        cJSON_AddStringToObject(rj, "state", rv.complete ? "complete" : "collecting");
+        cJSON_AddBoolToObject(rj, "complete", rv.complete);
+        cJSON_AddNumberToObject(rj, "segments_collected", (double)rv.segments_collected);
+        cJSON_AddNumberToObject(rj, "segments_pending", (double)rv.segments_pending);
+        cJSON_AddNumberToObject(rj, "objects_recovered", (double)rv.objects_recovered);
+        cJSON_AddNumberToObject(rj, "entries_refused", (double)rv.entries_rejected);
+        cJSON_AddNumberToObject(rj, "complete_after_ms", (double)rv.complete_after_ms);
+        cJSON_AddNumberToObject(rj, "wait_ms", (double)m->o.recovery_wait_ms);
     }
     client_ctx cx = {cJSON_AddArrayToObject(root, "clients"), now, 0};
     if (cx.arr) kvs_clients_foreach(&m->clients, add_client, &cx);
@@ -105,6 +128,10 @@ char *kvs_master_stats_json(kvs_master *m)
         cJSON_AddNumberToObject(c, "revoked_puts", (double)k->revoked_puts);
         cJSON_AddNumberToObject(c, "fenced_puts", (double)k->fenced_puts);
         cJSON_AddNumberToObject(c, "fences", (double)k->fences);
+        cJSON_AddNumberToObject(c, "recovered_objects", (double)k->recovered_objects);
+        cJSON_AddNumberToObject(c, "recovery_refused", (double)k->recovery_rejected);
+        cJSON_AddNumberToObject(c, "dir_listed", (double)k->dir_listed);
+        cJSON_AddNumberToObject(c, "dir_unlisted", (double)k->dir_unlisted);
         cJSON_AddNumberToObject(c, "expired_leases", (double)k->expired_leases);
         cJSON_AddNumberToObject(c, "bad_frames", (double)k->bad_frames);
         cJSON_AddNumberToObject(c, "auth_failures", (double)k->auth_failures);
@@ -139,7 +166,7 @@ char *kvs_master_metrics_text(kvs_master *m, long extra_metadata_keys, size_t *l
     metric(&w, "kvshelf_used_bytes", "gauge", "Bytes allocated to objects.", (double)t.used);
     metric(&w, "kvshelf_objects", "gauge", "Complete objects stored.", (double)m->n_complete);
     metric(&w, "kvshelf_writing_objects", "gauge", "Puts started and not yet ended.",
-           (double)(m->ix.count - m->n_complete));
+           (double)(m->ix.count - m->n_complete - m->n_unlisting));
     metric(&w, "kvshelf_leases", "gauge", "Live read leases.", (double)m->leases.count);
     metric(&w, "kvshelf_segments", "gauge", "Mounted segments.", (double)m->segs.n);
     metric(&w, "kvshelf_clients", "gauge", "Registered clients.", (double)m->clients.count);
@@ -166,6 +193,20 @@ char *kvs_master_metrics_text(kvs_master *m, long extra_metadata_keys, size_t *l
     metric(&w, "kvshelf_fences_total", "counter",
            "Fences confirmed by segment owners (space of given-up puts freed).",
            (double)k->fences);
+    kvs_master_recovery rv;
+    kvs_master_get_recovery(m, &rv);
+    metric(&w, "kvshelf_recovery_complete", "gauge",
+           "1 once the index rebuild from the segments' directories is complete.",
+           rv.complete ? 1.0 : 0.0);
+    metric(&w, "kvshelf_recovery_segments_pending", "gauge",
+           "Mounted segments whose directory has not been handed in yet.",
+           (double)rv.segments_pending);
+    metric(&w, "kvshelf_recovered_objects_total", "counter",
+           "Objects taken back from segments' directories (after a restart or re-mount).",
+           (double)k->recovered_objects);
+    metric(&w, "kvshelf_recovery_refused_total", "counter",
+           "Directory entries refused (overlap, key stored already, bounds).",
+           (double)k->recovery_rejected);
     metric(&w, "kvshelf_expired_leases_total", "counter", "Leases that timed out.",
            (double)k->expired_leases);
     metric(&w, "kvshelf_bad_frames_total", "counter", "Malformed frames (connection closed).",

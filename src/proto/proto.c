@@ -64,6 +64,8 @@ const char *kvs_msg_name(uint16_t type)
     case KVS_MSG_SHUTDOWN: return "SHUTDOWN";
     case KVS_MSG_FENCE: return "FENCE";
     case KVS_MSG_PROBE: return "PROBE";
+    case KVS_MSG_DIR_LOAD: return "DIR_LOAD";
+    case KVS_MSG_DIR_SYNC: return "DIR_SYNC";
     case KVS_MSG_T_READ: return "T_READ";
     case KVS_MSG_T_WRITE: return "T_WRITE";
     default: return "?";

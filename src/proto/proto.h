@@ -53,7 +53,39 @@
  * MOUNT
  *   req:  u64 client_id, u64 size, str shm_name, str transfer_addr, u8[16] host_id,
  *         u64 epoch (the owner fenced the segment to it just before: > 0)
+ *         [u32 flags: KVS_MOUNT_F_DIR = the owner keeps a directory of the
+ *          segment's complete objects (segment/directory.h): it hands it
+ *          in with DIR_LOAD and follows changes with DIR_SYNC;
+ *          KVS_MOUNT_F_DIR_EMPTY (with F_DIR) = it lists nothing, no
+ *          DIR_LOAD follows. Absent = 0]
  *   resp: u32 segment_id
+ * DIR_LOAD (the owner hands in its segment's directory after MOUNT with
+ *           KVS_MOUNT_F_DIR, in as many messages as it takes; the segment
+ *           takes no placements and none of its objects are found until
+ *           the one with last = 1)
+ *   req:  u64 client_id, u32 segment_id, u8 last, u32 n,
+ *         n x { bytes key, u64 offset, u64 size }
+ *   resp: u32 n, n x { i32 status }: KVS_OK = indexed as a complete object;
+ *         anything else = refused (overlap, key stored, put or removed
+ *         since the master started, bounds; KVS_ERR_UNAVAILABLE: the
+ *         master's rebuild is over, so it takes no directory any more):
+ *         the owner removes that entry from its directory before it sends
+ *         last = 1. Frame status KVS_ERR_NOT_FOUND (no such segment) or
+ *         KVS_ERR_INVALID (not the owner, no directory, already collected).
+ * DIR_SYNC (the owner fetches its directory's changes; it applies each
+ *           batch, then acknowledges it in its next DIR_SYNC)
+ *   req:  u64 client_id, u32 segment_id, u64 ack_seq (the last batch it
+ *         applied since this MOUNT; 0 = none), u32 wait_ms (with no change
+ *         to send, the master answers when one comes or after this long,
+ *         at most 1000 ms; 0 = answer at once)
+ *   resp: u64 seq (0: nothing to do), u8 more (more changes wait: ask again
+ *         at once), u32 n, n x { u8 op (1 = list, 2 = unlist), u64 offset,
+ *         u64 size, u64 obj_id, bytes key (empty for op 2) }
+ *         Op 1 lists a complete object (replacing an entry at that offset);
+ *         op 2 removes the entry at that offset. The master frees the space
+ *         of an unlisted object only once a later DIR_SYNC acknowledged the
+ *         batch that carried its op 2; changes of a batch that was never
+ *         acknowledged come again in the next one.
  * UNMOUNT
  *   req:  u64 client_id, u32 segment_id
  *   resp: (empty)
@@ -80,7 +112,12 @@
  *   resp: u32 n, ceil(n/8) bytes bitmap (bit i%8 of byte i/8 = key i stored)
  * REMOVE
  *   req:  u32 n, n x { bytes key }
- *   resp: u32 n, n x { i32 status }
+ *   resp: u32 n, n x { i32 status }; sent only once the owners of the
+ *         removed objects' segments confirmed unlisting them from their
+ *         directories (DIR_SYNC: a round trip or two), so a master that
+ *         restarts never brings a removed value back; KVS_ERR_UNAVAILABLE
+ *         for a key whose segment went away first (the removal may not
+ *         hold). Until then a PUT_START of the key is KVS_ERR_BUSY.
  * SEGMENTS
  *   req:  (empty)
  *   resp: u32 n, n x { u32 segment_id, u64 size, u64 used, str shm_name,
@@ -160,6 +197,8 @@
 #define KVS_AUTH_LEN 32u
 #define KVS_HOST_ID_LEN 16u
 #define KVS_PROBE_AFTER_MS 250 /* see PROBE */
+#define KVS_MOUNT_F_DIR 0x1u   /* MOUNT flags: the owner keeps a directory */
+#define KVS_MOUNT_F_DIR_EMPTY 0x2u /* ... and it lists nothing: no DIR_LOAD follows */
 
 enum kvs_msg_type {
     KVS_MSG_CHALLENGE = 1,
@@ -178,6 +217,8 @@ enum kvs_msg_type {
     KVS_MSG_SHUTDOWN = 14,
     KVS_MSG_FENCE = 15,
     KVS_MSG_PROBE = 16,
+    KVS_MSG_DIR_LOAD = 17,
+    KVS_MSG_DIR_SYNC = 18,
     KVS_MSG_T_READ = 32,
     KVS_MSG_T_WRITE = 33,
 };

@@ -1,5 +1,6 @@
 /* Shared-memory segments (see segment.h). */
 #include "segment.h"
+#include "segment/directory.h"
 #include "segment/prefault.h"
 
 #include <dirent.h>
@@ -121,8 +122,10 @@ static int shm_path(const char *name, char *out, size_t cap)
 struct kvs_seg_ctl {
     char magic[8];           /* SEG_MAGIC */
     uint64_t nonce;          /* the 16 hex digits of the name */
-    uint64_t size;           /* data bytes before this page */
+    uint64_t size;           /* data bytes */
     _Atomic uint64_t epoch;  /* write epoch: reservations below it are stale */
+    uint64_t dir_size;       /* bytes of the directory between the data and this
+                                page (directory.h); 0 = none (older segments) */
 };
 
 #define SEG_MAGIC "KVSSEG1"
@@ -205,24 +208,33 @@ int kvs_segment_gc(void)
     return removed;
 }
 
-/* Maps fd's data + control page; checks the control page against `nonce`.
- * On success fills base/size/ctl of out. */
-static int map_file(int fd, uint64_t data, uint64_t nonce, kvs_segment *out)
+/* Maps the `total` bytes before fd's control page (data and directory) and
+ * the control page; checks the control page against `nonce` and its sizes
+ * against `total`. On success fills base/size/dir/dir_size/ctl of out. */
+static int map_file(int fd, uint64_t total, uint64_t nonce, kvs_segment *out)
 {
     uint64_t ps = kvs_page_size();
-    void *p = mmap(NULL, data + ps, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fd, 0);
+    void *p = mmap(NULL, total + ps, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fd, 0);
     if (p == MAP_FAILED) return errno == ENOMEM ? KVS_ERR_NO_SPACE : KVS_ERR_IO;
-    struct kvs_seg_ctl *ctl = (struct kvs_seg_ctl *)((uint8_t *)p + data);
+    struct kvs_seg_ctl *ctl = (struct kvs_seg_ctl *)((uint8_t *)p + total);
+    uint64_t data = ctl->size, dir = ctl->dir_size;
     if (memcmp(ctl->magic, SEG_MAGIC, sizeof ctl->magic) || ctl->nonce != nonce ||
-        ctl->size != data) {
-        munmap(p, data + ps);
+        data == 0 || data > total || dir != total - data || data % ps || dir % ps) {
+        munmap(p, total + ps);
         return KVS_ERR_CORRUPT;
     }
     out->base = p;
     out->size = data;
+    out->dir_size = dir;
+    out->dir = dir ? (uint8_t *)p + data : NULL;
     out->ctl = ctl;
     return KVS_OK;
 }
+
+/* Bytes mapped for s: data, directory and control page. */
+static uint64_t map_len(const kvs_segment *s) { return s->size + s->dir_size + kvs_page_size(); }
+
+uint64_t kvs_segment_nonce(const kvs_segment *s) { return s && s->ctl ? s->ctl->nonce : 0; }
 
 static void seg_init(kvs_segment *out)
 {
@@ -239,6 +251,7 @@ int kvs_segment_create(uint64_t size, kvs_segment *out)
     if (size == 0 || size > (1ull << 50)) return KVS_ERR_INVALID;
     size = round_page(size);
     uint64_t ps = kvs_page_size();
+    uint64_t dir = kvs_dir_bytes(kvs_dir_default_slots(size), ps);
     char path[128];
     int fd = -1;
     uint64_t nonce = 0;
@@ -259,13 +272,13 @@ int kvs_segment_create(uint64_t size, kvs_segment *out)
     /* owner lock first: kvs_segment_gc of other processes leaves the file alone */
     int rc = lock_range(fd, F_OFD_SETLK, F_WRLCK, LOCK_ALIVE, 1) == 0 ? KVS_OK : KVS_ERR_IO;
     int e = 0;
-    if (rc == KVS_OK && (e = posix_fallocate(fd, 0, (off_t)(size + ps))) != 0) {
+    if (rc == KVS_OK && (e = posix_fallocate(fd, 0, (off_t)(size + dir + ps))) != 0) {
         struct statvfs vs;
         unsigned long long avail =
             statvfs(SHM_DIR, &vs) == 0 ? (unsigned long long)vs.f_bavail * vs.f_frsize : 0;
         KVS_LOGE("segment: cannot reserve %llu bytes in " SHM_DIR " (%s; %llu bytes free there): "
                  "ask for a smaller segment or make " SHM_DIR " larger",
-                 (unsigned long long)(size + ps), strerror(e), avail);
+                 (unsigned long long)(size + dir + ps), strerror(e), avail);
         rc = e == ENOSPC || e == EFBIG || e == ENOMEM ? KVS_ERR_NO_SPACE : KVS_ERR_IO;
     }
     if (rc == KVS_OK) {
@@ -275,10 +288,12 @@ int kvs_segment_create(uint64_t size, kvs_segment *out)
         memcpy(ctl.magic, SEG_MAGIC, sizeof ctl.magic);
         ctl.nonce = nonce;
         ctl.size = size;
+        ctl.dir_size = dir;
         atomic_init(&ctl.epoch, 1);
-        if (pwrite(fd, &ctl, sizeof ctl, (off_t)size) != (ssize_t)sizeof ctl) rc = KVS_ERR_IO;
+        if (pwrite(fd, &ctl, sizeof ctl, (off_t)(size + dir)) != (ssize_t)sizeof ctl)
+            rc = KVS_ERR_IO;
     }
-    if (rc == KVS_OK) rc = map_file(fd, size, nonce, out);
+    if (rc == KVS_OK) rc = map_file(fd, size + dir, nonce, out);
     if (rc == KVS_OK) {
         reg_lock(); /* no fork() between these opens and the registration */
         out->fence_fd = open(path, O_RDWR | O_NOFOLLOW | O_CLOEXEC);
@@ -290,7 +305,7 @@ int kvs_segment_create(uint64_t size, kvs_segment *out)
     }
     if (rc != KVS_OK) {
         if (rc == KVS_ERR_IO) KVS_LOGE("segment: set up %s: %s", path, strerror(errno));
-        if (out->base) munmap(out->base, size + ps);
+        if (out->base) munmap(out->base, map_len(out));
         if (out->fence_fd >= 0) close(out->fence_fd);
         if (out->wlock_fd >= 0) close(out->wlock_fd);
         close(fd);
@@ -332,6 +347,11 @@ int kvs_segment_map(const char *name, uint64_t size, kvs_segment *out)
         return KVS_ERR_CORRUPT;
     }
     int rc = map_file(fd, fsize - ps, name_nonce(name), out);
+    if (rc == KVS_OK && out->size < size) { /* its data is smaller than asked */
+        munmap(out->base, map_len(out));
+        seg_init(out);
+        rc = KVS_ERR_CORRUPT;
+    }
     if (rc != KVS_OK) {
         close(fd);
         return rc;
@@ -349,7 +369,7 @@ int kvs_segment_map(const char *name, uint64_t size, kvs_segment *out)
     if (mrc != KVS_OK) {
         pthread_mutex_unlock(&reg_mu);
         if (wfd >= 0) close(wfd);
-        munmap(out->base, out->size + ps);
+        munmap(out->base, map_len(out));
         close(fd);
         seg_init(out);
         return mrc;
@@ -443,7 +463,7 @@ void kvs_segment_retire(kvs_segment *s)
     kvs_prefault_stop(s->prefault);
     s->prefault = NULL;
     /* data and control page: after this no write of ours reaches the file */
-    void *p = mmap(s->base, s->size + kvs_page_size(), PROT_READ | PROT_WRITE,
+    void *p = mmap(s->base, map_len(s), PROT_READ | PROT_WRITE,
                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0);
     if (p == MAP_FAILED) {
         KVS_LOGW("segment: retire %s: %s", s->name, strerror(errno));
@@ -466,7 +486,7 @@ void kvs_segment_destroy(kvs_segment *s)
     if (s->base) reg_remove(s);
     kvs_prefault_stop(s->prefault);
     s->prefault = NULL;
-    if (s->base) munmap(s->base, s->size + (s->ctl ? kvs_page_size() : 0));
+    if (s->base) munmap(s->base, s->ctl ? map_len(s) : s->size);
     if (s->owner && s->name[0]) {
         char path[128];
         if (!shm_path(s->name, path, sizeof path)) unlink(path);

@@ -2,8 +2,10 @@
  *
  * A segment is a file under /dev/shm named "kvshelf-<uid>-<pid>-<n>-<nonce>"
  * (nonce: 16 hex digits of a random 64-bit id; created O_EXCL, mode 0600).
- * Its length is the data size plus one control page at the end holding a
- * magic, the nonce, the data size and the write epoch (below). The whole
+ * Its length is the data size, then the segment's directory of complete
+ * objects (directory.h; KVSHELF_DIR_SLOTS=0: none), then one control page
+ * at the end holding a magic, the nonce, the data and directory sizes and
+ * the write epoch (below). The whole
  * file is reserved with posix_fallocate at creation, so a full /dev/shm is an
  * error at creation (KVS_ERR_NO_SPACE) and never a SIGBUS later. It is mapped
  * MAP_SHARED; a background thread then populates its page tables
@@ -48,6 +50,8 @@ struct kvs_seg_ctl; /* the control page (segment.c) */
 typedef struct kvs_segment {
     void *base;                  /* page-aligned mapping, NULL when not mapped */
     uint64_t size;               /* data bytes (page multiple), control page excluded */
+    void *dir;                   /* the directory region after the data, or NULL */
+    uint64_t dir_size;           /* its bytes (page multiple; 0 = none) */
     char name[KVS_SHM_NAME_MAX]; /* shm name without the leading '/' */
     int owner;                   /* 1: created here, unlinked by kvs_segment_destroy */
     int fd;                      /* open file (locks); -1 when not open */
@@ -104,6 +108,10 @@ void kvs_segment_destroy(kvs_segment *s);
  * write entered before writes zero pages, later ones are refused
  * (KVS_ERR_UNAVAILABLE). */
 void kvs_segment_retire(kvs_segment *s);
+
+/* The segment's nonce (the 16 hex digits of its name; 0 if not mapped):
+ * the directory (directory.h) is tied to it. */
+uint64_t kvs_segment_nonce(const kvs_segment *s);
 
 /* The segment's current write epoch (0 if not mapped). */
 uint64_t kvs_segment_epoch(const kvs_segment *s);
