@@ -5,6 +5,7 @@
  * message to publish (PUT_END) or release leases (RELEASE, not waited for). */
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "client/client_internal.h"
 #include "common/log.h"
@@ -572,9 +573,53 @@ static int run_batch(kvs_client *c, kvs_item *items, size_t n, int need_reg, int
     return ok;
 }
 
+/* Puts again, for at most the client's timeout_ms, the items the master
+ * answered KVS_ERR_BUSY: a moment, not a failure (an earlier version of the
+ * key, or the space eviction freed, waits for its segment's owner to unlist
+ * it from the segment's directory: master/dirsync.c). */
+static void retry_busy(kvs_client *c, kvs_item *items, size_t n)
+{
+    uint64_t deadline = kvs_now_ms() + (uint64_t)(c->timeout_ms > 0 ? c->timeout_ms : 1000);
+    unsigned delay_us = 500;
+    kvs_item *again = NULL;
+    size_t *at = NULL;
+    for (;;) {
+        size_t nb = 0;
+        for (size_t i = 0; i < n; i++) nb += items[i].status == KVS_ERR_BUSY;
+        if (!nb || kvs_now_ms() >= deadline) break;
+        if (!again) {
+            again = malloc(n * sizeof *again);
+            at = malloc(n * sizeof *at);
+            if (!again || !at) break;
+        }
+        struct timespec ts = {0, (long)delay_us * 1000};
+        nanosleep(&ts, NULL);
+        delay_us = delay_us < 16000 ? delay_us * 2 : 32000;
+        size_t k = 0;
+        for (size_t i = 0; i < n; i++)
+            if (items[i].status == KVS_ERR_BUSY) {
+                again[k] = items[i];
+                again[k].status = KVS_OK;
+                at[k++] = i;
+            }
+        for (size_t s = 0, e; s < k; s = e) {
+            e = chunk_end(again, s, k);
+            put_chunk(c, again + s, e - s);
+        }
+        for (size_t j = 0; j < k; j++) items[at[j]].status = again[j].status;
+    }
+    free(again);
+    free(at);
+}
+
 static int put_batch(kvs_client *c, kvs_item *items, size_t n, int need_reg)
 {
-    return run_batch(c, items, n, need_reg, 1);
+    int rc = run_batch(c, items, n, need_reg, 1);
+    if (rc < 0 || (size_t)rc == n) return rc;
+    retry_busy(c, items, n);
+    int ok = 0;
+    for (size_t i = 0; i < n; i++) ok += items[i].status == KVS_OK;
+    return ok;
 }
 
 static int get_batch(kvs_client *c, kvs_item *items, size_t n, int need_reg)

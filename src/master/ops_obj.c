@@ -88,6 +88,10 @@ int kvs_m_put_start(kvs_master *m, uint64_t client_id, const void *key, uint32_t
     uint64_t off = 0;
     if (!s || kvs_alloc_alloc(s->alloc, size, &off) != KVS_OK) {
         free(o);
+        /* space of evicted or removed objects comes free once their owners
+         * confirm unlisting them (dirsync.c): a moment, not a full pool */
+        for (size_t i = 0; i < m->segs.n; i++)
+            if (m->segs.v[i]->unlist_bytes >= need) return KVS_ERR_BUSY;
         return KVS_ERR_NO_SPACE;
     }
     uint64_t now = kvs_master_now(m);
