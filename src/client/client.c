@@ -598,7 +598,6 @@ static int run_fences(kvs_client *c, kvs_conn_ref *cr, const uint8_t *resp, uint
     return pending;
 }
 
-
 /* Waits on c->hb_cv (c->hb_mu held) for at most ms milliseconds: the
  * heartbeat and directory threads sleep here until woken or due. */
 static void hb_wait(kvs_client *c, uint64_t ms)
@@ -610,6 +609,7 @@ static void hb_wait(kvs_client *c, uint64_t ms)
     ts.tv_nsec = (long)(ns % 1000000000ull);
     pthread_cond_timedwait(&c->hb_cv, &c->hb_mu, &ts);
 }
+
 static void *hb_main(void *arg)
 {
     kvs_client *c = arg;
