@@ -598,18 +598,6 @@ static int run_fences(kvs_client *c, kvs_conn_ref *cr, const uint8_t *resp, uint
     return pending;
 }
 
-/* Waits on c->hb_cv (c->hb_mu held) for at most ms milliseconds: the
- * heartbeat and directory threads sleep here until woken or due. */
-static void hb_wait(kvs_client *c, uint64_t ms)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    uint64_t ns = (uint64_t)ts.tv_nsec + ms * 1000000ull;
-    ts.tv_sec += (time_t)(ns / 1000000000ull);
-    ts.tv_nsec = (long)(ns % 1000000000ull);
-    pthread_cond_timedwait(&c->hb_cv, &c->hb_mu, &ts);
-}
-
 static void *hb_main(void *arg)
 {
     kvs_client *c = arg;
@@ -624,7 +612,12 @@ static void *hb_main(void *arg)
         uint64_t wait_ms = connected ? KVS_MAX(ttl / 3, 10u) : BACKOFF_MIN_MS;
         if (connected && fence_pending) wait_ms = KVS_MIN(wait_ms, FENCE_RETRY_MS);
         if (!connected && retry_at > kvs_now_ms()) wait_ms = retry_at - kvs_now_ms();
-        hb_wait(c, wait_ms);
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        uint64_t ns = (uint64_t)ts.tv_nsec + wait_ms * 1000000ull;
+        ts.tv_sec += (time_t)(ns / 1000000000ull);
+        ts.tv_nsec = (long)(ns % 1000000000ull);
+        pthread_cond_timedwait(&c->hb_cv, &c->hb_mu, &ts);
         if (c->hb_stop) break;
         pthread_mutex_unlock(&c->hb_mu);
 
@@ -715,7 +708,12 @@ static void *dir_main(void *arg)
     pthread_mutex_lock(&c->hb_mu);
     while (!c->hb_stop) {
         if (wait_ms) {
-            hb_wait(c, wait_ms);
+            struct timespec ts;
+            clock_gettime(CLOCK_MONOTONIC, &ts);
+            uint64_t ns = (uint64_t)ts.tv_nsec + wait_ms * 1000000ull;
+            ts.tv_sec += (time_t)(ns / 1000000000ull);
+            ts.tv_nsec = (long)(ns % 1000000000ull);
+            pthread_cond_timedwait(&c->hb_cv, &c->hb_mu, &ts);
             if (c->hb_stop) break;
         }
         pthread_mutex_unlock(&c->hb_mu);
