@@ -234,13 +234,18 @@ class Runner:
         t0 = time.perf_counter()
         lsubmit = 0.0
         if layout.layerwise:
+            tr = self.trace = []  # per layer: CLOCK_MONOTONIC ns at the call, its return, the wait's return
             s0 = time.perf_counter()
+            c0 = time.monotonic_ns()
             task = store.load_data(ids, [0] * n, a_dst[0])
             lsubmit += time.perf_counter() - s0
             for layer in range(L):
+                c1 = time.monotonic_ns()
                 store.wait(task)  # wait_for_layer_load(layer) ...
+                tr.append((c0, c1, time.monotonic_ns()))
                 if layer + 1 < L:  # ... then the next layer's load
                     s0 = time.perf_counter()
+                    c0 = time.monotonic_ns()
                     task = store.load_data(ids, [layer + 1] * n, a_dst[layer + 1])
                     lsubmit += time.perf_counter() - s0
         else:
@@ -275,6 +280,9 @@ def main(argv=None) -> int:
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tokens", default="8192,32768")
     p.add_argument("--modes", default="layerwise,direct")
+    p.add_argument("--trace", help="append the host times of the last repetition's layer loads to this file "
+                                   "(with KVSHELF_READAHEAD_TRACE=1 and KVSHELF_READAHEAD_TRACE_FILE: the "
+                                   "read-ahead buffers' GPU times on the same clock)")
     p.add_argument("--stores", default="kvshelf,kvshelf-noahead,cache-empty,cache-posix",
                    help="contenders (kvshelf-noahead: kvshelf with KVSHELF_READAHEAD_MB=0)")
     p.add_argument("--layers", type=int, default=48)
@@ -384,6 +392,12 @@ def main(argv=None) -> int:
                         print(f"{'':<15} {'':<10} {'':>6} per layer call: dump_data {us[0]:.0f} us, "
                               f"load_data {us[1]:.0f} us, load (submit to wait) {us[2]:.0f} us; "
                               f"{n * layout.shard_size / 1e6:.1f} MB a layer")
+                    if a.trace and layout.layerwise and getattr(r, "trace", None):
+                        with open(a.trace, "a") as f:  # the last repetition's layer loads
+                            f.write(f"# {name} {mode} {t} tokens: layer load_data_call load_data_return "
+                                    f"wait_return (CLOCK_MONOTONIC ns)\n")
+                            for i, x in enumerate(r.trace):
+                                f.write(f"{i} {x[0]} {x[1]} {x[2]}\n")
                     rows.append({"store": name, "label": a.label, "mode": mode, "tokens": t, "dump_gbps": d,
                                  "load_gbps": lo, "ceiling_d2h": ceil[t][0], "ceiling_h2d": ceil[t][1],
                                  "hits": hits, "blocks": n, "exact": exact, "dump_submit_us": us[0],

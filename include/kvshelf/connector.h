@@ -307,9 +307,10 @@ size_t kvs_task_size(const kvs_task *t);
 void kvs_task_free(kvs_task *t);
 
 /* Counters of the connector (monotonic). readahead_stripes: stripes of
- * striped loads served from the CUDA read-ahead (KVSHELF_READAHEAD_MB: the
- * next stripe of an object is copied to device memory while the caller
- * waits for the current one; counted also in loaded_blocks' bytes). */
+ * striped loads served from the CUDA read-ahead (KVSHELF_READAHEAD_MB: a
+ * window of the next stripes of an object is copied to device memory while
+ * the caller waits for the current one; counted also in loaded_blocks'
+ * bytes). */
 typedef struct kvs_connector_counters {
     uint64_t dumped_blocks, loaded_blocks, missed_blocks, failed_blocks, dropped_blocks,
         skipped_blocks, bytes_dumped, bytes_loaded, readahead_stripes;

@@ -1114,10 +1114,9 @@ out:
 /* Batches larger than one message are sent in chunks; a chunk that fails
  * as a whole gives its error to its slots, and the call returns the count
  * of the others. */
-int kvs_reserve_batch(kvs_client *c, const kvs_key *keys, const uint64_t *sizes, size_t n,
-                      kvs_slot *slots)
+static int reserve_all(kvs_client *c, const kvs_key *keys, const uint64_t *sizes, size_t n,
+                       kvs_slot *slots)
 {
-    if (!c || (n && (!keys || !sizes || !slots))) return KVS_ERR_INVALID;
     if (n <= KVS_MAX_BATCH) return reserve_chunk(c, keys, sizes, n, slots);
     int total = 0, rc = 0;
     for (size_t s = 0; s < n; s += KVS_MAX_BATCH) {
@@ -1131,6 +1130,63 @@ int kvs_reserve_batch(kvs_client *c, const kvs_key *keys, const uint64_t *sizes,
         }
     }
     return total || !rc ? total : rc;
+}
+
+/* Reserves again, within the client's timeout, the slots the master
+ * answered KVS_ERR_BUSY (as retry_busy does for puts: the space that
+ * eviction freed, or an earlier version of the key, waits for its segment's
+ * owner to unlist it; a connector dump into a full pool meets this every
+ * few ms). Returns how many more slots were reserved. */
+static int reserve_retry_busy(kvs_client *c, const kvs_key *keys, const uint64_t *sizes,
+                              size_t n, kvs_slot *slots)
+{
+    uint64_t deadline = kvs_now_ms() + (uint64_t)(c->timeout_ms > 0 ? c->timeout_ms : 1000);
+    unsigned delay_us = 250;
+    kvs_key *rk = NULL;
+    uint64_t *rs = NULL;
+    kvs_slot *again = NULL;
+    size_t *at = NULL;
+    int more = 0;
+    for (;;) {
+        size_t k = 0;
+        for (size_t i = 0; i < n; i++) k += slots[i].status == KVS_ERR_BUSY;
+        if (!k || kvs_now_ms() >= deadline) break;
+        if (!rk) {
+            rk = malloc(n * sizeof *rk);
+            rs = malloc(n * sizeof *rs);
+            again = malloc(n * sizeof *again);
+            at = malloc(n * sizeof *at);
+            if (!rk || !rs || !again || !at) break;
+        }
+        struct timespec ts = {0, (long)delay_us * 1000};
+        nanosleep(&ts, NULL);
+        delay_us = delay_us < 8000 ? delay_us * 2 : 16000;
+        k = 0;
+        for (size_t i = 0; i < n; i++)
+            if (slots[i].status == KVS_ERR_BUSY) {
+                rk[k] = keys[i];
+                rs[k] = sizes[i];
+                at[k++] = i;
+            }
+        int r = reserve_all(c, rk, rs, k, again);
+        if (r < 0) break; /* the BUSY slots keep their status */
+        more += r;
+        for (size_t j = 0; j < k; j++) slots[at[j]] = again[j];
+    }
+    free(rk);
+    free(rs);
+    free(again);
+    free(at);
+    return more;
+}
+
+int kvs_reserve_batch(kvs_client *c, const kvs_key *keys, const uint64_t *sizes, size_t n,
+                      kvs_slot *slots)
+{
+    if (!c || (n && (!keys || !sizes || !slots))) return KVS_ERR_INVALID;
+    int rc = reserve_all(c, keys, sizes, n, slots);
+    if (rc < 0 || (size_t)rc == n) return rc;
+    return rc + reserve_retry_busy(c, keys, sizes, n, slots);
 }
 
 int kvs_commit_batch(kvs_client *c, const kvs_key *keys, const kvs_slot *slots,

@@ -46,9 +46,10 @@
 #define CONN_JOB_MAX_BLOCKS 128
 #define CONN_MAX_BLOCK_BYTES (1ull << 30)
 #define CONN_DEFAULT_WORKERS 2      /* host backend */
-#define CONN_RA_MAX_DEPTH 4         /* stripes read ahead of the one loaded (KVSHELF_READAHEAD_DEPTH) */
+#define CONN_RA_MAX_DEPTH 16        /* stripes of one read-ahead window (KVSHELF_READAHEAD_DEPTH) */
+#define CONN_RA_BUFS 4              /* read-ahead buffers one job starts at most */
 #define CONN_RA_SLOTS 4             /* read-ahead buffers an open load object keeps */
-#define CONN_RA_RETIRE (CONN_JOB_MAX_BLOCKS * (CONN_RA_SLOTS + 1) + CONN_RA_MAX_DEPTH)
+#define CONN_RA_RETIRE (CONN_JOB_MAX_BLOCKS * (CONN_RA_SLOTS + 1) + CONN_RA_BUFS)
 #define CONN_DEFAULT_CUDA_WORKERS 4 /* CUDA: 2 left the link ~5% idle in RPC gaps */
 #define CONN_DEFAULT_INFLIGHT 65536
 #define CONN_KEY_MAX (KVS_CONNECTOR_PREFIX_BYTES + KVS_HASH_MAX)
@@ -142,14 +143,20 @@ typedef struct conn_worker {
     struct conn_sent *ent[CONN_JOB_MAX_BLOCKS]; /* open object of each job object */
     uint64_t poff[CONN_JOB_MAX_BLOCKS];        /* offset of the stripe in w->obj[i] */
     /* read-ahead of stripe loads (stripes.c, CUDA): the buffer each object
-     * loads from (NULL: its host memory); the stripes s+d this job reads
-     * ahead for each object (bit d-1 of ra_want) and the buffer of each
-     * depth; references to drop once the job's results are out */
+     * loads from (NULL: its host memory), where the object's window starts
+     * in it (ra_off) and this stripe within the window (ra_skip); the
+     * window of stripes this job reads ahead for each object (ra_n[i]
+     * stripes from ra_from[i]; 0: none) and the buffers started for them
+     * (one per distinct window); references to drop once the job's results
+     * are out */
     struct kvs_cuda_ahead *ra[CONN_JOB_MAX_BLOCKS];
     uint64_t ra_off[CONN_JOB_MAX_BLOCKS];
-    uint8_t ra_want[CONN_JOB_MAX_BLOCKS];
-    struct kvs_cuda_ahead *ra_new[CONN_RA_MAX_DEPTH];
-    uint64_t ra_new_off[CONN_RA_MAX_DEPTH][CONN_JOB_MAX_BLOCKS];
+    uint64_t ra_skip[CONN_JOB_MAX_BLOCKS];
+    uint32_t ra_from[CONN_JOB_MAX_BLOCKS];
+    uint32_t ra_n[CONN_JOB_MAX_BLOCKS];
+    uint8_t ra_buf[CONN_JOB_MAX_BLOCKS]; /* index in ra_new, or 0xff: not started */
+    struct kvs_cuda_ahead *ra_new[CONN_RA_BUFS];
+    uint64_t ra_new_off[CONN_RA_BUFS][CONN_JOB_MAX_BLOCKS];
     struct kvs_cuda_ahead *retire[CONN_RA_RETIRE];
     size_t nretire;
 } conn_worker;
@@ -190,11 +197,12 @@ struct kvs_connector {
     /* open striped objects (stripes.c): dumps being filled, loads under lease */
     struct conn_stab *stab_dump, *stab_load;
     uint64_t readahead; /* bytes of device memory for stripe loads' read-ahead (0: off) */
-    uint32_t ra_depth;  /* stripes read ahead (1..CONN_RA_MAX_DEPTH) */
+    uint32_t ra_depth;  /* stripes per read-ahead window (1..CONN_RA_MAX_DEPTH) */
     /* KVSHELF_CONNECTOR_PROFILE=1: time spent per phase, printed at close */
     int profile;
     atomic_uint_fast64_t t_meta, t_copy, t_finish, n_jobs;
     atomic_uint_fast64_t t_ra, n_ra; /* stripe loads: starting read-ahead (part of t_copy) */
+    atomic_uint_fast64_t t_ra_claim;  /* of which taking the buffers (ra_claim) */
     atomic_uint_fast64_t n_dumped, n_loaded, n_missed, n_failed, n_dropped, n_skipped,
         n_bytes_dumped, n_bytes_loaded, n_readahead;
 };
@@ -395,8 +403,9 @@ void conn_run_load(conn_worker *w, struct conn_job *j);
 /* Adds one block job's phase times (ns stamps; profiling on) / prints the
  * totals (close). */
 void conn_profile_add(kvs_connector *c, uint64_t t0, uint64_t t1, uint64_t t2);
-/* Adds the time a stripe load job spent starting its read-ahead (from t0). */
-void conn_profile_ra(kvs_connector *c, uint64_t t0);
+/* Adds the time a stripe load job spent taking its read-ahead buffers (t0 to
+ * t_claimed) and starting the next ones (to now). */
+void conn_profile_ra(kvs_connector *c, uint64_t t0, uint64_t t_claimed);
 void conn_profile_print(const kvs_connector *c);
 
 #endif

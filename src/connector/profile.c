@@ -15,9 +15,10 @@ void conn_profile_add(kvs_connector *c, uint64_t t0, uint64_t t1, uint64_t t2)
     atomic_fetch_add(&c->n_jobs, 1);
 }
 
-void conn_profile_ra(kvs_connector *c, uint64_t t0)
+void conn_profile_ra(kvs_connector *c, uint64_t t0, uint64_t t_claimed)
 {
     atomic_fetch_add(&c->t_ra, kvs_now_ns() - t0);
+    atomic_fetch_add(&c->t_ra_claim, t_claimed - t0);
     atomic_fetch_add(&c->n_ra, 1);
 }
 
@@ -35,6 +36,7 @@ void conn_profile_print(const kvs_connector *c)
     if (nr)
         fprintf(stderr,
                 "kvshelf connector profile: %llu stripe load jobs spent %.1f us each of their "
-                "copy phase taking their read-ahead and starting the next\n",
-                (unsigned long long)nr, atomic_load(&c->t_ra) / 1e3 / nr);
+                "copy phase taking their read-ahead and starting the next (taking: %.1f us)\n",
+                (unsigned long long)nr, atomic_load(&c->t_ra) / 1e3 / nr,
+                atomic_load(&c->t_ra_claim) / 1e3 / nr);
 }

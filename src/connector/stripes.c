@@ -70,10 +70,11 @@ typedef struct conn_sent {
     conn_hdr hdr;    /* dump, staged: the header to write at publication;
                         load: the header found at acquisition */
     uint64_t *bits;  /* per stripe: dump claimed / load loaded */
-    struct conn_ra {           /* load: stripe `stripe` read ahead into buf at off */
+    struct conn_ra {           /* load: stripes stripe..stripe+n-1 read ahead into buf
+                                  from off, bytes each */
         struct kvs_cuda_ahead *buf;
         uint64_t off, bytes;
-        uint32_t stripe;
+        uint32_t stripe, n;
     } ra[CONN_RA_SLOTS];
     uint32_t ra_upto;          /* load: stripes up to this one were asked for ahead */
     kvs_key key;
@@ -399,7 +400,9 @@ int conn_stripes_init(kvs_connector *c)
      * 4 layers of 8k tokens (34 MB each) many times over, 3 of 32k (134 MB
      * each) with the one being loaded; what does not fit is copied from host
      * memory as without read-ahead. */
-    c->readahead = kvs_env_u64("KVSHELF_READAHEAD_MB", 512, 0, 1u << 20, "MiB") << 20;
+    /* 1 GiB: two windows of 4 layers of 32k tokens (Qwen2.5-14B, 8 KV heads:
+     * 128 MiB a layer) in flight; smaller layers use less of it */
+    c->readahead = kvs_env_u64("KVSHELF_READAHEAD_MB", 1024, 0, 1u << 20, "MiB") << 20;
     c->ra_depth = (uint32_t)kvs_env_u64("KVSHELF_READAHEAD_DEPTH", 4, 1, CONN_RA_MAX_DEPTH, "stripes");
     return c->stab_dump && c->stab_load ? KVS_OK : KVS_ERR_NOMEM;
 }
@@ -455,7 +458,8 @@ static int copy_stripes(conn_worker *w, int dir, const kvs_task *t, size_t start
             dobj[i] = w->ok[i] && !w->staged[i] && w->ent[i] ? w->ent[i]->dptr : 0;
         if (dir == TASK_LOAD)
             return kvs_cuda_copy_parts_ra(w->pcw, n, w->obj, dobj, w->poff, addrs, lens, ppo,
-                                          CONN_STAMP_OFF, w->ok, w->got, w->ra, w->ra_off);
+                                          CONN_STAMP_OFF, w->ok, w->got, w->ra, w->ra_off,
+                                          w->ra_skip);
         return kvs_cuda_copy_parts_ex(
             w->pcw, dir == TASK_DUMP ? KVS_CUDA_DUMP : KVS_CUDA_LOAD, n, w->obj, dobj, w->poff,
             addrs, lens, ppo, CONN_HDR_BYTES, CONN_STAMP_OFF, offsetof(conn_hdr, generation),
@@ -800,10 +804,30 @@ void conn_stripes_retire(conn_worker *w)
     w->nretire = 0;
 }
 
+/* Whether a stripe of r's window other than s is still to be loaded. */
+static int window_pending(const conn_sent *e, const struct conn_ra *r, uint32_t s)
+{
+    for (uint32_t t = r->stripe; t < r->stripe + r->n; t++)
+        if (t != s && !bit_test(e, t)) return 1;
+    return 0;
+}
+
 /* Before a load job of stripe s copies (under tb->mu): each live object
- * takes its entry's buffer of this stripe (w->ra[i]; buffers of stripes
- * already loaded are let go) and asks for the stripes after it that nobody
- * asked for yet (w->ra_want[i]). */
+ * takes the buffer holding stripe s, if one was read ahead (w->ra[i], a
+ * reference of the job's own; the entry keeps its reference while other
+ * stripes of that window are to be loaded), lets go of windows with
+ * nothing left to load, and asks for the next window when fewer than
+ * ra_depth stripes past s were asked for (w->ra_from[i], w->ra_n[i]).
+ *
+ * Windows: a buffer holds ra_depth consecutive stripes of each object of
+ * a job, copied as ONE range per object (the stripes are contiguous in the
+ * object). On an H200 the host cost of enqueueing a copy (about 0.8 us an
+ * entry of cudaMemcpyBatchAsync, several times that when four workers
+ * contend for the driver) bounded UCM's layerwise loads when every stripe
+ * was its own entry (8k tokens: 128 entries and ~350 us of host time per
+ * job and layer against 150 us of link time; bench/RESULTS.md). Asking for
+ * the next window as soon as fewer than ra_depth stripes are ahead keeps
+ * up to two windows in flight: the one being consumed and the next. */
 static void ra_claim(conn_worker *w, const kvs_task *t, struct conn_stab *tb, size_t start,
                      size_t n, uint32_t s)
 {
@@ -817,57 +841,96 @@ static void ra_claim(conn_worker *w, const kvs_task *t, struct conn_stab *tb, si
         for (int q = 0; q < CONN_RA_SLOTS; q++) {
             struct conn_ra *r = &e->ra[q];
             if (!r->buf) continue;
-            if (r->stripe == s && r->bytes == sb && !w->ra[i]) {
-                w->ra[i] = r->buf; /* the entry's reference, now the job's */
+            int in = s >= r->stripe && s < r->stripe + r->n;
+            int pending = window_pending(e, r, s);
+            if (in && r->bytes == sb && !w->ra[i]) {
+                w->ra[i] = r->buf;
                 w->ra_off[i] = r->off;
-            } else if (r->stripe == s || bit_test(e, r->stripe)) {
-                ra_retire(w, r->buf);
-            } else {
+                w->ra_skip[i] = (uint64_t)(s - r->stripe) * sb;
+                if (pending) { /* the entry keeps its reference; the job takes one */
+#ifdef KVS_HAVE_CUDA
+                    kvs_cuda_ahead_ref(r->buf);
+#endif
+                    continue;
+                }
+                /* the last stripe of the window: the entry's reference is the job's */
+            } else if (pending && !(in && r->bytes != sb)) {
                 continue;
+            } else {
+                ra_retire(w, r->buf);
             }
             r->buf = NULL;
         }
-        if (!c->readahead) continue;
-        for (uint32_t d = 1; d <= c->ra_depth && s + d < e->stripes; d++)
-            if (s + d > e->ra_upto && !bit_test(e, s + d)) w->ra_want[i] |= (uint8_t)(1u << (d - 1));
-        if (w->ra_want[i]) {
-            uint32_t last = s + c->ra_depth < e->stripes ? s + c->ra_depth : e->stripes - 1;
-            if (last > e->ra_upto) e->ra_upto = last;
-        }
+        if (!c->readahead || e->ra_upto >= s + c->ra_depth) continue;
+        uint32_t from = (e->ra_upto > s ? e->ra_upto : s) + 1;
+        while (from < e->stripes && bit_test(e, from)) from++;
+        if (from >= e->stripes) continue;
+        uint32_t to = from + c->ra_depth - 1;
+        if (to >= e->stripes) to = e->stripes - 1;
+        w->ra_from[i] = from;
+        w->ra_n[i] = to - from + 1;
+        e->ra_upto = to;
     }
     pthread_mutex_unlock(&tb->mu);
 }
 
-/* Starts the read-ahead ra_claim asked for: one buffer per depth. */
+/* Starts the windows ra_claim asked for: one buffer per distinct window
+ * (the objects of a job normally share one). A window that does not fit
+ * the arena is tried again with half as many stripes; what is not started
+ * is asked for again by a later job (ra_keep). */
 static void ra_start(conn_worker *w, const kvs_task *t, size_t start, size_t n, uint32_t s)
 {
+    for (size_t i = 0; i < n; i++) w->ra_buf[i] = 0xff;
+    for (uint32_t k = 0; k < CONN_RA_BUFS; k++) w->ra_new[k] = NULL;
 #ifdef KVS_HAVE_CUDA
     kvs_connector *c = w->c;
-    for (uint32_t d = 0; d < CONN_RA_MAX_DEPTH; d++) w->ra_new[d] = NULL;
     if (c->backend != BK_CUDA || !c->readahead) return;
     if (!w->pcw) {
         kvs_cuda_pworker *pw = NULL;
         if (kvs_cuda_pworker_create(c->cx, c->device, &pw) != KVS_OK) return;
         w->pcw = pw;
     }
-    uint8_t want[CONN_JOB_MAX_BLOCKS];
+    uint8_t want[CONN_JOB_MAX_BLOCKS], done[CONN_JOB_MAX_BLOCKS];
     uint64_t dobj[CONN_JOB_MAX_BLOCKS], off[CONN_JOB_MAX_BLOCKS], len[CONN_JOB_MAX_BLOCKS];
-    for (uint32_t d = 1; d <= c->ra_depth; d++) {
+    memset(done, 0, n);
+    (void)s;
+    for (uint32_t k = 0; k < CONN_RA_BUFS; k++) {
+        size_t first = 0;
+        while (first < n && (done[first] || !w->ra_n[first])) first++;
+        if (first == n) break;
+        const uint32_t from = w->ra_from[first];
+        uint32_t cnt = w->ra_n[first];
         size_t m = 0;
         for (size_t i = 0; i < n; i++) {
-            want[i] = (w->ra_want[i] >> (d - 1)) & 1;
+            want[i] = !done[i] && w->ra_n[i] && w->ra_from[i] == from && w->ra_n[i] == cnt;
             if (!want[i]) continue;
-            uint64_t sb = stripe_bytes(t, start + i);
-            dobj[i] = w->ent[i]->dptr;
-            off[i] = CONN_HDR_BYTES + (uint64_t)(s + d) * sb;
-            len[i] = sb;
+            done[i] = 1;
             m++;
         }
-        if (!m) continue;
-        if (kvs_cuda_ahead_start(w->pcw, n, want, w->obj, dobj, off, len, CONN_STAMP_OFF,
-                                 c->readahead, &w->ra_new[d - 1],
-                                 w->ra_new_off[d - 1]) == KVS_ERR_NO_SPACE)
-            break; /* the nearer stripes first; the rest copy from host memory */
+        int rc = KVS_ERR_NO_SPACE;
+        while (m && rc == KVS_ERR_NO_SPACE) {
+            for (size_t i = 0; i < n; i++) {
+                if (!want[i]) continue;
+                uint64_t sb = stripe_bytes(t, start + i);
+                dobj[i] = w->ent[i]->dptr;
+                off[i] = CONN_HDR_BYTES + (uint64_t)from * sb;
+                len[i] = (uint64_t)cnt * sb;
+            }
+            rc = kvs_cuda_ahead_start(w->pcw, n, want, w->obj, dobj, off, len, CONN_STAMP_OFF,
+                                      c->readahead, &w->ra_new[k], w->ra_new_off[k]);
+            if (rc == KVS_ERR_NO_SPACE && cnt > 1) {
+                cnt /= 2; /* the nearer stripes first */
+                rc = KVS_ERR_NO_SPACE;
+            } else if (rc == KVS_ERR_NO_SPACE) {
+                break;
+            }
+        }
+        if (rc != KVS_OK) continue;
+        for (size_t i = 0; i < n; i++)
+            if (want[i] && w->ra_new_off[k][i] != UINT64_MAX) {
+                w->ra_buf[i] = (uint8_t)k;
+                w->ra_n[i] = cnt; /* what the buffer holds */
+            }
     }
 #else
     (void)w, (void)t, (void)start, (void)n, (void)s;
@@ -875,30 +938,33 @@ static void ra_start(conn_worker *w, const kvs_task *t, size_t start, size_t n, 
 }
 
 /* After a load job's copies, under tb->mu: entry e (object i of the job)
- * keeps the buffers its next stripes were read ahead into. */
-static void ra_keep(conn_worker *w, conn_sent *e, size_t i, uint32_t s, uint64_t sb, int res)
+ * keeps the buffer its next window was read ahead into; stripes asked for
+ * but not read ahead are asked for again by a later job. */
+static void ra_keep(conn_worker *w, conn_sent *e, size_t i, uint64_t sb, int res)
 {
+    if (!w->ra_n[i]) return;
+    const uint32_t from = w->ra_from[i];
 #ifdef KVS_HAVE_CUDA
-    if (!w->ra_want[i] || res != KVS_OK || e->state != SE_OPEN) return;
-    for (uint32_t d = 1; d <= w->c->ra_depth; d++) {
-        struct kvs_cuda_ahead *b = w->ra_new[d - 1];
-        if (!((w->ra_want[i] >> (d - 1)) & 1) || !b || w->ra_new_off[d - 1][i] == UINT64_MAX ||
-            bit_test(e, s + d))
-            continue;
-        for (int q = 0; q < CONN_RA_SLOTS; q++) {
+    uint8_t k = w->ra_buf[i];
+    if (k != 0xff && res == KVS_OK && e->state == SE_OPEN) {
+        struct kvs_cuda_ahead *b = w->ra_new[k];
+        for (int q = 0; q < CONN_RA_SLOTS && b; q++) {
             struct conn_ra *r = &e->ra[q];
             if (r->buf) continue;
             kvs_cuda_ahead_ref(b);
             r->buf = b;
-            r->off = w->ra_new_off[d - 1][i];
+            r->off = w->ra_new_off[k][i];
             r->bytes = sb;
-            r->stripe = s + d;
-            break;
+            r->stripe = from;
+            r->n = w->ra_n[i];
+            if (e->ra_upto > from + r->n - 1) e->ra_upto = from + r->n - 1; /* the rest later */
+            return;
         }
     }
 #else
-    (void)w, (void)e, (void)i, (void)s, (void)sb, (void)res;
+    (void)sb, (void)res;
 #endif
+    if (e->ra_upto >= from) e->ra_upto = from - 1; /* not read ahead: ask again */
 }
 
 /* Hands the job's read-ahead references to the retire list. */
@@ -907,11 +973,11 @@ static void ra_done(conn_worker *w, size_t n)
     for (size_t i = 0; i < n; i++) {
         ra_retire(w, w->ra[i]);
         w->ra[i] = NULL;
-        w->ra_want[i] = 0;
+        w->ra_n[i] = 0;
     }
-    for (uint32_t d = 0; d < CONN_RA_MAX_DEPTH; d++) {
-        ra_retire(w, w->ra_new[d]);
-        w->ra_new[d] = NULL;
+    for (uint32_t k = 0; k < CONN_RA_BUFS; k++) {
+        ra_retire(w, w->ra_new[k]);
+        w->ra_new[k] = NULL;
     }
 }
 
@@ -939,7 +1005,7 @@ void conn_run_stripe_load(conn_worker *w, struct conn_job *j)
         w->staged[i] = 0;
         w->obj[i] = NULL;
         w->ra[i] = NULL;
-        w->ra_want[i] = 0;
+        w->ra_n[i] = 0;
         res[i] = KVS_OK;
         conn_obj g = conn_task_obj(c, t, j->start + i);
         conn_sent *e = stab_get(tb, &keys[i], hs[i], t->stripes, &g, t0);
@@ -1035,8 +1101,9 @@ void conn_run_stripe_load(conn_worker *w, struct conn_job *j)
     if (live && c->backend == BK_CUDA) {
         uint64_t tr = kvs_now_ns();
         ra_claim(w, t, tb, j->start, n, s);
+        uint64_t tc = c->profile ? kvs_now_ns() : 0;
         ra_start(w, t, j->start, n, s); /* before this job waits for anything */
-        if (c->profile) conn_profile_ra(c, tr);
+        if (c->profile) conn_profile_ra(c, tr, tc);
     }
     if (live) {
         conn_assign_staging(w, t, n, res);
@@ -1090,7 +1157,7 @@ void conn_run_stripe_load(conn_worker *w, struct conn_job *j)
     for (size_t i = 0; i < n; i++) {
         conn_sent *e = w->ent[i];
         if (!e) continue;
-        ra_keep(w, e, i, s, stripe_bytes(t, j->start + i), res[i]);
+        ra_keep(w, e, i, stripe_bytes(t, j->start + i), res[i]);
         e->users--;
         if (res[i] == KVS_OK) {
             if (!bit_test(e, s)) {

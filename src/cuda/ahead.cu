@@ -5,11 +5,14 @@
  * return path of every layer (call, hand-off, synchronisation, checks:
  * ~250 us against a 650 us copy of 8k tokens' layer on an H200). A parts
  * worker that loads stripe s of open objects therefore also starts copying
- * the next stripes of the same objects (KVSHELF_READAHEAD_DEPTH), host ->
- * device, into buffers carved from its context's arena; the job that later
- * loads one of them scatters it from there into the destinations (known
- * only then) with one kernel on the GPU (device to device: tens of
- * microseconds), while the copy engines already move the later ones.
+ * a window of the next stripes of the same objects (KVSHELF_READAHEAD_DEPTH
+ * of them, one contiguous range per object: see ra_claim in
+ * src/connector/stripes.c for why windows), host -> device, on one stream
+ * (KVSHELF_READAHEAD_STREAMS), into a buffer carved from its context's
+ * arena; the jobs that later load those stripes scatter them from there
+ * into the destinations (known only then) with one kernel on the GPU
+ * (device to device: tens of microseconds), while the copy engines already
+ * move the next window.
  *
  * Arena: one per context, KVSHELF_READAHEAD_MB of device memory taken with
  * cudaMallocAsync on its first use (no device-wide synchronisation, which a
@@ -48,8 +51,25 @@ struct kc_arena {
     int failed; /* the memory could not be had: read-ahead is off */
     /* KVSHELF_READAHEAD_TRACE=1: sums over the buffers, printed at the end */
     uint64_t tr_n, tr_copy_ns, tr_wait_ns, tr_nused;
+    /* host time inside kc_ahead_start: all of it, creating events, the
+     * batch copy call, the stamp kernel and event records */
+    uint64_t tr_nstart, tr_start_ns, tr_ev_ns, tr_batch_ns, tr_rec_ns;
+    /* KVSHELF_READAHEAD_TRACE_FILE: one line per buffer, times relative to
+     * ref (recorded on the GPU when the memory came, host time ref_ns) */
+    cudaEvent_t ref;
+    uint64_t ref_ns;
+    struct ra_trace_line *tl;
+    size_t ntl, captl;
     size_t nfree;
     struct kc_range fr[RA_MAX_FREE]; /* free ranges, sorted, coalesced */
+};
+
+/* One buffer in the trace file: host times (us after the arena's
+ * reference) of its enqueue and first use, GPU times of its copies' start
+ * and end and of the end of the first scatter from it; -1: unknown. */
+struct ra_trace_line {
+    double enq, use, gstart, gend, gused;
+    uint64_t bytes;
 };
 
 struct kvs_cuda_ahead {
@@ -62,7 +82,7 @@ struct kvs_cuda_ahead {
     int refs;
     /* tracing: recorded on stream 0 before the copies (timing on), the
      * host time of the enqueue and of the first use */
-    cudaEvent_t t0;
+    cudaEvent_t t0, used;
     uint64_t enq_ns, use_ns;
 };
 
@@ -94,7 +114,8 @@ static cudaError_t ahead_wait(const kvs_cuda_ahead *b)
 static void ahead_free_events(kvs_cuda_ahead *b)
 {
     if (b->t0) cudaEventDestroy(b->t0);
-    b->t0 = NULL;
+    if (b->used) cudaEventDestroy(b->used);
+    b->t0 = b->used = NULL;
     for (int i = 0; i < b->ndone; i++) cudaEventDestroy(b->done[i]);
     b->ndone = 0;
 }
@@ -121,6 +142,27 @@ void kc_arena_destroy(struct kc_arena *a)
                 (unsigned long long)a->tr_n, a->tr_copy_ns / 1e3 / a->tr_n,
                 (unsigned long long)a->tr_nused,
                 a->tr_nused ? a->tr_wait_ns / 1e3 / a->tr_nused : 0.0);
+    if (a->tr_nstart)
+        fprintf(stderr,
+                "kvshelf read-ahead trace: starting a buffer took %.1f us on the host (events "
+                "%.1f, batch copy call %.1f, stamp kernel and records %.1f)\n",
+                a->tr_start_ns / 1e3 / a->tr_nstart, a->tr_ev_ns / 1e3 / a->tr_nstart,
+                a->tr_batch_ns / 1e3 / a->tr_nstart, a->tr_rec_ns / 1e3 / a->tr_nstart);
+    const char *tf = getenv("KVSHELF_READAHEAD_TRACE_FILE");
+    FILE *f = a->ntl && tf && *tf ? fopen(tf, "a") : NULL;
+    if (f) {
+        fprintf(f, "# kvshelf read-ahead buffers, us after the arena's first use (CLOCK_MONOTONIC "
+                   "%llu ns): enqueued used gpu_start gpu_end gpu_scattered bytes\n",
+                (unsigned long long)a->ref_ns);
+        for (size_t i = 0; i < a->ntl; i++) {
+            const struct ra_trace_line *l = &a->tl[i];
+            fprintf(f, "%.1f %.1f %.1f %.1f %.1f %llu\n", l->enq, l->use, l->gstart, l->gend,
+                    l->gused, (unsigned long long)l->bytes);
+        }
+        fclose(f);
+    }
+    free(a->tl);
+    if (a->ref) cudaEventDestroy(a->ref);
     if (a->base) {
         int prev = -1;
         cudaGetDevice(&prev);
@@ -152,6 +194,10 @@ static int arena_ready(struct kc_arena *a, cudaStream_t s)
                 (unsigned long long)(a->size >> 20), cudaGetErrorString(e));
         return 0;
     }
+    if (ra_trace() && cudaEventCreate(&a->ref) == cudaSuccess &&
+        cudaEventRecord(a->ref, s) == cudaSuccess && cudaEventSynchronize(a->ref) == cudaSuccess)
+        a->ref_ns = kvs_now_ns();
+    cudaGetLastError();
     a->base = (char *)p;
     a->nfree = 1;
     a->fr[0].off = 0;
@@ -216,12 +262,38 @@ void kvs_cuda_ahead_unref(kvs_cuda_ahead *b)
      * and the objects it reads stay untouched until they are done */
     ahead_wait(b);
     float ms = 0, m;
-    if (b->t0)
+    struct ra_trace_line tl = {-1, -1, -1, -1, -1, b->len};
+    if (b->t0) {
         for (int i = 0; i < b->ndone; i++)
             if (cudaEventElapsedTime(&m, b->t0, b->done[i]) == cudaSuccess && m > ms) ms = m;
+        struct kc_arena *a = b->ar;
+        if (a->ref_ns) {
+            tl.enq = (double)(int64_t)(b->enq_ns - a->ref_ns) / 1e3;
+            if (b->use_ns) tl.use = (double)(int64_t)(b->use_ns - a->ref_ns) / 1e3;
+            if (cudaEventElapsedTime(&m, a->ref, b->t0) == cudaSuccess) {
+                tl.gstart = m * 1e3;
+                tl.gend = tl.gstart + ms * 1e3;
+            }
+            if (b->used && cudaEventSynchronize(b->used) == cudaSuccess &&
+                cudaEventElapsedTime(&m, a->ref, b->used) == cudaSuccess)
+                tl.gused = m * 1e3;
+        }
+    }
     ahead_free_events(b);
     cudaGetLastError();
     pthread_mutex_lock(&b->ar->mu);
+    if (b->ar->ref_ns && tl.enq >= 0) {
+        struct kc_arena *a = b->ar;
+        if (a->ntl == a->captl && a->captl < (1u << 20)) {
+            size_t nc = a->captl ? a->captl * 2 : 4096;
+            struct ra_trace_line *nt = (struct ra_trace_line *)realloc(a->tl, nc * sizeof *nt);
+            if (nt) {
+                a->tl = nt;
+                a->captl = nc;
+            }
+        }
+        if (a->ntl < a->captl) a->tl[a->ntl++] = tl;
+    }
     if (b->enq_ns) {
         b->ar->tr_n++;
         b->ar->tr_copy_ns += (uint64_t)(ms * 1e6);
@@ -256,6 +328,8 @@ int kc_ahead_start(kvs_cuda_ctx *x, kvs_cuda_res *pf, uint64_t budget,
     *out = NULL;
     for (size_t i = 0; i < n; i++) off_out[i] = UINT64_MAX;
     if (n > KVS_CUDA_MAX_JOB_BLOCKS || !budget) return KVS_ERR_INVALID;
+    const uint64_t h0 = ra_trace() ? kvs_now_ns() : 0;
+    uint64_t h1 = 0, h2 = 0, h3 = 0;
     uint64_t total = 0;
     size_t m = 0;
     for (size_t i = 0; i < n; i++) {
@@ -286,6 +360,7 @@ int kc_ahead_start(kvs_cuda_ctx *x, kvs_cuda_res *pf, uint64_t budget,
         }
         b->enq_ns = kvs_now_ns();
     }
+    if (h0) h1 = kvs_now_ns();
     for (int si = 0; si < pf->nstreams; si++) {
         if (cudaEventCreateWithFlags(&b->done[si], b->t0 ? 0 : cudaEventDisableTiming) != cudaSuccess) {
             cudaGetLastError();
@@ -310,7 +385,9 @@ int kc_ahead_start(kvs_cuda_ctx *x, kvs_cuda_res *pf, uint64_t budget,
             cur += (len[i] + RA_ALIGN - 1) / RA_ALIGN * RA_ALIGN;
         }
         st->n = (uint32_t)n;
+        if (h0) h2 = kvs_now_ns();
         cudaError_t e = kvs_cuda_res_batch_copy(pf, k);
+        if (h0) h3 = kvs_now_ns();
         if (e == cudaSuccess) {
             ra_stamp_kernel<<<1, 128, 0, pf->streams[0]>>>(*st);
             e = cudaGetLastError();
@@ -326,6 +403,16 @@ int kc_ahead_start(kvs_cuda_ctx *x, kvs_cuda_res *pf, uint64_t budget,
     }
     free(st);
     *out = b;
+    if (h0) {
+        uint64_t h4 = kvs_now_ns();
+        pthread_mutex_lock(&a->mu);
+        a->tr_nstart++;
+        a->tr_start_ns += h4 - h0;
+        a->tr_ev_ns += h2 - h1;
+        a->tr_batch_ns += h3 - h2;
+        a->tr_rec_ns += h4 - h3;
+        pthread_mutex_unlock(&a->mu);
+    }
     return KVS_OK;
 fail:
     for (size_t i = 0; i < n; i++) off_out[i] = UINT64_MAX;
@@ -369,8 +456,9 @@ __global__ void ra_scatter_kernel(const __grid_constant__ ra_scatter j)
 }
 
 cudaError_t kc_ahead_scatter(cudaStream_t s, size_t n, kvs_cuda_ahead *const *ra,
-                             const uint64_t *ra_off, const uint64_t *addrs,
-                             const uint64_t *lens, size_t ppo, uint64_t *out_gen_dev)
+                             const uint64_t *ra_off, const uint64_t *ra_skip,
+                             const uint64_t *addrs, const uint64_t *lens, size_t ppo,
+                             uint64_t *out_gen_dev)
 {
     ra_scatter *j = (ra_scatter *)calloc(1, sizeof *j);
     if (!j) return cudaErrorMemoryAllocation;
@@ -410,7 +498,7 @@ cudaError_t kc_ahead_scatter(cudaStream_t s, size_t n, kvs_cuda_ahead *const *ra
             if (end) break;
         }
         if (!ra[i]) continue;
-        uint64_t src = (uint64_t)(uintptr_t)(ra[i]->ar->base + ra[i]->off + ra_off[i]);
+        uint64_t src = (uint64_t)(uintptr_t)(ra[i]->ar->base + ra[i]->off + ra_off[i] + ra_skip[i]);
         for (size_t p = 0; p < ppo && np < RA_SCATTER_PARTS; p++) {
             uint64_t len = lens[i * ppo + p];
             if (!len) continue;
@@ -421,6 +509,19 @@ cudaError_t kc_ahead_scatter(cudaStream_t s, size_t n, kvs_cuda_ahead *const *ra
             src += len;
         }
     }
+    /* tracing: when the first scatter from each buffer ended on the GPU */
+    last = NULL;
+    for (size_t i = 0; i < n && e == cudaSuccess; i++)
+        if (ra[i] && ra[i] != last) {
+            last = ra[i];
+            if (!ra[i]->t0 || __atomic_load_n(&ra[i]->used, __ATOMIC_ACQUIRE)) continue;
+            cudaEvent_t ev = NULL, none = NULL;
+            if (cudaEventCreate(&ev) == cudaSuccess && cudaEventRecord(ev, s) == cudaSuccess &&
+                !__atomic_compare_exchange_n(&ra[i]->used, &none, ev, 0, __ATOMIC_ACQ_REL,
+                                             __ATOMIC_ACQUIRE))
+                cudaEventDestroy(ev); /* another job's scatter came first */
+            cudaGetLastError();
+        }
     free(j);
     return e;
 }

@@ -43,10 +43,12 @@ int kc_ahead_start(kvs_cuda_ctx *x, kvs_cuda_res *pf, uint64_t budget,
 
 /* Enqueues on stream s a wait for the buffers ra[i] (NULL: object i is not
  * loaded from read-ahead), then the kernel that copies each such object's
- * stripe (ra[i] at ra_off[i]) to its ppo parts addrs/lens and writes its
- * view-check word to out_gen_dev[i]. ppo <= KC_AHEAD_MAX_PPO. */
+ * stripe (ra[i]: the object's range at ra_off[i], the stripe ra_skip[i]
+ * bytes into it) to its ppo parts addrs/lens and writes its view-check word
+ * to out_gen_dev[i]. ppo <= KC_AHEAD_MAX_PPO. */
 cudaError_t kc_ahead_scatter(cudaStream_t s, size_t n, kvs_cuda_ahead *const *ra,
-                             const uint64_t *ra_off, const uint64_t *addrs,
-                             const uint64_t *lens, size_t ppo, uint64_t *out_gen_dev);
+                             const uint64_t *ra_off, const uint64_t *ra_skip,
+                             const uint64_t *addrs, const uint64_t *lens, size_t ppo,
+                             uint64_t *out_gen_dev);
 
 #endif

@@ -148,8 +148,9 @@ int kvs_cuda_copy_parts_ex(kvs_cuda_pworker *w, int dir, size_t n, void *const *
 
 /* ---- read-ahead of striped loads (ahead.cu; see there for why) ----
  * A buffer of device memory (carved from the context's arena of
- * KVSHELF_READAHEAD_MB) holding the next stripe of a job's objects, copied
- * before the call that loads it arrives. Reference counted: the last
+ * KVSHELF_READAHEAD_MB) holding a window of the next stripes of a job's
+ * objects (one range per object), copied before the calls that load them
+ * arrive. Reference counted: the last
  * reference waits for its copies, then gives the memory back. */
 typedef struct kvs_cuda_ahead kvs_cuda_ahead;
 
@@ -172,14 +173,16 @@ int kvs_cuda_ahead_start(kvs_cuda_pworker *w, size_t n, const uint8_t *want, voi
                          uint64_t *off_out);
 
 /* kvs_cuda_copy_parts_ex for a stripe load job (KVS_CUDA_LOAD): objects
- * with ra[i] != NULL are copied from that buffer (stripe at ra_off[i]; their
- * view-check word is the one read right after the buffer's copy; the GPU
- * waits for it), the others from obj[i]. Errors as
- * kvs_cuda_copy_parts_ex. */
+ * with ra[i] != NULL are copied from that buffer (the object's range starts
+ * at ra_off[i], as kvs_cuda_ahead_start's off_out gave it; the stripe is
+ * ra_skip[i] bytes into it; their view-check word is the one read right
+ * after the buffer's copy; the GPU waits for it), the others from obj[i].
+ * Errors as kvs_cuda_copy_parts_ex. */
 int kvs_cuda_copy_parts_ra(kvs_cuda_pworker *w, size_t n, void *const *obj, const uint64_t *dobj,
                            const uint64_t *poffs, const uint64_t *addrs, const uint64_t *lens,
                            size_t ppo, uint64_t stamp_off, const uint8_t *ok, uint64_t *out_gen,
-                           kvs_cuda_ahead *const *ra, const uint64_t *ra_off);
+                           kvs_cuda_ahead *const *ra, const uint64_t *ra_off,
+                           const uint64_t *ra_skip);
 
 /* Forgets (unregisters) the mapping containing host address p after a failed
  * view check, so the next use registers the current mapping afresh. */

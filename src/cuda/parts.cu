@@ -100,7 +100,11 @@ static int pf_ready(kvs_cuda_pworker *w)
 {
     if (w->pf_state) return w->pf_state > 0;
     w->pf_state = -1;
-    if (kvs_cuda_res_init(&w->pf, w->r.nstreams) != KVS_OK) return 0;
+    /* one stream: a window's copies are ranges of hundreds of KiB, and every
+     * stream costs the enqueueing job a batch call and an event */
+    if (kvs_cuda_res_init(&w->pf, kp_env_int("KVSHELF_READAHEAD_STREAMS", 1, 1,
+                                             KVS_CUDA_RES_MAX_STREAMS)) != KVS_OK)
+        return 0;
     w->pf_state = 1;
     return 1;
 }
@@ -140,7 +144,7 @@ static int copy_parts(kvs_cuda_pworker *w, int dir, size_t n, void *const *obj,
                       const uint64_t *lens, size_t ppo, uint64_t payload_off, uint64_t stamp_off,
                       uint64_t check_off, const uint8_t *ok, const uint64_t *gen,
                       uint64_t *out_gen, void *wait_event, kvs_cuda_ahead *const *ra,
-                      const uint64_t *ra_off)
+                      const uint64_t *ra_off, const uint64_t *ra_skip)
 {
     if (!w || n > KVS_CUDA_MAX_JOB_BLOCKS || !obj || !addrs || !lens || !ppo ||
         (dir != KVS_CUDA_DUMP && dir != KVS_CUDA_LOAD))
@@ -149,8 +153,9 @@ static int copy_parts(kvs_cuda_pworker *w, int dir, size_t n, void *const *obj,
     if (kvs_cuda_res_reserve(&w->r, n * ppo) != KVS_OK) return KVS_ERR_NOMEM;
     kp_stamps *j = (kp_stamps *)calloc(1, sizeof *j);
     if (!j) return KVS_ERR_NOMEM;
-    const int from_ra = ra && ra_off && dir == KVS_CUDA_LOAD && ppo <= KC_AHEAD_MAX_PPO;
-    size_t k = 0, live = 0;
+    const int from_ra = ra && ra_off && ra_skip && dir == KVS_CUDA_LOAD && ppo <= KC_AHEAD_MAX_PPO;
+    cudaError_t e = cudaSuccess;
+    size_t k = 0, live = 0, nstamp = 0;
     for (size_t i = 0; i < n; i++) {
         if (out_gen) out_gen[i] = 0;
         w->r.out_gen[i] = 0;
@@ -168,6 +173,7 @@ static int copy_parts(kvs_cuda_pworker *w, int dir, size_t n, void *const *obj,
         j->gen[i] = gen ? gen[i] : 0;
         live++;
         char *o = (char *)obj[i] + poff;
+        nstamp++;
         for (size_t p = 0; p < ppo; p++) {
             char *dev = (char *)(uintptr_t)addrs[i * ppo + p];
             size_t len = (size_t)lens[i * ppo + p];
@@ -185,21 +191,27 @@ static int copy_parts(kvs_cuda_pworker *w, int dir, size_t n, void *const *obj,
     j->n = (uint32_t)n;
     j->dir = (uint32_t)dir;
     int rc = KVS_OK;
-    cudaError_t e = cudaSuccess;
-    if (live) {
+    /* streams given work (bit si), synchronised below: a job loading only
+     * from read-ahead uses one (host calls are what bounds small jobs) */
+    unsigned used = 0;
+    if (live && nstamp) {
         for (int si = 0; wait_event && si < w->r.nstreams && e == cudaSuccess; si++)
             e = cudaStreamWaitEvent(w->r.streams[si], (cudaEvent_t)wait_event, 0);
         if (e == cudaSuccess) e = kvs_cuda_res_batch_copy(&w->r, k);
+        for (int si = 0; si < w->r.nstreams && (size_t)si < (k ? k : 1); si++) used |= 1u << si;
         if (e == cudaSuccess) {
             kp_stamp_kernel<<<1, 128, 0, w->r.streams[0]>>>(*j);
             e = cudaGetLastError();
         }
     }
-    if (live && e == cudaSuccess && from_ra)
-        e = kc_ahead_scatter(w->r.streams[w->r.nstreams - 1], n, ra, ra_off, addrs, lens, ppo,
-                             w->r.out_gen_dev);
+    if (live && e == cudaSuccess && from_ra && live > nstamp) {
+        e = kc_ahead_scatter(w->r.streams[w->r.nstreams - 1], n, ra, ra_off, ra_skip, addrs, lens,
+                             ppo, w->r.out_gen_dev);
+        used |= 1u << (w->r.nstreams - 1);
+    }
     if (live) {
         for (int si = 0; si < w->r.nstreams; si++) {
+            if (!(used >> si & 1)) continue;
             cudaError_t s = cudaStreamSynchronize(w->r.streams[si]);
             if (e == cudaSuccess) e = s;
         }
@@ -227,15 +239,16 @@ extern "C" int kvs_cuda_copy_parts_ex(kvs_cuda_pworker *w, int dir, size_t n, vo
                                       void *wait_event)
 {
     return copy_parts(w, dir, n, obj, dobj, poffs, addrs, lens, ppo, payload_off, stamp_off,
-                      check_off, ok, gen, out_gen, wait_event, NULL, NULL);
+                      check_off, ok, gen, out_gen, wait_event, NULL, NULL, NULL);
 }
 
 extern "C" int kvs_cuda_copy_parts_ra(kvs_cuda_pworker *w, size_t n, void *const *obj,
                                       const uint64_t *dobj, const uint64_t *poffs,
                                       const uint64_t *addrs, const uint64_t *lens, size_t ppo,
                                       uint64_t stamp_off, const uint8_t *ok, uint64_t *out_gen,
-                                      kvs_cuda_ahead *const *ra, const uint64_t *ra_off)
+                                      kvs_cuda_ahead *const *ra, const uint64_t *ra_off,
+                                      const uint64_t *ra_skip)
 {
     return copy_parts(w, KVS_CUDA_LOAD, n, obj, dobj, poffs, addrs, lens, ppo, 0, stamp_off, 0, ok,
-                      NULL, out_gen, NULL, ra, ra_off);
+                      NULL, out_gen, NULL, ra, ra_off, ra_skip);
 }

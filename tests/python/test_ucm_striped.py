@@ -397,16 +397,18 @@ def _gpu_layerwise_store(cfg, layers, n):
 
 
 @gpu
-@pytest.mark.parametrize("order", ["forward", "reverse", "shuffled", "concurrent", "partial"])
+@pytest.mark.parametrize("order", ["forward", "forward-long", "reverse", "shuffled", "concurrent", "partial"])
 @pytest.mark.parametrize("readahead", ["default", "off"])
 def test_gpu_layerwise_readahead(cfg, uniq, monkeypatch, order, readahead):
     """Layerwise loads read the next layer ahead into device memory (CUDA
     backend, KVSHELF_READAHEAD_MB): whatever order UCM's calls come in, every
     byte lands where it belongs; in UCM's order (layer L+1 after layer L's
-    wait) every later layer comes from the read-ahead; with it off, none."""
+    wait) every later layer comes from the read-ahead (windows of
+    KVSHELF_READAHEAD_DEPTH layers, the next asked for while one is
+    consumed: "forward-long" goes through several); with it off, none."""
     if readahead == "off":
         monkeypatch.setenv("KVSHELF_READAHEAD_MB", "0")
-    layers, n = 6, 40
+    layers, n = (13 if order == "forward-long" else 6), 40
     s, kv, addrs = _gpu_layerwise_store(cfg, layers, n)
     try:
         src, dst = list(range(1, n + 1)), list(range(n + 1, 2 * n + 1))
@@ -415,7 +417,8 @@ def test_gpu_layerwise_readahead(cfg, uniq, monkeypatch, order, readahead):
         for t in kv:
             t[:, dst] = 0
         torch.cuda.synchronize()
-        seq = {"forward": list(range(layers)), "reverse": list(range(layers))[::-1],
+        seq = {"forward": list(range(layers)), "forward-long": list(range(layers)),
+               "reverse": list(range(layers))[::-1],
                "shuffled": [0, 2, 1, 3, 5, 4], "concurrent": list(range(layers)),
                "partial": [0, 1, 2]}[order]
         if order == "concurrent":
@@ -430,7 +433,7 @@ def test_gpu_layerwise_readahead(cfg, uniq, monkeypatch, order, readahead):
         ra = s._conns[0].counters()["readahead_stripes"]
         if readahead == "off" or order == "reverse":
             assert ra == 0
-        elif order == "forward":
+        elif order in ("forward", "forward-long"):
             assert ra == n * (layers - 1)
         elif order == "partial":
             assert ra == n * 2
