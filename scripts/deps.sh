@@ -5,6 +5,7 @@ set -euo pipefail
 pkgs=(build-essential cmake pkg-config clang libclang-rt-14-dev
       libxxhash-dev libcjson-dev libmicrohttpd-dev libcurl4-openssl-dev libssl-dev libcmocka-dev
       nftables    # nftables: the network partition of tests/integration/test_faults.py
+      etcd-server etcd-client  # a real etcd: master failover (tests/integration/test_failover.py)
       libibverbs1)  # libibverbs1: Mooncake's wheel loads it (tests/integration/mooncake_env.py)
 missing=()
 for p in "${pkgs[@]}"; do

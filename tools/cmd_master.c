@@ -3,6 +3,8 @@
  * master on a unix socket plus, in the same process, a client that serves
  * the pool's shared-memory segment). */
 #include <errno.h>
+#include <netdb.h>
+#include <sys/socket.h>
 #include <dirent.h>
 #include <getopt.h>
 #include <pthread.h>
@@ -24,6 +26,8 @@
 #include "kvshelf/client.h"
 #include "kvshelf/config.h"
 #include "kvshelf/errors.h"
+#include "common/etcd.h"
+#include "master/election.h"
 #include "master/master.h"
 #include "master/server.h"
 #include "master/web.h"
@@ -52,6 +56,10 @@ typedef struct opts {
     int embedded, no_metadata, no_local_socket, detach;
     uint32_t busy_poll_us;
     uint32_t max_conns, hello_ms; /* 0 = defaults */
+    const char *etcd;       /* failover: etcd endpoints (NULL = a single master) */
+    const char *etcd_prefix;
+    uint32_t etcd_ttl_s;
+    const char *advertise;
     kvs_master_opts mo;
 } opts;
 
@@ -141,6 +149,23 @@ static void usage(FILE *f)
 "                         /tmp/kvshelf-<uid>)\n"
 "  --segment-size N       bytes of the embedded pool (default 3355443200; suffixes K, M,\n"
 "                         G, KiB, MiB, GiB...)\n"
+"\n"
+"failover (several masters, one leader, elected through etcd):\n"
+"  --etcd HOST:PORT[,HOST:PORT]  etcd endpoints (its v3 JSON gateway, plain HTTP). The\n"
+"                         master serves only while it holds the leader key\n"
+"                         <prefix>/leader (= its --advertise address, attached to its\n"
+"                         etcd lease); a standby listens on nothing and takes over\n"
+"                         about one TTL after the leader died, then rebuilds the\n"
+"                         index from the nodes' directories. Clients and nodes use\n"
+"                         master_server_address = etcd://HOST:PORT[,HOST:PORT][/prefix]\n"
+"  --etcd-prefix P        key prefix in etcd (default kvshelf)\n"
+"  --etcd-ttl S           etcd lease TTL in seconds (default 3): a leader that cannot\n"
+"                         renew its lease stops serving after 80 %% of it\n"
+"  --advertise HOST:PORT  the RPC address clients reach this master at (default: the\n"
+"                         first --listen host:port, which must then name a port).\n"
+"                         A standby keeps its ports bound but listens (and writes\n"
+"                         --port-file) only once elected; give every master the same\n"
+"                         --lease-ms\n"
 "  -h, --help             show this help\n"
 "\n"
 "Stops on SIGTERM/SIGINT or a SHUTDOWN request (kvshelf stop) and exits 0.\n");
@@ -200,7 +225,8 @@ static int parse_level(const char *s)
 enum {
     O_LISTEN = 256, O_HTTP, O_SECRET, O_TTL, O_LEASE, O_PUT_TIMEOUT, O_HIGH, O_LOW, O_NO_MD,
     O_PORT_FILE, O_LOG, O_EMBEDDED, O_RUNDIR, O_SEGSIZE, O_BUSY_POLL, O_NO_LOCAL, O_ALLOW_UID,
-    O_MAX_CONNS, O_HELLO_MS, O_DISC_GRACE, O_DETACH
+    O_MAX_CONNS, O_HELLO_MS, O_DISC_GRACE, O_DETACH, O_ETCD, O_ETCD_PREFIX, O_ETCD_TTL,
+    O_ADVERTISE
 };
 
 static int parse_args(int argc, char **argv, opts *o)
@@ -229,6 +255,10 @@ static int parse_args(int argc, char **argv, opts *o)
         {"max-conns", required_argument, 0, O_MAX_CONNS},
         {"hello-timeout-ms", required_argument, 0, O_HELLO_MS},
         {"disconnect-grace-ms", required_argument, 0, O_DISC_GRACE},
+        {"etcd", required_argument, 0, O_ETCD},
+        {"etcd-prefix", required_argument, 0, O_ETCD_PREFIX},
+        {"etcd-ttl", required_argument, 0, O_ETCD_TTL},
+        {"advertise", required_argument, 0, O_ADVERTISE},
         {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0},
     };
@@ -283,6 +313,16 @@ static int parse_args(int argc, char **argv, opts *o)
             if (parse_u32("--disconnect-grace-ms", optarg, &o->mo.disconnect_grace_ms)) return 2;
             break;
         case O_EMBEDDED: o->embedded = 1; break;
+        case O_ETCD: o->etcd = optarg; break;
+        case O_ETCD_PREFIX: o->etcd_prefix = optarg; break;
+        case O_ETCD_TTL:
+            if (parse_u32("--etcd-ttl", optarg, &o->etcd_ttl_s)) return 2;
+            if (o->etcd_ttl_s > 3600) {
+                fprintf(stderr, "kvshelf master: --etcd-ttl: at most 3600 seconds\n");
+                return 2;
+            }
+            break;
+        case O_ADVERTISE: o->advertise = optarg; break;
         case O_DETACH: o->detach = 1; break;
         case O_RUNDIR: o->runtime_dir = optarg; break;
         case O_SEGSIZE:
@@ -302,6 +342,40 @@ static int parse_args(int argc, char **argv, opts *o)
     if (o->mo.evict_low > o->mo.evict_high) {
         fprintf(stderr, "kvshelf master: --evict-low must not exceed --evict-high\n");
         return 2;
+    }
+    if (!o->etcd && (o->etcd_prefix || o->etcd_ttl_s || o->advertise)) {
+        fprintf(stderr, "kvshelf master: --etcd-prefix, --etcd-ttl and --advertise need --etcd\n");
+        return 2;
+    }
+    if (o->etcd && o->embedded) {
+        fprintf(stderr, "kvshelf master: --etcd and --embedded do not go together\n");
+        return 2;
+    }
+    if (o->etcd) {
+        char eps[1024], pre[256], url[1100];
+        snprintf(url, sizeof url, "etcd://%s", o->etcd);
+        if (kvs_etcd_parse_url(url, eps, sizeof eps, pre, sizeof pre) != KVS_OK ||
+            strchr(o->etcd, '/')) {
+            fprintf(stderr, "kvshelf master: --etcd: '%s' is not host:port[,host:port]\n",
+                    o->etcd);
+            return 2;
+        }
+        if (o->etcd_prefix && (!o->etcd_prefix[0] || strlen(o->etcd_prefix) >= 200)) {
+            fprintf(stderr, "kvshelf master: --etcd-prefix: empty or too long\n");
+            return 2;
+        }
+        if (!o->advertise) {
+            for (int i = 0; i < o->nlisten && !o->advertise; i++)
+                if (strncmp(o->listen[i], "unix:", 5)) o->advertise = o->listen[i];
+        }
+        kvs_addr a;
+        if (!o->advertise || kvs_addr_parse(o->advertise, 0, &a) != KVS_OK || a.is_unix ||
+            a.port == 0) {
+            fprintf(stderr, "kvshelf master: --etcd needs --advertise HOST:PORT (or a --listen "
+                            "host:port with a fixed port): the address clients reach this "
+                            "master at\n");
+            return 2;
+        }
     }
     return 0;
 }
@@ -504,6 +578,147 @@ static void widen_affinity(void)
                 CPU_COUNT(&before), CPU_COUNT(&after));
 }
 
+/* A standby keeps its TCP ports while it waits (bound, not listening:
+ * clients that try it are refused at once, and no other process's outgoing
+ * connection takes the port as its ephemeral one meanwhile). Fills fds
+ * (-1 where nothing was reserved). */
+static void reserve_ports(const opts *o, const char *http, int *fds)
+{
+    for (int i = 0; i <= o->nlisten; i++) { /* the last one: the HTTP address */
+        fds[i] = -1;
+        const char *text = i < o->nlisten ? o->listen[i] : http;
+        kvs_addr a;
+        if (!text || kvs_addr_parse(text, 50001, &a) != KVS_OK || a.is_unix || a.port == 0)
+            continue;
+        struct addrinfo hints = {0}, *res = NULL;
+        hints.ai_family = AF_UNSPEC;
+        hints.ai_socktype = SOCK_STREAM;
+        hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
+        char port[16];
+        snprintf(port, sizeof port, "%u", a.port);
+        if (getaddrinfo(a.host[0] ? a.host : NULL, port, &hints, &res) != 0 || !res) continue;
+        int fd = socket(res->ai_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        int one = 1;
+        if (fd >= 0) setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+        if (fd >= 0 && bind(fd, res->ai_addr, res->ai_addrlen) != 0) {
+            KVS_LOGW("standby: cannot reserve %s: %s", text, strerror(errno));
+            close(fd);
+            fd = -1;
+        }
+        freeaddrinfo(res);
+        fds[i] = fd;
+    }
+}
+
+static void release_ports(const opts *o, int *fds)
+{
+    for (int i = 0; i <= o->nlisten; i++)
+        if (fds[i] >= 0) {
+            close(fds[i]);
+            fds[i] = -1;
+        }
+}
+
+/* One term of serving: creates the master, listens, serves until stopped
+ * (signal, SHUTDOWN) or, under an election, until the leadership lease
+ * ended (*stepped_down = 1), then frees everything. Returns the exit status. */
+static int serve(opts *o, const char *http, const char *sock_addr, const char *sock_path,
+                 const char *pid_path, kvs_election *el, int *stepped_down)
+{
+    char local_path[108] = "";
+    kvs_master *m = NULL;
+    kvs_server *srv = NULL;
+    kvs_master_web *web = NULL;
+    int status = 1;
+    char err[512] = "";
+    int rc = kvs_master_new(&o->mo, &m);
+    if (rc != KVS_OK) {
+        fprintf(stderr, "kvshelf master: %s\n", kvs_strerror(rc));
+        return rc == KVS_ERR_INVALID ? 2 : 1;
+    }
+    if (kvs_server_new(m, &srv) != KVS_OK) {
+        fprintf(stderr, "kvshelf master: cannot create the event loop\n");
+        goto out;
+    }
+    kvs_server_set_busy_poll(srv, o->busy_poll_us);
+    kvs_server_set_max_conns(srv, o->max_conns);
+    kvs_server_set_hello_ms(srv, o->hello_ms);
+    kvs_server_set_gc(srv, kvs_segment_gc); /* orphaned segment files of dead clients */
+    KVS_LOGI("at most %u RPC connections (--max-conns)", kvs_server_max_conns(srv));
+    uint16_t rpc_port = 0, http_port = 0;
+    if (o->embedded && kvs_server_listen(srv, sock_addr, NULL, err, sizeof err) != KVS_OK) {
+        fprintf(stderr, "kvshelf master: %s\n", err);
+        goto out;
+    }
+    for (int i = 0; i < o->nlisten; i++) {
+        uint16_t p = 0;
+        if (kvs_server_listen(srv, o->listen[i], &p, err, sizeof err) != KVS_OK) {
+            fprintf(stderr, "kvshelf master: %s\n", err);
+            goto out;
+        }
+        if (p && !rpc_port) rpc_port = p;
+        KVS_LOGI("listening on %s%s", o->listen[i], p ? "" : " (unix)");
+    }
+    if (!o->no_local_socket && setup_local_socket(srv, m, o, rpc_port, local_path,
+                                                 sizeof local_path) != 0)
+        goto out;
+    if (http) {
+        rc = kvs_master_web_start(m, http, !o->no_metadata, o->secret, &http_port, &web, err,
+                                  sizeof err);
+        if (rc != KVS_OK) {
+            fprintf(stderr, "kvshelf master: %s\n", err);
+            goto out;
+        }
+        KVS_LOGI("HTTP on %s (port %u)%s", http, http_port,
+                 o->no_metadata ? "" : ", metadata at /metadata");
+    }
+    if (o->port_file) {
+        char buf[128];
+        snprintf(buf, sizeof buf, "{\"rpc\":%u,\"http\":%u}\n", rpc_port, http_port);
+        if (write_file_atomic(o->port_file, buf) != 0) {
+            fprintf(stderr, "kvshelf master: cannot write %s: %s\n", o->port_file,
+                    strerror(errno));
+            goto out;
+        }
+    }
+    if (o->embedded) {
+        char buf[32];
+        snprintf(buf, sizeof buf, "%d\n", (int)getpid());
+        if (write_file_atomic(pid_path, buf) != 0) {
+            fprintf(stderr, "kvshelf master: cannot write %s: %s\n", pid_path, strerror(errno));
+            goto out;
+        }
+        status = run_embedded(m, srv, o, sock_path);
+        unlink(pid_path);
+    } else {
+        if (el) kvs_server_set_serve_until(srv, kvs_election_serve_until(el));
+        rc = kvs_server_run(srv, &g_stop, 1);
+        if (rc == KVS_ERR_UNAVAILABLE && el) {
+            *stepped_down = 1; /* a standby from now on: the caller campaigns again */
+            status = 0;
+        } else {
+            status = rc == KVS_OK ? 0 : 1;
+        }
+    }
+    KVS_LOGI("stopping");
+    {
+        kvs_server_counters sc;
+        kvs_server_get_counters(srv, &sc);
+        if (sc.refused || sc.evicted || sc.hello_timeouts || sc.accept_pauses)
+            KVS_LOGW("connections: %llu accepted, %llu refused at the limit, %llu without HELLO "
+                     "closed for newer ones, %llu without HELLO timed out, accepting paused "
+                     "%llu times for want of descriptors",
+                     (unsigned long long)sc.accepted, (unsigned long long)sc.refused,
+                     (unsigned long long)sc.evicted, (unsigned long long)sc.hello_timeouts,
+                     (unsigned long long)sc.accept_pauses);
+    }
+out:
+    kvs_master_web_stop(web);
+    kvs_server_free(srv); /* removes unix socket files */
+    kvs_master_free(m);
+    return status;
+}
+
 int kvs_cmd_master(int argc, char **argv)
 {
     opts o;
@@ -540,7 +755,7 @@ int kvs_cmd_master(int argc, char **argv)
     if (!o.embedded && o.nlisten == 0) o.listen[o.nlisten++] = "127.0.0.1:50001";
     if (check_exposure(&o, http)) return 2;
 
-    char rundir[512], sock_path[600], pid_path[600], sock_addr[620], local_path[108] = "";
+    char rundir[512], sock_path[600] = "", pid_path[600] = "", sock_addr[620] = "";
     char pool_secret[2 * KVS_POOL_SECRET_BYTES + 1] = "";
     const char *env_rd = getenv("KVSHELF_RUNTIME_DIR");
     if (!o.runtime_dir && env_rd && env_rd[0]) o.runtime_dir = env_rd;
@@ -588,88 +803,34 @@ int kvs_cmd_master(int argc, char **argv)
     }
 
     o.mo.secret = o.secret ? o.secret : pool_secret;
-    kvs_master *m = NULL;
-    kvs_server *srv = NULL;
-    kvs_master_web *web = NULL;
-    int status = 1;
-    char err[512] = "";
-    int rc = kvs_master_new(&o.mo, &m);
-    if (rc != KVS_OK) {
-        fprintf(stderr, "kvshelf master: %s\n", kvs_strerror(rc));
-        return rc == KVS_ERR_INVALID ? 2 : 1;
+    if (!o.etcd) {
+        int dummy = 0;
+        return serve(&o, http, sock_addr, sock_path, pid_path, NULL, &dummy);
     }
-    if (kvs_server_new(m, &srv) != KVS_OK) {
-        fprintf(stderr, "kvshelf master: cannot create the event loop\n");
-        goto out;
+    /* failover: serve only while elected */
+    kvs_election_opts eo = {o.etcd, o.etcd_prefix, o.etcd_ttl_s, o.advertise};
+    kvs_election *el = NULL;
+    char eerr[512] = "";
+    if (kvs_election_start(&eo, &el, eerr, sizeof eerr) != KVS_OK) {
+        fprintf(stderr, "kvshelf master: %s\n", eerr);
+        return 1;
     }
-    kvs_server_set_busy_poll(srv, o.busy_poll_us);
-    kvs_server_set_max_conns(srv, o.max_conns);
-    kvs_server_set_hello_ms(srv, o.hello_ms);
-    kvs_server_set_gc(srv, kvs_segment_gc); /* orphaned segment files of dead clients */
-    KVS_LOGI("at most %u RPC connections (--max-conns)", kvs_server_max_conns(srv));
-    uint16_t rpc_port = 0, http_port = 0;
-    if (o.embedded && kvs_server_listen(srv, sock_addr, NULL, err, sizeof err) != KVS_OK) {
-        fprintf(stderr, "kvshelf master: %s\n", err);
-        goto out;
+    KVS_LOGW("standby: campaigning for %s/leader in etcd %s as %s",
+             o.etcd_prefix ? o.etcd_prefix : KVS_ETCD_DEFAULT_PREFIX, o.etcd, o.advertise);
+    int status = 0;
+    int reserved[MAX_LISTEN + 1];
+    reserve_ports(&o, http, reserved);
+    while (!g_stop) {
+        if (kvs_election_wait_leader(el, &g_stop) != KVS_OK) break;
+        int stepped_down = 0;
+        release_ports(&o, reserved); /* listened on at once by serve() */
+        status = serve(&o, http, sock_addr, sock_path, pid_path, el, &stepped_down);
+        if (stepped_down) reserve_ports(&o, http, reserved);
+        kvs_election_served(el);
+        if (!stepped_down) break; /* stopped, SHUTDOWN, or an error */
+        KVS_LOGW("standby again: campaigning in etcd %s as %s", o.etcd, o.advertise);
     }
-    for (int i = 0; i < o.nlisten; i++) {
-        uint16_t p = 0;
-        if (kvs_server_listen(srv, o.listen[i], &p, err, sizeof err) != KVS_OK) {
-            fprintf(stderr, "kvshelf master: %s\n", err);
-            goto out;
-        }
-        if (p && !rpc_port) rpc_port = p;
-        KVS_LOGI("listening on %s%s", o.listen[i], p ? "" : " (unix)");
-    }
-    if (!o.no_local_socket && setup_local_socket(srv, m, &o, rpc_port, local_path,
-                                                 sizeof local_path) != 0)
-        goto out;
-    if (http) {
-        rc = kvs_master_web_start(m, http, !o.no_metadata, o.secret, &http_port, &web, err,
-                                  sizeof err);
-        if (rc != KVS_OK) {
-            fprintf(stderr, "kvshelf master: %s\n", err);
-            goto out;
-        }
-        KVS_LOGI("HTTP on %s (port %u)%s", http, http_port,
-                 o.no_metadata ? "" : ", metadata at /metadata");
-    }
-    if (o.port_file) {
-        char buf[128];
-        snprintf(buf, sizeof buf, "{\"rpc\":%u,\"http\":%u}\n", rpc_port, http_port);
-        if (write_file_atomic(o.port_file, buf) != 0) {
-            fprintf(stderr, "kvshelf master: cannot write %s: %s\n", o.port_file,
-                    strerror(errno));
-            goto out;
-        }
-    }
-    if (o.embedded) {
-        char buf[32];
-        snprintf(buf, sizeof buf, "%d\n", (int)getpid());
-        if (write_file_atomic(pid_path, buf) != 0) {
-            fprintf(stderr, "kvshelf master: cannot write %s: %s\n", pid_path, strerror(errno));
-            goto out;
-        }
-        status = run_embedded(m, srv, &o, sock_path);
-        unlink(pid_path);
-    } else {
-        status = kvs_server_run(srv, &g_stop, 1) == KVS_OK ? 0 : 1;
-    }
-    KVS_LOGI("stopping");
-    {
-        kvs_server_counters sc;
-        kvs_server_get_counters(srv, &sc);
-        if (sc.refused || sc.evicted || sc.hello_timeouts || sc.accept_pauses)
-            KVS_LOGW("connections: %llu accepted, %llu refused at the limit, %llu without HELLO "
-                     "closed for newer ones, %llu without HELLO timed out, accepting paused "
-                     "%llu times for want of descriptors",
-                     (unsigned long long)sc.accepted, (unsigned long long)sc.refused,
-                     (unsigned long long)sc.evicted, (unsigned long long)sc.hello_timeouts,
-                     (unsigned long long)sc.accept_pauses);
-    }
-out:
-    kvs_master_web_stop(web);
-    kvs_server_free(srv); /* removes unix socket files */
-    kvs_master_free(m);
+    release_ports(&o, reserved);
+    kvs_election_stop(el); /* a leader gives its key up: a standby takes over at once */
     return status;
 }

@@ -15,6 +15,7 @@
 #include <cjson/cJSON.h>
 
 #include "client/client_ext.h"
+#include "common/etcd.h"
 #include "common/log.h"
 #include "common/net.h"
 #include "common/util.h"
@@ -123,7 +124,9 @@ static void status_usage(FILE *f)
             "Without a master address (option, configuration or environment) it shows\n"
             "the embedded host-local pool of this user, and says so if none is running\n"
             "(it never starts one).\n\n"
-            "  --master ADDR   master address, host:port or unix:/path\n"
+            "  --master ADDR   master address, host:port or unix:/path, or\n"
+            "                  etcd://host:port[,host:port][/prefix] (failover: also shows\n"
+            "                  which master leads and which stand by)\n"
             "  --json          print the master's STATS JSON document as is\n"
             "  --secret S      shared secret (or KVSHELF_SECRET; default: this user's pool\n"
             "                  secret, <runtime dir>/secret)\n"
@@ -311,6 +314,69 @@ static void print_engines(const char *runtime_dir)
     kvs_table_free(t);
 }
 
+/* Failover (master_server_address "etcd://..."): the masters registered in
+ * etcd and which of them is the leader, as a JSON object ({"etcd": URL,
+ * "leader": ADDR or null, "masters": [{"address", "role"}]}), or NULL when
+ * the address is not etcd:// or etcd did not answer (a message goes to
+ * stderr then). The caller frees it. */
+static cJSON *election_view(const kvs_config *cfg)
+{
+    const char *url = cfg->master_server_address;
+    if (strncmp(url, "etcd://", 7) != 0) return NULL;
+    char eps[1024], prefix[256], key[300];
+    kvs_etcd *e = NULL;
+    if (kvs_etcd_parse_url(url, eps, sizeof eps, prefix, sizeof prefix) != KVS_OK ||
+        kvs_etcd_new(eps, 2000, &e) != KVS_OK)
+        return NULL;
+    char *leader = NULL;
+    snprintf(key, sizeof key, "%s/leader", prefix);
+    int lrc = kvs_etcd_get(e, key, &leader, NULL, NULL);
+    kvs_etcd_kv *kvs = NULL;
+    size_t n = 0;
+    snprintf(key, sizeof key, "%s/members/", prefix);
+    int mrc = lrc == KVS_OK || lrc == KVS_ERR_NOT_FOUND ? kvs_etcd_list(e, key, 1000, &kvs, &n)
+                                                        : lrc;
+    kvs_etcd_free(e);
+    if (mrc != KVS_OK) {
+        fprintf(stderr, "kvshelf status: etcd %s: %s\n", eps, kvs_strerror(mrc));
+        free(leader);
+        return NULL;
+    }
+    cJSON *v = cJSON_CreateObject();
+    cJSON *arr = v ? cJSON_AddArrayToObject(v, "masters") : NULL;
+    if (arr) {
+        cJSON_AddStringToObject(v, "etcd", url);
+        if (leader) cJSON_AddStringToObject(v, "leader", leader);
+        else cJSON_AddNullToObject(v, "leader");
+        for (size_t i = 0; i < n; i++) {
+            cJSON *m = cJSON_CreateObject();
+            if (!m) break;
+            cJSON_AddStringToObject(m, "address", kvs[i].value);
+            cJSON_AddStringToObject(m, "role", leader && !strcmp(leader, kvs[i].value)
+                                                   ? "leader" : "standby");
+            cJSON_AddItemToArray(arr, m);
+        }
+    }
+    kvs_etcd_kvs_free(kvs, n);
+    free(leader);
+    return v;
+}
+
+static void print_election(const cJSON *v)
+{
+    const cJSON *l = cJSON_GetObjectItemCaseSensitive(v, "leader");
+    printf("election    %s: leader %s\n",
+           cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(v, "etcd")),
+           cJSON_IsString(l) ? l->valuestring : "none (an election is under way)");
+    const cJSON *m;
+    cJSON_ArrayForEach(m, cJSON_GetObjectItemCaseSensitive(v, "masters"))
+    {
+        printf("            %-8s %s\n",
+               cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(m, "role")),
+               cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(m, "address")));
+    }
+}
+
 int kvs_cmd_status(int argc, char **argv)
 {
     tool_opts o;
@@ -320,6 +386,7 @@ int kvs_cmd_status(int argc, char **argv)
     kvs_config cfg;
     if ((prc = load_config("status", &o, &cfg))) return prc;
     signal(SIGPIPE, SIG_IGN);
+    cJSON *ev = election_view(&cfg); /* failover: who leads (NULL without etcd) */
     kvs_client *c;
     int orc = open_tool("status", &cfg, &c);
     if (orc == 3) {
@@ -346,6 +413,14 @@ int kvs_cmd_status(int argc, char **argv)
     if (orc) {
         char dir[512];
         kvs_embedded_runtime_dir(&cfg, dir, sizeof dir);
+        if (ev && o.json) {
+            char *t = cJSON_PrintUnformatted(ev);
+            if (t) printf("{\"election\":%s}\n", t);
+            free(t);
+        } else if (ev) {
+            print_election(ev);
+        }
+        cJSON_Delete(ev);
         if (!o.json) print_engines(dir);
         return orc;
     }
@@ -356,8 +431,18 @@ int kvs_cmd_status(int argc, char **argv)
         fprintf(stderr, "kvshelf status: STATS failed: %s (%s)\n", kvs_strerror(rc),
                 kvs_errname(rc));
         status = 1;
-    } else if (o.json) {
+    } else if (o.json && !ev) {
         printf("%s\n", json);
+    } else if (o.json) { /* the STATS document with the election added */
+        cJSON *root = cJSON_Parse(json);
+        char *t = NULL;
+        if (root && cJSON_AddItemToObject(root, "election", ev)) {
+            ev = NULL;
+            t = cJSON_PrintUnformatted(root);
+        }
+        printf("%s\n", t ? t : json);
+        free(t);
+        cJSON_Delete(root);
     } else {
         cJSON *root = cJSON_Parse(json);
         if (!root) {
@@ -365,6 +450,7 @@ int kvs_cmd_status(int argc, char **argv)
             status = 1;
         } else {
             print_table(kvs_client_master_addr(c), kvs_client_is_embedded(c), root);
+            if (ev) print_election(ev);
             cJSON_Delete(root);
             char dir[512];
             kvs_embedded_runtime_dir(&cfg, dir, sizeof dir);
@@ -372,6 +458,7 @@ int kvs_cmd_status(int argc, char **argv)
         }
     }
     free(json);
+    cJSON_Delete(ev);
     kvs_client_close(c);
     return status;
 }

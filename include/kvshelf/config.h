@@ -9,9 +9,16 @@
  *   local_hostname         KVSHELF_LOCAL_HOSTNAME        address peers use to reach this process
  *                                                          (default "127.0.0.1")
  *   metadata_server        KVSHELF_METADATA_SERVER       Mooncake metadata URL, e.g.
- *                                                          "http://127.0.0.1:23790/metadata", or ""
+ *                                                          "http://127.0.0.1:23790/metadata",
+ *                                                          "etcd://host:port[,host:port]" (keys
+ *                                                          stored in etcd as they are), or ""
  *   master_server_address  KVSHELF_MASTER_SERVER_ADDRESS "host:port" or "unix:/path"; empty means
- *                                                          the embedded host-local pool
+ *                                                          the embedded host-local pool;
+ *                                                          "etcd://host:port[,host:port][/prefix]"
+ *                                                          means the leader of several masters
+ *                                                          elected through etcd (key
+ *                                                          <prefix>/leader, default prefix
+ *                                                          "kvshelf"), looked up at every connect
  *   protocol               KVSHELF_PROTOCOL              "tcp" (default) or "rdma" (not built yet)
  *   device_name            KVSHELF_DEVICE_NAME           RDMA NICs, comma-separated, no spaces
  *   global_segment_size    KVSHELF_GLOBAL_SEGMENT_SIZE   bytes this client contributes

@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include "client/client_internal.h"
+#include "common/etcd.h"
 #include "common/log.h"
 #include "common/util.h"
 #include "kvshelf/errors.h"
@@ -229,6 +230,39 @@ static int connect_master(kvs_client *c, int timeout_ms, char *err, size_t errle
         if (rc) {
             seterr(err, errlen, "%s", e2);
             return rc;
+        }
+    }
+    if (c->etcd) { /* failover: the leader named in etcd now */
+        char *leader = NULL;
+        int lrc = kvs_etcd_get(c->etcd, c->etcd_leader_key, &leader, NULL, NULL);
+        kvs_addr la;
+        if (lrc == KVS_OK && (kvs_addr_parse(leader, KVS_DEFAULT_MASTER_PORT, &la) != KVS_OK ||
+                              la.is_unix || la.port == 0))
+            lrc = KVS_ERR_PROTO;
+        if (lrc != KVS_OK && lrc != KVS_ERR_NOT_FOUND && c->master.port) {
+            /* etcd away: the leader we knew (it refuses if it stepped down) */
+            KVS_LOGW("client: etcd %s: %s; trying the last known leader %s:%u", c->master_text,
+                     kvs_strerror(lrc), c->master.host, c->master.port);
+            free(leader);
+            leader = NULL;
+            lrc = KVS_OK;
+            la = c->master;
+        }
+        if (lrc != KVS_OK) {
+            seterr(err, errlen, "no master leader in %s (%s): %s", c->master_text,
+                   c->etcd_leader_key,
+                   lrc == KVS_ERR_NOT_FOUND ? "no leader elected (yet)" : kvs_strerror(lrc));
+            free(leader);
+            return KVS_ERR_CONN;
+        }
+        if (strcmp(la.host, c->master.host) != 0 || la.port != c->master.port)
+            KVS_LOGI("client: the master leader is %s (%s)", leader, c->master_text);
+        if (leader) {
+            c->master = la;
+            pthread_mutex_lock(&c->mu);
+            kvs_strlcpy(c->etcd_leader, leader, sizeof c->etcd_leader);
+            pthread_mutex_unlock(&c->mu);
+            free(leader);
         }
     }
     kvs_rpc *rpc;
@@ -598,6 +632,76 @@ static int run_fences(kvs_client *c, kvs_conn_ref *cr, const uint8_t *resp, uint
     return pending;
 }
 
+/* Failover: how often a client of an etcd:// master address checks that the
+ * leader key still names the master it is connected to (KVSHELF_LEADER_CHECK_MS,
+ * default 500). A master that died or froze keeps its connections open or
+ * silent for a while; a node that moves to the new leader at once hands its
+ * directory in while the new leader still rebuilds. */
+static uint64_t leader_check_ms(void)
+{
+    static uint64_t v;
+    if (!v) v = kvs_env_u64("KVSHELF_LEADER_CHECK_MS", 500, 50, 60000, "ms");
+    return v;
+}
+
+/* 1 if etcd names a leader other than the one this client's connection
+ * goes to; that connection is then closed (the caller reconnects). 0 if
+ * not (or no leader key: an election is under way), -1 if etcd did not
+ * answer (the caller checks less often for a while). */
+static int leader_moved(kvs_client *c)
+{
+    char *leader = NULL;
+    int rc = kvs_etcd_get(c->etcd, c->etcd_leader_key, &leader, NULL, NULL);
+    if (rc != KVS_OK) {
+        free(leader);
+        return rc == KVS_ERR_NOT_FOUND ? 0 : -1; /* keep the connection we have */
+    }
+    int moved = 0;
+    pthread_mutex_lock(&c->mu);
+    if (c->rpc && kvs_rpc_alive(c->rpc) && c->etcd_leader[0] && strcmp(leader, c->etcd_leader)) {
+        KVS_LOGW("client: etcd names a new master leader, %s (was %s): reconnecting", leader,
+                 c->etcd_leader);
+        kvs_rpc_kill(c->rpc, KVS_ERR_CONN);
+        moved = 1;
+    }
+    pthread_mutex_unlock(&c->mu);
+    free(leader);
+    return moved;
+}
+
+/* The leader watch thread of an etcd:// client: every leader_check_ms it
+ * reads the leader key and, when it names another master, drops the
+ * connection and reconnects to the new leader at once. A thread of its
+ * own: the heartbeat thread may be blocked for a whole timeout in a call to
+ * a frozen master. */
+static void *lw_main(void *arg)
+{
+    kvs_client *c = arg;
+    uint64_t next_check = 0;
+    pthread_mutex_lock(&c->hb_mu);
+    while (!c->hb_stop) {
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        uint64_t ns = (uint64_t)ts.tv_nsec + leader_check_ms() * 1000000ull;
+        ts.tv_sec += (time_t)(ns / 1000000000ull);
+        ts.tv_nsec = (long)(ns % 1000000000ull);
+        pthread_cond_timedwait(&c->hb_cv, &c->hb_mu, &ts);
+        if (c->hb_stop) break;
+        pthread_mutex_unlock(&c->hb_mu);
+        if (kvs_now_ms() >= next_check) {
+            int moved = leader_moved(c);
+            if (moved < 0) next_check = kvs_now_ms() + 5000; /* etcd away: less often */
+            if (moved > 0 && !atomic_load(&c->closing)) {
+                kvs_conn_ref cr;
+                if (kvs_conn_get(c, &cr) == KVS_OK) kvs_conn_put(&cr); /* reconnect now */
+            }
+        }
+        pthread_mutex_lock(&c->hb_mu);
+    }
+    pthread_mutex_unlock(&c->hb_mu);
+    return NULL;
+}
+
 static void *hb_main(void *arg)
 {
     kvs_client *c = arg;
@@ -776,6 +880,14 @@ static void client_free(kvs_client *c)
         pthread_mutex_unlock(&c->hb_mu);
         pthread_join(c->hb, NULL);
     }
+    if (c->lw_started) {
+        pthread_mutex_lock(&c->hb_mu);
+        c->hb_stop = 1;
+        pthread_cond_broadcast(&c->hb_cv);
+        pthread_mutex_unlock(&c->hb_mu);
+        pthread_join(c->lw, NULL);
+        c->lw_started = 0;
+    }
     if (c->rpc) kvs_rpc_kill(c->rpc, KVS_ERR_CLOSED); /* a parked DIR_SYNC returns */
     if (c->dsync_started) {
         pthread_mutex_lock(&c->hb_mu);
@@ -789,6 +901,7 @@ static void client_free(kvs_client *c)
     kvs_xfer_server_stop(c->xsrv);
     kvs_xfer_client_free(c->xc);
     kvs_shm_cache_free(c->shm);
+    kvs_etcd_free(c->etcd);
     kvs_loccache_free(c->lc);
     kvs_resv_free(c->resv);
     kvs_dir_close(c->dir);
@@ -853,7 +966,19 @@ int kvs_client_open_opts(const kvs_config *cfg, const kvs_client_opts *opts, kvs
     } else {
         kvs_strlcpy(c->master_text, cfg->master_server_address, sizeof c->master_text);
     }
-    if (kvs_addr_parse(c->master_text, KVS_DEFAULT_MASTER_PORT, &c->master)) {
+    if (!strncmp(c->master_text, "etcd://", 7)) { /* failover: the leader is in etcd */
+        char eps[1024], prefix[256];
+        rc = kvs_etcd_parse_url(c->master_text, eps, sizeof eps, prefix, sizeof prefix);
+        if (rc == KVS_OK)
+            rc = kvs_etcd_new(eps, KVS_MIN(c->timeout_ms, 1000), &c->etcd);
+        if (rc) {
+            seterr(err, errlen, "invalid master address '%s' (etcd://host:port[,host:port][/prefix])",
+                   c->master_text);
+            rc = rc == KVS_ERR_NOMEM ? rc : KVS_ERR_CONFIG;
+            goto fail;
+        }
+        snprintf(c->etcd_leader_key, sizeof c->etcd_leader_key, "%s/leader", prefix);
+    } else if (kvs_addr_parse(c->master_text, KVS_DEFAULT_MASTER_PORT, &c->master)) {
         seterr(err, errlen, "invalid master address '%s'", c->master_text);
         rc = KVS_ERR_CONFIG;
         goto fail;
@@ -879,7 +1004,10 @@ int kvs_client_open_opts(const kvs_config *cfg, const kvs_client_opts *opts, kvs
     /* The embedded pool's own master process owns the pool's segment; other
      * clients in embedded mode contribute none. */
     if (serves) {
-        rc = kvs_segment_create(cfg->global_segment_size, &c->seg);
+        /* issue 17: the embedded pool's own segment may be the one its killed
+         * master left, adopted with its directory (embedded.c) */
+        int adopted = 0;
+        rc = kvs_embedded_segment_open(c, &adopted);
         if (rc == KVS_ERR_NO_SPACE) {
             struct statvfs vs;
             unsigned long long avail =
@@ -897,7 +1025,7 @@ int kvs_client_open_opts(const kvs_config *cfg, const kvs_client_opts *opts, kvs
             goto fail;
         }
         c->have_seg = 1;
-        if (c->seg.dir) { /* a fresh directory: this segment lists nothing yet */
+        if (c->seg.dir && !adopted) { /* a fresh directory: this segment lists nothing yet */
             int drc = kvs_dir_attach(c->seg.dir, c->seg.dir_size, c->seg.size,
                                      kvs_segment_nonce(&c->seg), 1, &c->dir);
             if (drc != KVS_OK)
@@ -923,6 +1051,7 @@ int kvs_client_open_opts(const kvs_config *cfg, const kvs_client_opts *opts, kvs
     refresh_segments(c, 0);
     pthread_mutex_unlock(&c->refresh_mu);
     if (pthread_create(&c->hb, NULL, hb_main, c) == 0) c->hb_started = 1;
+    if (c->etcd && pthread_create(&c->lw, NULL, lw_main, c) == 0) c->lw_started = 1;
     if (c->dir && pthread_create(&c->dsync, NULL, dir_main, c) == 0) c->dsync_started = 1;
     *out = c;
     return KVS_OK;
@@ -951,6 +1080,8 @@ void kvs_client_close(kvs_client *c)
     pthread_mutex_unlock(&c->hb_mu);
     if (c->hb_started) pthread_join(c->hb, NULL);
     c->hb_started = 0;
+    if (c->lw_started) pthread_join(c->lw, NULL);
+    c->lw_started = 0;
     /* unmount (best effort) so the master drops our objects at once */
     pthread_mutex_lock(&c->mu);
     kvs_rpc *rpc = c->rpc;

@@ -58,6 +58,13 @@ struct kvs_client {
     char runtime_dir[512];
     kvs_addr master;
     char master_text[600];
+    /* master_server_address "etcd://...": the leader is looked up in etcd
+     * (<prefix>/leader) before every connect (failover); NULL otherwise */
+    struct kvs_etcd *etcd;
+    char etcd_leader_key[300];
+    char etcd_leader[300]; /* the leader this connection goes to (guarded by mu) */
+    pthread_t lw;          /* leader watch thread (etcd only; stops with hb_stop) */
+    int lw_started;
     int timeout_ms;
     uint8_t host_id[KVS_HOST_ID_LEN];
     uint64_t t0_ms; /* clock origin of lease deadlines in slot handles */
@@ -174,5 +181,17 @@ int kvs_embedded_prepare_dir(const kvs_config *cfg, char *dir, size_t cap, char 
  * KVS_ERR_CONN (started but never answered) or KVS_ERR_IO. */
 int kvs_embedded_ensure(const kvs_config *cfg, const char *dir, int spawn, char *err,
                         size_t errlen);
+
+/* Creates the segment c contributes (c->seg, global_segment_size bytes),
+ * like kvs_segment_create; but for the embedded pool's own segment client
+ * (`kvshelf master --embedded`), first adopts the segment of the pool's
+ * previous master if that one was killed (its memory still in /dev/shm,
+ * named by DIR/pool.segment, its owner lock free, the same segment, no
+ * writer of the dead pool inside): *adopted = 1, c->dir attached to its
+ * directory as it was and c->seg_mounted set, so that connecting mounts it
+ * like a node after a master restart (fence, MOUNT, DIR_LOAD). Else a new
+ * segment, named in DIR/pool.segment for the next master (*adopted = 0,
+ * c->dir untouched). KVS_OK or kvs_segment_create's errors. */
+int kvs_embedded_segment_open(kvs_client *c, int *adopted);
 
 #endif

@@ -443,3 +443,131 @@ out:
     close(lfd);
     return rc;
 }
+
+/* ---- the pool's own segment across a kill -9 of its master (issue 17) ----
+ * `kvshelf master --embedded` owns the pool's segment through a client of
+ * its own. It names that segment in DIR/pool.segment and marks the segment
+ * with that record's path (segment.h), so that when the master is killed
+ * the segment's memory stays in /dev/shm, kvs_segment_gc leaves it alone,
+ * and the next master of DIR adopts it with its directory instead of
+ * starting empty. The adopted segment then goes through the path of a node
+ * whose master restarted (client.c mount_segment): fenced past every epoch
+ * the dead master handed out, mounted with its directory, every listed
+ * object handed in (DIR_LOAD) and a hit again. */
+
+#define ADOPT_BUSY_MS 500    /* an owner lock held this long: its owner still runs */
+#define ADOPT_FENCE_MS 10000 /* writers of the dead pool get this long to leave */
+
+static void nap_ms(long ms)
+{
+    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
+    nanosleep(&ts, NULL);
+}
+
+/* 1 if c is the pool's own segment client: `kvshelf master --embedded`
+ * opens it with master_server_address "unix:DIR/master.sock" and
+ * runtime_dir DIR (tools/cmd_master.c run_embedded). */
+static int pool_owner(const kvs_client *c)
+{
+    if (c->embedded || !c->cfg.runtime_dir[0]) return 0;
+    char want[sizeof c->master_text];
+    int n = snprintf(want, sizeof want, "unix:%s/master.sock", c->cfg.runtime_dir);
+    return n > 0 && (size_t)n < sizeof want && !strcmp(want, c->master_text);
+}
+
+/* Adopts the segment the pool record `rec` names, if a dead master left it:
+ * KVS_OK (c->seg owned, fenced past the dead pool's writers, c->dir
+ * attached to its directory as it was) or why not (nothing to adopt, its
+ * owner runs, not the same segment, a writer stuck inside). */
+static int adopt(kvs_client *c, const char *rec, uint64_t size)
+{
+    char name[KVS_SHM_NAME_MAX];
+    int rc = kvs_segment_pool_record_read(rec, name, sizeof name);
+    if (rc != KVS_OK) {
+        if (rc != KVS_ERR_NOT_FOUND)
+            KVS_LOGW("embedded pool: ignoring the pool record %s (%s)", rec, kvs_strerror(rc));
+        return rc;
+    }
+    uint64_t t0 = kvs_now_ms();
+    /* BUSY: its owner runs, or a gc holds the owner lock for a moment */
+    /* its own size: the pool keeps the size its first master gave it, as a
+     * running pool does for every client that finds it */
+    while ((rc = kvs_segment_adopt(name, rec, 0, &c->seg)) == KVS_ERR_BUSY &&
+           kvs_now_ms() - t0 < ADOPT_BUSY_MS)
+        nap_ms(10);
+    if (rc != KVS_OK) {
+        if (rc == KVS_ERR_BUSY)
+            KVS_LOGW("embedded pool: the segment %s of the previous pool is still owned by a "
+                     "running process; starting with a new segment",
+                     name);
+        else if (rc != KVS_ERR_NOT_FOUND)
+            KVS_LOGW("embedded pool: not adopting the segment %s of the previous pool: %s",
+                     name, kvs_strerror(rc));
+        return rc;
+    }
+    /* Writers of the dead pool (other processes mapping the segment) may
+     * still be inside a write under one of its reservations: wait until
+     * none is (the fence mount_segment runs again, at once then, before it
+     * mounts; one that cannot pass would fail the mount). */
+    uint64_t epoch = kvs_segment_epoch(&c->seg);
+    while ((rc = kvs_segment_fence(&c->seg, epoch + 2)) == KVS_ERR_BUSY &&
+           kvs_now_ms() - t0 < ADOPT_FENCE_MS)
+        nap_ms(10);
+    if (rc == KVS_OK && c->seg.dir) {
+        /* its directory as it was: validated again, rejected slots cleared */
+        rc = kvs_dir_attach(c->seg.dir, c->seg.dir_size, c->seg.size, kvs_segment_nonce(&c->seg),
+                            0, &c->dir);
+        if (rc == KVS_ERR_CORRUPT) {
+            KVS_LOGW("embedded pool: the adopted segment's directory has a bad header: its "
+                     "objects are lost");
+            rc = kvs_dir_attach(c->seg.dir, c->seg.dir_size, c->seg.size,
+                                kvs_segment_nonce(&c->seg), 1, &c->dir);
+        }
+    }
+    if (rc != KVS_OK) {
+        KVS_LOGW("embedded pool: cannot adopt the segment %s of the previous pool (%s%s); "
+                 "starting with a new segment",
+                 name, kvs_strerror(rc),
+                 rc == KVS_ERR_BUSY ? ": a writer of the dead pool is still inside it" : "");
+        kvs_segment_destroy(&c->seg); /* ours now: unlinked */
+        return rc;
+    }
+    if (c->seg.size != (size + kvs_page_size() - 1) / kvs_page_size() * kvs_page_size())
+        KVS_LOGI("embedded pool: the adopted segment keeps its %llu bytes (%llu asked)",
+                 (unsigned long long)c->seg.size, (unsigned long long)size);
+    /* mounted before (by the dead master): mount_segment fences it and hands
+     * its directory to the master, as a node does after a master restart */
+    atomic_store(&c->seg_mounted, 1);
+    KVS_LOGI("embedded pool: adopted the segment %s of the previous pool (%llu bytes, write "
+             "epoch %llu, %llu objects in its directory) in %llu ms",
+             name, (unsigned long long)c->seg.size,
+             (unsigned long long)kvs_segment_epoch(&c->seg),
+             (unsigned long long)(c->dir ? kvs_dir_count(c->dir) : 0),
+             (unsigned long long)(kvs_now_ms() - t0));
+    return KVS_OK;
+}
+
+int kvs_embedded_segment_open(kvs_client *c, int *adopted)
+{
+    *adopted = 0;
+    uint64_t size = c->cfg.global_segment_size;
+    char rec[KVS_SEG_POOL_PATH_MAX];
+    int n = pool_owner(c) ? snprintf(rec, sizeof rec, "%s/" KVS_SEG_POOL_RECORD,
+                                     c->cfg.runtime_dir)
+                          : -1;
+    if (n < 0 || (size_t)n >= sizeof rec) return kvs_segment_create(size, &c->seg);
+    if (adopt(c, rec, size) == KVS_OK) {
+        *adopted = 1;
+        return KVS_OK;
+    }
+    int rc = kvs_segment_create(size, &c->seg);
+    if (rc != KVS_OK) return rc;
+    /* marked first, named second: the gc keeps it only once both hold */
+    int wrc = kvs_segment_set_pool(&c->seg, rec);
+    if (wrc == KVS_OK) wrc = kvs_segment_pool_record_write(rec, c->seg.name);
+    if (wrc != KVS_OK)
+        KVS_LOGW("embedded pool: cannot write %s (%s): a pool started after a kill -9 of "
+                 "this one starts empty",
+                 rec, kvs_strerror(wrc));
+    return KVS_OK;
+}

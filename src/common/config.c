@@ -21,6 +21,7 @@
 
 #include <cjson/cJSON.h>
 
+#include "common/etcd.h"
 #include "common/net.h"
 #include "kvshelf/errors.h"
 
@@ -571,7 +572,17 @@ int kvs_config_validate(const kvs_config *cfg, char *err, size_t errlen)
                shown(cfg->local_hostname, sb));
         return KVS_ERR_CONFIG;
     }
-    if (cfg->master_server_address[0]) {
+    if (!strncmp(cfg->master_server_address, "etcd://", 7)) { /* failover: leader in etcd */
+        char eps[1024], pre[256];
+        if (kvs_etcd_parse_url(cfg->master_server_address, eps, sizeof eps, pre, sizeof pre) !=
+            KVS_OK) {
+            seterr(err, errlen,
+                   "master_server_address: value '%s' is not \"etcd://host:port[,host:port]"
+                   "[/prefix]\"",
+                   shown(cfg->master_server_address, sb));
+            return KVS_ERR_CONFIG;
+        }
+    } else if (cfg->master_server_address[0]) {
         if (kvs_addr_parse(cfg->master_server_address, KVS_DEFAULT_MASTER_PORT, &a) != KVS_OK ||
             (!a.is_unix && a.port == 0)) {
             seterr(err, errlen,
@@ -583,14 +594,22 @@ int kvs_config_validate(const kvs_config *cfg, char *err, size_t errlen)
     const char *ms = cfg->metadata_server;
     if (ms[0] && strcmp(ms, "P2PHANDSHAKE") != 0) {
         const char *why = NULL;
-        if (!strncmp(ms, "etcd://", 7) || !strncmp(ms, "redis://", 8)) {
+        if (!strncmp(ms, "redis://", 8)) {
             seterr(err, errlen,
-                   "metadata_server: '%s': etcd and redis metadata servers are not supported "
-                   "yet; use an http:// URL, \"P2PHANDSHAKE\" or \"\"",
+                   "metadata_server: '%s': redis metadata servers are not supported "
+                   "yet; use an http:// or etcd:// URL, \"P2PHANDSHAKE\" or \"\"",
                    shown(ms, sb));
             return KVS_ERR_CONFIG;
         }
-        if (!valid_http_url(ms, &why)) {
+        if (!strncmp(ms, "etcd://", 7)) {
+            char eps[1024], pre[256];
+            if (kvs_etcd_parse_url(ms, eps, sizeof eps, pre, sizeof pre) != KVS_OK) {
+                seterr(err, errlen, "metadata_server: value '%s' is not \"etcd://host:port"
+                                    "[,host:port]\"",
+                       shown(ms, sb));
+                return KVS_ERR_CONFIG;
+            }
+        } else if (!valid_http_url(ms, &why)) {
             seterr(err, errlen, "metadata_server: value '%s' %s", shown(ms, sb), why);
             return KVS_ERR_CONFIG;
         }

@@ -7,6 +7,7 @@
 
 #include <curl/curl.h>
 
+#include "common/etcd.h"
 #include "common/log.h"
 #include "kvshelf/config.h"
 #include "kvshelf/errors.h"
@@ -81,12 +82,46 @@ static int map_curl(CURLcode cc)
     }
 }
 
+/* One request against an etcd:// metadata server: the key is stored in
+ * etcd as it is (as Mooncake does with an etcd metadata server). */
+static int etcd_request(const char *method, const char *url, const char *key, const void *body,
+                        size_t body_len, int timeout_ms, char **val, size_t *len)
+{
+    char eps[1024], prefix[256];
+    if (kvs_etcd_parse_url(url, eps, sizeof eps, prefix, sizeof prefix) != KVS_OK)
+        return KVS_ERR_INVALID;
+    kvs_etcd *e = NULL;
+    int rc = kvs_etcd_new(eps, timeout_ms, &e);
+    if (rc != KVS_OK) return rc;
+    if (!strcmp(method, "GET")) {
+        rc = kvs_etcd_get(e, key, val, len, NULL);
+        if (rc == KVS_OK && len && *len > KVS_METACLIENT_MAX_VALUE) {
+            free(*val);
+            *val = NULL;
+            rc = KVS_ERR_TOO_LARGE;
+        }
+    } else if (!strcmp(method, "PUT")) {
+        rc = body_len > KVS_METACLIENT_MAX_VALUE ? KVS_ERR_TOO_LARGE
+                                                 : kvs_etcd_put(e, key, body, body_len, 0);
+    } else {
+        int64_t n = 0;
+        rc = kvs_etcd_delete(e, key, &n);
+        if (rc == KVS_OK && n == 0) rc = KVS_ERR_NOT_FOUND;
+    }
+    if (rc == KVS_ERR_NOT_FOUND && strcmp(method, "PUT") == 0) rc = KVS_ERR_PROTO;
+    kvs_etcd_free(e);
+    return rc;
+}
+
 /* One request. method: "GET", "PUT", "DELETE". */
 static int request(const char *method, const char *url, const char *key, const char *secret,
                    const void *body, size_t body_len, int timeout_ms, char **val, size_t *len)
 {
     if (val) *val = NULL;
     if (!url || !key || !*key || (body_len && !body)) return KVS_ERR_INVALID;
+    if (timeout_ms <= 0) timeout_ms = KVS_DEFAULT_TIMEOUT_MS;
+    if (!strncmp(url, "etcd://", 7))
+        return etcd_request(method, url, key, body, body_len, timeout_ms, val, len);
     if (strncmp(url, "http://", 7) != 0 && strncmp(url, "https://", 8) != 0)
         return KVS_ERR_INVALID;
     pthread_once(&g_once, global_init);

@@ -3,6 +3,9 @@
  * "http://127.0.0.1:23790/metadata". Used by clients that publish their
  * segment descriptor when metadata_server is set.
  *
+ * An "etcd://host:port[,host:port]" URL stores the keys in etcd instead,
+ * as they are (its v3 JSON gateway, src/common/etcd.h; no secret sent).
+ *
  * Each call is independent (one connection per call), thread-safe, and
  * bounded by timeout_ms (<= 0 means KVS_DEFAULT_TIMEOUT_MS). Proxies from the
  * environment are ignored; only http:// and https:// URLs are used.
@@ -10,7 +13,7 @@
  * `secret` (NULL or "" = none) is sent as "Authorization: Bearer <secret>",
  * which a kvshelf master with a secret requires for /metadata; a server
  * that refuses the credentials (401, 403) gives KVS_ERR_AUTH.
- * Errors: KVS_ERR_INVALID (NULL/empty url or key, not an http(s) URL),
+ * Errors: KVS_ERR_INVALID (NULL/empty url or key, not an http(s) or etcd URL),
  * KVS_ERR_NOT_FOUND (404), KVS_ERR_CONN (cannot connect), KVS_ERR_TIMEOUT,
  * KVS_ERR_TOO_LARGE (413, or a reply over KVS_METACLIENT_MAX_VALUE),
  * KVS_ERR_EXISTS (400 on a PUT: Mooncake's duplicate rpc_meta rule),

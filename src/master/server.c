@@ -8,6 +8,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -73,6 +74,7 @@ struct kvs_server {
     uint64_t expired_seen;
     int gc_runs_left; /* gc once a second while > 0 */
     uint64_t gc_next_ms;
+    const _Atomic uint64_t *serve_until; /* leadership lease (kvs_server_set_serve_until) */
 };
 
 static kvs_log_limit g_refuse_log, g_hello_log, g_evict_log;
@@ -473,6 +475,17 @@ static void on_conn_event(kvs_server *s, conn *c, uint32_t ev)
 
 void kvs_server_set_busy_poll(kvs_server *s, uint32_t us) { s->busy_poll_ns = us * 1000ull; }
 
+void kvs_server_set_serve_until(kvs_server *s, const _Atomic uint64_t *until_ms)
+{
+    s->serve_until = until_ms;
+}
+
+/* 1 while the leadership lease (if any) allows serving at `now`. */
+static int may_serve(const kvs_server *s, uint64_t now)
+{
+    return !s->serve_until || now < atomic_load(s->serve_until);
+}
+
 void kvs_server_set_max_conns(kvs_server *s, uint32_t n)
 {
     s->max_conns = n ? KVS_MIN(n, (uint32_t)KVS_SERVER_MAX_CONNS) : kvs_server_default_max_conns();
@@ -505,8 +518,17 @@ int kvs_server_run(kvs_server *s, volatile sig_atomic_t *stop, int stop_on_shutd
             if (sd) break;
         }
         uint64_t now = kvs_now_ms();
+        if (!may_serve(s, now)) {
+            KVS_LOGW("leadership lease ended: stepping down (closing every connection)");
+            rc = KVS_ERR_UNAVAILABLE;
+            break;
+        }
         if (s->accept_paused && now >= s->accept_resume_ms) resume_accepting(s);
         uint64_t wake = s->accept_paused ? KVS_MIN(next_tick, s->accept_resume_ms) : next_tick;
+        if (s->serve_until) {
+            uint64_t until = atomic_load(s->serve_until);
+            if (until < wake) wake = until;
+        }
         kvs_master_lock(s->m);
         uint64_t park = kvs_master_park_wait_ms(s->m); /* a parked DIR_SYNC due */
         kvs_master_unlock(s->m);
@@ -522,6 +544,7 @@ int kvs_server_run(kvs_server *s, volatile sig_atomic_t *stop, int stop_on_shutd
             rc = KVS_ERR_IO;
             break;
         }
+        if (n > 0 && !may_serve(s, kvs_now_ms())) continue; /* stops at the top */
         for (int i = 0; i < n; i++) {
             int tag = *(int *)evs[i].data.ptr;
             if (tag == TAG_LISTEN) on_accept(s, evs[i].data.ptr);
@@ -556,7 +579,8 @@ int kvs_server_run(kvs_server *s, volatile sig_atomic_t *stop, int stop_on_shutd
             next_tick = now + TICK_MS;
         }
     }
-    for (conn *c = s->head.next; c != &s->head; c = c->next) conn_flush(c);
+    if (rc != KVS_ERR_UNAVAILABLE) /* a master that stepped down sends nothing more */
+        for (conn *c = s->head.next; c != &s->head; c = c->next) conn_flush(c);
     return rc;
 }
 

@@ -7,6 +7,7 @@
 #define KVS_MASTER_SERVER_H
 
 #include <signal.h>
+#include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -33,6 +34,16 @@ int kvs_server_listen(kvs_server *s, const char *addr, uint16_t *port, char *err
 
 /* Sets the busy-poll time in microseconds (0: sleep at once). */
 void kvs_server_set_busy_poll(kvs_server *s, uint32_t us);
+
+/* Serving under a leadership lease (failover through etcd,
+ * src/master/election.h): `until_ms` (not owned; NULL = no limit, the
+ * default) holds the monotonic time in ms (kvs_now_ms) until which this
+ * master may serve; another thread extends it as the lease is renewed, or
+ * sets it to 0 to step down. Once it has passed, kvs_server_run stops before
+ * handling any further request and returns KVS_ERR_UNAVAILABLE; the caller
+ * then frees the server, which closes every connection, so clients look up
+ * the new leader. */
+void kvs_server_set_serve_until(kvs_server *s, const _Atomic uint64_t *until_ms);
 
 /* ---- bounded resources ----
  * Connections: at most max_conns at once (kvs_server_set_max_conns; by
@@ -91,7 +102,8 @@ void kvs_server_get_counters(const kvs_server *s, kvs_server_counters *out);
 
 /* Runs the loop until *stop becomes non-zero or, when stop_on_shutdown, a
  * SHUTDOWN was accepted; then flushes pending replies (best effort).
- * Returns KVS_OK or KVS_ERR_IO (epoll failed). */
+ * Returns KVS_OK, KVS_ERR_IO (epoll failed) or KVS_ERR_UNAVAILABLE (the
+ * leadership lease of kvs_server_set_serve_until ended: nothing flushed). */
 int kvs_server_run(kvs_server *s, volatile sig_atomic_t *stop, int stop_on_shutdown);
 
 /* Closes every connection and listener (unix socket files are removed) and

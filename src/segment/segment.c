@@ -126,7 +126,10 @@ struct kvs_seg_ctl {
     _Atomic uint64_t epoch;  /* write epoch: reservations below it are stale */
     uint64_t dir_size;       /* bytes of the directory between the data and this
                                 page (directory.h); 0 = none (older segments) */
+    char pool[KVS_SEG_POOL_PATH_MAX]; /* the record of the embedded pool that may
+                                         adopt it ("" = none; kvs_segment_set_pool) */
 };
+_Static_assert(sizeof(struct kvs_seg_ctl) <= 4096, "the control page fits the smallest page");
 
 #define SEG_MAGIC "KVSSEG1"
 /* Lock bytes (far beyond any data: POSIX locks may lie past the end of file). */
@@ -173,6 +176,98 @@ int kvs_segment_name_valid(const char *name)
     return *p == '\0' && strlen(name) < KVS_SHM_NAME_MAX;
 }
 
+/* ---- the embedded pool's record (segment.h) ---- */
+
+int kvs_segment_pool_record_parse(const void *buf, size_t len, char *name, size_t cap)
+{
+    if (!buf || !name || cap < KVS_SHM_NAME_MAX) return KVS_ERR_INVALID;
+    const char *b = buf;
+    if (len > 0 && b[len - 1] == '\n') len--;
+    if (len == 0 || len >= KVS_SHM_NAME_MAX) return KVS_ERR_CORRUPT;
+    char tmp[KVS_SHM_NAME_MAX];
+    memcpy(tmp, b, len);
+    tmp[len] = '\0';
+    /* an embedded NUL shortens tmp: the length check below refuses it */
+    if (strlen(tmp) != len || !kvs_segment_name_valid(tmp)) return KVS_ERR_CORRUPT;
+    memcpy(name, tmp, len + 1);
+    return KVS_OK;
+}
+
+int kvs_segment_pool_record_read(const char *path, char *name, size_t cap)
+{
+    if (!path || !name || cap < KVS_SHM_NAME_MAX) return KVS_ERR_INVALID;
+    int fd = open(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
+    if (fd < 0) {
+        if (errno == ENOENT || errno == ENOTDIR) return KVS_ERR_NOT_FOUND;
+        return errno == ELOOP || errno == EACCES || errno == EPERM ? KVS_ERR_AUTH : KVS_ERR_IO;
+    }
+    struct stat st;
+    char buf[KVS_SHM_NAME_MAX + 2];
+    ssize_t n = -1;
+    int rc = KVS_OK;
+    if (fstat(fd, &st) < 0) rc = KVS_ERR_IO;
+    else if (!S_ISREG(st.st_mode) || st.st_uid != getuid()) rc = KVS_ERR_AUTH;
+    else {
+        do n = read(fd, buf, sizeof buf); while (n < 0 && errno == EINTR);
+        if (n < 0) rc = KVS_ERR_IO;
+    }
+    close(fd);
+    if (rc != KVS_OK) return rc;
+    return kvs_segment_pool_record_parse(buf, (size_t)n, name, cap);
+}
+
+int kvs_segment_pool_record_write(const char *path, const char *name)
+{
+    if (!path || !kvs_segment_name_valid(name)) return KVS_ERR_INVALID;
+    char tmp[KVS_SEG_POOL_PATH_MAX + 32];
+    int n = snprintf(tmp, sizeof tmp, "%s.%ld.tmp", path, (long)getpid());
+    if (n < 0 || (size_t)n >= sizeof tmp) return KVS_ERR_INVALID;
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0600);
+    if (fd < 0) return KVS_ERR_IO;
+    char text[KVS_SHM_NAME_MAX + 1];
+    int len = snprintf(text, sizeof text, "%s\n", name);
+    ssize_t w;
+    do w = write(fd, text, (size_t)len); while (w < 0 && errno == EINTR);
+    int ok = len > 0 && w == (ssize_t)len; /* a 70-byte write to a new file: whole */
+    ok = close(fd) == 0 && ok;
+    if (!ok || rename(tmp, path) != 0) {
+        unlink(tmp);
+        return KVS_ERR_IO;
+    }
+    return KVS_OK;
+}
+
+int kvs_segment_set_pool(kvs_segment *s, const char *record_path)
+{
+    if (!s || !s->owner || !s->ctl || !record_path || record_path[0] != '/') return KVS_ERR_INVALID;
+    size_t n = strlen(record_path);
+    if (n >= KVS_SEG_POOL_PATH_MAX) return KVS_ERR_INVALID;
+    memset(s->ctl->pool, 0, sizeof s->ctl->pool);
+    memcpy(s->ctl->pool, record_path, n);
+    return KVS_OK;
+}
+
+/* 1 if the orphan `name` (open as fd) is an embedded pool's segment whose
+ * record still names it: kept for the pool's next master to adopt. */
+static int pool_keeps(int fd, const struct stat *st, const char *name)
+{
+    uint64_t ps = kvs_page_size(), fsize = (uint64_t)st->st_size;
+    if (fsize <= ps || fsize % ps) return 0;
+    struct {
+        char magic[8];
+        uint64_t nonce, size, epoch, dir_size;
+        char pool[KVS_SEG_POOL_PATH_MAX];
+    } c; /* struct kvs_seg_ctl's layout, without the atomic */
+    _Static_assert(sizeof c == sizeof(struct kvs_seg_ctl), "the control page's layout");
+    if (pread(fd, &c, sizeof c, (off_t)(fsize - ps)) != (ssize_t)sizeof c) return 0;
+    c.pool[sizeof c.pool - 1] = '\0';
+    if (memcmp(c.magic, SEG_MAGIC, sizeof c.magic) || c.nonce != name_nonce(name) ||
+        c.pool[0] != '/')
+        return 0;
+    char rec[KVS_SHM_NAME_MAX];
+    return kvs_segment_pool_record_read(c.pool, rec, sizeof rec) == KVS_OK && !strcmp(rec, name);
+}
+
 int kvs_segment_gc(void)
 {
     DIR *d = opendir(SHM_DIR);
@@ -186,23 +281,27 @@ int kvs_segment_gc(void)
         if (strncmp(e->d_name, prefix, (size_t)pl) || !kvs_segment_name_valid(e->d_name)) continue;
         char path[128];
         if (shm_path(e->d_name, path, sizeof path)) continue;
-        int fd = open(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+        int fd = open(path, O_RDWR | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
         if (fd < 0) continue;
-        struct stat st;
-        struct flock fl;
-        memset(&fl, 0, sizeof fl);
-        fl.l_type = F_WRLCK;
-        fl.l_whence = SEEK_SET;
-        fl.l_start = LOCK_ALIVE;
-        fl.l_len = 1;
+        struct stat st, ln;
+        /* the owner lock, held while unlinking: an adopter (kvs_segment_adopt)
+         * takes it too, so either it adopts a file still linked or the gc
+         * removes one nobody adopted */
         int orphan = fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_uid == getuid() &&
-                     now - st.st_ctime >= GC_MIN_AGE_S && fcntl(fd, F_OFD_GETLK, &fl) == 0 &&
-                     fl.l_type == F_UNLCK;
-        close(fd);
-        if (orphan && unlink(path) == 0) {
+                     now - st.st_ctime >= GC_MIN_AGE_S &&
+                     lock_range(fd, F_OFD_SETLK, F_WRLCK, LOCK_ALIVE, 1) == 0;
+        if (orphan && pool_keeps(fd, &st, e->d_name)) {
+            orphan = 0;
+            KVS_LOGD("segment: kept %s, the segment of an embedded pool whose next master "
+                     "adopts it",
+                     path);
+        }
+        if (orphan && stat(path, &ln) == 0 && ln.st_dev == st.st_dev && ln.st_ino == st.st_ino &&
+            unlink(path) == 0) {
             removed++;
             KVS_LOGI("segment: removed %s, left by a process that no longer runs", path);
         }
+        close(fd);
     }
     closedir(d);
     return removed;
@@ -377,6 +476,90 @@ int kvs_segment_map(const char *name, uint64_t size, kvs_segment *out)
     out->wlock_fd = wfd;
     pthread_mutex_unlock(&reg_mu);
     out->fd = fd;
+    kvs_strlcpy(out->name, name, sizeof out->name);
+    out->prefault = kvs_prefault_start(out->base, out->size);
+    return KVS_OK;
+}
+
+int kvs_segment_adopt(const char *name, const char *record_path, uint64_t size,
+                      kvs_segment *out)
+{
+    seg_init(out);
+    if (!kvs_segment_name_valid(name) || !record_path || size > (1ull << 50))
+        return KVS_ERR_INVALID;
+    size = round_page(size); /* 0: any */
+    char path[128];
+    if (shm_path(name, path, sizeof path)) return KVS_ERR_INVALID;
+    int fd = open(path, O_RDWR | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
+    if (fd < 0) {
+        if (errno == ENOENT) return KVS_ERR_NOT_FOUND;
+        return errno == EACCES || errno == EPERM || errno == ELOOP ? KVS_ERR_AUTH : KVS_ERR_IO;
+    }
+    struct stat st, ln;
+    if (fstat(fd, &st) < 0) {
+        close(fd);
+        return KVS_ERR_IO;
+    }
+    if (!S_ISREG(st.st_mode) || st.st_uid != getuid()) {
+        close(fd);
+        return KVS_ERR_AUTH;
+    }
+    /* the owner lock: free only once every process of the old owner's open
+     * file description is gone (it dies with the owner's descriptors) */
+    if (lock_range(fd, F_OFD_SETLK, F_WRLCK, LOCK_ALIVE, 1) < 0) {
+        int e = errno;
+        close(fd);
+        return e == EAGAIN || e == EACCES ? KVS_ERR_BUSY : KVS_ERR_IO;
+    }
+    /* still linked under its name (a gc that held the lock first unlinked it?) */
+    if (stat(path, &ln) < 0 || ln.st_dev != st.st_dev || ln.st_ino != st.st_ino) {
+        close(fd);
+        return KVS_ERR_NOT_FOUND;
+    }
+    uint64_t fsize = (uint64_t)st.st_size, ps = kvs_page_size();
+    int rc = fsize <= ps || fsize % ps ? KVS_ERR_CORRUPT
+                                       : map_file(fd, fsize - ps, name_nonce(name), out);
+    if (rc == KVS_OK) {
+        char pool[KVS_SEG_POOL_PATH_MAX];
+        memcpy(pool, out->ctl->pool, sizeof pool);
+        pool[sizeof pool - 1] = '\0';
+        if ((size && out->size != size) || strcmp(pool, record_path)) {
+            KVS_LOGW("segment: %s is not this pool's segment of %llu bytes (it has %llu, "
+                     "pool record '%s')",
+                     path, (unsigned long long)size, (unsigned long long)out->size, pool);
+            munmap(out->base, map_len(out));
+            seg_init(out);
+            rc = KVS_ERR_CORRUPT;
+        }
+    }
+    if (rc == KVS_ERR_CORRUPT && unlink(path) == 0)
+        KVS_LOGI("segment: removed %s, a dead pool's segment that does not fit", path);
+    if (rc != KVS_OK) {
+        close(fd);
+        return rc;
+    }
+    reg_lock(); /* no fork() between these opens and the registration */
+    out->fence_fd = open(path, O_RDWR | O_NOFOLLOW | O_CLOEXEC);
+    out->wlock_fd = open(path, O_RDWR | O_NOFOLLOW | O_CLOEXEC);
+    struct stat fs, ws;
+    if (out->fence_fd < 0 || out->wlock_fd < 0 || fstat(out->fence_fd, &fs) < 0 ||
+        fstat(out->wlock_fd, &ws) < 0 || fs.st_ino != st.st_ino || ws.st_ino != st.st_ino ||
+        fs.st_dev != st.st_dev || ws.st_dev != st.st_dev)
+        rc = KVS_ERR_IO;
+    else
+        rc = reg_add_locked(out); /* the last step: nothing to undo after it */
+    pthread_mutex_unlock(&reg_mu);
+    if (rc != KVS_OK) {
+        if (out->fence_fd >= 0) close(out->fence_fd);
+        if (out->wlock_fd >= 0) close(out->wlock_fd);
+        munmap(out->base, map_len(out));
+        close(fd);
+        pthread_mutex_destroy(&out->wmu);
+        seg_init(out);
+        return rc;
+    }
+    out->fd = fd;
+    out->owner = 1;
     kvs_strlcpy(out->name, name, sizeof out->name);
     out->prefault = kvs_prefault_start(out->base, out->size);
     return KVS_OK;

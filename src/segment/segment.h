@@ -78,7 +78,10 @@ int kvs_segment_create(uint64_t size, kvs_segment *out);
 
 /* Unlinks segment files of this uid whose owner no longer runs (left by a
  * crash or SIGKILL; the memory stays in use while any process still maps
- * them): files whose owner lock is free. Called once per process by
+ * them): files whose owner lock is free, which it holds while it unlinks
+ * (so an adoption, kvs_segment_adopt, and the gc never both win). Files an
+ * embedded pool may still adopt (kvs_segment_set_pool, and the record
+ * still names them) are kept. Called once per process by
  * kvs_segment_create. Returns the count. */
 int kvs_segment_gc(void);
 
@@ -133,6 +136,58 @@ void kvs_segment_write_end(kvs_segment *s, uint64_t epoch);
  * fenced (no write below `epoch` can land any more); KVS_ERR_BUSY: a writer
  * is still inside (call again later); KVS_ERR_INVALID: not the owner. */
 int kvs_segment_fence(kvs_segment *s, uint64_t epoch);
+
+/* ---- the embedded pool's segment across a kill of its master ----
+ * The embedded pool (client/embedded.c) names its segment in a record file
+ * of its runtime directory (KVS_SEG_POOL_RECORD) and writes that file's path
+ * into the segment's control page (kvs_segment_set_pool). When the pool's
+ * master dies (kill -9), the file stays in /dev/shm and the next master of
+ * that runtime directory adopts it (kvs_segment_adopt) instead of creating
+ * a new one; kvs_segment_gc leaves such an orphan alone for as long as the
+ * record it names still names it (the adoption wins over the gc). */
+
+#define KVS_SEG_POOL_RECORD "pool.segment" /* file name in the runtime directory */
+#define KVS_SEG_POOL_PATH_MAX 512          /* bytes of a record path, NUL included */
+
+/* Parses the bytes of a pool record: a segment name (kvs_segment_name_valid)
+ * and an optional final newline, nothing else. `buf` may hold any bytes
+ * (len of them; no NUL needed). KVS_OK (name, cap >= KVS_SHM_NAME_MAX,
+ * filled) or KVS_ERR_CORRUPT (anything else: too long, bad name, other
+ * bytes), KVS_ERR_INVALID (NULL arguments, cap too small). */
+int kvs_segment_pool_record_parse(const void *buf, size_t len, char *name, size_t cap);
+
+/* Reads the pool record at `path` into name (cap >= KVS_SHM_NAME_MAX):
+ * KVS_OK, KVS_ERR_NOT_FOUND (no such file), KVS_ERR_AUTH (not a regular
+ * file of this uid), KVS_ERR_CORRUPT (kvs_segment_pool_record_parse),
+ * KVS_ERR_IO. */
+int kvs_segment_pool_record_read(const char *path, char *name, size_t cap);
+
+/* Writes `name` as the pool record at `path`, whole or not at all (a new
+ * file of mode 0600 renamed over the old one). KVS_OK, KVS_ERR_INVALID or
+ * KVS_ERR_IO. */
+int kvs_segment_pool_record_write(const char *path, const char *name);
+
+/* Owner only: writes `record_path` (absolute, shorter than
+ * KVS_SEG_POOL_PATH_MAX) into the control page, so that the segment,
+ * orphaned, waits for a pool of that record to adopt it instead of being
+ * removed by kvs_segment_gc. KVS_OK or KVS_ERR_INVALID. */
+int kvs_segment_set_pool(kvs_segment *s, const char *record_path);
+
+/* Adopts the orphaned segment `name` of the pool whose record is
+ * `record_path`: opens it, takes its owner lock (KVS_ERR_BUSY if held: its
+ * owner still runs), checks that the name still links to this file, that
+ * the control page carries the name's nonce and this record path, that its
+ * sizes match the file's, and, unless `size` is 0, that its data size is
+ * `size` rounded up to pages (KVS_ERR_CORRUPT otherwise; such an orphan is
+ * unlinked here, as kvs_segment_gc would). On KVS_OK,
+ * *out is the owner of the segment as kvs_segment_create makes it (destroy
+ * unlinks it), with its data, directory and epoch as the dead owner left
+ * them: the caller must fence it past that epoch before anyone writes
+ * (kvs_segment_fence) and re-read its directory (directory.h). Also
+ * KVS_ERR_INVALID (bad name), KVS_ERR_NOT_FOUND (no such file), KVS_ERR_AUTH
+ * (not a regular file of this uid), KVS_ERR_IO. */
+int kvs_segment_adopt(const char *name, const char *record_path, uint64_t size,
+                      kvs_segment *out);
 
 /* Page size of the host (cached). */
 size_t kvs_page_size(void);

@@ -433,7 +433,9 @@ static void test_validate(void **state)
     strcpy(c.protocol, "udp");
     expect_invalid(&c, "protocol");
 
-    static const char *good_master[] = {"127.0.0.1:50001", "host", "[::1]:5", "unix:/tmp/s"};
+    static const char *good_master[] = {"127.0.0.1:50001", "host", "[::1]:5", "unix:/tmp/s",
+                                        "etcd://127.0.0.1:2379", "etcd://a:1,b:2/pool",
+                                        "etcd://10.0.0.1:2379;10.0.0.2:2379"};
     for (size_t i = 0; i < sizeof good_master / sizeof good_master[0]; i++) {
         kvs_config_init(&c);
         strcpy(c.master_server_address, good_master[i]);
@@ -441,7 +443,7 @@ static void test_validate(void **state)
             fail_msg("%s: %s", good_master[i], err);
     }
     static const char *bad_master[] = {"host:", "host:99999", "host:0", ":5", "unix:",
-                                       "[::1", "h:x"};
+                                       "[::1", "h:x", "etcd://", "etcd://h:0", "etcd://h:1/a b"};
     for (size_t i = 0; i < sizeof bad_master / sizeof bad_master[0]; i++) {
         kvs_config_init(&c);
         strcpy(c.master_server_address, bad_master[i]);
@@ -450,14 +452,15 @@ static void test_validate(void **state)
 
     static const char *good_md[] = {"", "P2PHANDSHAKE", "http://127.0.0.1:8080/metadata",
                                     "http://localhost/metadata", "http://[::1]:23790/metadata",
-                                    "https://meta.example.com/x?y=1", "http://h:1"};
+                                    "https://meta.example.com/x?y=1", "http://h:1",
+                                    "etcd://x:2379", "etcd://127.0.0.1:2379,127.0.0.1:2380"};
     for (size_t i = 0; i < sizeof good_md / sizeof good_md[0]; i++) {
         kvs_config_init(&c);
         strcpy(c.metadata_server, good_md[i]);
         if (kvs_config_validate(&c, err, sizeof err) != KVS_OK)
             fail_msg("%s: %s", good_md[i], err);
     }
-    static const char *bad_md[] = {"127.0.0.1:2379", "etcd://x:2379", "redis://x", "http://",
+    static const char *bad_md[] = {"127.0.0.1:2379", "etcd://", "etcd://x:0", "redis://x", "http://",
                                    "http:///metadata", "http://h:0/x", "http://h:99999/",
                                    "http://a b/", "ftp://h/", "p2phandshake",
                                    "http://user:pw@h/"};
