@@ -632,6 +632,19 @@ static int run_fences(kvs_client *c, kvs_conn_ref *cr, const uint8_t *resp, uint
     return pending;
 }
 
+/* Waits on c->hb_cv (c->hb_mu held) for at most ms milliseconds: the
+ * heartbeat, directory and leader-watch threads sleep here until woken or
+ * due. */
+static void hb_wait(kvs_client *c, uint64_t ms)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    uint64_t ns = (uint64_t)ts.tv_nsec + ms * 1000000ull;
+    ts.tv_sec += (time_t)(ns / 1000000000ull);
+    ts.tv_nsec = (long)(ns % 1000000000ull);
+    pthread_cond_timedwait(&c->hb_cv, &c->hb_mu, &ts);
+}
+
 /* Failover: how often a client of an etcd:// master address checks that the
  * leader key still names the master it is connected to (KVSHELF_LEADER_CHECK_MS,
  * default 500). A master that died or froze keeps its connections open or
@@ -680,12 +693,7 @@ static void *lw_main(void *arg)
     uint64_t next_check = 0;
     pthread_mutex_lock(&c->hb_mu);
     while (!c->hb_stop) {
-        struct timespec ts;
-        clock_gettime(CLOCK_MONOTONIC, &ts);
-        uint64_t ns = (uint64_t)ts.tv_nsec + leader_check_ms() * 1000000ull;
-        ts.tv_sec += (time_t)(ns / 1000000000ull);
-        ts.tv_nsec = (long)(ns % 1000000000ull);
-        pthread_cond_timedwait(&c->hb_cv, &c->hb_mu, &ts);
+        hb_wait(c, leader_check_ms());
         if (c->hb_stop) break;
         pthread_mutex_unlock(&c->hb_mu);
         if (kvs_now_ms() >= next_check) {
@@ -716,12 +724,7 @@ static void *hb_main(void *arg)
         uint64_t wait_ms = connected ? KVS_MAX(ttl / 3, 10u) : BACKOFF_MIN_MS;
         if (connected && fence_pending) wait_ms = KVS_MIN(wait_ms, FENCE_RETRY_MS);
         if (!connected && retry_at > kvs_now_ms()) wait_ms = retry_at - kvs_now_ms();
-        struct timespec ts;
-        clock_gettime(CLOCK_MONOTONIC, &ts);
-        uint64_t ns = (uint64_t)ts.tv_nsec + wait_ms * 1000000ull;
-        ts.tv_sec += (time_t)(ns / 1000000000ull);
-        ts.tv_nsec = (long)(ns % 1000000000ull);
-        pthread_cond_timedwait(&c->hb_cv, &c->hb_mu, &ts);
+        hb_wait(c, wait_ms);
         if (c->hb_stop) break;
         pthread_mutex_unlock(&c->hb_mu);
 
@@ -812,12 +815,7 @@ static void *dir_main(void *arg)
     pthread_mutex_lock(&c->hb_mu);
     while (!c->hb_stop) {
         if (wait_ms) {
-            struct timespec ts;
-            clock_gettime(CLOCK_MONOTONIC, &ts);
-            uint64_t ns = (uint64_t)ts.tv_nsec + wait_ms * 1000000ull;
-            ts.tv_sec += (time_t)(ns / 1000000000ull);
-            ts.tv_nsec = (long)(ns % 1000000000ull);
-            pthread_cond_timedwait(&c->hb_cv, &c->hb_mu, &ts);
+            hb_wait(c, wait_ms);
             if (c->hb_stop) break;
         }
         pthread_mutex_unlock(&c->hb_mu);
