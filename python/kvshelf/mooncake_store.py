@@ -22,11 +22,16 @@ with kvshelf's semantics on top:
   ...); while the master is unreachable, calls fail at once instead of each
   waiting out Mooncake's RPC timeout.
 
-This increment moves host memory only (numpy arrays, bytearray/memoryview,
+This version moves host memory only (numpy arrays, bytearray/memoryview,
 CPU torch tensors, ``(address, size)`` pairs, or a *list* of those: the parts
-of one block, gathered on dump and scattered on load). CUDA tensors through
-kvshelf's copy path (C/CUDA) and the vLLM connector over this store are the
-next steps of issue 16; UCM's stores use it through ``kvshelf.ucm_mooncake``.
+of one block, gathered on dump and scattered on load). UCM's stores use it
+through ``kvshelf.ucm_mooncake``, the vLLM connector through
+``kvshelf.vllm_mooncake``. CUDA tensors through kvshelf's copy path (C/CUDA)
+are the next step of issue 16.
+
+``register_memory(buf)``: host memory of the caller registered with Mooncake;
+dumps of blocks that lie there are zero-copy (the headers staged, the payload
+read in place with ``batch_put_from_multi_buffers``); loads are staged always.
 
 A block may carry a 64-bit ``tag`` (``dump(..., tags=)``, ``load(...,
 tags=)``): a hash of what the bytes mean to the caller (UCM's stores: the
@@ -79,6 +84,7 @@ Object layout (little endian)::
 
 from __future__ import annotations
 
+import bisect
 import collections
 import concurrent.futures
 import ctypes
@@ -357,12 +363,66 @@ _xxh3 = _load_xxh3()
 _memmove = ctypes.memmove
 
 
+def _load_xxh3_stream():
+    """XXH3-64's streaming functions (the same hash as XXH3_64bits over the
+    concatenation of the parts), or None."""
+    for name in ("libxxhash.so.0", "libxxhash.so"):
+        try:
+            lib = ctypes.CDLL(name)
+            fns = (lib.XXH3_createState, lib.XXH3_freeState, lib.XXH3_64bits_reset,
+                   lib.XXH3_64bits_update, lib.XXH3_64bits_digest)
+        except (OSError, AttributeError):
+            continue
+        fns[0].restype = ctypes.c_void_p
+        fns[0].argtypes = []
+        fns[1].argtypes = [ctypes.c_void_p]
+        fns[2].argtypes = [ctypes.c_void_p]
+        fns[3].argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+        fns[4].restype = ctypes.c_uint64
+        fns[4].argtypes = [ctypes.c_void_p]
+        return fns
+    return None
+
+
+_xxh3_stream = _load_xxh3_stream()
+
+
 def _checksum(algo: int, addr: int, n: int) -> int | None:
     if algo == ALGO_XXH3:
         return int(_xxh3(addr, n)) if _xxh3 is not None else None
     if algo == ALGO_BLAKE2B:
         view = (ctypes.c_char * n).from_address(addr) if n else b""
         return int.from_bytes(hashlib.blake2b(memoryview(view), digest_size=8).digest(), "little")
+    return None
+
+
+def _checksum_parts(algo: int, parts: list[tuple[int, int]], n: int) -> int | None:
+    """The checksum of the concatenation of ``parts`` (n bytes in all),
+    read where they lie (the same value as ``_checksum`` of a copy)."""
+    if len(parts) == 1:
+        return _checksum(algo, parts[0][0], parts[0][1])
+    if not parts:
+        return _checksum(algo, 0, 0) if algo == ALGO_BLAKE2B else (
+            int(_xxh3(None, 0)) if _xxh3 is not None else None)
+    if algo == ALGO_XXH3:
+        if _xxh3_stream is None:
+            return None
+        create, free, reset, update, digest = _xxh3_stream
+        st = create()
+        if not st:
+            return None
+        try:
+            reset(st)
+            for a, m in parts:
+                update(st, a, m)
+            return int(digest(st))
+        finally:
+            free(st)
+    if algo == ALGO_BLAKE2B:
+        h = hashlib.blake2b(digest_size=8)
+        for a, m in parts:
+            h.update(memoryview((ctypes.c_char * m).from_address(a)))
+        return int.from_bytes(h.digest(), "little")
     return None
 
 
@@ -695,7 +755,7 @@ class BlockTask:
 
 
 class _Batch:
-    __slots__ = ("task", "idx", "off", "size", "slots", "mkeys", "sizes", "bufs", "tags")
+    __slots__ = ("task", "idx", "off", "size", "slots", "mkeys", "sizes", "bufs", "tags", "zc")
 
     def __init__(self, task: BlockTask, idx: list[int]):
         self.task = task
@@ -707,6 +767,12 @@ class _Batch:
         self.mkeys = [task.keys[i] for i in idx]
         self.sizes = [HEADER + b[1] for b in self.bufs]
         self.tags = [task._tags[i] for i in idx] if task._tags is not None else [0] * len(idx)
+        self.zc = False  # a zero-copy dump: headers in staging, payloads from registered memory
+
+    def zero_copy(self) -> None:
+        self.zc = True
+        self.slots = [HEADER] * len(self.idx)
+        self.size = HEADER * len(self.idx)
 
 
 # ------------------------------------------------------------------ store
@@ -763,6 +829,10 @@ class MooncakeBlockStore:
                                 "staging memory failed: %s" % (self._staging.size, mc_name(rc)))
         # Half the staging per batch at most, so two batches (one per stage) fit.
         self._batch_bytes = max(_ALIGN, self._staging.size // 2)
+        # host memory of the caller registered with Mooncake (register_memory):
+        # sorted (start, end); dumps whose parts all lie there are zero-copy
+        self._regions: list[tuple[int, int]] = []
+        self._multi_put = hasattr(self._mc, "batch_put_from_multi_buffers")
         self._tasks: queue.Queue = queue.Queue(maxsize=c["max_inflight"])
         self._mid: queue.Queue = queue.Queue(maxsize=2)
         self._t1 = threading.Thread(target=self._stage1_loop, name="kvshelf-mc-stage1", daemon=True)
@@ -905,7 +975,8 @@ class MooncakeBlockStore:
         return self._batch_bytes - HEADER
 
     def _submit(self, op: str, keys: Sequence[bytes | str], buffers: Sequence[Any],
-                block: bool, timeout: float | None, tags: Any = None) -> BlockTask:
+                block: bool, timeout: float | None, tags: Any = None,
+                raw_bytes: int | None = None) -> BlockTask:
         self._check_open()
         keys = list(keys)
         buffers = list(buffers)
@@ -913,8 +984,11 @@ class MooncakeBlockStore:
             raise InvalidArgument("kvshelf.mooncake_store: %s: %d keys but %d buffers"
                                   % (op, len(keys), len(buffers)))
         mkeys = [mooncake_key(k) for k in keys]
-        bufs = [_block(b, op == "load", "kvshelf.mooncake_store: %s: buffer %d" % (op, i))
-                for i, b in enumerate(buffers)]
+        if raw_bytes is not None:  # lists of (address, size) built by kvshelf's own adapters
+            bufs = [(b, raw_bytes, None) for b in buffers]
+        else:
+            bufs = [_block(b, op == "load", "kvshelf.mooncake_store: %s: buffer %d" % (op, i))
+                    for i, b in enumerate(buffers)]
         for i, (_, n, _) in enumerate(bufs):
             if _slot(n) > self._batch_bytes:
                 raise TooLarge("kvshelf.mooncake_store: %s: block %d is %d bytes; staging_size=%d "
@@ -1109,6 +1183,73 @@ class MooncakeBlockStore:
         d["checksum"] = "xxh3" if self._algo == ALGO_XXH3 else "blake2b"
         return d
 
+    # ------------------------------------------------- registered memory
+    def register_memory(self, buf: Any, size: int | None = None) -> None:
+        """Registers host memory of the caller with Mooncake (``buf``: a
+        buffer, CPU tensor or address with ``size``). Dumps of blocks whose
+        parts all lie in registered memory are zero-copy: only the 64-byte
+        headers are written to staging, and Mooncake reads the payload where
+        it lies (``batch_put_from_multi_buffers``); the checksum is computed
+        over the caller's bytes in place. Loads still land in staging and
+        are copied out only after the header checked, so a miss never
+        touches the caller's buffer. As with any dump, the buffers must stay
+        unchanged until the task is done; after a ``cancel``/``finish``
+        timeout a Mooncake call in flight may still read them (never write)
+        until it returns -- ``close()`` waits for it. Keep the memory mapped
+        until ``unregister_memory`` or ``close``."""
+        self._check_open()
+        if size is not None and isinstance(buf, int):
+            addr, n = int(buf), int(size)
+            if addr <= 0 or n <= 0:
+                raise InvalidArgument("kvshelf.mooncake_store: register_memory: bad (%r, %r)" % (buf, size))
+        else:
+            addr, n, _ = _buffer(buf, False, "kvshelf.mooncake_store: register_memory")
+            if n == 0:
+                return
+        with self._lock:
+            for a, e in self._regions:
+                if a < addr + n and addr < e:
+                    raise InvalidArgument("kvshelf.mooncake_store: register_memory: [%#x, %#x) overlaps "
+                                          "registered [%#x, %#x)" % (addr, addr + n, a, e))
+        rc = self._mc.register_buffer(addr, n)
+        if rc != 0:
+            raise InternalError("kvshelf.mooncake_store: Mooncake's register_buffer of %d bytes at %#x "
+                                "failed: %s" % (n, addr, mc_name(rc)))
+        with self._lock:
+            self._regions.append((addr, addr + n))
+            self._regions.sort()
+
+    def unregister_memory(self, buf: Any) -> None:
+        """Drops a registration of ``register_memory`` (``buf``: the same
+        buffer or its address). Wait for the dumps that read it first."""
+        addr = int(buf) if isinstance(buf, int) else _buffer(buf, False, "unregister_memory")[0]
+        with self._lock:
+            found = [r for r in self._regions if r[0] == addr]
+            if not found:
+                raise InvalidArgument("kvshelf.mooncake_store: unregister_memory: %#x is not registered"
+                                      % addr)
+            self._regions.remove(found[0])
+        try:
+            self._mc.unregister_buffer(addr)
+        except Exception:  # noqa: BLE001
+            pass
+
+    def _in_regions(self, parts: list[tuple[int, int]]) -> bool:
+        regs = self._regions
+        for a, m in parts:
+            i = bisect.bisect_right(regs, (a, 1 << 64)) - 1
+            if i < 0 or a + m > regs[i][1]:
+                return False
+        return True
+
+    def _zero_copy_ok(self, b: "_Batch") -> bool:
+        if not self._multi_put or not self._regions:
+            return False
+        with self._lock:
+            if any(k in self._bad for k in b.mkeys):  # those need an upsert: the staged path
+                return False
+            return all(self._in_regions(parts) for parts, _, _ in b.bufs)
+
     @property
     def client(self) -> Any:
         """Mooncake's client (``MooncakeDistributedStore``)."""
@@ -1171,6 +1312,13 @@ class MooncakeBlockStore:
                 self._mc.unregister_buffer(self._staging.base)
             except Exception:  # noqa: BLE001
                 pass
+            with self._lock:
+                regions, self._regions = self._regions, []
+            for a, _ in regions:
+                try:
+                    self._mc.unregister_buffer(a)
+                except Exception:  # noqa: BLE001
+                    pass
         closed = self._close_client(max(1.0, deadline - time.monotonic()))
         if quiet and closed:
             self._staging.close()
@@ -1257,11 +1405,15 @@ class MooncakeBlockStore:
             b.off = -1
 
     def _stage1(self, b: _Batch) -> None:
-        """dump: staging <- blocks, headers, checksums; load: the transfer."""
+        """dump: staging <- blocks, headers, checksums (zero-copy: headers
+        only, checksums over the caller's registered memory); load: the
+        transfer."""
         msg = self._unreachable()
         if msg:
             self._fail(b, _k.ERR_CONN, msg)
             return
+        if b.task.op == "dump" and self._zero_copy_ok(b):
+            b.zero_copy()
         off = self._staging.alloc(b.size, self._stop)
         if off is None:
             if self._stop.is_set():
@@ -1274,19 +1426,36 @@ class MooncakeBlockStore:
         b.off = off
         base = self._staging.base + off
         task = b.task
+        if task.op == "dump" and b.zc:
+            with task._io:  # checksums over the caller's buffers, in place
+                if task._cancelled:
+                    self._release(b)
+                    return
+                sums = [_checksum_parts(self._algo, parts, n) for parts, n, _ in b.bufs]
+            pos = base
+            for j, (parts, n, _) in enumerate(b.bufs):
+                hdr = _HDR.pack(MAGIC, 1, self._algo, HEADER, n, _key_hash(b.mkeys[j]), sums[j],
+                                b.tags[j])
+                ctypes.memmove(pos, hdr, HEADER)
+                pos += HEADER
+            self._mid.put(b)
+            return
         if task.op == "dump":
             with task._io:  # the caller's buffers are read only here
                 if task._cancelled:
                     self._release(b)
                     return
                 pos = base
+                sums = []
                 for j, (parts, n, _) in enumerate(b.bufs):
                     _gather(pos + HEADER, parts)
+                    # the checksum of the block just copied: it is still in the cache (one
+                    # pass over memory per block instead of two)
+                    sums.append(_checksum(self._algo, pos + HEADER, n))
                     pos += b.slots[j]
             pos = base
             for j, (parts, n, _) in enumerate(b.bufs):
-                cs = _checksum(self._algo, pos + HEADER, n)
-                hdr = _HDR.pack(MAGIC, 1, self._algo, HEADER, n, _key_hash(b.mkeys[j]), cs,
+                hdr = _HDR.pack(MAGIC, 1, self._algo, HEADER, n, _key_hash(b.mkeys[j]), sums[j],
                                 b.tags[j])
                 ctypes.memmove(pos, hdr, HEADER)
                 pos += b.slots[j]
@@ -1335,11 +1504,18 @@ class MooncakeBlockStore:
         # or corrupted one would otherwise stay under the key for good).
         with self._lock:
             bad = [j for j, k in enumerate(b.mkeys) if k in self._bad]
-        if bad and not hasattr(self._mc, "batch_upsert_from"):
+        if bad and (b.zc or not hasattr(self._mc, "batch_upsert_from")):
             bad = []
         t0 = time.monotonic()
         try:
-            if not bad:
+            if b.zc:  # header from staging, payload from the caller's registered memory
+                if b.task._cancelled:
+                    self._release(b)
+                    return
+                r = self._put_multi(b.mkeys, [[p] + [a for a, _ in parts] for p, (parts, _, _)
+                                              in zip(ptrs, b.bufs)],
+                                    [[HEADER] + [m for _, m in parts] for parts, _, _ in b.bufs])
+            elif not bad:
                 r = self._put("batch_put_from", b.mkeys, ptrs, b.sizes)
             else:
                 badset = set(bad)
@@ -1395,6 +1571,33 @@ class MooncakeBlockStore:
         r = list(r)
         return r + [-1] * (len(keys) - len(r))
 
+    #: buffers per batch_put_from_multi_buffers call: Mooncake 0.3.13's TCP
+    #: transport failed a call of 64 blocks x 97 buffers (TRANSFER_FAIL after
+    #: 60 s) and moved 16 x 97 fine, so calls are cut at this many
+    MULTI_MAX_SLICES = 1024
+
+    def _put_multi(self, keys: list[str], ptrs: list[list[int]], sizes: list[list[int]]) -> list[int]:
+        fn = "batch_put_from_multi_buffers"
+        call = getattr(self._mc, fn)
+        r: list[int] = []
+        s = 0
+        while s < len(keys):
+            e, n = s, 0
+            while e < len(keys) and (e == s or n + len(ptrs[e]) <= self.MULTI_MAX_SLICES):
+                n += len(ptrs[e])
+                e += 1
+            args = (keys[s:e], ptrs[s:e], sizes[s:e])
+            if self._replicate is not None:
+                rr = self._call(fn, call, *args, self._replicate)
+            else:
+                rr = self._call(fn, call, *args)
+            rr = list(rr)
+            r.extend(rr + [-1] * (e - s - len(rr)))
+            s = e
+        with self._lock:
+            self._st["zero_copy_puts"] += len(keys)
+        return r + [-1] * (len(keys) - len(r))
+
     def _mark_bad(self, mkey: str) -> None:
         with self._lock:
             self._st["mismatch"] += 1
@@ -1426,17 +1629,22 @@ class MooncakeBlockStore:
                     self._count_fail("load", 1, code, m)
                     task._set([i], code, m)
                 continue
-            if not self._check(ptrs[j], rc, b.mkeys[j], n, b.tags[j]):
-                miss.append(i)
-                bad.append(i)
-                self._mark_bad(b.mkeys[j])
-                continue
             good.append(j)
+        checked = []
         with task._io:  # the caller's buffers are written only here
-            if not task._cancelled:
-                for j in good:
+            for j in good:
+                i = b.idx[j]
+                # the check, then the copy out while the block is still in the cache
+                if not self._check(ptrs[j], r[j], b.mkeys[j], b.bufs[j][1], b.tags[j]):
+                    miss.append(i)
+                    bad.append(i)
+                    self._mark_bad(b.mkeys[j])
+                    continue
+                checked.append(j)
+                if not task._cancelled:
                     _scatter(ptrs[j] + HEADER, b.bufs[j][0])
-                    ok.append(b.idx[j])
+                    ok.append(i)
+        good = checked
         if bad:
             with task._lock:
                 task._mismatch.update(bad)

@@ -141,6 +141,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import kvshelf
 from kvshelf import CONFIG_KEYS
+from kvshelf import vllm_mooncake as _vmc  # "store": "mooncake" (issue 16): the pool's other kind
 
 try:
     import torch
@@ -256,14 +257,21 @@ UCM_STORE_KEYS = ("kv_block_size", "io_size", "device", "role", "io_threads", "s
                   "tensor_size", "dtype", "lookup_shards")
 
 
+#: Keys of a Mooncake Store (``"store": "mooncake"``, kvshelf.vllm_mooncake)
+#: that kvshelf's own pool does not have.
+MOONCAKE_STORE_KEYS = _vmc.STORE_ONLY_KEYS
+
+
 def _valid_keys_text() -> str:
-    return ("store (Mooncake) keys: %s; connector keys: %s; nested dicts of store keys: %s; "
-            "ignored: %s" % (", ".join(CONFIG_KEYS), ", ".join(sorted(CONNECTOR_KEYS)),
-                             ", ".join(NESTED_KEYS), ", ".join(IGNORED_KEYS)))
+    return ("store (Mooncake) keys: %s; with \"store\": \"mooncake\" also: %s; connector keys: %s; "
+            "nested dicts of store keys: %s; ignored: %s" % (
+                ", ".join(CONFIG_KEYS), ", ".join(MOONCAKE_STORE_KEYS), ", ".join(sorted(CONNECTOR_KEYS)),
+                ", ".join(NESTED_KEYS), ", ".join(IGNORED_KEYS)))
 
 
 #: Every key ``kv_connector_extra_config`` accepts at its top level.
-EXTRA_KEYS = tuple(CONFIG_KEYS) + tuple(sorted(CONNECTOR_KEYS)) + NESTED_KEYS + IGNORED_KEYS
+EXTRA_KEYS = (tuple(CONFIG_KEYS) + MOONCAKE_STORE_KEYS + tuple(sorted(CONNECTOR_KEYS)) + NESTED_KEYS
+              + IGNORED_KEYS)
 
 
 def _unknown(keys: list[str], where: str, valid: tuple[str, ...], listing: str) -> str:
@@ -296,7 +304,8 @@ def validate_extra_config(extra: dict[str, Any] | None) -> dict[str, Any]:
             raise kvshelf.ConfigError("kvshelf.vllm: kv_connector_extra_config['%s'] must be a dict of "
                                       "store keys (%s), got %s" % (nested, ", ".join(CONFIG_KEYS),
                                                                    type(v).__name__))
-        ok = tuple(CONFIG_KEYS) + (UCM_STORE_KEYS if nested == "ucm_connector_config" else ())
+        ok = tuple(CONFIG_KEYS) + MOONCAKE_STORE_KEYS + (UCM_STORE_KEYS if nested == "ucm_connector_config"
+                                                         else ())
         bad = [k for k in v if k not in ok]
         if bad:
             listing = "store (Mooncake) keys: %s%s" % (
@@ -329,8 +338,12 @@ def validate_extra_config(extra: dict[str, Any] | None) -> dict[str, Any]:
         if out[k] <= 0:
             raise kvshelf.ConfigError("kvshelf.vllm: kv_connector_extra_config['%s'] must be > 0" % k)
     store = store_config_from_extra(extra)
-    try:  # the C loader: unknown keys and invalid values (sizes, addresses...)
-        kvshelf.load_config(store or None)
+    try:
+        if _vmc.selected(store):  # a Mooncake Store: its own checks (kvshelf.mooncake_store)
+            _vmc.check_config(store)
+        else:  # the C loader: unknown keys and invalid values (sizes, addresses...)
+            _vmc.check_not_mooncake(store)
+            kvshelf.load_config(store or None)
     except kvshelf.ConfigError as e:
         raise kvshelf.ConfigError("kvshelf.vllm: kv_connector_extra_config: %s" % e) from None
     out["store"] = store
@@ -358,10 +371,10 @@ def store_config_from_extra(extra: dict[str, Any]) -> dict[str, Any]:
         v = extra.get(nested)
         if isinstance(v, dict):
             cfg.update(v)
-    for k in CONFIG_KEYS:
+    for k in CONFIG_KEYS + MOONCAKE_STORE_KEYS:
         if k in extra:
             cfg[k] = extra[k]
-    return kvshelf.store_config(cfg)
+    return _vmc.store_config(cfg)
 
 
 def _extra(vllm_config: "VllmConfig") -> dict[str, Any]:
@@ -517,7 +530,9 @@ class PoolLink:
     def _try_open(self, first: bool) -> bool:
         self.attempts += 1
         try:
-            conn = _unpinned(lambda: kvshelf.Connector(self.store_cfg, **self.open_kwargs))
+            # "store": "mooncake": the same interface over a Mooncake Store (kvshelf.vllm_mooncake)
+            cls = _vmc.MooncakeConnector if _vmc.selected(self.store_cfg) else kvshelf.Connector
+            conn = _unpinned(lambda: cls(self.store_cfg, **self.open_kwargs))
         except (kvshelf.ConfigError, kvshelf.InvalidArgument):
             raise
         except kvshelf.Error as e:

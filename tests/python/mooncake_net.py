@@ -211,19 +211,24 @@ class MooncakeNet:
 
     # -------------------------------------------------------- scenarios
     def run(self, module: str, scenario: str, config: dict | None = None, timeout: float = 120.0,
-            env: dict | None = None, **params) -> dict:
+            env: dict | None = None, python: str | None = None, **params) -> dict:
         """Runs scenario_<scenario>(ctx) of tests/python/<module>.py in a
         process inside the namespace; returns the dict it returned. Raises
-        AssertionError with its output if it failed or ran past timeout."""
+        AssertionError with its output if it failed or ran past timeout.
+        python: another interpreter (a venv's: then PYTHONPATH and
+        KVSHELF_BIN, which point at this one's packages, are not passed)."""
         self._n += 1
         errf = self.dir / ("%s.%d.stderr" % (scenario, self._n))
         ctx = {"config": config if config is not None else self.config(),
                "master_pid": self.master.pid if self.master else None,
                "dir": str(self.dir), "params": params}
         e = dict(os.environ)
+        if python:
+            e.pop("PYTHONPATH", None)
+            e.pop("KVSHELF_BIN", None)
         e.update({"KVSHELF_MC_CTX": json.dumps(ctx), "GLOG_minloglevel": "1"})
         e.update(env or {})
-        args = ["ip", "netns", "exec", self.name, sys.executable, str(Path(__file__)),
+        args = ["ip", "netns", "exec", self.name, python or sys.executable, str(Path(__file__)),
                 "child", module, scenario]
         t0 = time.monotonic()
         with open(errf, "wb") as err:
