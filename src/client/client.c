@@ -363,12 +363,7 @@ static void conn_wait_locked(kvs_client *c, uint64_t until_ms)
 {
     uint64_t now = kvs_now_ms();
     if (until_ms <= now) return;
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    uint64_t ns = (uint64_t)ts.tv_nsec + (until_ms - now) * 1000000ull;
-    ts.tv_sec += (time_t)(ns / 1000000000ull);
-    ts.tv_nsec = (long)(ns % 1000000000ull);
-    pthread_cond_timedwait(&c->conn_cv, &c->conn_mu, &ts);
+    kvs_cond_wait_ms(&c->conn_cv, &c->conn_mu, until_ms - now);
 }
 
 int kvs_conn_get(kvs_client *c, kvs_conn_ref *out)
@@ -635,15 +630,7 @@ static int run_fences(kvs_client *c, kvs_conn_ref *cr, const uint8_t *resp, uint
 /* Waits on c->hb_cv (c->hb_mu held) for at most ms milliseconds: the
  * heartbeat, directory and leader-watch threads sleep here until woken or
  * due. */
-static void hb_wait(kvs_client *c, uint64_t ms)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    uint64_t ns = (uint64_t)ts.tv_nsec + ms * 1000000ull;
-    ts.tv_sec += (time_t)(ns / 1000000000ull);
-    ts.tv_nsec = (long)(ns % 1000000000ull);
-    pthread_cond_timedwait(&c->hb_cv, &c->hb_mu, &ts);
-}
+static void hb_wait(kvs_client *c, uint64_t ms) { kvs_cond_wait_ms(&c->hb_cv, &c->hb_mu, ms); }
 
 /* Failover: how often a client of an etcd:// master address checks that the
  * leader key still names the master it is connected to (KVSHELF_LEADER_CHECK_MS,

@@ -10,6 +10,7 @@
 #include <cjson/cJSON.h>
 #include <curl/curl.h>
 
+#include "common/http.h"
 #include "common/log.h"
 #include "common/net.h"
 #include "common/util.h"
@@ -25,10 +26,6 @@ struct kvs_etcd {
     int cur;           /* the endpoint that answered last */
     int timeout_ms;
 };
-
-static pthread_once_t g_once = PTHREAD_ONCE_INIT;
-static int g_init_ok;
-static void global_init(void) { g_init_ok = curl_global_init(CURL_GLOBAL_DEFAULT) == CURLE_OK; }
 
 /* ---- base64 ---- */
 
@@ -318,8 +315,7 @@ int kvs_etcd_new(const char *endpoints, int timeout_ms, kvs_etcd **out)
 {
     *out = NULL;
     if (!endpoints || !*endpoints) return KVS_ERR_INVALID;
-    pthread_once(&g_once, global_init);
-    if (!g_init_ok) return KVS_ERR_IO;
+    if (!kvs_http_init()) return KVS_ERR_IO;
     kvs_etcd *e = calloc(1, sizeof *e);
     if (!e) return KVS_ERR_NOMEM;
     char tmp[KVS_ETCD_MAX_ENDPOINTS * EP_MAX];
@@ -363,34 +359,6 @@ void kvs_etcd_free(kvs_etcd *e)
     free(e);
 }
 
-typedef struct sink {
-    char *buf;
-    size_t len, cap;
-    int too_large;
-} sink;
-
-static size_t on_data(char *p, size_t size, size_t n, void *ud)
-{
-    sink *s = ud;
-    size_t bytes = size * n;
-    if (s->too_large || bytes > KVS_ETCD_MAX_REPLY - s->len) {
-        s->too_large = 1;
-        return 0;
-    }
-    if (s->len + bytes + 1 > s->cap) {
-        size_t cap = s->cap ? s->cap : 1024;
-        while (cap < s->len + bytes + 1) cap *= 2;
-        char *nb = realloc(s->buf, cap);
-        if (!nb) return 0;
-        s->buf = nb;
-        s->cap = cap;
-    }
-    memcpy(s->buf + s->len, p, bytes);
-    s->len += bytes;
-    s->buf[s->len] = '\0';
-    return bytes;
-}
-
 /* POSTs `body` to `path` on one endpoint after another until one answers.
  * KVS_OK with the reply in *reply (malloc'd, NUL-terminated, *rlen bytes)
  * when the status is 200; an error reply maps its gRPC code (5 = not
@@ -405,7 +373,7 @@ static int post(kvs_etcd *e, const char *path, const char *body, char **reply, s
         int i = (e->cur + t) % e->nep;
         char url[EP_MAX + 64];
         snprintf(url, sizeof url, "http://%s%s", e->ep[i], path);
-        sink s = {0};
+        kvs_http_sink s = {.max = KVS_ETCD_MAX_REPLY};
         CURL *c = e->curl;
         curl_easy_reset(c);
         struct curl_slist *h = curl_slist_append(NULL, "Content-Type: application/json");
@@ -413,21 +381,10 @@ static int post(kvs_etcd *e, const char *path, const char *body, char **reply, s
             rc = KVS_ERR_NOMEM;
             break;
         }
-        curl_easy_setopt(c, CURLOPT_URL, url);
-        curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
-        curl_easy_setopt(c, CURLOPT_TIMEOUT_MS, (long)e->timeout_ms);
-        curl_easy_setopt(c, CURLOPT_CONNECTTIMEOUT_MS, (long)e->timeout_ms);
-        curl_easy_setopt(c, CURLOPT_PROXY, "");
-#if LIBCURL_VERSION_NUM >= 0x075500
-        curl_easy_setopt(c, CURLOPT_PROTOCOLS_STR, "http");
-#else
-        curl_easy_setopt(c, CURLOPT_PROTOCOLS, (long)CURLPROTO_HTTP);
-#endif
+        kvs_http_setup(c, url, e->timeout_ms, 0, &s);
         curl_easy_setopt(c, CURLOPT_HTTPHEADER, h);
         curl_easy_setopt(c, CURLOPT_POSTFIELDS, body);
         curl_easy_setopt(c, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)strlen(body));
-        curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, on_data);
-        curl_easy_setopt(c, CURLOPT_WRITEDATA, &s);
         CURLcode cc = curl_easy_perform(c);
         long status = 0;
         if (cc == CURLE_OK) curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &status);

@@ -1,49 +1,16 @@
 /* Client of the Mooncake HTTP metadata protocol: see metaclient.h. */
 #include "common/metaclient.h"
 
-#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include <curl/curl.h>
 
 #include "common/etcd.h"
+#include "common/http.h"
 #include "common/log.h"
 #include "kvshelf/config.h"
 #include "kvshelf/errors.h"
-
-static pthread_once_t g_once = PTHREAD_ONCE_INIT;
-static int g_init_rc;
-
-static void global_init(void) { g_init_rc = curl_global_init(CURL_GLOBAL_DEFAULT) == CURLE_OK; }
-
-typedef struct sink {
-    char *buf;
-    size_t len, cap;
-    int too_large;
-} sink;
-
-static size_t on_data(char *p, size_t size, size_t n, void *ud)
-{
-    sink *s = ud;
-    size_t bytes = size * n;
-    if (s->too_large || bytes > KVS_METACLIENT_MAX_VALUE - s->len) {
-        s->too_large = 1;
-        return 0; /* aborts the transfer */
-    }
-    if (s->len + bytes + 1 > s->cap) {
-        size_t cap = s->cap ? s->cap : 1024;
-        while (cap < s->len + bytes + 1) cap *= 2;
-        char *nb = realloc(s->buf, cap);
-        if (!nb) return 0;
-        s->buf = nb;
-        s->cap = cap;
-    }
-    memcpy(s->buf + s->len, p, bytes);
-    s->len += bytes;
-    s->buf[s->len] = '\0';
-    return bytes;
-}
 
 static int build_url(CURL *c, const char *url, const char *key, char **out)
 {
@@ -124,8 +91,7 @@ static int request(const char *method, const char *url, const char *key, const c
         return etcd_request(method, url, key, body, body_len, timeout_ms, val, len);
     if (strncmp(url, "http://", 7) != 0 && strncmp(url, "https://", 8) != 0)
         return KVS_ERR_INVALID;
-    pthread_once(&g_once, global_init);
-    if (!g_init_rc) return KVS_ERR_IO;
+    if (!kvs_http_init()) return KVS_ERR_IO;
     if (timeout_ms <= 0) timeout_ms = KVS_DEFAULT_TIMEOUT_MS;
 
     CURL *c = curl_easy_init();
@@ -137,7 +103,7 @@ static int request(const char *method, const char *url, const char *key, const c
         return rc;
     }
     struct curl_slist *hdrs = NULL;
-    sink s = {0};
+    kvs_http_sink s = {.max = KVS_METACLIENT_MAX_VALUE};
     if (secret && *secret) {
         size_t al = strlen(secret) + sizeof "Authorization: Bearer ";
         char *auth = malloc(al);
@@ -153,18 +119,7 @@ static int request(const char *method, const char *url, const char *key, const c
             return KVS_ERR_NOMEM;
         }
     }
-    curl_easy_setopt(c, CURLOPT_URL, full);
-    curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
-    curl_easy_setopt(c, CURLOPT_TIMEOUT_MS, (long)timeout_ms);
-    curl_easy_setopt(c, CURLOPT_CONNECTTIMEOUT_MS, (long)timeout_ms);
-    curl_easy_setopt(c, CURLOPT_PROXY, "");
-#if LIBCURL_VERSION_NUM >= 0x075500
-    curl_easy_setopt(c, CURLOPT_PROTOCOLS_STR, "http,https");
-#else
-    curl_easy_setopt(c, CURLOPT_PROTOCOLS, (long)(CURLPROTO_HTTP | CURLPROTO_HTTPS));
-#endif
-    curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, on_data);
-    curl_easy_setopt(c, CURLOPT_WRITEDATA, &s);
+    kvs_http_setup(c, full, timeout_ms, 1, &s);
     if (!strcmp(method, "PUT")) {
         struct curl_slist *h1 = curl_slist_append(hdrs, "Content-Type: application/json");
         struct curl_slist *h2 = h1 ? curl_slist_append(h1, "Expect:") : NULL;

@@ -26,6 +26,16 @@ uint64_t kvs_now_ns(void)
 
 uint64_t kvs_now_ms(void) { return kvs_now_ns() / 1000000ull; }
 
+int kvs_cond_wait_ms(pthread_cond_t *cv, pthread_mutex_t *mu, uint64_t ms)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    uint64_t ns = (uint64_t)ts.tv_nsec + ms * 1000000ull;
+    ts.tv_sec += (time_t)(ns / 1000000000ull);
+    ts.tv_nsec = (long)(ns % 1000000000ull);
+    return pthread_cond_timedwait(cv, mu, &ts);
+}
+
 void kvs_host_id(uint8_t out[16])
 {
     char buf[128] = {0};

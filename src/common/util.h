@@ -3,6 +3,7 @@
 #ifndef KVS_UTIL_H
 #define KVS_UTIL_H
 
+#include <pthread.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -17,6 +18,11 @@ extern "C" {
 /* Monotonic clock. */
 uint64_t kvs_now_ns(void);
 uint64_t kvs_now_ms(void);
+
+/* pthread_cond_timedwait on cv (mu held) for at most ms milliseconds from
+ * now; cv must use CLOCK_MONOTONIC (pthread_condattr_setclock). Returns
+ * what pthread_cond_timedwait returns (0, or ETIMEDOUT). */
+int kvs_cond_wait_ms(pthread_cond_t *cv, pthread_mutex_t *mu, uint64_t ms);
 
 /* kvs_spin_ns(), how long a waiting thread busy-polls: see common/spin.h. */
 #include "common/spin.h"

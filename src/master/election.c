@@ -36,16 +36,6 @@ struct kvs_election {
     _Atomic uint64_t until_ms; /* serve deadline (0 = may not) */
 };
 
-static void cv_wait_ms(kvs_election *el, uint64_t ms)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    uint64_t ns = (uint64_t)ts.tv_nsec + ms * 1000000ull;
-    ts.tv_sec += (time_t)(ns / 1000000000ull);
-    ts.tv_nsec = (long)(ns % 1000000000ull);
-    pthread_cond_timedwait(&el->cv, &el->mu, &ts);
-}
-
 /* 80 % of the TTL after the last renewal was sent. Caller holds mu. */
 static uint64_t deadline_locked(const kvs_election *el)
 {
@@ -189,7 +179,7 @@ static void *el_main(void *p)
         uint64_t wait = el->leader ? el->period_ms : el->poll_ms;
         if (el->leader && next_renew > kvs_now_ms())
             wait = KVS_MIN(wait, next_renew - kvs_now_ms());
-        cv_wait_ms(el, wait);
+        kvs_cond_wait_ms(&el->cv, &el->mu, wait);
     }
     pthread_mutex_unlock(&el->mu);
     return NULL;
@@ -257,7 +247,7 @@ int kvs_election_wait_leader(kvs_election *el, volatile sig_atomic_t *stop)
             rc = KVS_OK;
             break;
         }
-        cv_wait_ms(el, 100); /* a signal sets *stop without waking the cv */
+        kvs_cond_wait_ms(&el->cv, &el->mu, 100); /* a signal sets *stop without waking the cv */
     }
     pthread_mutex_unlock(&el->mu);
     return rc;

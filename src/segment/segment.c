@@ -342,6 +342,26 @@ static void seg_init(kvs_segment *out)
     pthread_mutex_init(&out->wmu, NULL);
 }
 
+/* Undoes a create or adopt that failed before its registration: the
+ * mapping unmapped, the lock files and fd closed, out as seg_init left it. */
+static void owner_undo(kvs_segment *out, int fd)
+{
+    if (out->base) munmap(out->base, map_len(out));
+    if (out->fence_fd >= 0) close(out->fence_fd);
+    if (out->wlock_fd >= 0) close(out->wlock_fd);
+    close(fd);
+    pthread_mutex_destroy(&out->wmu);
+    seg_init(out);
+}
+
+/* fstat of an opened segment file into *st: KVS_OK if it is a regular file
+ * of this user's, KVS_ERR_AUTH if not, KVS_ERR_IO if fstat failed. */
+static int own_file(int fd, struct stat *st)
+{
+    if (fstat(fd, st) < 0) return KVS_ERR_IO;
+    return S_ISREG(st->st_mode) && st->st_uid == getuid() ? KVS_OK : KVS_ERR_AUTH;
+}
+
 int kvs_segment_create(uint64_t size, kvs_segment *out)
 {
     static atomic_int gc_done;
@@ -404,13 +424,8 @@ int kvs_segment_create(uint64_t size, kvs_segment *out)
     }
     if (rc != KVS_OK) {
         if (rc == KVS_ERR_IO) KVS_LOGE("segment: set up %s: %s", path, strerror(errno));
-        if (out->base) munmap(out->base, map_len(out));
-        if (out->fence_fd >= 0) close(out->fence_fd);
-        if (out->wlock_fd >= 0) close(out->wlock_fd);
-        close(fd);
+        owner_undo(out, fd);
         unlink(path);
-        pthread_mutex_destroy(&out->wmu);
-        seg_init(out);
         return rc;
     }
     out->fd = fd;
@@ -432,20 +447,17 @@ int kvs_segment_map(const char *name, uint64_t size, kvs_segment *out)
         return KVS_ERR_IO;
     }
     struct stat st;
-    if (fstat(fd, &st) < 0) {
+    int rc = own_file(fd, &st);
+    if (rc != KVS_OK) {
         close(fd);
-        return KVS_ERR_IO;
-    }
-    if (!S_ISREG(st.st_mode) || st.st_uid != getuid()) {
-        close(fd);
-        return KVS_ERR_AUTH;
+        return rc;
     }
     uint64_t fsize = (uint64_t)st.st_size, ps = kvs_page_size();
     if (fsize <= ps || fsize % ps || fsize - ps < size) {
         close(fd);
         return KVS_ERR_CORRUPT;
     }
-    int rc = map_file(fd, fsize - ps, name_nonce(name), out);
+    rc = map_file(fd, fsize - ps, name_nonce(name), out);
     if (rc == KVS_OK && out->size < size) { /* its data is smaller than asked */
         munmap(out->base, map_len(out));
         seg_init(out);
@@ -496,13 +508,10 @@ int kvs_segment_adopt(const char *name, const char *record_path, uint64_t size,
         return errno == EACCES || errno == EPERM || errno == ELOOP ? KVS_ERR_AUTH : KVS_ERR_IO;
     }
     struct stat st, ln;
-    if (fstat(fd, &st) < 0) {
+    int rc = own_file(fd, &st);
+    if (rc != KVS_OK) {
         close(fd);
-        return KVS_ERR_IO;
-    }
-    if (!S_ISREG(st.st_mode) || st.st_uid != getuid()) {
-        close(fd);
-        return KVS_ERR_AUTH;
+        return rc;
     }
     /* the owner lock: free only once every process of the old owner's open
      * file description is gone (it dies with the owner's descriptors) */
@@ -517,8 +526,8 @@ int kvs_segment_adopt(const char *name, const char *record_path, uint64_t size,
         return KVS_ERR_NOT_FOUND;
     }
     uint64_t fsize = (uint64_t)st.st_size, ps = kvs_page_size();
-    int rc = fsize <= ps || fsize % ps ? KVS_ERR_CORRUPT
-                                       : map_file(fd, fsize - ps, name_nonce(name), out);
+    rc = fsize <= ps || fsize % ps ? KVS_ERR_CORRUPT
+                                   : map_file(fd, fsize - ps, name_nonce(name), out);
     if (rc == KVS_OK) {
         char pool[KVS_SEG_POOL_PATH_MAX];
         memcpy(pool, out->ctl->pool, sizeof pool);
@@ -550,12 +559,7 @@ int kvs_segment_adopt(const char *name, const char *record_path, uint64_t size,
         rc = reg_add_locked(out); /* the last step: nothing to undo after it */
     pthread_mutex_unlock(&reg_mu);
     if (rc != KVS_OK) {
-        if (out->fence_fd >= 0) close(out->fence_fd);
-        if (out->wlock_fd >= 0) close(out->wlock_fd);
-        munmap(out->base, map_len(out));
-        close(fd);
-        pthread_mutex_destroy(&out->wmu);
-        seg_init(out);
+        owner_undo(out, fd);
         return rc;
     }
     out->fd = fd;

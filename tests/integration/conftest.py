@@ -457,6 +457,77 @@ def free_port():
     return port
 
 
+def assert_clean(rep, what=""):
+    """A bench report with no fatal error, no wrong byte, no error, rc 0."""
+    assert rep["fatal"] == 0, (what, rep.get("fatal_message"), rep["totals"])
+    assert rep["totals"]["mismatches"] == 0, (what, rep["totals"])
+    assert rep["totals"]["errors"] == 0, (what, [(r["mode"], r["error_codes"]) for r in rep["results"]])
+    assert rep["_rc"] == 0, (what, rep["_rc"])
+
+
+def small_and_large(prefix):
+    """The key sets of the kill -9 tests, ((bench args, count), ...): 400
+    small objects (1 B-64 KiB, keys <prefix>s/...) and 60 large ones
+    (64 KiB-2 MiB, keys <prefix>l/...), verified and kept."""
+    return ((["--sizes", "1-64K", "--count", 400, "--prefix", prefix + "s", "--verify", "--keep"],
+             400),
+            (["--sizes", "64K-2M", "--count", 60, "--prefix", prefix + "l", "--verify", "--keep"],
+             60))
+
+
+def put_sets(kv, m, sets, get=False):
+    """Puts every object of each bench key set (args, count) through master
+    m (and, with get, reads each set back at once)."""
+    for args, n in sets:
+        p = kv.bench(m, "--mode", "put", "--batch", 8, *args)
+        assert_clean(p, "put")
+        assert row(p, "put")["ok"] == n
+        if get:
+            g = kv.bench(m, "--mode", "get", *args)
+            assert_clean(g, "get before")
+            assert row(g, "get")["ok"] == n
+
+
+def put_fresh(kv, m, prefix, nsegs, lease_ms):
+    """After the quiet time of one lease (lease_ms) of a restarted master
+    (or a new leader): 100 new objects (keys <prefix>/...) land through m
+    and read back, and the nsegs segments' directories list them. Returns
+    the key set (bench args, 100)."""
+    time.sleep(lease_ms / 1000.0)
+    fresh = ["--sizes", "4K-256K", "--count", 100, "--prefix", prefix, "--verify", "--keep"]
+    f = kv.bench(m, "--mode", "put,get", *fresh)
+    assert_clean(f, "fresh")
+    assert row(f, "put")["ok"] == 100 and row(f, "get")["ok"] == 100
+    kv.wait_for(lambda: directories_settled(kv, m, nsegs), 10, "the directories to settle")
+    return fresh, 100
+
+
+def assert_all_hits(kv, m, sets, what):
+    """Every object of each bench key set (args, count) is a hit, byte for
+    byte, and exists (gets and exists through master m)."""
+    for args, n in sets:
+        g = kv.bench(m, "--mode", "get,exists", "--batch", 8, *args)
+        assert_clean(g, what)
+        assert row(g, "get")["ok"] == n and row(g, "get")["miss"] == 0, row(g, "get")
+        assert row(g, "exists")["ok"] == n
+
+
+def recovery(st):
+    """The "recovery" part of a master's status ({} when there is none)."""
+    return (st or {}).get("recovery") or {}
+
+
+def directories_settled(kv, m, nsegs, env=None):
+    """The master has nsegs segments and every one's directory lists what
+    the master stored (no change waits to be sent or confirmed)."""
+    st = kv.status(m, env=env)
+    if not st:
+        return False
+    segs = segments_of(st)
+    return len(segs) == nsegs and all(
+        s.get("directory") and s["directory"]["pending_changes"] == 0 for s in segs)
+
+
 @pytest.fixture
 def kv(request, tmp_path):
     h = Harness(tmp_path)

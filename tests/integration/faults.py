@@ -194,6 +194,34 @@ class Verifier:
         return d
 
 
+def start_rewriters(h, m, n=2):
+    """n verifiers that write, rewrite (remove, then put the next version)
+    and read through master m, once each has read 30 hits."""
+    vs = [Verifier(h, m, "verify-%d" % i, "--threads", 2, "--keys", 24, "--sizes", "4K-256K",
+                   "--rewrite", 30, "--timeout-ms", 2000) for i in range(n)]
+    for v in vs:
+        v.wait(lambda p: p.get("hits", 0) >= 30, 60, "30 hits before the kill")
+    return vs
+
+
+def wait_more_hits(vs, n=30, timeout=60):
+    """Waits until each verifier has read n more hits than now."""
+    base = [v.get("hits") for v in vs]
+    for v, b in zip(vs, base):
+        v.wait_more("hits", b, n, timeout=timeout)
+
+
+def stop_never_wrong(vs):
+    """Stops the verifiers: none ever read another key's bytes, an older
+    version than the last acknowledged one, or a corrupt byte."""
+    for v in vs:
+        rep = v.stop()
+        assert rep.get("wrong", 1) == 0 and rep.get("wrong_bytes", 1) == 0, (
+            "%s: wrong reads (foreign %s, stale %s, corrupt %s)" % (
+                v.name, rep.get("foreign"), rep.get("stale"), rep.get("corrupt")), summary(rep))
+        assert "fatal" not in rep, rep.get("fatal")
+
+
 def summary(rep):
     keys = ("ops", "puts", "put_ok", "gets", "hits", "misses", "errors", "wrong", "wrong_bytes",
             "foreign", "stale", "corrupt", "error_codes", "_rc")

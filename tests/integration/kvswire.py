@@ -224,3 +224,78 @@ def http(port, method, path, body=b"", timeout=5.0, secret=None, auth=None):
     req = ("%s %s HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n%sContent-Length: %d\r\n\r\n"
            % (method, path, extra, len(body))).encode() + body
     return http_request(port, req, timeout)
+
+
+# ---- a raw protocol client of a master, as the restart and failover tests
+# use it (a tool that reserves puts and leaves them uncommitted)
+
+def tool_hello(s, secret):
+    """HELLO as a tool on a connected socket s; returns (s, client id)."""
+    _, nonce = read_challenge(s)
+    s.sendall(frame(HELLO, hello_body(nonce, secret, role=1), req_id=1))
+    hdr, body = read_frame(s)
+    assert hdr[4] == 0, hdr
+    return s, struct.unpack("<Q", body[:8])[0]
+
+
+def call(s, mtype, body, req_id):
+    """One request; (status, body) of its reply (other replies skipped)."""
+    s.sendall(frame(mtype, body, req_id=req_id))
+    while True:
+        f = read_frame(s)
+        assert f is not None, "the master closed the connection"
+        hdr, rbody = f
+        if hdr[5] == req_id:
+            return hdr[4], rbody
+
+
+def put_start(s, cid, key, size, req_id):
+    """PUT_START of one key: (status, segment id, offset, object id, epoch)."""
+    status, body = call(s, PUT_START, u64(cid) + u32(1) + wbytes(key) + u64(size), req_id)
+    assert status == 0, status
+    n, st, seg, off, obj, epoch = struct.unpack("<IiIQQQ", body)
+    return st, seg, off, obj, epoch
+
+
+def get_status(s, cid, key, req_id):
+    """GET of one key: its status (0 a hit, -3 KVS_ERR_NOT_FOUND)."""
+    status, body = call(s, GET, u64(cid) + u32(1) + wbytes(key), req_id)
+    assert status == 0, status
+    return struct.unpack("<Ii", body[:8])[1]
+
+
+def t_write_payload(seg_id, offset, data, epoch, req_id):
+    """A T_WRITE frame as a client sends it: its body is the fields, then the
+    payload (t_write above counts the fields only in the header)."""
+    return frame(T_WRITE, u32(seg_id) + u64(offset) + u64(len(data)) + u64(epoch),
+                 req_id=req_id, body_len=28 + len(data)) + data
+
+
+def put_half_written(s, cid, xport, secret):
+    """Two puts a crash leaves behind, through the master connection s (a
+    tool, client id cid) and the transfer port xport: "half" reserved
+    (256 KiB) with half its bytes written, "full" (64 KiB) with all of
+    them, neither committed (no PUT_END). Returns the transfer socket and
+    (segment id, offset, epoch) of "half"."""
+    st, segid, off, _, epoch = put_start(s, cid, b"half", 256 << 10, 2)
+    assert st == 0, st
+    t, tst = handshake(xport, secret)
+    assert tst == 0, tst
+    t.sendall(t_write_payload(segid, off, b"\x5a" * (128 << 10), epoch, 2))
+    hdr, _ = read_frame(t)
+    assert hdr[4] == 0, hdr
+    st, segid2, off2, _, epoch2 = put_start(s, cid, b"full", 64 << 10, 3)
+    assert st == 0, st
+    t.sendall(t_write_payload(segid2, off2, b"\xa5" * (64 << 10), epoch2, 3))
+    hdr, _ = read_frame(t)
+    assert hdr[4] == 0, hdr
+    return t, (segid, off, epoch)
+
+
+def assert_late_write_refused(t, seg_id, offset, epoch, req_id):
+    """A late 4 KiB write of a dead master's reservation (its epoch) over
+    the transfer socket t is refused, not applied."""
+    t.sendall(t_write_payload(seg_id, offset, b"\x5a" * 4096, epoch, req_id))
+    f = read_frame(t)
+    assert f is not None and f[0][4] != 0, (
+        "a write of the dead master's reservation was applied", seg_id, f)

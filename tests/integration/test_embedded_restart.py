@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import kvswire as w
-from conftest import row, segments_of
+from conftest import directories_settled, recovery, row, segments_of
 
 # the new pool starts in well under a second; its own segment is mounted
 # with its directory a few ms later: generous for a loaded 2-core machine
@@ -50,25 +50,22 @@ def master_pid(kv):
         return None
 
 
-def recovery(st):
-    return (st or {}).get("recovery") or {}
-
-
-def directories_settled(kv, nsegs, m=None, env=None):
-    st = kv.status(m, env=env)
-    if not st:
-        return False
-    segs = segments_of(st)
-    return len(segs) == nsegs and all(
-        s.get("directory") and s["directory"]["pending_changes"] == 0 for s in segs)
-
-
 def quiet(kv, env, t0):
     """Waits out the quiet time of a restarted pool: the adopted memory
     takes no placements for one read lease (the dead master's leases may
-    still run), counted from t0 (before the new pool started)."""
+    still run), counted from its adoption, which comes after t0 (before the
+    new pool started) by however long the pool took to start: after one
+    lease from t0, small probe puts (new keys each) until one lands."""
     lease_s = kv.status(env=env)["lease_ms"] / 1000.0
     time.sleep(max(0.0, t0 + lease_s + 0.5 - time.time()))
+    for k in range(200):
+        p = kv.bench(None, "--mode", "put", "--sizes", "4K", "--count", 1, "--prefix",
+                     "quiet%d-%d" % (os.getpid(), k), env=env)
+        clean(p, "probe put")
+        if row(p, "put")["ok"] == 1:
+            return
+        assert time.time() - t0 < lease_s + 20, ("no put landed after the quiet time", row(p, "put"))
+        time.sleep(0.2)
 
 
 def no_sanitizer_reports(kv):
@@ -83,47 +80,10 @@ def clean(rep, what):
     assert rep["totals"]["mismatches"] == 0, (what, rep["totals"])  # 0 wrong bytes
 
 
-def unix_tool(path, secret):
-    """A raw protocol client on the pool's unix socket: (socket, client id)."""
-    s = w.connect_unix(str(path))
-    _, nonce = w.read_challenge(s)
-    s.sendall(w.frame(w.HELLO, w.hello_body(nonce, secret, role=1), req_id=1))
-    hdr, body = w.read_frame(s)
-    assert hdr[4] == 0, hdr
-    return s, struct.unpack("<Q", body[:8])[0]
-
-
-def tcp_tool(port, secret):
-    s = w.connect(port)
-    _, nonce = w.read_challenge(s)
-    s.sendall(w.frame(w.HELLO, w.hello_body(nonce, secret, role=1), req_id=1))
-    hdr, body = w.read_frame(s)
-    assert hdr[4] == 0, hdr
-    return s, struct.unpack("<Q", body[:8])[0]
-
-
-def call(s, mtype, body, req_id):
-    s.sendall(w.frame(mtype, body, req_id=req_id))
-    while True:
-        f = w.read_frame(s)
-        assert f is not None, "the master closed the connection"
-        hdr, rbody = f
-        if hdr[5] == req_id:
-            return hdr[4], rbody
-
-
-def put_start(s, cid, key, size, req_id):
-    status, body = call(s, w.PUT_START, w.u64(cid) + w.u32(1) + w.wbytes(key) + w.u64(size),
-                        req_id)
-    assert status == 0, status
-    n, st, seg, off, obj, epoch = struct.unpack("<IiIQQQ", body)
-    return st, seg, off, obj, epoch
-
-
 def locate(s, cid, keys, req_id):
     """GET of each key: [(status, segment id)]."""
     body = w.u64(cid) + w.u32(len(keys)) + b"".join(w.wbytes(k) for k in keys)
-    status, rbody = call(s, w.GET, body, req_id)
+    status, rbody = w.call(s, w.GET, body, req_id)
     assert status == 0, status
     (n,) = struct.unpack("<I", rbody[:4])
     assert n == len(keys)
@@ -133,11 +93,6 @@ def locate(s, cid, keys, req_id):
         out.append((st, seg))
         pos += 40
     return out
-
-
-def t_write(seg_id, offset, data, epoch, req_id):
-    return w.frame(w.T_WRITE, w.u32(seg_id) + w.u64(offset) + w.u64(len(data)) + w.u64(epoch),
-                   req_id=req_id, body_len=28 + len(data)) + data
 
 
 def xfer_port(seg):
@@ -152,7 +107,7 @@ def test_embedded_pool_adopts_its_segment_after_kill9(kv):
     assert row(p, "put")["ok"] == 300
     old_pid = master_pid(kv)
     assert old_pid and old_pid in kv.embedded_pids(), (old_pid, kv.embedded_pids())
-    kv.wait_for(lambda: directories_settled(kv, 1, env=env), 10,
+    kv.wait_for(lambda: directories_settled(kv, None, 1, env=env), 10,
                 "the pool segment's directory to list every object")
     before = kv.status(env=env)
     seg = segments_of(before)[0]
@@ -163,19 +118,8 @@ def test_embedded_pool_adopts_its_segment_after_kill9(kv):
     # through the transfer engine, never committed; and one fully written
     # but never committed
     secret = w.pool_secret(str(pool_dir(kv)))
-    s, cid = unix_tool(pool_dir(kv) / "master.sock", secret)
-    st, segid, off, _, epoch = put_start(s, cid, b"half", 256 << 10, 2)
-    assert st == 0, st
-    t, tst = w.handshake(xfer_port(seg), secret)
-    assert tst == 0, tst
-    t.sendall(t_write(segid, off, b"\x5a" * (128 << 10), epoch, 2))
-    hdr, _ = w.read_frame(t)
-    assert hdr[4] == 0, hdr
-    st, segid2, off2, _, epoch2 = put_start(s, cid, b"full", 64 << 10, 3)
-    assert st == 0, st
-    t.sendall(t_write(segid2, off2, b"\xa5" * (64 << 10), epoch2, 3))
-    hdr, _ = w.read_frame(t)
-    assert hdr[4] == 0, hdr
+    s, cid = w.tool_hello(w.connect_unix(str(pool_dir(kv) / "master.sock")), secret)
+    t, (_, off, epoch) = w.put_half_written(s, cid, xfer_port(seg), secret)
     s.close()
     t.close()
 
@@ -235,7 +179,7 @@ def test_embedded_pool_adopts_its_segment_after_kill9(kv):
         row(wrep, "put")["ok"], row(gf, "get")["ok"], row(gf, "get")["miss"]))
 
     # the half-written ones are never served
-    s2, cid2 = unix_tool(pool_dir(kv) / "master.sock", secret)
+    s2, cid2 = w.tool_hello(w.connect_unix(str(pool_dir(kv) / "master.sock")), secret)
     for st, _ in locate(s2, cid2, [b"half", b"full"], 4):
         assert st == -3, st  # KVS_ERR_NOT_FOUND: a miss
     # and the dead master's reservations cannot write any more: the segment
@@ -243,9 +187,7 @@ def test_embedded_pool_adopts_its_segment_after_kill9(kv):
     seg2 = segments_of(kv.status(env=env))[0]
     t2, tst = w.handshake(xfer_port(seg2), secret)
     assert tst == 0, tst
-    t2.sendall(t_write(seg2["id"], off + (128 << 10), b"\x5a" * 4096, epoch, 5))
-    f = w.read_frame(t2)
-    assert f is not None and f[0][4] != 0, ("a write of the dead master's reservation landed", f)
+    w.assert_late_write_refused(t2, seg2["id"], off + (128 << 10), epoch, 5)
     t2.close()
     s2.close()
 
@@ -275,7 +217,8 @@ def test_embedded_pool_second_kill9(kv):
     clean(kv.bench(None, "--mode", "put", *a, env=env), "put a")
     shm = segments_of(kv.status(env=env))[0]["shm_name"]
     for i, sets in enumerate(((a,), (a, b))):
-        kv.wait_for(lambda: directories_settled(kv, 1, env=env), 10, "the directory to settle")
+        kv.wait_for(lambda: directories_settled(kv, None, 1, env=env), 10,
+                    "the directory to settle")
         pid = master_pid(kv)
         os.kill(pid, signal.SIGKILL)
         kv.wait_for(lambda: pid not in kv.embedded_pids(), 5, "the killed master to be gone")
@@ -324,9 +267,9 @@ def test_node_restarted_during_the_rebuild(kv):
     nb = kv.start_node(m, "64M", name="node-b")
     sb = ["--sizes", "4K-128K", "--count", 150, "--prefix", "nb", "--verify", "--keep"]
     clean(kv.bench(m, "--mode", "put", *sb), "put B")
-    kv.wait_for(lambda: directories_settled(kv, 2, m=m), 10, "the directories to settle")
+    kv.wait_for(lambda: directories_settled(kv, m, 2), 10, "the directories to settle")
     # which node holds each key (GET names the segment): set A is all on node-a
-    s, cid = tcp_tool(m.rpc, SECRET)
+    s, cid = w.tool_hello(w.connect(m.rpc), SECRET)
     la = locate(s, cid, [("na/4K-128K/%d" % i).encode() for i in range(150)], 2)
     lb = locate(s, cid, [("nb/4K-128K/%d" % i).encode() for i in range(150)], 3)
     s.close()

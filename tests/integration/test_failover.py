@@ -31,9 +31,9 @@ import urllib.request
 
 import pytest
 
-from conftest import free_port, row, segments_of
-from test_restart import (SECRET, assert_clean, connect_tool, directories_settled, get_status,
-                          put_start, t_write)
+from conftest import (assert_all_hits, assert_clean, directories_settled, free_port, put_fresh,
+                      put_sets, row, segments_of, small_and_large)
+from test_restart import SECRET, connect_tool
 import kvswire as w
 
 ETCD_TTL_S = 2
@@ -178,12 +178,8 @@ def test_kill9_leader_standby_serves_every_object(kv, etcd):
     out = kv.run("status", "--master", ha.addr, "--secret", SECRET, check=True).stdout.decode()
     assert "leader   %s" % a.addr in out and "standby  %s" % b.addr in out, out
 
-    small = ["--sizes", "1-64K", "--count", 400, "--prefix", "fs", "--verify", "--keep"]
-    large = ["--sizes", "64K-2M", "--count", 60, "--prefix", "fl", "--verify", "--keep"]
-    for args, n in ((small, 400), (large, 60)):
-        p = kv.bench(ha, "--mode", "put", "--batch", 8, *args)
-        assert_clean(p, "put")
-        assert row(p, "put")["ok"] == n
+    sets = small_and_large("f")
+    put_sets(kv, ha, sets)
     kv.wait_for(lambda: directories_settled(kv, ha, 2), 10,
                 "the nodes' directories to list every object")
     assert kv.status(ha)["objects"] == 460
@@ -192,7 +188,7 @@ def test_kill9_leader_standby_serves_every_object(kv, etcd):
     t0 = time.time()
 
     def all_hits():
-        return all(hits(kv, ha, args) == n for args, n in ((small, 400), (large, 60)))
+        return all(hits(kv, ha, args) == n for args, n in sets)
     kv.wait_for(all_hits, FAILOVER_S + 10, "every object to be a hit at the new leader",
                 interval=0.05, proc=b.proc)
     took = time.time() - t0
@@ -205,27 +201,18 @@ def test_kill9_leader_standby_serves_every_object(kv, etcd):
     assert st["recovery"]["objects_recovered"] == 460, st["recovery"]
     assert len(segments_of(st)) == 2
     # byte for byte (the benches above already verified; once more with exists)
-    for args, n in ((small, 400), (large, 60)):
-        g = kv.bench(ha, "--mode", "get,exists", "--batch", 8, *args)
-        assert_clean(g, "get after failover")
-        assert row(g, "get")["ok"] == n and row(g, "get")["miss"] == 0
-        assert row(g, "exists")["ok"] == n
+    assert_all_hits(kv, ha, sets, "get after failover")
 
     # the killed master comes back as a standby; new puts land (after the
     # quiet time of one lease) and survive the next failover too
     a2 = start_ha_master(kv, etcd, "ft1", "master-a", rpc=a.rpc)
     kv.wait_for(lambda: {m["address"]: m["role"] for m in election(kv, ha)["masters"]}
                 == {a2.addr: "standby", b.addr: "leader"}, 10, "a standby again")
-    time.sleep(LEASE_MS / 1000.0)
-    fresh = ["--sizes", "4K-256K", "--count", 100, "--prefix", "fn", "--verify", "--keep"]
-    f = kv.bench(ha, "--mode", "put,get", *fresh)
-    assert_clean(f, "fresh")
-    assert row(f, "put")["ok"] == 100 and row(f, "get")["ok"] == 100
-    kv.wait_for(lambda: directories_settled(kv, ha, 2), 10, "the directories to settle")
+    fresh = put_fresh(kv, ha, "fn", 2, LEASE_MS)
     b.proc.kill()
     t0 = time.time()
     wait_leader(kv, ha, a2, timeout=FAILOVER_S)
-    for args, n in ((small, 400), (large, 60), (fresh, 100)):
+    for args, n in sets + (fresh,):
         kv.wait_for(lambda: hits(kv, ha, args) == n, FAILOVER_S + 10,
                     "hits after the second failover")
     print("second failover: every object a hit again %.2f s after kill -9" % (time.time() - t0))
@@ -235,31 +222,21 @@ def test_kill9_leader_under_load_never_wrong(kv, etcd):
     """The verifiers are given the etcd address and follow each change of
     leader on their own; no read is ever another key's bytes, an older
     version than the last acknowledged one, or corrupt."""
-    from faults import Verifier, summary
+    from faults import start_rewriters, stop_never_wrong, wait_more_hits
     ha, a, b = setup_pool(kv, etcd, "ft2")
-    vs = [Verifier(kv, ha, "verify-%d" % i, "--threads", 2, "--keys", 24, "--sizes", "4K-256K",
-                   "--rewrite", 30, "--timeout-ms", 2000) for i in range(2)]
-    for v in vs:
-        v.wait(lambda p: p.get("hits", 0) >= 30, 60, "30 hits before the kill")
+    vs = start_rewriters(kv, ha)
     leader, standby = a, b
     for round_ in range(2):
         leader.proc.kill()
         t0 = time.time()
         wait_leader(kv, ha, standby, timeout=FAILOVER_S + 5)
-        base = [v.get("hits") for v in vs]
-        for v, bh in zip(vs, base):
-            v.wait_more("hits", bh, 30, timeout=60)
+        wait_more_hits(vs)
         print("round %d: verifiers hitting again %.2f s after the kill" % (round_, time.time() - t0))
         # the killed one comes back as the standby for the next round
         leader, standby = standby, start_ha_master(kv, etcd, "ft2", "master-r%d" % round_,
                                                    rpc=leader.rpc)
         kv.wait_for(lambda: len(election(kv, ha)["masters"]) == 2, 10, "the standby to register")
-    for v in vs:
-        rep = v.stop()
-        assert rep.get("wrong", 1) == 0 and rep.get("wrong_bytes", 1) == 0, (
-            "%s: wrong reads (foreign %s, stale %s, corrupt %s)" % (
-                v.name, rep.get("foreign"), rep.get("stale"), rep.get("corrupt")), summary(rep))
-        assert "fatal" not in rep, rep.get("fatal")
+    stop_never_wrong(vs)
 
 
 def test_half_written_object_never_served_after_failover(kv, etcd):
@@ -270,18 +247,7 @@ def test_half_written_object_never_served_after_failover(kv, etcd):
     s, cid = connect_tool(a.rpc)  # the leader, directly
     seg = segments_of(kv.status(ha))[0]
     xport = int(seg["transfer_addr"].rsplit(":", 1)[1])
-    st, segid, off, obj, epoch = put_start(s, cid, b"half", 256 << 10, 2)
-    assert st == 0, st
-    t, tst = w.handshake(xport, SECRET)
-    assert tst == 0, tst
-    t.sendall(t_write(segid, off, b"\x5a" * (128 << 10), epoch=epoch, req_id=2))
-    hdr, _ = w.read_frame(t)
-    assert hdr[4] == 0, hdr
-    st, segid2, off2, obj2, epoch2 = put_start(s, cid, b"full", 64 << 10, 3)
-    assert st == 0, st
-    t.sendall(t_write(segid2, off2, b"\xa5" * (64 << 10), epoch=epoch2, req_id=3))
-    hdr, _ = w.read_frame(t)
-    assert hdr[4] == 0, hdr
+    t, (segid, off, epoch) = w.put_half_written(s, cid, xport, SECRET)
     kv.wait_for(lambda: directories_settled(kv, ha, 1), 10, "the directory to settle")
 
     a.proc.kill()
@@ -292,13 +258,10 @@ def test_half_written_object_never_served_after_failover(kv, etcd):
     assert rec["objects_recovered"] == 50, rec  # the committed ones, nothing else
     s2, cid2 = connect_tool(b.rpc)
     for key in (b"half", b"full"):
-        assert get_status(s2, cid2, key, 5) == -3, key  # a miss, never the half-written bytes
+        assert w.get_status(s2, cid2, key, 5) == -3, key  # a miss, never the half-written bytes
     new_id = segments_of(kv.status(ha))[0]["id"]
     for sid, rid in ((segid, 6), (new_id, 8)):
-        t.sendall(t_write(sid, off + (128 << 10), b"\x5a" * 4096, epoch=epoch, req_id=rid))
-        f = w.read_frame(t)
-        assert f is not None and f[0][4] != 0, (
-            "a write of the dead leader's reservation was applied", sid, f)
+        w.assert_late_write_refused(t, sid, off + (128 << 10), epoch, rid)
     for x in (s, s2, t):
         x.close()
 

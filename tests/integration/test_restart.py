@@ -17,11 +17,11 @@ half-written):
     killed twice), no read is ever wrong: not another key's bytes, not an
     older version than the last acknowledged one, not a corrupt byte.
 """
-import struct
 import time
 
 import kvswire as w
-from conftest import row, segments_of
+from conftest import (assert_all_hits, assert_clean, directories_settled, put_fresh, put_sets,
+                      recovery, row, segments_of, small_and_large)
 
 SECRET = "restart-test-secret"
 HEALTHY_TTL_MS = 10000
@@ -32,28 +32,6 @@ LEASE_MS = 1000
 # reconnect with a back-off of at most 1 s; the rebuild itself takes
 # milliseconds for these few hundred objects
 RECOVERY_S = 15
-
-
-def assert_clean(rep, what=""):
-    assert rep["fatal"] == 0, (what, rep.get("fatal_message"), rep["totals"])
-    assert rep["totals"]["mismatches"] == 0, (what, rep["totals"])
-    assert rep["totals"]["errors"] == 0, (what, [(r["mode"], r["error_codes"]) for r in rep["results"]])
-    assert rep["_rc"] == 0, (what, rep["_rc"])
-
-
-def recovery(st):
-    return (st or {}).get("recovery") or {}
-
-
-def directories_settled(kv, m, nsegs):
-    """Every segment's directory lists what the master stored (no change
-    waits to be sent or confirmed)."""
-    st = kv.status(m)
-    if not st:
-        return False
-    segs = segments_of(st)
-    return len(segs) == nsegs and all(
-        s.get("directory") and s["directory"]["pending_changes"] == 0 for s in segs)
 
 
 def kill_and_restart(kv, m):
@@ -76,15 +54,8 @@ def test_kill9_master_gets_every_complete_object_back(kv):
     m = kv.start_master(ttl_ms=HEALTHY_TTL_MS, secret=SECRET, lease_ms=LEASE_MS)
     kv.start_node(m, "128M", name="node-a")
     kv.start_node(m, "128M", name="node-b")
-    small = ["--sizes", "1-64K", "--count", 400, "--prefix", "rs", "--verify", "--keep"]
-    large = ["--sizes", "64K-2M", "--count", 60, "--prefix", "rl", "--verify", "--keep"]
-    for args, n in ((small, 400), (large, 60)):
-        p = kv.bench(m, "--mode", "put", "--batch", 8, *args)
-        assert_clean(p, "put")
-        assert row(p, "put")["ok"] == n
-        g = kv.bench(m, "--mode", "get", *args)
-        assert_clean(g, "get before")
-        assert row(g, "get")["ok"] == n
+    sets = small_and_large("r")
+    put_sets(kv, m, sets, get=True)
     kv.wait_for(lambda: directories_settled(kv, m, 2), 10,
                 "the nodes' directories to list every object")
     before = kv.status(m)
@@ -102,14 +73,10 @@ def test_kill9_master_gets_every_complete_object_back(kv):
     assert took < RECOVERY_S, took
 
     # every object is a hit again, byte for byte
-    for args, n in ((small, 400), (large, 60)):
-        # (one bench thread: with two, a thread that records no latency trips
-        # UBSan in cmd_bench.c's merge, memcpy from NULL; concurrency is what
-        # test_kill9_under_load_never_wrong is for)
-        g = kv.bench(m2, "--mode", "get,exists", "--batch", 8, *args)
-        assert_clean(g, "get after restart")
-        assert row(g, "get")["ok"] == n and row(g, "get")["miss"] == 0, row(g, "get")
-        assert row(g, "exists")["ok"] == n
+    # (one bench thread: with two, a thread that records no latency trips
+    # UBSan in cmd_bench.c's merge, memcpy from NULL; concurrency is what
+    # test_kill9_under_load_never_wrong is for)
+    assert_all_hits(kv, m2, sets, "get after restart")
     # the master says so on /metrics too
     status, body = w.http(m2.http, "GET", "/metrics", secret=SECRET)
     assert status == 200
@@ -119,59 +86,19 @@ def test_kill9_master_gets_every_complete_object_back(kv):
 
     # the pool goes on (after the quiet time of one lease): new objects
     # land, and a second kill -9 brings back the new ones as well
-    time.sleep(LEASE_MS / 1000.0)
-    fresh = ["--sizes", "4K-256K", "--count", 100, "--prefix", "fr", "--verify", "--keep"]
-    f = kv.bench(m2, "--mode", "put,get", *fresh)
-    assert_clean(f, "fresh")
-    assert row(f, "put")["ok"] == 100 and row(f, "get")["ok"] == 100
-    kv.wait_for(lambda: directories_settled(kv, m2, 2), 10, "the directories to settle")
+    fresh = put_fresh(kv, m2, "fr", 2, LEASE_MS)
     m3, t0 = kill_and_restart(kv, m2)
     wait_recovered(kv, m3, 2, t0)
     assert recovery(kv.status(m3))["objects_recovered"] == 560
-    for args, n in ((small, 400), (large, 60), (fresh, 100)):
+    for args, n in sets + (fresh,):
         g = kv.bench(m3, "--mode", "get", *args)
         assert_clean(g, "get after the second restart")
         assert row(g, "get")["ok"] == n, row(g, "get")
 
 
-def wire_call(s, mtype, body, req_id):
-    s.sendall(w.frame(mtype, body, req_id=req_id))
-    while True:
-        f = w.read_frame(s)
-        assert f is not None, "the master closed the connection"
-        hdr, rbody = f
-        if hdr[5] == req_id:
-            return hdr[4], rbody
-
-
-def put_start(s, cid, key, size, req_id):
-    status, body = wire_call(s, w.PUT_START, w.u64(cid) + w.u32(1) + w.wbytes(key) + w.u64(size),
-                             req_id)
-    assert status == 0, status
-    n, st, seg, off, obj, epoch = struct.unpack("<IiIQQQ", body)
-    return st, seg, off, obj, epoch
-
-
-def get_status(s, cid, key, req_id):
-    status, body = wire_call(s, w.GET, w.u64(cid) + w.u32(1) + w.wbytes(key), req_id)
-    assert status == 0, status
-    return struct.unpack("<Ii", body[:8])[1]
-
-
-def t_write(seg_id, offset, data, epoch, req_id):
-    """A T_WRITE frame: its body is the fields, then the payload."""
-    return w.frame(w.T_WRITE, w.u32(seg_id) + w.u64(offset) + w.u64(len(data)) + w.u64(epoch),
-                   req_id=req_id, body_len=28 + len(data)) + data
-
-
 def connect_tool(port):
     """A raw protocol client; returns (socket, client id)."""
-    s = w.connect(port)
-    _, nonce = w.read_challenge(s)
-    s.sendall(w.frame(w.HELLO, w.hello_body(nonce, SECRET, role=1), req_id=1))
-    hdr, body = w.read_frame(s)
-    assert hdr[4] == 0, hdr
-    return s, struct.unpack("<Q", body[:8])[0]
+    return w.tool_hello(w.connect(port), SECRET)
 
 
 def test_half_written_object_is_never_served_after_a_restart(kv):
@@ -184,21 +111,10 @@ def test_half_written_object_is_never_served_after_a_restart(kv):
     s, cid = connect_tool(m.rpc)
     seg = segments_of(kv.status(m))[0]
     xport = int(seg["transfer_addr"].rsplit(":", 1)[1])
-    # "half": reserved, half its bytes written, never committed
-    st, segid, off, obj, epoch = put_start(s, cid, b"half", 256 << 10, 2)
-    assert st == 0, st
-    t, tst = w.handshake(xport, SECRET)
-    assert tst == 0, tst
-    t.sendall(t_write(segid, off, b"\x5a" * (128 << 10), epoch=epoch, req_id=2))
-    hdr, _ = w.read_frame(t)
-    assert hdr[4] == 0, hdr
-    # "full": every byte written, still no PUT_END
-    st, segid2, off2, obj2, epoch2 = put_start(s, cid, b"full", 64 << 10, 3)
-    assert st == 0, st
-    t.sendall(t_write(segid2, off2, b"\xa5" * (64 << 10), epoch=epoch2, req_id=3))
-    hdr, _ = w.read_frame(t)
-    assert hdr[4] == 0, hdr
-    assert get_status(s, cid, b"half", 4) == -3  # not visible before PUT_END, of course
+    # "half": reserved, half its bytes written, never committed; "full":
+    # every byte written, still no PUT_END
+    t, (segid, off, epoch) = w.put_half_written(s, cid, xport, SECRET)
+    assert w.get_status(s, cid, b"half", 4) == -3  # not visible before PUT_END, of course
     kv.wait_for(lambda: directories_settled(kv, m, 1), 10, "the directory to settle")
 
     m2, t0 = kill_and_restart(kv, m)
@@ -207,7 +123,7 @@ def test_half_written_object_is_never_served_after_a_restart(kv):
     assert rec["objects_recovered"] == 50, rec  # the committed ones, nothing else
     s2, cid2 = connect_tool(m2.rpc)
     for key in (b"half", b"full"):
-        assert get_status(s2, cid2, key, 5) == -3, key  # KVS_ERR_NOT_FOUND: a miss
+        assert w.get_status(s2, cid2, key, 5) == -3, key  # KVS_ERR_NOT_FOUND: a miss
     g = kv.bench(m2, "--mode", "get", *done)
     assert_clean(g, "get after restart")
     assert row(g, "get")["ok"] == 50
@@ -215,13 +131,10 @@ def test_half_written_object_is_never_served_after_a_restart(kv):
     # fenced past its epoch before it was mounted again)
     new_id = segments_of(kv.status(m2))[0]["id"]
     for sid, rid in ((segid, 6), (new_id, 8)):
-        t.sendall(t_write(sid, off + (128 << 10), b"\x5a" * 4096, epoch=epoch, req_id=rid))
-        f = w.read_frame(t)
-        assert f is not None and f[0][4] != 0, (
-            "a write of the dead master's reservation was applied", sid, f)
+        w.assert_late_write_refused(t, sid, off + (128 << 10), epoch, rid)
     # and the key is free for a real put now (after the quiet time)
     time.sleep(LEASE_MS / 1000.0)
-    st, _, _, _, _ = put_start(s2, cid2, b"half", 4096, 7)
+    st, _, _, _, _ = w.put_start(s2, cid2, b"half", 4096, 7)
     assert st == 0, st
     for x in (s, s2, t):
         x.close()
@@ -233,24 +146,14 @@ def test_kill9_under_load_never_wrong(kv):
     verifiers read hits again, and no read ever returns another key's bytes,
     an older version than the last one acknowledged, or a corrupt byte
     (errors and misses around the crash are allowed)."""
-    from faults import Verifier, summary
+    from faults import start_rewriters, stop_never_wrong, wait_more_hits
     m = kv.start_master(ttl_ms=HEALTHY_TTL_MS, secret=SECRET, lease_ms=LEASE_MS)
     kv.start_node(m, "64M", name="node-a")
     kv.start_node(m, "64M", name="node-b")
-    vs = [Verifier(kv, m, "verify-%d" % i, "--threads", 2, "--keys", 24, "--sizes", "4K-256K",
-                   "--rewrite", 30, "--timeout-ms", 2000) for i in range(2)]
-    for v in vs:
-        v.wait(lambda p: p.get("hits", 0) >= 30, 60, "30 hits before the kill")
+    vs = start_rewriters(kv, m)
     for _ in range(2):
         m, t0 = kill_and_restart(kv, m)
         wait_recovered(kv, m, 2, t0)
         assert recovery(kv.status(m))["objects_recovered"] > 0
-        base = [v.get("hits") for v in vs]
-        for v, b in zip(vs, base):
-            v.wait_more("hits", b, 30, timeout=60)
-    for v in vs:
-        rep = v.stop()
-        assert rep.get("wrong", 1) == 0 and rep.get("wrong_bytes", 1) == 0, (
-            "%s: wrong reads (foreign %s, stale %s, corrupt %s)" % (
-                v.name, rep.get("foreign"), rep.get("stale"), rep.get("corrupt")), summary(rep))
-        assert "fatal" not in rep, rep.get("fatal")
+        wait_more_hits(vs)
+    stop_never_wrong(vs)

@@ -79,6 +79,26 @@ def netns_unavailable() -> str | None:
     return None
 
 
+def net_fixture(tmp_path_factory, name: str, tag: str):
+    """The body of a test module's ``net`` fixture (``yield from`` it): skips
+    where a network namespace cannot be made, installs Mooncake from PyPI
+    when missing (the test fails if it cannot), yields a MooncakeNet in a
+    temporary folder named after `name` (`tag`: a suffix of the namespace's
+    name, so that the modules' namespaces differ) and closes it after."""
+    import pytest
+
+    why = netns_unavailable()
+    if why:
+        pytest.skip(why)
+    try:
+        mooncake_env().provision()
+    except RuntimeError as e:
+        pytest.fail("cannot install Mooncake from PyPI for these tests: %s" % e)
+    n = MooncakeNet(tmp_path_factory.mktemp(name), tag)
+    yield n
+    n.close()
+
+
 class MooncakeNet:
     """A network namespace holding a veth pair with NS_IP, mooncake_master
     started on free ports inside it, and scenario processes run there."""

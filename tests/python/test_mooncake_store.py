@@ -70,16 +70,7 @@ def import_store(with_mooncake: bool = True):
 # ----------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def net(tmp_path_factory):
-    why = mn.netns_unavailable()
-    if why:
-        pytest.skip(why)
-    try:
-        mn.mooncake_env().provision()
-    except RuntimeError as e:
-        pytest.fail("cannot install Mooncake from PyPI for these tests: %s" % e)
-    n = mn.MooncakeNet(tmp_path_factory.mktemp("mooncake"), "t")
-    yield n
-    n.close()
+    yield from mn.net_fixture(tmp_path_factory, "mooncake", "t")
 
 
 @pytest.fixture

@@ -126,16 +126,7 @@ def interp(request):
 # ================================================================ processes
 @pytest.fixture(scope="module")
 def net(tmp_path_factory):
-    why = mn.netns_unavailable()
-    if why:
-        pytest.skip(why)
-    try:
-        mn.mooncake_env().provision()
-    except RuntimeError as e:
-        pytest.fail("cannot install Mooncake from PyPI for these tests: %s" % e)
-    n = mn.MooncakeNet(tmp_path_factory.mktemp("ucm-mooncake"), "u")
-    yield n
-    n.close()
+    yield from mn.net_fixture(tmp_path_factory, "ucm-mooncake", "u")
 
 
 def kill_pidfile(path: Path) -> None:

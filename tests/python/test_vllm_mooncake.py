@@ -70,16 +70,7 @@ def vllm_python():
 
 @pytest.fixture(scope="module")
 def net(vllm_python, tmp_path_factory):
-    why = mn.netns_unavailable()
-    if why:
-        pytest.skip(why)
-    try:
-        mn.mooncake_env().provision()
-    except RuntimeError as e:
-        pytest.fail("cannot install Mooncake from PyPI for these tests: %s" % e)
-    n = mn.MooncakeNet(tmp_path_factory.mktemp("vllm-mooncake"), "v")
-    yield n
-    n.close()
+    yield from mn.net_fixture(tmp_path_factory, "vllm-mooncake", "v")
 
 
 @pytest.fixture(scope="module")
@@ -151,8 +142,11 @@ def test_vllm_over_mooncake(net, vllm_python, tiny_model, tmp_path):
     assert res["shutdown_s"] < 60, res
 
 
-def _tree_kvshelf():
-    """kvshelf with this tree's Python sources first (the installed C extension)."""
+def _tree_kvshelf(site: str | None = None):
+    """kvshelf with this tree's Python sources first (the installed C
+    extension); site: Mooncake's package, made importable first."""
+    if site and site not in sys.path:
+        sys.path.append(site)
     import kvshelf
 
     src = str(REPO / "python" / "kvshelf")
@@ -191,16 +185,7 @@ def test_config_selects_mooncake_and_refuses_what_it_cannot_do():
 
 @pytest.fixture(scope="module")
 def adapter_net(tmp_path_factory):
-    why = mn.netns_unavailable()
-    if why:
-        pytest.skip(why)
-    try:
-        mn.mooncake_env().provision()
-    except RuntimeError as e:
-        pytest.fail("cannot install Mooncake from PyPI for these tests: %s" % e)
-    n = mn.MooncakeNet(tmp_path_factory.mktemp("vllm-mooncake-adapter"), "a")
-    yield n
-    n.close()
+    yield from mn.net_fixture(tmp_path_factory, "vllm-mooncake-adapter", "a")
 
 
 def test_adapter_semantics(adapter_net):
@@ -236,17 +221,26 @@ def mn_ERR_NOT_FOUND() -> int:
 
 
 # =============================================================== child side
+def _alter_stored(mc, key: str, offset: int, mask: int):
+    """Flips the bits `mask` of byte `offset` of a stored object in place
+    (Mooncake's upsert, retried for up to 5 s: a read lease, 300 ms here, may
+    hold it a moment). Returns (upsert's rc, the object's size)."""
+    data = bytearray(mc.get(key))
+    data[offset] ^= mask
+    rc = -1
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        rc = mc.upsert(key, bytes(data))
+        if rc == 0:
+            break
+        time.sleep(0.1)
+    return rc, len(data)
+
+
 def scenario_adapter(ctx):
-    site = str(mn.site_packages())
-    if site not in sys.path:
-        sys.path.append(site)
+    kvshelf = _tree_kvshelf(str(mn.site_packages()))
     import numpy as np
 
-    import kvshelf
-
-    src = str(REPO / "python" / "kvshelf")
-    if src not in kvshelf.__path__:
-        kvshelf.__path__.insert(0, src)
     from kvshelf import vllm_mooncake as vmc
 
     NB, L = 32, 3
@@ -294,16 +288,7 @@ def scenario_adapter(ctx):
     out["geometry_results"] = t.results()
     out["geometry_untouched"] = all((x == 7.0).all() for x in kv_g)
     # an object altered in the pool (header kept, payload changed): a miss
-    mc = a.store.client
-    key = a.mooncake_key(hashes[1])
-    data = bytearray(mc.get(key))
-    data[64 + 5] ^= 0x55
-    rc = -1
-    deadline = time.monotonic() + 5
-    while rc != 0 and time.monotonic() < deadline:
-        rc = mc.upsert(key, bytes(data))
-        if rc != 0:
-            time.sleep(0.1)
+    rc, _ = _alter_stored(a.store.client, a.mooncake_key(hashes[1]), 64 + 5, 0x55)
     assert rc == 0, rc
     for x in kv_b:
         x[:, 20:22] = 9.0
@@ -353,14 +338,7 @@ def scenario_adapter(ctx):
 def _child_setup() -> None:
     """In the engine process: Mooncake's package importable, this tree's
     kvshelf Python sources over the venv's installed C extension."""
-    site = os.environ.get("KVSHELF_MC_SITE") or str(mn.site_packages())
-    if site not in sys.path:
-        sys.path.append(site)
-    import kvshelf
-
-    src = str(REPO / "python" / "kvshelf")
-    if src not in kvshelf.__path__:
-        kvshelf.__path__.insert(0, src)
+    _tree_kvshelf(os.environ.get("KVSHELF_MC_SITE") or str(mn.site_packages()))
     os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -419,17 +397,8 @@ def scenario_engine(ctx):
     one_round()  # 2: hits
     # 3: alter the payload of prompt 0's second block in the pool (header kept)
     key = dumped[0][1] if len(dumped[0]) > 1 else dumped[0][0]
-    mc = worker._conn.store.client
-    data = bytearray(mc.get(key))
-    data[64 + 100] ^= 0xFF
-    rc = -1
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:  # a read lease (300 ms here) may hold it a moment
-        rc = mc.upsert(key, bytes(data))
-        if rc == 0:
-            break
-        time.sleep(0.1)
-    out["corrupted"] = {"key": key, "upsert_rc": rc, "bytes": len(data)}
+    rc, size = _alter_stored(worker._conn.store.client, key, 64 + 100, 0xFF)
+    out["corrupted"] = {"key": key, "upsert_rc": rc, "bytes": size}
     one_round()
     # 4: the master killed
     ctx.kill_master()

@@ -6,29 +6,19 @@
  * grant, keepalive, create-if-absent, list, revoke: what the election
  * uses). */
 #include <setjmp.h>
-#include <signal.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 
 #include <cmocka.h>
-
-#include <arpa/inet.h>
-#include <fcntl.h>
-#include <netinet/in.h>
-#include <spawn.h>
-#include <sys/socket.h>
-#include <sys/wait.h>
 
 #include "common/etcd.h"
 #include "common/metaclient.h"
 #include "kvshelf/errors.h"
-
-extern char **environ;
+#include "test_etcd_util.h"
 
 #define S(x) x, strlen(x)
 
@@ -216,61 +206,20 @@ static void test_url(void **state)
 
 /* ---- against a real etcd (skipped when it is not installed) ---- */
 
-static int free_port(void)
-{
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    struct sockaddr_in a = {0};
-    a.sin_family = AF_INET;
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    socklen_t l = sizeof a;
-    if (fd < 0 || bind(fd, (struct sockaddr *)&a, sizeof a) ||
-        getsockname(fd, (struct sockaddr *)&a, &l)) {
-        if (fd >= 0) close(fd);
-        return -1;
-    }
-    close(fd);
-    return ntohs(a.sin_port);
-}
-
 static void test_live(void **state)
 {
     (void)state;
-    const char *exe = "/usr/bin/etcd";
-    if (access(exe, X_OK) != 0) {
-        print_message("etcd is not installed: skipping the live part\n");
-        skip();
-    }
-    char dir[] = "/tmp/kvs-etcd-XXXXXX";
-    assert_non_null(mkdtemp(dir));
-    int cp = free_port(), pp = free_port();
-    char cu[64], pu[64], cl[96], log[300];
-    snprintf(cu, sizeof cu, "http://127.0.0.1:%d", cp);
-    snprintf(pu, sizeof pu, "http://127.0.0.1:%d", pp);
-    snprintf(cl, sizeof cl, "t=%s", pu);
-    snprintf(log, sizeof log, "%s/etcd.log", dir);
-    char *argv[] = {(char *)exe, "--name", "t", "--data-dir", dir, "--listen-client-urls", cu,
-                    "--advertise-client-urls", cu, "--listen-peer-urls", pu,
-                    "--initial-advertise-peer-urls", pu, "--initial-cluster", cl, NULL};
-    posix_spawn_file_actions_t fa;
-    posix_spawn_file_actions_init(&fa);
-    posix_spawn_file_actions_addopen(&fa, 1, log, O_WRONLY | O_CREAT | O_TRUNC, 0600);
-    posix_spawn_file_actions_adddup2(&fa, 1, 2);
-    pid_t pid;
-    assert_int_equal(posix_spawn(&pid, exe, &fa, NULL, argv, environ), 0);
-    posix_spawn_file_actions_destroy(&fa);
+    te_etcd t;
+    te_etcd_start(&t, "/tmp/kvs-etcd-XXXXXX", "etcd is not installed: skipping the live part\n");
+    int cp = t.client_port;
 
     char ep[64];
     /* a dead endpoint first: requests go on to the next one */
-    snprintf(ep, sizeof ep, "127.0.0.1:%d,127.0.0.1:%d", free_port(), cp);
+    snprintf(ep, sizeof ep, "127.0.0.1:%d,127.0.0.1:%d", te_free_port(), cp);
     kvs_etcd *e = NULL;
     assert_int_equal(kvs_etcd_new(ep, 1000, &e), KVS_OK);
+    te_etcd_wait(e, "t/leader");
     char *v = NULL;
-    int rc = KVS_ERR_CONN;
-    for (int i = 0; i < 100 && rc != KVS_ERR_NOT_FOUND; i++) {
-        rc = kvs_etcd_get(e, "t/leader", &v, NULL, NULL);
-        if (rc != KVS_ERR_NOT_FOUND) usleep(100000);
-    }
-    assert_int_equal(rc, KVS_ERR_NOT_FOUND);
     int64_t id = 0, id2 = 0, ttl = 0, lease = 0;
     assert_int_equal(kvs_etcd_lease_grant(e, 5, &id), KVS_OK);
     assert_int_equal(kvs_etcd_lease_grant(e, 5, &id2), KVS_OK);
@@ -321,11 +270,7 @@ static void test_live(void **state)
     assert_int_equal(kvs_meta_get(url, "mooncake/ram/seg", NULL, 2000, &v, &n), KVS_ERR_NOT_FOUND);
     assert_null(v);
 
-    kill(pid, SIGTERM);
-    waitpid(pid, NULL, 0);
-    char cmd[400];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
-    assert_int_equal(system(cmd), 0);
+    te_etcd_stop(&t);
 }
 
 int main(void)

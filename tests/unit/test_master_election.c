@@ -17,35 +17,11 @@
 
 #include <cmocka.h>
 
-#include <arpa/inet.h>
-#include <fcntl.h>
-#include <netinet/in.h>
-#include <spawn.h>
-#include <sys/socket.h>
-#include <sys/wait.h>
-
 #include "common/etcd.h"
 #include "common/util.h"
 #include "kvshelf/errors.h"
 #include "master/election.h"
-
-extern char **environ;
-
-static int free_port(void)
-{
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    struct sockaddr_in a = {0};
-    a.sin_family = AF_INET;
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    socklen_t l = sizeof a;
-    if (fd < 0 || bind(fd, (struct sockaddr *)&a, sizeof a) ||
-        getsockname(fd, (struct sockaddr *)&a, &l)) {
-        if (fd >= 0) close(fd);
-        return -1;
-    }
-    close(fd);
-    return ntohs(a.sin_port);
-}
+#include "test_etcd_util.h"
 
 static int role(kvs_election *el)
 {
@@ -67,39 +43,14 @@ static int wait_role(kvs_election *el, int want, int ms)
 static void test_election(void **state)
 {
     (void)state;
-    const char *exe = "/usr/bin/etcd";
-    if (access(exe, X_OK) != 0) {
-        print_message("etcd is not installed: skipping\n");
-        skip();
-    }
-    char dir[] = "/tmp/kvs-etcd-el-XXXXXX";
-    assert_non_null(mkdtemp(dir));
-    int cp = free_port(), pp = free_port();
-    char cu[64], pu[64], cl[96], log[300], ep[64];
-    snprintf(cu, sizeof cu, "http://127.0.0.1:%d", cp);
-    snprintf(pu, sizeof pu, "http://127.0.0.1:%d", pp);
-    snprintf(cl, sizeof cl, "t=%s", pu);
-    snprintf(log, sizeof log, "%s/etcd.log", dir);
-    snprintf(ep, sizeof ep, "127.0.0.1:%d", cp);
-    char *argv[] = {(char *)exe, "--name", "t", "--data-dir", dir, "--listen-client-urls", cu,
-                    "--advertise-client-urls", cu, "--listen-peer-urls", pu,
-                    "--initial-advertise-peer-urls", pu, "--initial-cluster", cl, NULL};
-    posix_spawn_file_actions_t fa;
-    posix_spawn_file_actions_init(&fa);
-    posix_spawn_file_actions_addopen(&fa, 1, log, O_WRONLY | O_CREAT | O_TRUNC, 0600);
-    posix_spawn_file_actions_adddup2(&fa, 1, 2);
-    pid_t pid;
-    assert_int_equal(posix_spawn(&pid, exe, &fa, NULL, argv, environ), 0);
-    posix_spawn_file_actions_destroy(&fa);
+    te_etcd t;
+    te_etcd_start(&t, "/tmp/kvs-etcd-el-XXXXXX", "etcd is not installed: skipping\n");
+    char ep[64];
+    snprintf(ep, sizeof ep, "127.0.0.1:%d", t.client_port);
     kvs_etcd *e = NULL;
     assert_int_equal(kvs_etcd_new(ep, 1000, &e), KVS_OK);
+    te_etcd_wait(e, "el/leader");
     char *v = NULL;
-    int rc = KVS_ERR_CONN;
-    for (int i = 0; i < 100 && rc != KVS_ERR_NOT_FOUND; i++) {
-        rc = kvs_etcd_get(e, "el/leader", &v, NULL, NULL);
-        if (rc != KVS_ERR_NOT_FOUND) usleep(100000);
-    }
-    assert_int_equal(rc, KVS_ERR_NOT_FOUND);
 
     char err[256];
     kvs_election *a = NULL, *b = NULL;
@@ -160,11 +111,7 @@ static void test_election(void **state)
     assert_int_equal(kvs_etcd_get(e, "el/leader", &v, NULL, NULL), KVS_ERR_NOT_FOUND);
     kvs_etcd_free(e);
 
-    kill(pid, SIGTERM);
-    waitpid(pid, NULL, 0);
-    char cmd[400];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
-    assert_int_equal(system(cmd), 0);
+    te_etcd_stop(&t);
 }
 
 int main(void)
