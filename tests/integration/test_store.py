@@ -5,20 +5,12 @@ import time
 
 import pytest
 
-from conftest import row, segments_of
+from conftest import assert_clean, row, segments_of
 
 TTL_MS = 1500
 # tests that count every error and do not test expiry: a node whose heartbeat
 # is late on a starved 2-core machine must not expire in the middle
 HEALTHY_TTL_MS = 10000
-
-
-def assert_clean(rep, what=""):
-    """No mismatch, no error, no fatal condition in a bench report."""
-    assert rep["fatal"] == 0, (what, rep.get("fatal_message"), rep["totals"])
-    assert rep["totals"]["mismatches"] == 0, (what, rep["totals"])
-    assert rep["totals"]["errors"] == 0, (what, [(r["mode"], r["error_codes"]) for r in rep["results"]])
-    assert rep["_rc"] == 0, (what, rep["_rc"])
 
 
 def seg_used(seg):
