@@ -213,15 +213,19 @@ class Runner:
         submit = 0.0
         if layout.layerwise:
             tasks = []
+            dtr = self.dump_trace = []  # per layer: CLOCK_MONOTONIC ns at the call and its return
             for layer in range(L):
                 ev, h = self.event()
                 events.append(ev)
                 rows = np.ascontiguousarray(a_src[layer])
                 s0 = time.perf_counter()
+                c0 = time.monotonic_ns()
                 tasks.append(store.dump_data(ids, [layer] * n, rows, h))
+                dtr.append((c0, time.monotonic_ns()))
                 submit += time.perf_counter() - s0
             for t in tasks:
                 store.wait(t)
+            dtr.append((time.monotonic_ns(), 0))  # every wait returned
         else:
             ev, h = self.event()
             events.append(ev)
@@ -280,9 +284,10 @@ def main(argv=None) -> int:
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tokens", default="8192,32768")
     p.add_argument("--modes", default="layerwise,direct")
-    p.add_argument("--trace", help="append the host times of the last repetition's layer loads to this file "
-                                   "(with KVSHELF_READAHEAD_TRACE=1 and KVSHELF_READAHEAD_TRACE_FILE: the "
-                                   "read-ahead buffers' GPU times on the same clock)")
+    p.add_argument("--trace", help="append the host times of the last repetition's layer loads and dumps to "
+                                   "this file (with KVSHELF_READAHEAD_TRACE=1 and KVSHELF_READAHEAD_TRACE_FILE: "
+                                   "the read-ahead buffers' GPU times; with KVSHELF_PARTS_TRACE_FILE: every "
+                                   "parts copy's host times; same clock)")
     p.add_argument("--stores", default="kvshelf,kvshelf-noahead,cache-empty,cache-posix",
                    help="contenders (kvshelf-noahead: kvshelf with KVSHELF_READAHEAD_MB=0)")
     p.add_argument("--layers", type=int, default=48)
@@ -398,6 +403,10 @@ def main(argv=None) -> int:
                                     f"wait_return (CLOCK_MONOTONIC ns)\n")
                             for i, x in enumerate(r.trace):
                                 f.write(f"{i} {x[0]} {x[1]} {x[2]}\n")
+                            f.write(f"# {name} {mode} {t} tokens: layer dump_data_call dump_data_return "
+                                    f"(last row: all waits returned) (CLOCK_MONOTONIC ns)\n")
+                            for i, x in enumerate(getattr(r, "dump_trace", [])):
+                                f.write(f"{i} {x[0]} {x[1]}\n")
                     rows.append({"store": name, "label": a.label, "mode": mode, "tokens": t, "dump_gbps": d,
                                  "load_gbps": lo, "ceiling_d2h": ceil[t][0], "ceiling_h2d": ceil[t][1],
                                  "hits": hits, "blocks": n, "exact": exact, "dump_submit_us": us[0],

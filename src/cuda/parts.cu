@@ -6,14 +6,73 @@
  * kvs_cuda.h). Copy engines suit the parts UCM hands over (whole layer
  * blocks of tens to hundreds of KiB); no gather kernel here. */
 #include <cuda_runtime.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/util.h"
 #include "cuda/ahead.cuh"
 #include "cuda/kvs_cuda.h"
 #include "cuda/res.cuh"
 #include "kvshelf/errors.h"
+
+/* KVSHELF_PARTS_TRACE_FILE: one line per parts copy (direction, objects,
+ * copy entries, host times on CLOCK_MONOTONIC: called, copies enqueued,
+ * done), appended to the file when a worker goes; for finding what bounds
+ * small jobs (UCM's layerwise dumps) without a timeline profiler. */
+struct kp_trace_line {
+    uint64_t t0, t1, t2;
+    uint32_t dir, n, k;
+};
+static pthread_mutex_t kp_trace_mu = PTHREAD_MUTEX_INITIALIZER;
+static struct kp_trace_line *kp_trace;
+static size_t kp_ntrace, kp_captrace;
+
+static const char *kp_trace_file(void)
+{
+    static const char *f = (const char *)1;
+    if (f == (const char *)1) {
+        const char *v = getenv("KVSHELF_PARTS_TRACE_FILE");
+        f = v && *v ? v : NULL;
+    }
+    return f;
+}
+
+static void kp_trace_add(int dir, size_t n, size_t k, uint64_t t0, uint64_t t1)
+{
+    struct kp_trace_line l = {t0, t1, kvs_now_ns(), (uint32_t)dir, (uint32_t)n, (uint32_t)k};
+    pthread_mutex_lock(&kp_trace_mu);
+    if (kp_ntrace == kp_captrace && kp_captrace < (1u << 22)) {
+        size_t nc = kp_captrace ? kp_captrace * 2 : 4096;
+        struct kp_trace_line *nt =
+            (struct kp_trace_line *)realloc(kp_trace, nc * sizeof *nt);
+        if (nt) {
+            kp_trace = nt;
+            kp_captrace = nc;
+        }
+    }
+    if (kp_ntrace < kp_captrace) kp_trace[kp_ntrace++] = l;
+    pthread_mutex_unlock(&kp_trace_mu);
+}
+
+static void kp_trace_flush(void)
+{
+    const char *path = kp_trace_file();
+    pthread_mutex_lock(&kp_trace_mu);
+    FILE *f = path && kp_ntrace ? fopen(path, "a") : NULL;
+    if (f) {
+        fprintf(f, "# kvshelf parts copies: dir(1 dump, 2 load) objects entries called_ns "
+                   "enqueued_ns done_ns (CLOCK_MONOTONIC)\n");
+        for (size_t i = 0; i < kp_ntrace; i++)
+            fprintf(f, "%u %u %u %llu %llu %llu\n", kp_trace[i].dir, kp_trace[i].n, kp_trace[i].k,
+                    (unsigned long long)kp_trace[i].t0, (unsigned long long)kp_trace[i].t1,
+                    (unsigned long long)kp_trace[i].t2);
+        fclose(f);
+    }
+    kp_ntrace = 0;
+    pthread_mutex_unlock(&kp_trace_mu);
+}
 
 struct kvs_cuda_pworker {
     kvs_cuda_ctx *x;
@@ -81,6 +140,7 @@ extern "C" int kvs_cuda_pworker_create(kvs_cuda_ctx *x, int device, kvs_cuda_pwo
 extern "C" void kvs_cuda_pworker_destroy(kvs_cuda_pworker *w)
 {
     if (!w) return;
+    if (kp_trace_file()) kp_trace_flush();
     kvs_cuda_res_free(&w->r);
     if (w->pf_state == 1) kvs_cuda_res_free(&w->pf);
     free(w);
@@ -150,6 +210,8 @@ static int copy_parts(kvs_cuda_pworker *w, int dir, size_t n, void *const *obj,
         (dir != KVS_CUDA_DUMP && dir != KVS_CUDA_LOAD))
         return KVS_ERR_INVALID;
     if (n > SIZE_MAX / ppo) return KVS_ERR_INVALID;
+    const uint64_t tr0 = kp_trace_file() ? kvs_now_ns() : 0;
+    uint64_t tr1 = 0;
     if (kvs_cuda_res_reserve(&w->r, n * ppo) != KVS_OK) return KVS_ERR_NOMEM;
     kp_stamps *j = (kp_stamps *)calloc(1, sizeof *j);
     if (!j) return KVS_ERR_NOMEM;
@@ -209,6 +271,7 @@ static int copy_parts(kvs_cuda_pworker *w, int dir, size_t n, void *const *obj,
                              ppo, w->r.out_gen_dev);
         used |= 1u << (w->r.nstreams - 1);
     }
+    if (tr0) tr1 = kvs_now_ns();
     if (live) {
         for (int si = 0; si < w->r.nstreams; si++) {
             if (!(used >> si & 1)) continue;
@@ -228,6 +291,7 @@ static int copy_parts(kvs_cuda_pworker *w, int dir, size_t n, void *const *obj,
         cudaGetLastError();
     }
     free(j);
+    if (tr0) kp_trace_add(dir, n, k, tr0, tr1);
     return rc;
 }
 
