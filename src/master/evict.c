@@ -40,3 +40,17 @@ void kvs_m_evict_watermark(kvs_master *m, kvs_seg *s)
 {
     if (used_now(s) > watermark(s, m->o.evict_high)) kvs_m_evict(m, s, 0);
 }
+
+int kvs_m_evict_has_room(const kvs_master *m, const kvs_seg *s, uint64_t need)
+{
+    return used_now(s) + need <= watermark(s, m->o.evict_high);
+}
+
+uint64_t kvs_m_evict_oldest(const kvs_seg *s)
+{
+    for (const kvs_list *e = s->lru.next; e != &s->lru; e = e->next) {
+        const kvs_obj *o = KVS_CONTAINER_OF(e, kvs_obj, lru);
+        if (!o->leases) return o->lru_stamp;
+    }
+    return UINT64_MAX;
+}

@@ -41,7 +41,7 @@ typedef struct kvs_obj {
     uint64_t writer;         /* client id of the writer */
     uint64_t put_deadline_ms;/* WRITING: revoked after this */
     uint64_t lease_expiry_ms;/* latest expiry among its leases */
-    uint64_t last_access_ms; /* for LRU */
+    uint64_t lru_stamp;      /* master's access count at its last use (LRU order) */
     uint64_t epoch;          /* write epoch of its reservation (segment's at PUT_START) */
     uint32_t leases;         /* live leases */
     uint8_t state;           /* enum kvs_obj_state */

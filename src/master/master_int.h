@@ -30,6 +30,7 @@ struct kvs_master {
     kvs_leases leases;
     kvs_list writing;      /* WRITING objects in put-deadline order */
     uint64_t next_obj_id;
+    uint64_t lru_clock; /* counts uses of objects: their lru_stamp */
     uint64_t n_objs;       /* object records alive (linked, writing or leased) */
     uint64_t n_complete;   /* linked COMPLETE objects */
     uint64_t fake_now;
@@ -226,5 +227,12 @@ void kvs_m_obj_destroy(kvs_master *m, kvs_obj *o);
 uint64_t kvs_m_evict(kvs_master *m, kvs_seg *s, uint64_t need);
 /* If s is above the high watermark, evicts down to the low one. */
 void kvs_m_evict_watermark(kvs_master *m, kvs_seg *s);
+/* Whether `need` more bytes keep s at or below the high watermark (a put
+ * there evicts nothing). */
+int kvs_m_evict_has_room(const kvs_master *m, const kvs_seg *s, uint64_t need);
+/* lru_stamp of the object s would evict first (lower: used longer ago);
+ * UINT64_MAX if none may go. Placement on a full pool evicts where this is oldest, so the
+ * pool as a whole loses its least recently used objects first. */
+uint64_t kvs_m_evict_oldest(const kvs_seg *s);
 
 #endif

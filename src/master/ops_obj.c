@@ -23,45 +23,86 @@ static uint64_t seg_free(const kvs_seg *s)
     return st.free;
 }
 
-/* Best segment where `need` fits now: on the writer's host first, then the
- * one with the most free space. NULL if none fits. */
+/* How good a place s is for a put of `need` bytes (better() compares two):
+ * the writer's host first (a local put is a memcpy); then a segment where
+ * the put evicts nothing, the one with the most free space (spreads the
+ * pool's use); on a full pool the segment whose next victim was used
+ * longest ago, so the pool as a whole, not one segment, loses its least
+ * recently used objects first (most free space only would keep feeding
+ * the segment that evicted last and evict its newest objects while older
+ * ones stay elsewhere). */
+typedef struct place {
+    kvs_seg *s;
+    int local, room;
+    uint64_t free, oldest;
+} place;
+
+static place place_of(const kvs_master *m, kvs_seg *s, const kvs_mclient *w, uint64_t need)
+{
+    place p = {s, same_host(s, w), 0, seg_free(s), 0};
+    p.room = kvs_m_evict_has_room(m, s, need);
+    if (!p.room) p.oldest = kvs_m_evict_oldest(s);
+    return p;
+}
+
+static int better(const place *a, const place *b)
+{
+    if (a->local != b->local) return a->local > b->local;
+    if (a->room != b->room) return a->room > b->room;
+    if (!a->room && a->oldest != b->oldest) return a->oldest < b->oldest;
+    return a->free > b->free;
+}
+
+/* Best placeable segment (see place) where `need` fits now, NULL if none. */
 static kvs_seg *pick_fitting(kvs_master *m, const kvs_mclient *w, uint64_t need)
 {
-    kvs_seg *best = NULL;
-    int best_local = 0;
-    uint64_t best_free = 0;
+    place best = {0};
     uint64_t now = kvs_master_now(m);
     for (size_t i = 0; i < m->segs.n; i++) {
         kvs_seg *s = m->segs.v[i];
         if (!kvs_m_seg_placeable(s, now) || !kvs_alloc_fits(s->alloc, need)) continue;
-        int local = same_host(s, w);
-        uint64_t f = seg_free(s);
-        if (!best || local > best_local || (local == best_local && f > best_free)) {
-            best = s;
-            best_local = local;
-            best_free = f;
-        }
+        place p = place_of(m, s, w, need);
+        if (!best.s || better(&p, &best)) best = p;
     }
-    return best;
+    return best.s;
 }
 
-/* Evicts in segments (the writer's host first) until `need` fits in one. */
+/* Evicts in segments until `need` fits in one: the writer's host first,
+ * then in order of their oldest victims (see place). */
 static kvs_seg *evict_for(kvs_master *m, const kvs_mclient *w, uint64_t need)
 {
     uint64_t now = kvs_master_now(m);
-    for (int pass = 1; pass >= 0; pass--) {
-        for (size_t i = 0; i < m->segs.n; i++) {
+    size_t n = m->segs.n;
+    unsigned char *tried = calloc(n ? n : 1, 1);
+    if (!tried) return NULL;
+    kvs_seg *found = NULL;
+    for (;;) {
+        place best = {0};
+        size_t bi = 0;
+        for (size_t i = 0; i < n; i++) {
             kvs_seg *s = m->segs.v[i];
-            if (same_host(s, w) != pass || s->alloc == NULL || !kvs_m_seg_placeable(s, now))
-                continue;
+            if (tried[i] || s->alloc == NULL || !kvs_m_seg_placeable(s, now)) continue;
             kvs_alloc_stats st;
             kvs_alloc_get_stats(s->alloc, &st);
             if (st.capacity < need) continue;
-            kvs_m_evict(m, s, need);
-            if (kvs_alloc_fits(s->alloc, need)) return s;
+            place p = place_of(m, s, w, need);
+            p.room = 0; /* nothing fits: compare by age alone */
+            p.oldest = kvs_m_evict_oldest(s);
+            if (!best.s || better(&p, &best)) {
+                best = p;
+                bi = i;
+            }
+        }
+        if (!best.s) break;
+        tried[bi] = 1;
+        kvs_m_evict(m, best.s, need);
+        if (kvs_alloc_fits(best.s->alloc, need)) {
+            found = best.s;
+            break;
         }
     }
-    return NULL;
+    free(tried);
+    return found;
 }
 
 int kvs_m_put_start(kvs_master *m, uint64_t client_id, const void *key, uint32_t key_len,
@@ -102,7 +143,7 @@ int kvs_m_put_start(kvs_master *m, uint64_t client_id, const void *key, uint32_t
     o->writer = client_id;
     o->epoch = s->epoch;
     o->put_deadline_ms = now + m->o.put_timeout_ms;
-    o->last_access_ms = now;
+    o->lru_stamp = ++m->lru_clock;
     o->state = KVS_OBJ_WRITING;
     kvs_list_push_back(&s->objs, &o->seg_link);
     s->nobjs++;
@@ -142,7 +183,7 @@ int kvs_m_put_end(kvs_master *m, uint64_t client_id, const void *key, uint32_t k
     }
     kvs_list_remove(&o->lru);
     o->state = KVS_OBJ_COMPLETE;
-    o->last_access_ms = kvs_master_now(m);
+    o->lru_stamp = ++m->lru_clock;
     kvs_list_push_back(&o->seg->lru, &o->lru);
     m->n_complete++;
     m->cnt.puts++;
@@ -165,7 +206,7 @@ int kvs_m_get(kvs_master *m, uint64_t client_id, const void *key, uint32_t key_l
     if (!lease) return KVS_ERR_BUSY;
     o->seg->last_grant_ms = now;
     m->cnt.hits++;
-    o->last_access_ms = now;
+    o->lru_stamp = ++m->lru_clock;
     kvs_list_remove(&o->lru);
     kvs_list_push_back(&o->seg->lru, &o->lru);
     loc->size = o->size;

@@ -119,14 +119,13 @@ int kvs_m_dir_load_entry(kvs_master *m, kvs_seg *s, const void *key, uint32_t ke
                         (unsigned long long)size, kvs_strerror(rc));
         return rc;
     }
-    uint64_t now = kvs_master_now(m);
     o->size = size;
     o->offset = offset;
     o->seg = s;
     o->obj_id = o->generation = m->next_obj_id++;
     o->writer = s->owner;
     o->epoch = s->epoch;
-    o->last_access_ms = now;
+    o->lru_stamp = ++m->lru_clock;
     o->state = KVS_OBJ_COMPLETE;
     o->dir = KVS_OD_LISTED;
     kvs_list_push_back(&s->objs, &o->seg_link);

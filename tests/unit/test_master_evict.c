@@ -132,6 +132,45 @@ static void test_placement(void **st)
     kvs_master_free(m);
 }
 
+/* A full pool of two segments loses its least recently used objects first,
+ * whatever segment they are in: after churn (and reads that make the older
+ * objects of one segment recent again), every object written since still
+ * exists while the pool holds fewer of them than it has room for. Placing
+ * by free space alone fed the segment that evicted last until it evicted
+ * its own newest objects (CI: 2 of 60 fresh 1 MiB objects missed). */
+static void test_full_pool_evicts_oldest_anywhere(void **st)
+{
+    (void)st;
+    kvs_master *m = tm_master(NULL, NULL); /* 95 % / 90 % */
+    uint64_t c = tm_client(m, 1);
+    tm_mount(m, c, 40 * MIB, 1);
+    tm_mount(m, c, 40 * MIB, 1);
+    char k[32];
+    for (int i = 0; i < 200; i++) { /* churn: 2.5 pools */
+        tm_key(k, sizeof k, i);
+        assert_int_equal(tm_put(m, c, k, MIB), KVS_OK);
+    }
+    assert_true(m->cnt.evictions > 100);
+    for (int i = 0; i < 200; i++) { /* reads make the survivors recent */
+        kvs_m_loc loc;
+        tm_key(k, sizeof k, i);
+        if (kvs_m_get(m, c, k, (uint32_t)strlen(k), &loc) == KVS_OK)
+            assert_int_equal(kvs_m_release(m, loc.lease_id), KVS_OK);
+    }
+    for (int round = 0; round < 3; round++) {
+        /* 60 fresh objects: the pool holds at least 72 (90 % of 80 MiB) */
+        for (int i = 0; i < 60; i++) {
+            snprintf(k, sizeof k, "fresh-%d-%03d", round, i);
+            assert_int_equal(tm_put(m, c, k, MIB), KVS_OK);
+        }
+        for (int i = 0; i < 60; i++) {
+            snprintf(k, sizeof k, "fresh-%d-%03d", round, i);
+            assert_true(tm_exists(m, k));
+        }
+    }
+    kvs_master_free(m);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -139,6 +178,7 @@ int main(void)
         cmocka_unit_test(test_never_leased_or_writing),
         cmocka_unit_test(test_watermarks),
         cmocka_unit_test(test_placement),
+        cmocka_unit_test(test_full_pool_evicts_oldest_anywhere),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
