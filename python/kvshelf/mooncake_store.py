@@ -1067,11 +1067,12 @@ class MooncakeBlockStore:
                                           "device %d; a store serves one device (open another "
                                           "for device %d)" % (self._cuda.device, device))
                 return
-            if not _k.CudaCopier.available():
+            copier = getattr(_k, "CudaCopier", None)
+            if copier is None or not copier.available():
                 raise Unsupported("kvshelf.mooncake_store: CUDA blocks need kvshelf built with "
                                   "CUDA (the CUDA toolkit found when the package was built); "
                                   "this build moves host memory only")
-            cp = _k.CudaCopier(device)
+            cp = copier(device)
             size = self._staging.size
             try:
                 base = cp.pinned_alloc(size)
