@@ -154,10 +154,9 @@ static void dev_restore(int device, int prev) {
         cudaSetDevice(prev);
 }
 
+/* Frees the workers and the context; `open` was cleared under the GIL
+ * first, so no new call can start. */
 static void copier_free(CudaCopierObject *self) {
-    if (!self->open)
-        return;
-    self->open = 0;
     int prev;
     dev_enter(self->device, &prev);
     for (size_t i = 0; i < COPIER_POOL; i++)
@@ -225,6 +224,7 @@ static PyObject *CudaCopier_close(CudaCopierObject *self, PyObject *Py_UNUSED(ar
     wait_not_busy(&self->busy);
 #ifdef KVS_HAVE_CUDA
     if (self->open) {
+        self->open = 0; /* under the GIL: calls that start now raise Closed */
         CudaCopierObject *me = self;
         Py_BEGIN_ALLOW_THREADS
         copier_free(me);
@@ -237,7 +237,10 @@ static PyObject *CudaCopier_close(CudaCopierObject *self, PyObject *Py_UNUSED(ar
 static void CudaCopier_dealloc(CudaCopierObject *self) {
 #ifdef KVS_HAVE_CUDA
     wait_not_busy(&self->busy);
-    copier_free(self);
+    if (self->open) {
+        self->open = 0;
+        copier_free(self);
+    }
 #endif
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
