@@ -32,9 +32,10 @@ void wait_not_busy(volatile int *busy);
         (obj)->busy--;                                                                             \
     } while (0)
 
-/* The types (client.c, connector.c, task.c); module.c readies them. */
+/* The types (client.c, connector.c, task.c, cuda_copier.c); module.c readies them. */
 extern PyTypeObject ClientType;
 extern PyTypeObject ConnectorType;
 extern PyTypeObject TaskType;
+extern PyTypeObject CudaCopierType;
 
 #endif

@@ -13,6 +13,8 @@
  *   client.c   the Client type (client_parts.c: put_parts / get_parts)
  *   connector.c, task.c   the Connector and Task types (connector_parts.c:
  *              dump_parts / load_parts)
+ *   cuda_copier.c  the CudaCopier type: kvshelf's CUDA copies for the
+ *              Mooncake store's pinned staging (Unsupported without CUDA)
  */
 #include "ext.h"
 
@@ -84,7 +86,8 @@ static int add_constants_and_types(PyObject *m) {
         PyModule_AddStringConstant(m, "__version__", KVSHELF_VERSION_STRING) < 0 ||
         PyModule_AddObjectRef(m, "Client", (PyObject *)&ClientType) < 0 ||
         PyModule_AddObjectRef(m, "Connector", (PyObject *)&ConnectorType) < 0 ||
-        PyModule_AddObjectRef(m, "Task", (PyObject *)&TaskType) < 0)
+        PyModule_AddObjectRef(m, "Task", (PyObject *)&TaskType) < 0 ||
+        PyModule_AddObjectRef(m, "CudaCopier", (PyObject *)&CudaCopierType) < 0)
         return -1;
     PyObject *defs = Py_BuildValue("{s:K,s:K,s:i,s:i,s:i}", "global_segment_size",
                                    (unsigned long long)KVS_DEFAULT_GLOBAL_SEGMENT_SIZE,
@@ -104,7 +107,8 @@ PyMODINIT_FUNC PyInit__kvshelf(void) {
     if (!m)
         return NULL;
     if (PyType_Ready(&ClientType) < 0 || PyType_Ready(&ConnectorType) < 0 ||
-        PyType_Ready(&TaskType) < 0 || errors_init(m) < 0 || add_constants_and_types(m) < 0) {
+        PyType_Ready(&TaskType) < 0 || PyType_Ready(&CudaCopierType) < 0 || errors_init(m) < 0 ||
+        add_constants_and_types(m) < 0) {
         Py_DECREF(m);
         return NULL;
     }

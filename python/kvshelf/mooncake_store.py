@@ -22,12 +22,33 @@ with kvshelf's semantics on top:
   ...); while the master is unreachable, calls fail at once instead of each
   waiting out Mooncake's RPC timeout.
 
-This version moves host memory only (numpy arrays, bytearray/memoryview,
-CPU torch tensors, ``(address, size)`` pairs, or a *list* of those: the parts
-of one block, gathered on dump and scattered on load). UCM's stores use it
-through ``kvshelf.ucm_mooncake``, the vLLM connector through
-``kvshelf.vllm_mooncake``. CUDA tensors through kvshelf's copy path (C/CUDA)
-are the next step of issue 16.
+Host memory (numpy arrays, bytearray/memoryview, CPU torch tensors,
+``(address, size)`` pairs, or a *list* of those: the parts of one block,
+gathered on dump and scattered on load) and CUDA memory (CUDA torch tensors,
+or a list of them, one block each; kvshelf's own adapters pass device
+``(address, size)`` parts with ``cuda=True``). UCM's stores use it through
+``kvshelf.ucm_mooncake``, the vLLM connector through ``kvshelf.vllm_mooncake``.
+
+CUDA blocks move through kvshelf's C/CUDA copy path
+(``kvshelf._kvshelf.CudaCopier``: ``kvs_cuda_copy_parts``, copy engines, no
+torch copies) between the device and a second staging area in pinned,
+device-mapped host memory (``staging_size`` bytes, allocated and registered
+with Mooncake on the first CUDA task or by ``enable_cuda(device)``):
+
+- dump: the copies wait, on the GPU, for the caller's CUDA event (``event=``,
+  snapshotted when ``dump`` is called, so the caller may record it again
+  at once); device -> staging; then the checksum on the host over the staged
+  bytes and the header; then ``batch_put_from`` as for host blocks;
+- load: ``batch_get_into`` into staging, the header checked there (a
+  mismatch is a miss and nothing is copied to the device), then staging ->
+  device;
+- every CUDA copy carries kvshelf's view check (``kvs_cuda.h``) through the
+  header's reserved word (offset 56: written by the GPU on dump before the
+  CPU writes the header, by the CPU before a load for the GPU to read back);
+  a block whose check fails fails with ``ERR_CUDA``, as does every block of a
+  copy that raised ``kvshelf.CudaError``. Objects in the pool are the same
+  for host and CUDA blocks: one written from the GPU loads into host memory
+  and the other way round.
 
 ``register_memory(buf)``: host memory of the caller registered with Mooncake;
 dumps of blocks that lie there are zero-copy (the headers staged, the payload
@@ -106,6 +127,7 @@ from . import (
     Closed,
     ConfigError,
     ConnectionFailed,
+    CudaError,
     Error,
     InternalError,
     InvalidArgument,
@@ -339,6 +361,9 @@ HEADER = 64
 _ALIGN = 4096
 _HDR = struct.Struct("<8sHHIQ16sQQ8x")
 assert _HDR.size == HEADER
+#: the header's reserved word: CUDA copies carry kvshelf's view-check stamp
+#: there while a block is in staging (never part of a stored header)
+_STAMP_OFF = 56
 ALGO_XXH3 = 1
 ALGO_BLAKE2B = 2
 
@@ -499,6 +524,7 @@ _EXC = {
     _k.ERR_TIMEOUT: Timeout, _k.ERR_IO: IOFailure, _k.ERR_BUSY: Busy,
     _k.ERR_INVALID: InvalidArgument, _k.ERR_UNAVAILABLE: Unavailable, _k.ERR_CLOSED: Closed,
     _k.ERR_NOMEM: NoMemory, _k.ERR_TOO_LARGE: TooLarge, _k.ERR_INTERNAL: InternalError,
+    _k.ERR_CUDA: CudaError,
 }
 
 
@@ -517,15 +543,15 @@ def _buffer(obj: Any, writable: bool, what: str) -> tuple[int, int, Any]:
         return addr, size, None
     if hasattr(obj, "data_ptr") and hasattr(obj, "is_cuda"):  # torch
         if getattr(obj, "is_cuda", False) or str(getattr(obj, "device", "cpu")) != "cpu":
-            raise Unsupported("%s: a tensor on %s: the Mooncake store moves host memory in this "
-                              "version (CUDA tensors through kvshelf's copy path come next)"
+            raise Unsupported("%s: a tensor on %s: the Mooncake store moves host memory and CUDA "
+                              "tensors (a task's blocks all on the host or all on one CUDA device)"
                               % (what, obj.device))
         if not obj.is_contiguous():
             raise InvalidArgument("%s: the tensor is not contiguous" % what)
         return int(obj.data_ptr()), int(obj.numel() * obj.element_size()), obj
     if hasattr(obj, "__cuda_array_interface__"):
-        raise Unsupported("%s: device memory: the Mooncake store moves host memory in this version"
-                          % what)
+        raise Unsupported("%s: device memory given as __cuda_array_interface__: pass CUDA torch "
+                          "tensors, or device (address, size) parts with cuda=True" % what)
     try:
         mv = memoryview(obj)
     except TypeError:
@@ -563,6 +589,40 @@ def _block(obj: Any, writable: bool, what: str) -> tuple[list[tuple[int, int]], 
     return ([(a, m)] if m else []), m, k
 
 
+def _cuda_device(obj: Any) -> int | None:
+    """The CUDA device index of a CUDA torch tensor (or of the first tensor
+    of a list of them), else None."""
+    if isinstance(obj, list):
+        return _cuda_device(obj[0]) if obj else None
+    if hasattr(obj, "data_ptr") and getattr(obj, "is_cuda", False):
+        idx = getattr(obj.device, "index", None)
+        return int(idx) if idx is not None else 0
+    return None
+
+
+def _cuda_block(obj: Any, device: int, what: str) -> tuple[list[tuple[int, int]], int, Any]:
+    """(device parts [(address, size)], total size, keep-alive) of one block
+    on CUDA device ``device``: a CUDA tensor or a list of them."""
+    objs = obj if isinstance(obj, list) else [obj]
+    parts, n = [], 0
+    for j, o in enumerate(objs):
+        w = what if len(objs) == 1 and not isinstance(obj, list) else "%s part %d" % (what, j)
+        if not (hasattr(o, "data_ptr") and getattr(o, "is_cuda", False)):
+            raise InvalidArgument("%s: %s is not a CUDA tensor: a task's blocks are all on the "
+                                  "host or all on one CUDA device" % (w, type(o).__name__))
+        d = _cuda_device(o)
+        if d != device:
+            raise InvalidArgument("%s: a tensor on cuda:%s, the task's blocks are on cuda:%d"
+                                  % (w, d, device))
+        if not o.is_contiguous():
+            raise InvalidArgument("%s: the tensor is not contiguous" % w)
+        m = int(o.numel() * o.element_size())
+        if m:
+            parts.append((int(o.data_ptr()), m))
+            n += m
+    return parts, n, objs
+
+
 def _gather(dst: int, parts: list[tuple[int, int]]) -> None:
     for a, m in parts:
         _memmove(dst, a, m)
@@ -580,11 +640,18 @@ class _Staging:
     extents whose transfer failed in a way that may still write them are
     retired for good."""
 
-    def __init__(self, size: int):
+    def __init__(self, size: int, base: int | None = None, free: Any = None):
+        """``base``: memory of the caller's (pinned staging), released with
+        ``free(base)`` on close; else an anonymous mapping of ``size``."""
         self.size = size
-        self.map = mmap.mmap(-1, size)
-        self._c = ctypes.c_char.from_buffer(self.map)
-        self.base = ctypes.addressof(self._c)
+        self._free_fn = free
+        if base is None:
+            self.map = mmap.mmap(-1, size)
+            self._c = ctypes.c_char.from_buffer(self.map)
+            self.base = ctypes.addressof(self._c)
+        else:
+            self.map = None
+            self.base = base
         ctypes.memset(self.base, 0, size)  # fault the pages in now, not in the first transfer
         self.free = [(0, size)]
         self.retired = 0
@@ -628,6 +695,11 @@ class _Staging:
             self.cv.notify_all()
 
     def close(self) -> None:
+        if self.map is None:
+            if self._free_fn is not None:
+                self._free_fn(self.base)
+                self._free_fn = None
+            return
         del self._c
         try:
             self.map.close()
@@ -652,8 +724,10 @@ class BlockTask:
     miss. ``done``, ``ok`` and ``error`` (a message) are attributes."""
 
     def __init__(self, op: str, keys: list[str], bufs: list[tuple[list, int, Any]],
-                 tags: list[int] | None = None):
+                 tags: list[int] | None = None, cuda: bool = False):
         self.op = op
+        self.cuda = cuda  # bufs are device parts (CUDA), moved through kvshelf's copy path
+        self._snap = 0  # CudaCopier.snapshot of the caller's event (dump), 0: none
         self.keys = keys
         self._bufs = bufs
         self._tags = tags
@@ -755,10 +829,13 @@ class BlockTask:
 
 
 class _Batch:
-    __slots__ = ("task", "idx", "off", "size", "slots", "mkeys", "sizes", "bufs", "tags", "zc")
+    __slots__ = ("task", "idx", "off", "size", "slots", "mkeys", "sizes", "bufs", "tags", "zc",
+                 "st", "ptrs")
 
-    def __init__(self, task: BlockTask, idx: list[int]):
+    def __init__(self, task: BlockTask, idx: list[int], st: "_Staging"):
         self.task = task
+        self.st = st  # the staging it uses (pinned for CUDA tasks)
+        self.ptrs: list[int] | None = None  # set when blocks were dropped (failed CUDA copies)
         self.idx = idx
         self.off = -1
         self.bufs = [task._bufs[i] for i in idx]  # the batch's own references
@@ -829,6 +906,10 @@ class MooncakeBlockStore:
                                 "staging memory failed: %s" % (self._staging.size, mc_name(rc)))
         # Half the staging per batch at most, so two batches (one per stage) fit.
         self._batch_bytes = max(_ALIGN, self._staging.size // 2)
+        # CUDA blocks (enable_cuda): kvshelf's copier and pinned staging of the same size
+        self._cuda: Any = None
+        self._cstaging: _Staging | None = None
+        self._cuda_lock = threading.Lock()
         # host memory of the caller registered with Mooncake (register_memory):
         # sorted (start, end); dumps whose parts all lie there are zero-copy
         self._regions: list[tuple[int, int]] = []
@@ -968,6 +1049,89 @@ class MooncakeBlockStore:
             with self._lock:
                 self._calls.pop(me, None)
 
+    # ------------------------------------------------------------- CUDA
+    def enable_cuda(self, device: int) -> None:
+        """Makes the store ready for CUDA blocks on ``device``: kvshelf's copier
+        (``kvshelf._kvshelf.CudaCopier``) and ``staging_size`` bytes of pinned,
+        device-mapped staging registered with Mooncake. Done by the first
+        task with CUDA tensors; call it at start to keep the allocation (and
+        the registration) out of the first dump. One device per store:
+        another raises ``kvshelf.InvalidArgument``; a build without CUDA
+        raises ``kvshelf.Unsupported``, a missing device ``kvshelf.CudaError``."""
+        self._check_open()
+        device = int(device)
+        with self._cuda_lock:
+            if self._cuda is not None:
+                if self._cuda.device != device:
+                    raise InvalidArgument("kvshelf.mooncake_store: this store moves CUDA blocks of "
+                                          "device %d; a store serves one device (open another "
+                                          "for device %d)" % (self._cuda.device, device))
+                return
+            copier = getattr(_k, "CudaCopier", None)
+            if copier is None or not copier.available():
+                raise Unsupported("kvshelf.mooncake_store: CUDA blocks need kvshelf built with "
+                                  "CUDA (the CUDA toolkit found when the package was built); "
+                                  "this build moves host memory only")
+            cp = copier(device)
+            size = self._staging.size
+            try:
+                base = cp.pinned_alloc(size)
+            except Error:
+                cp.close()
+                raise
+            st = _Staging(size, base, cp.pinned_free)
+            rc = self._mc.register_buffer(st.base, st.size)
+            if rc != 0:
+                st.close()
+                cp.close()
+                raise InternalError("kvshelf.mooncake_store: Mooncake's register_buffer of %d bytes "
+                                    "of pinned staging memory failed: %s" % (size, mc_name(rc)))
+            self._cstaging = st
+            self._cuda = cp
+
+    @property
+    def cuda_device(self) -> int | None:
+        """The CUDA device of ``enable_cuda``, or None."""
+        return self._cuda.device if self._cuda is not None else None
+
+    def _free_snap(self, task: BlockTask) -> None:
+        snap, task._snap = task._snap, 0
+        if snap and self._cuda is not None:
+            self._cuda.free_snapshot(snap)
+
+    def _cuda_bufs(self, op: str, buffers: list[Any]) -> list[tuple[list, int, Any]] | None:
+        """The blocks of a task on a CUDA device (enabling it), or None for
+        host blocks. Mixed host and CUDA blocks raise InvalidArgument."""
+        devs = [_cuda_device(b) for b in buffers]
+        dev = next((d for d in devs if d is not None), None)
+        if dev is None:
+            return None
+        self.enable_cuda(dev)
+        return [_cuda_block(b, dev, "kvshelf.mooncake_store: %s: buffer %d" % (op, i))
+                for i, b in enumerate(buffers)]
+
+    @staticmethod
+    def _device_pairs(op: str, buffers: list[Any]) -> list[tuple[list, int, Any]]:
+        """cuda=True blocks given as device (address, size) pairs or lists of them."""
+        out = []
+        for i, b in enumerate(buffers):
+            items = b if isinstance(b, list) else [b]
+            parts, n = [], 0
+            for j, p in enumerate(items):
+                if hasattr(p, "data_ptr") and getattr(p, "is_cuda", False):
+                    m = int(p.numel() * p.element_size())
+                    p = (int(p.data_ptr()), m)
+                if not (isinstance(p, tuple) and len(p) == 2 and all(isinstance(x, int) for x in p)
+                        and p[0] > 0 and p[1] >= 0):
+                    raise InvalidArgument("kvshelf.mooncake_store: %s: buffer %d part %d: with "
+                                          "cuda=True a part is a device (address, size) or a CUDA "
+                                          "tensor, not %r" % (op, i, j, type(p).__name__))
+                if p[1]:
+                    parts.append(p)
+                    n += p[1]
+            out.append((parts, n, b))
+        return out
+
     # ----------------------------------------------------------- public
     @property
     def max_block(self) -> int:
@@ -976,7 +1140,8 @@ class MooncakeBlockStore:
 
     def _submit(self, op: str, keys: Sequence[bytes | str], buffers: Sequence[Any],
                 block: bool, timeout: float | None, tags: Any = None,
-                raw_bytes: int | None = None) -> BlockTask:
+                raw_bytes: int | None = None, cuda: bool | None = None,
+                event: Any = None) -> BlockTask:
         self._check_open()
         keys = list(keys)
         buffers = list(buffers)
@@ -984,11 +1149,20 @@ class MooncakeBlockStore:
             raise InvalidArgument("kvshelf.mooncake_store: %s: %d keys but %d buffers"
                                   % (op, len(keys), len(buffers)))
         mkeys = [mooncake_key(k) for k in keys]
+        is_cuda = bool(cuda)
+        if is_cuda and self._cuda is None:
+            raise InvalidArgument("kvshelf.mooncake_store: %s with cuda=True before enable_cuda("
+                                  "device)" % op)
         if raw_bytes is not None:  # lists of (address, size) built by kvshelf's own adapters
             bufs = [(b, raw_bytes, None) for b in buffers]
+        elif is_cuda:
+            bufs = self._device_pairs(op, buffers)
         else:
-            bufs = [_block(b, op == "load", "kvshelf.mooncake_store: %s: buffer %d" % (op, i))
-                    for i, b in enumerate(buffers)]
+            cb = self._cuda_bufs(op, buffers) if cuda is None else None
+            is_cuda = cb is not None
+            bufs = cb if cb is not None else [
+                _block(b, op == "load", "kvshelf.mooncake_store: %s: buffer %d" % (op, i))
+                for i, b in enumerate(buffers)]
         for i, (_, n, _) in enumerate(bufs):
             if _slot(n) > self._batch_bytes:
                 raise TooLarge("kvshelf.mooncake_store: %s: block %d is %d bytes; staging_size=%d "
@@ -1005,7 +1179,7 @@ class MooncakeBlockStore:
             if any(not 0 <= t < 1 << 64 for t in tags):
                 raise InvalidArgument("kvshelf.mooncake_store: %s: a tag is not a 64-bit "
                                       "unsigned integer" % op)
-        task = BlockTask(op, mkeys, bufs, tags)
+        task = BlockTask(op, mkeys, bufs, tags, is_cuda)
         if not mkeys:
             return task
         stall = self._stalled()
@@ -1013,11 +1187,17 @@ class MooncakeBlockStore:
             self._count_fail(op, len(mkeys), _k.ERR_TIMEOUT, stall)
             task._set(range(len(mkeys)), _k.ERR_TIMEOUT, stall)
             return task
+        if event is not None and op == "dump":
+            if is_cuda:  # the copies wait for it on the GPU (a snapshot: re-recording is fine)
+                task._snap = self._cuda.snapshot(event)
+            elif hasattr(event, "synchronize"):  # host blocks: wait for it here
+                event.synchronize()
         if timeout is None:
             timeout = self.config["timeout_ms"] / 1000.0
         try:
             self._tasks.put(task, block=block, timeout=timeout if block else None)
         except queue.Full:
+            self._free_snap(task)
             with self._lock:
                 self._st["busy"] += 1
             raise Busy("kvshelf.mooncake_store: %d tasks already queued (max_inflight); the %s "
@@ -1029,15 +1209,20 @@ class MooncakeBlockStore:
         return task
 
     def dump(self, keys: Sequence[bytes | str], buffers: Sequence[Any], *, block: bool = True,
-             timeout: float | None = None, tags: Any = None) -> BlockTask:
+             timeout: float | None = None, tags: Any = None, event: Any = None,
+             cuda: bool | None = None) -> BlockTask:
         """Stores ``buffers[i]`` under ``keys[i]`` (a buffer may be a list of
         buffers: the block is their concatenation). Returns a task at once;
         while ``max_inflight`` tasks are queued it waits for room (up to
         ``timeout``, default ``timeout_ms``; ``block=False``: not at all) and
         then raises ``kvshelf.Busy``. The buffers must stay unchanged until
         the task is done (or cancelled). ``tags``: one 64-bit int for every
-        block or one per block, stored in the header and compared on load."""
-        return self._submit("dump", keys, buffers, block, timeout, tags)
+        block or one per block, stored in the header and compared on load.
+        CUDA blocks (CUDA tensors; with ``cuda=True`` device ``(address,
+        size)`` parts too): ``event`` (a CUDA event, torch's or a
+        ``cudaEvent_t`` int) is waited for on the GPU before they are copied;
+        host blocks: it is synchronized here."""
+        return self._submit("dump", keys, buffers, block, timeout, tags, cuda=cuda, event=event)
 
     def finish(self, task: BlockTask, timeout: float | None = None) -> list[int]:
         """Waits for ``task`` at most ``timeout`` seconds (default: until
@@ -1059,13 +1244,16 @@ class MooncakeBlockStore:
         return task.cancel(_k.ERR_TIMEOUT, msg)
 
     def load(self, keys: Sequence[bytes | str], buffers: Sequence[Any], *, block: bool = True,
-             timeout: float | None = None, tags: Any = None) -> BlockTask:
+             timeout: float | None = None, tags: Any = None,
+             cuda: bool | None = None) -> BlockTask:
         """Reads the block under ``keys[i]`` into ``buffers[i]`` (its size is
         the block's). A block missing, or whose stored object does not match
         (header, length, key, checksum), is a miss: ``ERR_NOT_FOUND``, its
         buffer untouched (a list of buffers: the parts the block is scattered
-        into). ``tags``: as for ``dump``; another stored tag is a miss."""
-        return self._submit("load", keys, buffers, block, timeout, tags)
+        into). ``tags``: as for ``dump``; another stored tag is a miss.
+        CUDA blocks as for ``dump``: the device memory is written only
+        after the header checked in staging."""
+        return self._submit("load", keys, buffers, block, timeout, tags, cuda=cuda)
 
     def wait(self, task: BlockTask, timeout: float | None = None) -> list[int]:
         """Waits for ``task`` and returns its per-block results. Raises
@@ -1167,7 +1355,8 @@ class MooncakeBlockStore:
     COUNTERS = ("dumped", "dumped_bytes", "dump_errors", "dump_misses", "loaded", "loaded_bytes",
                 "load_misses", "load_errors", "mismatch", "lookups", "lookup_hits",
                 "lookup_errors", "rewritten", "put_calls", "put_seconds", "get_calls",
-                "get_seconds", "busy", "unreachable_events", "staging_retire_events", "timeouts")
+                "get_seconds", "busy", "unreachable_events", "staging_retire_events", "timeouts",
+                "cuda_dumped", "cuda_loaded", "cuda_errors")
 
     def stats(self) -> dict[str, Any]:
         """Counters (blocks, bytes, Mooncake calls and their seconds, misses,
@@ -1181,6 +1370,9 @@ class MooncakeBlockStore:
         d["staging_retired"] = self._staging.retired
         d["queued_tasks"] = self._tasks.qsize()
         d["checksum"] = "xxh3" if self._algo == ALGO_XXH3 else "blake2b"
+        d["cuda_device"] = self.cuda_device
+        if self._cstaging is not None:
+            d["cuda_staging_retired"] = self._cstaging.retired
         return d
 
     # ------------------------------------------------- registered memory
@@ -1262,6 +1454,7 @@ class MooncakeBlockStore:
                 t = self._tasks.get_nowait()
             except queue.Empty:
                 return
+            self._free_snap(t)
             t._set(range(len(t.keys)), _k.ERR_CLOSED, "kvshelf.mooncake_store: closed")
 
     def _close_client(self, timeout: float) -> bool:
@@ -1296,8 +1489,10 @@ class MooncakeBlockStore:
             pass
         self._t1.join(max(0.0, deadline - time.monotonic()))
         self._stop.set()
-        with self._staging.cv:
-            self._staging.cv.notify_all()
+        for st in (self._staging, self._cstaging):
+            if st is not None:
+                with st.cv:
+                    st.cv.notify_all()
         self._drain_queue()
         try:
             self._tasks.put_nowait(None)  # in case the first one found the queue full
@@ -1312,6 +1507,11 @@ class MooncakeBlockStore:
                 self._mc.unregister_buffer(self._staging.base)
             except Exception:  # noqa: BLE001
                 pass
+            if self._cstaging is not None:
+                try:
+                    self._mc.unregister_buffer(self._cstaging.base)
+                except Exception:  # noqa: BLE001
+                    pass
             with self._lock:
                 regions, self._regions = self._regions, []
             for a, _ in regions:
@@ -1322,6 +1522,11 @@ class MooncakeBlockStore:
         closed = self._close_client(max(1.0, deadline - time.monotonic()))
         if quiet and closed:
             self._staging.close()
+            if self._cstaging is not None:
+                self._cstaging.close()  # frees the pinned memory
+                self._cstaging = None
+            if self._cuda is not None:
+                self._cuda.close()
         else:
             log.warning("kvshelf.mooncake_store: closing took longer than %.0f s (Mooncake's "
                         "client is still busy); its staging memory is left mapped", timeout)
@@ -1340,16 +1545,17 @@ class MooncakeBlockStore:
             return self._cut(task)
 
     def _cut(self, task: BlockTask) -> list[_Batch]:
+        st = self._cstaging if task.cuda else self._staging
         out, cur, cur_bytes = [], [], 0
         for i, (_, n, _) in enumerate(task._bufs):
             s = _slot(n)
             if cur and (len(cur) >= self.config["batch_size"] or cur_bytes + s > self._batch_bytes):
-                out.append(_Batch(task, cur))
+                out.append(_Batch(task, cur, st))
                 cur, cur_bytes = [], 0
             cur.append(i)
             cur_bytes += s
         if cur:
-            out.append(_Batch(task, cur))
+            out.append(_Batch(task, cur, st))
         return out
 
     def _fail(self, b: _Batch, code: int, msg: str) -> None:
@@ -1384,6 +1590,8 @@ class MooncakeBlockStore:
                     self._release(b, retire=True)
                     self._fail(b, _k.ERR_INTERNAL, "kvshelf.mooncake_store: %s: %s: %s"
                                % (task.op, type(e).__name__, e))
+            # the CUDA copies of a dump ran in _stage1 (they wait until done)
+            self._free_snap(task)
 
     def _stage2_loop(self) -> None:
         while True:
@@ -1401,8 +1609,18 @@ class MooncakeBlockStore:
 
     def _release(self, b: _Batch, retire: bool = False) -> None:
         if b.off >= 0:
-            self._staging.release(b.off, b.size, retire)
+            b.st.release(b.off, b.size, retire)
             b.off = -1
+
+    def _ptrs(self, b: _Batch) -> list[int]:
+        """The staging address of every block of b."""
+        if b.ptrs is not None:
+            return b.ptrs
+        ptrs, pos = [], b.st.base + b.off
+        for s in b.slots:
+            ptrs.append(pos)
+            pos += s
+        return ptrs
 
     def _stage1(self, b: _Batch) -> None:
         """dump: staging <- blocks, headers, checksums (zero-copy: headers
@@ -1412,20 +1630,23 @@ class MooncakeBlockStore:
         if msg:
             self._fail(b, _k.ERR_CONN, msg)
             return
-        if b.task.op == "dump" and self._zero_copy_ok(b):
+        if b.task.op == "dump" and not b.task.cuda and self._zero_copy_ok(b):
             b.zero_copy()
-        off = self._staging.alloc(b.size, self._stop)
+        off = b.st.alloc(b.size, self._stop)
         if off is None:
             if self._stop.is_set():
                 self._fail(b, _k.ERR_CLOSED, "kvshelf.mooncake_store: closed")
             else:
                 self._fail(b, _k.ERR_NOMEM, "kvshelf.mooncake_store: staging memory exhausted: "
                            "%d of %d bytes retired after failed transfers"
-                           % (self._staging.retired, self._staging.size))
+                           % (b.st.retired, b.st.size))
             return
         b.off = off
-        base = self._staging.base + off
+        base = b.st.base + off
         task = b.task
+        if task.op == "dump" and task.cuda:
+            self._stage1_cuda_dump(b)
+            return
         if task.op == "dump" and b.zc:
             with task._io:  # checksums over the caller's buffers, in place
                 if task._cancelled:
@@ -1468,6 +1689,52 @@ class MooncakeBlockStore:
             pos += s
         self._transfer_get(b, ptrs)
 
+    def _cuda_failed(self, b: _Batch, idx: list[int], msg: str) -> None:
+        with self._lock:
+            self._st["cuda_errors"] += len(idx)
+        self._count_fail(b.task.op, len(idx), _k.ERR_CUDA, msg)
+        b.task._set(idx, _k.ERR_CUDA, msg)
+
+    def _stage1_cuda_dump(self, b: _Batch) -> None:
+        """CUDA dump: device -> pinned staging through kvshelf's copier (after
+        the caller's event, on the GPU), then checksums and headers on the
+        host; blocks whose view check failed are dropped from the batch."""
+        task = b.task
+        ptrs = self._ptrs(b)
+        with task._io:  # the caller's device memory is read only here
+            if task._cancelled:
+                self._release(b)
+                return
+            try:
+                oks = self._cuda.dump(ptrs, [parts for parts, _, _ in b.bufs],
+                                      payload_off=HEADER, stamp_off=_STAMP_OFF,
+                                      event=task._snap or None)
+            except Error as e:
+                self._release(b)
+                self._cuda_failed(b, b.idx, "kvshelf.mooncake_store: dump: %s" % e)
+                return
+        keep = [j for j, ok in enumerate(oks) if ok]
+        if len(keep) < len(oks):
+            self._cuda_failed(b, [b.idx[j] for j, ok in enumerate(oks) if not ok],
+                              "kvshelf.mooncake_store: dump: the GPU's view of the pinned staging "
+                              "differs from the CPU's (view check); block not stored")
+            if not keep:
+                self._release(b)
+                return
+            for name in ("idx", "bufs", "slots", "mkeys", "sizes", "tags"):
+                v = getattr(b, name)
+                setattr(b, name, [v[j] for j in keep])
+            ptrs = [ptrs[j] for j in keep]
+            b.ptrs = ptrs
+        for j, (parts, n, _) in enumerate(b.bufs):
+            cs = _checksum(self._algo, ptrs[j] + HEADER, n)
+            # the header last: its reserved word (the view-check stamp) becomes 0 again
+            ctypes.memmove(ptrs[j], _HDR.pack(MAGIC, 1, self._algo, HEADER, n,
+                                              _key_hash(b.mkeys[j]), cs, b.tags[j]), HEADER)
+        with self._lock:
+            self._st["cuda_dumped"] += len(b.idx)
+        self._mid.put(b)
+
     def _transfer_get(self, b: _Batch, ptrs: list[int]) -> None:
         t0 = time.monotonic()
         try:
@@ -1495,10 +1762,7 @@ class MooncakeBlockStore:
             self._release(b)
             self._fail(b, _k.ERR_CONN, msg)
             return
-        ptrs, pos = [], self._staging.base + b.off
-        for s in b.slots:
-            ptrs.append(pos)
-            pos += s
+        ptrs = self._ptrs(b)
         # Keys whose object failed the header check on a load are written
         # with upsert (Mooncake's put keeps an existing object, so a foreign
         # or corrupted one would otherwise stay under the key for good).
@@ -1631,8 +1895,10 @@ class MooncakeBlockStore:
                 continue
             good.append(j)
         checked = []
+        if task.cuda:
+            good, _ = self._finish_load_cuda(b, ptrs, r, good, miss, bad, ok)
         with task._io:  # the caller's buffers are written only here
-            for j in good:
+            for j in (good if not task.cuda else ()):
                 i = b.idx[j]
                 # the check, then the copy out while the block is still in the cache
                 if not self._check(ptrs[j], r[j], b.mkeys[j], b.bufs[j][1], b.tags[j]):
@@ -1644,7 +1910,7 @@ class MooncakeBlockStore:
                 if not task._cancelled:
                     _scatter(ptrs[j] + HEADER, b.bufs[j][0])
                     ok.append(i)
-        good = checked
+        good = checked if not task.cuda else good
         if bad:
             with task._lock:
                 task._mismatch.update(bad)
@@ -1661,6 +1927,47 @@ class MooncakeBlockStore:
             self._count_fail("load", len(miss), _k.ERR_NOT_FOUND, None)
             task._set(miss, _k.ERR_NOT_FOUND)
         task._set(ok, 0)
+
+    def _finish_load_cuda(self, b: _Batch, ptrs: list[int], r: list[int], good: list[int],
+                          miss: list[int], bad: list[int], ok: list[int]) -> tuple[list[int], list[int]]:
+        """CUDA load: the header checks in staging, then one copy of the
+        blocks that passed, staging -> device (kvshelf's copier). Fills miss,
+        bad and ok; returns (blocks copied, blocks failed with ERR_CUDA)."""
+        task = b.task
+        checked = []
+        for j in good:
+            if not self._check(ptrs[j], r[j], b.mkeys[j], b.bufs[j][1], b.tags[j]):
+                miss.append(b.idx[j])
+                bad.append(b.idx[j])
+                self._mark_bad(b.mkeys[j])
+                continue
+            checked.append(j)
+        failed: list[int] = []
+        if not checked:
+            return [], failed
+        with task._io:  # the caller's device memory is written only here
+            if task._cancelled:
+                return [], failed
+            try:
+                oks = self._cuda.load([ptrs[j] for j in checked], [b.bufs[j][0] for j in checked],
+                                      payload_off=HEADER, stamp_off=_STAMP_OFF)
+                msg = ("kvshelf.mooncake_store: load: the GPU's view of the pinned staging differs "
+                       "from the CPU's (view check); the block may be partly written")
+            except Error as e:
+                oks = [False] * len(checked)
+                msg = "kvshelf.mooncake_store: load: %s" % e
+        done = []
+        for j, k in zip(checked, oks):
+            if k:
+                ok.append(b.idx[j])
+                done.append(j)
+            else:
+                failed.append(b.idx[j])
+        if failed:
+            self._cuda_failed(b, failed, msg)
+        with self._lock:
+            self._st["cuda_loaded"] += len(done)
+        return done, failed
 
     def _check(self, p: int, got: int, mkey: str, n: int, tag: int = 0) -> bool:
         """Is the object at p (got bytes) this key's block of n bytes, tag tag?"""

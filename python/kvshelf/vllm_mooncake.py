@@ -12,7 +12,8 @@ underneath:
   (``kvshelf.layout_from_tensor``); a block is the concatenation of its parts
   in every tensor (``count`` chunks of ``chunk_bytes`` per tensor), gathered
   into Mooncake's registered staging memory on dump and scattered back on load
-  by the store's copy threads (``memmove`` in C, the GIL released);
+  by the store's copy threads (host KV cache: ``memmove`` in C, the GIL
+  released; CUDA KV cache: kvshelf's CUDA copy path, see below);
 - ``lookup_prefix(hashes)`` -> leading blocks stored (one ``batch_is_exist``
   per 256 keys); errors raise kvshelf exceptions (the connector counts a
   miss);
@@ -30,9 +31,15 @@ underneath:
   the header's tag is a hash of the block's geometry (its parts' sizes), so a
   block written by an engine with another layout is a miss.
 
-Host (CPU) KV caches in this version (the CPU build of vLLM); a CUDA KV cache
-is refused when the worker opens the pool with ``kvshelf.ConfigError`` (the
-engine's start fails and says why).
+Host (CPU) KV caches (the CPU build of vLLM) and CUDA KV caches (``device``
+>= 0): a CUDA block's parts (device addresses in vLLM's per-layer tensors
+``[2, num_blocks, block_size, kv_heads, head_dim]``) move between the GPU and
+the store's pinned staging, registered with Mooncake, through kvshelf's C/CUDA
+copies (``kvshelf._kvshelf.CudaCopier``, ``MooncakeBlockStore.enable_cuda``);
+a dump's copies wait for the engine's CUDA event on the GPU, a load writes
+the KV cache only for blocks whose header checked. A kvshelf built without
+CUDA, or a device that cannot be used, fails the worker's start with
+``kvshelf.ConfigError`` saying why.
 
 In one process, the scheduler's lookup-only connector and the worker's share
 one Mooncake client (one ``MooncakeBlockStore`` per configuration, closed with
@@ -51,7 +58,7 @@ import threading
 import time
 from typing import Any, Sequence
 
-from . import CONFIG_KEYS, ConfigError, InvalidArgument, LayoutError
+from . import CONFIG_KEYS, ConfigError, CudaError, InvalidArgument, LayoutError, Unsupported
 from . import _kvshelf as _k
 from . import mooncake_store as ms
 
@@ -221,7 +228,8 @@ class MooncakeTask:
 class MooncakeConnector:
     """``kvshelf.Connector``'s interface over a Mooncake Store (see the
     module's documentation). ``config``: the store configuration with
-    ``"store": "mooncake"``; ``device``: -1 lookup-only, -2 host KV cache."""
+    ``"store": "mooncake"``; ``device``: -1 lookup-only, -2 host KV cache,
+    >= 0 a KV cache on that CUDA device."""
 
     backend = "mooncake-host"
     #: Register the KV cache with Mooncake so that dumps are zero-copy
@@ -241,10 +249,18 @@ class MooncakeConnector:
             cfg["max_inflight"] = int(max_inflight)
         if device >= 0:
             # a ConfigError (not Unsupported, which the pool link would retry forever as an
-            # unreachable pool): the engine's start fails and says why
-            raise ConfigError("kvshelf.vllm_mooncake: \"store\": \"mooncake\" moves host (CPU) KV "
-                              "caches in this version; this engine's KV cache is on CUDA device %d "
-                              "(use kvshelf's own pool for CUDA KV caches: drop \"store\")" % device)
+            # unreachable pool): the engine's start fails and says why, before any connection
+            copier = getattr(_k, "CudaCopier", None)
+            if copier is None or not copier.available():
+                raise ConfigError("kvshelf.vllm_mooncake: this engine's KV cache is on CUDA device "
+                                  "%d and this kvshelf was built without CUDA: reinstall kvshelf "
+                                  "where the CUDA toolkit (nvcc) is found, or use a host KV cache"
+                                  % device)
+            found = copier.device_count()
+            if device >= found:
+                raise ConfigError("kvshelf.vllm_mooncake: this engine's KV cache is on CUDA device "
+                                  "%d, which kvshelf's CUDA copies cannot use (%d CUDA devices "
+                                  "found)" % (device, found))
         if not 0 <= rank < max(1, world_size):
             raise InvalidArgument("kvshelf.vllm_mooncake: rank %d of world size %d" % (rank, world_size))
         self.device = device
@@ -253,6 +269,14 @@ class MooncakeConnector:
         ns = hashlib.blake2b(namespace.encode("utf-8"), digest_size=12).hexdigest()
         self._prefix = "kvshelf/%s/%d.%d/" % (ns, self.rank, self.world_size)
         self._key, self._store = _acquire(cfg, device == -1)
+        if device >= 0:
+            try:
+                self._store.enable_cuda(device)
+            except (CudaError, Unsupported, InvalidArgument) as e:
+                _release(self._key, 10.0)
+                raise ConfigError("kvshelf.vllm_mooncake: the KV cache on CUDA device %d cannot "
+                                  "move through the Mooncake store: %s" % (device, e)) from None
+            self.backend = "mooncake-cuda"
         self.config = self._store.config
         self._parts: list[tuple[int, int, int, int, int]] | None = None
         self._num_blocks = 0
@@ -286,7 +310,7 @@ class MooncakeConnector:
         self._parts = parts
         self._num_blocks = int(num_blocks)
         self.block_bytes = size
-        if self.REGISTER_KV:
+        if self.REGISTER_KV and self.device < 0:  # host memory only
             self._register_regions(parts, int(num_blocks))
         # per part of a block: (address in block 0, block stride, size)
         self._flat = [(base + c * cstride, bstride, chunk)
@@ -361,16 +385,20 @@ class MooncakeConnector:
 
     def dump(self, hashes: Sequence[bytes], block_ids: Sequence[int], event: Any = None) -> MooncakeTask:
         keys, bufs, index, pre, n = self._plan("dump", hashes, block_ids)
-        if event is not None:  # a CUDA event: host caches have none; wait for it anyway
+        cuda = self.device >= 0
+        if event is not None and not cuda:  # host caches have no CUDA work; wait for it anyway
             event.synchronize()
-        t = (self._store._submit("dump", keys, bufs, True, None, self._tag, self.block_bytes)
+        # CUDA: the store's copies wait for the event on the GPU (snapshotted now)
+        t = (self._store._submit("dump", keys, bufs, True, None, self._tag, self.block_bytes,
+                                 cuda=cuda, event=event if cuda else None)
              if keys else None)
         self._n["dump_tasks"] += 1
         return MooncakeTask("dump", self._store, t, n, pre, index)
 
     def load(self, hashes: Sequence[bytes], block_ids: Sequence[int]) -> MooncakeTask:
         keys, bufs, index, pre, n = self._plan("load", hashes, block_ids)
-        t = (self._store._submit("load", keys, bufs, True, None, self._tag, self.block_bytes)
+        t = (self._store._submit("load", keys, bufs, True, None, self._tag, self.block_bytes,
+                                 cuda=self.device >= 0)
              if keys else None)
         self._n["load_tasks"] += 1
         return MooncakeTask("load", self._store, t, n, pre, index)

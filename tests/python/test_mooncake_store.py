@@ -191,7 +191,7 @@ def test_bad_arguments_are_clear_errors(ms):
         with pytest.raises(kvshelf.TooLarge, match="staging_size"):
             s.dump([b"big"], [np.zeros(1 << 20, np.uint8)])
         torch = pytest.importorskip("torch")
-        with pytest.raises(kvshelf.Unsupported, match="host memory in this version"):
+        with pytest.raises(kvshelf.Unsupported, match="moves host memory and CUDA tensors"):
             s.dump([b"t"], [torch.empty(16, device="meta")])
         assert s.dump([], []).done and s.load([], []).results() == []
     finally:

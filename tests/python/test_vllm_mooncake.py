@@ -159,8 +159,10 @@ def test_config_selects_mooncake_and_refuses_what_it_cannot_do():
     """No processes: kv_connector_extra_config with "store": "mooncake" is
     checked by the Mooncake store's rules (its keys accepted, at the top level
     or nested; kvshelf-pool keys and a missing master refused), Mooncake-only
-    keys without it are an error, and a CUDA KV cache is refused with a
-    ConfigError (the engine's start fails and says why)."""
+    keys without it are an error, and a CUDA KV cache that kvshelf's CUDA
+    copies cannot serve (no CUDA build, no such device) is refused with a
+    ConfigError before any connection (the engine's start fails and says
+    why). CUDA KV caches on a GPU: tests/python/test_mooncake_cuda.py."""
     kvshelf = _tree_kvshelf()
     import importlib
 
@@ -179,8 +181,10 @@ def test_config_selects_mooncake_and_refuses_what_it_cannot_do():
         with pytest.raises(kvshelf.ConfigError, match=words):
             kv.validate_extra_config(bad)
     assert not vmc.selected(kv.validate_extra_config({"store": "kvshelf"})["store"])
-    with pytest.raises(kvshelf.ConfigError, match="CUDA device 0"):
-        vmc.MooncakeConnector(base, device=0)
+    copier = getattr(kvshelf._kvshelf, "CudaCopier", None)
+    ndev = copier.device_count() if copier is not None and copier.available() else 0
+    with pytest.raises(kvshelf.ConfigError, match="CUDA device %d" % ndev):
+        vmc.MooncakeConnector(base, device=ndev)  # one past the last device (or no CUDA build)
 
 
 @pytest.fixture(scope="module")
