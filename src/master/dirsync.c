@@ -79,7 +79,7 @@ static void resolve(kvs_master *m, kvs_obj *o, int st)
 {
     kvs_m_reply *p = o->waiter;
     if (!p) return;
-    p->status[o->waiter_idx] = st;
+    if (st != KVS_OK) p->status[o->waiter_idx] = st; /* else the status given at the call */
     p->objs[o->waiter_idx] = NULL;
     o->waiter = NULL;
     if (--p->waiting == 0) m->n_replies_ready++;

@@ -126,8 +126,13 @@ int kvs_m_release(kvs_master *m, uint64_t lease_id);
 /* 1 if stored (complete), 0 if not. */
 int kvs_m_exists(kvs_master *m, const void *key, uint32_t key_len);
 int kvs_m_remove(kvs_master *m, const void *key, uint32_t key_len);
-/* kvs_m_remove that also says (*held, may be NULL) which object went
- * UNLISTING: its removal is final only once its owner confirmed it. */
+/* kvs_m_remove that also says (*held, may be NULL) which object is
+ * UNLISTING: its removal is final only once its owner confirmed it. That
+ * is the removed object (KVS_OK), or one dropped earlier (evicted) whose
+ * unlisting is pending (KVS_ERR_NOT_FOUND; KVS_ERR_BUSY if another removal
+ * waits on it already): the caller's answer waits for the unlisting in
+ * both cases, so that a master rebuilt from the directory never serves a
+ * key its caller was told is gone. */
 int kvs_m_remove_held(kvs_master *m, const void *key, uint32_t key_len, kvs_obj **held);
 
 /* Object lifecycle (master.c). */

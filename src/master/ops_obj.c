@@ -243,6 +243,17 @@ int kvs_m_remove_held(kvs_master *m, const void *key, uint32_t key_len, kvs_obj 
     if (!key_ok(key_len)) return KVS_ERR_INVALID;
     kvs_m_touch(m, key, key_len); /* rebuild.c: its directory entries are stale now */
     kvs_obj *o = kvs_index_find(&m->ix, key, key_len);
+    if (o && o->state == KVS_OBJ_UNLISTING && kvs_m_dir_holds(o)) {
+        /* dropped (evicted) already, but its owner's directory still lists
+         * it: not found, yet the answer waits for the unlisting like a
+         * removal does, so that no master rebuilt from that directory
+         * serves it again after the caller was told it is gone */
+        if (held) {
+            if (o->waiter) return KVS_ERR_BUSY; /* another removal waits on it */
+            *held = o;
+        }
+        return KVS_ERR_NOT_FOUND;
+    }
     if (!o || o->state != KVS_OBJ_COMPLETE) return KVS_ERR_NOT_FOUND;
     /* decided before the drop, which may free o */
     int stays = kvs_m_dir_may_list(o);

@@ -528,6 +528,64 @@ static void test_remove_waits_for_unlisting(void **st)
     tm_close(&c);
 }
 
+/* An evicted object its owner's directory still lists: a REMOVE of its key
+ * says NOT_FOUND, but only once the owner confirmed the unlisting (a master
+ * rebuilt from the directory before that would serve it again after the
+ * caller was told it is gone: CI saw such stale reads after a failover); a
+ * second REMOVE meanwhile is BUSY. */
+static void test_remove_of_evicted_waits_for_unlisting(void **st)
+{
+    (void)st;
+    kvs_master *m = tm_master(NULL, no_wait);
+    tm_conn c;
+    tm_open(&c, m, 1);
+    assert_int_equal(tm_hello(&c, NULL), KVS_OK);
+    uint64_t owner = c.client_id;
+    uint32_t seg = mount_dir(m, owner, 16 * MIB, "dir-g");
+    end_load(m, owner, seg);
+    assert_int_equal(tm_put(m, owner, "ev", 100), KVS_OK);
+    batch b;
+    assert_int_equal(sync_once(m, owner, seg, 0, &b), KVS_OK); /* listed */
+    assert_int_equal(sync_once(m, owner, seg, b.seq, &b), KVS_OK);
+    kvs_obj *o = kvs_index_find(&m->ix, "ev", 2);
+    assert_non_null(o);
+    kvs_m_obj_drop(m, o); /* evicted: UNLISTING until the owner confirms */
+    assert_false(tm_exists(m, "ev"));
+    kvs_wbuf w;
+    kvs_wbuf_init(&w);
+    kvs_wbuf_u32(&w, 1);
+    kvs_wbuf_bytes(&w, "ev", 2);
+    tm_send(&c, KVS_MSG_REMOVE, &w, 31);
+    assert_false(tm_pending(&c));
+    assert_int_equal(c.st.deferred, 1);
+    kvs_wbuf_reset(&w);
+    kvs_wbuf_u32(&w, 1);
+    kvs_wbuf_bytes(&w, "ev", 2);
+    tm_send(&c, KVS_MSG_REMOVE, &w, 32); /* a second one: BUSY at once */
+    tm_resp r = tm_next(&c);
+    assert_int_equal(r.h.req_id, 32);
+    kvs_rbuf rb;
+    kvs_rbuf_init(&rb, r.body, r.h.body_len);
+    assert_int_equal(kvs_rbuf_u32(&rb), 1);
+    assert_int_equal(kvs_rbuf_i32(&rb), KVS_ERR_BUSY);
+    assert_false(tm_pending(&c));
+    /* the owner unlists it: the first reply comes, NOT_FOUND */
+    assert_int_equal(sync_once(m, owner, seg, 0, &b), KVS_OK);
+    assert_int_equal(sync_once(m, owner, seg, b.seq, &b), KVS_OK);
+    assert_int_equal(kvs_master_flush_parked(m), 1);
+    r = tm_next(&c);
+    assert_int_equal(r.h.req_id, 31);
+    kvs_rbuf_init(&rb, r.body, r.h.body_len);
+    assert_int_equal(kvs_rbuf_u32(&rb), 1);
+    assert_int_equal(kvs_rbuf_i32(&rb), KVS_ERR_NOT_FOUND);
+    assert_int_equal(kvs_rbuf_finish(&rb), KVS_OK);
+    assert_int_equal(c.st.deferred, 0);
+    assert_int_equal(m->n_objs, 0);
+    kvs_wbuf_free(&w);
+    kvs_master_free(m);
+    tm_close(&c);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -537,6 +595,7 @@ int main(void)
         cmocka_unit_test(test_drop_with_pending),
         cmocka_unit_test(test_wire),
         cmocka_unit_test(test_remove_waits_for_unlisting),
+        cmocka_unit_test(test_remove_of_evicted_waits_for_unlisting),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
