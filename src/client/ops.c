@@ -573,28 +573,48 @@ static int run_batch(kvs_client *c, kvs_item *items, size_t n, int need_reg, int
     return ok;
 }
 
+/* Backoff of the BUSY retries below: waits between tries, doubling up to
+ * max_us, for at most the client's timeout_ms from the start. */
+typedef struct busy_backoff {
+    uint64_t deadline_ms;
+    unsigned delay_us, max_us;
+} busy_backoff;
+
+static busy_backoff busy_backoff_start(const kvs_client *c, unsigned first_us, unsigned max_us)
+{
+    uint64_t t = (uint64_t)(c->timeout_ms > 0 ? c->timeout_ms : 1000);
+    return (busy_backoff){kvs_now_ms() + t, first_us, max_us};
+}
+
+/* Sleeps before the next try; 0 (no sleep) once the time is up. */
+static int busy_backoff_wait(busy_backoff *b)
+{
+    if (kvs_now_ms() >= b->deadline_ms) return 0;
+    struct timespec ts = {0, (long)b->delay_us * 1000};
+    nanosleep(&ts, NULL);
+    b->delay_us = b->delay_us * 2 < b->max_us ? b->delay_us * 2 : b->max_us;
+    return 1;
+}
+
 /* Puts again, for at most the client's timeout_ms, the items the master
  * answered KVS_ERR_BUSY: a moment, not a failure (an earlier version of the
  * key, or the space eviction freed, waits for its segment's owner to unlist
  * it from the segment's directory: master/dirsync.c). */
 static void retry_busy(kvs_client *c, kvs_item *items, size_t n)
 {
-    uint64_t deadline = kvs_now_ms() + (uint64_t)(c->timeout_ms > 0 ? c->timeout_ms : 1000);
-    unsigned delay_us = 500;
+    busy_backoff b = busy_backoff_start(c, 500, 32000);
     kvs_item *again = NULL;
     size_t *at = NULL;
     for (;;) {
         size_t nb = 0;
         for (size_t i = 0; i < n; i++) nb += items[i].status == KVS_ERR_BUSY;
-        if (!nb || kvs_now_ms() >= deadline) break;
+        if (!nb) break;
         if (!again) {
             again = malloc(n * sizeof *again);
             at = malloc(n * sizeof *at);
             if (!again || !at) break;
         }
-        struct timespec ts = {0, (long)delay_us * 1000};
-        nanosleep(&ts, NULL);
-        delay_us = delay_us < 16000 ? delay_us * 2 : 32000;
+        if (!busy_backoff_wait(&b)) break;
         size_t k = 0;
         for (size_t i = 0; i < n; i++)
             if (items[i].status == KVS_ERR_BUSY) {
@@ -1140,8 +1160,7 @@ static int reserve_all(kvs_client *c, const kvs_key *keys, const uint64_t *sizes
 static int reserve_retry_busy(kvs_client *c, const kvs_key *keys, const uint64_t *sizes,
                               size_t n, kvs_slot *slots)
 {
-    uint64_t deadline = kvs_now_ms() + (uint64_t)(c->timeout_ms > 0 ? c->timeout_ms : 1000);
-    unsigned delay_us = 250;
+    busy_backoff b = busy_backoff_start(c, 250, 16000);
     kvs_key *rk = NULL;
     uint64_t *rs = NULL;
     kvs_slot *again = NULL;
@@ -1150,7 +1169,7 @@ static int reserve_retry_busy(kvs_client *c, const kvs_key *keys, const uint64_t
     for (;;) {
         size_t k = 0;
         for (size_t i = 0; i < n; i++) k += slots[i].status == KVS_ERR_BUSY;
-        if (!k || kvs_now_ms() >= deadline) break;
+        if (!k) break;
         if (!rk) {
             rk = malloc(n * sizeof *rk);
             rs = malloc(n * sizeof *rs);
@@ -1158,9 +1177,7 @@ static int reserve_retry_busy(kvs_client *c, const kvs_key *keys, const uint64_t
             at = malloc(n * sizeof *at);
             if (!rk || !rs || !again || !at) break;
         }
-        struct timespec ts = {0, (long)delay_us * 1000};
-        nanosleep(&ts, NULL);
-        delay_us = delay_us < 8000 ? delay_us * 2 : 16000;
+        if (!busy_backoff_wait(&b)) break;
         k = 0;
         for (size_t i = 0; i < n; i++)
             if (slots[i].status == KVS_ERR_BUSY) {
