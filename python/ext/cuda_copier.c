@@ -42,6 +42,8 @@
 #endif
 
 #define COPIER_POOL 8
+#define COPIER_MAX_OFF (1ull << 32)      /* payload_off, stamp_off */
+#define COPIER_MAX_OBJ_BYTES (1ull << 48) /* payload bytes of one object */
 
 typedef struct {
     PyObject_HEAD
@@ -133,10 +135,39 @@ static void pool_give(CudaCopierObject *self, kvs_cuda_pworker *w) {
     pthread_mutex_unlock(&self->mu);
 }
 
-/* Makes `device` current on this thread; *prev gets the one to restore. */
+/* cuCtxGetCurrent through the runtime (no link to libcuda); NULL where the
+ * driver does not offer it. */
+typedef int (*ctx_get_fn)(void **ctx);
+static ctx_get_fn g_ctx_get;
+static pthread_once_t g_ctx_once = PTHREAD_ONCE_INIT;
+
+static void ctx_get_init(void) {
+    void *fn = NULL;
+    enum cudaDriverEntryPointQueryResult q;
+    if (cudaGetDriverEntryPointByVersion("cuCtxGetCurrent", &fn, 12000, cudaEnableDefault, &q) ==
+            cudaSuccess &&
+        q == cudaDriverEntryPointSuccess)
+        g_ctx_get = (ctx_get_fn)fn;
+    else
+        cudaGetLastError();
+}
+
+/* Whether this thread has a CUDA context current (1 where unknown). */
+static int thread_has_ctx(void) {
+    pthread_once(&g_ctx_once, ctx_get_init);
+    void *ctx = NULL;
+    if (!g_ctx_get)
+        return 1;
+    return g_ctx_get(&ctx) != 0 || ctx != NULL;
+}
+
+/* Makes `device` current on this thread; *prev gets the one to restore: -1
+ * where the thread had no context (a new thread reports device 0, and
+ * setting device 0 back would create a context there: memory on GPU 0 of
+ * every process whose KV cache is on another device). */
 static int dev_enter(int device, int *prev) {
     *prev = -1;
-    if (cudaGetDevice(prev) != cudaSuccess) {
+    if (thread_has_ctx() && cudaGetDevice(prev) != cudaSuccess) {
         cudaGetLastError();
         *prev = -1;
     }
@@ -239,7 +270,10 @@ static void CudaCopier_dealloc(CudaCopierObject *self) {
     wait_not_busy(&self->busy);
     if (self->open) {
         self->open = 0;
-        copier_free(self);
+        CudaCopierObject *me = self;
+        Py_BEGIN_ALLOW_THREADS /* stream syncs, cudaFreeHost */
+        copier_free(me);
+        Py_END_ALLOW_THREADS
     }
 #endif
     Py_TYPE(self)->tp_free((PyObject *)self);
@@ -413,9 +447,11 @@ static int copy_args_get(PyObject *objs, PyObject *parts, uint64_t payload_off, 
             raise_kvs(KVS_ERR_INVALID, what, m);
             goto out;
         }
-        size_t k = (size_t)PySequence_Size(l);
-        if (k > ppo)
-            ppo = k;
+        Py_ssize_t k = PySequence_Size(l);
+        if (k < 0)
+            goto out;
+        if ((size_t)k > ppo)
+            ppo = (size_t)k;
     }
     a->n = n;
     a->ppo = ppo;
@@ -443,7 +479,14 @@ static int copy_args_get(PyObject *objs, PyObject *parts, uint64_t payload_off, 
         }
         a->obj[i] = (void *)(uintptr_t)o;
         PyObject *l = PySequence_Fast_GET_ITEM(sp, i);
-        size_t k = (size_t)PySequence_Size(l);
+        Py_ssize_t ks = PySequence_Size(l);
+        if (ks < 0)
+            goto out;
+        size_t k = (size_t)ks;
+        if (k > ppo) { /* the list grew since it was measured */
+            raise_kvs(KVS_ERR_INVALID, what, "a list of parts changed while being read");
+            goto out;
+        }
         uint64_t total = 0;
         for (size_t j = 0; j < k; j++) {
             PyObject *p = PySequence_GetItem(l, (Py_ssize_t)j);
@@ -454,6 +497,10 @@ static int copy_args_get(PyObject *objs, PyObject *parts, uint64_t payload_off, 
             if (bad)
                 goto out;
             total += a->lens[i * ppo + j];
+            if (a->lens[i * ppo + j] > COPIER_MAX_OBJ_BYTES || total > COPIER_MAX_OBJ_BYTES) {
+                raise_kvs(KVS_ERR_INVALID, what, "an object's parts add up to 2**48 bytes or more");
+                goto out;
+            }
         }
         /* the stamp word must not lie inside the payload */
         if (stamp_off + 8 > payload_off && stamp_off < payload_off + total) {
@@ -533,9 +580,18 @@ static PyObject *copier_copy(CudaCopierObject *self, PyObject *args, PyObject *k
             return NULL;
         snap = (void *)(uintptr_t)h;
     }
+    if (poff > COPIER_MAX_OFF || soff > COPIER_MAX_OFF) {
+        raise_kvs(KVS_ERR_INVALID, what, "payload_off and stamp_off must be non-negative and "
+                                         "below 2**32");
+        return NULL;
+    }
     copy_args a;
     if (copy_args_get(objs, parts, poff, soff, what, &a) < 0)
         return NULL;
+    if (!self->open) { /* converting the arguments may have run Python code */
+        copy_args_free(&a);
+        return copier_closed(what);
+    }
     int rc = KVS_OK;
     if (a.n)
         WITHOUT_GIL(self, rc = run_copy(self, dir == 1 ? KVS_CUDA_DUMP : KVS_CUDA_LOAD, &a, poff,

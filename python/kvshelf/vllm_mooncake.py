@@ -58,7 +58,7 @@ import threading
 import time
 from typing import Any, Sequence
 
-from . import CONFIG_KEYS, ConfigError, CudaError, InvalidArgument, LayoutError, Unsupported
+from . import CONFIG_KEYS, ConfigError, Error, InvalidArgument, LayoutError
 from . import _kvshelf as _k
 from . import mooncake_store as ms
 
@@ -272,7 +272,7 @@ class MooncakeConnector:
         if device >= 0:
             try:
                 self._store.enable_cuda(device)
-            except (CudaError, Unsupported, InvalidArgument) as e:
+            except Error as e:  # CudaError, Unsupported, NoMemory (pinned staging), Mooncake's refusal
                 _release(self._key, 10.0)
                 raise ConfigError("kvshelf.vllm_mooncake: the KV cache on CUDA device %d cannot "
                                   "move through the Mooncake store: %s" % (device, e)) from None

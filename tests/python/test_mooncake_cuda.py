@@ -129,6 +129,10 @@ def test_copier_bad_arguments(gpu):
             cp.dump([host], [[part]], payload_off=64, stamp_off=128)
         with pytest.raises(kvshelf.InvalidArgument, match="multiple of 8"):
             cp.load([host], [[part]], stamp_off=12)
+        with pytest.raises(kvshelf.InvalidArgument, match="below 2"):
+            cp.load([host], [[part]], stamp_off=-8)
+        with pytest.raises(kvshelf.InvalidArgument, match="2..48"):
+            cp.dump([host], [[part, (part[0], 1 << 62), (part[0], 1 << 62)]])
         assert cp.dump([], []) == []
         # a round trip through the copier alone
         dev.copy_(torch.arange(256, dtype=torch.int32).to(torch.uint8))
@@ -163,6 +167,7 @@ def test_fake_cuda_roundtrip_byte_exact(ms, gpu):
         t = s.dump(keys, src)
         assert s.wait(t, 60) == [0] * len(sizes), t.error
         dst = [torch.full((n,), 0x5A, dtype=torch.uint8, device="cuda:0") for n in sizes]
+        torch.cuda.synchronize()  # the fill is done before the copier's streams write
         t = s.load(keys, dst)
         assert s.wait(t, 60) == [0] * len(sizes), t.error
         assert all(torch.equal(a, b) for a, b in zip(src, dst))
@@ -205,6 +210,7 @@ def test_fake_header_mismatch_is_a_miss_and_copies_nothing(ms, gpu):
         client.objs["m-1"] = bytes(obj)
         client.objs["m-2"] = tms.make_object("m-2", b"x" * 8192, key_for_hash="m-0")
         dst = [torch.full((8192,), 0xEE, dtype=torch.uint8, device="cuda:0") for _ in range(3)]
+        torch.cuda.synchronize()  # the fill is done before the copier's streams write
         t = s.load(["m-0", "m-1", "m-2"], dst, tags=5)
         assert s.wait(t, 60) == [0, NF, NF], t.error
         assert torch.equal(dst[0], src[0])
@@ -212,6 +218,7 @@ def test_fake_header_mismatch_is_a_miss_and_copies_nothing(ms, gpu):
         assert t.mismatches() == [1, 2]
         # another tag: a miss too, nothing copied
         d = torch.full((8192,), 0xEE, dtype=torch.uint8, device="cuda:0")
+        torch.cuda.synchronize()  # the fill is done before the copier's streams write
         assert s.wait(s.load(["m-0"], [d], tags=6), 60) == [NF]
         assert bool((d == 0xEE).all())
         assert s.stats()["cuda_loaded"] == 1
@@ -236,13 +243,19 @@ def test_fake_dump_waits_for_the_event(ms, gpu):
     GPU; the event re-recorded right after the call does not matter (the
     store snapshotted it)."""
     torch = gpu
-    s = _fake_store(ms)
+    s = _fake_store(ms, staging_size="4MiB")
     try:
         x = torch.zeros(1 << 20, dtype=torch.uint8, device="cuda:0")
+        # warm: the first CUDA dump allocates pinned memory (cudaHostAlloc synchronizes
+        # the device, which would finish the sleep below and hide a missing wait)
+        s.enable_cuda(0)
+        assert s.wait(s.dump(["ev-warm"], [x[:4096]]), 60) == [0]
+        assert s.wait(s.load(["ev-warm"], [x[4096:8192]]), 60) == [0]
         torch.cuda.synchronize()
         ev, side = _event_after_slow_write(torch, x, 7)
         assert not ev.query(), "the GPU finished the sleep before the dump was called"
         t = s.dump(["ev-0"], [x], event=ev)
+        assert not ev.query(), "the dump call waited for the event on the host"
         ev.record(torch.cuda.Stream(device="cuda:0"))  # re-recorded at once on an idle stream
         assert s.wait(t, 60) == [0], t.error
         out = torch.zeros_like(x)
@@ -311,6 +324,7 @@ def scenario_cuda_roundtrip(ctx):
             assert s.wait(t, 120) == [0] * len(t.keys), t.error
         out["dump_s"] = time.monotonic() - t0
         dst = [torch.full((n,), 0x5A, dtype=torch.uint8, device="cuda:0") for n in sizes]
+        torch.cuda.synchronize()  # the fill is done before the copier's streams write
         t0 = time.monotonic()
         tasks = [s.load(keys[i::2], dst[i::2]) for i in range(2)]
         for t in tasks:
@@ -332,6 +346,7 @@ def scenario_cuda_roundtrip(ctx):
         while mc.upsert("cu-5", bytes(data)) != 0 and time.monotonic() < deadline:
             time.sleep(0.1)
         d = torch.full((sizes[5],), 0xEE, dtype=torch.uint8, device="cuda:0")
+        torch.cuda.synchronize()  # the fill is done before the copier's streams write
         d1 = torch.zeros(sizes[1], dtype=torch.uint8, device="cuda:0")
         t = s.load(["cu-5", "cu-1"], [d, d1])
         out["mismatch_results"] = s.wait(t, 60)
