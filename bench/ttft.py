@@ -49,12 +49,33 @@ not) and |second - floor| <= ``--tol`` x max |logit|.
 
 Deployment modes: ``--mode embedded`` (no service started by hand: a private
 runtime directory, the pool is started by the first client and stopped at the
-end) and ``--mode master`` (this script starts ``kvshelf master`` and ``kvshelf
+end), ``--mode master`` (this script starts ``kvshelf master`` and ``kvshelf
 node --segment-size`` on loopback with ports chosen at run time; the
-benchmark's clients contribute no memory).
+benchmark's clients contribute no memory) and ``--mode mooncake`` (a Mooncake
+Store: this script starts a real ``mooncake_master`` in a network namespace
+it makes and joins, see bench/mooncake_pool.py; the connectors are
+``kvshelf.vllm_mooncake.MooncakeConnector`` s, one Mooncake client in this
+process whose ``global_segment_size`` is the pool (``--mc-pool-size``), so
+Mooncake's puts and gets go to its own segment (Mooncake 0.3.13 copies those
+with memcpy on a TCP-only host); CUDA KV moves through kvshelf's
+``CudaCopier`` and pinned staging). ``MooncakeTask`` has no ``gpu_wait``, so
+the Mooncake deployment's second request is load then compute only (said in
+its table). Its rows also name the bottleneck of the store's two-stage
+pipeline from ``MooncakeBlockStore.stats()``: a load's stage 1 (Mooncake
+``batch_get_into``) and stage 2 (header/checksum check, then staging ->
+device copy), a dump's stage 1 (device -> staging copy, checksum) and stage
+2 (``batch_put_from``), each with its rate and busy share of the wall time.
+Mooncake's pool is emptied (``remove_all``) after every repeat, untimed.
+
+``--mode`` takes a comma list (``--mode embedded,mooncake``): the model is
+built once and the deployments are measured one after the other at the same
+lengths; each writes its files, and ``ttft-compare.md`` / ``.json`` put the
+ratios second/default of each side by side.
 
 Writes ``ttft-<mode>.md``, ``.json`` and ``.png`` into ``--out``.
-Tiny CPU smoke run: ``python3 bench/ttft.py --device cpu --tiny``.
+Tiny CPU smoke run: ``python3 bench/ttft.py --device cpu --tiny``
+(``--mode embedded,mooncake`` as root: Mooncake from
+tests/integration/mooncake_env.py's venv, ``$KVSHELF_MOONCAKE_VENV``).
 """
 from __future__ import annotations
 
@@ -118,6 +139,24 @@ def parse_lengths(s: str) -> list[int]:
         out.append(int(float(part[:-1]) * 1024) if part.endswith("k") else int(part))
     if not out or min(out) < 2:
         raise argparse.ArgumentTypeError(f"bad --lengths {s!r}")
+    return out
+
+
+MODES = ("embedded", "master", "mooncake")
+
+
+def parse_modes(s: str) -> list[str]:
+    out = []
+    for m in s.split(","):
+        m = m.strip().lower()
+        if not m:
+            continue
+        if m not in MODES:
+            raise argparse.ArgumentTypeError(f"bad mode {m!r}: one of {', '.join(MODES)}")
+        if m not in out:
+            out.append(m)
+    if not out:
+        raise argparse.ArgumentTypeError(f"bad --mode {s!r}")
     return out
 
 
@@ -307,6 +346,17 @@ class Deployment:
         self.config: dict[str, Any] = {}
         self.describe = ""
 
+    #: its tasks have Task.gpu_wait (the overlapped second request)
+    gpu_wait = True
+
+    def connector(self, **kw: Any) -> Any:
+        import kvshelf
+
+        return kvshelf.Connector(self.config, **kw)
+
+    def after_repeat(self, conn: Any) -> None:
+        """Untimed, after every repeat (kvshelf's pool evicts by itself)."""
+
     def start(self) -> None:
         import kvshelf
 
@@ -397,6 +447,155 @@ class Deployment:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
+class MooncakeDeployment:
+    """A Mooncake Store: ``mooncake_master`` (the pinned Mooncake of
+    tests/integration/mooncake_env.py) in the network namespace this process
+    joined (bench/mooncake_pool.py), and ``MooncakeConnector`` s whose one
+    Mooncake client (shared by the dumper and the loader) contributes the
+    pool as its ``global_segment_size``."""
+
+    mode = "mooncake"
+    gpu_wait = False  # MooncakeTask has no gpu_wait: load then compute only
+
+    def __init__(self, netns: Any, pool_bytes: int, args: argparse.Namespace) -> None:
+        self.netns = netns
+        self.pool_bytes = pool_bytes
+        self.args = args
+        self.config: dict[str, Any] = {}
+        self.describe = ""
+
+    def start(self) -> None:
+        import mooncake_pool
+
+        site = mooncake_pool.use_mooncake()
+        self.netns.start_master()
+        self.config = self.netns.config(
+            global_segment_size=self.pool_bytes, local_buffer_size="64MiB",
+            staging_size=parse_size(self.args.mc_staging), batch_size=self.args.mc_batch,
+            task_timeout_ms=600000, setup_timeout_ms=120000)
+        from kvshelf import mooncake_store as ms
+
+        import mooncake
+
+        self.describe = (
+            f"Mooncake Store: mooncake_master {self.netns.binary} in network namespace {self.netns.name} "
+            f"(master {self.config['master_server_address']}, metadata {self.config['metadata_server']}, "
+            f"tcp); one Mooncake client in this process (dumper and loader share it) contributes the pool, "
+            f"global_segment_size {self.pool_bytes / 2**30:.1f} GiB; kvshelf.vllm_mooncake.MooncakeConnector "
+            f"over {ms.__file__}, staging {parse_size(self.args.mc_staging) / 2**20:.0f} MiB, batch_size "
+            f"{self.args.mc_batch}; Mooncake's package from {os.path.dirname(mooncake.__file__)} "
+            f"(site {site}); pool emptied (remove_all) after every repeat, untimed")
+
+    def connector(self, **kw: Any) -> Any:
+        from kvshelf.vllm_mooncake import MooncakeConnector
+
+        kw.pop("use_env", None)
+        kw.pop("backend", None)
+        return MooncakeConnector(self.config, **kw)
+
+    def after_repeat(self, conn: Any) -> None:
+        rc = conn.store.client.remove_all(True)
+        if isinstance(rc, int) and rc < 0:
+            log(f"  warning: Mooncake remove_all returned {rc}")
+
+    def stats(self) -> dict[str, Any]:
+        return {}
+
+    def stop(self) -> None:
+        self.netns.stop_master()
+
+
+# Counters of MooncakeBlockStore.stats() (through MooncakeConnector.counters(), "mooncake_" + name)
+MC_KEYS = ("dumped", "loaded", "put_seconds", "put_bytes", "get_seconds", "get_bytes", "dump_copy_seconds",
+           "dump_copy_bytes", "dump_checksum_seconds", "load_copy_seconds", "load_copy_bytes",
+           "load_check_seconds")
+
+
+def blocks(c: dict[str, Any]) -> dict[str, int]:
+    """Block counters of either connector: kvshelf.Connector's, or MooncakeConnector's
+    (its store's, shared by the dumper and the loader: the deltas are taken around
+    one operation at a time)."""
+    if "dumped_blocks" in c:
+        return c
+    return {"dumped_blocks": c.get("mooncake_dumped", 0), "skipped_blocks": 0,
+            "loaded_blocks": c.get("mooncake_loaded", 0)}
+
+
+def mc_delta(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float] | None:
+    if "mooncake_put_seconds" not in b:
+        return None
+    return {k: b.get("mooncake_" + k, 0) - a.get("mooncake_" + k, 0) for k in MC_KEYS}
+
+
+def gbps(nbytes: float, secs: float) -> float:
+    return nbytes / secs / 1e9 if secs > 0 else float("nan")
+
+
+def rate(x: float) -> str:
+    """A rate in GB/s; '-' where the stage did not time that part (host blocks)."""
+    return f"{x:.2f}" if math.isfinite(x) else "-"
+
+
+def mc_stages(reps: list[dict[str, Any]], cuda: bool) -> dict[str, Any] | None:
+    """The Mooncake store's pipeline over the repeats of one length: per stage its
+    busy seconds (summed over the repeats), its rate, its share of the wall time,
+    and the stage that limits (the busier one: the two run concurrently)."""
+    if not reps or reps[0].get("mc_dump") is None:
+        return None
+    d = {k: sum(r["mc_dump"][k] for r in reps) for k in MC_KEYS}
+    lo = {k: sum(r["mc_load"][k] for r in reps) for k in MC_KEYS}
+    # a dump's first copy waits for the CUDA event of the prefill: its stage 1 counts from the
+    # first token on (the wait, from the dump() call to the token on the host, is taken off)
+    dump_wall = sum(r["dump_after_s"] for r in reps)
+    d["dump_copy_seconds"] = max(d["dump_copy_seconds"] - sum(r["dump_event_wait_s"] for r in reps), 1e-9)
+    load_wall = sum(r["restore_s"] - r["lookup_s"] for r in reps)
+    copy_name_d = "GPU->pinned staging copy (CudaCopier)" if cuda else "host gather into staging (+checksum)"
+    copy_name_l = "pinned staging->GPU copy (CudaCopier)" if cuda else "host scatter from staging (+check)"
+    out: dict[str, Any] = {
+        "dump_wall_s": dump_wall, "load_wall_s": load_wall,
+        "dump_s1_s": d["dump_copy_seconds"] + d["dump_checksum_seconds"], "dump_s2_s": d["put_seconds"],
+        "load_s1_s": lo["get_seconds"], "load_s2_s": lo["load_check_seconds"] + lo["load_copy_seconds"],
+        "dump_copy_GBps": gbps(d["dump_copy_bytes"], d["dump_copy_seconds"]),
+        "dump_checksum_GBps": gbps(d["dump_copy_bytes"], d["dump_checksum_seconds"]),
+        "put_GBps": gbps(d["put_bytes"], d["put_seconds"]),
+        "get_GBps": gbps(lo["get_bytes"], lo["get_seconds"]),
+        "load_check_GBps": gbps(lo["load_copy_bytes"], lo["load_check_seconds"]),
+        "load_copy_GBps": gbps(lo["load_copy_bytes"], lo["load_copy_seconds"]),
+        "dump_bytes": d["put_bytes"], "load_bytes": lo["get_bytes"], "totals": {"dump": d, "load": lo},
+    }
+    # the load() call plans every block's parts (in Python) before the task is submitted: the
+    # pipeline starts after it; the dump() call runs while the GPU still computes the prefill
+    out["load_call_s"] = sum(r.get("load_call_s", 0.0) for r in reps)
+    out["dump_call_s"] = sum(r.get("first_dump_call_s", 0.0) for r in reps)
+    out["dump_s1_GBps"] = gbps(d["dump_copy_bytes"], out["dump_s1_s"])
+    out["load_s2_GBps"] = gbps(lo["load_copy_bytes"], out["load_s2_s"])
+    for op in ("dump", "load"):
+        w = out[op + "_wall_s"]
+        out[op + "_s1_busy"] = out[op + "_s1_s"] / w if w > 0 else float("nan")
+        out[op + "_s2_busy"] = out[op + "_s2_s"] / w if w > 0 else float("nan")
+    # the limit: the busier stage, named by its biggest part, with its measured rate
+    if out["load_s1_s"] >= out["load_s2_s"]:
+        out["load_limit"] = f"stage 1, Mooncake batch_get_into {out['get_GBps']:.2f} GB/s"
+    elif cuda and lo["load_check_seconds"] > lo["load_copy_seconds"]:
+        out["load_limit"] = f"stage 2, header+checksum check {out['load_check_GBps']:.2f} GB/s"
+    else:
+        out["load_limit"] = f"stage 2, {copy_name_l} {out['load_copy_GBps']:.2f} GB/s"
+    if out["dump_s2_s"] >= out["dump_s1_s"]:
+        out["dump_limit"] = f"stage 2, Mooncake batch_put_from {out['put_GBps']:.2f} GB/s"
+    elif cuda and d["dump_checksum_seconds"] > d["dump_copy_seconds"]:
+        out["dump_limit"] = f"stage 1, checksum {out['dump_checksum_GBps']:.2f} GB/s"
+    else:
+        out["dump_limit"] = f"stage 1, {copy_name_d} {out['dump_copy_GBps']:.2f} GB/s"
+    if out["load_call_s"] > max(out["load_s1_s"], out["load_s2_s"]):
+        out["load_limit"] = (f"the load() call (plans every block's parts in Python before submitting) "
+                             f"{out['load_call_s'] / len(reps) * 1e3:.1f} ms; then {out['load_limit']}")
+    for op in ("dump", "load"):
+        busiest = max(out[op + "_s1_busy"], out[op + "_s2_busy"])
+        if busiest < 0.5:  # neither stage is busy most of the time: waits, not a copy, limit it
+            out[op + "_limit"] += f" (but busy only {busiest:.0%} of the wall time)"
+    return out
+
+
 # --------------------------------------------------------------------------
 # The benchmark
 # --------------------------------------------------------------------------
@@ -459,6 +658,12 @@ class Bench:
         self.errors: list[str] = []
         self.skipped: list[str] = []
         self.warmup_errors: list[str] = []
+        self.overlap = args.overlap and self.cuda  # per deployment: run() turns it off without gpu_wait
+        self.dep: Any = None
+
+    def reset(self) -> None:
+        """Before the next deployment of a run of several."""
+        self.errors, self.skipped, self.warmup_errors = [], [], []
 
     # -- helpers -----------------------------------------------------------
     def sync(self) -> None:
@@ -560,8 +765,12 @@ class Bench:
                 tok_f = int(self.tok_host.item())
             else:
                 tok_f = int(tok.item())
+                td = time.perf_counter()
                 task = dumper.dump(hashes, block_ids)
+                r["first_dump_call_s"] = time.perf_counter() - td
             r["first_t1"] = time.perf_counter()
+            # the dump's copies wait (on the GPU) for the prefill: until about the first token
+            r["dump_event_wait_s"] = r["first_t1"] - td if self.cuda else 0.0
             r["first_s"] = r["first_t1"] - t0
             if self.cuda:
                 r["first_gpu_s"] = self.gev0.elapsed_time(self.gev1) / 1e3
@@ -586,6 +795,8 @@ class Bench:
             finish_dump(task)
         res = task.results()
         c1 = dumper.counters()
+        r["mc_dump"] = mc_delta(c0, c1)
+        c0, c1 = blocks(c0), blocks(c1)
         r["dump_ok"] = sum(1 for x in res if x == 0)
         r["dumped_blocks"] = c1["dumped_blocks"] - c0["dumped_blocks"]
         r["dump_skipped"] = c1["skipped_blocks"] - c0["skipped_blocks"]
@@ -604,7 +815,8 @@ class Bench:
         r["restore_s"] = seq["restore_s"]  # lookup + load (+ wait)
         r["hash_s"] = seq["hash_s"]
         r["lookup_s"] = seq["lookup_s"]
-        if self.args.overlap and self.cuda:
+        r["load_call_s"] = seq["load_call_s"]
+        if self.overlap:
             if check:
                 self.check_kv(T, rep, seq["P"], "load then compute")
             sec = self.second_pass(T, ids, toks, salt, block_ids, loader, overlap=True)
@@ -617,7 +829,8 @@ class Bench:
             r[k] = sec[k]
         P = sec["P"]
         l1 = loader.counters()
-        r["loaded_blocks"] = l1["loaded_blocks"] - l0["loaded_blocks"]
+        r["mc_load"] = mc_delta(l0, l1)
+        r["loaded_blocks"] = blocks(l1)["loaded_blocks"] - blocks(l0)["loaded_blocks"]
         for name, x in (("load then compute", seq), ("overlapped", sec))[:2 if sec is not seq else 1]:
             if check and (x["hits"] != nb or x["loaded_ok"] != nb):
                 self.fail(f"T={T} rep={rep} ({name}): lookup_prefix found {x['hits']}/{nb} blocks, "
@@ -699,7 +912,7 @@ class Bench:
         self.bufB[:, :, :, :, :T].fill_(float("nan"))
         self.cacheB.set_length(0)
         self.sync()
-        x: dict[str, Any] = {"redone": False, "launch_s": 0.0}
+        x: dict[str, Any] = {"redone": False, "launch_s": 0.0, "load_call_s": 0.0}
         t0 = time.perf_counter()
         hashes2 = block_hashes(toks, salt)
         th = time.perf_counter()
@@ -771,7 +984,9 @@ class Bench:
                 logits, tok = self.forward(ids[:, P:], self.cacheB)
         else:
             if hits:
+                tc = time.perf_counter()
                 ltask = loader.load(hashes2[:hits], block_ids[:hits])
+                x["load_call_s"] = time.perf_counter() - tc  # the call itself (it plans the blocks' parts)
                 ltask.wait()
                 lres = ltask.results()
             tr = time.perf_counter()
@@ -811,10 +1026,10 @@ class Bench:
         self.errors.append(msg)
 
     # -- the whole run -------------------------------------------------------
-    def run(self, dep: Deployment) -> dict[str, Any]:
-        import kvshelf
-
+    def run(self, dep: Any) -> dict[str, Any]:
         args = self.args
+        self.dep = dep
+        self.overlap = args.overlap and self.cuda and dep.gpu_wait
         conn_kw = dict(namespace=self.ns, device=(self.device.index or 0) if self.cuda else -2, use_env=False)
         if args.backend:
             conn_kw["backend"] = args.backend
@@ -822,10 +1037,17 @@ class Bench:
             conn_kw["num_workers"] = args.num_workers
         nblk = self.tmax // BLOCK
         t0 = time.perf_counter()
-        dumper = kvshelf.Connector(dep.config, **conn_kw)
-        loader = kvshelf.Connector(dep.config, **conn_kw)
-        dumper.register_layout(self.cacheA.layout(), nblk)
-        loader.register_layout(self.cacheB.layout(), nblk)
+        dumper = dep.connector(**conn_kw)
+        loader = None
+        try:
+            loader = dep.connector(**conn_kw)
+            dumper.register_layout(self.cacheA.layout(), nblk)
+            loader.register_layout(self.cacheB.layout(), nblk)
+        except BaseException:
+            for c in (loader, dumper):
+                if c is not None:
+                    c.close()
+            raise
         log(f"connectors: backend {dumper.backend}, block object {dumper.block_bytes} bytes, "
             f"{len(self.cacheA.layout())} tensors x {self.H} chunks of {BLOCK * self.D * self.es} B per block, "
             f"namespace {self.ns}; opened in {time.perf_counter() - t0:.2f} s")
@@ -842,6 +1064,7 @@ class Bench:
                     self.watchdog(True)
                     w = self.run_once(wT, -1 - i, dumper, loader, check=True)
                     self.watchdog(False)
+                    dep.after_repeat(loader)
                     log(f"warm-up {i + 1} at {wT} tokens: {time.perf_counter() - t0:.2f} s (first {w['first_s']:.3f} s, "
                         f"dump done +{w['dump_after_s']:.3f} s, second {w['second_s']:.3f} s, restore "
                         f"{w['restore_s'] * 1e3:.1f} ms)")
@@ -892,6 +1115,7 @@ class Bench:
             self.watchdog(True)
             r = self.run_once(T, rep, dumper, loader)
             self.watchdog(False)
+            self.dep.after_repeat(loader)
             reps.append(r)
             log(f"  {T:>6} rep {rep}: default {r['default_s']:.4f}  first {r['first_s']:.4f} "
                 f"(dump +{r['dump_after_s'] * 1e3:.1f} ms)  second {r['second_s']:.4f} "
@@ -931,12 +1155,22 @@ class Bench:
         row["tokens_equal"] = all(x["tok_second"] == x["tok_default"] for x in reps)
         row["near_ties"] = sum(1 for x in reps if "near_tie" in x or "near_tie_floor" in x)
         row["kv_equal"] = all(x.get("kv_equal", False) for x in reps)
+        row["overlap"] = self.overlap
+        row["mooncake"] = mc_stages(reps, self.cuda)
         log(f"{T:>6} tokens: default {row['default_s']:.3f} s, first {row['first_s']:.3f} s "
             f"({row['first_over_default']:.3f}x), second {row['second_s']:.3f} s ({row['second_over_default']:.3f}x; "
             f"load then compute {row['second_seq_s']:.3f} s = {row['second_seq_over_default']:.3f}x), "
             f"restore {row['restore_s'] * 1e3:.1f} ms = {row['restore_GBps']:.1f} GB/s "
             f"(ceiling {row['ceiling_GBps']:.1f} GB/s, copy {copy_s * 1e3:.1f} ms), "
             f"floor {row['floor_s'] * 1e3:.1f} ms; {row['wall_s']:.1f} s")
+        m = row["mooncake"]
+        if m:
+            log(f"{T:>6} tokens, Mooncake store: load {m['load_bytes'] / 1e9:.3f} GB in {m['load_wall_s'] * 1e3:.1f} ms: "
+                f"stage 1 get {rate(m['get_GBps'])} GB/s (busy {m['load_s1_busy']:.0%}), stage 2 check "
+                f"{rate(m['load_check_GBps'])} + copy {rate(m['load_copy_GBps'])} GB/s (busy {m['load_s2_busy']:.0%}): "
+                f"limit {m['load_limit']}; dump: stage 1 copy {rate(m['dump_copy_GBps'])} + checksum "
+                f"{rate(m['dump_checksum_GBps'])} GB/s (busy {m['dump_s1_busy']:.0%}), stage 2 put "
+                f"{rate(m['put_GBps'])} GB/s (busy {m['dump_s2_busy']:.0%}): limit {m['dump_limit']}")
         return row
 
 
@@ -1006,8 +1240,41 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]], tg: list, errors:
     else:
         L.append("second request: lookup, load, wait for it, then the forward of the uncached token "
                  "('load then compute' is the same pass). floor = one-token forward on KV already in HBM "
-                 "+ KV bytes / pinned-copy ceiling.")
+                 "+ KV bytes / pinned-copy ceiling."
+                 + (" This deployment's tasks (MooncakeTask) have no Task.gpu_wait, so the overlapped pass "
+                    "is not run: its 'second' is load then compute." if meta.get("overlap_requested") else ""))
     L.append("")
+    mc = [r for r in rows if r.get("mooncake")]
+    if mc:
+        cuda = meta["gpu"] and not str(meta["gpu"]).startswith("none")
+        L.append("Mooncake store pipeline (MooncakeBlockStore.stats(), summed over the repeats; a stage's rate = "
+                 "its bytes / its busy seconds; busy = its share of the wall time, restore: the load after the "
+                 "lookup, dump: from the first token to the dump done; the two stages run concurrently, the "
+                 "busier one limits, unless the load() call, which plans every block's parts before the task "
+                 "starts, takes longer; the dump() call runs while the GPU computes the prefill). Load: stage 1 = Mooncake batch_get_into into "
+                 + ("pinned" if cuda else "host") + " staging, stage 2 = header+checksum check, then "
+                 + ("pinned staging -> GPU copy (CudaCopier)" if cuda else "host scatter (the check included "
+                    "in the copy's time)")
+                 + ". Dump: stage 1 = " + ("GPU -> pinned staging copy (CudaCopier; its wait for the "
+                                           "prefill's event taken off), then checksum" if cuda else
+                                           "host gather + checksum (one pass)")
+                 + ", stage 2 = Mooncake batch_put_from.")
+        L.append("")
+        L.append("| tokens | load ms | load GB/s | load() call ms | stage 1: get GB/s (busy) | stage 2: check GB/s, "
+                 "copy GB/s (busy) | restore limited by | dump ms | dump() call ms | stage 1: copy GB/s, checksum "
+                 "GB/s (busy) | stage 2: put GB/s (busy) | dump limited by |")
+        L.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for r in mc:
+            m = r["mooncake"]
+            n = len(r["repeats"])
+            L.append(f"| {kfmt(r['tokens'])} | {m['load_wall_s'] / n * 1e3:.1f} "
+                     f"| {gbps(m['load_bytes'], m['load_wall_s']):.2f} | {m['load_call_s'] / n * 1e3:.1f} "
+                     f"| {rate(m['get_GBps'])} ({m['load_s1_busy']:.0%}) "
+                     f"| {rate(m['load_check_GBps'])}, {rate(m['load_copy_GBps'])} ({m['load_s2_busy']:.0%}) "
+                     f"| {m['load_limit']} | {m['dump_wall_s'] / n * 1e3:.1f} | {m['dump_call_s'] / n * 1e3:.1f} "
+                     f"| {rate(m['dump_copy_GBps'])}, {rate(m['dump_checksum_GBps'])} ({m['dump_s1_busy']:.0%}) "
+                     f"| {rate(m['put_GBps'])} ({m['dump_s2_busy']:.0%}) | {m['dump_limit']} |")
+        L.append("")
     pub = [r for r in rows if r["tokens"] in PUBLISHED]
     if pub:
         L.append("Published connector (DESIGN.md), same lengths: " + "; ".join(
@@ -1044,6 +1311,46 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]], tg: list, errors:
         L.append(f"- SKIPPED: {e}")
     for e in meta.get("warmup_errors") or []:
         L.append(f"- warm-up (untimed, not counted): {e}")
+    L.append("")
+    return "\n".join(L)
+
+
+def compare_markdown(results: list[dict[str, Any]], command: str, date: str) -> str:
+    """The deployments of one run side by side: second/default (and load then compute)."""
+    m0 = next((r["meta"] for r in results if r["rows"]), results[0]["meta"])
+    L = [f"### TTFT, deployments compared ({m0['model']})", "",
+         f"- machine: {m0['gpu']}; {m0['host']}", f"- date: {date}", f"- command: `{command}`"]
+    for r in results:
+        L.append(f"- {r['mode']}: {r['meta']['deployment']}; second request "
+                 + ("overlapped (Task.gpu_wait)" if r["meta"]["overlap"] else "load then compute")
+                 + (f"; FAILED: {r['errors'][0]}" if r["errors"] else ""))
+    L.append(f"- median of {m0['repeats']} runs per length and deployment")
+    L.append("")
+    modes = [r["mode"] for r in results]
+    by = {r["mode"]: {row["tokens"]: row for row in r["rows"]} for r in results}
+    lengths = sorted({T for r in results for T in by[r["mode"]]})
+    head = ["tokens"]
+    for m in modes:
+        head += [f"{m} default s", f"{m} second s", f"{m} second/default", f"{m} load then compute /default",
+                 f"{m} restore ms (GB/s)"]
+    if "mooncake" in modes and len(modes) > 1:
+        head += ["mooncake restore limited by"]
+    L.append("| " + " | ".join(head) + " |")
+    L.append("|" + "---|" * len(head))
+    for T in lengths:
+        cells = [kfmt(T)]
+        for m in modes:
+            row = by[m].get(T)
+            if row is None:
+                cells += ["-"] * 5
+                continue
+            cells += [f"{row['default_s']:.3f}", f"{row['second_s']:.3f}", f"**{row['second_over_default']:.3f}**",
+                      f"{row['second_seq_over_default']:.3f}",
+                      f"{row['restore_s'] * 1e3:.1f} ({row['restore_GBps']:.1f})"]
+        if "mooncake" in modes and len(modes) > 1:
+            row = by["mooncake"].get(T)
+            cells.append(row["mooncake"]["load_limit"] if row and row.get("mooncake") else "-")
+        L.append("| " + " | ".join(cells) + " |")
     L.append("")
     return "\n".join(L)
 
@@ -1086,7 +1393,19 @@ def plot(path: str, meta: dict[str, Any], rows: list[dict[str, Any]]) -> bool:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--mode", choices=["embedded", "master"], default="embedded")
+    ap.add_argument("--mode", "--modes", dest="mode", type=parse_modes, default=["embedded"],
+                    help="deployment(s), a comma list of embedded, master, mooncake (default embedded); "
+                         "several are measured one after the other in this run, same model and lengths, "
+                         "and compared in ttft-compare.md")
+    ap.add_argument("--mc-staging", default="512MiB",
+                    help="mooncake: staging_size of the store (host staging, and as much pinned staging "
+                         "for a CUDA KV cache)")
+    ap.add_argument("--mc-pool-size", default="auto",
+                    help="mooncake: global_segment_size of the benchmark's Mooncake client (default auto: "
+                         "twice the longest prompt's KV + 256 MiB, at most --pool-size; the pool is emptied "
+                         "after every repeat)")
+    ap.add_argument("--mc-batch", type=int, default=64, help="mooncake: batch_size of the store (blocks "
+                    "per Mooncake call)")
     ap.add_argument("--lengths", type=parse_lengths, default=None,
                     help="prompt lengths, e.g. 2k,4k,8k,16k,32k (default; --tiny: 64,128)")
     ap.add_argument("--no-overlap", dest="overlap", action="store_false",
@@ -1137,6 +1456,27 @@ def main() -> int:
 
     # `timeout` sends SIGTERM: unwind, so the pool and the daemons are stopped
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    netns = None
+    nsdir = None
+    if "mooncake" in args.mode:
+        # before anything starts threads: this process joins the namespace of mooncake_master
+        import mooncake_pool
+
+        nsdir = tempfile.mkdtemp(prefix="kvshelf-ttft-mc-")
+        try:
+            netns = mooncake_pool.MooncakeNetns(nsdir, "t")
+        except RuntimeError as e:
+            shutil.rmtree(nsdir, ignore_errors=True)
+            raise SystemExit(f"--mode mooncake: {e}")
+    try:
+        return run_modes(args, pool, command, date, netns)
+    finally:
+        if netns is not None:
+            netns.close()
+            shutil.rmtree(nsdir, ignore_errors=True)
+
+
+def run_modes(args: argparse.Namespace, pool: int, command: str, date: str, netns: Any) -> int:
     import torch
     import transformers
 
@@ -1153,50 +1493,92 @@ def main() -> int:
     bench = Bench(args)
     log(f"device: {bench.gpu}; torch {torch.__version__}; transformers {transformers.__version__}; "
         f"kvshelf {kvshelf.__version__} at {os.path.dirname(kvshelf.__file__)}")
-    dep = Deployment(args.mode, pool)
-    t0 = time.perf_counter()
-    try:
-        dep.start()
-        log(f"deployment: {dep.describe} (up in {time.perf_counter() - t0:.2f} s)")
-        with torch.inference_mode():
-            res = bench.run(dep)
-        pool_stats = dep.stats()
-    finally:
-        dep.stop()
-    rows = res["rows"]
-    tg = targets(rows)
-    meta = dict(mode=args.mode, model=("Qwen2.5-14B shape, random bf16 weights" if not args.tiny else
-                "tiny Qwen2 (hidden 256), random bf16 weights") +
-                (f", {args.layers} layers only" if args.layers else ""),
-                tiny=args.tiny, gpu=bench.gpu, host=f"{platform.node()} {platform.machine()}, "
-                f"{os.cpu_count()} CPUs", torch=torch.__version__, transformers=transformers.__version__,
-                kvshelf=kvshelf.__version__, backend=res["backend"], date=date, command=command,
-                deployment=dep.describe, repeats=args.repeats, order=args.order, tol=args.tol, overlap=args.overlap, pool_bytes=pool,
-                namespace=bench.ns, lengths=args.lengths, python=sys.version.split()[0],
-                gpu_peak_GB=torch.cuda.max_memory_allocated() / 1e9 if bench.cuda else None,
-                warmup_errors=bench.warmup_errors)
-    md = markdown(meta, rows, tg, bench.errors, bench.skipped)
     os.makedirs(args.out, exist_ok=True)
-    base = os.path.join(args.out, f"ttft-{args.mode}")
-    with open(base + ".md", "w") as f:
-        f.write(md)
-    with open(base + ".json", "w") as f:
-        json.dump(finite({"meta": meta, "rows": rows, "targets": [{"name": n, "pass": ok, "value": v} for n, ok, v in tg],
-                   "errors": bench.errors, "skipped": bench.skipped, "counters": res["counters"],
-                   "pool": {k: pool_stats.get(k) for k in ("capacity", "used", "objects", "counters", "error")
-                            if k in pool_stats}}),
-                  f, indent=1, allow_nan=False)
-    plotted = plot(base + ".png", meta, rows)
-    log("")
-    log(md)
-    log(f"wrote {base}.md, {base}.json" + (f", {base}.png" if plotted else ""))
-    if bench.errors:
-        log(f"CORRECTNESS FAILED: {len(bench.errors)} problem(s)")
-        return 1
-    if bench.skipped:
-        log("INCOMPLETE: lengths skipped for time")
-        return 3
-    return 0
+    results = []
+    rc = 0
+    for mode in args.mode:
+        if len(args.mode) > 1:
+            log("")
+            log(f"=== deployment {mode} ===")
+        bench.reset()
+        if mode == "mooncake":
+            seg = (min(pool, 2 * need + (256 << 20)) if args.mc_pool_size == "auto"
+                   else parse_size(args.mc_pool_size))
+            dep = MooncakeDeployment(netns, seg, args)
+        else:
+            dep = Deployment(mode, pool)
+        t0 = time.perf_counter()
+        try:
+            dep.start()
+            log(f"deployment: {dep.describe} (up in {time.perf_counter() - t0:.2f} s)")
+            with torch.inference_mode():
+                res = bench.run(dep)
+            pool_stats = dep.stats()
+        except Exception as e:  # noqa: BLE001 - the other deployments still run
+            if len(args.mode) == 1:
+                raise
+            import traceback
+
+            traceback.print_exc()
+            log(f"FAILED ({mode}): {type(e).__name__}: {e}")
+            results.append({"mode": mode, "meta": {"deployment": getattr(dep, "describe", ""), "overlap": False,
+                                                   "model": "", "gpu": bench.gpu, "host": "", "repeats": 0},
+                            "rows": [], "errors": [f"{type(e).__name__}: {e}"], "skipped": []})
+            rc = 1
+            continue
+        finally:
+            dep.stop()
+        rows = res["rows"]
+        tg = targets(rows)
+        meta = dict(mode=mode, model=("Qwen2.5-14B shape, random bf16 weights" if not args.tiny else
+                    "tiny Qwen2 (hidden 256), random bf16 weights") +
+                    (f", {args.layers} layers only" if args.layers else ""),
+                    tiny=args.tiny, gpu=bench.gpu, host=f"{platform.node()} {platform.machine()}, "
+                    f"{os.cpu_count()} CPUs", torch=torch.__version__, transformers=transformers.__version__,
+                    kvshelf=kvshelf.__version__, backend=res["backend"], date=date, command=command,
+                    deployment=dep.describe, repeats=args.repeats, order=args.order, tol=args.tol,
+                    overlap=bench.overlap, overlap_requested=args.overlap and bench.cuda, pool_bytes=pool,
+                    namespace=bench.ns, lengths=args.lengths, python=sys.version.split()[0],
+                    gpu_peak_GB=torch.cuda.max_memory_allocated() / 1e9 if bench.cuda else None,
+                    warmup_errors=bench.warmup_errors)
+        md = markdown(meta, rows, tg, bench.errors, bench.skipped)
+        base = os.path.join(args.out, f"ttft-{mode}")
+        with open(base + ".md", "w") as f:
+            f.write(md)
+        with open(base + ".json", "w") as f:
+            json.dump(finite({"meta": meta, "rows": rows, "targets": [{"name": n, "pass": ok, "value": v}
+                                                                     for n, ok, v in tg],
+                              "errors": bench.errors, "skipped": bench.skipped, "counters": res["counters"],
+                              "pool": {k: pool_stats.get(k) for k in ("capacity", "used", "objects", "counters",
+                                                                      "error") if k in pool_stats}}),
+                      f, indent=1, allow_nan=False)
+        plotted = plot(base + ".png", meta, rows)
+        log("")
+        log(md)
+        log(f"wrote {base}.md, {base}.json" + (f", {base}.png" if plotted else ""))
+        results.append({"mode": mode, "meta": meta, "rows": rows, "errors": list(bench.errors),
+                        "skipped": list(bench.skipped)})
+        if bench.errors:
+            log(f"CORRECTNESS FAILED ({mode}): {len(bench.errors)} problem(s)")
+            rc = 1
+        elif bench.skipped and rc == 0:
+            log(f"INCOMPLETE ({mode}): lengths skipped for time")
+            rc = 3
+    if len(results) > 1:
+        md = compare_markdown(results, command, date)
+        base = os.path.join(args.out, "ttft-compare")
+        with open(base + ".md", "w") as f:
+            f.write(md)
+        with open(base + ".json", "w") as f:
+            json.dump(finite({"command": command, "date": date, "modes": [
+                {"mode": r["mode"], "deployment": r["meta"]["deployment"], "overlap": r["meta"]["overlap"],
+                 "errors": r["errors"], "skipped": r["skipped"],
+                 "rows": [{k: v for k, v in row.items() if k != "repeats"} for row in r["rows"]]}
+                for r in results]}), f, indent=1, allow_nan=False)
+        log("")
+        log(md)
+        log(f"wrote {base}.md, {base}.json")
+    return rc
 
 
 if __name__ == "__main__":

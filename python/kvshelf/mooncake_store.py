@@ -1356,12 +1356,29 @@ class MooncakeBlockStore:
                 "load_misses", "load_errors", "mismatch", "lookups", "lookup_hits",
                 "lookup_errors", "rewritten", "put_calls", "put_seconds", "get_calls",
                 "get_seconds", "busy", "unreachable_events", "staging_retire_events", "timeouts",
-                "cuda_dumped", "cuda_loaded", "cuda_errors")
+                "cuda_dumped", "cuda_loaded", "cuda_errors", "put_bytes", "get_bytes",
+                "dump_copy_seconds", "dump_copy_bytes", "dump_checksum_seconds",
+                "load_copy_seconds", "load_copy_bytes", "load_check_seconds")
 
     def stats(self) -> dict[str, Any]:
         """Counters (blocks, bytes, Mooncake calls and their seconds, misses,
         ``mismatch``: objects whose header did not match, errors, ...),
-        ``last_error`` and the staging memory's state."""
+        ``last_error`` and the staging memory's state.
+
+        Where the time goes, per stage of the pipeline (seconds the stage's
+        thread was busy, and the bytes it moved): the Mooncake transfers,
+        ``put_seconds``/``put_bytes`` (``batch_put_from``, a dump's stage 2)
+        and ``get_seconds``/``get_bytes`` (``batch_get_into``, a load's stage
+        1), bytes with the 64-byte headers; kvshelf's copies between the
+        caller's blocks and the staging, ``dump_copy_*`` (stage 1: CUDA
+        device -> pinned staging through ``CudaCopier``, or the host gather)
+        and ``load_copy_*`` (stage 2: staging -> device or host), payload
+        bytes; the checksums, ``dump_checksum_seconds`` (stage 1, after the
+        copy) and ``load_check_seconds`` (stage 2, header and checksum before
+        the copy). Host blocks are gathered and checksummed (scattered and
+        checked) in one pass: their ``*_copy_seconds`` include the checksum
+        and ``dump_checksum_seconds`` / ``load_check_seconds`` stay 0 (except
+        the checksums of zero-copy dumps, which copy nothing)."""
         with self._lock:
             d = {k: 0 for k in self.COUNTERS}
             d.update(self._st)
@@ -1652,7 +1669,11 @@ class MooncakeBlockStore:
                 if task._cancelled:
                     self._release(b)
                     return
+                t0 = time.monotonic()
                 sums = [_checksum_parts(self._algo, parts, n) for parts, n, _ in b.bufs]
+                dt = time.monotonic() - t0
+            with self._lock:
+                self._st["dump_checksum_seconds"] += dt
             pos = base
             for j, (parts, n, _) in enumerate(b.bufs):
                 hdr = _HDR.pack(MAGIC, 1, self._algo, HEADER, n, _key_hash(b.mkeys[j]), sums[j],
@@ -1668,12 +1689,17 @@ class MooncakeBlockStore:
                     return
                 pos = base
                 sums = []
+                t0 = time.monotonic()
                 for j, (parts, n, _) in enumerate(b.bufs):
                     _gather(pos + HEADER, parts)
                     # the checksum of the block just copied: it is still in the cache (one
                     # pass over memory per block instead of two)
                     sums.append(_checksum(self._algo, pos + HEADER, n))
                     pos += b.slots[j]
+                dt = time.monotonic() - t0
+            with self._lock:  # host blocks: the copy's time includes the checksum
+                self._st["dump_copy_seconds"] += dt
+                self._st["dump_copy_bytes"] += sum(n for _, n, _ in b.bufs)
             pos = base
             for j, (parts, n, _) in enumerate(b.bufs):
                 hdr = _HDR.pack(MAGIC, 1, self._algo, HEADER, n, _key_hash(b.mkeys[j]), sums[j],
@@ -1705,6 +1731,7 @@ class MooncakeBlockStore:
             if task._cancelled:
                 self._release(b)
                 return
+            t0 = time.monotonic()
             try:
                 oks = self._cuda.dump(ptrs, [parts for parts, _, _ in b.bufs],
                                       payload_off=HEADER, stamp_off=_STAMP_OFF,
@@ -1713,6 +1740,10 @@ class MooncakeBlockStore:
                 self._release(b)
                 self._cuda_failed(b, b.idx, "kvshelf.mooncake_store: dump: %s" % e)
                 return
+            dt = time.monotonic() - t0
+        with self._lock:  # includes the wait for the caller's event on the GPU
+            self._st["dump_copy_seconds"] += dt
+            self._st["dump_copy_bytes"] += sum(n for _, n, _ in b.bufs)
         keep = [j for j, ok in enumerate(oks) if ok]
         if len(keep) < len(oks):
             self._cuda_failed(b, [b.idx[j] for j, ok in enumerate(oks) if not ok],
@@ -1726,13 +1757,16 @@ class MooncakeBlockStore:
                 setattr(b, name, [v[j] for j in keep])
             ptrs = [ptrs[j] for j in keep]
             b.ptrs = ptrs
+        t0 = time.monotonic()
         for j, (parts, n, _) in enumerate(b.bufs):
             cs = _checksum(self._algo, ptrs[j] + HEADER, n)
             # the header last: its reserved word (the view-check stamp) becomes 0 again
             ctypes.memmove(ptrs[j], _HDR.pack(MAGIC, 1, self._algo, HEADER, n,
                                               _key_hash(b.mkeys[j]), cs, b.tags[j]), HEADER)
+        dt = time.monotonic() - t0
         with self._lock:
             self._st["cuda_dumped"] += len(b.idx)
+            self._st["dump_checksum_seconds"] += dt
         self._mid.put(b)
 
     def _transfer_get(self, b: _Batch, ptrs: list[int]) -> None:
@@ -1747,6 +1781,7 @@ class MooncakeBlockStore:
         with self._lock:
             self._st["get_calls"] += 1
             self._st["get_seconds"] += time.monotonic() - t0
+            self._st["get_bytes"] += sum(b.sizes)
         self._mid.put((b, ptrs, r))
 
     def _stage2(self, item: Any) -> None:
@@ -1821,6 +1856,7 @@ class MooncakeBlockStore:
         with self._lock:
             self._st["put_calls"] += 1
             self._st["put_seconds"] += dt
+            self._st["put_bytes"] += sum(b.sizes)
             self._st["dumped"] += len(ok)
             okset = set(ok)
             self._st["dumped_bytes"] += sum(b.bufs[j][1] for j, i in enumerate(b.idx) if i in okset)
@@ -1897,6 +1933,8 @@ class MooncakeBlockStore:
         checked = []
         if task.cuda:
             good, _ = self._finish_load_cuda(b, ptrs, r, good, miss, bad, ok)
+        t0 = time.monotonic()
+        nbytes = 0
         with task._io:  # the caller's buffers are written only here
             for j in (good if not task.cuda else ()):
                 i = b.idx[j]
@@ -1909,7 +1947,13 @@ class MooncakeBlockStore:
                 checked.append(j)
                 if not task._cancelled:
                     _scatter(ptrs[j] + HEADER, b.bufs[j][0])
+                    nbytes += b.bufs[j][1]
                     ok.append(i)
+        if not task.cuda:  # host blocks: the copy's time includes the check
+            dt = time.monotonic() - t0
+            with self._lock:
+                self._st["load_copy_seconds"] += dt
+                self._st["load_copy_bytes"] += nbytes
         good = checked if not task.cuda else good
         if bad:
             with task._lock:
@@ -1935,6 +1979,7 @@ class MooncakeBlockStore:
         bad and ok; returns (blocks copied, blocks failed with ERR_CUDA)."""
         task = b.task
         checked = []
+        t0 = time.monotonic()
         for j in good:
             if not self._check(ptrs[j], r[j], b.mkeys[j], b.bufs[j][1], b.tags[j]):
                 miss.append(b.idx[j])
@@ -1942,12 +1987,16 @@ class MooncakeBlockStore:
                 self._mark_bad(b.mkeys[j])
                 continue
             checked.append(j)
+        dt = time.monotonic() - t0
+        with self._lock:
+            self._st["load_check_seconds"] += dt
         failed: list[int] = []
         if not checked:
             return [], failed
         with task._io:  # the caller's device memory is written only here
             if task._cancelled:
                 return [], failed
+            t0 = time.monotonic()
             try:
                 oks = self._cuda.load([ptrs[j] for j in checked], [b.bufs[j][0] for j in checked],
                                       payload_off=HEADER, stamp_off=_STAMP_OFF)
@@ -1956,6 +2005,10 @@ class MooncakeBlockStore:
             except Error as e:
                 oks = [False] * len(checked)
                 msg = "kvshelf.mooncake_store: load: %s" % e
+            dt = time.monotonic() - t0
+        with self._lock:
+            self._st["load_copy_seconds"] += dt
+            self._st["load_copy_bytes"] += sum(b.bufs[j][1] for j in checked)
         done = []
         for j, k in zip(checked, oks):
             if k:
