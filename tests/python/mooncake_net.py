@@ -10,6 +10,9 @@ venv of tests/integration/mooncake_env.py: ``mooncake-transfer-engine-non-cuda
 ==0.3.13.post1`` from PyPI), calls ``scenario_<name>(ctx)`` of the test module
 and prints its result as a JSON line.
 
+``MooncakeHosts``: several such "hosts" (a namespace each, routed through
+the master's namespace) for scenarios across hosts (test_mooncake_hosts.py).
+
     python3 tests/python/mooncake_net.py bench [--rounds N]   # the side-by-side (root)
 
 Needs root (``ip netns``), iproute2, and libibverbs1 for Mooncake's library.
@@ -285,6 +288,274 @@ class MooncakeNet:
     def close(self) -> None:
         self.stop_master(signal.SIGKILL)
         subprocess.run(["ip", "netns", "del", self.name], capture_output=True, timeout=20)
+
+
+# ------------------------------------------------------------ many hosts
+#: MooncakeHosts: host i (1, 2, ...) is HOSTS_NET.i.2 on its own /24, routed
+#: through the master's namespace, which holds HOSTS_NET.i.1 on each link
+HOSTS_NET = "10.88"
+HOSTS_SUBNET0 = 21
+
+
+class Spawned:
+    """A scenario process started by MooncakeHosts.spawn (not waited for)."""
+
+    def __init__(self, host: str, scenario: str, proc: subprocess.Popen, errf: Path, t0: float):
+        self.host, self.scenario, self.proc, self.errf, self.t0 = host, scenario, proc, errf, t0
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """sig to the process's group (its own session: only what it started)."""
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                pass
+
+
+class MooncakeHosts:
+    """Several "hosts" for Mooncake: a network namespace per host (``hosts``:
+    their names), each linked by a veth pair to one more namespace, the
+    master's, which routes between them (ip_forward) and runs
+    ``mooncake_master`` with its HTTP metadata service. Host i has
+    10.88.(20+i).2/24 on its interface ``eth0`` (default route via
+    10.88.(20+i).1, the master's end); the master listens on the first
+    host's link address (``master_ip``). Scenario processes run in a host's
+    namespace (``run``: to the end; ``spawn``/``collect``: in the background,
+    e.g. to kill one). Everything started here is stopped by ``close``."""
+
+    def __init__(self, workdir: Path, tag: str = "", hosts: tuple[str, ...] = ("a", "b")):
+        self.dir = Path(workdir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        base = "kvsmh%d%s" % (os.getpid() % 100000, tag)
+        self.mns = base + "m"
+        self.ns = {h: base + h for h in hosts}
+        self.ip = {h: "%s.%d.2" % (HOSTS_NET, HOSTS_SUBNET0 + i) for i, h in enumerate(hosts)}
+        self.gw = {h: "%s.%d.1" % (HOSTS_NET, HOSTS_SUBNET0 + i) for i, h in enumerate(hosts)}
+        self.master_ip = self.gw[hosts[0]]
+        self.ifname = "eth0"
+        self.master = None
+        self.master_log = None
+        self.rpc = self.http = self.metrics = None
+        self.spawned: list[Spawned] = []
+        self._n = 0
+        cmds = [["ip", "netns", "add", self.mns],
+                ["ip", "-n", self.mns, "link", "set", "lo", "up"],
+                ["ip", "netns", "exec", self.mns, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]]
+        for i, h in enumerate(hosts):
+            ns, port = self.ns[h], "h%d" % i
+            cmds += [
+                ["ip", "netns", "add", ns],
+                ["ip", "-n", ns, "link", "set", "lo", "up"],
+                ["ip", "-n", self.mns, "link", "add", port, "type", "veth", "peer", "name",
+                 self.ifname, "netns", ns],
+                ["ip", "-n", self.mns, "addr", "add", self.gw[h] + "/24", "dev", port],
+                ["ip", "-n", self.mns, "link", "set", port, "up"],
+                ["ip", "-n", ns, "addr", "add", self.ip[h] + "/24", "dev", self.ifname],
+                ["ip", "-n", ns, "link", "set", self.ifname, "up"],
+                ["ip", "-n", ns, "route", "add", "default", "via", self.gw[h]],
+            ]
+        for c in cmds:
+            r = subprocess.run(c, capture_output=True, timeout=20)
+            if r.returncode != 0:
+                self.close()
+                raise RuntimeError("%s: %s" % (" ".join(c), r.stderr.decode()))
+
+    # ------------------------------------------------------- namespaces
+    def in_ns(self, ns: str, fn, *args):
+        """fn(*args) on a thread inside network namespace ns (a name)."""
+        box = {}
+
+        def run():
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = os.open("/run/netns/%s" % ns, os.O_RDONLY)
+            try:
+                if libc.setns(fd, CLONE_NEWNET) != 0:
+                    box["exc"] = OSError(ctypes.get_errno(), "setns")
+                    return
+            finally:
+                os.close(fd)
+            try:
+                box["val"] = fn(*args)
+            except BaseException as e:  # noqa: BLE001
+                box["exc"] = e
+
+        th = threading.Thread(target=run)
+        th.start()
+        th.join()
+        if "exc" in box:
+            raise box["exc"]
+        return box.get("val")
+
+    def link_bytes(self, host: str) -> dict:
+        """{"rx": .., "tx": ..} bytes of host's eth0 so far (/proc/net/dev of its namespace)."""
+        def read():
+            # thread-self: setns moved this thread only; /proc/self/net is the process's
+            for line in Path("/proc/thread-self/net/dev").read_text().splitlines():
+                name, _, rest = line.partition(":")
+                if name.strip() == self.ifname:
+                    f = rest.split()
+                    return {"rx": int(f[0]), "tx": int(f[8])}
+            raise RuntimeError("no %s in /proc/net/dev" % self.ifname)
+        return self.in_ns(self.ns[host], read)
+
+    def free_ports(self, n: int) -> list[int]:
+        def get():
+            socks = []
+            try:
+                for _ in range(n):
+                    s = socket.socket()
+                    s.bind((self.master_ip, 0))
+                    socks.append(s)
+                return [s.getsockname()[1] for s in socks]
+            finally:
+                for s in socks:
+                    s.close()
+        return self.in_ns(self.mns, get)
+
+    def reachable(self, host: str, port: int) -> bool:
+        """Can `host` connect to the master's namespace on port (through the links)?"""
+        def probe():
+            try:
+                socket.create_connection((self.master_ip, port), 0.5).close()
+                return True
+            except OSError:
+                return False
+        return self.in_ns(self.ns[host], probe)
+
+    # ---------------------------------------------------------- master
+    def start_master(self, *extra: str, timeout: float = 30.0) -> subprocess.Popen:
+        binary = mooncake_env().provision()
+        self.rpc, self.http, self.metrics = self.free_ports(3)
+        self._n += 1
+        self.master_log = self.dir / ("mooncake_master.%d.log" % self._n)
+        args = ["ip", "netns", "exec", self.mns, str(binary),
+                "--rpc_port", str(self.rpc), "--rpc_address", self.master_ip,
+                "--enable_http_metadata_server=true", "--http_metadata_server_host", self.master_ip,
+                "--http_metadata_server_port", str(self.http),
+                "--metrics_port", str(self.metrics), *extra]
+        with open(self.master_log, "wb") as logf:
+            logf.write(("$ " + " ".join(args) + "\n").encode())
+            logf.flush()
+            self.master = subprocess.Popen(args, stdout=logf, stderr=subprocess.STDOUT,
+                                           start_new_session=True)
+        last = list(self.ns)[-1]  # the farthest host: its packets cross the master's routing
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.master.poll() is not None:
+                raise RuntimeError("mooncake_master exited (rc %s):\n%s"
+                                   % (self.master.returncode, MooncakeNet.log_tail(self.master_log)))
+            if self.reachable(last, self.rpc) and self.reachable(last, self.http):
+                return self.master
+            time.sleep(0.1)
+        self.stop_master()
+        raise RuntimeError("mooncake_master did not listen within %.0f s:\n%s"
+                           % (timeout, MooncakeNet.log_tail(self.master_log)))
+
+    def stop_master(self, sig: int = signal.SIGTERM) -> None:
+        MooncakeNet.stop_master(self, sig)
+
+    def config(self, host: str, **over) -> dict:
+        """MooncakeBlockStore's configuration for a client on `host`."""
+        cfg = {
+            "store": "mooncake",
+            "local_hostname": self.ip[host],
+            "metadata_server": "http://%s:%d/metadata" % (self.master_ip, self.http),
+            "master_server_address": "%s:%d" % (self.master_ip, self.rpc),
+            "protocol": "tcp",
+            "device_name": "",
+            "global_segment_size": "128MiB",
+            "local_buffer_size": "32MiB",
+            "staging_size": "64MiB",
+        }
+        cfg.update(over)
+        return cfg
+
+    # -------------------------------------------------------- scenarios
+    def spawn(self, host: str, module: str, scenario: str, config: dict | None = None,
+              env: dict | None = None, **params) -> Spawned:
+        """Starts scenario_<scenario>(ctx) of tests/python/<module>.py in a
+        process on `host` (its namespace, its own session) and returns at
+        once; ``collect`` waits for its result. ctx.params has ``params``
+        plus "host"; ctx.dir is this object's folder (shared by all hosts:
+        a place for the scenarios to meet)."""
+        self._n += 1
+        errf = self.dir / ("%s.%s.%d.stderr" % (host, scenario, self._n))
+        ctx = {"config": config if config is not None else self.config(host),
+               "master_pid": self.master.pid if self.master else None,
+               "dir": str(self.dir), "params": dict(params, host=host)}
+        e = dict(os.environ)
+        e.update({"KVSHELF_MC_CTX": json.dumps(ctx), "GLOG_minloglevel": "1"})
+        e.update(env or {})
+        args = ["ip", "netns", "exec", self.ns[host], sys.executable, str(Path(__file__)),
+                "child", module, scenario]
+        with open(errf, "wb") as err:
+            p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=err, env=e,
+                                 start_new_session=True)
+        sp = Spawned(host, scenario, p, errf, time.monotonic())
+        self.spawned.append(sp)
+        return sp
+
+    def collect(self, sp: Spawned, timeout: float = 120.0) -> dict:
+        """The dict sp's scenario returned; AssertionError with its output
+        if it failed or is not done within timeout (then it is killed)."""
+        p = sp.proc
+        try:
+            out, _ = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            sp.kill()
+            out, _ = p.communicate()
+            raise AssertionError("scenario %s on host %s ran past %.0f s (hung):\n%s\n%s" % (
+                sp.scenario, sp.host, timeout, out.decode()[-2000:], MooncakeNet.log_tail(sp.errf)))
+        took = time.monotonic() - sp.t0
+        text = out.decode()
+        if p.returncode != 0:
+            raise AssertionError("scenario %s on host %s failed (rc %s, %.1f s):\n%s\n--- stderr:\n%s"
+                                 % (sp.scenario, sp.host, p.returncode, took, text[-3000:],
+                                    MooncakeNet.log_tail(sp.errf)))
+        for line in reversed(text.strip().splitlines()):
+            if line.startswith("{"):
+                d = json.loads(line)
+                d["_seconds"] = took
+                return d
+        raise AssertionError("scenario %s on host %s printed no result:\n%s"
+                             % (sp.scenario, sp.host, text[-3000:]))
+
+    def run(self, host: str, module: str, scenario: str, config: dict | None = None,
+            timeout: float = 120.0, env: dict | None = None, **params) -> dict:
+        return self.collect(self.spawn(host, module, scenario, config, env, **params), timeout)
+
+    def close(self) -> None:
+        for sp in self.spawned:
+            sp.kill()
+            try:
+                sp.proc.communicate(timeout=10)
+            except (subprocess.TimeoutExpired, ValueError, OSError):
+                pass
+        self.stop_master(signal.SIGKILL)
+        for ns in list(self.ns.values()) + [self.mns]:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=20)
+
+
+def hosts_fixture(tmp_path_factory, name: str, tag: str, hosts: tuple[str, ...] = ("a", "b")):
+    """As net_fixture, for a MooncakeHosts."""
+    import pytest
+
+    why = netns_unavailable()
+    if why:
+        pytest.skip(why)
+    try:
+        mooncake_env().provision()
+    except RuntimeError as e:
+        pytest.fail("cannot install Mooncake from PyPI for these tests: %s" % e)
+    n = MooncakeHosts(tmp_path_factory.mktemp(name), tag, hosts)
+    try:
+        yield n
+    finally:
+        n.close()
 
 
 # ------------------------------------------------------------- child side
