@@ -636,6 +636,11 @@ static int serve(opts *o, const char *http, const char *sock_addr, const char *s
         fprintf(stderr, "kvshelf master: %s\n", kvs_strerror(rc));
         return rc == KVS_ERR_INVALID ? 2 : 1;
     }
+    if (el) { /* the reign this term recorded in etcd, and the one before */
+        kvs_election_info ei;
+        kvs_election_get_info(el, &ei);
+        kvs_master_set_reign(m, ei.reign, ei.reign_floor);
+    }
     if (kvs_server_new(m, &srv) != KVS_OK) {
         fprintf(stderr, "kvshelf master: cannot create the event loop\n");
         goto out;

@@ -174,6 +174,7 @@ static int mount_segment(kvs_client *c, kvs_rpc *rpc, uint64_t client_id, uint32
     if (c->dir && kvs_dir_snapshot(c->dir, &dv, &dn) != KVS_OK) w.err = KVS_ERR_NOMEM;
     /* an empty directory needs no DIR_LOAD: the segment is collected at once */
     kvs_wbuf_u32(&w, !c->dir ? 0 : dn ? KVS_MOUNT_F_DIR : KVS_MOUNT_F_DIR | KVS_MOUNT_F_DIR_EMPTY);
+    kvs_wbuf_u64(&w, kvs_dir_reign(c->dir)); /* the reign it last followed (0: none) */
     if (w.err) {
         free(dv);
         kvs_wbuf_free(&w);
@@ -192,10 +193,14 @@ static int mount_segment(kvs_client *c, kvs_rpc *rpc, uint64_t client_id, uint32
     kvs_rbuf r;
     kvs_rbuf_init(&r, resp, len);
     *seg_id = kvs_rbuf_u32(&r);
+    uint64_t reign = r.err == KVS_OK && r.pos < r.len ? kvs_rbuf_u64(&r) : 0; /* optional */
     rc = kvs_rbuf_finish(&r);
     free(resp);
     if (rc == KVS_OK && dn) rc = load_directory(c, rpc, client_id, *seg_id, dv, dn);
     free(dv);
+    /* handed in (what the master refused is unlisted): from now on the
+     * directory follows this master's reign */
+    if (rc == KVS_OK && c->dir && reign) kvs_dir_set_reign(c->dir, reign);
     return rc;
 }
 

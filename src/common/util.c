@@ -26,6 +26,13 @@ uint64_t kvs_now_ns(void)
 
 uint64_t kvs_now_ms(void) { return kvs_now_ns() / 1000000ull; }
 
+uint64_t kvs_wall_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (uint64_t)ts.tv_sec * 1000ull + (uint64_t)ts.tv_nsec / 1000000ull;
+}
+
 int kvs_cond_wait_ms(pthread_cond_t *cv, pthread_mutex_t *mu, uint64_t ms)
 {
     struct timespec ts;

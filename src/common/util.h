@@ -18,6 +18,8 @@ extern "C" {
 /* Monotonic clock. */
 uint64_t kvs_now_ns(void);
 uint64_t kvs_now_ms(void);
+/* Wall clock (CLOCK_REALTIME) in ms since the epoch. */
+uint64_t kvs_wall_ms(void);
 
 /* pthread_cond_timedwait on cv (mu held) for at most ms milliseconds from
  * now; cv must use CLOCK_MONOTONIC (pthread_condattr_setclock). Returns

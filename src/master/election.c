@@ -16,6 +16,7 @@ struct kvs_election {
     kvs_etcd *etcd;
     char prefix[256];
     char leader_key[300];
+    char reign_key[300];
     char member_key[600];
     char advertise[256];
     uint32_t ttl_s;
@@ -59,6 +60,36 @@ static void step_down(kvs_election *el, const char *why)
     pthread_mutex_unlock(&el->mu);
     if (was) KVS_LOGW("election: stepping down as leader: %s", why);
     if (id) kvs_etcd_lease_revoke(el->etcd, id); /* best effort */
+}
+
+/* Records a new reign in etcd (`<prefix>/reign`, no lease: it outlives
+ * every master): *floor gets the one recorded before (0: none), *reign this
+ * term's, above it and at least the wall clock. Nothing may be served
+ * before it is recorded: the next leader refuses directories older than
+ * it (master.h, kvs_master_set_reign). */
+static int reign_claim(kvs_election *el, uint64_t *floor, uint64_t *reign)
+{
+    char *v = NULL;
+    *floor = 0;
+    int rc = kvs_etcd_get(el->etcd, el->reign_key, &v, NULL, NULL);
+    if (rc == KVS_OK) {
+        char *end = NULL;
+        unsigned long long f = strtoull(v, &end, 10);
+        if (end == v || *end) {
+            KVS_LOGW("election: %s holds '%.40s', not a reign number: taken as 0", el->reign_key,
+                     v);
+            f = 0;
+        }
+        *floor = f;
+    } else if (rc != KVS_ERR_NOT_FOUND) {
+        free(v);
+        return rc;
+    }
+    free(v);
+    *reign = KVS_MAX(kvs_wall_ms(), *floor + 1);
+    char buf[32];
+    int n = snprintf(buf, sizeof buf, "%llu", (unsigned long long)*reign);
+    return kvs_etcd_put(el->etcd, el->reign_key, buf, (size_t)n, 0);
 }
 
 static void *el_main(void *p)
@@ -157,8 +188,17 @@ static void *el_main(void *p)
                 pthread_mutex_unlock(&el->mu);
             }
             free(v);
+            uint64_t floor = 0, reign = 0;
+            if (rc == KVS_OK && (rc = reign_claim(el, &floor, &reign)) != KVS_OK) {
+                step_down(el, "the new reign could not be recorded in etcd"); /* revokes the key */
+                KVS_LOGW("election: won, but %s could not be recorded (%s): standing by",
+                         el->reign_key, kvs_strerror(rc));
+                rc = KVS_ERR_IO;
+            }
             if (rc == KVS_OK) {
                 pthread_mutex_lock(&el->mu);
+                el->info.reign = reign;
+                el->info.reign_floor = floor;
                 el->leader = 1;
                 el->serving = 1;
                 el->info.role = KVS_ROLE_LEADER;
@@ -167,8 +207,10 @@ static void *el_main(void *p)
                 atomic_store(&el->until_ms, deadline_locked(el));
                 pthread_cond_broadcast(&el->cv);
                 pthread_mutex_unlock(&el->mu);
-                KVS_LOGW("election: this master (%s) is the leader now (lease %lld, TTL %u s)",
-                         el->advertise, (long long)id, el->ttl_s);
+                KVS_LOGW("election: this master (%s) is the leader now (lease %lld, TTL %u s; "
+                         "reign %llu after %llu)",
+                         el->advertise, (long long)id, el->ttl_s, (unsigned long long)reign,
+                         (unsigned long long)floor);
             } else if (rc != KVS_ERR_EXISTS) {
                 ok = 0;
             }
@@ -207,6 +249,7 @@ int kvs_election_start(const kvs_election_opts *o, kvs_election **out, char *err
         return KVS_ERR_INVALID;
     }
     snprintf(el->leader_key, sizeof el->leader_key, "%s/leader", el->prefix);
+    snprintf(el->reign_key, sizeof el->reign_key, "%s/reign", el->prefix);
     snprintf(el->member_key, sizeof el->member_key, "%s/members/%s", el->prefix, el->advertise);
     el->ttl_s = ttl;
     el->period_ms = KVS_MAX((uint64_t)100, (uint64_t)ttl * 1000 / 4);

@@ -48,6 +48,8 @@ typedef struct kvs_election_info {
     uint64_t step_downs;    /* how many times it stepped down */
     int64_t lease_id;       /* current etcd lease (0 = none) */
     int etcd_ok;            /* the last etcd request succeeded */
+    uint64_t reign;         /* this term's reign (recorded in etcd when it was won) */
+    uint64_t reign_floor;   /* the reign recorded before it (0: none) */
 } kvs_election_info;
 
 /* Starts the election thread. KVS_OK and *out (stop and free with

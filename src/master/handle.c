@@ -159,11 +159,16 @@ static int on_mount(kvs_master *m, const kvs_frame_hdr *h, kvs_rbuf *r, kvs_wbuf
     kvs_rbuf_raw(r, host_id, sizeof host_id);
     uint64_t epoch = kvs_rbuf_u64(r);
     uint32_t flags = r->err == KVS_OK && r->pos < r->len ? kvs_rbuf_u32(r) : 0; /* optional */
+    uint64_t dir_reign = r->err == KVS_OK && r->pos < r->len ? kvs_rbuf_u64(r) : 0; /* optional */
     if (kvs_rbuf_finish(r) != KVS_OK) return KVS_ERR_PROTO;
     uint32_t seg = 0;
     int rc = kvs_m_mount_flags(m, id, size, shm, taddr, host_id, epoch, flags, &seg);
+    if (rc == KVS_OK) kvs_m_dir_reign(m, kvs_segs_find(&m->segs, seg), dir_reign);
     size_t f = begin(out, h, rc);
-    if (rc == KVS_OK) kvs_wbuf_u32(out, seg);
+    if (rc == KVS_OK) {
+        kvs_wbuf_u32(out, seg);
+        kvs_wbuf_u64(out, m->reign);
+    }
     kvs_wbuf_end_frame(out, f);
     return KVS_OK;
 }

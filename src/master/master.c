@@ -65,6 +65,7 @@ int kvs_master_new(const kvs_master_opts *o, kvs_master **out)
         return KVS_ERR_NOMEM;
     }
     m->start_ms = kvs_now_ms();
+    m->reign = kvs_wall_ms();
     *out = m;
     return KVS_OK;
 }
@@ -105,6 +106,14 @@ void kvs_master_unlock(kvs_master *m) { pthread_mutex_unlock(&m->lock); }
 
 uint64_t kvs_master_now(const kvs_master *m) { return m->fake_now ? m->fake_now : kvs_now_ms(); }
 void kvs_master_set_time(kvs_master *m, uint64_t now_ms) { m->fake_now = now_ms; }
+
+void kvs_master_set_reign(kvs_master *m, uint64_t reign, uint64_t floor)
+{
+    m->reign = reign;
+    m->reign_floor = floor;
+}
+
+uint64_t kvs_master_reign(const kvs_master *m) { return m->reign; }
 
 int kvs_master_shutdown_requested(const kvs_master *m) { return m->shutdown; }
 

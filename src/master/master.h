@@ -94,6 +94,19 @@ void kvs_master_unlock(kvs_master *m);
 uint64_t kvs_master_now(const kvs_master *m);
 void kvs_master_set_time(kvs_master *m, uint64_t now_ms);
 
+/* Reigns: each master that serves a pool has a reign number, higher than
+ * every earlier one (failover: recorded in etcd when the election is won;
+ * otherwise the wall clock at start); a segment's owner records in its
+ * directory the reign it follows (the MOUNT reply says it). floor is the
+ * latest earlier reign known to have served (0: unknown). A directory
+ * handed in by an owner that last followed a reign older than floor missed
+ * a whole reign, whose removals and newer versions it does not reflect:
+ * it is refused. Without etcd the floor is also raised by every directory
+ * handed in, so the check holds once any segment of the later reign came
+ * back first. Call before serving. */
+void kvs_master_set_reign(kvs_master *m, uint64_t reign, uint64_t floor);
+uint64_t kvs_master_reign(const kvs_master *m);
+
 /* Periodic work (call every ~100 ms): reaps expired leases, revokes puts
  * past their deadline, expires silent clients, enforces watermarks. */
 void kvs_master_tick(kvs_master *m);

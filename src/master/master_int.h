@@ -31,6 +31,10 @@ struct kvs_master {
     kvs_list writing;      /* WRITING objects in put-deadline order */
     uint64_t next_obj_id;
     uint64_t lru_clock; /* counts uses of objects: their lru_stamp */
+    /* reigns (kvs_master_set_reign): this master's, and the latest earlier
+     * one known to have served; a directory that last followed an older
+     * reign than that is refused whole (rebuild.c) */
+    uint64_t reign, reign_floor;
     uint64_t n_objs;       /* object records alive (linked, writing or leased) */
     uint64_t n_complete;   /* linked COMPLETE objects */
     uint64_t fake_now;
@@ -85,6 +89,11 @@ int kvs_m_heartbeat(kvs_master *m, uint64_t client_id);
 int kvs_m_mount(kvs_master *m, uint64_t client_id, uint64_t size, const char *shm_name,
                 const char *transfer_addr, const uint8_t host_id[16], uint64_t epoch,
                 uint32_t *segment_id);
+/* A directory MOUNT says last followed reign dir_reign (0: none recorded):
+ * one older than the latest reign known to have served (m->reign_floor)
+ * may list what that reign removed or replaced, so every entry of it is
+ * refused (its owner unlists them); a newer one raises the floor. */
+void kvs_m_dir_reign(kvs_master *m, kvs_seg *s, uint64_t dir_reign);
 /* kvs_m_mount with MOUNT's flags: KVS_MOUNT_F_DIR (proto.h): the owner keeps
  * a directory, hands it in with DIR_LOAD and follows changes with
  * DIR_SYNC; the segment takes no placements until its DIR_LOAD ended

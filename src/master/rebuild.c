@@ -98,6 +98,8 @@ int kvs_m_dir_load_entry(kvs_master *m, kvs_seg *s, const void *key, uint32_t ke
     int rc = KVS_OK;
     if (key_len < 1 || key_len > KVS_KEY_MAX || size == 0 || size > KVS_MSEG_MAX_SIZE)
         rc = KVS_ERR_INVALID;
+    else if (s->dir_stale)
+        rc = KVS_ERR_UNAVAILABLE; /* the directory missed a reign (kvs_m_dir_reign) */
     else if (m->recovery_done_ms || m->touched_lost)
         /* the rebuild is over (a late segment, or one mounted again after
          * its registration ended): this master has served the pool since,
@@ -137,6 +139,20 @@ int kvs_m_dir_load_entry(kvs_master *m, kvs_seg *s, const void *key, uint32_t ke
     s->dir_loaded++;
     m->cnt.recovered_objects++;
     return KVS_OK;
+}
+
+void kvs_m_dir_reign(kvs_master *m, kvs_seg *s, uint64_t dir_reign)
+{
+    s->dir_reign = dir_reign;
+    if (!s->has_dir || s->dir_collected) return; /* nothing to hand in */
+    if (dir_reign < m->reign_floor) {
+        s->dir_stale = 1;
+        KVS_LOGW("segment %u: its directory last followed reign %llu, but reign %llu served "
+                 "since (it may list what that one removed or replaced): every entry refused",
+                 s->id, (unsigned long long)dir_reign, (unsigned long long)m->reign_floor);
+    } else if (dir_reign > m->reign_floor && dir_reign < m->reign) {
+        m->reign_floor = dir_reign; /* that reign served: directories older than it missed it */
+    }
 }
 
 void kvs_m_dir_load_end(kvs_master *m, kvs_seg *s)

@@ -38,6 +38,8 @@ typedef struct kvs_seg {
     /* the owner's directory of complete objects (rebuild.c, dirsync.c) */
     int has_dir;            /* MOUNT said the owner keeps one */
     int dir_collected;      /* its DIR_LOAD ended: the segment takes placements */
+    int dir_stale;          /* its directory missed a reign: every entry refused */
+    uint64_t dir_reign;     /* the reign its directory last followed (MOUNT) */
     uint64_t mount_ms;      /* master time of the MOUNT */
     uint64_t dir_loaded, dir_rejected; /* DIR_LOAD entries taken / refused */
     kvs_list dir_q;         /* objects whose entry change waits to be sent */

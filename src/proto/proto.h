@@ -58,7 +58,10 @@
  *          in with DIR_LOAD and follows changes with DIR_SYNC;
  *          KVS_MOUNT_F_DIR_EMPTY (with F_DIR) = it lists nothing, no
  *          DIR_LOAD follows. Absent = 0]
- *   resp: u32 segment_id
+ *         [u64 dir_reign: the master reign the directory last followed
+ *          (kvs_master_set_reign, master.h); absent = 0]
+ *   resp: u32 segment_id, [u64 reign: this master's; the owner records it
+ *         in its directory once the directory is handed in]
  * DIR_LOAD (the owner hands in its segment's directory after MOUNT with
  *           KVS_MOUNT_F_DIR, in as many messages as it takes; the segment
  *           takes no placements and none of its objects are found until
@@ -68,7 +71,8 @@
  *   resp: u32 n, n x { i32 status }: KVS_OK = indexed as a complete object;
  *         anything else = refused (overlap, key stored, put or removed
  *         since the master started, bounds; KVS_ERR_UNAVAILABLE: the
- *         master's rebuild is over, so it takes no directory any more):
+ *         master's rebuild is over, so it takes no directory any more, or
+ *         the directory missed a reign, MOUNT's dir_reign):
  *         the owner removes that entry from its directory before it sends
  *         last = 1. Frame status KVS_ERR_NOT_FOUND (no such segment) or
  *         KVS_ERR_INVALID (not the owner, no directory, already collected).

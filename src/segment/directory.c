@@ -17,6 +17,8 @@ typedef struct dir_hdr {
     uint64_t data_size;
     uint64_t nonce;
     uint64_t check;
+    uint64_t reign;       /* the master reign the owner follows (kvs_dir_set_reign) */
+    uint64_t reign_check; /* xxh3-64 of reign seeded with nonce ^ REIGN_SEED */
 } dir_hdr;
 
 typedef struct dir_slot {
@@ -29,7 +31,7 @@ typedef struct dir_slot {
     uint8_t key[KVS_DIR_KEY_MAX];
 } dir_slot;
 
-_Static_assert(sizeof(dir_hdr) == 48 && sizeof(dir_hdr) <= KVS_DIR_HDR_SIZE, "dir header");
+_Static_assert(sizeof(dir_hdr) == 64 && sizeof(dir_hdr) <= KVS_DIR_HDR_SIZE, "dir header");
 _Static_assert(sizeof(dir_slot) == 296 && sizeof(dir_slot) <= KVS_DIR_SLOT_SIZE, "dir slot");
 #define HDR_CHECKED 40 /* bytes of the header covered by its check */
 
@@ -57,6 +59,12 @@ uint64_t kvs_dir_bytes(uint64_t nslots, uint64_t page)
 }
 
 static uint64_t hdr_check(const dir_hdr *h) { return XXH3_64bits(h, HDR_CHECKED); }
+
+#define REIGN_SEED 0x7265696e6e676572ull
+static uint64_t reign_check(uint64_t reign, uint64_t nonce)
+{
+    return XXH3_64bits_withSeed(&reign, sizeof reign, nonce ^ REIGN_SEED);
+}
 
 /* The check of a slot's fields (key_len must be <= KVS_DIR_KEY_MAX). */
 static uint64_t slot_check(const dir_slot *s, uint64_t nonce)
@@ -464,6 +472,29 @@ uint64_t kvs_dir_count(kvs_dir *d)
 }
 
 uint64_t kvs_dir_capacity(const kvs_dir *d) { return d ? d->nslots : 0; }
+
+uint64_t kvs_dir_reign(kvs_dir *d)
+{
+    if (!d) return 0;
+    pthread_mutex_lock(&d->mu);
+    const dir_hdr *h = (const dir_hdr *)d->mem;
+    uint64_t r = __atomic_load_n(&h->reign, __ATOMIC_ACQUIRE);
+    uint64_t c = __atomic_load_n(&h->reign_check, __ATOMIC_ACQUIRE);
+    pthread_mutex_unlock(&d->mu);
+    return c == reign_check(r, d->nonce) ? r : 0;
+}
+
+void kvs_dir_set_reign(kvs_dir *d, uint64_t reign)
+{
+    if (!d) return;
+    pthread_mutex_lock(&d->mu);
+    dir_hdr *h = (dir_hdr *)d->mem;
+    /* a crash between the two stores leaves a check that fails: reign 0,
+     * which a later master takes as older than any (refused: safe) */
+    __atomic_store_n(&h->reign, reign, __ATOMIC_RELEASE);
+    __atomic_store_n(&h->reign_check, reign_check(reign, d->nonce), __ATOMIC_RELEASE);
+    pthread_mutex_unlock(&d->mu);
+}
 
 uint64_t kvs_dir_new_registration(kvs_dir *d)
 {

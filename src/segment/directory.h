@@ -15,6 +15,9 @@
  *     u64      data_size  bytes of segment data the entries point into
  *     u64      nonce      the segment's nonce (its name, its control page)
  *     u64      check      xxh3-64 of the 40 bytes above
+ *     u64      reign      the master reign the owner follows (0: none)
+ *     u64      reign_check xxh3-64 of reign, seeded with nonce ^ a constant
+ *                         (a mismatch reads as reign 0)
  *   nslots x slot (KVS_DIR_SLOT_SIZE bytes each)
  *     u32      state      KVS_DIR_LIVE, anything else = free
  *     u32      key_len    1..KVS_DIR_KEY_MAX
@@ -144,6 +147,14 @@ int kvs_dir_snapshot(kvs_dir *d, kvs_dir_entry **out, uint64_t *n);
  * registration are then refused (kvs_dir_add_if with a stale value), so
  * an object of a registration the master no longer knows is never listed
  * after the new master took the directory. */
+
+/* ---- reigns (master.h, kvs_master_set_reign) ----
+ * The reign of the master whose changes the directory follows: a master
+ * refuses a directory that missed a later reign. 0 if none is recorded or
+ * its check fails. */
+uint64_t kvs_dir_reign(kvs_dir *d);
+/* Records `reign` (after the directory was handed in to that master). */
+void kvs_dir_set_reign(kvs_dir *d, uint64_t reign);
 
 /* Starts a new registration; returns its number. */
 uint64_t kvs_dir_new_registration(kvs_dir *d);

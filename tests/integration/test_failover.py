@@ -19,7 +19,10 @@ Shown here:
   - an object half-written at the crash is never served by the new leader,
     and the dead leader's late writes cannot land;
   - a leader cut off from etcd (here: frozen with SIGSTOP past its lease)
-    stops serving when it runs again: never two leaders.
+    stops serving when it runs again: never two leaders;
+  - a node frozen through a whole master's reign hands in a directory that
+    missed what that reign removed or rewrote: the next master serves none
+    of it (no older version comes back).
 """
 import json
 import os
@@ -32,7 +35,7 @@ import urllib.request
 import pytest
 
 from conftest import (assert_all_hits, assert_clean, directories_settled, free_port, put_fresh,
-                      put_sets, row, segments_of, small_and_large)
+                      put_sets, recovery, row, segments_of, small_and_large)
 from test_restart import SECRET, connect_tool
 import kvswire as w
 
@@ -309,3 +312,129 @@ def test_leader_without_etcd_steps_down_never_two_leaders(kv, etcd):
     # the old leader is a standby now and registered as one
     kv.wait_for(lambda: {m["address"]: m["role"] for m in election(kv, ha)["masters"]}
                 == {a.addr: "standby", b.addr: "leader"}, 10, "the old leader to stand by")
+
+
+
+def segment_objects_by_pid(st):
+    """{pid of the node that mounted it: objects} of each segment in a status."""
+    pids = {c["id"]: c.get("pid") for c in (st or {}).get("clients", [])}
+    return {pids.get(s["owner_client"]): s["objects"] for s in segments_of(st or {})}
+
+
+def script_until(sc, line, ok, deadline, what):
+    """sc.do(line) again (every 100 ms) until ok(result), at most until deadline."""
+    while True:
+        r = sc.do(line)
+        if ok(r):
+            return r
+        assert time.time() < deadline, ("%s: no answer but %s" % (what, r))
+        time.sleep(0.1)
+
+
+def test_directory_that_missed_a_reign_is_not_served(kv, etcd):
+    """The stale reads CI found in test_kill9_leader_under_load_never_wrong,
+    made deterministic. M1 leads: version 1 of 64 keys, half in each node's
+    segment. node-0 is frozen (SIGSTOP) and M1 killed: M2 leads with node-1
+    only (node-0 never mounts there); through M2 every key is removed and
+    every other one rewritten as version 2 (in node-1). M1's address comes
+    back as the standby M3, M2 is killed, node-0 runs again and mounts on M3
+    within its rebuild, handing in its directory from M1's reign: version 1
+    of keys M2 removed or rewrote. That directory missed a whole reign and
+    must not be served: any hit of version 1 is a stale read (misses are
+    fine). Without the fix M3 serves at least the removed keys of node-0
+    (16 stale reads; 32 when node-0 hands in before node-1)."""
+    from faults import script, wait_stopped
+    prefix = "ft5"
+    ha, a, b = setup_pool(kv, etcd, prefix)
+    node0 = next(p for p in kv.procs if p.name == "node-0")
+    node1 = next(p for p in kv.procs if p.name == "node-1")
+    keys = ["mr/%03d" % i for i in range(64)]
+    sc = script(kv, ha, "script", "--sizes", "4K-64K", "--timeout-ms", 2000)
+    t_start = time.time()
+
+    # M1's reign: version 1 of every key, spread over both segments
+    for k in keys:
+        r = sc.do("put %s 1 32K" % k)
+        assert r["status"] == "KVS_OK", r
+    kv.wait_for(lambda: directories_settled(kv, ha, 2), 10,
+                "both directories to list every object")
+    at_m1 = segment_objects_by_pid(kv.status(ha))
+    print("M1: objects in node-0's segment %s, in node-1's %s" % (
+        at_m1.get(node0.pid), at_m1.get(node1.pid)))
+    assert at_m1.get(node0.pid, 0) > 0 and at_m1.get(node1.pid, 0) > 0, at_m1
+
+    node0.signal(signal.SIGSTOP)  # node-0 sleeps through M2's whole reign
+    try:
+        wait_stopped(node0.pid)
+        a.proc.kill()
+        wait_leader(kv, ha, b, timeout=FAILOVER_S + 5)
+
+        def m2_ready():
+            st = kv.status(ha)
+            return bool(st) and list(segment_objects_by_pid(st)) == [node1.pid] and \
+                recovery(st).get("complete")
+        kv.wait_for(m2_ready, FAILOVER_S + 10, "node-1 mounted and the rebuild complete at M2")
+
+        # M2's reign: the keys it does not know are node-0's ...
+        deadline = time.time() + 20
+        in_node0 = [k for k in keys if script_until(
+            sc, "get %s 1" % k, lambda r: r.get("result") in ("hit", "miss"), deadline,
+            "get at M2")["result"] == "miss"]
+        print("M2: %d of %d keys miss (version 1 only in node-0's frozen segment)"
+              % (len(in_node0), len(keys)))
+        assert len(in_node0) == at_m1[node0.pid], (in_node0, at_m1)
+        # ... every key removed, every other one of each segment rewritten
+        in_node1 = [k for k in keys if k not in in_node0]
+        rewritten = set(in_node0[1::2] + in_node1[1::2])
+        expect = {}
+        for k in keys:
+            script_until(sc, "rm %s" % k,
+                         lambda r: r["status"] in ("KVS_OK", "KVS_ERR_NOT_FOUND"), deadline,
+                         "rm at M2")
+            expect[k] = "-"
+            if k in rewritten:
+                expect[k] = "2"  # a failed put may have landed as well: 2 or nothing
+                script_until(sc, "put %s 2 16K" % k, lambda r: r["status"] == "KVS_OK",
+                             deadline, "put at M2")
+        kv.wait_for(lambda: directories_settled(kv, ha, 1), 10, "node-1's directory to settle")
+        assert segment_objects_by_pid(kv.status(ha)) == {node1.pid: len(rewritten)}
+
+        # M1's address back as the standby (M3); M2 killed; node-0 runs again
+        a2 = start_ha_master(kv, etcd, prefix, "master-a", rpc=a.rpc)
+        kv.wait_for(lambda: {m["address"]: m["role"] for m in election(kv, ha)["masters"]}
+                    == {a2.addr: "standby", b.addr: "leader"}, 10, "M3 to stand by")
+        b.proc.kill()
+    finally:
+        node0.signal(signal.SIGCONT)
+    wait_leader(kv, ha, a2, timeout=FAILOVER_S + 5)
+
+    def m3_ready():
+        st = kv.status(ha)
+        return bool(st) and sorted(segment_objects_by_pid(st)) == sorted([node0.pid, node1.pid]) \
+            and recovery(st).get("complete")
+    kv.wait_for(m3_ready, FAILOVER_S + 10, "both nodes mounted and the rebuild complete at M3")
+    st3 = kv.status(ha)
+    pids = {c["id"]: c.get("pid") for c in st3.get("clients", [])}
+    dirs = {("node-0" if pids.get(s["owner_client"]) == node0.pid else "node-1"):
+            s.get("directory") for s in segments_of(st3)}
+    print("M3: recovery %s; directories %s" % (recovery(st3), dirs))
+
+    # M3: only what M2 acknowledged may be read
+    stale, seen = [], {"hit": 0, "miss": 0}
+    deadline = time.time() + 20
+    for k in keys:
+        r = script_until(sc, "get %s %s" % (k, expect[k]),
+                         lambda r: r.get("result") in ("hit", "miss", "wrong"), deadline,
+                         "get at M3")
+        if r["result"] == "wrong":
+            stale.append("%s: %s version %s (accepted: %s; %s, %s at M2)" % (
+                k, r.get("kind"), r.get("found_version"), expect[k],
+                "node-0" if k in in_node0 else "node-1",
+                "rewritten" if k in rewritten else "removed"))
+        else:
+            seen[r["result"]] += 1
+    rep = sc.finish()
+    print("M3: %s, %d stale; %.1f s from the first put" % (seen, len(stale), time.time() - t_start))
+    assert not stale and rep.get("wrong") == 0, (
+        "%d stale reads at M3 (a directory that missed M2's reign was served):\n  %s" % (
+            len(stale), "\n  ".join(stale)), dirs)

@@ -22,10 +22,11 @@ static void mount_seg(tm_conn *c, uint64_t size, uint32_t *seg)
     tm_resp r = tm_next(c);
     assert_int_equal(r.h.type, KVS_MSG_MOUNT);
     assert_int_equal(r.h.status, KVS_OK);
-    assert_int_equal(r.h.body_len, 4);
+    assert_int_equal(r.h.body_len, 12); /* segment id, the master's reign */
     kvs_rbuf rb;
     kvs_rbuf_init(&rb, r.body, r.h.body_len);
     *seg = kvs_rbuf_u32(&rb);
+    assert_true(kvs_rbuf_u64(&rb) > 0);
 }
 
 static void test_all_messages(void **st)

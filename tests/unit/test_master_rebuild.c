@@ -586,6 +586,63 @@ static void test_remove_of_evicted_waits_for_unlisting(void **st)
     tm_close(&c);
 }
 
+/* Reigns (kvs_m_dir_reign): a directory that last followed a reign older
+ * than the latest one known to have served missed that reign (its removals,
+ * its newer versions): every entry of it is refused. Without etcd the floor
+ * is raised by the directories handed in. */
+static void test_directory_that_missed_a_reign_is_refused(void **st)
+{
+    (void)st;
+    kvs_master *m = tm_master(NULL, no_wait);
+    kvs_master_set_reign(m, 3000, 2000); /* etcd: reign 2000 served before this one */
+    assert_int_equal(kvs_master_reign(m), 3000);
+    uint64_t a = tm_client(m, 1), b = tm_client(m, 2), c = tm_client(m, 3);
+    uint32_t sa = mount_dir(m, a, 16 * MIB, "dir-a");
+    kvs_m_dir_reign(m, kvs_segs_find(&m->segs, sa), 1000); /* missed reign 2000 */
+    uint32_t sb = mount_dir(m, b, 16 * MIB, "dir-b");
+    kvs_m_dir_reign(m, kvs_segs_find(&m->segs, sb), 2000); /* followed it */
+    uint32_t sc = mount_dir(m, c, 16 * MIB, "dir-c");
+    kvs_m_dir_reign(m, kvs_segs_find(&m->segs, sc), 0); /* none recorded */
+    assert_int_equal(load(m, a, sa, "old", 0, 4096), KVS_ERR_UNAVAILABLE);
+    assert_int_equal(load(m, b, sb, "new", 0, 4096), KVS_OK);
+    assert_int_equal(load(m, c, sc, "none", 0, 4096), KVS_ERR_UNAVAILABLE);
+    end_load(m, a, sa);
+    end_load(m, b, sb);
+    end_load(m, c, sc);
+    assert_false(tm_exists(m, "old"));
+    assert_true(tm_exists(m, "new"));
+    assert_false(tm_exists(m, "none"));
+    kvs_master_free(m);
+
+    /* no etcd: floor 0 until a directory says which reign served */
+    m = tm_master(NULL, no_wait);
+    kvs_master_set_reign(m, 3000, 0);
+    a = tm_client(m, 1), b = tm_client(m, 2), c = tm_client(m, 3);
+    uint64_t d = tm_client(m, 4);
+    sa = mount_dir(m, a, 16 * MIB, "dir-a");
+    kvs_m_dir_reign(m, kvs_segs_find(&m->segs, sa), 2500); /* raises the floor to 2500 */
+    sb = mount_dir(m, b, 16 * MIB, "dir-b");
+    kvs_m_dir_reign(m, kvs_segs_find(&m->segs, sb), 1500); /* missed 2500 */
+    sc = mount_dir(m, c, 16 * MIB, "dir-c");
+    kvs_m_dir_reign(m, kvs_segs_find(&m->segs, sc), 9000); /* not older than us: no raise */
+    uint32_t sd = mount_dir(m, d, 16 * MIB, "dir-d");
+    kvs_m_dir_reign(m, kvs_segs_find(&m->segs, sd), 2500); /* the same reign */
+    assert_int_equal(load(m, a, sa, "a", 0, 4096), KVS_OK);
+    assert_int_equal(load(m, b, sb, "b", 0, 4096), KVS_ERR_UNAVAILABLE);
+    assert_int_equal(load(m, c, sc, "c", 0, 4096), KVS_OK);
+    assert_int_equal(load(m, d, sd, "d", 0, 4096), KVS_OK);
+    kvs_master_free(m);
+
+    /* a legacy directory (reign 0) with no floor known is taken */
+    m = tm_master(NULL, no_wait);
+    kvs_master_set_reign(m, 3000, 0);
+    a = tm_client(m, 1);
+    sa = mount_dir(m, a, 16 * MIB, "dir-a");
+    kvs_m_dir_reign(m, kvs_segs_find(&m->segs, sa), 0);
+    assert_int_equal(load(m, a, sa, "legacy", 0, 4096), KVS_OK);
+    kvs_master_free(m);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -596,6 +653,7 @@ int main(void)
         cmocka_unit_test(test_wire),
         cmocka_unit_test(test_remove_waits_for_unlisting),
         cmocka_unit_test(test_remove_of_evicted_waits_for_unlisting),
+        cmocka_unit_test(test_directory_that_missed_a_reign_is_refused),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

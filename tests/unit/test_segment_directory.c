@@ -229,6 +229,43 @@ static void test_full_and_registrations(void **state)
     free(mem);
 }
 
+/* The reign recorded in the header: 0 on a fresh directory, kept across a
+ * re-attach, 0 again when its check is damaged or the directory is
+ * formatted anew (a later master refuses such a directory: safe). */
+static void test_reign_round_trip(void **state)
+{
+    (void)state;
+    uint64_t bytes;
+    uint8_t *mem = new_mem(10, &bytes);
+    kvs_dir *d;
+    assert_int_equal(kvs_dir_attach(mem, bytes, DATA, NONCE, 1, &d), KVS_OK);
+    assert_int_equal(kvs_dir_reign(d), 0);
+    kvs_dir_set_reign(d, 1764800000123ull);
+    assert_int_equal(kvs_dir_reign(d), 1764800000123ull);
+    assert_int_equal(kvs_dir_add(d, "a", 1, 0, 10, 1), KVS_OK);
+    kvs_dir_close(d);
+    assert_int_equal(kvs_dir_attach(mem, bytes, DATA, NONCE, 0, &d), KVS_OK);
+    assert_int_equal(kvs_dir_reign(d), 1764800000123ull);
+    assert_int_equal(kvs_dir_count(d), 1);
+    kvs_dir_close(d);
+    /* a damaged reign or check reads as 0 */
+    assert_int_equal(kvs_dir_attach(mem, bytes, DATA, NONCE, 0, &d), KVS_OK);
+    mem[48] ^= 1; /* the reign's low byte (header offset 48) */
+    assert_int_equal(kvs_dir_reign(d), 0);
+    mem[48] ^= 1;
+    assert_int_equal(kvs_dir_reign(d), 1764800000123ull);
+    mem[56] ^= 0x80; /* its check */
+    assert_int_equal(kvs_dir_reign(d), 0);
+    kvs_dir_set_reign(d, 7);
+    assert_int_equal(kvs_dir_reign(d), 7);
+    kvs_dir_close(d);
+    assert_int_equal(kvs_dir_attach(mem, bytes, DATA, NONCE, 1, &d), KVS_OK); /* formatted */
+    assert_int_equal(kvs_dir_reign(d), 0);
+    assert_int_equal(kvs_dir_reign(NULL), 0);
+    kvs_dir_close(d);
+    free(mem);
+}
+
 /* Random adds and deletes against a model: the offset map (with its
  * backward-shift deletion) and the slots always agree. */
 static void test_random_ops_match_model(void **state)
@@ -323,6 +360,7 @@ int main(void)
         cmocka_unit_test(test_corrupt_slots_rejected_and_cleared),
         cmocka_unit_test(test_overlaps_and_duplicates),
         cmocka_unit_test(test_full_and_registrations),
+        cmocka_unit_test(test_reign_round_trip),
         cmocka_unit_test(test_random_ops_match_model),
         cmocka_unit_test(test_segment_has_directory),
     };
