@@ -13,11 +13,16 @@
 #   .carry/lib/libibverbs.so.1, libnuma.so.1
 #                               Mooncake's libraries need them; bench/carry_env.sh
 #                               uses them only where the system lacks them
+#   .carry/sbin/ip (+ its libraries in .carry/lib)
+#                               iproute2's ip: the tests and bench/ttft.py put
+#                               mooncake_master in a network namespace they make,
+#                               and the GPU image has no iproute2
 #
 # On the GPU machine, after `. bench/carry_env.sh`:
 #   tar -xJf .carry/mooncake-venv.tar.xz -C /tmp
 #   export KVSHELF_MOONCAKE_VENV=/tmp/mooncake-venv
 #   export KVSHELF_MC_SITE=$KVSHELF_MOONCAKE_VENV/lib/python3.12/site-packages
+#   command -v ip >/dev/null || export PATH=$PATH:$KVS_CARRY/sbin
 #
 # The wheel comes from $KVSHELF_MOONCAKE_PY312 (default
 # ~/.cache/kvshelf/mooncake-0.3.13.post1-py312, as tests/python/test_ucm_mooncake.py
@@ -57,4 +62,13 @@ for so in libibverbs.so.1 libnuma.so.1; do
   fi
   cp -L "$p" "$carry/lib/$so"
 done
-echo "prepare_mooncake_carry: $req in $carry/mooncake-venv.tar.xz ($(du -sh "$carry/mooncake-venv.tar.xz" | cut -f1)); libibverbs.so.1, libnuma.so.1 in $carry/lib"
+# iproute2's ip and the libraries it needs beyond glibc
+ipbin=$(command -v ip || true)
+[ -n "$ipbin" ] || { echo "prepare_mooncake_carry: no ip here (apt-get install iproute2)" >&2; exit 1; }
+mkdir -p "$carry/sbin"
+cp -L "$ipbin" "$carry/sbin/ip"
+ldd "$ipbin" | awk '/=> \//{print $1, $3}' | while read -r name path; do
+  case $name in libc.so* | libm.so* | ld-linux*) continue ;; esac
+  [ -e "$carry/lib/$name" ] || cp -L "$path" "$carry/lib/$name"
+done
+echo "prepare_mooncake_carry: $req in $carry/mooncake-venv.tar.xz ($(du -sh "$carry/mooncake-venv.tar.xz" | cut -f1)); libibverbs.so.1, libnuma.so.1 in $carry/lib; ip in $carry/sbin"

@@ -30,8 +30,9 @@ or a list of them, one block each; kvshelf's own adapters pass device
 ``kvshelf.ucm_mooncake``, the vLLM connector through ``kvshelf.vllm_mooncake``.
 
 CUDA blocks move through kvshelf's C/CUDA copy path
-(``kvshelf._kvshelf.CudaCopier``: ``kvs_cuda_copy_parts``, copy engines, no
-torch copies) between the device and a second staging area in pinned,
+(``kvshelf._kvshelf.CudaCopier``: ``kvs_cuda_copy_parts``, no torch copies;
+copy engines for parts of 32 KiB and more on average, else a gather/scatter
+kernel, as src/cuda/parts.cu says) between the device and a second staging area in pinned,
 device-mapped host memory (``staging_size`` bytes, allocated and registered
 with Mooncake on the first CUDA task or by ``enable_cuda(device)``):
 

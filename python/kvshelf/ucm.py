@@ -108,7 +108,8 @@ in ``gpu_kv_buffer_addrs``, else recognised with
 ``cudaPointerGetAttributes``) move through a ``kvshelf.Connector`` opened
 lazily on their device (one per device; ``Connector.dump_parts`` /
 ``load_parts`` with the store's keys as raw keys: GPU copies straight
-to/from the pool with ``cudaMemcpyBatchAsync``, no host bounce). Objects
+to/from the pool with ``cudaMemcpyBatchAsync``, or a gather/scatter kernel
+when the parts average under 32 KiB; no host bounce). Objects
 written from device memory carry the connector's header instead of the
 text header (the key, sizes and, for the legacy store, a hash of dtype and
 shape are checked on load: a mismatch fails the entry, nothing copied);

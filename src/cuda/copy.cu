@@ -28,11 +28,11 @@
 #include <string.h>
 
 #include "cuda/ahead.cuh"
+#include "cuda/kcopy.cuh"
 #include "cuda/kvs_cuda.h"
 #include "cuda/res.cuh"
 #include "kvshelf/errors.h"
 
-#define KC_PIECE (64u * 1024u) /* a kernel work unit copies at most this many bytes */
 
 /* ---------------------------------------------------------------- helpers */
 
@@ -429,6 +429,16 @@ extern "C" int kvs_cuda_preregister(kvs_cuda_ctx *x)
 
 extern "C" int kvs_cuda_ctx_mode(const kvs_cuda_ctx *x) { return x ? x->mode : 0; }
 
+void kvs_cuda_ctx_parts_cfg(const kvs_cuda_ctx *x, kvs_cuda_parts_cfg *out)
+{
+    out->mode = x->auto_mode ? KVS_CUDA_AUTO : x->mode;
+    out->batch_min_chunk = (uint64_t)x->batch_min_chunk;
+    out->sms = x->sms;
+    out->threads = x->threads;
+    out->per_sm = x->per_sm;
+    out->unroll = x->unroll;
+}
+
 extern "C" int kvs_cuda_can_map(kvs_cuda_ctx *x, const void *p, uint64_t len)
 {
     if (!x || !p) return 0;
@@ -593,39 +603,6 @@ struct kc_job {
     uint64_t stamp_off;
     uint32_t n, nt, upb, dir;
 };
-
-/* Copies len bytes; 16-byte vectors with U loads in flight per thread (all
- * issued before the first store) when everything is 16-byte aligned, else
- * 8-byte words, else bytes. */
-template <int U>
-__device__ __forceinline__ void kc_copy(char *dst, const char *src, uint64_t len)
-{
-    const uint32_t tid = threadIdx.x, nth = blockDim.x;
-    if (((uintptr_t)dst | (uintptr_t)src | len) % 16 == 0) {
-        uint4 *d = (uint4 *)dst;
-        const uint4 *s = (const uint4 *)src;
-        const uint64_t nv = len / 16;
-        for (uint64_t base = tid; base < nv; base += (uint64_t)U * nth) {
-            uint4 v[U];
-#pragma unroll
-            for (int k = 0; k < U; k++) {
-                uint64_t i = base + (uint64_t)k * nth;
-                if (i < nv) v[k] = s[i];
-            }
-#pragma unroll
-            for (int k = 0; k < U; k++) {
-                uint64_t i = base + (uint64_t)k * nth;
-                if (i < nv) d[i] = v[k];
-            }
-        }
-    } else if (((uintptr_t)dst | (uintptr_t)src | len) % 8 == 0) {
-        uint64_t *d = (uint64_t *)dst;
-        const uint64_t *s = (const uint64_t *)src;
-        for (uint64_t i = tid; i < len / 8; i += nth) d[i] = s[i];
-    } else {
-        for (uint64_t i = tid; i < len; i += nth) dst[i] = src[i];
-    }
-}
 
 template <int U>
 __global__ void kc_kernel(const __grid_constant__ kc_job j)

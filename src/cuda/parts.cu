@@ -1,10 +1,20 @@
 /* CUDA copies of objects given as explicit parts (kvs_connector_dump_parts /
- * load_parts): one cudaMemcpyBatchAsync per stream between the device parts
- * and the object's host memory (a registered segment mapping or pinned
- * staging; host pointers, reached through UVA), then one small kernel moves
- * each object's view-check word through the GPU's view of the object (see
- * kvs_cuda.h). Copy engines suit the parts UCM hands over (whole layer
- * blocks of tens to hundreds of KiB); no gather kernel here. */
+ * load_parts, and the Python CudaCopier of the Mooncake store) between
+ * device parts and the object's host memory (a registered segment mapping
+ * or pinned staging), then one small kernel moves each object's view-check
+ * word through the GPU's view of the object (see kvs_cuda.h).
+ *
+ * Two ways, chosen per copy as for block layouts (copy.cu): copy engines
+ * (one cudaMemcpyBatchAsync per stream, host pointers through UVA) when the
+ * mean part is at least KVSHELF_CUDA_BATCH_MIN_CHUNK (32 KiB), which UCM's
+ * layer blocks of tens to hundreds of KiB are; else one gather/scatter
+ * kernel over a list of (device, host, length) pieces, SMs copying through
+ * the mapped host memory. Copy engines pay ~0.5-1 us per entry, so parts
+ * of a few KiB (a vLLM layout with one chunk per KV head, 4 KiB at head dim
+ * 128 and 16-token blocks) crawled at 2.2 GB/s through them on an H200
+ * (bench/ttft.py --mode mooncake, 2026-12-04); the kernel copies them at
+ * the rate of the block-layout kernel. A connector that forced a backend
+ * (kvs_connector_opts.backend "kernel" / "batch") gets that one. */
 #include <cuda_runtime.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -13,6 +23,7 @@
 
 #include "common/util.h"
 #include "cuda/ahead.cuh"
+#include "cuda/kcopy.cuh"
 #include "cuda/kvs_cuda.h"
 #include "cuda/res.cuh"
 #include "kvshelf/errors.h"
@@ -74,10 +85,21 @@ static void kp_trace_flush(void)
     pthread_mutex_unlock(&kp_trace_mu);
 }
 
+/* One piece of the kernel path: `len` (<= KC_PIECE) bytes between device
+ * address `dev` and the GPU's address `host` of host bytes. */
+struct kp_desc {
+    uint64_t dev, host, len;
+};
+
 struct kvs_cuda_pworker {
     kvs_cuda_ctx *x;
     int device;
     kvs_cuda_res r;
+    kvs_cuda_parts_cfg cfg;
+    /* kernel path: the pieces, written here (pinned) and copied to the
+     * device before the kernel; grown on demand, dcap pieces each */
+    kp_desc *hdesc, *ddesc;
+    size_t dcap;
     /* read-ahead (ahead.cu): streams never waited for by a job, created on
      * first use */
     kvs_cuda_res pf;
@@ -108,6 +130,51 @@ __global__ void kp_stamp_kernel(const __grid_constant__ kp_stamps j)
     }
 }
 
+/* Copies pieces d[0..k) (device memory), dir as KVS_CUDA_DUMP / LOAD; one
+ * CTA per piece at a time, as copy.cu's kc_kernel does per chunk piece. */
+template <int U>
+__global__ void kp_kernel(const kp_desc *__restrict__ d, uint64_t k, uint32_t dir)
+{
+    for (uint64_t u = blockIdx.x; u < k; u += gridDim.x) {
+        char *dev = (char *)(uintptr_t)__ldg(&d[u].dev);
+        char *host = (char *)(uintptr_t)__ldg(&d[u].host);
+        const uint64_t len = __ldg(&d[u].len);
+        if (dir == KVS_CUDA_DUMP)
+            kc_copy<U>(host, dev, len);
+        else
+            kc_copy<U>(dev, host, len);
+    }
+}
+
+/* Room for `need` pieces. Freeing and allocating pinned or device memory
+ * synchronizes the device, so every GPU gate is opened first (as
+ * kvs_cuda_res_init does); the worker's own streams are idle here (every
+ * copy waits for them before it returns). KVS_OK or KVS_ERR_NOMEM (the
+ * caller then uses copy engines). */
+static int kp_desc_reserve(kvs_cuda_pworker *w, size_t need)
+{
+    if (need <= w->dcap) return KVS_OK;
+    size_t cap = w->dcap ? w->dcap : 4096;
+    while (cap < need) cap *= 2;
+    kvs_cuda_gates_force_open();
+    if (w->hdesc) cudaFreeHost(w->hdesc);
+    if (w->ddesc) cudaFree(w->ddesc);
+    w->hdesc = NULL;
+    w->ddesc = NULL;
+    w->dcap = 0;
+    void *h = NULL, *d = NULL;
+    if (cudaHostAlloc(&h, cap * sizeof(kp_desc), cudaHostAllocPortable) != cudaSuccess ||
+        cudaMalloc(&d, cap * sizeof(kp_desc)) != cudaSuccess) {
+        cudaGetLastError();
+        if (h) cudaFreeHost(h);
+        return KVS_ERR_NOMEM;
+    }
+    w->hdesc = (kp_desc *)h;
+    w->ddesc = (kp_desc *)d;
+    w->dcap = cap;
+    return KVS_OK;
+}
+
 static int kp_env_int(const char *name, int def, int lo, int hi)
 {
     const char *s = getenv(name);
@@ -133,6 +200,7 @@ extern "C" int kvs_cuda_pworker_create(kvs_cuda_ctx *x, int device, kvs_cuda_pwo
         free(w);
         return KVS_ERR_CUDA;
     }
+    kvs_cuda_ctx_parts_cfg(x, &w->cfg);
     *out = w;
     return KVS_OK;
 }
@@ -141,8 +209,10 @@ extern "C" void kvs_cuda_pworker_destroy(kvs_cuda_pworker *w)
 {
     if (!w) return;
     if (kp_trace_file()) kp_trace_flush();
-    kvs_cuda_res_free(&w->r);
+    kvs_cuda_res_free(&w->r); /* waits for the streams, opens the gates */
     if (w->pf_state == 1) kvs_cuda_res_free(&w->pf);
+    if (w->hdesc) cudaFreeHost(w->hdesc);
+    if (w->ddesc) cudaFree(w->ddesc);
     free(w);
 }
 
@@ -212,7 +282,20 @@ static int copy_parts(kvs_cuda_pworker *w, int dir, size_t n, void *const *obj,
     if (n > SIZE_MAX / ppo) return KVS_ERR_INVALID;
     const uint64_t tr0 = kp_trace_file() ? kvs_now_ns() : 0;
     uint64_t tr1 = 0;
-    if (kvs_cuda_res_reserve(&w->r, n * ppo) != KVS_OK) return KVS_ERR_NOMEM;
+    int kern = w->cfg.mode == KVS_CUDA_KERNEL;
+    size_t pieces = 0;
+    if (w->cfg.mode != KVS_CUDA_BATCH) {
+        uint64_t bytes = 0, parts = 0;
+        for (size_t q = 0; q < n * ppo; q++) {
+            if (!lens[q]) continue;
+            bytes += lens[q];
+            parts++;
+            pieces += (size_t)((lens[q] + KC_PIECE - 1) / KC_PIECE);
+        }
+        if (w->cfg.mode == KVS_CUDA_AUTO) kern = parts && bytes / parts < w->cfg.batch_min_chunk;
+        if (kern && kp_desc_reserve(w, pieces ? pieces : 1) != KVS_OK) kern = 0; /* copy engines */
+    }
+    if (!kern && kvs_cuda_res_reserve(&w->r, n * ppo) != KVS_OK) return KVS_ERR_NOMEM;
     kp_stamps *j = (kp_stamps *)calloc(1, sizeof *j);
     if (!j) return KVS_ERR_NOMEM;
     const int from_ra = ra && ra_off && ra_skip && dir == KVS_CUDA_LOAD && ppo <= KC_AHEAD_MAX_PPO;
@@ -235,16 +318,26 @@ static int copy_parts(kvs_cuda_pworker *w, int dir, size_t n, void *const *obj,
         j->gen[i] = gen ? gen[i] : 0;
         live++;
         char *o = (char *)obj[i] + poff;
+        uint64_t ho = j->obj[i] + poff; /* the GPU's address of o */
         nstamp++;
         for (size_t p = 0; p < ppo; p++) {
             char *dev = (char *)(uintptr_t)addrs[i * ppo + p];
             size_t len = (size_t)lens[i * ppo + p];
             if (!len) continue;
-            w->r.dsts[k] = dir == KVS_CUDA_DUMP ? (void *)o : (void *)dev;
-            w->r.srcs[k] = dir == KVS_CUDA_DUMP ? (void *)dev : (void *)o;
-            w->r.sizes[k] = len;
-            k++;
+            if (kern) {
+                for (size_t off = 0; off < len; off += KC_PIECE, k++) {
+                    w->hdesc[k].dev = (uint64_t)(uintptr_t)dev + off;
+                    w->hdesc[k].host = ho + off;
+                    w->hdesc[k].len = len - off < KC_PIECE ? len - off : KC_PIECE;
+                }
+            } else {
+                w->r.dsts[k] = dir == KVS_CUDA_DUMP ? (void *)o : (void *)dev;
+                w->r.srcs[k] = dir == KVS_CUDA_DUMP ? (void *)dev : (void *)o;
+                w->r.sizes[k] = len;
+                k++;
+            }
             o += len;
+            ho += len;
         }
     }
     j->out_gen = w->r.out_gen_dev;
@@ -256,7 +349,27 @@ static int copy_parts(kvs_cuda_pworker *w, int dir, size_t n, void *const *obj,
     /* streams given work (bit si), synchronised below: a job loading only
      * from read-ahead uses one (host calls are what bounds small jobs) */
     unsigned used = 0;
-    if (live && nstamp) {
+    if (live && nstamp && kern) {
+        cudaStream_t st = w->r.streams[0];
+        used |= 1u;
+        if (wait_event) e = cudaStreamWaitEvent(st, (cudaEvent_t)wait_event, 0);
+        if (e == cudaSuccess && k)
+            e = cudaMemcpyAsync(w->ddesc, w->hdesc, k * sizeof(kp_desc), cudaMemcpyHostToDevice, st);
+        if (e == cudaSuccess && k) {
+            uint64_t grid = (uint64_t)w->cfg.sms * (uint64_t)w->cfg.per_sm;
+            if (grid > k) grid = k;
+            if (grid < 1) grid = 1;
+            if (w->cfg.unroll == 8)
+                kp_kernel<8><<<(unsigned)grid, (unsigned)w->cfg.threads, 0, st>>>(w->ddesc, k, (uint32_t)dir);
+            else
+                kp_kernel<4><<<(unsigned)grid, (unsigned)w->cfg.threads, 0, st>>>(w->ddesc, k, (uint32_t)dir);
+            e = cudaGetLastError();
+        }
+        if (e == cudaSuccess) {
+            kp_stamp_kernel<<<1, 128, 0, st>>>(*j);
+            e = cudaGetLastError();
+        }
+    } else if (live && nstamp) {
         for (int si = 0; wait_event && si < w->r.nstreams && e == cudaSuccess; si++)
             e = cudaStreamWaitEvent(w->r.streams[si], (cudaEvent_t)wait_event, 0);
         if (e == cudaSuccess) e = kvs_cuda_res_batch_copy(&w->r, k);

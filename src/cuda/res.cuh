@@ -12,6 +12,21 @@
 
 #define KVS_CUDA_RES_MAX_STREAMS 8
 
+struct kvs_cuda_ctx;
+
+/* How a context's parts workers copy (parts.cu): mode KVS_CUDA_KERNEL or
+ * KVS_CUDA_BATCH when the connector forced one, else KVS_CUDA_AUTO (each
+ * copy picks from its mean part size against batch_min_chunk, as block
+ * layouts do), and the kernel's shape. */
+typedef struct kvs_cuda_parts_cfg {
+    int mode;
+    uint64_t batch_min_chunk;
+    int sms, threads, per_sm, unroll;
+} kvs_cuda_parts_cfg;
+
+/* Fills *out from x (copy.cu). */
+void kvs_cuda_ctx_parts_cfg(const struct kvs_cuda_ctx *x, kvs_cuda_parts_cfg *out);
+
 typedef struct kvs_cuda_res {
     cudaStream_t streams[KVS_CUDA_RES_MAX_STREAMS];
     int nstreams;

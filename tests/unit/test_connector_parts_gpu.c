@@ -1,6 +1,10 @@
 /* kvs_connector_dump_parts / load_parts with cudaMalloc'd parts (device 0):
- * the bodies of test_connector_parts.c plus the after_event contract. Skips
- * (exit 0) when built without CUDA or when no GPU is present, as on CI. */
+ * the bodies of test_connector_parts.c plus the after_event contract and
+ * parts cut into kernel pieces, run three times: backend "auto" (small
+ * parts through the gather/scatter kernel, big ones through copy engines),
+ * "cuda-kernel" and "cuda-batch" (every copy one way; KVSHELF_TEST_BACKEND
+ * runs one). Skips (exit 0) when built without CUDA or when no GPU is
+ * present, as on CI. */
 #include "test_connector_parts_util.h"
 
 #ifdef KVS_HAVE_CUDA
@@ -58,6 +62,33 @@ static void test_parts_after_event(void **s)
     pset_free(&dst);
     kvs_connector_close(c);
 }
+
+/* Parts longer than a kernel piece (64 KiB: cut into several), one of 4 KiB
+ * (a KV head of a 16-token block) and odd ones, at odd addresses: byte-exact
+ * both ways whichever path the backend picks. */
+static void test_parts_pieces(void **s)
+{
+    (void)s;
+    static const uint64_t cols[4] = {200003, 4096, 3, 131072};
+    const size_t n = 12;
+    pset src, dst;
+    pset_make(&src, n, 4, cols, 7, 1, 31);
+    pset_make(&dst, n, 4, cols, 0, 0, 32);
+    char ns[128];
+    make_ns(ns, sizeof ns, "parts-pieces");
+    kvs_connector *c = open_conn(&g_pool, ns, 0, NULL);
+    hashes hs;
+    hashes_make(&hs, n, 900);
+    int res[12];
+    assert_int_equal(pdump(c, hs.k, &src, NULL, res), (int)n);
+    assert_int_equal(pload(c, hs.k, &dst, NULL, res), (int)n);
+    pset_sync(&dst);
+    for (size_t i = 0; i < n; i++) assert_true(pset_obj_equal(&src, i, &dst, i));
+    hashes_free(&hs);
+    pset_free(&src);
+    pset_free(&dst);
+    kvs_connector_close(c);
+}
 #endif
 
 int main(void)
@@ -71,10 +102,20 @@ int main(void)
         return 0;
     }
     g_gpu = 1;
-    g_backend = "auto";
     const struct CMUnitTest tests[] = {cmocka_unit_test(test_parts_after_event),
+                                       cmocka_unit_test(test_parts_pieces),
                                        CONNECTOR_PARTS_TESTS};
-    return cmocka_run_group_tests_name("connector_parts_gpu", tests, parts_group_setup,
-                                       parts_group_teardown);
+    static const char *const backends[3] = {"auto", "cuda-kernel", "cuda-batch"};
+    const char *only = getenv("KVSHELF_TEST_BACKEND");
+    int failed = 0;
+    for (int b = 0; b < 3; b++) {
+        if (only && strcmp(only, backends[b])) continue;
+        g_backend = backends[b];
+        char name[64];
+        snprintf(name, sizeof name, "connector_parts_gpu_%s", backends[b]);
+        failed += cmocka_run_group_tests_name(name, tests, parts_group_setup,
+                                              parts_group_teardown);
+    }
+    return failed;
 #endif
 }
