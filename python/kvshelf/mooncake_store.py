@@ -452,6 +452,51 @@ def _checksum_parts(algo: int, parts: list[tuple[int, int]], n: int) -> int | No
     return None
 
 
+# Checksums of many staged blocks at once (a CUDA batch's dump, a CUDA
+# batch's load check) run on a few threads: XXH3 over pinned staging reads
+# ~8 GB/s on one core, which limited a 32k-token Mooncake load on the H200
+# once the staging <-> GPU copy ran on SMs (bench/RESULTS.md, issue 16);
+# ctypes drops the GIL for the call. KVSHELF_MC_CHECKSUM_THREADS sets how
+# many (default: half the CPUs, at most 8; 1: on the calling thread).
+_SUM_MIN_BYTES = 4 << 20  # below this, one thread
+_sum_pool_lock = threading.Lock()
+_sum_pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _sum_threads(strict: bool = False) -> int:
+    """The checksum threads; a bad KVSHELF_MC_CHECKSUM_THREADS raises
+    ConfigError when strict (the store's start), else counts as 1."""
+    v = os.environ.get("KVSHELF_MC_CHECKSUM_THREADS", "")
+    if v.strip():
+        try:
+            return max(1, min(64, int(v)))
+        except ValueError:
+            if not strict:
+                return 1
+            raise ConfigError("KVSHELF_MC_CHECKSUM_THREADS=%r: expected a whole number of "
+                              "threads (1: checksums on the calling thread)" % v) from None
+    return max(1, min(8, (os.cpu_count() or 2) // 2))
+
+
+def _checksums(algo: int, regions: list[tuple[int, int]]) -> list[int | None]:
+    """``_checksum`` of every (address, length) of ``regions``, in order;
+    spread over the checksum threads when the bytes are many."""
+    nt = min(_sum_threads(), len(regions))
+    if nt <= 1 or algo != ALGO_XXH3 or sum(n for _, n in regions) < _SUM_MIN_BYTES:
+        return [_checksum(algo, a, n) for a, n in regions]
+    global _sum_pool
+    with _sum_pool_lock:
+        if _sum_pool is None or _sum_pool._max_workers < nt:
+            _sum_pool = concurrent.futures.ThreadPoolExecutor(nt, "kvshelf-mc-sum")
+        pool = _sum_pool
+    step = (len(regions) + nt - 1) // nt
+    chunks = [regions[k:k + step] for k in range(0, len(regions), step)]
+    out: list[int | None] = []
+    for part in pool.map(lambda c: [_checksum(algo, a, n) for a, n in c], chunks):
+        out.extend(part)
+    return out
+
+
 def _key_hash(mkey: str) -> bytes:
     return hashlib.blake2b(mkey.encode("utf-8"), digest_size=16).digest()
 
@@ -876,6 +921,7 @@ class MooncakeBlockStore:
                  client: Any = None):
         self.config = parse_config(config)
         c = self.config
+        _sum_threads(strict=True)  # a bad KVSHELF_MC_CHECKSUM_THREADS fails here, not in a stage
         self._closed = False
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -1759,11 +1805,11 @@ class MooncakeBlockStore:
             ptrs = [ptrs[j] for j in keep]
             b.ptrs = ptrs
         t0 = time.monotonic()
+        sums = _checksums(self._algo, [(ptrs[j] + HEADER, n) for j, (_, n, _) in enumerate(b.bufs)])
         for j, (parts, n, _) in enumerate(b.bufs):
-            cs = _checksum(self._algo, ptrs[j] + HEADER, n)
             # the header last: its reserved word (the view-check stamp) becomes 0 again
             ctypes.memmove(ptrs[j], _HDR.pack(MAGIC, 1, self._algo, HEADER, n,
-                                              _key_hash(b.mkeys[j]), cs, b.tags[j]), HEADER)
+                                              _key_hash(b.mkeys[j]), sums[j], b.tags[j]), HEADER)
         dt = time.monotonic() - t0
         with self._lock:
             self._st["cuda_dumped"] += len(b.idx)
@@ -1981,8 +2027,9 @@ class MooncakeBlockStore:
         task = b.task
         checked = []
         t0 = time.monotonic()
-        for j in good:
-            if not self._check(ptrs[j], r[j], b.mkeys[j], b.bufs[j][1], b.tags[j]):
+        passed = self._check_many(ptrs, r, b, good)
+        for j, fine in zip(good, passed):
+            if not fine:
                 miss.append(b.idx[j])
                 bad.append(b.idx[j])
                 self._mark_bad(b.mkeys[j])
@@ -2023,13 +2070,34 @@ class MooncakeBlockStore:
             self._st["cuda_loaded"] += len(done)
         return done, failed
 
-    def _check(self, p: int, got: int, mkey: str, n: int, tag: int = 0) -> bool:
-        """Is the object at p (got bytes) this key's block of n bytes, tag tag?"""
+    @staticmethod
+    def _header_ok(p: int, got: int, mkey: str, n: int, tag: int) -> tuple[int, int] | None:
+        """(algorithm, checksum) of the header at p if the object there (got
+        bytes) says it is this key's block of n bytes, tag tag; else None."""
         if got != HEADER + n:
-            return False
+            return None
         magic, ver, algo, hsz, length, kh, cs, stag = _HDR.unpack(ctypes.string_at(p, HEADER))
         if (magic != MAGIC or ver != 1 or hsz != HEADER or length != n or kh != _key_hash(mkey)
                 or stag != tag):
+            return None
+        return algo, cs
+
+    def _check(self, p: int, got: int, mkey: str, n: int, tag: int = 0) -> bool:
+        """Is the object at p (got bytes) this key's block of n bytes, tag tag?"""
+        h = self._header_ok(p, got, mkey, n, tag)
+        if h is None:
             return False
-        want = _checksum(algo, p + HEADER, n)
-        return want is not None and want == cs
+        want = _checksum(h[0], p + HEADER, n)
+        return want is not None and want == h[1]
+
+    def _check_many(self, ptrs: list[int], r: list[int], b: _Batch, js: list[int]) -> list[bool]:
+        """``_check`` of the batch's blocks js, their checksums computed
+        together (on the checksum threads when they are many bytes)."""
+        heads = [self._header_ok(ptrs[j], r[j], b.mkeys[j], b.bufs[j][1], b.tags[j]) for j in js]
+        out = [False] * len(js)
+        for algo in {h[0] for h in heads if h is not None}:
+            ks = [k for k, h in enumerate(heads) if h is not None and h[0] == algo]
+            sums = _checksums(algo, [(ptrs[js[k]] + HEADER, b.bufs[js[k]][1]) for k in ks])
+            for k, want in zip(ks, sums):
+                out[k] = want is not None and want == heads[k][1]
+        return out

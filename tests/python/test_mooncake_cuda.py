@@ -612,3 +612,52 @@ def test_cuda_path_with_a_host_stand_in(ms, monkeypatch):
     finally:
         s.close()
     assert cp.closed and not cp.maps
+
+
+def test_checksums_of_a_cuda_batch_on_threads(ms, monkeypatch):
+    """A CUDA batch's checksums (dump) and header checks (load) run on the
+    checksum threads when the batch is many bytes: the same values as one
+    thread, a block altered in the store still a miss among good ones, and
+    a bad KVSHELF_MC_CHECKSUM_THREADS refused when the store starts."""
+    import threading
+
+    import kvshelf
+    import numpy as np
+
+    NF = kvshelf._kvshelf.ERR_NOT_FOUND
+    rng = np.random.default_rng(9)
+    arrs = [rng.integers(0, 256, (1 << 20) + 8 * i, dtype=np.uint8) for i in range(10)]
+    regions = [(int(a.ctypes.data), a.nbytes) for a in arrs]
+    monkeypatch.setenv("KVSHELF_MC_CHECKSUM_THREADS", "1")
+    one = ms._checksums(ms.ALGO_XXH3, regions)
+    monkeypatch.setenv("KVSHELF_MC_CHECKSUM_THREADS", "3")
+    assert ms._checksums(ms.ALGO_XXH3, regions) == one
+    assert one == [ms._checksum(ms.ALGO_XXH3, a, n) for a, n in regions] and None not in one
+    assert any(t.name.startswith("kvshelf-mc-sum") for t in threading.enumerate())
+
+    monkeypatch.setattr(ms._k, "CudaCopier", HostCopier, raising=False)
+    HostCopier.instances.clear()
+    client = tms.DictClient()
+    cfg = dict(tms.FAKE_CFG, batch_size=8, staging_size="32MiB")
+    s = ms.MooncakeBlockStore(cfg, client=client)
+    try:
+        s.enable_cuda(0)
+        keys = ["sum-%d" % i for i in range(8)]
+        t = s.dump(keys, [[r] for r in regions[:8]], cuda=True)
+        assert s.wait(t, 30) == [0] * 8, t.error
+        for i in range(8):  # the stored checksums are XXH3 of each payload
+            assert int.from_bytes(client.objs[keys[i]][40:48], "little") == one[i]
+        bad = bytearray(client.objs["sum-5"])
+        bad[-1] ^= 0x40
+        client.objs["sum-5"] = bytes(bad)
+        outs = [np.full(a.size, 0xEE, np.uint8) for a in arrs[:8]]
+        t = s.load(keys, [[(int(o.ctypes.data), o.nbytes)] for o in outs], cuda=True)
+        assert s.wait(t, 30) == [0, 0, 0, 0, 0, NF, 0, 0], t.error
+        assert t.mismatches() == [5] and (outs[5] == 0xEE).all()
+        for i in (0, 1, 2, 3, 4, 6, 7):
+            assert np.array_equal(outs[i], arrs[i]), i
+    finally:
+        s.close()
+    monkeypatch.setenv("KVSHELF_MC_CHECKSUM_THREADS", "many")
+    with pytest.raises(kvshelf.ConfigError, match="KVSHELF_MC_CHECKSUM_THREADS"):
+        ms.MooncakeBlockStore(cfg, client=tms.DictClient())
