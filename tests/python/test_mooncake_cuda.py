@@ -55,7 +55,7 @@ def _gpu_skip_reason():
     if cp is None or not cp.available():
         pytest.fail("a CUDA device is present but the installed kvshelf has no CUDA copy path "
                     "(CudaCopier.available() is False): install kvshelf built with the CUDA "
-                    "toolkit (see NOTES-mooncake-cuda.md)")
+                    "toolkit (bench/prepare_carry.sh builds one for a GPU machine)")
     return None
 
 
