@@ -518,6 +518,30 @@ static void sleep_ms(int ms)
     nanosleep(&ts, NULL);
 }
 
+/* Why an embedded pool could not start, for the client that started it:
+ * DIR/pool.failed holds "<kvshelf error code>\n<message>\n". With
+ * --detach the process the client started exits 0 before the pool opens its
+ * segment, so without this the client would only see the pool never answer
+ * (a newcomer in a container with a 64 MiB /dev/shm waited 10 s for "did
+ * not answer"). Written once the master has closed and removed its socket
+ * (after serve() returns), so that the client never takes the failing
+ * master for a running pool. The client removes the file before it starts
+ * a pool. */
+static int g_start_fail_code;
+static char g_start_fail_msg[512];
+
+static void note_start_failure(const char *rundir, int code, const char *msg)
+{
+    char path[600], tmp[620];
+    snprintf(path, sizeof path, "%s/pool.failed", rundir);
+    snprintf(tmp, sizeof tmp, "%s/.pool.failed.%ld", rundir, (long)getpid());
+    FILE *f = fopen(tmp, "w");
+    if (!f) return;
+    fprintf(f, "%d\n%s\n", code, msg);
+    if (fclose(f) == 0 && rename(tmp, path) == 0) return;
+    unlink(tmp);
+}
+
 /* The embedded pool: loop on a thread, the segment's client on this one. */
 static int run_embedded(kvs_master *m, kvs_server *srv, const opts *o, const char *sock_path)
 {
@@ -540,10 +564,19 @@ static int run_embedded(kvs_master *m, kvs_server *srv, const opts *o, const cha
     int status = 0;
     if (rc != KVS_OK) {
         KVS_LOGE("embedded pool: cannot open its segment client: %s (%s)", err, kvs_strerror(rc));
+        g_start_fail_code = rc;
+        kvs_strlcpy(g_start_fail_msg, err, sizeof g_start_fail_msg);
         status = 1;
     } else {
         KVS_LOGI("embedded pool ready: %llu bytes at unix:%s",
                  (unsigned long long)o->segment_size, sock_path);
+        /* for the client that started it (embedded.c): the pool is up, its
+         * segment open; before this it may still fail (pool.failed) */
+        char ready[600], pid[32];
+        snprintf(ready, sizeof ready, "%s/pool.ready", o->runtime_dir);
+        snprintf(pid, sizeof pid, "%d\n", (int)getpid());
+        if (write_file_atomic(ready, pid) != 0)
+            KVS_LOGW("cannot write %s: %s", ready, strerror(errno));
         for (;;) {
             if (g_stop) break;
             kvs_master_lock(m);
@@ -552,6 +585,7 @@ static int run_embedded(kvs_master *m, kvs_server *srv, const opts *o, const cha
             if (sd) break;
             sleep_ms(50);
         }
+        unlink(ready);
         kvs_client_close(client); /* unmounts while the loop still runs */
     }
     la.stop = 1;
@@ -810,7 +844,15 @@ int kvs_cmd_master(int argc, char **argv)
     o.mo.secret = o.secret ? o.secret : pool_secret;
     if (!o.etcd) {
         int dummy = 0;
-        return serve(&o, http, sock_addr, sock_path, pid_path, NULL, &dummy);
+        int st = serve(&o, http, sock_addr, sock_path, pid_path, NULL, &dummy);
+        if (o.embedded && st != 0) {
+            if (!g_start_fail_msg[0])
+                snprintf(g_start_fail_msg, sizeof g_start_fail_msg,
+                         "the pool's master exited with status %d", st);
+            note_start_failure(rundir, g_start_fail_code ? g_start_fail_code : KVS_ERR_IO,
+                               g_start_fail_msg);
+        }
+        return st;
     }
     /* failover: serve only while elected */
     kvs_election_opts eo = {o.etcd, o.etcd_prefix, o.etcd_ttl_s, o.advertise};

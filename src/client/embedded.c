@@ -28,6 +28,7 @@
 extern char **environ;
 
 #define START_WAIT_MS 10000
+#define START_READY_MS 180000 /* a pool that answers gets this long to open its segment */
 
 static void seterr(char *err, size_t errlen, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
@@ -381,6 +382,24 @@ static int spawn_master(const kvs_config *cfg, const char *dir, pid_t *pid, char
     return KVS_OK;
 }
 
+/* The report of a pool that could not start (tools/cmd_master.c
+ * note_start_failure): 1 with *code (a kvshelf error code; KVS_ERR_IO when
+ * the file holds none) and its message, else 0. */
+static int read_start_failure(const char *path, int *code, char *msg, size_t cap)
+{
+    FILE *f = fopen(path, "r");
+    if (!f) return 0;
+    char line[32] = "";
+    int ok = fgets(line, sizeof line, f) != NULL;
+    long c = ok ? strtol(line, NULL, 10) : 0;
+    *code = c < 0 && c > -1000 ? (int)c : KVS_ERR_IO;
+    msg[0] = 0;
+    if (ok && fgets(msg, (int)cap, f)) msg[strcspn(msg, "\n")] = 0;
+    fclose(f);
+    if (!msg[0]) kvs_strlcpy(msg, "no reason given", cap);
+    return 1;
+}
+
 int kvs_embedded_ensure(const kvs_config *cfg, const char *dir, int spawn, char *err,
                         size_t errlen)
 {
@@ -401,10 +420,19 @@ int kvs_embedded_ensure(const kvs_config *cfg, const char *dir, int spawn, char 
     int rc = KVS_OK;
     if (pool_answers(dir)) goto out; /* another process started it meanwhile */
     pid_t pid;
+    /* what the pool says of this start: ready (its segment open) or failed
+     * (why); either file from an earlier start is not this one's */
+    char failed[PATH_MAX], ready[PATH_MAX];
+    snprintf(failed, sizeof failed, "%s/pool.failed", dir);
+    snprintf(ready, sizeof ready, "%s/pool.ready", dir);
+    unlink(failed);
+    unlink(ready);
     rc = spawn_master(cfg, dir, &pid, err, errlen);
     if (rc) goto out;
-    uint64_t deadline = kvs_now_ms() + START_WAIT_MS;
-    int exited = 0, reaped = 0, wst = 0;
+    const uint64_t t_spawn = kvs_now_ms();
+    uint64_t deadline = t_spawn + START_WAIT_MS;
+    int exited = 0, reaped = 0, wst = 0, failed_at_start = 0, answered = 0, silent = 0;
+    int vanished = 0;
     rc = KVS_ERR_CONN;
     while (kvs_now_ms() < deadline) {
         if (!reaped && waitpid(pid, &wst, WNOHANG) == pid) {
@@ -415,7 +443,27 @@ int kvs_embedded_ensure(const kvs_config *cfg, const char *dir, int spawn, char 
             }
         }
         if (pool_answers(dir)) {
-            rc = KVS_OK;
+            if (access(ready, F_OK) == 0) {
+                rc = KVS_OK;
+                break;
+            }
+            /* up, still opening its segment (populating a big one takes
+             * seconds): wait longer for ready or failed */
+            answered = 1;
+            if (deadline < t_spawn + START_READY_MS) deadline = t_spawn + START_READY_MS;
+        } else if (answered && access(failed, F_OK) != 0) {
+            if (++silent * 20 >= 2000) { /* answered, then gone for 2 s with no word */
+                vanished = 1;
+                break;
+            }
+        }
+        int code = 0;
+        char why[512];
+        if (read_start_failure(failed, &code, why, sizeof why)) {
+            seterr(err, errlen, "the embedded pool could not start: %s (log: %s/master.log)", why,
+                   dir);
+            rc = code;
+            failed_at_start = 1;
             break;
         }
         struct timespec ts = {0, 20 * 1000000L};
@@ -430,13 +478,18 @@ int kvs_embedded_ensure(const kvs_config *cfg, const char *dir, int spawn, char 
         pthread_attr_setstacksize(&pa, 64u << 10);
         pthread_create(&th, &pa, reaper_main, (void *)(intptr_t)pid);
         pthread_attr_destroy(&pa);
+    } else if (failed_at_start) {
+        /* err says why, from the pool itself */
+    } else if (vanished) {
+        seterr(err, errlen, "the embedded pool stopped while it was starting; see %s/master.log",
+               dir);
     } else if (exited) {
         seterr(err, errlen,
                "the embedded pool exited at start (status %d); see %s/master.log",
                WIFEXITED(wst) ? WEXITSTATUS(wst) : -1, dir);
     } else {
-        seterr(err, errlen, "the embedded pool did not answer within %d s; see %s/master.log",
-               START_WAIT_MS / 1000, dir);
+        seterr(err, errlen, "the embedded pool did not %s within %d s; see %s/master.log",
+               answered ? "get ready" : "answer", (int)((deadline - t_spawn) / 1000), dir);
     }
 out:
     flock(lfd, LOCK_UN);

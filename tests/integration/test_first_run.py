@@ -12,6 +12,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from conftest import row
 
 
@@ -133,3 +135,49 @@ def test_pool_leaves_the_starters_pinning_and_preloads(kv):
                                                                   allowed))
     penv = Path("/proc/%d/environ" % pid).read_bytes().split(b"\0")
     assert not any(e.startswith(b"LD_PRELOAD=") for e in penv), "the pool kept LD_PRELOAD"
+
+
+def shm_free():
+    st = os.statvfs("/dev/shm")
+    return st.f_bavail * st.f_frsize
+
+
+def test_pool_that_cannot_start_says_why_at_once(kv):
+    """A pool whose segment does not fit /dev/shm fails its first client at
+    once with the pool's own reason (not "did not answer" after 10 s), and
+    the next start with a size that fits works."""
+    env = newcomer_env(kv)
+    env["KVSHELF_BIN"] = kv.bin
+    env["KVSHELF_GLOBAL_SEGMENT_SIZE"] = str(shm_free() + (1 << 30))
+    t0 = time.monotonic()
+    r = kv.run("put", "too-big", "v", env=env, timeout=60)
+    took = time.monotonic() - t0
+    err = r.stderr.decode(errors="replace")
+    assert r.returncode != 0, err
+    assert "could not start" in err and "/dev/shm" in err and "master.log" in err, err
+    assert took < 8, "the client waited %.1f s for a pool that had failed" % took
+    assert not kv.embedded_pids(), "the failed pool is still running"
+    env["KVSHELF_GLOBAL_SEGMENT_SIZE"] = "64M"
+    kv.run("put", "fits", "v", env=env, check=True)
+    assert kv.run("get", "fits", env=env, check=True).stdout.strip() == b"v"
+    assert not (kv.rt / "pool.failed").exists()
+
+
+def test_demo_fits_a_small_dev_shm(kv):
+    """`kvshelf demo` where /dev/shm is a container's default 64 MiB (a
+    tmpfs mounted over it in a mount namespace of the test's own): it offloads
+    fewer tokens, says so, and every block round-trips."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (unshare -m, a tmpfs over /dev/shm)")
+    probe = subprocess.run(["unshare", "-m", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("cannot make a mount namespace here: %s" % probe.stderr.decode().strip())
+    env = newcomer_env(kv)
+    script = ('mount -t tmpfs -o size=64m tmpfs /dev/shm && "$0" demo; rc=$?; '
+              '"$0" stop >/dev/null 2>&1; exit $rc')
+    r = subprocess.run(["unshare", "-m", "sh", "-c", script, kv.bin], env=env,
+                       capture_output=True, timeout=120)
+    out = r.stdout.decode(errors="replace") + r.stderr.decode(errors="replace")
+    assert r.returncode == 0, out
+    assert "too little for the default run: offloading 256 tokens instead" in out, out
+    assert "dumped 16/16, loaded 16/16, byte-exact: yes" in out, out
