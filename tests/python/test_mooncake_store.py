@@ -659,3 +659,57 @@ def scenario_setup_errors(ctx):
 def test_setup_errors_are_immediate(master):
     r = master.run(MOD, "setup_errors", timeout=120)
     assert r["no_master_s"] < 5 and r["total_s"] < 10, r
+
+
+class FailingGets(DictClient):
+    """DictClient whose gets of the keys in ``fail`` return Mooncake's
+    TRANSFER_FAIL (-800) after writing garbage into the buffer, as a transfer
+    that broke off half-way leaves it."""
+
+    def __init__(self):
+        super().__init__()
+        self.fail = set()
+
+    def batch_get_into(self, keys, ptrs, sizes):
+        r = super().batch_get_into(keys, ptrs, sizes)
+        for j, k in enumerate(keys):
+            if k in self.fail:
+                ctypes.memset(ptrs[j], 0x5A, min(sizes[j], 4096))
+                r[j] = -800
+        return r
+
+
+def test_failed_gets_reuse_their_staging(ms, monkeypatch):
+    """A get that failed (TRANSFER_FAIL) well inside Mooncake's 60 s wait
+    deadline has no transfer left writing into its staging (Mooncake waits
+    for every slice first), so the staging is used again: many failed loads
+    never use it up, the failed blocks are errors, the others byte-exact.
+    A call that ran up to the deadline still retires its extent."""
+    import kvshelf
+    import numpy as np
+
+    client = FailingGets()
+    s = ms.MooncakeBlockStore(dict(FAKE_CFG, batch_size=4, staging_size="1MiB"), client=client)
+    try:
+        rng = np.random.default_rng(11)
+        blocks = [rng.integers(0, 256, 100_000, dtype=np.uint8) for _ in range(4)]
+        keys = ["fg-%d" % i for i in range(4)]
+        assert s.wait(s.dump(keys, blocks), 10) == [0] * 4
+        client.fail = {ms.mooncake_key(keys[1]), ms.mooncake_key(keys[3])}
+        for _ in range(40):  # 40 x 2 failed blocks of 100 kB: far more than 1 MiB of staging
+            outs = [np.full(b.size, 0xEE, np.uint8) for b in blocks]
+            t = s.load(keys, outs)
+            res = s.wait(t, 10)
+            assert res[0] == 0 and res[2] == 0 and res[1] < 0 and res[3] < 0, (res, t.error)
+            assert res[1] != kvshelf._kvshelf.ERR_NOT_FOUND, res  # an error, not a miss
+            assert np.array_equal(outs[0], blocks[0]) and np.array_equal(outs[2], blocks[2])
+            assert (outs[1] == 0xEE).all() and (outs[3] == 0xEE).all()
+        st = s.stats()
+        assert st["staging_retired"] == 0 and st["staging_retire_events"] == 0, st
+        # past the deadline: the extent is retired (a stalled peer may still write there)
+        monkeypatch.setattr(ms, "_GET_SETTLED_S", 0.0)
+        s.wait(s.load(keys, [np.zeros(b.size, np.uint8) for b in blocks]), 10)
+        st = s.stats()
+        assert st["staging_retired"] > 0 and st["staging_retire_events"] == 1, st
+    finally:
+        s.close()
