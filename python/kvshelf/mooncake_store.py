@@ -534,20 +534,10 @@ MC_ERRORS = {
     -1700: "TENANT_QUOTA_EXCEEDED",
 }
 _MC_RPC = (-900, -901)
-# When may the staging memory of a failed get be used again? Mooncake's
-# Client::BatchGet waits on every key's TransferFuture, and
-# TransferEngineOperationState::check_task_status waits until *every* task of
-# the batch is terminal (a task is FAILED only once all its slices succeeded
-# or failed: TCP after the socket read ended, RDMA after an error completion)
-# -- except past its fixed 60 s deadline (wait_for_completion), where it
-# returns TRANSFER_FAIL with slices still running (Mooncake 0.3.12-0.3.14).
-# So a failed get whose call returned well inside that deadline leaves
-# nothing writing into the buffer: its extent is reused at once. Only a call
-# that ran long enough to meet the deadline retires the extent for good (a
-# stalled TCP peer may still write into it much later). Codes in _SAFE_GET
-# are returned before any transfer began and are safe however long it took.
+# Codes Mooncake returns before any transfer touched the buffer, or after it
+# completed: the staging memory of such a get is safe to reuse. After any
+# other failure a transfer may still be writing into it, so it is retired.
 _SAFE_GET = {-200, -600, -703, -704, -707, -900, -901}
-_GET_SETTLED_S = 50.0  # a call shorter than this met no deadline (60 s in Mooncake)
 
 
 def mc_name(code: int) -> str:
@@ -1835,12 +1825,11 @@ class MooncakeBlockStore:
             self._fail(b, _k.ERR_INTERNAL, "kvshelf.mooncake_store: Mooncake's batch_get_into "
                        "raised %s: %s" % (type(e).__name__, e))
             return
-        dt = time.monotonic() - t0
         with self._lock:
             self._st["get_calls"] += 1
-            self._st["get_seconds"] += dt
+            self._st["get_seconds"] += time.monotonic() - t0
             self._st["get_bytes"] += sum(b.sizes)
-        self._mid.put((b, ptrs, r, dt))
+        self._mid.put((b, ptrs, r))
 
     def _stage2(self, item: Any) -> None:
         if isinstance(item, _Batch):
@@ -1964,15 +1953,15 @@ class MooncakeBlockStore:
             while len(self._bad) > self.BAD_KEYS:
                 self._bad.popitem(last=False)
 
-    def _finish_load(self, b: _Batch, ptrs: list[int], r: list[int], call_s: float) -> None:
+    def _finish_load(self, b: _Batch, ptrs: list[int], r: list[int]) -> None:
         task = b.task
         ok, good, miss, bad, retire, rpc = [], [], [], [], False, 0
         for j, i in enumerate(b.idx):
             rc = r[j] if j < len(r) else -1
             n = b.bufs[j][1]
             if rc < 0:
-                if rc not in _SAFE_GET and call_s >= _GET_SETTLED_S:
-                    retire = True  # slices may still be writing (see _SAFE_GET)
+                if rc not in _SAFE_GET:
+                    retire = True
                 rpc += rc in _MC_RPC
                 code = _kv_code(rc, "get")
                 if code == _k.ERR_NOT_FOUND:

@@ -377,8 +377,7 @@ def scenario_host_b_peer_killed(ctx):
     out["after_kill_dumps_lost"] = sum(1 for r in res[len(k2):] if r != 0)
     st = s.stats()
     out["stats"] = {k: st[k] for k in ("load_errors", "load_misses", "dump_errors", "mismatch",
-                                       "staging_retired", "staging_retire_events", "unreachable_events",
-                                       "timeouts", "get_calls")}
+                                       "staging_retired", "unreachable_events", "timeouts")}
     assert st["mismatch"] == 0, st
     t0 = time.monotonic()
     s.close(timeout=20)
@@ -434,8 +433,4 @@ def test_peer_killed(master):
     R = net.collect(b, 90)
     assert R["load_after_kill_s"] < TASK_TIMEOUT_MS / 1000.0 + SLACK_S, R
     assert R["a_dropped_after_s"] < CLIENT_TTL_S + 20, R
-    # a failed get returned within Mooncake's 60 s deadline leaves no transfer
-    # writing into its staging: the memory is reused, never retired
-    assert R["staging_retired_after_kill"] == 0, R
-    assert R["stats"]["staging_retired"] == 0, R
     print("\npeer killed: %s" % json.dumps({k: v for k, v in R.items() if k != "_seconds"}))
