@@ -96,10 +96,12 @@ struct kvs_cuda_pworker {
     int device;
     kvs_cuda_res r;
     kvs_cuda_parts_cfg cfg;
-    /* kernel path: the pieces, written here (pinned) and copied to the
-     * device before the kernel; grown on demand, dcap pieces each */
+    /* kernel path: the pieces, written here (host memory) and copied to
+     * the device (stream-ordered allocation) before the kernel; grown on
+     * demand, dcap pieces each; dfail: an allocation failed, copy engines */
     kp_desc *hdesc, *ddesc;
     size_t dcap;
+    int dfail;
     /* read-ahead (ahead.cu): streams never waited for by a job, created on
      * first use */
     kvs_cuda_res pf;
@@ -146,30 +148,27 @@ __global__ void kp_kernel(const kp_desc *__restrict__ d, uint64_t k, uint32_t di
     }
 }
 
-/* Room for `need` pieces. Freeing and allocating pinned or device memory
- * synchronizes the device, so every GPU gate is opened first (as
- * kvs_cuda_res_init does); the worker's own streams are idle here (every
- * copy waits for them before it returns). KVS_OK or KVS_ERR_NOMEM (the
- * caller then uses copy engines). */
+/* Room for `need` pieces, grown without synchronizing the device (a GPU
+ * gate of another task may be closed: a device-wide sync would have to open
+ * it early): the host list is plain memory, the device list comes from
+ * cudaMallocAsync on the worker's stream 0 (the old one freed behind the
+ * work already queued there). KVS_OK, or KVS_ERR_NOMEM and the caller uses
+ * copy engines (after one failure this worker stops asking). */
 static int kp_desc_reserve(kvs_cuda_pworker *w, size_t need)
 {
     if (need <= w->dcap) return KVS_OK;
+    if (w->dfail) return KVS_ERR_NOMEM;
     size_t cap = w->dcap ? w->dcap : 4096;
     while (cap < need) cap *= 2;
-    kvs_cuda_gates_force_open();
-    if (w->hdesc) cudaFreeHost(w->hdesc);
-    if (w->ddesc) cudaFree(w->ddesc);
-    w->hdesc = NULL;
-    w->ddesc = NULL;
-    w->dcap = 0;
-    void *h = NULL, *d = NULL;
-    if (cudaHostAlloc(&h, cap * sizeof(kp_desc), cudaHostAllocPortable) != cudaSuccess ||
-        cudaMalloc(&d, cap * sizeof(kp_desc)) != cudaSuccess) {
+    kp_desc *h = (kp_desc *)realloc(w->hdesc, cap * sizeof(kp_desc));
+    if (h) w->hdesc = h;
+    void *d = NULL;
+    if (!h || cudaMallocAsync(&d, cap * sizeof(kp_desc), w->r.streams[0]) != cudaSuccess) {
         cudaGetLastError();
-        if (h) cudaFreeHost(h);
+        w->dfail = 1;
         return KVS_ERR_NOMEM;
     }
-    w->hdesc = (kp_desc *)h;
+    if (w->ddesc) cudaFreeAsync(w->ddesc, w->r.streams[0]);
     w->ddesc = (kp_desc *)d;
     w->dcap = cap;
     return KVS_OK;
@@ -209,10 +208,10 @@ extern "C" void kvs_cuda_pworker_destroy(kvs_cuda_pworker *w)
 {
     if (!w) return;
     if (kp_trace_file()) kp_trace_flush();
+    if (w->ddesc) cudaFreeAsync(w->ddesc, w->r.streams[0]); /* before the stream goes */
     kvs_cuda_res_free(&w->r); /* waits for the streams, opens the gates */
     if (w->pf_state == 1) kvs_cuda_res_free(&w->pf);
-    if (w->hdesc) cudaFreeHost(w->hdesc);
-    if (w->ddesc) cudaFree(w->ddesc);
+    free(w->hdesc);
     free(w);
 }
 
@@ -352,9 +351,10 @@ static int copy_parts(kvs_cuda_pworker *w, int dir, size_t n, void *const *obj,
     if (live && nstamp && kern) {
         cudaStream_t st = w->r.streams[0];
         used |= 1u;
-        if (wait_event) e = cudaStreamWaitEvent(st, (cudaEvent_t)wait_event, 0);
-        if (e == cudaSuccess && k)
-            e = cudaMemcpyAsync(w->ddesc, w->hdesc, k * sizeof(kp_desc), cudaMemcpyHostToDevice, st);
+        /* the list first: a copy from pageable memory may wait for the
+         * stream, which must not be waiting for the caller's event yet */
+        if (k) e = cudaMemcpyAsync(w->ddesc, w->hdesc, k * sizeof(kp_desc), cudaMemcpyHostToDevice, st);
+        if (e == cudaSuccess && wait_event) e = cudaStreamWaitEvent(st, (cudaEvent_t)wait_event, 0);
         if (e == cudaSuccess && k) {
             uint64_t grid = (uint64_t)w->cfg.sms * (uint64_t)w->cfg.per_sm;
             if (grid > k) grid = k;
