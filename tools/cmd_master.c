@@ -518,8 +518,9 @@ static void sleep_ms(int ms)
     nanosleep(&ts, NULL);
 }
 
-/* Why an embedded pool could not start, for the client that started it:
- * DIR/pool.failed holds "<kvshelf error code>\n<message>\n". With
+/* How an embedded pool's start went, for the client that started it:
+ * DIR/pool.starting while it starts (written before its socket), then
+ * DIR/pool.ready once its segment is open, or DIR/pool.failed, which holds "<kvshelf error code>\n<message>\n". With
  * --detach the process the client started exits 0 before the pool opens its
  * segment, so without this the client would only see the pool never answer
  * (a newcomer in a container with a 64 MiB /dev/shm waited 10 s for "did
@@ -529,6 +530,7 @@ static void sleep_ms(int ms)
  * a pool. */
 static int g_start_fail_code;
 static char g_start_fail_msg[512];
+static int g_ready; /* pool.ready was written: a later exit is not a failed start */
 
 static void note_start_failure(const char *rundir, int code, const char *msg)
 {
@@ -577,6 +579,10 @@ static int run_embedded(kvs_master *m, kvs_server *srv, const opts *o, const cha
         snprintf(pid, sizeof pid, "%d\n", (int)getpid());
         if (write_file_atomic(ready, pid) != 0)
             KVS_LOGW("cannot write %s: %s", ready, strerror(errno));
+        g_ready = 1;
+        char starting[600];
+        snprintf(starting, sizeof starting, "%s/pool.starting", o->runtime_dir);
+        unlink(starting);
         for (;;) {
             if (g_stop) break;
             kvs_master_lock(m);
@@ -844,8 +850,17 @@ int kvs_cmd_master(int argc, char **argv)
     o.mo.secret = o.secret ? o.secret : pool_secret;
     if (!o.etcd) {
         int dummy = 0;
+        char starting[600] = "";
+        if (o.embedded) { /* before the socket: a pool that answers says how its start goes */
+            snprintf(starting, sizeof starting, "%s/pool.starting", rundir);
+            char pid[32];
+            snprintf(pid, sizeof pid, "%d\n", (int)getpid());
+            if (write_file_atomic(starting, pid) != 0)
+                KVS_LOGW("cannot write %s: %s", starting, strerror(errno));
+        }
         int st = serve(&o, http, sock_addr, sock_path, pid_path, NULL, &dummy);
-        if (o.embedded && st != 0) {
+        if (starting[0]) unlink(starting);
+        if (o.embedded && st != 0 && !g_ready) { /* a pool that ran is no failed start */
             if (!g_start_fail_msg[0])
                 snprintf(g_start_fail_msg, sizeof g_start_fail_msg,
                          "the pool's master exited with status %d", st);

@@ -173,6 +173,7 @@ def test_demo_fits_a_small_dev_shm(kv):
     if probe.returncode != 0:
         pytest.skip("cannot make a mount namespace here: %s" % probe.stderr.decode().strip())
     env = newcomer_env(kv)
+    env.pop("KVSHELF_GLOBAL_SEGMENT_SIZE", None)  # nothing set, as a newcomer has
     script = ('mount -t tmpfs -o size=64m tmpfs /dev/shm && "$0" demo; rc=$?; '
               '"$0" stop >/dev/null 2>&1; exit $rc')
     r = subprocess.run(["unshare", "-m", "sh", "-c", script, kv.bin], env=env,
