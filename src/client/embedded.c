@@ -403,7 +403,11 @@ static int read_start_failure(const char *path, int *code, char *msg, size_t cap
 int kvs_embedded_ensure(const kvs_config *cfg, const char *dir, int spawn, char *err,
                         size_t errlen)
 {
-    if (pool_answers(dir)) return KVS_OK;
+    /* a pool that answers while it still starts (DIR/pool.starting): wait
+     * for its starter, which holds pool.lock until it is ready or failed */
+    char starting0[PATH_MAX];
+    snprintf(starting0, sizeof starting0, "%s/pool.starting", dir);
+    if (pool_answers(dir) && (!spawn || access(starting0, F_OK) != 0)) return KVS_OK;
     if (!spawn) {
         seterr(err, errlen, "no embedded pool is running (runtime dir %s)", dir);
         return KVS_ERR_UNAVAILABLE;

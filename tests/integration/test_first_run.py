@@ -182,3 +182,23 @@ def test_demo_fits_a_small_dev_shm(kv):
     assert r.returncode == 0, out
     assert "too little for the default run: offloading 256 tokens instead" in out, out
     assert "dumped 16/16, loaded 16/16, byte-exact: yes" in out, out
+
+
+def test_clients_arriving_while_a_pool_fails_to_start_all_say_why(kv):
+    """Clients that arrive while a pool is starting (it answers, its segment
+    not open yet) wait for its starter instead of joining it: when the start
+    fails, each says why, none fails on a connection to the dying pool."""
+    env = newcomer_env(kv)
+    env["KVSHELF_BIN"] = kv.bin
+    env["KVSHELF_GLOBAL_SEGMENT_SIZE"] = str(shm_free() + (1 << 30))
+    procs = []
+    for i in range(4):
+        procs.append(subprocess.Popen([kv.bin, "put", "k%d" % i, "v"], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+        time.sleep(0.15)
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        err = err.decode(errors="replace")
+        assert p.returncode != 0, err
+        assert "could not start" in err and "/dev/shm" in err, err
+    assert not kv.embedded_pids()
