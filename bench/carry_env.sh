@@ -15,6 +15,10 @@ if [ ! -d "$kvs_carry/python/kvshelf" ] || [ ! -x "$kvs_carry/bin/kvshelf" ]; th
 fi
 kvs_carry=$(cd "$kvs_carry" && pwd)
 export PYTHONPATH="$kvs_carry/python${PYTHONPATH:+:$PYTHONPATH}"
+# iproute2's ip (bench/prepare_mooncake_carry.sh) where the machine has none
+if ! command -v ip >/dev/null 2>&1 && [ -x "$kvs_carry/sbin/ip" ]; then
+  export PATH="$PATH:$kvs_carry/sbin"
+fi
 export KVSHELF_BIN="$kvs_carry/bin/kvshelf"
 kvs_ldconfig=$(command -v ldconfig || echo /sbin/ldconfig)
 kvs_syslibs=$("$kvs_ldconfig" -p 2>/dev/null || true)

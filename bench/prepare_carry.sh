@@ -83,7 +83,9 @@ done
 # Shared libraries needed by everything carried, minus glibc and the compiler
 # runtime (present on every Linux) and the CUDA driver (the GPU machine's own).
 skip='^(linux-vdso|ld-linux|libc\.so|libm\.so|libpthread|libdl\.so|librt\.so|libresolv|libutil\.so|libanl|libgcc_s|libstdc\+\+|libcuda\.so|libnvidia)'
-elfs=$(find "$carry/bin" "$carry/lib" "$carry/python" -type f \( -perm -u+x -o -name '*.so*' \))
+# (and the GPU test programs put in $carry/tests: they need libcmocka)
+elfs=$(find "$carry/bin" "$carry/lib" "$carry/python" $([ -d "$carry/tests" ] && echo "$carry/tests") \
+  -type f \( -perm -u+x -o -name '*.so*' \))
 for e in $elfs; do
   LD_LIBRARY_PATH=$carry/lib ldd "$e" 2>/dev/null | awk '/=> \//{print $1, $3}'
 done | sort -u | while read -r name path; do

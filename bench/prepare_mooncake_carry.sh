@@ -22,7 +22,7 @@
 #   tar -xJf .carry/mooncake-venv.tar.xz -C /tmp
 #   export KVSHELF_MOONCAKE_VENV=/tmp/mooncake-venv
 #   export KVSHELF_MC_SITE=$KVSHELF_MOONCAKE_VENV/lib/python3.12/site-packages
-#   command -v ip >/dev/null || export PATH=$PATH:$KVS_CARRY/sbin
+#   (bench/carry_env.sh puts $KVS_CARRY/sbin on PATH where there is no ip)
 #
 # The wheel comes from $KVSHELF_MOONCAKE_PY312 (default
 # ~/.cache/kvshelf/mooncake-0.3.13.post1-py312, as tests/python/test_ucm_mooncake.py
