@@ -518,30 +518,27 @@ static void sleep_ms(int ms)
     nanosleep(&ts, NULL);
 }
 
-/* How an embedded pool's start went, for the client that started it:
- * DIR/pool.starting while it starts (written before its socket), then
- * DIR/pool.ready once its segment is open, or DIR/pool.failed, which holds "<kvshelf error code>\n<message>\n". With
+/* How an embedded pool's start went, for the client that started it
+ * (src/client/embedded.c): DIR/pool.starting while it starts (written
+ * before its socket), then DIR/pool.ready once its segment is open, or
+ * DIR/pool.failed holding "<kvshelf error code>\n<message>\n". With
  * --detach the process the client started exits 0 before the pool opens its
- * segment, so without this the client would only see the pool never answer
- * (a newcomer in a container with a 64 MiB /dev/shm waited 10 s for "did
- * not answer"). Written once the master has closed and removed its socket
- * (after serve() returns), so that the client never takes the failing
- * master for a running pool. The client removes the file before it starts
- * a pool. */
+ * segment, so without these the client would only see the pool never
+ * answer (a newcomer in a container with a 64 MiB /dev/shm waited 10 s for
+ * "did not answer"). pool.failed is written once the master has closed and
+ * removed its socket (after serve() returns), so that the client never
+ * takes a failing master for a running pool. */
 static int g_start_fail_code;
 static char g_start_fail_msg[512];
 static int g_ready; /* pool.ready was written: a later exit is not a failed start */
 
 static void note_start_failure(const char *rundir, int code, const char *msg)
 {
-    char path[600], tmp[620];
+    char path[600], text[600];
     snprintf(path, sizeof path, "%s/pool.failed", rundir);
-    snprintf(tmp, sizeof tmp, "%s/.pool.failed.%ld", rundir, (long)getpid());
-    FILE *f = fopen(tmp, "w");
-    if (!f) return;
-    fprintf(f, "%d\n%s\n", code, msg);
-    if (fclose(f) == 0 && rename(tmp, path) == 0) return;
-    unlink(tmp);
+    snprintf(text, sizeof text, "%d\n%s\n", code, msg);
+    if (write_file_atomic(path, text) != 0)
+        KVS_LOGW("cannot write %s: %s", path, strerror(errno));
 }
 
 /* The embedded pool: loop on a thread, the segment's client on this one. */

@@ -405,9 +405,9 @@ int kvs_embedded_ensure(const kvs_config *cfg, const char *dir, int spawn, char 
 {
     /* a pool that answers while it still starts (DIR/pool.starting): wait
      * for its starter, which holds pool.lock until it is ready or failed */
-    char starting0[PATH_MAX];
-    snprintf(starting0, sizeof starting0, "%s/pool.starting", dir);
-    if (pool_answers(dir) && (!spawn || access(starting0, F_OK) != 0)) return KVS_OK;
+    char starting[PATH_MAX];
+    snprintf(starting, sizeof starting, "%s/pool.starting", dir);
+    if (pool_answers(dir) && (!spawn || access(starting, F_OK) != 0)) return KVS_OK;
     if (!spawn) {
         seterr(err, errlen, "no embedded pool is running (runtime dir %s)", dir);
         return KVS_ERR_UNAVAILABLE;
@@ -426,10 +426,9 @@ int kvs_embedded_ensure(const kvs_config *cfg, const char *dir, int spawn, char 
     pid_t pid;
     /* what the pool says of this start: ready (its segment open) or failed
      * (why); either file from an earlier start is not this one's */
-    char failed[PATH_MAX], ready[PATH_MAX], starting[PATH_MAX];
+    char failed[PATH_MAX], ready[PATH_MAX];
     snprintf(failed, sizeof failed, "%s/pool.failed", dir);
     snprintf(ready, sizeof ready, "%s/pool.ready", dir);
-    snprintf(starting, sizeof starting, "%s/pool.starting", dir);
     unlink(failed);
     unlink(ready);
     unlink(starting);
